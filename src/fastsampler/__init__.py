@@ -1,0 +1,24 @@
+"""fastsampler: fused sampling kernels for LLM inference.
+
+One call per decoding step samples a token for every row of a ``[batch, vocab]`` logits tensor with per-row
+parameters, with exactly defined, batch-invariant and backend-independent results (see ``docs/semantics.md``).
+"""
+
+from __future__ import annotations
+
+from . import reference
+from ._api import available_backends, sample, sampling_probs
+from .output import SampleOutput
+from .params import SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SampleOutput",
+    "SamplingParams",
+    "available_backends",
+    "reference",
+    "sample",
+    "sampling_probs",
+    "__version__",
+]

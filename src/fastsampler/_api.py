@@ -1,0 +1,199 @@
+"""The functional API: `sample` and `sampling_probs`, dispatched to a backend."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ._batch import PackedBatch, pack_batch
+from .output import SampleOutput
+from .params import SamplingParams
+
+__all__ = ["sample", "sampling_probs", "available_backends", "resolve_backend"]
+
+Backend = Literal["auto", "triton", "cpu", "reference"]
+BACKENDS = ("triton", "cpu", "reference")
+
+_INSTALL_HINT = {
+    "triton": "pip install 'fastsampler[triton]'  (or: pip install triton)",
+    "cpu": "pip install --force-reinstall --no-build-isolation --no-deps .  (rebuilds the C++ extension)",
+    "reference": "",
+}
+_MODULES = {"triton": "fastsampler.triton.backend", "cpu": "fastsampler.cpu", "reference": "fastsampler.reference.backend"}
+
+
+def _load(name: str) -> Any:
+    """Import a backend module, or raise ImportError with the install command."""
+    try:
+        mod = importlib.import_module(_MODULES[name])
+    except ImportError as e:
+        raise ImportError(f"backend={name!r} is unavailable ({e}); install it with: {_INSTALL_HINT[name]}") from e
+    ok, why = mod.is_available()
+    if not ok:
+        raise ImportError(f"backend={name!r} is unavailable ({why}); install it with: {_INSTALL_HINT[name]}")
+    return mod
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that import and can run here."""
+    out = []
+    for name in BACKENDS:
+        try:
+            _load(name)
+        except ImportError:
+            continue
+        out.append(name)
+    return out
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that will run for logits on ``device`` of ``dtype`` (``auto`` picks the fastest available)."""
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    candidates = ["triton", "reference"] if device.type == "cuda" else ["cpu", "reference"]
+    if dtype == torch.float64:
+        candidates = ["reference"]
+    for name in candidates:
+        try:
+            mod = _load(name)
+        except ImportError:
+            continue
+        if mod.supports(device, dtype):
+            return name
+    return "reference"
+
+
+def _as_torch(logits: Any) -> tuple[torch.Tensor, bool]:
+    if isinstance(logits, torch.Tensor):
+        return logits, False
+    arr = np.asarray(logits)
+    if arr.dtype not in (np.float16, np.float32, np.float64):
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {arr.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(arr)), True
+
+
+def _to_numpy_output(out: SampleOutput) -> SampleOutput:
+    return out.numpy()
+
+
+def _prepare(logits: Any, params: Any, backend: str, kw: dict[str, Any]) -> tuple[Any, PackedBatch, bool]:
+    t, was_numpy = _as_torch(logits)
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    name = resolve_backend(backend, t.device, t.dtype)
+    mod = _load(name)
+    if not mod.supports(t.device, t.dtype):
+        raise ValueError(f"backend={name!r} does not support logits of dtype {t.dtype} on device {t.device}")
+    batch = pack_batch(t, params, **kw)
+    return mod, batch, was_numpy
+
+
+def sample(
+    logits: Any,
+    params: SamplingParams | Sequence[SamplingParams],
+    *,
+    prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    output_token_ids: Sequence[Sequence[int]] | None = None,
+    steps: Any = None,
+    seqs: Any = None,
+    mirostat_mu: Any = None,
+    vocab_size: int | None = None,
+    seeds: Any = None,
+    prompt_mask: torch.Tensor | None = None,
+    output_counts: torch.Tensor | None = None,
+    token_bitmask: torch.Tensor | None = None,
+    eos_token_ids: Sequence[int] | torch.Tensor = (),
+    backend: Backend = "auto",
+) -> SampleOutput:
+    """Sample one token per row of ``logits``.
+
+    Parameters
+    ----------
+    logits : (batch_size, vocab_size) torch.Tensor or numpy array
+        float32, float16 or bfloat16 (float64: reference backend only). Read as they are, never modified.
+    params : SamplingParams or sequence of batch_size SamplingParams
+        One for every row, or one per row.
+    prompt_token_ids, output_token_ids : sequence of batch_size token-id sequences, optional
+        Histories for the penalties (packed here on the host). Callers that keep state on the device pass
+        ``prompt_mask`` / ``output_counts`` instead.
+    steps, seqs : (batch_size,) ints, optional
+        Tokens generated so far by each sequence, and the sample index within its request (default 0): the Philox
+        counter of DESIGN §4.
+    mirostat_mu : (batch_size,) floats, optional
+        Mirostat state; default ``2 * mirostat_target``.
+    vocab_size : int, optional
+        Real vocabulary size; columns at and beyond it are padding and never sampled.
+    seeds : (batch_size,) int64 tensor, optional
+        uint64 seed bit patterns, overriding ``params.seed``.
+    prompt_mask : (batch_size, ceil(V / 32)) int32 tensor, optional
+        Packed prompt-token bitmask (bit ``t % 32`` of word ``t // 32``).
+    output_counts : (batch_size, V) int16 or int32 tensor, optional
+        Generated-token counts.
+    token_bitmask : (batch_size, ceil(V / 32)) int32 tensor, optional
+        Allowed-token bitmask (bit set = allowed), e.g. from a grammar engine.
+    eos_token_ids : sequence of int, optional
+        EOS ids for ``min_tokens`` / ``ignore_eos``.
+    backend : {'auto', 'triton', 'cpu', 'reference'}
+        ``auto`` picks Triton for CUDA tensors and the C++ backend for CPU tensors / numpy arrays.
+
+    Returns
+    -------
+    SampleOutput
+        Torch tensors on the logits' device (numpy arrays for numpy input).
+
+    Examples
+    --------
+    >>> import torch, fastsampler
+    >>> logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0]])
+    >>> out = fastsampler.sample(logits, fastsampler.SamplingParams(temperature=0.0))
+    >>> out.tokens.tolist()
+    [1, 0]
+    """
+    kw = dict(prompt_token_ids=prompt_token_ids, output_token_ids=output_token_ids, steps=steps, seqs=seqs,
+              mirostat_mu=mirostat_mu, vocab_size=vocab_size, seeds=seeds, prompt_mask=prompt_mask,
+              output_counts=output_counts, token_bitmask=token_bitmask, eos_token_ids=eos_token_ids)
+    mod, batch, was_numpy = _prepare(logits, params, backend, kw)
+    out = mod.sample_packed(batch)
+    return _to_numpy_output(out) if was_numpy else out
+
+
+def sampling_probs(
+    logits: Any,
+    params: SamplingParams | Sequence[SamplingParams],
+    *,
+    prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    output_token_ids: Sequence[Sequence[int]] | None = None,
+    steps: Any = None,
+    seqs: Any = None,
+    mirostat_mu: Any = None,
+    vocab_size: int | None = None,
+    seeds: Any = None,
+    prompt_mask: torch.Tensor | None = None,
+    output_counts: torch.Tensor | None = None,
+    token_bitmask: torch.Tensor | None = None,
+    eos_token_ids: Sequence[int] | torch.Tensor = (),
+    backend: Backend = "auto",
+) -> Any:
+    """The distribution each row's token is drawn from, ``(batch_size, V)`` float32.
+
+    Zero outside the kept set, one-hot for greedy rows, all zero for invalid rows. Arguments as in `sample`.
+
+    Examples
+    --------
+    >>> import torch, fastsampler
+    >>> p = fastsampler.sampling_probs(torch.tensor([[0.0, 0.0, -1e9]]), fastsampler.SamplingParams())
+    >>> [round(x, 3) for x in p[0].tolist()]
+    [0.5, 0.5, 0.0]
+    """
+    kw = dict(prompt_token_ids=prompt_token_ids, output_token_ids=output_token_ids, steps=steps, seqs=seqs,
+              mirostat_mu=mirostat_mu, vocab_size=vocab_size, seeds=seeds, prompt_mask=prompt_mask,
+              output_counts=output_counts, token_bitmask=token_bitmask, eos_token_ids=eos_token_ids)
+    mod, batch, was_numpy = _prepare(logits, params, backend, kw)
+    probs = mod.sampling_probs_packed(batch)
+    return probs.detach().cpu().numpy() if was_numpy else probs

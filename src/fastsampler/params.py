@@ -1,0 +1,298 @@
+"""Per-request sampling parameters.
+
+`SamplingParams` is frozen and validated on construction: every field that is out of range, of the wrong type, NaN
+or contradicts another field raises ``ValueError`` / ``TypeError`` naming the field, the value and what is allowed.
+Token ids are checked against the vocabulary later, when a batch is packed (the vocabulary size is not known here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+__all__ = ["SamplingParams", "LOGPROBS_MODES", "MAX_TOP_LOGPROBS"]
+
+LOGPROBS_MODES = ("raw", "processed", "final")
+MAX_TOP_LOGPROBS = 20
+_U64 = 1 << 64
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) or _is_numpy_int(x)
+
+
+def _is_numpy_int(x: Any) -> bool:
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        return False
+    return isinstance(x, np.integer)
+
+
+def _is_real(x: Any) -> bool:
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, (int, float)):
+        return True
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(x, (np.integer, np.floating))
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
+    """Return ``float(value)`` after checking type, NaN and the range ``lo .. hi`` (open ends as flagged)."""
+    lb = "(" if lo_open else "["
+    rb = ")" if hi_open else "]"
+    rng = f"{lb}{lo:g}, {hi:g}{rb}"
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a real number in {rng}, got {value!r} of type {type(value).__name__}")
+    v = float(value)
+    if math.isnan(v):
+        raise ValueError(f"{name} must be in {rng}, got nan")
+    below = v <= lo if lo_open else v < lo
+    above = v >= hi if hi_open else v > hi
+    if below or above:
+        raise ValueError(f"{name} must be in {rng}, got {value!r}")
+    return v
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an integer {rng}, got {value!r} of type {type(value).__name__}")
+    v = int(value)
+    if v < lo or (hi is not None and v > hi):
+        raise ValueError(f"{name} must be an integer {rng}, got {value!r}")
+    return v
+
+
+def _check_ids(name: str, value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a sequence of non-negative token ids, got {value!r}")
+    out = []
+    for i, t in enumerate(value):
+        if not _is_int(t):
+            raise TypeError(f"{name}[{i}] must be an integer token id, got {t!r}")
+        if int(t) < 0:
+            raise ValueError(f"{name}[{i}] must be a non-negative token id, got {int(t)}")
+        out.append(int(t))
+    return tuple(sorted(set(out)))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling parameters of one request (OpenAI-style names).
+
+    Parameters
+    ----------
+    temperature : float, default 1.0
+        ``>= 0``; ``0`` means greedy (argmax after penalties, ties to the lowest id).
+    top_k : int, default -1
+        Keep the ``k`` largest logits (ties at the k-th value kept). ``<= 0`` disables it.
+    top_p : float, default 1.0
+        Nucleus mass in ``(0, 1]``; ``1`` disables it.
+    min_p : float, default 0.0
+        In ``[0, 1]``: keep tokens with probability ``>= min_p * p_max``; ``0`` disables it.
+    typical_p : float, default 1.0
+        Locally typical mass in ``(0, 1]``; ``1`` disables it.
+    frequency_penalty, presence_penalty : float, default 0.0
+        In ``[-2, 2]``; subtract ``count * frequency_penalty + (count > 0) * presence_penalty`` (generated tokens).
+    repetition_penalty : float, default 1.0
+        ``> 0``; divides positive / multiplies negative logits of tokens seen in the prompt or the output.
+    logit_bias : mapping of token id to float, default empty
+        Added to the logits before anything else; values in ``[-100, 100]`` (``-inf`` also allowed: a ban).
+    mirostat_mode : int, default 0
+        ``0`` off, ``1`` Mirostat v1, ``2`` Mirostat v2. Cannot be combined with top-k / top-p / min-p / typical-p.
+    mirostat_target : float, default 5.0
+        Target surprise ``tau`` in bits, ``> 0``.
+    mirostat_lr : float, default 0.1
+        Learning rate ``eta``, in ``(0, 1]``.
+    logprobs : bool, default False
+        Return the sampled token's logprob and rank.
+    top_logprobs : int, default 0
+        Also return the top ``n`` (id, logprob) pairs, ``0 <= n <= 20``; needs ``logprobs=True``.
+    logprobs_mode : {'raw', 'processed', 'final'}, default 'raw'
+        Which distribution the logprobs are taken from (see ``docs/semantics.md``).
+    seed : int or None, default None
+        ``0 <= seed < 2**64``. ``None``: a random seed is drawn (per call in the functional API, once per request
+        in `Sampler`).
+    min_keep : int, default 1
+        Every truncation rule keeps at least this many tokens.
+    min_tokens : int, default 0
+        EOS ids are banned while fewer than this many tokens have been generated.
+    ignore_eos : bool, default False
+        EOS ids are always banned.
+    allowed_token_ids, banned_token_ids : sequence of int or None
+        Only the allowed ids may be sampled / the banned ids never are. Stored sorted and de-duplicated.
+    n : int, default 1
+        Number of samples of the request (used by `Sampler.add`).
+    """
+
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    mirostat_mode: int = 0
+    mirostat_target: float = 5.0
+    mirostat_lr: float = 0.1
+    logprobs: bool = False
+    top_logprobs: int = 0
+    logprobs_mode: Literal["raw", "processed", "final"] = "raw"
+    seed: int | None = None
+    min_keep: int = 1
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    allowed_token_ids: tuple[int, ...] | None = None
+    banned_token_ids: tuple[int, ...] | None = None
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        s = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731 - frozen dataclass normalisation
+        s("temperature", _check_float("temperature", self.temperature, 0.0, math.inf, hi_open=True))
+        s("top_k", _check_int("top_k", self.top_k, -(1 << 31), (1 << 31) - 1))
+        s("top_p", _check_float("top_p", self.top_p, 0.0, 1.0, lo_open=True))
+        s("min_p", _check_float("min_p", self.min_p, 0.0, 1.0))
+        s("typical_p", _check_float("typical_p", self.typical_p, 0.0, 1.0, lo_open=True))
+        s("frequency_penalty", _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0))
+        s("presence_penalty", _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0))
+        s("repetition_penalty", _check_float("repetition_penalty", self.repetition_penalty, 0.0, math.inf,
+                                             lo_open=True, hi_open=True))
+        s("mirostat_mode", _check_int("mirostat_mode", self.mirostat_mode, 0, 2))
+        s("mirostat_target", _check_float("mirostat_target", self.mirostat_target, 0.0, math.inf,
+                                          lo_open=True, hi_open=True))
+        s("mirostat_lr", _check_float("mirostat_lr", self.mirostat_lr, 0.0, 1.0, lo_open=True))
+        if not isinstance(self.logprobs, bool):
+            raise TypeError(f"logprobs must be a bool, got {self.logprobs!r}")
+        s("top_logprobs", _check_int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS))
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
+        if self.seed is not None:
+            if not _is_int(self.seed):
+                raise TypeError(f"seed must be None or an integer in [0, 2**64), got {self.seed!r}")
+            if not 0 <= int(self.seed) < _U64:
+                raise ValueError(f"seed must be None or an integer in [0, 2**64), got {self.seed!r}")
+            s("seed", int(self.seed))
+        s("min_keep", _check_int("min_keep", self.min_keep, 1, (1 << 31) - 1))
+        s("min_tokens", _check_int("min_tokens", self.min_tokens, 0, (1 << 31) - 1))
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        s("allowed_token_ids", _check_ids("allowed_token_ids", self.allowed_token_ids))
+        s("banned_token_ids", _check_ids("banned_token_ids", self.banned_token_ids))
+        if self.allowed_token_ids is not None and len(self.allowed_token_ids) == 0:
+            raise ValueError("allowed_token_ids must not be empty (no token could ever be sampled), got []")
+        s("n", _check_int("n", self.n, 1, 1 << 16))
+        s("logit_bias", self._checked_bias(self.logit_bias))
+        if self.top_logprobs > 0 and not self.logprobs:
+            raise ValueError(f"top_logprobs={self.top_logprobs} needs logprobs=True, got logprobs=False")
+        if self.mirostat_mode != 0:
+            clash = [
+                f"{name}={getattr(self, name)!r}"
+                for name, off in (("top_k", None), ("top_p", 1.0), ("min_p", 0.0), ("typical_p", 1.0))
+                if (self.top_k > 0 if name == "top_k" else getattr(self, name) != off)
+            ]
+            if clash:
+                raise ValueError(
+                    f"mirostat_mode={self.mirostat_mode} replaces truncation and cannot be combined with "
+                    f"{', '.join(clash)}; leave top_k, top_p, min_p and typical_p at their defaults"
+                )
+
+    @staticmethod
+    def _checked_bias(bias: Any) -> Mapping[int, float]:
+        if bias is None:
+            bias = {}
+        if not isinstance(bias, Mapping):
+            raise TypeError(f"logit_bias must be a mapping of token id to float, got {type(bias).__name__}")
+        out: dict[int, float] = {}
+        for k, v in bias.items():
+            kk = int(k) if isinstance(k, str) and k.strip().lstrip("-").isdigit() else k
+            if not _is_int(kk) or int(kk) < 0:
+                raise ValueError(f"logit_bias keys must be non-negative token ids, got {k!r}")
+            if not _is_real(v) or math.isnan(float(v)):
+                raise ValueError(f"logit_bias[{int(kk)}] must be a float in [-100, 100] or -inf, got {v!r}")
+            fv = float(v)
+            if not (-100.0 <= fv <= 100.0 or fv == -math.inf):
+                raise ValueError(f"logit_bias[{int(kk)}] must be a float in [-100, 100] or -inf, got {v!r}")
+            out[int(kk)] = fv
+        return MappingProxyType(dict(sorted(out.items())))
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def greedy(self) -> bool:
+        """True when the request samples the argmax (``temperature == 0``)."""
+        return self.temperature == 0.0
+
+    def __hash__(self) -> int:  # MappingProxyType is unhashable; hash by value
+        return hash(tuple((f.name, _hashable(getattr(self, f.name))) for f in dataclasses.fields(self)))
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective values, JSON-serialisable (``logit_bias`` keys as ints, id lists as lists)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "logit_bias":
+                v = dict(v)
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_generation_config(cls, config: Mapping[str, Any] | str | os.PathLike, **overrides: Any) -> SamplingParams:
+        """Build params from a Hugging Face ``generation_config.json`` (a dict, a file, or a model folder).
+
+        Fields read: ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``typical_p``, ``repetition_penalty`` and
+        ``do_sample`` (``False`` means greedy: ``temperature=0``). Missing or ``null`` entries keep the defaults;
+        ``overrides`` win over the file.
+
+        >>> SamplingParams.from_generation_config({"do_sample": True, "temperature": 0.6, "top_p": 0.9}).top_p
+        0.9
+        >>> SamplingParams.from_generation_config({"do_sample": False, "top_k": 20}).temperature
+        0.0
+        """
+        if not isinstance(config, Mapping):
+            path = os.fspath(config)
+            if os.path.isdir(path):
+                path = os.path.join(path, "generation_config.json")
+            with open(path, encoding="utf-8") as fh:
+                config = json.load(fh)
+            if not isinstance(config, Mapping):
+                raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+        kw: dict[str, Any] = {}
+        for name in ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty"):
+            if config.get(name) is not None:
+                kw[name] = config[name]
+        if "top_k" in kw and int(kw["top_k"]) == 0:
+            kw["top_k"] = -1  # HF: top_k=0 disables top-k
+        if "min_p" in kw and kw["min_p"] is not None:
+            kw["min_p"] = float(kw["min_p"])
+        if config.get("do_sample") is False:
+            # HF ignores the warpers when do_sample is false: greedy decoding.
+            kw = {k: v for k, v in kw.items() if k == "repetition_penalty"}
+            kw["temperature"] = 0.0
+        kw.update(overrides)
+        return cls(**kw)
+
+
+def _hashable(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return tuple(sorted(v.items()))
+    return v
