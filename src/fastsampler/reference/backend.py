@@ -1,0 +1,49 @@
+"""The reference as a backend (``backend="reference"``): runs on the host, returns tensors on the logits' device.
+
+Slow (numpy, one row at a time) and it synchronises with the device; use it for tests and as the last fallback.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .._batch import PackedBatch
+from ..output import SampleOutput
+from .pipeline import probs_rows, rows_from_packed, sample_rows
+
+__all__ = ["is_available", "supports", "sample_packed", "sampling_probs_packed"]
+
+
+def is_available() -> tuple[bool, str]:
+    return True, ""
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def sample_packed(batch: PackedBatch) -> SampleOutput:
+    rows = rows_from_packed(batch)
+    out, _ = sample_rows(rows, batch.logits.shape[1])
+    out.mirostat_mu = out.mirostat_mu.astype(np.float32)
+    dev = batch.device
+
+    def t(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device=dev, dtype=dtype)
+
+    n = batch.n_top
+    return SampleOutput(
+        tokens=t(out.tokens, torch.int64),
+        valid=t(out.valid, torch.bool),
+        logprobs=t(out.logprobs, torch.float32),
+        top_logprob_ids=t(out.top_logprob_ids.reshape(batch.batch_size, n), torch.int64),
+        top_logprobs=t(out.top_logprobs.reshape(batch.batch_size, n), torch.float32),
+        ranks=t(out.ranks, torch.int64),
+        mirostat_mu=t(out.mirostat_mu, torch.float32),
+    )
+
+
+def sampling_probs_packed(batch: PackedBatch) -> torch.Tensor:
+    probs = probs_rows(rows_from_packed(batch), batch.logits.shape[1])
+    return torch.from_numpy(probs).to(device=batch.device, dtype=torch.float32)

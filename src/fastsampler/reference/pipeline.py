@@ -1,0 +1,629 @@
+"""The numpy reference sampler: DESIGN §3 row by row, float64 inside, written for clarity.
+
+Every backend is tested against these functions. Each row goes through `_run_row`, which records what it kept and
+how close each decision was to flipping (`diagnose`), so tests can tell a real mismatch from a near-tie.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from .._batch import (
+    F_FREQ,
+    F_MIN_P,
+    F_MIRO_ETA,
+    F_MIRO_TAU,
+    F_PRES,
+    F_REP,
+    F_TEMPERATURE,
+    F_TOP_P,
+    F_TYPICAL_P,
+    I_IGNORE_EOS,
+    I_LOGPROBS,
+    I_LOGPROBS_MODE,
+    I_MIN_KEEP,
+    I_MIN_TOKENS,
+    I_MIRO_MODE,
+    I_TOP_K,
+    I_TOP_LOGPROBS,
+    bitmask_to_bool,
+    check_ids,
+    mask_words,
+    normalize_params,
+    random_seed,
+)
+from ..output import SampleOutput
+from ..params import LOGPROBS_MODES, SamplingParams
+from .philox import TILE, tile_noise, token_noise
+
+__all__ = ["process_logits", "sampling_probs", "sample", "diagnose", "RACE_TIE_TOL", "BOUNDARY_TOL"]
+
+RACE_TIE_TOL = 1e-4  # race scores (either level) closer than this: fp32 backends may pick the other one
+BOUNDARY_TOL = 1e-5  # truncation decisions this close to flipping (relative): fp32 backends may decide otherwise
+MIROSTAT_M = 100  # top tokens used by Mirostat v1 to estimate the Zipf exponent
+FLT_MAX = float(np.finfo(np.float32).max)
+LN2 = math.log(2.0)
+
+
+# --------------------------------------------------------------------------------------------- row inputs / outputs
+@dataclass
+class _Row:
+    x: np.ndarray  # (V,) float64 input logits, padding included
+    vocab: int
+    p: Any  # SamplingParams or a namespace with the same attribute names
+    seed: int
+    step: int
+    seq: int
+    mu: float
+    bias: dict[int, float] = field(default_factory=dict)
+    allowed: np.ndarray | None = None  # (vocab,) bool
+    prompt: np.ndarray | None = None  # (vocab,) bool
+    counts: np.ndarray | None = None  # (vocab,) int64
+    eos: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+@dataclass
+class _RowResult:
+    token: int = -1
+    valid: bool = False
+    probs: np.ndarray | None = None  # (vocab,) distribution drawn from
+    lp: np.ndarray | None = None  # (vocab,) logprobs in the row's mode (None when logprobs off)
+    mu: float = math.nan
+    processed: np.ndarray | None = None  # (vocab,) after A–D (greedy: A–C)
+    reasons: list[str] = field(default_factory=list)  # near-tie reasons
+
+
+def _log_softmax(v: np.ndarray) -> np.ndarray:
+    fin = np.isfinite(v)
+    if not fin.any():
+        return np.full_like(v, -np.inf)
+    m = v[fin].max()
+    lse = m + math.log(np.exp(v[fin] - m).sum())
+    return v - lse
+
+
+def _lse(v: np.ndarray) -> float:
+    m = v.max()
+    return float(m + math.log(np.exp(v - m).sum()))
+
+
+def _kth_largest(v: np.ndarray, k: int) -> float:
+    """k-th largest value (1-based), counted with multiplicity."""
+    return float(np.sort(v)[::-1][k - 1])
+
+
+def _rel_close(a: float, b: float, tol: float = BOUNDARY_TOL) -> bool:
+    return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
+
+
+def _cut_position(cum: np.ndarray, target: float, min_keep: int) -> int:
+    """First position whose cumulative mass reaches ``target``, raised to keep ``min_keep`` entries."""
+    hit = np.nonzero(cum >= target)[0]
+    c = int(hit[0]) if hit.size else len(cum) - 1
+    c = max(c, min_keep - 1)
+    return min(c, len(cum) - 1)
+
+
+def _check_cum_boundary(cum: np.ndarray, c: int, target: float, name: str, reasons: list[str]) -> None:
+    for j in (c - 1, c):
+        if 0 <= j < len(cum) and abs(cum[j] - target) <= BOUNDARY_TOL:
+            reasons.append(f"{name}: cumulative mass {cum[j]:.9g} at position {j} is within {BOUNDARY_TOL} of {target}")
+            return
+
+
+def _check_value_gap(sorted_desc: np.ndarray, c: int, name: str, reasons: list[str]) -> None:
+    """Flag when the value at the cut and the next one differ by rounding only (fp32 may tie or reorder them)."""
+    if c + 1 < len(sorted_desc) and sorted_desc[c] != sorted_desc[c + 1] and _rel_close(
+        sorted_desc[c], sorted_desc[c + 1]
+    ):
+        reasons.append(f"{name}: boundary values {sorted_desc[c]:.9g} and {sorted_desc[c + 1]:.9g} differ by rounding")
+
+
+# --------------------------------------------------------------------------------------------------- stages A – D
+def _stage_a_to_c(row: _Row) -> np.ndarray:
+    """Masks and bias (A), repetition (B), frequency / presence (C) over the real vocabulary."""
+    p = row.p
+    l = row.x[: row.vocab].copy()
+    for t, b in row.bias.items():
+        l[t] += b
+    if row.allowed is not None:
+        l[~row.allowed] = -np.inf
+    if row.eos.size and (p.ignore_eos or row.step < p.min_tokens):
+        l[row.eos] = -np.inf
+    counts = row.counts if row.counts is not None else np.zeros(row.vocab, dtype=np.int64)
+    seen = counts > 0
+    if row.prompt is not None:
+        seen = seen | row.prompt
+    r = float(p.repetition_penalty)
+    if r != 1.0:
+        l = np.where(seen, np.where(l > 0, l / r, l * r), l)
+    if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
+        l = l - (counts * float(p.frequency_penalty) + (counts > 0) * float(p.presence_penalty))
+    return l
+
+
+# ------------------------------------------------------------------------------------------------------ stage E
+def _truncate(z: np.ndarray, p: Any, mu: float, vocab: int, reasons: list[str]) -> np.ndarray:
+    """Kept set (bool mask) after top-k, top-p, min-p, typical-p or mirostat, on finite ``z``."""
+    keep = np.isfinite(z)
+    mk = int(p.min_keep)
+    if p.mirostat_mode == 2:
+        lq = z - _lse(z[keep])
+        cut = -mu * LN2
+        k2 = keep & (lq >= cut)
+        if not k2.any():
+            k2 = keep & (z == z[keep].max())
+        if np.any(keep & (np.abs(lq - cut) <= BOUNDARY_TOL)):
+            reasons.append(f"mirostat v2: a log-probability is within {BOUNDARY_TOL} of -mu ln 2 = {cut:.9g}")
+        return k2
+    if p.mirostat_mode == 1:
+        return _mirostat_v1_keep(z, keep, mu, vocab, reasons)
+
+    # 1. top-k
+    k = int(p.top_k)
+    if k > 0:
+        k = max(k, mk)
+        n = int(keep.sum())
+        if k < n:
+            zs = np.sort(z[keep])[::-1]
+            thr = zs[k - 1]
+            _check_value_gap(zs, k - 1, "top_k", reasons)
+            keep &= z >= thr
+    # 2. top-p
+    if p.top_p < 1.0:
+        idx = np.nonzero(keep)[0]
+        lq = z[idx] - _lse(z[idx])
+        order = np.lexsort((idx, -z[idx]))  # z desc, id asc
+        cum = np.cumsum(np.exp(lq[order]))
+        c = _cut_position(cum, float(p.top_p), mk)
+        _check_cum_boundary(cum, c, float(p.top_p), "top_p", reasons)
+        _check_value_gap(z[idx][order], c, "top_p", reasons)
+        keep &= z >= z[idx][order][c]
+    # 3. min-p
+    if p.min_p > 0.0:
+        zk = z[keep]
+        thr = zk.max() + math.log(float(p.min_p))
+        if int((zk >= thr).sum()) < mk:
+            thr = min(thr, _kth_largest(zk, min(mk, zk.size)))
+        near = np.abs(zk - thr) <= BOUNDARY_TOL * max(1.0, abs(thr))
+        if near.any() and not np.all(zk[near] == thr):
+            reasons.append(f"min_p: a value is within rounding of the threshold {thr:.9g}")
+        keep &= z >= thr
+    # 4. typical-p
+    if p.typical_p < 1.0:
+        idx = np.nonzero(keep)[0]
+        lq = z[idx] - _lse(z[idx])
+        q = np.exp(lq)
+        h = float(-(q * lq).sum())
+        s = np.abs(-lq - h)
+        order = np.lexsort((idx, s))  # s asc, id asc
+        cum = np.cumsum(q[order])
+        c = _cut_position(cum, float(p.typical_p), mk)
+        _check_cum_boundary(cum, c, float(p.typical_p), "typical_p", reasons)
+        so = s[order]
+        if c + 1 < len(so) and so[c] != so[c + 1] and abs(so[c] - so[c + 1]) <= BOUNDARY_TOL:
+            reasons.append(f"typical_p: boundary scores {so[c]:.9g} and {so[c + 1]:.9g} differ by rounding")
+        thr = so[c]
+        kept_idx = idx[s <= thr]
+        keep = np.zeros_like(keep)
+        keep[kept_idx] = True
+    return keep
+
+
+def mirostat_v1_k(sorted_lq: np.ndarray, mu: float, n_vocab: int) -> float:
+    """Mirostat v1's real-valued k (before floor / clamp) from log-probabilities sorted descending."""
+    m = min(MIROSTAT_M, sorted_lq.size)
+    if m < 2:
+        return math.nan  # no pair to estimate the exponent from
+    i = np.arange(m - 1, dtype=np.float64)
+    t = np.log((i + 2.0) / (i + 1.0))
+    b = sorted_lq[: m - 1] - sorted_lq[1:m]
+    s = float((t * b).sum() / (t * t).sum())
+    eps = s - 1.0
+    with np.errstate(all="ignore"):
+        two_mu = np.float64(2.0) ** mu
+        if abs(eps) < 1e-6:
+            base = two_mu / np.log(np.float64(n_vocab))
+        else:
+            base = (eps * two_mu) / (1.0 - np.float64(n_vocab) ** (-eps))
+        k = np.float64(base) ** (1.0 / np.float64(s)) if s != 0 else (
+            np.inf if base > 1 else (np.float64(1.0) if base == 1 else np.float64(0.0)))
+    return float(k)
+
+
+def _mirostat_v1_keep(z: np.ndarray, keep: np.ndarray, mu: float, vocab: int, reasons: list[str]) -> np.ndarray:
+    zk = np.sort(z[keep])[::-1]
+    lq = zk - _lse(zk)
+    kf = mirostat_v1_k(lq, mu, vocab)
+    if math.isnan(kf):
+        kf = float(vocab)
+    elif kf > 1.0 and abs(kf - round(kf)) <= 1e-4 * max(1.0, kf):
+        reasons.append(f"mirostat v1: k = {kf:.9g} is within rounding of an integer")
+    k = int(min(max(math.floor(kf), 1), vocab)) if math.isfinite(kf) else vocab
+    if k >= zk.size:
+        return keep
+    _check_value_gap(zk, k - 1, "mirostat v1", reasons)
+    return keep & (z >= zk[k - 1])
+
+
+# ------------------------------------------------------------------------------------------------------ stage F
+def _race(z: np.ndarray, keep: np.ndarray, row: _Row, reasons: list[str]) -> int:
+    """Two-level exponential race over the kept set; returns the token id."""
+    ids = np.nonzero(keep)[0]
+    c = z[ids].max()
+    w = np.exp(z[ids] - c)
+    tiles = ids // TILE
+    uniq = np.unique(tiles)
+    wt = np.array([w[tiles == t].sum() for t in uniq])
+    pos = wt > 0
+    uniq, wt = uniq[pos], wt[pos]
+    et = tile_noise(row.seed, row.step, row.seq, uniq)
+    score = np.log(wt) - np.log(et)
+    best = int(np.argmax(score))
+    if uniq.size > 1:
+        top2 = np.sort(score)[-2:]
+        if top2[1] - top2[0] < RACE_TIE_TOL:
+            reasons.append(f"race: top two tile scores differ by {top2[1] - top2[0]:.3g} < {RACE_TIE_TOL}")
+    tile = uniq[best]
+    cand = ids[tiles == tile]
+    e = token_noise(row.seed, row.step, row.seq, cand)
+    tscore = z[cand] - np.log(e)
+    if cand.size > 1:
+        top2 = np.sort(tscore)[-2:]
+        if top2[1] - top2[0] < RACE_TIE_TOL:
+            reasons.append(f"race: top two token scores differ by {top2[1] - top2[0]:.3g} < {RACE_TIE_TOL}")
+    return int(cand[int(np.argmax(tscore))])
+
+
+# ----------------------------------------------------------------------------------------------------- one row
+def _run_row(row: _Row) -> _RowResult:
+    p = row.p
+    res = _RowResult(mu=row.mu)
+    x = row.x[: row.vocab]
+    if np.any(np.isnan(x)) or np.any(x == np.inf):
+        return res
+    l = _stage_a_to_c(row)
+    greedy = float(p.temperature) == 0.0
+    fin = np.isfinite(l)
+    if not fin.any() or np.any(np.isnan(l)) or np.any(l > FLT_MAX):
+        return res
+    if greedy:
+        z = l
+    else:
+        with np.errstate(over="ignore"):
+            z = l / float(p.temperature)
+        if np.any(np.isnan(z)) or np.any(z > FLT_MAX):
+            return res
+    res.processed = z
+    vocab = row.vocab
+    if greedy:
+        token = int(np.argmax(z))  # first maximum: lowest id
+        zs = np.sort(z[np.isfinite(z)])[::-1]
+        if zs.size > 1 and zs[0] != zs[1] and _rel_close(zs[0], zs[1]):
+            res.reasons.append(f"greedy: top two values {zs[0]:.9g} and {zs[1]:.9g} differ by rounding")
+        keep = np.zeros(vocab, dtype=bool)
+        keep[token] = True
+        probs = keep.astype(np.float64)
+        final_lp = np.where(keep, 0.0, -np.inf)
+    else:
+        keep = _truncate(z, p, row.mu, vocab, res.reasons)
+        token = _race(z, keep, row, res.reasons)
+        zk = np.where(keep, z, -np.inf)
+        final_lp = _log_softmax(zk)
+        probs = np.exp(final_lp)
+        if p.mirostat_mode:
+            surprise = -final_lp[token] / LN2
+            res.mu = row.mu - float(p.mirostat_lr) * (surprise - float(p.mirostat_target))
+    res.token, res.valid, res.probs = token, True, probs
+    if p.logprobs:
+        mode = p.logprobs_mode
+        if mode == "raw":
+            res.lp = _log_softmax(x.astype(np.float64))
+        elif mode == "processed":
+            res.lp = _log_softmax(z)
+        else:
+            res.lp = final_lp
+    return res
+
+
+# ------------------------------------------------------------------------------------------------- batch inputs
+def _to_numpy(a: Any) -> np.ndarray:
+    if hasattr(a, "detach"):  # torch tensor (bf16 is upcast to float32 first: numpy has no bfloat16)
+        t = a.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()
+        return t.numpy()
+    return np.asarray(a)
+
+
+def _rows_from_args(
+    logits: Any,
+    params: SamplingParams | Sequence[SamplingParams],
+    *,
+    prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    output_token_ids: Sequence[Sequence[int]] | None = None,
+    steps: Any = None,
+    seqs: Any = None,
+    mirostat_mu: Any = None,
+    vocab_size: int | None = None,
+    seeds: Any = None,
+    prompt_mask: Any = None,
+    output_counts: Any = None,
+    token_bitmask: Any = None,
+    eos_token_ids: Any = (),
+) -> list[_Row]:
+    x = _to_numpy(logits)
+    if x.ndim != 2:
+        raise ValueError(f"logits must be 2-D (batch_size, vocab_size), got shape {x.shape}")
+    if x.dtype not in (np.float16, np.float32, np.float64):
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    b, v = x.shape
+    vocab = v if vocab_size is None else int(vocab_size)
+    if not 1 <= vocab <= v:
+        raise ValueError(f"vocab_size must be in [1, {v}] (logits.shape[1]), got {vocab_size}")
+    plist = normalize_params(params, b)
+    x = x.astype(np.float64)
+
+    def per_row(a: Any, name: str, default: Any, dtype: Any) -> np.ndarray:
+        if a is None:
+            return np.array([default(r) for r in range(b)], dtype=dtype)
+        arr = _to_numpy(a).astype(dtype)
+        if arr.shape != (b,):
+            raise ValueError(f"{name} must have shape ({b},), got {arr.shape}")
+        return arr
+
+    step_a = per_row(steps, "steps", lambda r: 0, np.int64)
+    seq_a = per_row(seqs, "seqs", lambda r: 0, np.int64)
+    mu_a = per_row(mirostat_mu, "mirostat_mu",
+                   lambda r: 2.0 * plist[r].mirostat_target if plist[r].mirostat_mode else math.nan, np.float64)
+    if seeds is None:
+        seed_l = [p.seed if p.seed is not None else random_seed() for p in plist]
+    else:
+        sa = _to_numpy(seeds).astype(np.int64)
+        if sa.shape != (b,):
+            raise ValueError(f"seeds must have shape ({b},), got {sa.shape}")
+        seed_l = [int(s) & 0xFFFFFFFFFFFFFFFF for s in sa]
+
+    eos = np.asarray(_to_numpy(eos_token_ids), dtype=np.int64).reshape(-1)
+    for t in eos:
+        if not 0 <= t < vocab:
+            raise ValueError(f"eos_token_ids holds token id {int(t)}, outside the vocabulary [0, {vocab})")
+    tb = None
+    if token_bitmask is not None:
+        tb = _to_numpy(token_bitmask)
+        if tb.dtype != np.int32 or tb.ndim != 2 or tb.shape[0] != b or tb.shape[1] < mask_words(vocab):
+            raise ValueError(f"token_bitmask must be int32 of shape ({b}, >= {mask_words(vocab)}), got {tb.dtype} "
+                             f"{tb.shape}")
+        tb = bitmask_to_bool(tb, vocab)
+    pm = None
+    if prompt_mask is not None:
+        pm = bitmask_to_bool(_to_numpy(prompt_mask), vocab)
+    oc = None
+    if output_counts is not None:
+        oc = _to_numpy(output_counts).astype(np.int64)[:, :vocab]
+    for name, seqs_ in (("prompt_token_ids", prompt_token_ids), ("output_token_ids", output_token_ids)):
+        if seqs_ is not None and len(seqs_) != b:
+            raise ValueError(f"{name} must hold batch_size={b} sequences, got {len(seqs_)}")
+
+    rows = []
+    for r, p in enumerate(plist):
+        allowed = None
+        if p.allowed_token_ids is not None:
+            check_ids("allowed_token_ids", r, p.allowed_token_ids, vocab)
+            allowed = np.zeros(vocab, dtype=bool)
+            allowed[list(p.allowed_token_ids)] = True
+        if p.banned_token_ids is not None:
+            check_ids("banned_token_ids", r, p.banned_token_ids, vocab)
+            allowed = np.ones(vocab, dtype=bool) if allowed is None else allowed
+            allowed[list(p.banned_token_ids)] = False
+        if tb is not None:
+            allowed = tb[r] if allowed is None else (allowed & tb[r])
+        check_ids("logit_bias", r, p.logit_bias.keys(), vocab)
+        prompt = None
+        if pm is not None:
+            prompt = pm[r]
+        elif prompt_token_ids is not None:
+            check_ids("prompt_token_ids", r, prompt_token_ids[r], vocab)
+            prompt = np.zeros(vocab, dtype=bool)
+            prompt[np.asarray(prompt_token_ids[r], dtype=np.int64)] = True
+        counts = None
+        if oc is not None:
+            counts = oc[r]
+        elif output_token_ids is not None:
+            check_ids("output_token_ids", r, output_token_ids[r], vocab)
+            counts = np.bincount(np.asarray(output_token_ids[r], dtype=np.int64), minlength=vocab)[:vocab]
+        rows.append(_Row(x=x[r], vocab=vocab, p=p, seed=int(seed_l[r]), step=int(step_a[r]), seq=int(seq_a[r]),
+                         mu=float(mu_a[r]), bias=dict(p.logit_bias), allowed=allowed, prompt=prompt, counts=counts,
+                         eos=eos))
+    return rows
+
+
+def rows_from_packed(batch: Any) -> list[_Row]:
+    """Rows of a `PackedBatch` (used by the reference backend); parameters are the packed float32 values."""
+    x = _to_numpy(batch.logits).astype(np.float64)
+    b = x.shape[0]
+    vocab = batch.vocab_size
+    f = _to_numpy(batch.fparams).astype(np.float64)
+    i = _to_numpy(batch.iparams).astype(np.int64)
+    seeds = _to_numpy(batch.seeds).astype(np.int64)
+    steps = _to_numpy(batch.steps).astype(np.int64)
+    seqs = _to_numpy(batch.seqs).astype(np.int64)
+    mus = _to_numpy(batch.mirostat_mu).astype(np.float64)
+    allowed = None if batch.allowed_mask is None else bitmask_to_bool(_to_numpy(batch.allowed_mask), vocab)
+    prompt = None if batch.prompt_mask is None else bitmask_to_bool(_to_numpy(batch.prompt_mask), vocab)
+    counts = None if batch.output_counts is None else _to_numpy(batch.output_counts).astype(np.int64)[:, :vocab]
+    eos = _to_numpy(batch.eos_ids).astype(np.int64).reshape(-1)
+    indptr = None if batch.bias_indptr is None else _to_numpy(batch.bias_indptr)
+    bids = None if batch.bias_ids is None else _to_numpy(batch.bias_ids)
+    bvals = None if batch.bias_vals is None else _to_numpy(batch.bias_vals).astype(np.float64)
+    rows = []
+    for r in range(b):
+        p = SimpleNamespace(
+            temperature=f[r, F_TEMPERATURE], top_p=f[r, F_TOP_P], min_p=f[r, F_MIN_P], typical_p=f[r, F_TYPICAL_P],
+            frequency_penalty=f[r, F_FREQ], presence_penalty=f[r, F_PRES], repetition_penalty=f[r, F_REP],
+            mirostat_target=f[r, F_MIRO_TAU], mirostat_lr=f[r, F_MIRO_ETA], top_k=int(i[r, I_TOP_K]),
+            min_keep=int(i[r, I_MIN_KEEP]), mirostat_mode=int(i[r, I_MIRO_MODE]),
+            min_tokens=int(i[r, I_MIN_TOKENS]), ignore_eos=bool(i[r, I_IGNORE_EOS]),
+            logprobs=bool(i[r, I_LOGPROBS]), top_logprobs=int(i[r, I_TOP_LOGPROBS]),
+            logprobs_mode=LOGPROBS_MODES[int(i[r, I_LOGPROBS_MODE])],
+        )
+        bias = {}
+        if indptr is not None:
+            bias = {int(t): float(v) for t, v in zip(bids[indptr[r]:indptr[r + 1]], bvals[indptr[r]:indptr[r + 1]])}
+        rows.append(_Row(x=x[r], vocab=vocab, p=p, seed=int(seeds[r]) & 0xFFFFFFFFFFFFFFFF, step=int(steps[r]),
+                         seq=int(seqs[r]), mu=float(mus[r]), bias=bias,
+                         allowed=None if allowed is None else allowed[r],
+                         prompt=None if prompt is None else prompt[r],
+                         counts=None if counts is None else counts[r], eos=eos))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- batch outputs
+def _collect(rows: list[_Row], results: list[_RowResult], width: int, n_top: int) -> SampleOutput:
+    b = len(rows)
+    tokens = np.full(b, -1, dtype=np.int64)
+    valid = np.zeros(b, dtype=bool)
+    logprobs = np.full(b, np.nan)
+    top_ids = np.full((b, n_top), -1, dtype=np.int64)
+    top_lps = np.full((b, n_top), np.nan)
+    ranks = np.full(b, -1, dtype=np.int64)
+    mus = np.array([res.mu for res in results], dtype=np.float64)
+    for r, (row, res) in enumerate(zip(rows, results)):
+        if not res.valid:
+            continue
+        tokens[r], valid[r] = res.token, True
+        if res.lp is not None:
+            lp = res.lp
+            logprobs[r] = lp[res.token]
+            ranks[r] = 1 + int((lp > lp[res.token]).sum())
+            n = int(row.p.top_logprobs)
+            if n:
+                order = np.lexsort((np.arange(lp.size), -lp))[:n]
+                top_ids[r, : order.size] = order
+                top_lps[r, : order.size] = lp[order]
+    return SampleOutput(tokens, valid, logprobs, top_ids, top_lps, ranks, mus)
+
+
+def sample_rows(rows: list[_Row], width: int) -> tuple[SampleOutput, list[_RowResult]]:
+    results = [_run_row(row) for row in rows]
+    n_top = max((int(row.p.top_logprobs) for row in rows), default=0)
+    return _collect(rows, results, width, n_top), results
+
+
+def probs_rows(rows: list[_Row], width: int) -> np.ndarray:
+    out = np.zeros((len(rows), width), dtype=np.float64)
+    for r, row in enumerate(rows):
+        res = _run_row(row)
+        if res.valid:
+            out[r, : row.vocab] = res.probs
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- public API
+def process_logits(
+    logits: Any,
+    params: SamplingParams | Sequence[SamplingParams],
+    *,
+    prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    output_token_ids: Sequence[Sequence[int]] | None = None,
+    **state: Any,
+) -> np.ndarray:
+    """Stages A–D of every row (greedy rows: A–C), ``(B, V)`` float64.
+
+    Masked and padding columns are ``-inf``; an input row with NaN / ``+inf`` is returned as it comes out of the
+    arithmetic (such rows are invalid for sampling). ``state`` takes the keyword arguments of `sample`.
+
+    >>> import numpy as np
+    >>> process_logits(np.array([[1.0, 2.0]]), SamplingParams(temperature=2.0)).tolist()
+    [[0.5, 1.0]]
+    """
+    rows = _rows_from_args(logits, params, prompt_token_ids=prompt_token_ids, output_token_ids=output_token_ids,
+                           **state)
+    width = rows[0].x.size if rows else 0
+    out = np.full((len(rows), width), -np.inf)
+    for r, row in enumerate(rows):
+        l = _stage_a_to_c(row)
+        t = float(row.p.temperature)
+        with np.errstate(over="ignore", invalid="ignore"):
+            out[r, : row.vocab] = l if t == 0.0 else l / t
+    return out
+
+
+def sampling_probs(
+    logits: Any,
+    params: SamplingParams | Sequence[SamplingParams],
+    *,
+    prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    output_token_ids: Sequence[Sequence[int]] | None = None,
+    mirostat_mu: Any = None,
+    **state: Any,
+) -> np.ndarray:
+    """The distribution each row's token is drawn from, ``(B, V)`` float64.
+
+    Zero outside the kept set, one-hot for greedy rows, all zero for invalid rows.
+
+    >>> import numpy as np
+    >>> sampling_probs(np.array([[0.0, 0.0, -50.0]]), SamplingParams(top_k=2)).round(3).tolist()
+    [[0.5, 0.5, 0.0]]
+    """
+    rows = _rows_from_args(logits, params, prompt_token_ids=prompt_token_ids, output_token_ids=output_token_ids,
+                           mirostat_mu=mirostat_mu, **state)
+    return probs_rows(rows, rows[0].x.size if rows else 0)
+
+
+def sample(
+    logits: Any,
+    params: SamplingParams | Sequence[SamplingParams],
+    *,
+    prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    output_token_ids: Sequence[Sequence[int]] | None = None,
+    steps: Any = None,
+    seqs: Any = None,
+    mirostat_mu: Any = None,
+    vocab_size: int | None = None,
+    **state: Any,
+) -> SampleOutput:
+    """Sample one token per row; the definition every backend reproduces.
+
+    Parameters
+    ----------
+    logits : (B, V) float16 / float32 / float64 array (or torch tensor)
+    params : SamplingParams or a sequence of B of them
+    prompt_token_ids, output_token_ids : B token-id sequences, optional
+    steps, seqs : (B,) ints, optional (default 0)
+    mirostat_mu : (B,) floats, optional (default ``2 * mirostat_target``)
+    vocab_size : int, optional (columns at and beyond it are padding)
+    **state : seeds, prompt_mask, output_counts, token_bitmask, eos_token_ids as in `fastsampler.sample`
+
+    Returns
+    -------
+    SampleOutput of numpy arrays (float64 logprobs and mu).
+
+    >>> import numpy as np
+    >>> sample(np.array([[0.0, 3.0, 1.0]]), SamplingParams(temperature=0.0)).tokens.tolist()
+    [1]
+    """
+    rows = _rows_from_args(logits, params, prompt_token_ids=prompt_token_ids, output_token_ids=output_token_ids,
+                           steps=steps, seqs=seqs, mirostat_mu=mirostat_mu, vocab_size=vocab_size, **state)
+    out, _ = sample_rows(rows, rows[0].x.size if rows else 0)
+    return out
+
+
+def diagnose(logits: Any, params: SamplingParams | Sequence[SamplingParams], **kwargs: Any) -> dict[str, Any]:
+    """Which rows sit at a near-tie, where an fp32 backend may legitimately pick another token or kept set.
+
+    Takes the arguments of `sample`. Returns ``{"near_tie": (B,) bool, "reasons": list of B lists of str,
+    "output": SampleOutput}``. A row is a near-tie when the top two race scores at either level differ by less than
+    ``RACE_TIE_TOL``, or a truncation decision (top-k / top-p / min-p / typical / mirostat boundary, greedy argmax) is
+    within rounding (``BOUNDARY_TOL``) of flipping.
+    """
+    rows = _rows_from_args(logits, params, **kwargs)
+    out, results = sample_rows(rows, rows[0].x.size if rows else 0)
+    reasons = [res.reasons for res in results]
+    return {"near_tie": np.array([bool(r) for r in reasons], dtype=bool), "reasons": reasons, "output": out}
