@@ -1,0 +1,100 @@
+"""Hypothesis strategies: per-row sampling parameters mixing every feature, and whole batches with state."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from hypothesis import strategies as st
+
+from fastsampler import SamplingParams
+
+U64 = (1 << 64) - 1
+
+
+@st.composite
+def sampling_params(draw: Any, vocab: int, *, allow_mirostat: bool = True, allow_masks: bool = True,
+                    logprobs: bool | None = None) -> SamplingParams:
+    """A valid SamplingParams for a vocabulary of ``vocab`` ids, with a seed, mixing features at random."""
+    kw: dict[str, Any] = {"seed": draw(st.integers(0, U64))}
+    kw["temperature"] = draw(st.one_of(st.just(0.0), st.just(1.0), st.floats(0.25, 2.0)))
+    mirostat = allow_mirostat and draw(st.integers(0, 5)) == 0
+    if mirostat:
+        kw["mirostat_mode"] = draw(st.sampled_from([1, 2]))
+        kw["mirostat_target"] = draw(st.floats(0.5, 8.0))
+        kw["mirostat_lr"] = draw(st.floats(0.05, 1.0))
+    else:
+        if draw(st.booleans()):
+            kw["top_k"] = draw(st.one_of(st.sampled_from([-1, 0, 1, vocab, vocab + 3]), st.integers(1, 60)))
+        if draw(st.booleans()):
+            kw["top_p"] = draw(st.one_of(st.just(1.0), st.floats(0.05, 0.99)))
+        if draw(st.booleans()):
+            kw["min_p"] = draw(st.one_of(st.just(0.0), st.floats(0.001, 0.5)))
+        if draw(st.integers(0, 3)) == 0:
+            kw["typical_p"] = draw(st.floats(0.2, 0.99))
+        if draw(st.integers(0, 3)) == 0:
+            kw["min_keep"] = draw(st.integers(1, 5))
+    if draw(st.integers(0, 2)) == 0:
+        kw["repetition_penalty"] = draw(st.floats(0.5, 2.0))
+        kw["frequency_penalty"] = draw(st.floats(-1.0, 1.0))
+        kw["presence_penalty"] = draw(st.floats(-1.0, 1.0))
+    if draw(st.integers(0, 3)) == 0:
+        ids = draw(st.lists(st.integers(0, vocab - 1), max_size=4, unique=True))
+        kw["logit_bias"] = {i: draw(st.one_of(st.floats(-5.0, 5.0), st.just(-math.inf))) for i in ids}
+    if allow_masks and draw(st.integers(0, 4)) == 0:
+        kw["allowed_token_ids"] = draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=max(1, vocab // 2)))
+    if allow_masks and draw(st.integers(0, 4)) == 0:
+        kw["banned_token_ids"] = draw(st.lists(st.integers(0, vocab - 1), max_size=max(1, vocab // 4)))
+    if draw(st.integers(0, 4)) == 0:
+        kw["min_tokens"] = draw(st.integers(0, 3))
+        kw["ignore_eos"] = draw(st.booleans())
+    want_lp = draw(st.booleans()) if logprobs is None else logprobs
+    if want_lp:
+        kw["logprobs"] = True
+        kw["top_logprobs"] = draw(st.integers(0, 5))
+        kw["logprobs_mode"] = draw(st.sampled_from(["raw", "processed", "final"]))
+    return SamplingParams(**kw)
+
+
+@st.composite
+def logits_rows(draw: Any, batch: int, width: int, *, specials: bool = True) -> np.ndarray:
+    """float32 logits with random scale; some rows tied (coarse grid), with -inf entries, or invalid (NaN / +inf)."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = (rng.standard_normal((batch, width)) * draw(st.sampled_from([0.5, 2.0, 5.0]))).astype(np.float32)
+    if specials:
+        for r in range(batch):
+            kind = draw(st.integers(0, 9))
+            if kind == 0:
+                x[r] = np.round(x[r] * 2) / 2  # many exact ties
+            elif kind == 1:
+                x[r, rng.random(width) < 0.3] = -np.inf
+            elif kind == 2 and width > 1:
+                x[r, rng.integers(width)] = draw(st.sampled_from([np.nan, np.inf]))
+            elif kind == 3:
+                x[r] = -np.inf  # nothing finite: invalid
+    return x
+
+
+@st.composite
+def batches(draw: Any, max_b: int, vocab_sizes: list[int], *, allow_mirostat: bool = True,
+            specials: bool = True, padded: bool = True) -> dict[str, Any]:
+    """A whole batch: logits, per-row params and state, as keyword arguments of `fastsampler.sample`."""
+    width = draw(st.sampled_from(vocab_sizes))
+    vocab = width
+    if padded and width > 2 and draw(st.integers(0, 3)) == 0:
+        vocab = draw(st.integers(1, width))
+    b = draw(st.integers(1, max_b))
+    params = [draw(sampling_params(vocab, allow_mirostat=allow_mirostat)) for _ in range(b)]
+    out: dict[str, Any] = {"logits": draw(logits_rows(b, width, specials=specials)), "params": params}
+    if vocab != width:
+        out["vocab_size"] = vocab
+    ids = st.lists(st.integers(0, vocab - 1), max_size=12)
+    if draw(st.booleans()):
+        out["prompt_token_ids"] = [draw(ids) for _ in range(b)]
+        out["output_token_ids"] = [draw(ids) for _ in range(b)]
+    out["steps"] = np.array([draw(st.integers(0, 2**32 - 1)) for _ in range(b)], dtype=np.int64)
+    out["seqs"] = np.array([draw(st.integers(0, 3)) for _ in range(b)], dtype=np.int64)
+    if draw(st.booleans()):
+        out["eos_token_ids"] = draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=2, unique=True))
+    return out
