@@ -10,7 +10,7 @@ import torch
 
 from .._batch import PackedBatch
 from ..output import SampleOutput
-from .pipeline import probs_rows, rows_from_packed, sample_rows
+from .pipeline import _run_row, probs_rows, rows_from_packed, sample_rows
 
 __all__ = ["is_available", "supports", "sample_packed", "sampling_probs_packed"]
 
@@ -47,3 +47,15 @@ def sample_packed(batch: PackedBatch) -> SampleOutput:
 def sampling_probs_packed(batch: PackedBatch) -> torch.Tensor:
     probs = probs_rows(rows_from_packed(batch), batch.logits.shape[1])
     return torch.from_numpy(probs).to(device=batch.device, dtype=torch.float32)
+
+
+def sampling_logprobs_packed(batch: PackedBatch) -> torch.Tensor:
+    """Log of the drawn distribution: ``-inf`` outside the kept set (no underflow of tiny kept probabilities)."""
+    rows = rows_from_packed(batch)
+    out = np.full((len(rows), batch.logits.shape[1]), -np.inf)
+    for r, row in enumerate(rows):
+        res = _run_row(row)
+        if res.valid:
+            with np.errstate(divide="ignore"):
+                out[r, : row.vocab] = res.final_lp
+    return torch.from_numpy(out).to(device=batch.device, dtype=torch.float32)

@@ -73,6 +73,7 @@ class _RowResult:
     token: int = -1
     valid: bool = False
     probs: np.ndarray | None = None  # (vocab,) distribution drawn from
+    final_lp: np.ndarray | None = None  # (vocab,) its log, -inf outside the kept set
     lp: np.ndarray | None = None  # (vocab,) logprobs in the row's mode (None when logprobs off)
     mu: float = math.nan
     processed: np.ndarray | None = None  # (vocab,) after A–D (greedy: A–C)
@@ -320,7 +321,7 @@ def _run_row(row: _Row) -> _RowResult:
         if p.mirostat_mode:
             surprise = -final_lp[token] / LN2
             res.mu = row.mu - float(p.mirostat_lr) * (surprise - float(p.mirostat_target))
-    res.token, res.valid, res.probs = token, True, probs
+    res.token, res.valid, res.probs, res.final_lp = token, True, probs, final_lp
     if p.logprobs:
         mode = p.logprobs_mode
         if mode == "raw":
