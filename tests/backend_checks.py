@@ -121,7 +121,7 @@ def check_against_reference(
             hi = max(hi, lo, int(ref.ranks[r]))
             if not lo <= out.ranks[r] <= hi:
                 errors.append(f"ranks: row {r} got {out.ranks[r]}, reference {ref.ranks[r]} (allowed {lo}..{hi})")
-            for j, (gid, rid) in enumerate(zip(out.top_logprob_ids[r], ref.top_logprob_ids[r])):
+            for j, (gid, rid) in enumerate(zip(out.top_logprob_ids[r], ref.top_logprob_ids[r], strict=True)):
                 if gid == rid:
                     continue
                 if gid < 0 or rid < 0 or not (abs(lp[gid] - lp[rid]) <= atol or lp[gid] == lp[rid]):

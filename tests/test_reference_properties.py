@@ -7,9 +7,9 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from scipy import stats
-from strategies import batches, logits_rows, sampling_params
 
 from fastsampler import SamplingParams, reference
+from strategies import batches, logits_rows, sampling_params
 
 
 def _kept(x: np.ndarray, params: object, **kw: object) -> np.ndarray:

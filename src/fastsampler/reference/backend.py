@@ -32,13 +32,19 @@ def sample_packed(batch: PackedBatch) -> SampleOutput:
     def t(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device=dev, dtype=dtype)
 
-    n = batch.n_top
+    # n_top may exceed the rows' largest top_logprobs (Sampler with device-tensor slots): pad with -1 / NaN
+    b, n = batch.batch_size, batch.n_top
+    k = max((int(row.p.top_logprobs) for row in rows), default=0)
+    top_ids = np.full((b, n), -1, dtype=np.int64)
+    top_lps = np.full((b, n), np.nan)
+    top_ids[:, :k] = out.top_logprob_ids.reshape(b, k)
+    top_lps[:, :k] = out.top_logprobs.reshape(b, k)
     return SampleOutput(
         tokens=t(out.tokens, torch.int64),
         valid=t(out.valid, torch.bool),
         logprobs=t(out.logprobs, torch.float32),
-        top_logprob_ids=t(out.top_logprob_ids.reshape(batch.batch_size, n), torch.int64),
-        top_logprobs=t(out.top_logprobs.reshape(batch.batch_size, n), torch.float32),
+        top_logprob_ids=t(top_ids, torch.int64),
+        top_logprobs=t(top_lps, torch.float32),
         ranks=t(out.ranks, torch.int64),
         mirostat_mu=t(out.mirostat_mu, torch.float32),
     )

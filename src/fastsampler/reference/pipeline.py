@@ -476,7 +476,8 @@ def rows_from_packed(batch: Any) -> list[_Row]:
         )
         bias = {}
         if indptr is not None:
-            bias = {int(t): float(v) for t, v in zip(bids[indptr[r]:indptr[r + 1]], bvals[indptr[r]:indptr[r + 1]])}
+            lo, hi = indptr[r], indptr[r + 1]
+            bias = {int(t): float(v) for t, v in zip(bids[lo:hi], bvals[lo:hi], strict=True)}
         rows.append(_Row(x=x[r], vocab=vocab, p=p, seed=int(seeds[r]) & 0xFFFFFFFFFFFFFFFF, step=int(steps[r]),
                          seq=int(seqs[r]), mu=float(mus[r]), bias=bias,
                          allowed=None if allowed is None else allowed[r],
@@ -495,7 +496,7 @@ def _collect(rows: list[_Row], results: list[_RowResult], width: int, n_top: int
     top_lps = np.full((b, n_top), np.nan)
     ranks = np.full(b, -1, dtype=np.int64)
     mus = np.array([res.mu for res in results], dtype=np.float64)
-    for r, (row, res) in enumerate(zip(rows, results)):
+    for r, (row, res) in enumerate(zip(rows, results, strict=True)):
         if not res.valid:
             continue
         tokens[r], valid[r] = res.token, True

@@ -1,0 +1,95 @@
+"""Packing a batch: layout of the packed tensors and the errors for bad input (named row, id, argument)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fastsampler
+from fastsampler import SamplingParams
+from fastsampler._batch import (
+    F_REP,
+    F_TEMPERATURE,
+    I_LOGPROBS_MODE,
+    I_TOP_K,
+    bitmask_to_bool,
+    ids_to_bitmask,
+    pack_batch,
+    seed_to_int64,
+)
+
+
+def test_bitmask_layout_round_trip() -> None:
+    m = ids_to_bitmask([[0, 31, 32, 69], [], None], 70)
+    assert m.dtype == np.int32 and m.shape == (3, 3)
+    assert m[0].view(np.uint32).tolist() == [1 | (1 << 31), 1, 1 << 5]
+    b = bitmask_to_bool(m, 70)
+    assert np.nonzero(b[0])[0].tolist() == [0, 31, 32, 69] and not b[1:].any()
+
+
+def test_packed_params_and_state() -> None:
+    x = torch.zeros(2, 40)
+    ps = [SamplingParams(temperature=0.5, top_k=3, seed=2**64 - 1, logprobs=True, logprobs_mode="final"),
+          SamplingParams(repetition_penalty=1.5, seed=5, logit_bias={7: 1.0, 3: -2.0}, banned_token_ids=[1])]
+    b = pack_batch(x, ps, output_token_ids=[[1, 1, 2], []], prompt_token_ids=[[4], [39]], steps=[3, 4],
+                   eos_token_ids=[0])
+    assert b.fparams[0, F_TEMPERATURE] == 0.5 and b.fparams[1, F_REP] == 1.5
+    assert b.iparams[0, I_TOP_K] == 3 and b.iparams[0, I_LOGPROBS_MODE] == 2
+    assert b.seeds.tolist() == [seed_to_int64(2**64 - 1), 5] == [-1, 5]
+    assert b.output_counts[0, :3].tolist() == [0, 2, 1]
+    assert bitmask_to_bool(b.prompt_mask.numpy(), 40)[1, 39]
+    assert b.bias_indptr.tolist() == [0, 0, 2] and b.bias_ids.tolist() == [3, 7]
+    allowed = bitmask_to_bool(b.allowed_mask.numpy(), 40)
+    assert allowed[0].all() and not allowed[1, 1] and allowed[1, [0, 2]].all()
+    assert b.flags.any_top_k and b.flags.any_penalty and not b.flags.any_mirostat and b.n_top == 0
+
+
+def test_token_bitmask_is_anded_with_params_mask() -> None:
+    x = torch.zeros(1, 64)
+    tb = torch.from_numpy(ids_to_bitmask([[1, 2, 3]], 64))
+    b = pack_batch(x, SamplingParams(banned_token_ids=[2]), token_bitmask=tb)
+    assert np.nonzero(bitmask_to_bool(b.allowed_mask.numpy(), 64)[0])[0].tolist() == [1, 3]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"params": SamplingParams(allowed_token_ids=[3, 12])}, "allowed_token_ids of row 0 holds token id 12"),
+        ({"params": SamplingParams(banned_token_ids=[10])}, "banned_token_ids of row 0 holds token id 10"),
+        ({"params": SamplingParams(logit_bias={11: 1.0})}, "logit_bias of row 0 holds token id 11"),
+        ({"prompt_token_ids": [[1], [10]]}, "prompt_token_ids of row 1 holds token id 10"),
+        ({"output_token_ids": [[-1], []]}, "output_token_ids of row 0 holds token id -1"),
+        ({"output_token_ids": [[1]]}, "output_token_ids must hold batch_size=2 sequences, got 1"),
+        ({"eos_token_ids": [10]}, "eos_token_ids holds token id 10"),
+        ({"vocab_size": 11}, r"vocab_size must be in \[1, 10\]"),
+        ({"steps": [1, 2, 3]}, r"steps must have shape \(2,\)"),
+        ({"token_bitmask": torch.zeros(2, 1, dtype=torch.int64)}, "token_bitmask must be int32"),
+        ({"prompt_mask": torch.zeros(2, 2, dtype=torch.int32)}, r"prompt_mask must be int32 of shape \(2, 1\)"),
+        ({"output_counts": torch.zeros(2, 10, dtype=torch.float32)}, "output_counts must be int16 or int32"),
+        ({"params": [SamplingParams()]}, "params must be one SamplingParams or a sequence of batch_size=2"),
+    ],
+)
+def test_packing_errors_name_the_argument(kwargs: dict, match: str) -> None:
+    kw = {"params": SamplingParams()} | kwargs
+    params = kw.pop("params")
+    with pytest.raises(ValueError, match=match):
+        fastsampler.sample(torch.zeros(2, 10), params, backend="reference", **kw)
+
+
+def test_bad_logits_and_backend() -> None:
+    with pytest.raises(ValueError, match="logits must be 2-D"):
+        fastsampler.sample(torch.zeros(10), SamplingParams())
+    with pytest.raises(TypeError, match="logits must be float16, bfloat16, float32 or float64"):
+        fastsampler.sample(torch.zeros(2, 10, dtype=torch.int32), SamplingParams())
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastsampler.sample(torch.zeros(2, 10), SamplingParams(), backend="gpu")
+    with pytest.raises(TypeError, match=r"params\[1\] must be a SamplingParams"):
+        fastsampler.sample(torch.zeros(2, 10), [SamplingParams(), {"top_k": 3}])
+
+
+def test_numpy_in_numpy_out() -> None:
+    out = fastsampler.sample(np.array([[0.0, 1.0]], dtype=np.float32), SamplingParams(temperature=0.0))
+    assert isinstance(out.tokens, np.ndarray) and out.tokens.tolist() == [1]
+    probs = fastsampler.sampling_probs(np.array([[0.0, 0.0]], dtype=np.float32), SamplingParams())
+    assert isinstance(probs, np.ndarray) and probs.tolist() == [[0.5, 0.5]]
