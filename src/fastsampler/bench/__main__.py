@@ -1,0 +1,209 @@
+"""``python -m fastsampler.bench`` / ``fastsampler-bench``: measure fastsampler against its peers on this device.
+
+Examples
+--------
+Quick smoke run (CPU, well under a minute)::
+
+    python -m fastsampler.bench --quick
+
+The DESIGN §7 grid on a GPU, bf16 only, two scenarios::
+
+    python -m fastsampler.bench --dtypes bf16 --scenarios plain,full
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_BATCH_SIZES = (1, 8, 64, 256)
+DEFAULT_VOCAB_SIZES = (32000, 128256, 151936, 262144)
+QUICK_CPU = {"batch_sizes": (1, 4), "vocab_sizes": (5000, 32000)}
+QUICK_GPU = {"batch_sizes": (1, 64), "vocab_sizes": (32000, 128256)}
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        out = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not out or any(x < 1 for x in out):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return out
+
+
+def _names(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .scenarios import DTYPES, SCENARIOS
+
+    p = argparse.ArgumentParser(
+        prog="fastsampler-bench",
+        description="Benchmark fastsampler's backends against a torch sort-based sampler, torch Hugging Face-style "
+                    "warpers, FlashInfer (when importable) and the numpy reference, on the scenarios of DESIGN §7. "
+                    "Every provider is checked against the reference distribution before it is timed.",
+    )
+    p.add_argument("--scenarios", type=_names, default=list(SCENARIOS),
+                   help=f"comma-separated, from {','.join(SCENARIOS)} (default: all)")
+    p.add_argument("--batch-sizes", type=_ints, default=None,
+                   help=f"comma-separated (default: {','.join(map(str, DEFAULT_BATCH_SIZES))})")
+    p.add_argument("--vocab-sizes", type=_ints, default=None,
+                   help=f"comma-separated (default: {','.join(map(str, DEFAULT_VOCAB_SIZES))})")
+    p.add_argument("--dtypes", type=_names, default=["fp32", "bf16"], help=f"from {','.join(DTYPES)} "
+                   "(default: fp32,bf16)")
+    p.add_argument("--providers", "--backends", dest="providers", type=_names, default=None,
+                   help="comma-separated providers: fastsampler-<backend>[-api], torch-sort, torch-warpers, "
+                        "flashinfer, numpy-ref; backend names (triton, cpu); groups 'fastsampler', 'baselines' "
+                        "(default: fastsampler,baselines; Triton is left out on CPU unless named)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="default: CUDA when available, else CPU")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes and few repetitions (CPU: B 1,4 x V 5000,32000; GPU: B 1,64 x V 32000,128256)")
+    p.add_argument("--out", type=Path, default=Path("bench_results"),
+                   help="output folder for results.csv (appended), table.txt, summary.txt, summary.md and the plot "
+                        "(default: bench_results/)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch and the C++ backend (torch.set_num_threads, OMP_NUM_THREADS, "
+                        "FASTSAMPLER_NUM_THREADS); default: all cores, 1 with --quick")
+    p.add_argument("--reps", type=int, default=None, help="maximum timed repetitions per measurement")
+    p.add_argument("--time-per-measurement", type=float, default=None, metavar="SECONDS",
+                   help="time budget of one provider on one case (default 0.25, quick 0.03)")
+    p.add_argument("--budget-s", type=float, default=None, metavar="SECONDS",
+                   help="stop starting new cases after this long; the rest are reported as skipped")
+    p.add_argument("--check-rows", type=int, default=4, help="rows compared with the reference (default 4)")
+    p.add_argument("--check-steps", type=int, default=8, help="draws per provider in the validity check (default 8)")
+    p.add_argument("--ref-max-elements", type=int, default=None,
+                   help="numpy-ref is timed only where B*V <= this (default 256000, quick 128000)")
+    p.add_argument("--baseline-max-elements", type=int, default=None,
+                   help="torch-sort / torch-warpers are timed only where B*V <= this (default on CPU 2097152, "
+                        "i.e. 8 x 262144: a full sort of larger batches takes seconds there; on GPU no cap; 0: no cap)")
+    p.add_argument("--no-flush", action="store_true", help="GPU: do not flush the L2 cache between timed calls")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 1 when a fastsampler provider FAILED its check or raised")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quick and args.threads is None and args.device != "cuda":
+        # quick mode is a smoke run: one thread keeps it fast and steady on a shared machine, where a second
+        # thread waiting for a busy core costs whole scheduler time slices
+        args.threads = 1
+    if args.threads is not None:  # before any backend (OpenMP runtime) is loaded
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        os.environ["FASTSAMPLER_NUM_THREADS"] = str(args.threads)
+
+    import torch
+
+    from .providers import build_providers
+    from .report import ERROR, FAILED, format_markdown, format_summary, format_table, run_info, write_csv, write_plot
+    from .runner import BenchConfig, Progress, run_benchmark
+    from .scenarios import DTYPES, SCENARIOS
+    from .timing import TimingConfig, copy_bandwidth
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        try:  # the C++ backend may already be loaded (main() called in-process)
+            from .. import cpu as _cpu_backend
+
+            _cpu_backend.set_num_threads(args.threads)
+        except (ImportError, AttributeError):
+            pass
+    bad = [s for s in args.scenarios if s not in SCENARIOS]
+    if bad:
+        print(f"unknown scenario(s) {bad}; choose from {list(SCENARIOS)}", file=sys.stderr)
+        return 2
+    bad = [d for d in args.dtypes if d not in DTYPES]
+    if bad:
+        print(f"unknown dtype(s) {bad}; choose from {list(DTYPES)}", file=sys.stderr)
+        return 2
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print("--device cuda: no CUDA device is available", file=sys.stderr)
+            return 2
+    if device.type == "cpu" and args.providers and any("triton" in p for p in args.providers):
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton on CPU runs only in the interpreter
+
+    quick = QUICK_GPU if device.type == "cuda" else QUICK_CPU
+    batch_sizes = args.batch_sizes or list(quick["batch_sizes"] if args.quick else DEFAULT_BATCH_SIZES)
+    vocab_sizes = args.vocab_sizes or list(quick["vocab_sizes"] if args.quick else DEFAULT_VOCAB_SIZES)
+    if args.quick:
+        timing = TimingConfig(warmup=1, min_reps=3, max_reps=args.reps or 10,
+                              budget_s=args.time_per_measurement or 0.03, flush=not args.no_flush)
+        ref_cap = args.ref_max_elements or 128_000
+    else:
+        timing = TimingConfig(warmup=3, min_reps=5, max_reps=args.reps or 100,
+                              budget_s=args.time_per_measurement or 0.25, flush=not args.no_flush)
+        ref_cap = args.ref_max_elements or 256_000
+
+    base_cap = args.baseline_max_elements
+    if base_cap is None:
+        base_cap = 0 if device.type == "cuda" else 8 * 262144
+    try:
+        providers, notes = build_providers(device, args.providers, ref_max_elements=ref_cap,
+                                           baseline_max_elements=base_cap or None)
+    except ValueError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    if not providers:
+        print("no provider can run here: " + "; ".join(notes), file=sys.stderr)
+        return 2
+    cfg = BenchConfig(scenarios=args.scenarios, batch_sizes=batch_sizes, vocab_sizes=vocab_sizes,
+                      dtypes=args.dtypes, device=device, timing=timing, check_rows=args.check_rows,
+                      check_steps=args.check_steps, budget_s=args.budget_s, seed=args.seed)
+
+    info = run_info(device)
+    info.copy_gbps = copy_bandwidth(device)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "results.csv"
+    print(f"fastsampler-bench: {info.device}; providers: {', '.join(p.name for p in providers)}; "
+          f"{len(cfg.cases())} cases; copy bandwidth {info.copy_gbps:.1f} GB/s", file=sys.stderr)
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+
+    results: list = []
+    written: list[Path] = []
+
+    def on_case(case: list) -> None:  # results land on disk as they come, so a killed run keeps them
+        results.extend(case)
+        written.append(write_csv(csv_path, case, info))
+        (out / "table.txt").write_text(format_table(results, info), encoding="utf-8")
+        (out / "summary.txt").write_text(format_summary(results, info, notes), encoding="utf-8")
+
+    t0 = time.perf_counter()
+    progress = Progress(len(cfg.cases()) * len(providers), enabled=not args.no_progress)
+    run_benchmark(cfg, providers, copy_gbps=info.copy_gbps, progress=progress, on_case=on_case)
+    elapsed = time.perf_counter() - t0
+
+    if not args.no_plot:
+        note = write_plot(out / "latency_vs_batch.png", results, info)
+        if note:
+            notes.append(note)
+    summary = format_summary(results, info, notes)
+    (out / "summary.txt").write_text(summary, encoding="utf-8")
+    (out / "summary.md").write_text(format_markdown(results, info), encoding="utf-8")
+    print(format_table(results, info))
+    print(summary, end="")
+    files = sorted({str(p) for p in written} | {str(out / f) for f in ("table.txt", "summary.txt", "summary.md")})
+    if (out / "latency_vs_batch.png").exists() and not args.no_plot:
+        files.append(str(out / "latency_vs_batch.png"))
+    print(f"({elapsed:.1f}s; wrote {', '.join(files)})")
+    if args.strict and any(r.status in (FAILED, ERROR) and r.provider.startswith("fastsampler") for r in results):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

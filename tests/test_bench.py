@@ -1,0 +1,239 @@
+"""The benchmark command: a quick CPU smoke run of the CLI, its CSV, and the validity check that keeps wrong samplers
+out of the table (a deliberately wrong provider must be reported FAILED, never timed)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from fastsampler.bench.__main__ import main
+from fastsampler.bench.providers import (
+    NotApplicable,
+    Prepared,
+    Provider,
+    TorchSortProvider,
+    TorchWarpersProvider,
+)
+from fastsampler.bench.report import CSV_COLUMNS, FAILED, NA, OK, SKIPPED, format_summary, format_table, run_info
+from fastsampler.bench.runner import BenchConfig, run_benchmark
+from fastsampler.bench.scenarios import SCENARIOS, check_inputs, make_inputs
+from fastsampler.bench.timing import TimingConfig
+
+CPU = torch.device("cpu")
+FAST = TimingConfig(warmup=1, min_reps=2, max_reps=3, budget_s=0.005)
+
+
+def _config(scenarios, *, batch=(3,), vocab=(3000,), dtypes=("fp32",), budget_s=None) -> BenchConfig:
+    return BenchConfig(scenarios=list(scenarios), batch_sizes=list(batch), vocab_sizes=list(vocab),
+                       dtypes=list(dtypes), device=CPU, timing=FAST, check_rows=3, check_steps=6,
+                       budget_s=budget_s)
+
+
+def _read_csv(path):
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        return reader.fieldnames, list(reader)
+
+
+def test_cli_quick_smoke(tmp_path):
+    # every scenario, both dtypes, one tiny size: the path CI runs (python -m fastsampler.bench --quick, smaller)
+    out = tmp_path / "res"
+    rc = main(["--quick", "--batch-sizes", "2", "--vocab-sizes", "3000", "--dtypes", "fp32,bf16", "--reps", "3",
+               "--time-per-measurement", "0.005", "--threads", "1", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    header, rows = _read_csv(out / "results.csv")
+    assert header == CSV_COLUMNS
+    providers = {r["provider"] for r in rows}
+    assert {"torch-sort", "torch-warpers", "numpy-ref"} <= providers
+    assert len(rows) == len(SCENARIOS) * 2 * len(providers)
+    for r in rows:
+        assert r["device_type"] == "cpu" and r["torch_version"] == torch.__version__ and r["timestamp"]
+        if r["provider"] in ("torch-sort", "torch-warpers", "numpy-ref"):
+            # the baselines are written here: they must match the reference's distribution on every scenario
+            assert r["status"] in (OK, NA), (r["provider"], r["scenario"], r["dtype"], r["note"])
+        if r["status"] == OK:
+            assert float(r["median_us"]) > 0 and float(r["gbps"]) > 0 and float(r["copy_gbps"]) > 0
+            assert float(r["p20_us"]) <= float(r["median_us"]) <= float(r["p80_us"])
+    na = {(r["provider"], r["scenario"]) for r in rows if r["status"] == NA}
+    assert ("torch-sort", "mirostat_v2") in na and ("torch-sort", "typical") in na
+    assert (out / "table.txt").read_text().count("\n") >= len(rows)
+    assert "SUMMARY" in (out / "summary.txt").read_text()
+    pytest.importorskip("matplotlib")
+    assert (out / "latency_vs_batch.png").stat().st_size > 0
+
+
+def test_csv_appends_across_runs(tmp_path):
+    args = ["--scenarios", "greedy", "--batch-sizes", "1", "--vocab-sizes", "500", "--dtypes", "fp32",
+            "--providers", "torch-sort", "--reps", "2", "--time-per-measurement", "0.001", "--out", str(tmp_path),
+            "--no-progress", "--no-plot"]
+    assert main(args) == 0
+    assert main(args) == 0
+    header, rows = _read_csv(tmp_path / "results.csv")
+    assert header == CSV_COLUMNS and len(rows) == 2 and all(r["status"] == OK for r in rows)
+
+
+def test_cli_rejects_unknown_names(tmp_path, capsys):
+    assert main(["--scenarios", "nope", "--out", str(tmp_path)]) == 2
+    assert main(["--providers", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown provider 'nope'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- wrong providers
+class IgnoresTruncation(TorchWarpersProvider):
+    """Samples from the untruncated softmax: fast, and wrong whenever top-k / top-p / min-p is on."""
+
+    name = "wrong-untruncated"
+    is_baseline = False
+
+    def warp(self, scores, inp, rp):
+        return scores / rp.temperature
+
+
+class WrongTemperature(TorchWarpersProvider):
+    """Draws at twice the temperature: inside the support of an untruncated row, but from another distribution."""
+
+    name = "wrong-temperature"
+    is_baseline = False
+
+    def prepare(self, inp):
+        prep = super().prepare(inp)
+        return Prepared(prep.run, prep.draw)  # hide probs(): only the drawn tokens can give it away
+
+    def warp(self, scores, inp, rp):
+        return super().warp(scores, inp, rp) / 2.0
+
+
+class AlwaysArgmax(Provider):
+    """Returns the mode: inside the kept set, but not a sample of the distribution."""
+
+    name = "wrong-argmax"
+
+    def prepare(self, inp):
+        if inp.params.greedy:
+            raise NotApplicable("greedy is the argmax")
+        return Prepared(lambda i: inp.buffers[i].float().argmax(-1), lambda step: inp.buffers[0].float().argmax(-1))
+
+
+class OutOfRange(Provider):
+    name = "wrong-range"
+
+    def prepare(self, inp):
+        return Prepared(lambda i: torch.full((inp.batch,), inp.vocab), lambda step: torch.full((inp.batch,), inp.vocab))
+
+
+class EditsInput(TorchSortProvider):
+    """Correct tokens, but writes into the caller's logits."""
+
+    name = "wrong-inplace"
+    is_baseline = False
+
+    def prepare(self, inp):
+        prep = super().prepare(inp)
+
+        def draw(step):
+            out = prep.draw(step)
+            inp.buffers[0][:, 0] += 1.0
+            return out
+
+        return Prepared(prep.run, draw, prep.probs)
+
+
+def test_wrong_providers_are_failed_not_timed():
+    provs = [TorchSortProvider(), IgnoresTruncation(), WrongTemperature(), AlwaysArgmax(), OutOfRange(), EditsInput()]
+    results = run_benchmark(_config(["topk_topp_minp", "plain"]), provs)
+    by = {(r.scenario, r.provider): r for r in results}
+    assert by[("topk_topp_minp", "torch-sort")].status == OK
+    assert by[("plain", "torch-sort")].status == OK
+    bad = by[("topk_topp_minp", "wrong-untruncated")]
+    assert bad.status == FAILED and "outside the reference kept set" in bad.note
+    assert bad.reps == 0 and bad.median_us != bad.median_us  # not timed (NaN)
+    assert by[("plain", "wrong-argmax")].status == FAILED
+    assert "most likely token" in by[("plain", "wrong-argmax")].note
+    assert by[("plain", "wrong-temperature")].status == FAILED
+    assert "sd from its expectation" in by[("plain", "wrong-temperature")].note
+    rng, inplace = by[("plain", "wrong-range")], by[("plain", "wrong-inplace")]
+    assert rng.status == FAILED and "outside [0, 3000)" in rng.note
+    assert inplace.status == FAILED and "modified its input" in inplace.note
+    # FAILED rows show up in the summary with their reason, and carry no speedup
+    info = run_info(CPU)
+    text = format_summary(results, info) + format_table(results, info)
+    assert "FAILED" in text and "wrong-untruncated" in text
+    assert not bad.speedups and "wrong-untruncated" not in by[("plain", "torch-sort")].speedups
+
+
+def test_wrong_kept_set_fails_probs_check():
+    # the tokens of a top-k 50 + top-p 0.9 + min-p 0.05 row nearly always fall inside a slightly smaller kept set;
+    # the exposed distribution must still match the reference's
+    class DropsBoundary(TorchWarpersProvider):
+        name = "wrong-kept-set"
+        is_baseline = False
+
+        def warp(self, scores, inp, rp):
+            w = super().warp(scores, inp, rp)
+            keep = torch.isfinite(w)
+            kept = keep.sum(-1, keepdim=True)
+            order = w.argsort(dim=-1, descending=True)
+            ranks = torch.empty_like(order).scatter_(1, order, torch.arange(w.shape[1]).expand_as(order))
+            return w.masked_fill((ranks >= kept // 2) & (kept > 1), float("-inf"))
+
+    results = run_benchmark(_config(["topk_topp_minp"]), [DropsBoundary()])
+    assert results[0].status == FAILED
+
+
+def test_budget_skips_and_provider_errors():
+    class Raises(Provider):
+        name = "raises"
+
+        def prepare(self, inp):
+            raise RuntimeError("boom")
+
+    res = run_benchmark(_config(["greedy"]), [Raises()])
+    assert res[0].status == "error" and "boom" in res[0].note
+    res = run_benchmark(_config(["greedy", "plain"], budget_s=0.0), [TorchSortProvider()])
+    assert [r.status for r in res] == [SKIPPED, SKIPPED]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_checked_rows_do_not_depend_on_batch_size(dtype):
+    scen = SCENARIOS["full"]
+    chk = check_inputs(scen, dtype, 700, 3)
+    for b in (1, 3, 5):
+        inp = make_inputs(scen, dtype, b, 700, CPU, check_rows=3, n_buffers=2)
+        r = inp.check_rows
+        assert torch.equal(inp.buffers[0][:r].float(), chk.logits[:r])
+        assert torch.equal(inp.output_counts[:r], chk.output_counts[:r])
+        assert inp.params == chk.params and len(inp.params.logit_bias) == 8
+        assert int(inp.output_counts.sum()) == 256 * b
+
+
+def test_progress_bar_and_markdown_summary():
+    import io
+
+    from fastsampler.bench.report import format_markdown
+    from fastsampler.bench.runner import Progress
+
+    stream = io.StringIO()  # not a terminal: a line per 10 %
+    bar = Progress(20, stream=stream)
+    for i in range(20):
+        bar.step(f"case {i}")
+    lines = stream.getvalue().splitlines()
+    assert 10 <= len(lines) <= 12 and lines[-1].startswith("[" + "#" * 30 + "] 20/20")
+
+    results = run_benchmark(_config(["greedy"], vocab=(500,)), [TorchSortProvider(), TorchWarpersProvider()])
+    results[1].provider = "fastsampler-fake"  # the markdown lists fastsampler providers against the baselines
+    md = format_markdown(results, run_info(CPU))
+    assert "| greedy | fp32 | 3 × 500 | fastsampler-fake |" in md and "× torch-sort" in md
+
+
+def test_gpu_check_script_parses():
+    import pathlib
+    import shutil
+    import subprocess
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
