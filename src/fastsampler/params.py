@@ -13,7 +13,6 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Literal
 
 __all__ = ["SamplingParams", "LOGPROBS_MODES", "MAX_TOP_LOGPROBS"]
@@ -21,6 +20,30 @@ __all__ = ["SamplingParams", "LOGPROBS_MODES", "MAX_TOP_LOGPROBS"]
 LOGPROBS_MODES = ("raw", "processed", "final")
 MAX_TOP_LOGPROBS = 20
 _U64 = 1 << 64
+
+
+class FrozenDict(dict):
+    """A read-only dict (hashable, picklable, copyable): the type of `SamplingParams.logit_bias`."""
+
+    def _readonly(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("SamplingParams.logit_bias is read-only; use params.replace(logit_bias=...)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _readonly  # type: ignore
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenDict, (dict(self),))
+
+    def __deepcopy__(self, memo: dict) -> FrozenDict:
+        return self
+
+    def __repr__(self) -> str:
+        return f"FrozenDict({dict.__repr__(self)})"
+
+
+_F32_TINY = 1.1754943508222875e-38  # smallest normal float32: kernels compute in float32
 
 
 def _is_int(x: Any) -> bool:
@@ -164,6 +187,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         s = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731 - frozen dataclass normalisation
         s("temperature", _check_float("temperature", self.temperature, 0.0, math.inf, hi_open=True))
+        if 0.0 < self.temperature < _F32_TINY:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {_F32_TINY!r} (the smallest normal float32, "
+                             f"kernels compute in float32), got {self.temperature!r}")
         s("top_k", _check_int("top_k", self.top_k, -(1 << 31), (1 << 31) - 1))
         s("top_p", _check_float("top_p", self.top_p, 0.0, 1.0, lo_open=True))
         s("min_p", _check_float("min_p", self.min_p, 0.0, 1.0))
@@ -228,7 +254,7 @@ class SamplingParams:
             if not (-100.0 <= fv <= 100.0 or fv == -math.inf):
                 raise ValueError(f"logit_bias[{int(kk)}] must be a float in [-100, 100] or -inf, got {v!r}")
             out[int(kk)] = fv
-        return MappingProxyType(dict(sorted(out.items())))
+        return FrozenDict(sorted(out.items()))
 
     # ------------------------------------------------------------------ derived
     @property
@@ -236,7 +262,7 @@ class SamplingParams:
         """True when the request samples the argmax (``temperature == 0``)."""
         return self.temperature == 0.0
 
-    def __hash__(self) -> int:  # MappingProxyType is unhashable; hash by value
+    def __hash__(self) -> int:
         return hash(tuple((f.name, _hashable(getattr(self, f.name))) for f in dataclasses.fields(self)))
 
     def replace(self, **changes: Any) -> SamplingParams:

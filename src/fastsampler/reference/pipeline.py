@@ -44,7 +44,7 @@ from .philox import TILE, tile_noise, token_noise
 
 __all__ = ["process_logits", "sampling_probs", "sample", "diagnose", "RACE_TIE_TOL", "BOUNDARY_TOL"]
 
-RACE_TIE_TOL = 1e-4  # race scores (either level) closer than this: fp32 backends may pick the other one
+RACE_TIE_TOL = 1e-4  # race scores (either level) closer than this, relative to max(1, |score|): fp32 may differ
 BOUNDARY_TOL = 1e-5  # truncation decisions this close to flipping (relative): fp32 backends may decide otherwise
 MIROSTAT_M = 100  # top tokens used by Mirostat v1 to estimate the Zipf exponent
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -244,7 +244,7 @@ def _mirostat_v1_keep(z: np.ndarray, keep: np.ndarray, mu: float, vocab: int, re
     kf = mirostat_v1_k(lq, mu, vocab)
     if math.isnan(kf):
         kf = float(vocab)
-    elif kf > 1.0 and abs(kf - round(kf)) <= 1e-4 * max(1.0, kf):
+    elif math.isfinite(kf) and kf > 1.0 and abs(kf - round(kf)) <= 1e-4 * max(1.0, kf):
         reasons.append(f"mirostat v1: k = {kf:.9g} is within rounding of an integer")
     k = int(min(max(math.floor(kf), 1), vocab)) if math.isfinite(kf) else vocab
     if k >= zk.size:
@@ -269,7 +269,7 @@ def _race(z: np.ndarray, keep: np.ndarray, row: _Row, reasons: list[str]) -> int
     best = int(np.argmax(score))
     if uniq.size > 1:
         top2 = np.sort(score)[-2:]
-        if top2[1] - top2[0] < RACE_TIE_TOL:
+        if top2[1] - top2[0] < RACE_TIE_TOL * max(1.0, abs(top2[1])):
             reasons.append(f"race: top two tile scores differ by {top2[1] - top2[0]:.3g} < {RACE_TIE_TOL}")
     tile = uniq[best]
     cand = ids[tiles == tile]
@@ -277,7 +277,7 @@ def _race(z: np.ndarray, keep: np.ndarray, row: _Row, reasons: list[str]) -> int
     tscore = z[cand] - np.log(e)
     if cand.size > 1:
         top2 = np.sort(tscore)[-2:]
-        if top2[1] - top2[0] < RACE_TIE_TOL:
+        if top2[1] - top2[0] < RACE_TIE_TOL * max(1.0, abs(top2[1])):
             reasons.append(f"race: top two token scores differ by {top2[1] - top2[0]:.3g} < {RACE_TIE_TOL}")
     return int(cand[int(np.argmax(tscore))])
 
