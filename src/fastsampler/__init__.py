@@ -10,11 +10,13 @@ from . import reference
 from ._api import available_backends, sample, sampling_probs
 from .output import SampleOutput
 from .params import SamplingParams
+from .sampler import Sampler
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SampleOutput",
+    "Sampler",
     "SamplingParams",
     "available_backends",
     "reference",

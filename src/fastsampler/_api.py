@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ._batch import PackedBatch, pack_batch
+from ._custom_ops import sample_packed as _sample_packed_op
 from .output import SampleOutput
 from .params import SamplingParams
 
@@ -23,7 +24,12 @@ _INSTALL_HINT = {
     "cpu": "pip install --force-reinstall --no-build-isolation --no-deps .  (rebuilds the C++ extension)",
     "reference": "",
 }
-_MODULES = {"triton": "fastsampler.triton.backend", "cpu": "fastsampler.cpu", "reference": "fastsampler.reference.backend"}
+_MODULES = {
+    "triton": "fastsampler.triton.backend",
+    "cpu": "fastsampler.cpu",
+    "reference": "fastsampler.reference.backend",
+}
+_NAMES = {v: k for k, v in _MODULES.items()}
 
 
 def _load(name: str) -> Any:
@@ -159,7 +165,9 @@ def sample(
               mirostat_mu=mirostat_mu, vocab_size=vocab_size, seeds=seeds, prompt_mask=prompt_mask,
               output_counts=output_counts, token_bitmask=token_bitmask, eos_token_ids=eos_token_ids)
     mod, batch, was_numpy = _prepare(logits, params, backend, kw)
-    out = mod.sample_packed(batch)
+    # through the torch custom op fastsampler::sample_packed, so that torch.compile / CUDA graphs can hold the step
+    name = _NAMES.get(mod.__name__)
+    out = mod.sample_packed(batch) if name is None else _sample_packed_op(name, batch)
     return _to_numpy_output(out) if was_numpy else out
 
 

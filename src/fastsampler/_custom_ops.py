@@ -47,10 +47,16 @@ def int_to_flags(bits: int) -> BatchFlags:
     return BatchFlags(**{name: bool((bits >> i) & 1) for i, name in enumerate(_FLAG_FIELDS)})
 
 
-def _backend_module(name: str):
-    from ._api import _load
+_MODULE_CACHE: dict[str, object] = {}
 
-    return _load(name)
+
+def _backend_module(name: str):
+    mod = _MODULE_CACHE.get(name)
+    if mod is None:
+        from ._api import _load
+
+        mod = _MODULE_CACHE[name] = _load(name)
+    return mod
 
 
 @torch.library.custom_op("fastsampler::sample_packed", mutates_args=())

@@ -1,0 +1,642 @@
+"""`Sampler`: the generation-loop object, with every request's state kept on the device.
+
+An inference engine creates one `Sampler`, `Sampler.add` s a request when it joins the batch (one slot per sample of
+the request), calls `Sampler.sample` once per decoding step with the logits of the running slots, and
+`Sampler.remove` s the slots of finished requests. The per-step host work is O(batch size): parameters are packed once
+per slot when it is added, penalty state (prompt bitmask, output counts), Mirostat ``mu`` and the step counter live on
+the device and are updated there. See ``docs/sampler.md`` for the state layout and its memory cost.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _api
+from ._batch import (
+    NF,
+    NI,
+    BatchFlags,
+    PackedBatch,
+    batch_flags,
+    check_ids,
+    ids_to_bitmask,
+    mask_words,
+    pack_param_rows,
+    random_seed,
+    seed_to_int64,
+)
+from ._custom_ops import flags_to_int, int_to_flags, sample_packed
+from .output import SampleOutput
+from .params import SamplingParams
+
+__all__ = ["Sampler", "COUNT_MAX"]
+
+COUNT_MAX = 32767
+"""Output-token counts are int16 and saturate here (a token generated more often still counts 32767)."""
+
+_ALL_GREEDY_BIT = flags_to_int(BatchFlags(all_greedy=True))
+_LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Sampler:
+    """Persistent sampling state for a continuous-batching generation loop.
+
+    Each request takes ``params.n`` *slots* (one per sample; the samples share the request's seed and differ in
+    ``seq = 0 .. n-1``, see ``docs/semantics.md`` §7). A slot holds, on ``device``:
+
+    - its packed parameters (one float32 row of ``fparams`` and one int32 row of ``iparams``), written once by `add`;
+    - seed (int64 bit pattern of the uint64 seed), step (tokens generated so far), seq, Mirostat ``mu`` (float32);
+    - the prompt bitmask, int32 ``[ceil(V / 32)]`` (bit ``t % 32`` of word ``t // 32`` set = token ``t`` is in the
+      prompt), used by the repetition penalty;
+    - the output counts, int16 ``[V]``, saturating at 32767 (frequency / presence / repetition penalties);
+    - only when some request uses them: an allowed-token bitmask row (allowed / banned ids) and the request's logit
+      bias (sorted ids and values).
+
+    Memory per slot: ``2 V`` bytes of counts plus ``V / 8`` bytes of prompt bitmask (plus ``V / 8`` for the allowed
+    mask once some request restricts ids, and 8 bytes per logit-bias entry of the largest bias), and 96 bytes of
+    scalars and packed parameters; for ``V = 128256`` that is 266 KiB per slot.
+
+    Parameters
+    ----------
+    vocab_size : int
+        Real vocabulary size ``V``. Logits may be wider (padded columns are never sampled).
+    max_slots : int
+        Number of slots (concurrent sequences).
+    device : torch.device or str, default "cpu"
+        Where the state lives; logits passed to `sample` must be on it.
+    eos_token_ids : sequence of int, default ()
+        EOS ids, banned while a slot's step is below its ``min_tokens``, and always when ``ignore_eos``.
+    backend : {'auto', 'triton', 'cpu', 'reference'}, default "auto"
+        As in `fastsampler.sample`; ``auto`` picks per logits dtype.
+
+    Examples
+    --------
+    >>> import torch, fastsampler
+    >>> s = fastsampler.Sampler(vocab_size=8, max_slots=4, backend="reference")
+    >>> a = s.add(fastsampler.SamplingParams(temperature=0.0), prompt_token_ids=[1, 2])
+    >>> b = s.add(fastsampler.SamplingParams(seed=7, n=2))
+    >>> a, b, s.seed_of(b[1])
+    ([0], [1, 2], 7)
+    >>> logits = torch.zeros(3, 8); logits[:, 5] = 3.0
+    >>> out = s.sample(logits, a + b)
+    >>> out.tokens[0].item(), s.step_of(a[0])
+    (5, 1)
+    >>> s.remove(b); s.num_active
+    1
+    """
+
+    @torch.inference_mode(False)  # the state must stay updatable in place inside and outside inference mode
+    def __init__(
+        self,
+        vocab_size: int,
+        max_slots: int,
+        device: torch.device | str = "cpu",
+        *,
+        eos_token_ids: Sequence[int] = (),
+        backend: str = "auto",
+    ) -> None:
+        for name, val in (("vocab_size", vocab_size), ("max_slots", max_slots)):
+            if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
+                raise TypeError(f"{name} must be an integer >= 1, got {val!r} of type {type(val).__name__}")
+            if val < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {val!r}")
+        if backend not in ("auto", *_api.BACKENDS):
+            raise ValueError(f"backend must be one of {('auto', *_api.BACKENDS)}, got {backend!r}")
+        if backend != "auto":
+            _api._load(backend)  # raise now, with the install command, not at the first step
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self._vocab = int(vocab_size)
+        self._slots = int(max_slots)
+        self._device = dev
+        self._backend = backend
+        self._resolved: dict[torch.dtype, str] = {}
+        self._resolve_backends()
+        eos = [int(t) for t in eos_token_ids]
+        for t in eos:
+            if not 0 <= t < self._vocab:
+                raise ValueError(f"eos_token_ids holds token id {t}, outside the vocabulary [0, {self._vocab})")
+        self._eos_host = tuple(eos)
+        s, v, w = self._slots, self._vocab, mask_words(self._vocab)
+        self._words = w
+        kw = dict(device=dev)
+        self._eos = torch.tensor(eos, dtype=torch.int32, **kw)
+        self._fparams = torch.zeros(s, NF, dtype=torch.float32, **kw)
+        self._iparams = torch.zeros(s, NI, dtype=torch.int32, **kw)
+        self._seeds = torch.zeros(s, dtype=torch.int64, **kw)
+        self._steps = torch.zeros(s, dtype=torch.int64, **kw)
+        self._seqs = torch.zeros(s, dtype=torch.int64, **kw)
+        self._mu = torch.full((s,), math.nan, dtype=torch.float32, **kw)
+        self._prompt = torch.zeros(s, w, dtype=torch.int32, **kw)
+        self._counts = torch.zeros(s, v, dtype=torch.int16, **kw)
+        self._allowed: torch.Tensor | None = None  # (S, W) int32, allocated by the first add that restricts ids
+        self._bias_ids: torch.Tensor | None = None  # (S, K) int32, K = largest logit bias added so far
+        self._bias_vals: torch.Tensor | None = None  # (S, K) float32
+        self._bias_len: torch.Tensor | None = None  # (S,) int32
+        # host mirror, per slot (None = free)
+        self._params: list[SamplingParams | None] = [None] * s
+        self._seed_host = [0] * s
+        self._bits = [0] * s
+        self._ntop = [0] * s
+        self._nbias = [0] * s
+        self._restricted = [False] * s
+        self._bias_host: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int32), np.zeros(0, np.float32))] * s
+        self._free = list(range(s))  # a heap: add takes the lowest free slots
+        self._live_agg: tuple[int, int, int, bool] = (0, 0, 0, False)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def vocab_size(self) -> int:
+        """The vocabulary size ``V``."""
+        return self._vocab
+
+    @property
+    def max_slots(self) -> int:
+        """The number of slots."""
+        return self._slots
+
+    @property
+    def device(self) -> torch.device:
+        """The device that holds the state."""
+        return self._device
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The EOS ids given at construction."""
+        return self._eos_host
+
+    @property
+    def num_active(self) -> int:
+        """Slots in use."""
+        return self._slots - len(self._free)
+
+    @property
+    def num_free(self) -> int:
+        """Slots free for `add`."""
+        return len(self._free)
+
+    @property
+    def active_slots(self) -> list[int]:
+        """The slots in use, ascending."""
+        return [i for i, p in enumerate(self._params) if p is not None]
+
+    # ------------------------------------------------------------------ per-slot queries
+    def _check_slot(self, slot: Any) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)):
+            raise TypeError(f"slot must be an int, got {slot!r} of type {type(slot).__name__}")
+        i = int(slot)
+        if not 0 <= i < self._slots:
+            raise ValueError(f"slot {i} is outside [0, {self._slots})")
+        if self._params[i] is None:
+            raise ValueError(f"slot {i} is not in use (never added, or already removed)")
+        return i
+
+    def seed_of(self, slot: int) -> int:
+        """The uint64 seed of ``slot``'s request: ``params.seed``, or the random seed drawn by `add`."""
+        return self._seed_host[self._check_slot(slot)]
+
+    def params_of(self, slot: int) -> SamplingParams:
+        """The `SamplingParams` that ``slot`` was added with."""
+        p = self._params[self._check_slot(slot)]
+        assert p is not None
+        return p
+
+    def step_of(self, slot: int) -> int:
+        """Tokens generated so far by ``slot`` (reads the device: for inspection, not for the hot loop)."""
+        return int(self._steps[self._check_slot(slot)].item())
+
+    def seq_of(self, slot: int) -> int:
+        """The sample index of ``slot`` within its request (``0 .. n-1``)."""
+        return int(self._seqs[self._check_slot(slot)].item())
+
+    def mirostat_mu_of(self, slot: int) -> float:
+        """Mirostat ``mu`` of ``slot`` (NaN for a request without Mirostat; reads the device)."""
+        return float(self._mu[self._check_slot(slot)].item())
+
+    def output_counts_of(self, slot: int) -> torch.Tensor:
+        """A copy of ``slot``'s output counts, ``(V,)`` int16 on the device."""
+        return self._counts[self._check_slot(slot)].clone()
+
+    def prompt_mask_of(self, slot: int) -> torch.Tensor:
+        """A copy of ``slot``'s prompt bitmask, ``(ceil(V / 32),)`` int32 on the device."""
+        return self._prompt[self._check_slot(slot)].clone()
+
+    # ------------------------------------------------------------------ add / remove
+    def add(
+        self, params: SamplingParams, prompt_token_ids: Sequence[int] | np.ndarray | torch.Tensor | None = ()
+    ) -> list[int]:
+        """Add a request; returns its ``params.n`` slots (sample ``seq = i`` in slot ``slots[i]``).
+
+        Parameters
+        ----------
+        params : SamplingParams
+            The request's parameters. ``params.seed`` of ``None`` draws a random 64-bit seed, shared by the request's
+            samples and reported by `seed_of`.
+        prompt_token_ids : sequence of int, default ()
+            The prompt, for the repetition penalty (host work O(len(prompt)) once, here).
+
+        Returns
+        -------
+        list of int
+            The slots, lowest free first.
+
+        Raises
+        ------
+        ValueError
+            When fewer than ``params.n`` slots are free, or a token id is outside ``[0, vocab_size)``.
+
+        Examples
+        --------
+        >>> import fastsampler
+        >>> s = fastsampler.Sampler(vocab_size=16, max_slots=4, backend="reference")
+        >>> s.add(fastsampler.SamplingParams(n=3, seed=1)), s.num_free
+        ([0, 1, 2], 1)
+        """
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        n = params.n
+        if n > len(self._free):
+            raise ValueError(
+                f"Sampler is full: the request needs n={n} slots, {len(self._free)} of max_slots={self._slots} are "
+                f"free; remove finished requests first"
+            )
+        if prompt_token_ids is None:
+            prompt_token_ids = ()
+        if isinstance(prompt_token_ids, torch.Tensor):
+            prompt = prompt_token_ids.detach().to("cpu", torch.int64).reshape(-1).numpy()
+        else:
+            prompt = np.asarray(prompt_token_ids, dtype=np.int64).reshape(-1)
+        v = self._vocab
+        if prompt.size and (prompt.min() < 0 or prompt.max() >= v):
+            bad = int(prompt[(prompt < 0) | (prompt >= v)][0])
+            raise ValueError(f"prompt_token_ids holds token id {bad}, outside the vocabulary [0, {v})")
+        if params.allowed_token_ids is not None:
+            check_ids("allowed_token_ids", 0, params.allowed_token_ids, v)
+        if params.banned_token_ids is not None:
+            check_ids("banned_token_ids", 0, params.banned_token_ids, v)
+        check_ids("logit_bias", 0, params.logit_bias.keys(), v)
+
+        seed = params.seed if params.seed is not None else random_seed()
+        slots = [heapq.heappop(self._free) for _ in range(n)]
+        dev = self._device
+        idx = torch.tensor(slots, dtype=torch.int64, device=dev)
+        f, i = pack_param_rows([params])
+        self._fparams[idx] = torch.from_numpy(f).to(dev)
+        self._iparams[idx] = torch.from_numpy(i).to(dev)
+        self._seeds[idx] = seed_to_int64(seed)
+        self._steps[idx] = 0
+        self._seqs[idx] = torch.arange(n, dtype=torch.int64, device=dev)
+        self._mu[idx] = 2.0 * params.mirostat_target if params.mirostat_mode else math.nan
+        self._prompt[idx] = torch.from_numpy(ids_to_bitmask([prompt], v)).to(dev)
+        self._counts[idx] = 0
+
+        restricted = params.allowed_token_ids is not None or params.banned_token_ids is not None
+        if restricted:
+            self.reserve(allowed_mask=True)
+            assert self._allowed is not None
+            row = np.full(self._words, -1, dtype=np.int32)
+            if params.allowed_token_ids is not None:
+                row = ids_to_bitmask([params.allowed_token_ids], v)[0]
+            if params.banned_token_ids is not None:
+                row &= ~ids_to_bitmask([params.banned_token_ids], v)[0]
+            self._allowed[idx] = torch.from_numpy(row).to(dev)
+        elif self._allowed is not None:
+            self._allowed[idx] = -1
+
+        nb = len(params.logit_bias)
+        bias_host = (np.fromiter(params.logit_bias.keys(), dtype=np.int32, count=nb),
+                     np.fromiter(params.logit_bias.values(), dtype=np.float32, count=nb))
+        if nb:
+            self._grow_bias(nb)
+            assert self._bias_ids is not None and self._bias_vals is not None and self._bias_len is not None
+            self._bias_ids[idx, :nb] = torch.from_numpy(bias_host[0]).to(dev)
+            self._bias_vals[idx, :nb] = torch.from_numpy(bias_host[1]).to(dev)
+            self._bias_len[idx] = nb
+        elif self._bias_len is not None:
+            self._bias_len[idx] = 0
+
+        bits = flags_to_int(batch_flags([params]))
+        for s in slots:
+            self._params[s] = params
+            self._seed_host[s] = seed
+            self._bits[s] = bits
+            self._ntop[s] = params.top_logprobs
+            self._nbias[s] = nb
+            self._bias_host[s] = bias_host
+            self._restricted[s] = restricted
+        self._update_live()
+        return slots
+
+    @torch.inference_mode(False)
+    def reserve(self, *, allowed_mask: bool = False, logit_bias_entries: int = 0) -> None:
+        """Allocate lazily allocated state now, so that later `add` calls never reallocate it.
+
+        A captured CUDA graph holds the addresses of the state tensors: reserve what the requests may use before
+        capturing. ``allowed_mask`` allocates the allowed-token bitmask rows (``V / 8`` bytes per slot);
+        ``logit_bias_entries`` makes room for that many logit-bias entries per slot (8 bytes each).
+
+        >>> import fastsampler
+        >>> s = fastsampler.Sampler(vocab_size=64, max_slots=2, backend="reference")
+        >>> s.reserve(allowed_mask=True, logit_bias_entries=4)
+        """
+        if allowed_mask and self._allowed is None:
+            self._allowed = torch.full((self._slots, self._words), -1, dtype=torch.int32, device=self._device)
+        if logit_bias_entries > 0:
+            self._grow_bias(int(logit_bias_entries))
+
+    @property
+    def capture_key(self) -> tuple[int, int, int, bool]:
+        """What a step with a tensor of slots decides on the host: (flag bits, top-logprob width, bias width,
+        restricted ids), all over the slots in use.
+
+        A CUDA graph captured around `sample` replays the decisions of its capture; when this key changes (a
+        request with a feature the live set did not use joins), capture again (or keep one graph per key).
+        """
+        return self._live_agg
+
+    @torch.inference_mode(False)
+    def _grow_bias(self, k: int) -> None:
+        cur = 0 if self._bias_ids is None else self._bias_ids.shape[1]
+        if k <= cur:
+            return
+        k = max(k, 2 * cur)
+        dev = self._device
+        ids = torch.zeros(self._slots, k, dtype=torch.int32, device=dev)
+        vals = torch.zeros(self._slots, k, dtype=torch.float32, device=dev)
+        if self._bias_ids is not None:
+            assert self._bias_vals is not None
+            ids[:, :cur] = self._bias_ids
+            vals[:, :cur] = self._bias_vals
+        else:
+            self._bias_len = torch.zeros(self._slots, dtype=torch.int32, device=dev)
+        self._bias_ids, self._bias_vals = ids, vals
+
+    def _update_live(self) -> None:
+        live = [i for i, p in enumerate(self._params) if p is not None]
+        bor, band = 0, -1
+        for i in live:
+            bor |= self._bits[i]
+            band &= self._bits[i]
+        bits = (bor & ~_ALL_GREEDY_BIT) | (band & _ALL_GREEDY_BIT if live else 0)
+        self._live_agg = (bits, max((self._ntop[i] for i in live), default=0),
+                          max((self._nbias[i] for i in live), default=0), any(self._restricted[i] for i in live))
+
+    def remove(self, slots: int | Iterable[int]) -> None:
+        """Free slots (e.g. all slots of a finished request). Raises ``ValueError`` for a slot not in use.
+
+        Examples
+        --------
+        >>> import fastsampler
+        >>> s = fastsampler.Sampler(vocab_size=16, max_slots=2, backend="reference")
+        >>> slots = s.add(fastsampler.SamplingParams(n=2))
+        >>> s.remove(slots); s.num_free
+        2
+        """
+        if isinstance(slots, torch.Tensor):
+            slots = slots.tolist()
+        items = [slots] if isinstance(slots, (int, np.integer)) and not isinstance(slots, bool) else list(slots)
+        checked = [self._check_slot(s) for s in items]
+        if len(set(checked)) != len(checked):
+            raise ValueError(f"slots to remove must be distinct, got {checked}")
+        for s in checked:
+            self._params[s] = None
+            heapq.heappush(self._free, s)
+        self._update_live()
+
+    def reset(self) -> None:
+        """Free every slot."""
+        self._params = [None] * self._slots
+        self._free = list(range(self._slots))
+        self._update_live()
+
+    # ------------------------------------------------------------------ sample
+    def _resolve_backends(self) -> None:
+        """Pick the backend for every logits dtype now: `sample` then only reads a dict (traceable by dynamo)."""
+        for dt in _LOGIT_DTYPES:
+            name = _api.resolve_backend(self._backend, self._device, dt)
+            mod = _api._load(name)
+            if mod.supports(self._device, dt):
+                self._resolved[dt] = name
+
+    def backend_for(self, dtype: torch.dtype = torch.float32) -> str:
+        """The backend that `sample` runs for logits of ``dtype`` (``auto`` resolved).
+
+        >>> import fastsampler
+        >>> fastsampler.Sampler(vocab_size=8, max_slots=1, backend="reference").backend_for()
+        'reference'
+        """
+        name = self._resolved.get(dtype)
+        if name is None:
+            raise TypeError(f"backend={self._backend!r} does not support logits of dtype {dtype} on device "
+                            f"{self._device}")
+        return name
+
+    def _check_logits(self, logits: Any, b: int) -> None:
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+        if logits.dtype not in _LOGIT_DTYPES:
+            raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+        if logits.dim() != 2 or logits.shape[0] != b or logits.shape[1] < self._vocab:
+            raise ValueError(
+                f"logits must have shape ({b}, >= {self._vocab}) (one row per slot, vocab_size columns or more), got "
+                f"{tuple(logits.shape)}"
+            )
+        d = logits.device
+        if d.type != self._device.type or (self._device.index is not None and d.index != self._device.index):
+            raise ValueError(f"logits must be on the sampler's device {self._device}, got {d}")
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        slots: Sequence[int] | torch.Tensor,
+        *,
+        token_bitmask: torch.Tensor | None = None,
+    ) -> SampleOutput:
+        """Sample one token per row of ``logits``, row ``r`` for slot ``slots[r]``, and advance those slots.
+
+        On the device, after the draw: each valid row's slot advances its step by one and counts its token (int16,
+        saturating at 32767); every row's slot stores the returned Mirostat ``mu``. Invalid rows (token ``-1``)
+        leave step and counts unchanged.
+
+        Parameters
+        ----------
+        logits : (batch_size, V') torch.Tensor
+            float32, float16 or bfloat16 (float64: reference backend) on the sampler's device, ``V' >= vocab_size``.
+        slots : sequence of batch_size ints, or (batch_size,) integer tensor
+            Distinct slots in use. With a sequence they are checked, and the host-known flags and the top-logprob
+            width ``N`` are those of these slots. With a tensor nothing is read back (no host synchronisation: this
+            is the form for ``torch.compile`` and CUDA graphs); the slots are not checked, and flags and ``N`` are
+            taken over all slots in use.
+        token_bitmask : (batch_size, ceil(vocab_size / 32)) int32 tensor, optional
+            Allowed tokens (bit ``t % 32`` of word ``t // 32`` set = ``t`` allowed), AND-ed with the slots' allowed
+            and banned ids.
+
+        Returns
+        -------
+        SampleOutput
+            Torch tensors on the sampler's device.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For logits of the wrong type, dtype, shape or device, an unknown or freed or repeated slot, or a
+            ``token_bitmask`` of the wrong dtype or shape.
+
+        Examples
+        --------
+        >>> import torch, fastsampler
+        >>> s = fastsampler.Sampler(vocab_size=4, max_slots=2, backend="reference")
+        >>> slots = s.add(fastsampler.SamplingParams(temperature=0.0, logprobs=True, top_logprobs=2))
+        >>> out = s.sample(torch.tensor([[0.0, 2.0, 1.0, -1.0]]), slots)
+        >>> out.tokens.tolist(), out.top_logprob_ids.tolist(), s.output_counts_of(slots[0]).tolist()
+        ([1], [[1, 2]], [0, 1, 0, 0])
+        """
+        dev = self._device
+        if isinstance(slots, torch.Tensor):
+            if slots.dim() != 1 or slots.dtype.is_floating_point or slots.dtype == torch.bool:
+                raise TypeError(f"slots must be a 1-D integer tensor, got {slots.dtype} of shape {tuple(slots.shape)}")
+            b = slots.shape[0]
+            self._check_logits(logits, b)
+            slots_t = slots.to(device=dev, dtype=torch.int64, non_blocking=True)
+            bits, n_top, n_bias, restricted = self._live_agg
+            rows = None
+        else:
+            if isinstance(slots, (int, np.integer)):
+                raise TypeError(f"slots must be a sequence of ints or a tensor, got {slots!r}")
+            rows = [self._check_slot(s) for s in slots]
+            b = len(rows)
+            if len(set(rows)) != b:
+                raise ValueError(f"slots must be distinct within a batch, got {rows}")
+            self._check_logits(logits, b)
+            bor, band = 0, -1
+            n_top = n_bias = 0
+            restricted = False
+            for s in rows:
+                bor |= self._bits[s]
+                band &= self._bits[s]
+                n_top = max(n_top, self._ntop[s])
+                n_bias = max(n_bias, self._nbias[s])
+                restricted = restricted or self._restricted[s]
+            bits = (bor & ~_ALL_GREEDY_BIT) | (band & _ALL_GREEDY_BIT if rows else 0)
+            slots_t = torch.tensor(rows, dtype=torch.int64, device=dev)
+        name = self.backend_for(logits.dtype)
+        if b == 0:  # nothing to sample (an idle engine step); no backend call
+            e = logits.new_empty
+            return SampleOutput(e((0,), dtype=torch.int64), e((0,), dtype=torch.bool), e((0,), dtype=torch.float32),
+                                e((0, n_top), dtype=torch.int64), e((0, n_top), dtype=torch.float32),
+                                e((0,), dtype=torch.int64), e((0,), dtype=torch.float32))
+        flags = int_to_flags(bits)
+        wl = mask_words(logits.shape[1])
+
+        allowed = None
+        if restricted and self._allowed is not None:
+            allowed = self._pad_words(self._allowed.index_select(0, slots_t), wl, -1)
+        if token_bitmask is not None:
+            tb = self._check_bitmask(token_bitmask, b, wl)
+            allowed = tb if allowed is None else allowed & tb
+        prompt_mask = output_counts = None
+        if flags.any_penalty:
+            prompt_mask = self._pad_words(self._prompt.index_select(0, slots_t), wl, 0)
+            output_counts = self._counts.index_select(0, slots_t)
+        bias_indptr = bias_ids = bias_vals = None
+        if n_bias:
+            if rows is None:
+                bias_indptr, bias_ids, bias_vals = self._bias_csr_device(slots_t, n_bias)
+            else:
+                bias_indptr, bias_ids, bias_vals = self._bias_csr_host(rows)
+        steps = self._steps.index_select(0, slots_t)
+        batch = PackedBatch(
+            logits=logits,
+            vocab_size=self._vocab,
+            fparams=self._fparams.index_select(0, slots_t),
+            iparams=self._iparams.index_select(0, slots_t),
+            seeds=self._seeds.index_select(0, slots_t),
+            steps=steps,
+            seqs=self._seqs.index_select(0, slots_t),
+            mirostat_mu=self._mu.index_select(0, slots_t),
+            allowed_mask=allowed,
+            prompt_mask=prompt_mask,
+            output_counts=output_counts,
+            bias_indptr=bias_indptr,
+            bias_ids=bias_ids,
+            bias_vals=bias_vals,
+            eos_ids=self._eos,
+            n_top=n_top,
+            flags=flags,
+        )
+        out = sample_packed(name, batch)
+
+        # state updates, on the device (slots are distinct, so the scatters do not collide)
+        valid = out.valid
+        self._steps.index_copy_(0, slots_t, steps + valid.to(torch.int64))
+        self._mu.index_copy_(0, slots_t, out.mirostat_mu)
+        flat = self._counts.view(-1)
+        pos = slots_t * self._vocab + out.tokens.clamp(min=0)
+        cur = flat.index_select(0, pos)
+        flat.index_copy_(0, pos, torch.where(valid & (cur < COUNT_MAX), cur + 1, cur))
+        return out
+
+    @staticmethod
+    def _pad_words(mask: torch.Tensor, wl: int, fill: int) -> torch.Tensor:
+        w = mask.shape[1]
+        if wl > w:  # logits wider than the vocabulary: the extra columns are padding, masked by the backend anyway
+            mask = torch.nn.functional.pad(mask, (0, wl - w), value=fill)
+        return mask
+
+    def _check_bitmask(self, tb: Any, b: int, wl: int) -> torch.Tensor:
+        if not isinstance(tb, torch.Tensor):
+            raise TypeError(f"token_bitmask must be a torch.Tensor, got {type(tb).__name__}")
+        if tb.dtype != torch.int32:
+            raise TypeError(f"token_bitmask must be int32 (packed bits, 1 = allowed), got {tb.dtype}")
+        need = self._words
+        if tb.dim() != 2 or tb.shape[0] != b or tb.shape[1] < need:
+            raise ValueError(f"token_bitmask must have shape ({b}, {need}) (ceil(vocab_size / 32) words per row), got "
+                             f"{tuple(tb.shape)}")
+        tb = tb.to(self._device, non_blocking=True)
+        if tb.shape[1] < wl:
+            tb = torch.nn.functional.pad(tb, (0, wl - tb.shape[1]), value=-1)
+        return tb[:, :wl].contiguous()
+
+    def _bias_csr_host(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's logit bias in CSR form from the per-slot host copies: O(total bias entries)."""
+        lens = np.fromiter((self._nbias[s] for s in rows), dtype=np.int32, count=len(rows))
+        indptr = np.zeros(len(rows) + 1, dtype=np.int32)
+        np.cumsum(lens, out=indptr[1:])
+        ids = np.concatenate([self._bias_host[s][0] for s in rows if self._nbias[s]])
+        vals = np.concatenate([self._bias_host[s][1] for s in rows if self._nbias[s]])
+        dev = self._device
+        return (torch.from_numpy(indptr).to(dev), torch.from_numpy(ids).to(dev), torch.from_numpy(vals).to(dev))
+
+    def _bias_csr_device(self, slots_t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's logit bias in CSR form, built on the device from the per-slot tables (no host sync).
+
+        The entry count must not depend on device data, so every row gets exactly ``k`` entries (the largest bias
+        of a live slot): its own, plus zero-valued entries at the lowest ids it does not bias (adding ``0.0`` to a
+        logit changes nothing), kept sorted and unique per row as the `PackedBatch` contract asks.
+        """
+        assert self._bias_ids is not None and self._bias_vals is not None and self._bias_len is not None
+        b, dev, v = slots_t.shape[0], self._device, self._vocab
+        lens = self._bias_len.index_select(0, slots_t).to(torch.int64)
+        ids = self._bias_ids.index_select(0, slots_t)[:, :k].to(torch.int64)
+        vals = self._bias_vals.index_select(0, slots_t)[:, :k]
+        real = torch.arange(k, device=dev)[None, :] < lens[:, None]
+        c = min(v, 2 * k)  # candidate filler ids [0, c): at least k - len of them are free in every row
+        taken = torch.zeros(b, c + 1, dtype=torch.bool, device=dev)
+        taken.scatter_(1, torch.where(real & (ids < c), ids, c), True)
+        free = ~taken[:, :c]
+        cand = torch.arange(c, device=dev)
+        pick = free & (torch.cumsum(free, 1) <= (k - lens)[:, None])
+        keys = torch.cat((torch.where(real, ids, v), torch.where(pick, cand[None, :], v)), 1)
+        allv = torch.cat((torch.where(real, vals, 0.0), torch.zeros(b, c, dtype=torch.float32, device=dev)), 1)
+        keys, order = torch.sort(keys, 1)
+        out_ids = keys[:, :k].to(torch.int32).reshape(-1)
+        out_vals = torch.gather(allv, 1, order[:, :k]).reshape(-1)
+        indptr = torch.arange(b + 1, dtype=torch.int32, device=dev) * k
+        return indptr, out_ids, out_vals
