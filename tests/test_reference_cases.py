@@ -347,9 +347,9 @@ def test_top_p_boundary_exactly_reached():
     # q = (1/2, 1/4, 1/8, 1/8) exactly; cumulative 0.5, 0.75, 0.875, 1
     z = rows([0.0, -LN2, -2 * LN2, -2 * LN2])
     assert kept(z, SP(top_p=0.5)) == {0}  # reached at position 0: that token is kept, nothing after it
-    assert kept(z, SP(top_p=0.5 + 1e-9)) == {0, 1}
+    assert kept(z, SP(top_p=0.5 + 1e-6)) == {0, 1}
     assert kept(z, SP(top_p=0.75)) == {0, 1}
-    assert kept(z, SP(top_p=0.75 + 1e-9)) == {0, 1, 2, 3}  # position 2 reached; its tie (id 3) comes along
+    assert kept(z, SP(top_p=0.75 + 1e-6)) == {0, 1, 2, 3}  # position 2 reached; its tie (id 3) comes along
     assert kept(z, SP(top_p=0.875)) == {0, 1, 2, 3}
     assert kept(z, SP(top_p=1.0)) == {0, 1, 2, 3}
 
@@ -389,8 +389,9 @@ def test_top_p_order_ties_by_id():
 
 
 def test_min_p_threshold_is_inclusive():
-    z = rows([0.0, math.log(0.1), -3.0, math.log(0.5)])
-    assert kept(z, SP(min_p=0.1)) == {0, 1, 3}  # p = 0.1 p_max exactly is kept; e^-3 < 0.1 is not
+    # parameters are float32 in every backend: 0.125 is exact there, so the boundary is exactly reached
+    z = rows([0.0, math.log(0.125), -3.0, math.log(0.5)])
+    assert kept(z, SP(min_p=0.125)) == {0, 1, 3}  # p = 0.125 p_max exactly is kept; e^-3 < 0.125 is not
     assert kept(z, SP(min_p=0.5)) == {0, 3}
     assert kept(z, SP(min_p=1.0)) == {0}
     assert kept(z, SP(min_p=0.0)) == {0, 1, 2, 3}
@@ -420,7 +421,7 @@ def test_temperature_last_two_call_recipe():
     # docs/semantics.md: a temperature-last chain (truncate at T = 1, then sample at T) in two calls:
     # the kept set at T = 1 becomes a token bitmask for a plain call at T
     l = np.array([2.0, 1.5, 1.0, 0.2, -0.5, -1.0, -3.0])
-    t, p = 0.6, 0.8
+    t, p = 0.625, 0.8  # t exact in float32 (parameters are float32)
     q1 = softmax_on(list(l), set(range(7)))
     cum = np.cumsum(q1)  # l is sorted descending already
     c = int(np.nonzero(cum >= p)[0][0])
@@ -542,7 +543,7 @@ def test_all_four_rules_in_order():
 def test_mirostat_v2_keep_and_update():
     q = [0.5, 0.3, 0.12, 0.08]
     x = rows([math.log(v) for v in q])
-    tau, eta = 1.5, 0.1
+    tau, eta = 1.5, 0.125  # exact in float32, the parameters' precision
     p = SP(mirostat_mode=2, mirostat_target=tau, mirostat_lr=eta)
     # mu starts at 2 tau = 3: keep q >= 2^-3 = 0.125 -> ids 0, 1 (0.12 falls out)
     assert kept(x, p.replace(seed=0)) == {0, 1}
@@ -555,9 +556,9 @@ def test_mirostat_v2_keep_and_update():
         seen.add(tok)
         assert out.mirostat_mu[0] == pytest.approx(3.0 - eta * (-math.log2(qk[tok]) - tau), rel=1e-12)
     assert seen == {0, 1}
-    # explicit mu = 1: keep q >= 0.5 -> id 0 only, q' = 1, surprise 0: mu' = 1 - 0.1 (0 - 1.5) = 1.15
+    # explicit mu = 1: keep q >= 0.5 -> id 0 only, q' = 1, surprise 0: mu' = 1 - 0.125 (0 - 1.5) = 1.1875
     out = ref.sample(x, p.replace(seed=3), mirostat_mu=np.array([1.0]))
-    assert out.tokens.tolist() == [0] and out.mirostat_mu[0] == pytest.approx(1.15, rel=1e-12)
+    assert out.tokens.tolist() == [0] and out.mirostat_mu[0] == pytest.approx(1.1875, rel=1e-12)
     assert kept(x, p, mirostat_mu=np.array([1.0])) == {0}
 
 
@@ -659,10 +660,11 @@ def test_mirostat_mu_defaults():
     out = ref.sample(x, ps)
     assert math.isnan(out.mirostat_mu[0])
     # q = 1/2 each: keep both (2^-8 <= 1/2), surprise 1 bit -> mu' = 8 - 0.1 (1 - 4)
-    assert out.mirostat_mu[1] == pytest.approx(8.3, rel=1e-12)
+    assert out.mirostat_mu[1] == pytest.approx(8.0 + 3 * float(np.float32(0.1)), rel=1e-12)  # eta is float32
     # v1, mu = 10: one pair with b = t = ln 2, s = 1, k = 2^10 / ln 2 -> both kept, q = (2/3, 1/3)
     q = {0: 2 / 3, 1: 1 / 3}[int(out.tokens[2])]
-    assert out.mirostat_mu[2] == pytest.approx(10.0 - 0.1 * (-math.log2(q) - 5.0), rel=1e-12)
+    eta = float(np.float32(0.1))  # the default learning rate as the float32 parameter every backend uses
+    assert out.mirostat_mu[2] == pytest.approx(10.0 - eta * (-math.log2(q) - 5.0), rel=1e-12)
 
 
 
@@ -802,7 +804,7 @@ def test_invalid_rows_and_their_outputs():
     assert np.all(np.isnan(out.logprobs[bad]))
     assert np.all(out.top_logprob_ids[bad] == -1) and np.all(np.isnan(out.top_logprobs[bad]))
     assert out.ranks[bad].tolist() == [-1] * 6
-    assert out.mirostat_mu[1] == 3.7  # passed through unchanged
+    assert out.mirostat_mu[1] == np.float32(3.7)  # passed through unchanged (mu is float32 state)
     assert np.all(np.isnan(out.mirostat_mu[[0, 2, 3, 4, 5, 6]]))
     pr = ref.sampling_probs(x, ps, mirostat_mu=mu_in)
     assert np.all(pr[bad] == 0)

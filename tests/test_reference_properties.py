@@ -20,7 +20,7 @@ def _kept(x: np.ndarray, params: object, **kw: object) -> np.ndarray:
 def test_probs_normalised_never_empty_and_tokens_kept(b: dict) -> None:
     kw = dict(b)
     x, params = kw.pop("logits"), kw.pop("params")
-    probs = reference.sampling_probs(x, params, **{k: v for k, v in kw.items() if k not in ("steps", "seqs")})
+    probs = reference.sampling_probs(x, params, **kw)  # steps matter: min_tokens bans EOS by step
     out = reference.sample(x, params, **kw)
     for r in range(len(params)):
         if out.valid[r]:

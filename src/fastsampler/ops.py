@@ -214,7 +214,7 @@ def min_p_renorm_probs(probs: torch.Tensor, min_p: PerRow, *, min_keep: PerRow =
 def typical_renorm_probs(probs: torch.Tensor, typical_p: PerRow, *, min_keep: PerRow = 1, backend: str = "auto"):
     """Probabilities restricted to the locally typical set and renormalised (float32).
 
-    >>> typical_renorm_probs(torch.tensor([[0.25, 0.25, 0.5]]), 0.4).tolist()
+    >>> typical_renorm_probs(torch.tensor([[0.1, 0.2, 0.7]]), 0.5).tolist()
     [[0.0, 0.0, 1.0]]
     """
     return _renorm(probs, typical_p=typical_p, min_keep=min_keep, backend=backend)

@@ -36,6 +36,7 @@ from .._batch import (
     check_ids,
     mask_words,
     normalize_params,
+    pack_param_rows,
     random_seed,
 )
 from ..output import SampleOutput
@@ -379,10 +380,12 @@ def _rows_from_args(
             raise ValueError(f"{name} must have shape ({b},), got {arr.shape}")
         return arr
 
+    fcols, icols = pack_param_rows(plist)
     step_a = per_row(steps, "steps", lambda r: 0, np.int64)
     seq_a = per_row(seqs, "seqs", lambda r: 0, np.int64)
+    # Mirostat state is float32 in every backend
     mu_a = per_row(mirostat_mu, "mirostat_mu",
-                   lambda r: 2.0 * plist[r].mirostat_target if plist[r].mirostat_mode else math.nan, np.float64)
+                   lambda r: 2.0 * fcols[r, F_MIRO_TAU] if plist[r].mirostat_mode else math.nan, np.float32)
     if seeds is None:
         seed_l = [p.seed if p.seed is not None else random_seed() for p in plist]
     else:
@@ -439,10 +442,28 @@ def _rows_from_args(
         elif output_token_ids is not None:
             check_ids("output_token_ids", r, output_token_ids[r], vocab)
             counts = np.bincount(np.asarray(output_token_ids[r], dtype=np.int64), minlength=vocab)[:vocab]
-        rows.append(_Row(x=x[r], vocab=vocab, p=p, seed=int(seed_l[r]), step=int(step_a[r]), seq=int(seq_a[r]),
-                         mu=float(mu_a[r]), bias=dict(p.logit_bias), allowed=allowed, prompt=prompt, counts=counts,
-                         eos=eos))
+        bias = {t: float(np.float32(v)) for t, v in p.logit_bias.items()}
+        rows.append(_Row(x=x[r], vocab=vocab, p=_row_params(fcols[r], icols[r]), seed=int(seed_l[r]),
+                         step=int(step_a[r]), seq=int(seq_a[r]), mu=float(mu_a[r]), bias=bias, allowed=allowed,
+                         prompt=prompt, counts=counts, eos=eos))
     return rows
+
+
+def _row_params(f: np.ndarray, i: np.ndarray) -> SimpleNamespace:
+    """One row's parameters from its packed float32 / int32 columns, named as in `SamplingParams`.
+
+    Both entry points read parameters this way, so the reference sees exactly the float32 values the kernels see.
+    """
+    f = np.asarray(f, dtype=np.float32).astype(np.float64)
+    return SimpleNamespace(
+        temperature=f[F_TEMPERATURE], top_p=f[F_TOP_P], min_p=f[F_MIN_P], typical_p=f[F_TYPICAL_P],
+        frequency_penalty=f[F_FREQ], presence_penalty=f[F_PRES], repetition_penalty=f[F_REP],
+        mirostat_target=f[F_MIRO_TAU], mirostat_lr=f[F_MIRO_ETA], top_k=int(i[I_TOP_K]),
+        min_keep=int(i[I_MIN_KEEP]), mirostat_mode=int(i[I_MIRO_MODE]),
+        min_tokens=int(i[I_MIN_TOKENS]), ignore_eos=bool(i[I_IGNORE_EOS]),
+        logprobs=bool(i[I_LOGPROBS]), top_logprobs=int(i[I_TOP_LOGPROBS]),
+        logprobs_mode=LOGPROBS_MODES[int(i[I_LOGPROBS_MODE])],
+    )
 
 
 def rows_from_packed(batch: Any) -> list[_Row]:
@@ -450,12 +471,12 @@ def rows_from_packed(batch: Any) -> list[_Row]:
     x = _to_numpy(batch.logits).astype(np.float64)
     b = x.shape[0]
     vocab = batch.vocab_size
-    f = _to_numpy(batch.fparams).astype(np.float64)
+    f = _to_numpy(batch.fparams)
     i = _to_numpy(batch.iparams).astype(np.int64)
     seeds = _to_numpy(batch.seeds).astype(np.int64)
     steps = _to_numpy(batch.steps).astype(np.int64)
     seqs = _to_numpy(batch.seqs).astype(np.int64)
-    mus = _to_numpy(batch.mirostat_mu).astype(np.float64)
+    mus = _to_numpy(batch.mirostat_mu).astype(np.float32)
     allowed = None if batch.allowed_mask is None else bitmask_to_bool(_to_numpy(batch.allowed_mask), vocab)
     prompt = None if batch.prompt_mask is None else bitmask_to_bool(_to_numpy(batch.prompt_mask), vocab)
     counts = None if batch.output_counts is None else _to_numpy(batch.output_counts).astype(np.int64)[:, :vocab]
@@ -465,15 +486,7 @@ def rows_from_packed(batch: Any) -> list[_Row]:
     bvals = None if batch.bias_vals is None else _to_numpy(batch.bias_vals).astype(np.float64)
     rows = []
     for r in range(b):
-        p = SimpleNamespace(
-            temperature=f[r, F_TEMPERATURE], top_p=f[r, F_TOP_P], min_p=f[r, F_MIN_P], typical_p=f[r, F_TYPICAL_P],
-            frequency_penalty=f[r, F_FREQ], presence_penalty=f[r, F_PRES], repetition_penalty=f[r, F_REP],
-            mirostat_target=f[r, F_MIRO_TAU], mirostat_lr=f[r, F_MIRO_ETA], top_k=int(i[r, I_TOP_K]),
-            min_keep=int(i[r, I_MIN_KEEP]), mirostat_mode=int(i[r, I_MIRO_MODE]),
-            min_tokens=int(i[r, I_MIN_TOKENS]), ignore_eos=bool(i[r, I_IGNORE_EOS]),
-            logprobs=bool(i[r, I_LOGPROBS]), top_logprobs=int(i[r, I_TOP_LOGPROBS]),
-            logprobs_mode=LOGPROBS_MODES[int(i[r, I_LOGPROBS_MODE])],
-        )
+        p = _row_params(f[r], i[r])
         bias = {}
         if indptr is not None:
             lo, hi = indptr[r], indptr[r + 1]
