@@ -48,6 +48,7 @@ __all__ = ["process_logits", "sampling_probs", "sample", "diagnose", "RACE_TIE_T
 RACE_TIE_TOL = 1e-4  # race scores (either level) closer than this, relative to max(1, |score|): fp32 may differ
 BOUNDARY_TOL = 1e-5  # truncation decisions this close to flipping (relative): fp32 backends may decide otherwise
 MIROSTAT_M = 100  # top tokens used by Mirostat v1 to estimate the Zipf exponent
+MIROSTAT_K_TOL = 1e-5  # Mirostat v1's k this close (relative) to an integer: float32 may floor it differently
 FLT_MAX = float(np.finfo(np.float32).max)
 LN2 = math.log(2.0)
 
@@ -245,7 +246,8 @@ def _mirostat_v1_keep(z: np.ndarray, keep: np.ndarray, mu: float, vocab: int, re
     kf = mirostat_v1_k(lq, mu, vocab)
     if math.isnan(kf):
         kf = float(vocab)
-    elif math.isfinite(kf) and kf > 1.0 and abs(kf - round(kf)) <= 1e-4 * max(1.0, kf):
+    elif math.isfinite(kf) and 1.0 < kf < zk.size + 1 and abs(kf - round(kf)) <= MIROSTAT_K_TOL * kf:
+        # floor(k) may come out one lower or higher in float32; it matters only while k does not keep everything
         reasons.append(f"mirostat v1: k = {kf:.9g} is within rounding of an integer")
     k = int(min(max(math.floor(kf), 1), vocab)) if math.isfinite(kf) else vocab
     if k >= zk.size:

@@ -1,0 +1,48 @@
+"""The distribution each row's token is drawn from: ``exp(z - lse_kept)`` on the kept set, zero elsewhere."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .penalties import NRF, NRI, RF_LSE_KEPT, RI_GID, RI_VALID, kept_mask, row_z
+
+_NRF: tl.constexpr = tl.constexpr(NRF)
+_NRI: tl.constexpr = tl.constexpr(NRI)
+_RF_LSE_KEPT: tl.constexpr = tl.constexpr(RF_LSE_KEPT)
+_RI_GID: tl.constexpr = tl.constexpr(RI_GID)
+_RI_VALID: tl.constexpr = tl.constexpr(RI_VALID)
+
+
+@triton.jit
+def _probs_kernel(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr, rowi_ptr,
+                  rowf_ptr, out_ptr,
+                  stride_l, stride_b, stride_c, stride_p, stride_a, stride_o,
+                  V, VC, E, NC,
+                  HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
+                  HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
+                  HAS_TYP: tl.constexpr,  # some row uses typical-p: the kept test includes s <= s_thr
+                  BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    base = chunk * CHUNK
+    n = tl.minimum(CHUNK, VC - base)
+    valid = tl.load(rowi_ptr + row * _NRI + _RI_VALID)
+    gid = tl.load(rowi_ptr + row * _NRI + _RI_GID)
+    lse = tl.load(rowf_ptr + row * _NRF + _RF_LSE_KEPT)
+    for start in range(0, n, BLOCK):
+        offs = base + start + tl.arange(0, BLOCK)
+        raw, z, b = row_z(row, offs, logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr,
+                          rowi_ptr, stride_l, stride_b, stride_c, stride_p, stride_a, V, VC, E,
+                          HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
+        keep = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, HAS_TYP) & (offs < V)
+        p = tl.where(keep, tl.exp(z - lse), 0.0)
+        p = tl.where(gid >= 0, tl.where(offs == gid, 1.0, 0.0), p)
+        p = tl.where(valid != 0, p, 0.0)
+        tl.store(out_ptr + row * stride_o + offs, p, mask=offs < VC)
+
+
+def probs_pass(ctx, out) -> None:
+    """Write each row's drawing distribution into ``out`` (B, VC) float32."""
+    _probs_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.rowf, out, *ctx.zstrides(), out.stride(0), *ctx.zsizes(),
+                                   **ctx.zflags(), HAS_TYP=ctx.has_typ, BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK)
