@@ -27,5 +27,8 @@ lint: setup
 	$(PY) -m ruff check src tests benchmarks examples
 	command -v clang-format >/dev/null && clang-format --dry-run --Werror csrc/include/fastsampler/*.h csrc/cpu/*.cpp || true
 
+sanitize: setup
+	tools/sanitize.sh
+
 clean:
 	rm -rf build dist src/*.egg-info src/fastsampler/*.so $(VENV)

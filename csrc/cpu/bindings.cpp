@@ -1,0 +1,449 @@
+// pybind11 module fastsampler._C: numpy arrays in, numpy arrays out, the GIL released during
+// compute.
+//
+// Every argument is checked (dtype, shape, contiguity, id ranges) with a message naming it before
+// any kernel runs, so bad input raises ValueError / TypeError instead of crashing the process.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "fastsampler/philox.h"
+#include "fastsampler/pool.h"
+#include "fastsampler/sampler.h"
+
+namespace py = pybind11;
+namespace fs = fastsampler;
+
+namespace {
+
+std::string shape_str(const py::array& a) {
+  std::ostringstream o;
+  o << "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) o << (i ? ", " : "") << a.shape(i);
+  if (a.ndim() == 1) o << ",";
+  o << ")";
+  return o.str();
+}
+
+std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+[[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
+
+// kind: 'f' float, 'i' signed int, 'u' unsigned; itemsize bytes
+bool dtype_is(const py::array& a, char kind, int itemsize) {
+  return a.dtype().kind() == kind && a.itemsize() == itemsize;
+}
+
+py::array as_array(const py::object& o, const char* name) {
+  if (!py::isinstance<py::array>(o))
+    throw py::type_error(std::string(name) + " must be a numpy array, got " +
+                         py::str(py::type::of(o)).cast<std::string>());
+  return py::reinterpret_borrow<py::array>(o);
+}
+
+// 1-D / 2-D C-contiguous array of the given dtype and (optionally) exact shape (-1: any).
+py::array check(const py::object& o, const char* name, char kind, int itemsize, const char* dname,
+                std::vector<int64_t> shape, bool contiguous = true) {
+  py::array a = as_array(o, name);
+  std::ostringstream want;
+  want << "(";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    want << (i ? ", " : "");
+    if (shape[i] < 0)
+      want << "*";
+    else
+      want << shape[i];
+  }
+  if (shape.size() == 1) want << ",";
+  want << ")";
+  if (!dtype_is(a, kind, itemsize))
+    fail(std::string(name) + " must be " + dname + " of shape " + want.str() + ", got " +
+         dtype_str(a) + " " + shape_str(a));
+  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(i) == shape[i];
+  if (!ok) fail(std::string(name) + " must have shape " + want.str() + ", got " + shape_str(a));
+  if (contiguous && !(a.flags() & py::array::c_style))
+    fail(std::string(name) +
+         " must be C-contiguous (call .contiguous() / np.ascontiguousarray), got strides " +
+         py::str(py::cast(std::vector<py::ssize_t>(a.strides(), a.strides() + a.ndim())))
+             .cast<std::string>());
+  return a;
+}
+
+// 2-D array whose rows may be strided but whose last axis is contiguous; returns the row stride in
+// elements.
+int64_t row_stride_of(const py::array& a, const char* name) {
+  const int64_t it = a.itemsize();
+  if (a.shape(0) == 0) return a.shape(1);
+  if (a.shape(1) > 1 && a.strides(1) != it)
+    fail(std::string(name) + " must be contiguous along its last axis (stride " +
+         std::to_string(it) + " bytes), got " + std::to_string(a.strides(1)));
+  if (a.shape(0) > 1 && (a.strides(0) < 0 || a.strides(0) % it != 0))
+    fail(std::string(name) +
+         " must have a non-negative row stride that is a multiple of its item size, got " +
+         std::to_string(a.strides(0)));
+  return a.shape(0) > 1 ? a.strides(0) / it : a.shape(1);
+}
+
+std::atomic<int> g_threads{0};
+
+int default_threads() {
+  unsigned n = std::thread::hardware_concurrency();
+  return n ? static_cast<int>(n) : 1;
+}
+
+struct Inputs {
+  fs::BatchArgs args;
+  int dtype = 0;                // 0 float32, 1 float16, 2 bfloat16
+  std::vector<py::array> keep;  // keep arrays alive
+};
+
+Inputs parse(py::object logits_o, const std::string& dtype, int64_t vocab, py::object fparams,
+             py::object iparams, py::object seeds, py::object steps, py::object seqs, py::object mu,
+             py::object allowed, py::object prompt, py::object counts, py::object bias_indptr,
+             py::object bias_ids, py::object bias_vals, py::object eos, int64_t n_top) {
+  Inputs in;
+  fs::BatchArgs& a = in.args;
+  py::array lg = as_array(logits_o, "logits");
+  if (lg.ndim() != 2)
+    fail("logits must be 2-D (batch_size, vocab_size), got shape " + shape_str(lg));
+  if (dtype == "float32") {
+    if (!dtype_is(lg, 'f', 4))
+      fail("logits must be float32 for dtype='float32', got " + dtype_str(lg));
+    in.dtype = 0;
+  } else if (dtype == "float16") {
+    if (!(dtype_is(lg, 'f', 2) || dtype_is(lg, 'i', 2) || dtype_is(lg, 'u', 2)))
+      fail("logits must be float16 (or its int16 / uint16 bit view) for dtype='float16', got " +
+           dtype_str(lg));
+    in.dtype = 1;
+  } else if (dtype == "bfloat16") {
+    if (!(dtype_is(lg, 'i', 2) || dtype_is(lg, 'u', 2)))
+      fail("logits must be an int16 / uint16 bit view of bfloat16 for dtype='bfloat16', got " +
+           dtype_str(lg));
+    in.dtype = 2;
+  } else {
+    fail("dtype must be 'float32', 'float16' or 'bfloat16', got '" + dtype + "'");
+  }
+  const int64_t B = lg.shape(0), V = lg.shape(1);
+  if (V < 1) fail("logits must have at least one column, got shape " + shape_str(lg));
+  if (V >= (int64_t{1} << 24))
+    fail("logits may have at most 2^24 - 1 columns (ids are carried in float32 lanes), got " +
+         std::to_string(V));
+  if (vocab < 1 || vocab > V)
+    fail("vocab_size must be in [1, " + std::to_string(V) + "] (logits.shape[1]), got " +
+         std::to_string(vocab));
+  a.logits = lg.data();
+  a.B = B;
+  a.V = V;
+  a.vocab = vocab;
+  a.row_stride = row_stride_of(lg, "logits");
+  in.keep.push_back(lg);
+
+  auto fa = check(fparams, "fparams", 'f', 4, "float32", {B, fs::NF});
+  auto ia = check(iparams, "iparams", 'i', 4, "int32", {B, fs::NI});
+  auto sa = check(seeds, "seeds", 'i', 8, "int64", {B});
+  auto st = check(steps, "steps", 'i', 8, "int64", {B});
+  auto sq = check(seqs, "seqs", 'i', 8, "int64", {B});
+  auto ma = check(mu, "mirostat_mu", 'f', 4, "float32", {B});
+  in.keep.insert(in.keep.end(), {fa, ia, sa, st, sq, ma});
+  a.fparams = static_cast<const float*>(fa.data());
+  a.iparams = static_cast<const int32_t*>(ia.data());
+  a.seeds = static_cast<const int64_t*>(sa.data());
+  a.steps = static_cast<const int64_t*>(st.data());
+  a.seqs = static_cast<const int64_t*>(sq.data());
+  a.mu_in = static_cast<const float*>(ma.data());
+  if (n_top < 0 || n_top > 20) fail("n_top must be in [0, 20], got " + std::to_string(n_top));
+  a.n_top = n_top;
+  for (int64_t r = 0; r < B; ++r) {
+    const float* f = a.fparams + r * fs::NF;
+    const int32_t* i = a.iparams + r * fs::NI;
+    const std::string row = " of row " + std::to_string(r);
+    if (!(f[fs::F_TEMPERATURE] >= 0.0f) || std::isinf(f[fs::F_TEMPERATURE]))
+      fail("temperature" + row + " must be finite and >= 0, got " +
+           std::to_string(f[fs::F_TEMPERATURE]));
+    if (!(f[fs::F_TOP_P] > 0.0f && f[fs::F_TOP_P] <= 1.0f))
+      fail("top_p" + row + " must be in (0, 1], got " + std::to_string(f[fs::F_TOP_P]));
+    if (!(f[fs::F_MIN_P] >= 0.0f && f[fs::F_MIN_P] <= 1.0f))
+      fail("min_p" + row + " must be in [0, 1], got " + std::to_string(f[fs::F_MIN_P]));
+    if (!(f[fs::F_TYPICAL_P] > 0.0f && f[fs::F_TYPICAL_P] <= 1.0f))
+      fail("typical_p" + row + " must be in (0, 1], got " + std::to_string(f[fs::F_TYPICAL_P]));
+    if (!(f[fs::F_REP] > 0.0f) || std::isinf(f[fs::F_REP]))
+      fail("repetition_penalty" + row + " must be finite and > 0, got " +
+           std::to_string(f[fs::F_REP]));
+    if (!std::isfinite(f[fs::F_FREQ]) || !std::isfinite(f[fs::F_PRES]))
+      fail("frequency_penalty / presence_penalty" + row + " must be finite");
+    if (i[fs::I_MIRO_MODE] < 0 || i[fs::I_MIRO_MODE] > 2)
+      fail("mirostat_mode" + row + " must be 0, 1 or 2, got " + std::to_string(i[fs::I_MIRO_MODE]));
+    if (i[fs::I_LOGPROBS_MODE] < 0 || i[fs::I_LOGPROBS_MODE] > 2)
+      fail("logprobs_mode" + row + " must be 0 (raw), 1 (processed) or 2 (final), got " +
+           std::to_string(i[fs::I_LOGPROBS_MODE]));
+    if (i[fs::I_TOP_LOGPROBS] < 0 || i[fs::I_TOP_LOGPROBS] > n_top)
+      fail("top_logprobs" + row + " must be in [0, n_top=" + std::to_string(n_top) + "], got " +
+           std::to_string(i[fs::I_TOP_LOGPROBS]));
+  }
+  const int64_t W = (vocab + 31) / 32;
+  if (!allowed.is_none()) {
+    auto al = check(allowed, "allowed_mask", 'i', 4, "int32", {B, -1}, false);
+    if (al.shape(1) < W)
+      fail("allowed_mask must have shape (" + std::to_string(B) + ", >= " + std::to_string(W) +
+           "), got " + shape_str(al));
+    a.allowed = static_cast<const int32_t*>(al.data());
+    a.allowed_stride = row_stride_of(al, "allowed_mask");
+    in.keep.push_back(al);
+  }
+  if (!prompt.is_none()) {
+    auto pm = check(prompt, "prompt_mask", 'i', 4, "int32", {B, -1}, false);
+    if (pm.shape(1) < W)
+      fail("prompt_mask must have shape (" + std::to_string(B) + ", >= " + std::to_string(W) +
+           "), got " + shape_str(pm));
+    a.prompt = static_cast<const int32_t*>(pm.data());
+    a.prompt_stride = row_stride_of(pm, "prompt_mask");
+    in.keep.push_back(pm);
+  }
+  if (!counts.is_none()) {
+    py::array oc = as_array(counts, "output_counts");
+    if (!(dtype_is(oc, 'i', 2) || dtype_is(oc, 'i', 4)) || oc.ndim() != 2 || oc.shape(0) != B ||
+        oc.shape(1) < vocab)
+      fail("output_counts must be int16 or int32 of shape (" + std::to_string(B) +
+           ", >= " + std::to_string(vocab) + "), got " + dtype_str(oc) + " " + shape_str(oc));
+    a.counts = oc.data();
+    a.counts_bytes = static_cast<int>(oc.itemsize());
+    a.counts_stride = row_stride_of(oc, "output_counts");
+    in.keep.push_back(oc);
+  }
+  const bool has_bias = !bias_indptr.is_none() || !bias_ids.is_none() || !bias_vals.is_none();
+  if (has_bias) {
+    if (bias_indptr.is_none() || bias_ids.is_none() || bias_vals.is_none())
+      fail("bias_indptr, bias_ids and bias_vals must be given together");
+    auto bp = check(bias_indptr, "bias_indptr", 'i', 4, "int32", {B + 1});
+    auto bi = check(bias_ids, "bias_ids", 'i', 4, "int32", {-1});
+    auto bv = check(bias_vals, "bias_vals", 'f', 4, "float32", {bi.shape(0)});
+    const int32_t* p = static_cast<const int32_t*>(bp.data());
+    const int32_t* ids = static_cast<const int32_t*>(bi.data());
+    const float* vals = static_cast<const float*>(bv.data());
+    const int64_t nnz = bi.shape(0);
+    if (p[0] != 0 || p[B] != nnz)
+      fail("bias_indptr must start at 0 and end at len(bias_ids)=" + std::to_string(nnz) +
+           ", got " + std::to_string(p[0]) + " .. " + std::to_string(p[B]));
+    for (int64_t r = 0; r < B; ++r) {
+      if (p[r + 1] < p[r]) fail("bias_indptr must be non-decreasing, row " + std::to_string(r));
+      for (int64_t j = p[r]; j < p[r + 1]; ++j) {
+        if (ids[j] < 0 || ids[j] >= vocab)
+          fail("bias_ids of row " + std::to_string(r) + " holds token id " +
+               std::to_string(ids[j]) + ", outside the vocabulary [0, " + std::to_string(vocab) +
+               ")");
+        if (j > p[r] && ids[j] <= ids[j - 1])
+          fail("bias_ids of row " + std::to_string(r) +
+               " must be sorted ascending without repeats");
+        if (std::isnan(vals[j]) || vals[j] == std::numeric_limits<float>::infinity())
+          fail("bias_vals of row " + std::to_string(r) + " must not be NaN or +inf");
+      }
+    }
+    a.bias_indptr = p;
+    a.bias_ids = ids;
+    a.bias_vals = vals;
+    in.keep.insert(in.keep.end(), {bp, bi, bv});
+  }
+  auto ea = check(eos, "eos_ids", 'i', 4, "int32", {-1});
+  const int32_t* e = static_cast<const int32_t*>(ea.data());
+  for (int64_t j = 0; j < ea.shape(0); ++j)
+    if (e[j] < 0 || e[j] >= vocab)
+      fail("eos_ids holds token id " + std::to_string(e[j]) + ", outside the vocabulary [0, " +
+           std::to_string(vocab) + ")");
+  a.eos = e;
+  a.n_eos = ea.shape(0);
+  in.keep.push_back(ea);
+  return in;
+}
+
+bool use_openmp() {
+#ifdef _OPENMP
+  static const bool on = [] {
+    const char* e = std::getenv("FASTSAMPLER_THREADING");
+    return e != nullptr && std::string(e) == "openmp";
+  }();
+  return on;
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+struct RowJob {
+  const fs::BatchArgs* a;
+  std::atomic<bool> failed{false};
+  static void call(void* ctx, int64_t r) {
+    auto* job = static_cast<RowJob*>(ctx);
+    static thread_local fs::Scratch tls;
+    try {
+      fs::sample_row<T>(*job->a, r, tls);
+    } catch (...) {
+      job->failed = true;
+    }
+  }
+};
+
+// Rows over the persistent pool (default), or OpenMP when FASTSAMPLER_THREADING=openmp and compiled
+// in.
+template <typename T>
+void run_rows(const fs::BatchArgs& a, int nthreads) {
+  RowJob<T> job;
+  job.a = &a;
+  if (nthreads <= 1 || a.B <= 1) {
+    for (int64_t r = 0; r < a.B; ++r) RowJob<T>::call(&job, r);
+  } else if (use_openmp()) {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int64_t r = 0; r < a.B; ++r) RowJob<T>::call(&job, r);
+#endif
+  } else {
+    fs::RowPool::instance().run(a.B, nthreads, &RowJob<T>::call, &job);
+  }
+  if (job.failed) throw std::runtime_error("fastsampler._C: a row failed (out of memory?)");
+}
+
+void dispatch(const Inputs& in, int nthreads) {
+  if (in.dtype == 0)
+    run_rows<float>(in.args, nthreads);
+  else if (in.dtype == 1)
+    run_rows<fs::simd::fp16_t>(in.args, nthreads);
+  else
+    run_rows<fs::simd::bf16_t>(in.args, nthreads);
+}
+
+int resolve_threads(int num_threads) {
+  if (num_threads < 0)
+    fail("num_threads must be >= 0 (0: the module default), got " + std::to_string(num_threads));
+  if (num_threads > 0) return num_threads;
+  const int g = g_threads.load();
+  return g > 0 ? g : default_threads();
+}
+
+py::tuple sample(py::object logits, const std::string& dtype, int64_t vocab, py::object fparams,
+                 py::object iparams, py::object seeds, py::object steps, py::object seqs,
+                 py::object mu, py::object allowed, py::object prompt, py::object counts,
+                 py::object bias_indptr, py::object bias_ids, py::object bias_vals, py::object eos,
+                 int64_t n_top, int num_threads) {
+  Inputs in = parse(logits, dtype, vocab, fparams, iparams, seeds, steps, seqs, mu, allowed, prompt,
+                    counts, bias_indptr, bias_ids, bias_vals, eos, n_top);
+  const int64_t B = in.args.B;
+  py::array_t<int64_t> tokens(B), ranks(B);
+  py::array_t<bool> valid(B);
+  py::array_t<float> lps(B), mu_out(B);
+  py::array_t<int64_t> top_ids({B, n_top});
+  py::array_t<float> top_lps({B, n_top});
+  fs::BatchArgs& a = in.args;
+  a.tokens = tokens.mutable_data();
+  a.ranks = ranks.mutable_data();
+  a.valid = reinterpret_cast<uint8_t*>(valid.mutable_data());
+  a.logprobs = lps.mutable_data();
+  a.mu_out = mu_out.mutable_data();
+  a.top_ids = top_ids.mutable_data();
+  a.top_lps = top_lps.mutable_data();
+  const int nt = resolve_threads(num_threads);
+  if (B > 0) {
+    py::gil_scoped_release release;
+    dispatch(in, nt);
+  }
+  return py::make_tuple(tokens, valid, lps, top_ids, top_lps, ranks, mu_out);
+}
+
+py::array_t<float> sampling_probs(py::object logits, const std::string& dtype, int64_t vocab,
+                                  py::object fparams, py::object iparams, py::object seeds,
+                                  py::object steps, py::object seqs, py::object mu,
+                                  py::object allowed, py::object prompt, py::object counts,
+                                  py::object bias_indptr, py::object bias_ids, py::object bias_vals,
+                                  py::object eos, int num_threads) {
+  Inputs in = parse(logits, dtype, vocab, fparams, iparams, seeds, steps, seqs, mu, allowed, prompt,
+                    counts, bias_indptr, bias_ids, bias_vals, eos, 20);
+  const int64_t B = in.args.B, V = in.args.V;
+  py::array_t<float> probs({B, V});
+  in.args.probs = probs.mutable_data();
+  const int nt = resolve_threads(num_threads);
+  if (B > 0) {
+    py::gil_scoped_release release;
+    dispatch(in, nt);
+  }
+  return probs;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastsampler C++ CPU kernels (see fastsampler.cpu for the backend built on them)";
+  m.def("sample", &sample, py::arg("logits"), py::arg("dtype"), py::arg("vocab_size"),
+        py::arg("fparams"), py::arg("iparams"), py::arg("seeds"), py::arg("steps"), py::arg("seqs"),
+        py::arg("mirostat_mu"), py::arg("allowed_mask") = py::none(),
+        py::arg("prompt_mask") = py::none(), py::arg("output_counts") = py::none(),
+        py::arg("bias_indptr") = py::none(), py::arg("bias_ids") = py::none(),
+        py::arg("bias_vals") = py::none(), py::arg("eos_ids"), py::arg("n_top") = 0,
+        py::arg("num_threads") = 0,
+        "Sample one token per row. Returns (tokens, valid, logprobs, top_ids, top_logprobs, ranks, "
+        "mirostat_mu).");
+  m.def("sampling_probs", &sampling_probs, py::arg("logits"), py::arg("dtype"),
+        py::arg("vocab_size"), py::arg("fparams"), py::arg("iparams"), py::arg("seeds"),
+        py::arg("steps"), py::arg("seqs"), py::arg("mirostat_mu"),
+        py::arg("allowed_mask") = py::none(), py::arg("prompt_mask") = py::none(),
+        py::arg("output_counts") = py::none(), py::arg("bias_indptr") = py::none(),
+        py::arg("bias_ids") = py::none(), py::arg("bias_vals") = py::none(), py::arg("eos_ids"),
+        py::arg("num_threads") = 0,
+        "The (B, V) float32 distribution each row's token is drawn from.");
+  m.def(
+      "set_num_threads",
+      [](int n) {
+        if (n < 0) fail("num_threads must be >= 0 (0: all cores), got " + std::to_string(n));
+        g_threads = n;
+      },
+      py::arg("n"));
+  m.def("get_num_threads", []() {
+    const int g = g_threads.load();
+    return g > 0 ? g : default_threads();
+  });
+  m.def("has_openmp", []() {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("simd", []() {
+#if defined(FASTSAMPLER_AVX512)
+    return std::string("avx512");
+#elif defined(FASTSAMPLER_AVX2)
+    return std::string("avx2");
+#else
+    return std::string("portable");
+#endif
+  });
+  m.def(
+      "philox4x32_10",
+      [](uint32_t k0, uint32_t k1, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
+        const uint32_t ctr[4] = {c0, c1, c2, c3};
+        uint32_t out[4];
+        fs::philox4x32_10({k0, k1}, ctr, out);
+        return py::make_tuple(out[0], out[1], out[2], out[3]);
+      },
+      "Philox4x32-10 (Random123) of one counter block, for tests.");
+  m.def(
+      "neg_log_noise",
+      [](uint64_t seed, uint32_t step, uint32_t seq, uint32_t stream, uint32_t c0base) {
+        py::array_t<float> out(64);
+        fs::neg_log_noise64({static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)},
+                            c0base, step, seq, stream, out.mutable_data());
+        return out;
+      },
+      "-ln E of the 64 variates j = 4 * c0base .. 4 * c0base + 63 (float32 vector path), for "
+      "tests.");
+}

@@ -1,0 +1,148 @@
+"""The C++ CPU backend: `fastsampler._C` kernels on CPU tensors and numpy arrays.
+
+The same pipeline as every backend (DESIGN §3, §4) in float32, rows in parallel across cores on a persistent thread
+pool (see ``docs/cpu.md``). The thread count is ``set_num_threads(n)`` (0: all cores) or the
+``FASTSAMPLER_NUM_THREADS`` environment variable.
+
+Backend module interface (see `fastsampler._api`): `is_available`, `supports`, `sample_packed`,
+`sampling_probs_packed`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._batch import PackedBatch
+from .output import SampleOutput
+
+__all__ = ["is_available", "supports", "sample_packed", "sampling_probs_packed", "set_num_threads",
+           "get_num_threads"]
+
+REINSTALL = "pip install --force-reinstall --no-build-isolation --no-deps .  (rebuilds the C++ extension)"
+
+try:
+    from . import _C  # type: ignore[attr-defined]
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as e:  # pragma: no cover - depends on the build
+    _C = None
+    _IMPORT_ERROR = f"the C++ extension fastsampler._C did not import ({e}); rebuild it with: {REINSTALL}"
+
+_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def is_available() -> tuple[bool, str]:
+    """``(True, "")`` when the compiled extension imports, else ``(False, reason with the reinstall command)``."""
+    if _C is None:
+        return False, str(_IMPORT_ERROR)
+    return True, ""
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """CPU tensors of float32, float16 or bfloat16."""
+    return torch.device(device).type == "cpu" and dtype in _DTYPES
+
+
+def _require() -> Any:
+    if _C is None:
+        raise ImportError(f"backend='cpu' is unavailable: {_IMPORT_ERROR}")
+    return _C
+
+
+def set_num_threads(n: int) -> None:
+    """Threads the CPU kernels use for the rows of a batch; ``0`` restores the default (all cores).
+
+    Examples
+    --------
+    >>> import fastsampler.cpu as cpu
+    >>> cpu.set_num_threads(1); cpu.get_num_threads()
+    1
+    >>> cpu.set_num_threads(0)
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"num_threads must be an int >= 0, got {n!r}")
+    if n < 0:
+        raise ValueError(f"num_threads must be >= 0 (0: all cores), got {n}")
+    _require().set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """Threads the CPU kernels use (the default is every core OpenMP sees)."""
+    return int(_require().get_num_threads())
+
+
+if _C is not None and os.environ.get("FASTSAMPLER_NUM_THREADS"):
+    try:
+        set_num_threads(int(os.environ["FASTSAMPLER_NUM_THREADS"]))
+    except ValueError as _e:  # pragma: no cover
+        raise ValueError(f"FASTSAMPLER_NUM_THREADS must be an int >= 0, got "
+                         f"{os.environ['FASTSAMPLER_NUM_THREADS']!r}") from _e
+
+
+def _np(t: torch.Tensor | None) -> np.ndarray | None:
+    """A numpy view of a packed CPU tensor (dtype / shape / contiguity are checked by the extension, by name)."""
+    if t is None:
+        return None
+    try:
+        return t.numpy()
+    except (RuntimeError, TypeError):  # needs grad, on another device, or a dtype numpy lacks
+        t = t.detach()
+        if t.device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got one on {t.device}") from None
+        return t.numpy()
+
+
+def _logits_np(logits: torch.Tensor) -> tuple[np.ndarray, str]:
+    if logits.device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU logits, got device {logits.device}")
+    name = _DTYPES.get(logits.dtype)
+    if name is None:
+        raise TypeError(f"backend='cpu' takes float32, float16 or bfloat16 logits, got {logits.dtype}")
+    t = logits.detach() if logits.requires_grad else logits
+    if t.dim() == 2 and t.shape[1] > 1 and t.stride(1) != 1:
+        t = t.contiguous()  # rows may be strided; the vocabulary axis must be contiguous
+    if name == "bfloat16":
+        return t.view(torch.int16).numpy(), name
+    return t.numpy(), name
+
+
+def _args(batch: PackedBatch) -> tuple[Any, ...]:
+    """Positional arguments of ``_C.sample`` / ``_C.sampling_probs`` (up to eos_ids)."""
+    logits, name = _logits_np(batch.logits)
+    return (
+        logits,
+        name,
+        int(batch.vocab_size),
+        _np(batch.fparams),
+        _np(batch.iparams),
+        _np(batch.seeds),
+        _np(batch.steps),
+        _np(batch.seqs),
+        _np(batch.mirostat_mu),
+        _np(batch.allowed_mask),
+        _np(batch.prompt_mask),
+        _np(batch.output_counts),
+        _np(batch.bias_indptr),
+        _np(batch.bias_ids),
+        _np(batch.bias_vals),
+        _np(batch.eos_ids),
+    )
+
+
+def sample_packed(batch: PackedBatch) -> SampleOutput:
+    """Sample a packed batch; torch CPU tensors out (see `fastsampler.SampleOutput`)."""
+    C = _require()
+    tokens, valid, lps, top_ids, top_lps, ranks, mu = C.sample(*_args(batch), int(batch.n_top), 0)
+    f = torch.from_numpy
+    return SampleOutput(tokens=f(tokens), valid=f(valid), logprobs=f(lps), top_logprob_ids=f(top_ids),
+                        top_logprobs=f(top_lps), ranks=f(ranks), mirostat_mu=f(mu))
+
+
+def sampling_probs_packed(batch: PackedBatch) -> torch.Tensor:
+    """(B, V) float32 distribution each row is drawn from (zero outside the kept set)."""
+    C = _require()
+    return torch.from_numpy(C.sampling_probs(*_args(batch), 0))
