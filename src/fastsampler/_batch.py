@@ -24,8 +24,9 @@ Packed form (all torch tensors on the logits' device, ``B`` rows, ``V = logits.s
 ``output_counts`` (B, >= vocab_size) int16 or int32 or None
     How often each token was generated so far (frequency / presence / repetition penalties).
 ``bias_indptr`` (B + 1,) int32, ``bias_ids`` (nnz,) int32, ``bias_vals`` (nnz,) float32, or all None
-    Logit bias in CSR form; ids within a row are unique and sorted ascending. A row may also carry filler entries of value 0.0 (a
-    `Sampler` building the table on the device pads every row to the same length); adding 0.0 changes nothing.
+    Logit bias in CSR form; ids within a row are unique and sorted ascending. A row may also carry filler
+    entries of value 0.0 (a `Sampler` building the table on the device pads every row to the same length); adding
+    0.0 changes nothing.
 ``eos_ids`` (E,) int32
     EOS ids, banned where ``step < min_tokens`` or ``ignore_eos``.
 ``vocab_size``
