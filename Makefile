@@ -4,6 +4,7 @@ VENV   ?= .venv
 # CPU build of torch by default; on a CUDA machine pass e.g. TORCH=torch (or TORCH= to keep an installed torch).
 TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
+BENCH_ARGS ?=
 
 .PHONY: setup test bench lint sanitize clean
 
@@ -20,7 +21,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m fastsampler.bench
+	$(PY) -m fastsampler.bench $(BENCH_ARGS)
 
 lint: setup
 	$(PY) -m pip install -q ruff
