@@ -29,7 +29,7 @@ lint: setup
 	command -v clang-format >/dev/null && clang-format --dry-run --Werror csrc/include/fastsampler/*.h csrc/cpu/*.cpp || true
 
 sanitize: setup
-	tools/sanitize.sh
+	PYTHON=$(PY) tools/sanitize.sh
 
 clean:
 	rm -rf build dist src/*.egg-info src/fastsampler/*.so $(VENV)
