@@ -93,3 +93,16 @@ def test_numpy_in_numpy_out() -> None:
     assert isinstance(out.tokens, np.ndarray) and out.tokens.tolist() == [1]
     probs = fastsampler.sampling_probs(np.array([[0.0, 0.0]], dtype=np.float32), SamplingParams())
     assert isinstance(probs, np.ndarray) and probs.tolist() == [[0.5, 0.5]]
+
+
+def test_unavailable_backend_raises_with_install_command_and_auto_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # an import that fails (as without triton / without the built extension): sys.modules entry None -> ImportError
+    monkeypatch.setitem(__import__("sys").modules, "fastsampler.triton.backend", None)
+    monkeypatch.setitem(__import__("sys").modules, "fastsampler.cpu", None)
+    x = torch.tensor([[0.0, 3.0, 1.0]])
+    with pytest.raises(ImportError, match=r"backend='triton' is unavailable .*pip install"):
+        fastsampler.sample(x, SamplingParams(temperature=0.0), backend="triton")
+    with pytest.raises(ImportError, match=r"backend='cpu' is unavailable .*pip install"):
+        fastsampler.sample(x, SamplingParams(temperature=0.0), backend="cpu")
+    assert fastsampler.available_backends() == ["reference"]
+    assert fastsampler.sample(x, SamplingParams(temperature=0.0)).tokens.tolist() == [1]  # auto: silent fallback
