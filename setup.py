@@ -17,13 +17,18 @@ SOURCES = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 HEADERS = sorted(glob.glob(os.path.join("csrc", "include", "fastsampler", "*.h")))
 
 
+def _find_cxx() -> str | None:
+    import shutil
+
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
 def _compiler_accepts(flags: list[str]) -> bool:
     """True when the C++ compiler builds a tiny program with ``flags`` (probe for -march=native / OpenMP)."""
-    import shutil
     import subprocess
     import tempfile
 
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    cxx = _find_cxx()
     if not cxx:
         return False
     with tempfile.TemporaryDirectory() as d:
@@ -63,6 +68,11 @@ def _cpu_flags() -> tuple[list[str], list[str]]:
 
 ext_modules = []
 if SOURCES:
+    if not _find_cxx():
+        raise SystemExit(
+            "fastsampler builds its C++ CPU extension on install and needs a C++17 compiler (g++ or clang++); "
+            "none was found on PATH (nor in $CXX); install one, e.g. `apt-get install g++`, and reinstall"
+        )
     _cflags, _lflags = _cpu_flags()
     ext_modules.append(
         Pybind11Extension(
