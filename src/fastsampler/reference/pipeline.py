@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import torch
 
 from .._batch import (
     F_FREQ,
@@ -33,11 +34,7 @@ from .._batch import (
     I_TOP_K,
     I_TOP_LOGPROBS,
     bitmask_to_bool,
-    check_ids,
-    mask_words,
-    normalize_params,
-    pack_param_rows,
-    random_seed,
+    pack_batch,
 )
 from ..output import SampleOutput
 from ..params import LOGPROBS_MODES, SamplingParams
@@ -352,103 +349,22 @@ def _rows_from_args(
     *,
     prompt_token_ids: Sequence[Sequence[int]] | None = None,
     output_token_ids: Sequence[Sequence[int]] | None = None,
-    steps: Any = None,
-    seqs: Any = None,
-    mirostat_mu: Any = None,
-    vocab_size: int | None = None,
-    seeds: Any = None,
     prompt_mask: Any = None,
     output_counts: Any = None,
-    token_bitmask: Any = None,
-    eos_token_ids: Any = (),
+    **kwargs: Any,
 ) -> list[_Row]:
-    x = _to_numpy(logits)
-    if x.ndim != 2:
-        raise ValueError(f"logits must be 2-D (batch_size, vocab_size), got shape {x.shape}")
-    if x.dtype not in (np.float16, np.float32, np.float64):
+    """Rows of the public reference API: packed exactly as `fastsampler.sample` packs them (same validation, same
+    float32 parameters), then read back by `rows_from_packed`."""
+    x = logits if isinstance(logits, torch.Tensor) else np.asarray(logits)
+    if x.dtype not in (np.float16, np.float32, np.float64, torch.float16, torch.bfloat16, torch.float32,
+                       torch.float64):
         raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    b, v = x.shape
-    vocab = v if vocab_size is None else int(vocab_size)
-    if not 1 <= vocab <= v:
-        raise ValueError(f"vocab_size must be in [1, {v}] (logits.shape[1]), got {vocab_size}")
-    plist = normalize_params(params, b)
-    x = x.astype(np.float64)
-
-    def per_row(a: Any, name: str, default: Any, dtype: Any) -> np.ndarray:
-        if a is None:
-            return np.array([default(r) for r in range(b)], dtype=dtype)
-        arr = _to_numpy(a).astype(dtype)
-        if arr.shape != (b,):
-            raise ValueError(f"{name} must have shape ({b},), got {arr.shape}")
-        return arr
-
-    fcols, icols = pack_param_rows(plist)
-    step_a = per_row(steps, "steps", lambda r: 0, np.int64)
-    seq_a = per_row(seqs, "seqs", lambda r: 0, np.int64)
-    # Mirostat state is float32 in every backend
-    mu_a = per_row(mirostat_mu, "mirostat_mu",
-                   lambda r: 2.0 * fcols[r, F_MIRO_TAU] if plist[r].mirostat_mode else math.nan, np.float32)
-    if seeds is None:
-        seed_l = [p.seed if p.seed is not None else random_seed() for p in plist]
-    else:
-        sa = _to_numpy(seeds).astype(np.int64)
-        if sa.shape != (b,):
-            raise ValueError(f"seeds must have shape ({b},), got {sa.shape}")
-        seed_l = [int(s) & 0xFFFFFFFFFFFFFFFF for s in sa]
-
-    eos = np.asarray(_to_numpy(eos_token_ids), dtype=np.int64).reshape(-1)
-    for t in eos:
-        if not 0 <= t < vocab:
-            raise ValueError(f"eos_token_ids holds token id {int(t)}, outside the vocabulary [0, {vocab})")
-    tb = None
-    if token_bitmask is not None:
-        tb = _to_numpy(token_bitmask)
-        if tb.dtype != np.int32 or tb.ndim != 2 or tb.shape[0] != b or tb.shape[1] < mask_words(vocab):
-            raise ValueError(f"token_bitmask must be int32 of shape ({b}, >= {mask_words(vocab)}), got {tb.dtype} "
-                             f"{tb.shape}")
-        tb = bitmask_to_bool(tb, vocab)
-    pm = None
-    if prompt_mask is not None:
-        pm = bitmask_to_bool(_to_numpy(prompt_mask), vocab)
-    oc = None
-    if output_counts is not None:
-        oc = _to_numpy(output_counts).astype(np.int64)[:, :vocab]
-    for name, seqs_ in (("prompt_token_ids", prompt_token_ids), ("output_token_ids", output_token_ids)):
-        if seqs_ is not None and len(seqs_) != b:
-            raise ValueError(f"{name} must hold batch_size={b} sequences, got {len(seqs_)}")
-
-    rows = []
-    for r, p in enumerate(plist):
-        allowed = None
-        if p.allowed_token_ids is not None:
-            check_ids("allowed_token_ids", r, p.allowed_token_ids, vocab)
-            allowed = np.zeros(vocab, dtype=bool)
-            allowed[list(p.allowed_token_ids)] = True
-        if p.banned_token_ids is not None:
-            check_ids("banned_token_ids", r, p.banned_token_ids, vocab)
-            allowed = np.ones(vocab, dtype=bool) if allowed is None else allowed
-            allowed[list(p.banned_token_ids)] = False
-        if tb is not None:
-            allowed = tb[r] if allowed is None else (allowed & tb[r])
-        check_ids("logit_bias", r, p.logit_bias.keys(), vocab)
-        prompt = None
-        if pm is not None:
-            prompt = pm[r]
-        elif prompt_token_ids is not None:
-            check_ids("prompt_token_ids", r, prompt_token_ids[r], vocab)
-            prompt = np.zeros(vocab, dtype=bool)
-            prompt[np.asarray(prompt_token_ids[r], dtype=np.int64)] = True
-        counts = None
-        if oc is not None:
-            counts = oc[r]
-        elif output_token_ids is not None:
-            check_ids("output_token_ids", r, output_token_ids[r], vocab)
-            counts = np.bincount(np.asarray(output_token_ids[r], dtype=np.int64), minlength=vocab)[:vocab]
-        bias = {t: float(np.float32(v)) for t, v in p.logit_bias.items()}
-        rows.append(_Row(x=x[r], vocab=vocab, p=_row_params(fcols[r], icols[r]), seed=int(seed_l[r]),
-                         step=int(step_a[r]), seq=int(seq_a[r]), mu=float(mu_a[r]), bias=bias, allowed=allowed,
-                         prompt=prompt, counts=counts, eos=eos))
-    return rows
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    as_t = lambda a: None if a is None else torch.as_tensor(a)  # noqa: E731 - numpy state arrays to tensors
+    batch = pack_batch(t.detach().cpu(), params, prompt_token_ids=prompt_token_ids,
+                       output_token_ids=output_token_ids, prompt_mask=as_t(prompt_mask),
+                       output_counts=as_t(output_counts), **kwargs)
+    return rows_from_packed(batch)
 
 
 def _row_params(f: np.ndarray, i: np.ndarray) -> SimpleNamespace:
