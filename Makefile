@@ -28,8 +28,11 @@ lint: setup
 	$(PY) -m ruff check src tests benchmarks examples
 	command -v clang-format >/dev/null && clang-format --dry-run --Werror csrc/include/fastsampler/*.h csrc/cpu/*.cpp || true
 
+# the C++ backend's own tests, the hostile-input cases and the fuzz suite, under ASan + UBSan (Triton cases skipped)
+SANITIZE_TESTS ?= tests/test_cpu_backend.py tests/test_cpu_hostile.py tests/test_hostile.py tests/test_fuzz.py -k "not triton"
+
 sanitize: setup
-	PYTHON=$(PY) tools/sanitize.sh
+	PYTHON=$(PY) tools/sanitize.sh $(SANITIZE_TESTS)
 
 clean:
 	rm -rf build dist src/*.egg-info src/fastsampler/*.so $(VENV)

@@ -13,35 +13,40 @@ from fastsampler import SamplingParams
 U64 = (1 << 64) - 1
 
 
+def as_f32(v: float) -> float:
+    """A drawn parameter rounded to float32, as every backend reads it (values that round to 0 are refused)."""
+    return float(np.float32(v))
+
+
 @st.composite
 def sampling_params(draw: Any, vocab: int, *, allow_mirostat: bool = True, allow_masks: bool = True,
                     logprobs: bool | None = None) -> SamplingParams:
     """A valid SamplingParams for a vocabulary of ``vocab`` ids, with a seed, mixing features at random."""
     kw: dict[str, Any] = {"seed": draw(st.integers(0, U64))}
-    kw["temperature"] = draw(st.one_of(st.just(0.0), st.just(1.0), st.floats(0.25, 2.0)))
+    kw["temperature"] = draw(st.one_of(st.just(0.0), st.just(1.0), st.floats(0.25, 2.0).map(as_f32)))
     mirostat = allow_mirostat and draw(st.integers(0, 5)) == 0
     if mirostat:
         kw["mirostat_mode"] = draw(st.sampled_from([1, 2]))
-        kw["mirostat_target"] = draw(st.floats(0.5, 8.0))
-        kw["mirostat_lr"] = draw(st.floats(0.05, 1.0))
+        kw["mirostat_target"] = draw(st.floats(0.5, 8.0).map(as_f32))
+        kw["mirostat_lr"] = draw(st.floats(0.05, 1.0).map(as_f32))
     else:
         if draw(st.booleans()):
             kw["top_k"] = draw(st.one_of(st.sampled_from([-1, 0, 1, vocab, vocab + 3]), st.integers(1, 60)))
         if draw(st.booleans()):
-            kw["top_p"] = draw(st.one_of(st.just(1.0), st.floats(0.05, 0.99)))
+            kw["top_p"] = draw(st.one_of(st.just(1.0), st.floats(0.05, 0.99).map(as_f32)))
         if draw(st.booleans()):
-            kw["min_p"] = draw(st.one_of(st.just(0.0), st.floats(0.001, 0.5)))
+            kw["min_p"] = draw(st.one_of(st.just(0.0), st.floats(0.001, 0.5).map(as_f32)))
         if draw(st.integers(0, 3)) == 0:
-            kw["typical_p"] = draw(st.floats(0.2, 0.99))
+            kw["typical_p"] = draw(st.floats(0.2, 0.99).map(as_f32))
         if draw(st.integers(0, 3)) == 0:
             kw["min_keep"] = draw(st.integers(1, 5))
     if draw(st.integers(0, 2)) == 0:
-        kw["repetition_penalty"] = draw(st.floats(0.5, 2.0))
-        kw["frequency_penalty"] = draw(st.floats(-1.0, 1.0))
-        kw["presence_penalty"] = draw(st.floats(-1.0, 1.0))
+        kw["repetition_penalty"] = draw(st.floats(0.5, 2.0).map(as_f32))
+        kw["frequency_penalty"] = draw(st.floats(-1.0, 1.0).map(as_f32))
+        kw["presence_penalty"] = draw(st.floats(-1.0, 1.0).map(as_f32))
     if draw(st.integers(0, 3)) == 0:
         ids = draw(st.lists(st.integers(0, vocab - 1), max_size=4, unique=True))
-        kw["logit_bias"] = {i: draw(st.one_of(st.floats(-5.0, 5.0), st.just(-math.inf))) for i in ids}
+        kw["logit_bias"] = {i: draw(st.one_of(st.floats(-5.0, 5.0).map(as_f32), st.just(-math.inf))) for i in ids}
     if allow_masks and draw(st.integers(0, 4)) == 0:
         kw["allowed_token_ids"] = draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=max(1, vocab // 2)))
     if allow_masks and draw(st.integers(0, 4)) == 0:

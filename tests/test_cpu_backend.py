@@ -25,7 +25,7 @@ from backend_checks import NearTieWarning, check_against_reference
 from fastsampler import SamplingParams
 from fastsampler import cpu as fcpu
 from fastsampler.reference import token_noise
-from strategies import batches
+from strategies import as_f32, batches
 
 pytestmark = pytest.mark.skipif(not fcpu.is_available()[0], reason=fcpu.is_available()[1])
 
@@ -265,7 +265,7 @@ def test_chi_square(params):
 
 # ------------------------------------------------------------------------------------------------ properties
 @settings(max_examples=25)
-@given(st.integers(0, 2**32 - 1), st.sampled_from([1, 7, 111, 4097]), st.floats(0.1, 3.0))
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1, 7, 111, 4097]), st.floats(0.1, 3.0).map(as_f32))
 def test_properties(seed, vocab, scale):
     rng = np.random.default_rng(seed)
     x = torch.from_numpy((rng.standard_normal((1, vocab)) * scale).astype(np.float32))

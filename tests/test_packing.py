@@ -62,7 +62,7 @@ def test_token_bitmask_is_anded_with_params_mask() -> None:
         ({"output_token_ids": [[-1], []]}, "output_token_ids of row 0 holds token id -1"),
         ({"output_token_ids": [[1]]}, "output_token_ids must hold batch_size=2 sequences, got 1"),
         ({"eos_token_ids": [10]}, "eos_token_ids holds token id 10"),
-        ({"vocab_size": 11}, r"vocab_size must be in \[1, 10\]"),
+        ({"vocab_size": 11}, r"vocab_size must be an integer in \[1, 10\]"),
         ({"steps": [1, 2, 3]}, r"steps must have shape \(2,\)"),
         ({"token_bitmask": torch.zeros(2, 1, dtype=torch.int64)}, "token_bitmask must be int32"),
         ({"prompt_mask": torch.zeros(2, 2, dtype=torch.int32)}, r"prompt_mask must be int32 of shape \(2, 1\)"),

@@ -991,7 +991,7 @@ def test_token_ids_are_checked_against_the_vocabulary():
         ref.sample(x, SP(seed=0), output_token_ids=[[-1], []])
     with pytest.raises(ValueError, match=r"eos_token_ids holds token id 6, outside the vocabulary \[0, 6\)"):
         ref.sample(x, SP(seed=0), eos_token_ids=[6])
-    with pytest.raises(ValueError, match=r"vocab_size must be in \[1, 6\]"):
+    with pytest.raises(ValueError, match=r"vocab_size must be an integer in \[1, 6\]"):
         ref.sample(x, SP(seed=0), vocab_size=7)
     with pytest.raises(ValueError, match=r"params must be one SamplingParams or a sequence of batch_size=2, got 3"):
         ref.sample(x, [SP()] * 3)

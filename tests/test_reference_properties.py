@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from fastsampler import SamplingParams, reference
-from strategies import batches, logits_rows, sampling_params
+from strategies import as_f32, batches, logits_rows, sampling_params
 
 
 def _kept(x: np.ndarray, params: object, **kw: object) -> np.ndarray:
@@ -41,7 +41,8 @@ def test_kept_set_permutation_equivariant(data: st.DataObject, vocab: int) -> No
     # id-based masks are excluded (they are not permutation-invariant by definition)
     x = data.draw(logits_rows(3, vocab))
     params = [data.draw(sampling_params(vocab, allow_masks=False)).replace(
-        temperature=data.draw(st.floats(0.3, 2.0)), logit_bias={}, min_tokens=0, ignore_eos=False) for _ in range(3)]
+        temperature=data.draw(st.floats(0.3, 2.0).map(as_f32)), logit_bias={}, min_tokens=0, ignore_eos=False)
+        for _ in range(3)]
     perm = np.random.default_rng(data.draw(st.integers(0, 1000))).permutation(vocab)
     p1 = reference.sampling_probs(x, params)
     p2 = reference.sampling_probs(x[:, perm], params)
@@ -49,7 +50,8 @@ def test_kept_set_permutation_equivariant(data: st.DataObject, vocab: int) -> No
 
 
 @given(logits_rows(1, 200, specials=False), st.integers(1, 199), st.integers(1, 199),
-       st.floats(0.05, 1.0), st.floats(0.05, 1.0), st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+       st.floats(0.05, 1.0).map(as_f32), st.floats(0.05, 1.0).map(as_f32), st.floats(0.0, 1.0).map(as_f32),
+       st.floats(0.0, 1.0).map(as_f32))
 def test_kept_set_monotone(x: np.ndarray, k1: int, k2: int, p1: float, p2: float, m1: float, m2: float) -> None:
     k1, k2 = sorted((k1, k2))
     p1, p2 = sorted((p1, p2))
@@ -59,7 +61,7 @@ def test_kept_set_monotone(x: np.ndarray, k1: int, k2: int, p1: float, p2: float
     assert np.all(_kept(x, SamplingParams(min_p=m2)) <= _kept(x, SamplingParams(min_p=m1)))
 
 
-@given(logits_rows(4, 111), st.sampled_from([1.0, 0.5]), st.floats(-1, 1), st.floats(0.5, 2.0))
+@given(logits_rows(4, 111), st.sampled_from([1.0, 0.5]), st.floats(-1, 1).map(as_f32), st.floats(0.5, 2.0).map(as_f32))
 def test_greedy_is_argmax_after_penalties(x: np.ndarray, scale: float, freq: float, rep: float) -> None:
     hist = [[1, 2, 3], [], [5, 5, 5], [110]]
     p = SamplingParams(temperature=0.0, frequency_penalty=freq, repetition_penalty=rep, seed=1)

@@ -345,7 +345,7 @@ def test_errors() -> None:
         s.add({"temperature": 1.0})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"prompt_token_ids holds token id 70, outside the vocabulary \[0, 70\)"):
         s.add(SamplingParams(), [1, 70])
-    with pytest.raises(ValueError, match="logit_bias of row 0 holds token id 99"):
+    with pytest.raises(ValueError, match=r"^params.logit_bias holds token id 99, outside the vocabulary \[0, 70\)$"):
         s.add(SamplingParams(logit_bias={99: 1.0}))
     logits = torch.zeros(2, V)
     with pytest.raises(ValueError, match="slot 2 is not in use"):

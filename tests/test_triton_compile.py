@@ -35,6 +35,7 @@ _PTR = {  # argument name -> pointee type
     "gt_val_ptr": "fp32", "eq_id_ptr": "i64", "ctr_ptr": "i64", "key_ptr": "i64", "word_ptr": "i64",
 }
 _OUT = {"select._combine_kernel": "fp32", "logprobs._rank_kernel": "i32", "probs._probs_kernel": "fp32",
+        "probs._kept_mask_kernel": "i8",
         "philox._philox_block_kernel": "i64", "philox._noise_kernel": "fp32"}
 
 ZFLAGS = dict(HAS_BIAS=True, HAS_COUNTS=True, HAS_PROMPT=True, HAS_ALLOWED=True, HAS_EOS=True)
@@ -59,6 +60,7 @@ CASES = [
     ("logprobs._gather_kernel", dict(ZFLAGS, HAS_TYP=True, KIND=2, BLOCK=1024, CHUNK=4096)),
     ("logprobs._gather_kernel", dict(ZFLAGS, HAS_TYP=False, KIND=0, BLOCK=1024, CHUNK=4096)),
     ("probs._probs_kernel", dict(ZFLAGS, HAS_TYP=True, BLOCK=1024, CHUNK=4096)),
+    ("probs._kept_mask_kernel", dict(ZFLAGS, HAS_TYP=True, BLOCK=1024, CHUNK=4096)),
     ("select._level_kernel", dict(ZFLAGS, HAS_TYP=False, KIND=0, WANT_MASS=False, DIGIT_BITS=8, BLOCK=64,
                                   CHUNK=1024)),
     ("stats._stats_kernel", dict(ZFLAGS, NEED_RAW=False, BLOCK=1024, CHUNK=1024)),

@@ -284,32 +284,45 @@ template <typename T>
 struct RowJob {
   const fs::BatchArgs* a;
   std::atomic<bool> failed{false};
+  // this thread's scratch for input type T (kept between batches, see fs::kScratchCapBytes)
+  static fs::Scratch& scratch() {
+    static thread_local fs::Scratch tls;
+    return tls;
+  }
   static void call(void* ctx, int64_t r) {
     auto* job = static_cast<RowJob*>(ctx);
-    static thread_local fs::Scratch tls;
+    fs::Scratch& s = scratch();
     try {
-      fs::sample_row<T>(*job->a, r, tls);
+      fs::sample_row<T>(*job->a, r, s);
     } catch (...) {
       job->failed = true;
     }
+    s.sync();
   }
+  // end of the batch, on every thread that took part: free an oversized scratch
+  static void done(void*) { scratch().trim(); }
 };
 
 // Rows over the persistent pool (default), or OpenMP when FASTSAMPLER_THREADING=openmp and compiled
-// in.
+// in. Every thread that ran rows trims its scratch before this returns.
 template <typename T>
 void run_rows(const fs::BatchArgs& a, int nthreads) {
   RowJob<T> job;
   job.a = &a;
   if (nthreads <= 1 || a.B <= 1) {
     for (int64_t r = 0; r < a.B; ++r) RowJob<T>::call(&job, r);
+    RowJob<T>::done(&job);
   } else if (use_openmp()) {
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
-    for (int64_t r = 0; r < a.B; ++r) RowJob<T>::call(&job, r);
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t r = 0; r < a.B; ++r) RowJob<T>::call(&job, r);
+      RowJob<T>::done(&job);
+    }
 #endif
   } else {
-    fs::RowPool::instance().run(a.B, nthreads, &RowJob<T>::call, &job);
+    fs::RowPool::instance().run(a.B, nthreads, &RowJob<T>::call, &job, &RowJob<T>::done);
   }
   if (job.failed) throw std::runtime_error("fastsampler._C: a row failed (out of memory?)");
 }
@@ -379,6 +392,25 @@ py::array_t<float> sampling_probs(py::object logits, const std::string& dtype, i
   return probs;
 }
 
+py::array_t<bool> kept_mask(py::object logits, const std::string& dtype, int64_t vocab,
+                            py::object fparams, py::object iparams, py::object seeds,
+                            py::object steps, py::object seqs, py::object mu, py::object allowed,
+                            py::object prompt, py::object counts, py::object bias_indptr,
+                            py::object bias_ids, py::object bias_vals, py::object eos,
+                            int num_threads) {
+  Inputs in = parse(logits, dtype, vocab, fparams, iparams, seeds, steps, seqs, mu, allowed, prompt,
+                    counts, bias_indptr, bias_ids, bias_vals, eos, 20);
+  const int64_t B = in.args.B, V = in.args.V;
+  py::array_t<bool> kept({B, V});
+  in.args.kept = reinterpret_cast<uint8_t*>(kept.mutable_data());
+  const int nt = resolve_threads(num_threads);
+  if (B > 0) {
+    py::gil_scoped_release release;
+    dispatch(in, nt);
+  }
+  return kept;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -400,6 +432,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("bias_ids") = py::none(), py::arg("bias_vals") = py::none(), py::arg("eos_ids"),
         py::arg("num_threads") = 0,
         "The (B, V) float32 distribution each row's token is drawn from.");
+  m.def("kept_mask", &kept_mask, py::arg("logits"), py::arg("dtype"), py::arg("vocab_size"),
+        py::arg("fparams"), py::arg("iparams"), py::arg("seeds"), py::arg("steps"), py::arg("seqs"),
+        py::arg("mirostat_mu"), py::arg("allowed_mask") = py::none(),
+        py::arg("prompt_mask") = py::none(), py::arg("output_counts") = py::none(),
+        py::arg("bias_indptr") = py::none(), py::arg("bias_ids") = py::none(),
+        py::arg("bias_vals") = py::none(), py::arg("eos_ids"), py::arg("num_threads") = 0,
+        "The (B, V) bool kept set S of each row after truncation (greedy rows: the argmax; invalid "
+        "rows and padding columns: False), exact even where a kept probability underflows.");
+  m.def(
+      "scratch_bytes", []() { return fs::scratch_bytes_counter().load(); },
+      "Bytes held right now by the per-thread scratch buffers of every thread (all input types). "
+      "After each call a thread whose scratch exceeds SCRATCH_CAP_BYTES frees it.");
+  m.attr("SCRATCH_CAP_BYTES") = fs::kScratchCapBytes;
   m.def(
       "set_num_threads",
       [](int n) {

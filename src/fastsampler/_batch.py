@@ -59,6 +59,9 @@ NI = 8
 
 MODE_RAW, MODE_PROCESSED, MODE_FINAL = 0, 1, 2
 
+# logits may have at most this many columns: the kernels carry token ids in float32 lanes, exact up to 2^24
+MAX_COLUMNS = (1 << 24) - 1
+
 
 @dataclass(frozen=True)
 class BatchFlags:
@@ -156,11 +159,32 @@ def normalize_params(params: SamplingParams | Sequence[SamplingParams], batch: i
     return plist
 
 
-def check_ids(name: str, row: int, ids: Sequence[int], vocab: int) -> None:
-    """Raise naming the row and the first id outside ``[0, vocab)``."""
+def _is_int(x: Any) -> bool:
+    return (isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)))
+
+
+def check_int(name: str, value: Any, lo: int, hi: int | None = None, rng: str | None = None) -> int:
+    """``int(value)`` after checking that it is an integer (not a float or a bool) in ``[lo, hi]`` (``rng``: how
+    the message spells that range)."""
+    rng = rng or (f"in [{lo}, {hi}]" if hi is not None else f">= {lo}")
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an integer {rng}, got {value!r} of type {type(value).__name__}")
+    v = int(value)
+    if v < lo or (hi is not None and v > hi):
+        raise ValueError(f"{name} must be an integer {rng}, got {v}")
+    return v
+
+
+def check_ids(name: str, row: int | None, ids: Sequence[int], vocab: int) -> None:
+    """Raise naming the row (``None``: no row) and the first id that is not an integer in ``[0, vocab)``."""
+    where = name if row is None else f"{name} of row {row}"
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
     for t in ids:
+        if not _is_int(t):
+            raise TypeError(f"{where} holds {t!r} of type {type(t).__name__}; token ids must be integers")
         if not 0 <= int(t) < vocab:
-            raise ValueError(f"{name} of row {row} holds token id {int(t)}, outside the vocabulary [0, {vocab})")
+            raise ValueError(f"{where} holds token id {int(t)}, outside the vocabulary [0, {vocab})")
 
 
 def batch_flags(plist: Sequence[SamplingParams]) -> BatchFlags:
@@ -195,15 +219,46 @@ def pack_param_rows(plist: Sequence[SamplingParams]) -> tuple[np.ndarray, np.nda
     return f, i
 
 
+_INDEX_RANGES = {  # host values of the per-row index arguments: what is allowed
+    "seeds": (-(1 << 63), (1 << 64) - 1, "in [0, 2**64) (or its int64 bit pattern, >= -2**63)"),
+    "steps": (0, (1 << 63) - 1, "in [0, 2**63)"),
+    "seqs": (0, (1 << 63) - 1, "in [0, 2**63)"),
+}
+
+
 def _as_index_tensor(x: Any, name: str, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A ``(batch,)`` tensor of ``dtype`` on ``device`` from a tensor (used as it is: reading it would synchronise)
+    or host values (checked: integers in the argument's range for the index columns, reals for ``mirostat_mu``)."""
     if isinstance(x, torch.Tensor):
+        if dtype == torch.int64 and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+            raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
         t = x.to(device=device, dtype=dtype, non_blocking=True)
     else:
-        t = torch.as_tensor(np.asarray(x, dtype=np.int64 if dtype == torch.int64 else np.float32), device=device,
-                            dtype=dtype)
+        arr = np.asarray(x)
+        if arr.shape != (batch,):
+            raise ValueError(f"{name} must have shape ({batch},), got {arr.shape}")
+        if dtype == torch.int64:
+            lo, hi, rng = _INDEX_RANGES[name]
+            vals = [check_int(f"{name}[{r}]", v.item() if isinstance(v, np.generic) else v, lo, hi, rng)
+                    for r, v in enumerate(arr.tolist() if arr.dtype != object else list(arr))]
+            t = torch.tensor([seed_to_int64(v) for v in vals], dtype=torch.int64).to(device)
+        else:
+            if arr.dtype.kind not in "iuf":
+                raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+            t = torch.as_tensor(arr.astype(np.float32), device=device, dtype=dtype)
     if t.shape != (batch,):
         raise ValueError(f"{name} must have shape ({batch},), got {tuple(t.shape)}")
     return t
+
+
+def _as_state_tensor(x: Any, name: str) -> torch.Tensor:
+    """A caller's state array (numpy or torch) as a torch tensor, keeping its dtype."""
+    if isinstance(x, torch.Tensor):
+        return x
+    arr = np.asarray(x)
+    if arr.dtype == object:
+        raise TypeError(f"{name} must be a torch tensor or a numpy array of integers, got {type(x).__name__}")
+    return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 def pack_batch(
@@ -231,9 +286,10 @@ def pack_batch(
         raise ValueError(f"logits must be 2-D (batch_size, vocab_size), got shape {tuple(logits.shape)}")
     b, v = logits.shape
     dev = logits.device
-    vocab = v if vocab_size is None else int(vocab_size)
-    if not 1 <= vocab <= v:
-        raise ValueError(f"vocab_size must be in [1, {v}] (logits.shape[1]), got {vocab_size}")
+    if v > MAX_COLUMNS:
+        raise ValueError(f"logits may have at most 2^24 - 1 = {MAX_COLUMNS} columns (token ids are exact in float32 "
+                         f"lanes up to 2^24), got {v}")
+    vocab = v if vocab_size is None else check_int("vocab_size", vocab_size, 1, v)
     plist = normalize_params(params, b)
     flags = batch_flags(plist)
     f, i = pack_param_rows(plist)
@@ -250,7 +306,8 @@ def pack_batch(
     seqs_t = torch.zeros(b, dtype=torch.int64, device=dev) if seqs is None else _as_index_tensor(
         seqs, "seqs", b, dev, torch.int64)
     if mirostat_mu is None:
-        mu = np.array([2.0 * p.mirostat_target if p.mirostat_mode else np.nan for p in plist], dtype=np.float32)
+        with np.errstate(over="ignore"):  # 2 * tau beyond FLT_MAX is mu = inf (keeps every token), as in float32
+            mu = np.array([2.0 * p.mirostat_target if p.mirostat_mode else np.nan for p in plist], dtype=np.float32)
         mu_t = torch.from_numpy(mu).to(dev)
     else:
         mu_t = _as_index_tensor(mirostat_mu, "mirostat_mu", b, dev, torch.float32)
@@ -269,7 +326,7 @@ def pack_batch(
                 allowed_np[r] &= ~ids_to_bitmask([p.banned_token_ids], v)[0]
     allowed_t = None if allowed_np is None else torch.from_numpy(allowed_np).to(dev)
     if token_bitmask is not None:
-        tb = torch.as_tensor(token_bitmask)
+        tb = _as_state_tensor(token_bitmask, "token_bitmask")
         if tb.dtype != torch.int32 or tb.dim() != 2 or tb.shape[0] != b or tb.shape[1] < mask_words(vocab):
             raise ValueError(
                 f"token_bitmask must be int32 of shape ({b}, >= {mask_words(vocab)}), got {tb.dtype} "
@@ -289,6 +346,7 @@ def pack_batch(
             check_ids("prompt_token_ids", r, ids, vocab)
         prompt_mask = torch.from_numpy(ids_to_bitmask(prompt_token_ids, v)).to(dev)
     elif prompt_mask is not None:
+        prompt_mask = _as_state_tensor(prompt_mask, "prompt_mask")
         if prompt_mask.dtype != torch.int32 or tuple(prompt_mask.shape) != (b, w):
             raise ValueError(f"prompt_mask must be int32 of shape ({b}, {w}), got {prompt_mask.dtype} "
                              f"{tuple(prompt_mask.shape)}")
@@ -303,6 +361,7 @@ def pack_batch(
                 np.add.at(counts[r], np.asarray(ids, dtype=np.int64), 1)
         output_counts = torch.from_numpy(counts).to(dev)
     elif output_counts is not None:
+        output_counts = _as_state_tensor(output_counts, "output_counts")
         if output_counts.dtype not in (torch.int16, torch.int32) or output_counts.dim() != 2 or (
             output_counts.shape[0] != b or output_counts.shape[1] < vocab
         ):
@@ -326,13 +385,20 @@ def pack_batch(
         bias_vals = torch.tensor(vals_l, dtype=torch.float32, device=dev)
 
     if isinstance(eos_token_ids, torch.Tensor):
-        eos_t = eos_token_ids.to(device=dev, dtype=torch.int32)
+        if eos_token_ids.dtype.is_floating_point or eos_token_ids.dtype == torch.bool or eos_token_ids.dim() != 1:
+            raise TypeError(f"eos_token_ids must be a 1-D integer tensor or a sequence of ints, got "
+                            f"{eos_token_ids.dtype} of shape {tuple(eos_token_ids.shape)}")
+        e64 = eos_token_ids.to(torch.int64)
+        if e64.device.type == "cpu":  # checked where reading costs no device sync
+            check_ids("eos_token_ids", None, e64.tolist(), vocab)
+        else:  # not read back: an id outside [0, vocab_size) must not wrap into the vocabulary; it bans nothing
+            e64 = torch.where((e64 >= 0) & (e64 < vocab), e64, -1)
+        eos_t = e64.to(device=dev, dtype=torch.int32)
     else:
-        eos_list = [int(t) for t in eos_token_ids]
-        for t in eos_list:
-            if not 0 <= t < vocab:
-                raise ValueError(f"eos_token_ids holds token id {t}, outside the vocabulary [0, {vocab})")
-        eos_t = torch.tensor(eos_list, dtype=torch.int32, device=dev)
+        eos_list = list(np.asarray(eos_token_ids).reshape(-1).tolist()) if isinstance(eos_token_ids, np.ndarray) \
+            else list(eos_token_ids)
+        check_ids("eos_token_ids", None, eos_list, vocab)
+        eos_t = torch.tensor([int(t) for t in eos_list], dtype=torch.int32, device=dev)
 
     return PackedBatch(
         logits=logits,

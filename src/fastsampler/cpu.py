@@ -1,11 +1,11 @@
 """The C++ CPU backend: `fastsampler._C` kernels on CPU tensors and numpy arrays.
 
-The same pipeline as every backend (DESIGN §3, §4) in float32, rows in parallel across cores on a persistent thread
-pool (see ``docs/cpu.md``). The thread count is ``set_num_threads(n)`` (0: all cores) or the
+The same pipeline as every backend (docs/semantics.md §2, §3, §7) in float32, rows in parallel across cores on a
+persistent thread pool (see ``docs/cpu.md``). The thread count is ``set_num_threads(n)`` (0: all cores) or the
 ``FASTSAMPLER_NUM_THREADS`` environment variable.
 
 Backend module interface (see `fastsampler._api`): `is_available`, `supports`, `sample_packed`,
-`sampling_probs_packed`.
+`sampling_probs_packed`. Also `kept_mask_packed` (the exact kept set) and `scratch_bytes` (per-thread buffer memory).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 from ._batch import PackedBatch
 from .output import SampleOutput
 
-__all__ = ["is_available", "supports", "sample_packed", "sampling_probs_packed", "set_num_threads",
-           "get_num_threads"]
+__all__ = ["is_available", "supports", "sample_packed", "sampling_probs_packed", "kept_mask_packed",
+           "set_num_threads", "get_num_threads", "scratch_bytes"]
 
 REINSTALL = "pip install --force-reinstall --no-build-isolation --no-deps .  (rebuilds the C++ extension)"
 
@@ -73,6 +73,23 @@ def set_num_threads(n: int) -> None:
 def get_num_threads() -> int:
     """Threads the CPU kernels use (the default is every core OpenMP sees)."""
     return int(_require().get_num_threads())
+
+
+def scratch_bytes() -> int:
+    """Bytes currently held by the kernels' per-thread scratch buffers, over all threads and input dtypes.
+
+    Each thread keeps its buffers between calls (steady-state decoding allocates nothing), except that at the end
+    of every call a thread whose buffers exceed ``fastsampler._C.SCRATCH_CAP_BYTES`` (20 MiB, enough for rows of
+    2^18 = 262144 ids) frees them, so a one-off call on a larger vocabulary does not keep its memory (see
+    ``docs/cpu.md``). Thread-safe; the value may lag a call that is running concurrently.
+
+    Examples
+    --------
+    >>> import fastsampler.cpu as cpu
+    >>> cpu.scratch_bytes() >= 0
+    True
+    """
+    return int(_require().scratch_bytes())
 
 
 if _C is not None and os.environ.get("FASTSAMPLER_NUM_THREADS"):
@@ -146,3 +163,14 @@ def sampling_probs_packed(batch: PackedBatch) -> torch.Tensor:
     """(B, V) float32 distribution each row is drawn from (zero outside the kept set)."""
     C = _require()
     return torch.from_numpy(C.sampling_probs(*_args(batch), 0))
+
+
+def kept_mask_packed(batch: PackedBatch) -> torch.Tensor:
+    """(B, V) torch.bool CPU tensor: True exactly on each row's kept set S after truncation (docs/semantics.md §3 E).
+
+    Unlike ``sampling_probs_packed(batch) > 0`` it does not depend on float32 probabilities: a kept token far below
+    the maximum (z = -200 next to z = 0) has probability 0 in float32 but is True here. Greedy rows: only the
+    argmax token; invalid rows (docs/semantics.md §5) and padding columns (``>= vocab_size``): all False.
+    """
+    C = _require()
+    return torch.from_numpy(C.kept_mask(*_args(batch), 0))

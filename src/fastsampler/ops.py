@@ -51,12 +51,25 @@ PerRow = float | int | torch.Tensor
 
 
 def _column(value: PerRow, b: int, device: torch.device, dtype: torch.dtype, name: str) -> torch.Tensor:
+    integer = not dtype.is_floating_point
     if isinstance(value, torch.Tensor):
+        if integer and (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+            raise TypeError(f"{name} must be an int or an integer (batch_size,) tensor, got a {value.dtype} tensor")
+        if not integer and (value.dtype.is_complex or value.dtype == torch.bool):
+            raise TypeError(f"{name} must be a real scalar or a real (batch_size,) tensor, got a {value.dtype} tensor")
         if value.dim() == 0:
             return value.to(device=device, dtype=dtype).expand(b)
         if value.shape != (b,):
             raise ValueError(f"{name} must be a scalar or a ({b},) tensor, got shape {tuple(value.shape)}")
         return value.to(device=device, dtype=dtype)
+    if integer and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError(f"{name} must be an int or an integer (batch_size,) tensor, got {value!r} of type "
+                        f"{type(value).__name__}")
+    if integer and not -(1 << 31) <= value < (1 << 31):
+        raise ValueError(f"{name} must fit in int32, got {value}")
+    if not integer and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise TypeError(f"{name} must be a real scalar or a (batch_size,) tensor, got {value!r} of type "
+                        f"{type(value).__name__}")
     return torch.full((b,), value, device=device, dtype=dtype)
 
 
@@ -70,7 +83,7 @@ def _check_scalar(name: str, value: PerRow, lo: float, hi: float, lo_open: bool)
         raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {value!r}")
 
 
-def truncation_logprobs(
+def _truncation_kept(
     logits: torch.Tensor,
     *,
     temperature: PerRow = 1.0,
@@ -81,22 +94,8 @@ def truncation_logprobs(
     min_keep: PerRow = 1,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Log of the renormalised distribution after temperature and top-k -> top-p -> min-p -> typical-p.
-
-    Parameters
-    ----------
-    logits : (batch_size, vocab_size) tensor, float32 / float16 / bfloat16
-    temperature, top_k, top_p, min_p, typical_p, min_keep : scalar or (batch_size,) tensor
-        As in `SamplingParams` (``temperature`` must be > 0 here).
-
-    Returns
-    -------
-    (batch_size, vocab_size) float32: ``z - logsumexp(z over kept)`` on the kept set, ``-inf`` elsewhere; all ``-inf``
-    for invalid rows.
-
-    >>> truncation_logprobs(torch.tensor([[0.0, 0.0, -9.0]]), top_k=2).exp().tolist()
-    [[0.5, 0.5, 0.0]]
-    """
+    """(B, V) bool: the kept set of each row after temperature and top-k -> top-p -> min-p -> typical-p, from the
+    backend's thresholds (not from probabilities, which underflow in float32 for kept tokens far below the max)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be (batch_size, vocab_size), got shape {tuple(logits.shape)}")
     _check_scalar("temperature", temperature, 0.0, float("inf"), True)
@@ -129,21 +128,59 @@ def truncation_logprobs(
         eos_ids=torch.zeros(0, dtype=torch.int32, device=dev),
     )
     mod = _api._load(_api.resolve_backend(backend, dev, logits.dtype))
-    fn = getattr(mod, "sampling_logprobs_packed", None)
-    if fn is not None:
-        return fn(batch)
-    return torch.log(mod.sampling_probs_packed(batch))
+    return mod.kept_mask_packed(batch), f[:, F_TEMPERATURE]
+
+
+def truncation_logprobs(
+    logits: torch.Tensor,
+    *,
+    temperature: PerRow = 1.0,
+    top_k: PerRow = -1,
+    top_p: PerRow = 1.0,
+    min_p: PerRow = 0.0,
+    typical_p: PerRow = 1.0,
+    min_keep: PerRow = 1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Log of the renormalised distribution after temperature and top-k -> top-p -> min-p -> typical-p.
+
+    Parameters
+    ----------
+    logits : (batch_size, vocab_size) tensor, float32 / float16 / bfloat16
+    temperature, top_k, top_p, min_p, typical_p, min_keep : scalar or (batch_size,) tensor
+        As in `SamplingParams` (``temperature`` must be > 0 here).
+
+    Returns
+    -------
+    (batch_size, vocab_size) float32: ``(z - m) - ln Σ_kept exp(z - m)`` on the kept set (``z = logits / T``, ``m``
+    the kept maximum), ``-inf`` elsewhere; all ``-inf`` for invalid rows. The kept set is exactly the one `sample`
+    draws from, so a kept token far below the maximum has a finite (very negative) logprob.
+
+    >>> truncation_logprobs(torch.tensor([[0.0, 0.0, -9.0]]), top_k=2).exp().tolist()
+    [[0.5, 0.5, 0.0]]
+    """
+    kept, t = _truncation_kept(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                               typical_p=typical_p, min_keep=min_keep, backend=backend)
+    z = torch.where(kept, logits.float() / t[:, None], float("-inf"))
+    m = z.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, 0.0)  # rows with nothing kept stay -inf
+    zs = z - m
+    return zs - torch.log(torch.exp(zs).sum(dim=-1, keepdim=True))
 
 
 def _mask(logits: torch.Tensor, **kw: Any) -> torch.Tensor:
-    kept = torch.isfinite(truncation_logprobs(logits, **kw))
+    kept, _ = _truncation_kept(logits, **kw)
     return logits.masked_fill(~kept, float("-inf"))
 
 
 def _renorm(probs: torch.Tensor, **kw: Any) -> torch.Tensor:
     if probs.dim() != 2:
         raise ValueError(f"probs must be (batch_size, vocab_size), got shape {tuple(probs.shape)}")
-    return truncation_logprobs(torch.log(probs.float()), **kw).exp()
+    p = probs.float()
+    kept, _ = _truncation_kept(torch.log(p), **kw)
+    p = torch.where(kept, p, 0.0)
+    total = p.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, p / total, 0.0)  # a row with nothing kept (invalid) stays all zero
 
 
 def top_k_mask_logits(logits: torch.Tensor, top_k: PerRow, *, min_keep: PerRow = 1, backend: str = "auto"):
@@ -254,7 +291,7 @@ def apply_penalties_(
     if output_counts is not None:
         if output_counts.shape[0] != b or output_counts.shape[1] < v:
             raise ValueError(f"output_counts must be ({b}, >= {v}), got {tuple(output_counts.shape)}")
-        counts = output_counts[:, :v].to(device=dev)
+        counts = output_counts[:, :v].to(device=dev).clamp_min(0)  # a negative count counts as 0 (§3 C)
         seen |= counts > 0
     if prompt_mask is not None:
         words = (v + 31) // 32
@@ -278,6 +315,9 @@ def apply_penalties_(
 def apply_logit_bias_(logits: torch.Tensor, token_ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Add ``bias[b, j]`` to ``logits[b, token_ids[b, j]]`` in place (stage A); ids ``< 0`` are padding.
 
+    An id that appears several times in a row gets the sum of its biases (summed in float32, then added once), as a
+    single `SamplingParams.logit_bias` entry holding that sum would.
+
     logits: (batch_size, vocab_size); token_ids: (batch_size, n) int; bias: (batch_size, n) float.
 
     >>> apply_logit_bias_(torch.zeros(1, 3), torch.tensor([[2, -1]]), torch.tensor([[1.5, 9.0]])).tolist()
@@ -286,11 +326,17 @@ def apply_logit_bias_(logits: torch.Tensor, token_ids: torch.Tensor, bias: torch
     if token_ids.shape != bias.shape or token_ids.dim() != 2 or token_ids.shape[0] != logits.shape[0]:
         raise ValueError(f"token_ids and bias must both be ({logits.shape[0]}, n), got {tuple(token_ids.shape)} "
                          f"and {tuple(bias.shape)}")
+    if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
+        raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
     ids = token_ids.to(logits.device).long()
     valid = ids >= 0
     add = torch.where(valid, bias.to(device=logits.device, dtype=torch.float32), 0.0)
-    cur = logits.gather(1, ids.clamp_min(0)).float()
-    logits.scatter_(1, ids.clamp_min(0), torch.where(valid, cur + add, cur).to(logits.dtype))
+    # duplicate ids in a row add up, as one logit_bias entry of their sum would (sum in float32, then one add)
+    delta = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    delta.scatter_add_(1, ids.clamp_min(0), add)
+    hit = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+    hit.scatter_(1, ids.clamp_min(0), valid)
+    logits.copy_(torch.where(hit, logits.float() + delta, logits.float()).to(logits.dtype))
     return logits
 
 
@@ -304,6 +350,8 @@ def compute_logprobs(
     ----------
     logits : (batch_size, vocab_size) tensor (pass raw or processed logits, whichever distribution you report)
     tokens : (batch_size,) int tensor
+        A token outside ``[0, vocab_size)`` (such as the ``-1`` that `sample` returns for an invalid row) gives
+        logprob NaN and rank -1 for its row; the row's top entries are still computed from its logits.
     top_n : int, keyword-only, ``0 <= top_n <= 20``
 
     Returns
@@ -315,17 +363,24 @@ def compute_logprobs(
     >>> ids.tolist(), rank.tolist()
     ([[1, 2]], [3])
     """
-    if not 0 <= top_n <= 20:
-        raise ValueError(f"top_n must be in [0, 20], got {top_n}")
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or not 0 <= top_n <= 20:
+        raise ValueError(f"top_n must be an int in [0, 20], got {top_n!r}")
     if logits.dim() != 2 or tokens.shape != (logits.shape[0],):
         raise ValueError(f"logits must be (B, V) and tokens (B,), got {tuple(logits.shape)} and {tuple(tokens.shape)}")
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
     x = logits.float()
-    lse = torch.logsumexp(x, dim=-1, keepdim=True)
-    tok = tokens.to(x.device).long().unsqueeze(-1)
-    xt = x.gather(1, tok)
-    logprobs = (xt - lse).squeeze(-1)
-    ranks = 1 + (x > xt).sum(dim=-1)
+    # (x - m) - ln Σ exp(x - m): the shift first, so the log-sum survives large |x| (docs/semantics.md §6)
+    m = x.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    lse = torch.log(torch.exp(x - m).sum(dim=-1, keepdim=True))
     b, v = x.shape
+    tok = tokens.to(x.device).long().unsqueeze(-1)
+    # a token outside [0, V), such as the -1 of an invalid row, gives logprob NaN and rank -1 (no device sync)
+    ok = (tok >= 0) & (tok < v)
+    xt = x.gather(1, tok.clamp(0, max(v - 1, 0)))
+    logprobs = torch.where(ok, (xt - m) - lse, float("nan")).squeeze(-1)
+    ranks = torch.where(ok.squeeze(-1), 1 + (x > xt).sum(dim=-1), -1)
     n = min(top_n, v)
     if n == 0:
         empty = torch.zeros((b, top_n), device=x.device)
@@ -351,5 +406,5 @@ def compute_logprobs(
     top_ids = torch.full((b, top_n), -1, dtype=torch.int64, device=x.device)
     top_lps = torch.full((b, top_n), float("nan"), device=x.device)
     top_ids[:, :n] = cand
-    top_lps[:, :n] = vals - lse
+    top_lps[:, :n] = (vals - m) - lse
     return logprobs, top_ids, top_lps, ranks

@@ -84,7 +84,26 @@ def _check_float(name: str, value: Any, lo: float, hi: float, *, lo_open: bool =
     above = v >= hi if hi_open else v > hi
     if below or above:
         raise ValueError(f"{name} must be in {rng}, got {value!r}")
+    _check_float32(name, v, rng)
     return v
+
+
+_F32_MAX = 3.4028234663852886e38
+_F32_OVERFLOW = 2.0**128 - 2.0**103  # float32 rounds |v| >= this to inf
+_F32_UNDERFLOW = 2.0**-150  # float32 rounds 0 < |v| <= this to 0 (half the smallest denormal, ties to even)
+
+
+def _check_float32(name: str, v: float, rng: str) -> None:
+    """Every backend reads float parameters as float32 (docs/semantics.md §8): refuse a value whose float32 rounding
+    is 0 or infinite when the value itself is not, so that one request can never turn invalid inside a batch."""
+    if math.isinf(v) or v == 0.0:
+        return
+    if abs(v) >= _F32_OVERFLOW:
+        raise ValueError(f"{name} must be in {rng} and representable in float32 (every backend computes in float32; "
+                         f"the largest float32 is {_F32_MAX:.9g}), got {v!r}, which overflows to inf")
+    if abs(v) <= _F32_UNDERFLOW:
+        raise ValueError(f"{name} must be in {rng} and representable in float32 (every backend computes in float32; "
+                         f"the smallest positive float32 is 1.4e-45), got {v!r}, which rounds to 0")
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
@@ -253,6 +272,7 @@ class SamplingParams:
             fv = float(v)
             if not (-100.0 <= fv <= 100.0 or fv == -math.inf):
                 raise ValueError(f"logit_bias[{int(kk)}] must be a float in [-100, 100] or -inf, got {v!r}")
+            _check_float32(f"logit_bias[{int(kk)}]", fv, "[-100, 100] or -inf")
             out[int(kk)] = fv
         return FrozenDict(sorted(out.items()))
 

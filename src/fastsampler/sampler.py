@@ -9,8 +9,10 @@ the device and are updated there. See ``docs/sampler.md`` for the state layout a
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,6 +21,7 @@ import torch
 
 from . import _api
 from ._batch import (
+    MAX_COLUMNS,
     NF,
     NI,
     BatchFlags,
@@ -44,6 +47,19 @@ _ALL_GREEDY_BIT = flags_to_int(BatchFlags(all_greedy=True))
 _LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _locked(method: Any) -> Any:
+    """Run ``method`` holding the Sampler's lock (not while torch.compile traces it: a graph has no locks)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Sampler, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return method(self, *args, **kwargs)
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Sampler:
     """Persistent sampling state for a continuous-batching generation loop.
 
@@ -58,6 +74,10 @@ class Sampler:
     - only when some request uses them: an allowed-token bitmask row (allowed / banned ids) and the request's logit
       bias (sorted ids and values).
 
+    Threads: a `Sampler` may be shared between threads. `add`, `remove`, `reset` and `sample` hold one lock per
+    `Sampler` (a re-entrant ``threading.RLock``), so concurrent calls run one after another and no step or count
+    update is lost; to sample batches in parallel, give each thread its own `Sampler`.
+
     Memory per slot: ``2 V`` bytes of counts plus ``V / 8`` bytes of prompt bitmask (plus ``V / 8`` for the allowed
     mask once some request restricts ids, and 8 bytes per logit-bias entry of the largest bias), and 96 bytes of
     scalars and packed parameters; for ``V = 128256`` that is 266 KiB per slot.
@@ -65,7 +85,8 @@ class Sampler:
     Parameters
     ----------
     vocab_size : int
-        Real vocabulary size ``V``. Logits may be wider (padded columns are never sampled).
+        Real vocabulary size ``V``, at most ``2**24 - 1`` (token ids travel in float32 lanes inside the kernels).
+        Logits may be wider (padded columns are never sampled), up to the same limit.
     max_slots : int
         Number of slots (concurrent sequences).
     device : torch.device or str, default "cpu"
@@ -106,6 +127,9 @@ class Sampler:
                 raise TypeError(f"{name} must be an integer >= 1, got {val!r} of type {type(val).__name__}")
             if val < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {val!r}")
+        if vocab_size > MAX_COLUMNS:
+            raise ValueError(f"vocab_size must be at most 2^24 - 1 = {MAX_COLUMNS} (token ids are exact in float32 "
+                             f"lanes up to 2^24), got {vocab_size}")
         if backend not in ("auto", *_api.BACKENDS):
             raise ValueError(f"backend must be one of {('auto', *_api.BACKENDS)}, got {backend!r}")
         if backend != "auto":
@@ -119,11 +143,13 @@ class Sampler:
         self._backend = backend
         self._resolved: dict[torch.dtype, str] = {}
         self._resolve_backends()
-        eos = [int(t) for t in eos_token_ids]
-        for t in eos:
-            if not 0 <= t < self._vocab:
-                raise ValueError(f"eos_token_ids holds token id {t}, outside the vocabulary [0, {self._vocab})")
+        if isinstance(eos_token_ids, (int, np.integer, str, bytes)) or not isinstance(eos_token_ids, Iterable):
+            raise TypeError(f"eos_token_ids must be a sequence of ints, got {eos_token_ids!r}")
+        eos_seq = eos_token_ids.tolist() if isinstance(eos_token_ids, (torch.Tensor, np.ndarray)) else eos_token_ids
+        check_ids("eos_token_ids", None, eos_seq, self._vocab)
+        eos = [int(t) for t in eos_seq]
         self._eos_host = tuple(eos)
+        self._lock = threading.RLock()
         s, v, w = self._slots, self._vocab, mask_words(self._vocab)
         self._words = w
         kw = dict(device=dev)
@@ -229,6 +255,7 @@ class Sampler:
         return self._prompt[self._check_slot(slot)].clone()
 
     # ------------------------------------------------------------------ add / remove
+    @_locked
     def add(
         self, params: SamplingParams, prompt_token_ids: Sequence[int] | np.ndarray | torch.Tensor | None = ()
     ) -> list[int]:
@@ -267,21 +294,16 @@ class Sampler:
                 f"Sampler is full: the request needs n={n} slots, {len(self._free)} of max_slots={self._slots} are "
                 f"free; remove finished requests first"
             )
-        if prompt_token_ids is None:
-            prompt_token_ids = ()
-        if isinstance(prompt_token_ids, torch.Tensor):
-            prompt = prompt_token_ids.detach().to("cpu", torch.int64).reshape(-1).numpy()
-        else:
-            prompt = np.asarray(prompt_token_ids, dtype=np.int64).reshape(-1)
+        prompt = _prompt_array(prompt_token_ids)
         v = self._vocab
         if prompt.size and (prompt.min() < 0 or prompt.max() >= v):
             bad = int(prompt[(prompt < 0) | (prompt >= v)][0])
             raise ValueError(f"prompt_token_ids holds token id {bad}, outside the vocabulary [0, {v})")
         if params.allowed_token_ids is not None:
-            check_ids("allowed_token_ids", 0, params.allowed_token_ids, v)
+            check_ids("params.allowed_token_ids", None, params.allowed_token_ids, v)
         if params.banned_token_ids is not None:
-            check_ids("banned_token_ids", 0, params.banned_token_ids, v)
-        check_ids("logit_bias", 0, params.logit_bias.keys(), v)
+            check_ids("params.banned_token_ids", None, params.banned_token_ids, v)
+        check_ids("params.logit_bias", None, params.logit_bias.keys(), v)
 
         seed = params.seed if params.seed is not None else random_seed()
         slots = [heapq.heappop(self._free) for _ in range(n)]
@@ -388,6 +410,7 @@ class Sampler:
         self._live_agg = (bits, max((self._ntop[i] for i in live), default=0),
                           max((self._nbias[i] for i in live), default=0), any(self._restricted[i] for i in live))
 
+    @_locked
     def remove(self, slots: int | Iterable[int]) -> None:
         """Free slots (e.g. all slots of a finished request). Raises ``ValueError`` for a slot not in use.
 
@@ -401,6 +424,9 @@ class Sampler:
         """
         if isinstance(slots, torch.Tensor):
             slots = slots.tolist()
+        if isinstance(slots, (bool, np.bool_)) or not isinstance(slots, (int, np.integer, Iterable)):
+            raise TypeError(f"slots must be an int or an iterable of ints, got {slots!r} of type "
+                            f"{type(slots).__name__}")
         items = [slots] if isinstance(slots, (int, np.integer)) and not isinstance(slots, bool) else list(slots)
         checked = [self._check_slot(s) for s in items]
         if len(set(checked)) != len(checked):
@@ -410,6 +436,7 @@ class Sampler:
             heapq.heappush(self._free, s)
         self._update_live()
 
+    @_locked
     def reset(self) -> None:
         """Free every slot."""
         self._params = [None] * self._slots
@@ -452,6 +479,7 @@ class Sampler:
         if d.type != self._device.type or (self._device.index is not None and d.index != self._device.index):
             raise ValueError(f"logits must be on the sampler's device {self._device}, got {d}")
 
+    @_locked
     def sample(
         self,
         logits: torch.Tensor,
@@ -640,3 +668,25 @@ class Sampler:
         out_vals = torch.gather(allv, 1, order[:, :k]).reshape(-1)
         indptr = torch.arange(b + 1, dtype=torch.int32, device=dev) * k
         return indptr, out_ids, out_vals
+
+
+def _prompt_array(prompt_token_ids: Any) -> np.ndarray:
+    """The prompt as a 1-D int64 array; floats (which would be truncated) and bools are refused."""
+    if prompt_token_ids is None:
+        return np.zeros(0, dtype=np.int64)
+    if isinstance(prompt_token_ids, torch.Tensor):
+        if prompt_token_ids.dtype.is_floating_point or prompt_token_ids.dtype.is_complex or \
+                prompt_token_ids.dtype == torch.bool:
+            raise TypeError(f"prompt_token_ids must hold integer token ids, got a {prompt_token_ids.dtype} tensor")
+        return prompt_token_ids.detach().to("cpu", torch.int64).reshape(-1).numpy()
+    if isinstance(prompt_token_ids, (int, np.integer, str, bytes)) or not isinstance(prompt_token_ids, Iterable):
+        raise TypeError(f"prompt_token_ids must be a sequence of ints, got {prompt_token_ids!r}")
+    arr = np.asarray(prompt_token_ids if isinstance(prompt_token_ids, np.ndarray) else list(prompt_token_ids))
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        bad = next((t for t in arr.reshape(-1).tolist() if not isinstance(t, int) or isinstance(t, bool)), arr.dtype)
+        raise TypeError(f"prompt_token_ids must hold integer token ids, got {bad!r} (dtype {arr.dtype})")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) >= 1 << 63:
+        raise ValueError(f"prompt_token_ids holds token id {int(arr.max())}, outside the int64 range")
+    return arr.astype(np.int64).reshape(-1)

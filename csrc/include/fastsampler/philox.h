@@ -1,4 +1,4 @@
-// Philox4x32-10 (Random123 definition) and the exponential noise of DESIGN §4.
+// Philox4x32-10 (Random123 definition) and the exponential noise of docs/semantics.md §7.
 //
 // Variate j of a row: word (j & 3) of Philox4x32-10(key = (seed lo32, seed hi32), counter = (j >>
 // 2, step, seq, stream)); token noise: j = token id, stream 0; tile noise: j = tile index,

@@ -33,6 +33,7 @@ namespace fastsampler {
 class RowPool {
  public:
   using Fn = void (*)(void* ctx, int64_t row);
+  using Done = void (*)(void* ctx);
 
   static RowPool& instance() {
     static std::mutex m;
@@ -44,13 +45,16 @@ class RowPool {
   }
 
   // Runs fn(ctx, r) for every r in [0, n); at most `threads` threads in all (the caller included).
-  void run(int64_t n, int threads, Fn fn, void* ctx) {
+  // Every thread that took part then calls done(ctx) (when given) before run returns: per-thread
+  // clean-up at the end of a batch, e.g. trimming thread-local scratch.
+  void run(int64_t n, int threads, Fn fn, void* ctx, Done done = nullptr) {
     std::lock_guard<std::mutex> job_lock(job_mu_);  // one batch at a time
     const int want = threads > 1 ? static_cast<int>(std::min<int64_t>(threads - 1, n - 1)) : 0;
     if (want > 0) spawn(want);
     {
       std::lock_guard<std::mutex> lk(mu_);
       fn_ = fn;
+      done_ = done;
       ctx_ = ctx;
       n_ = n;
       next_.store(0);
@@ -62,6 +66,7 @@ class RowPool {
     }
     if (want > 0) cv_.notify_all();
     for (int64_t r = next_.fetch_add(1); r < n; r = next_.fetch_add(1)) fn(ctx, r);
+    if (done) done(ctx);
     std::unique_lock<std::mutex> lk(mu_);
     open_ = false;  // late workers stay out
     idle_.wait(lk, [&] { return active_ == 0; });
@@ -81,6 +86,7 @@ class RowPool {
     uint64_t seen = 0;
     for (;;) {
       Fn fn;
+      Done done;
       void* ctx;
       int64_t n;
       // spin briefly first: back-to-back batches (one per decoding step) then start without a
@@ -98,10 +104,12 @@ class RowPool {
         ++joined_;
         ++active_;
         fn = fn_;
+        done = done_;
         ctx = ctx_;
         n = n_;
       }
       for (int64_t r = next_.fetch_add(1); r < n; r = next_.fetch_add(1)) fn(ctx, r);
+      if (done) done(ctx);  // still counted active: the caller waits for it
       {
         std::lock_guard<std::mutex> lk(mu_);
         --active_;
@@ -116,6 +124,7 @@ class RowPool {
   std::condition_variable cv_, idle_;
   std::atomic<int64_t> next_{0};
   Fn fn_ = nullptr;
+  Done done_ = nullptr;
   void* ctx_ = nullptr;
   int64_t n_ = 0;
   uint64_t gen_ = 0;

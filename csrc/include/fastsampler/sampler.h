@@ -1,5 +1,5 @@
-// The per-row sampling pipeline of DESIGN §3 on raw pointers, float32 inside, templated on the
-// input type (float, fp16_t, bf16_t). Framework-free: no pybind11 / torch headers.
+// The per-row sampling pipeline of docs/semantics.md §2-§3 on raw pointers, float32 inside,
+// templated on the input type (float, fp16_t, bf16_t). Framework-free: no pybind11 / torch headers.
 //
 // Per row:
 //   1. Pass 1 over the logits, tile by tile (4096 ids, the race tiles), software-prefetching the
@@ -32,6 +32,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -106,37 +107,92 @@ struct BatchArgs {
   float* mu_out = nullptr;
   // output (sampling_probs): (B, V) float32; when set, the draw is skipped
   float* probs = nullptr;
+  // output (kept_mask): (B, V), 1 exactly on the kept set S (docs/semantics.md §3 E), 0 elsewhere
+  // (greedy rows: the argmax only; invalid rows and padding columns: 0); when set, the draw is
+  // skipped
+  uint8_t* kept = nullptr;
 };
 
-// Per-thread scratch, grown on demand and kept between calls.
+// Bytes held by the Scratch of every thread (all element types), for
+// fastsampler._C.scratch_bytes().
+inline std::atomic<int64_t>& scratch_bytes_counter() {
+  static std::atomic<int64_t> bytes{0};
+  return bytes;
+}
+
+// A thread keeps its Scratch between batches, so steady-state decoding allocates nothing, unless it
+// holds more than this when a batch ends; then it frees it. A row of V ids needs about 64 bytes per
+// id (12 float32 row buffers: 48; the selection buffer of a k-th value: up to 16 when min_keep
+// reaches V; tile arrays: under 1), so 80 bytes per id at V = 2^18 = 262144 (20 MiB) keeps the
+// buffers of every current vocabulary (Llama 3: 128256, Gemma: 262144) while a one-off call on a
+// larger row does not pin its memory (V = 2^24 needs about 1 GiB). See docs/cpu.md.
+constexpr int64_t kScratchCapBytes = int64_t{80} << 18;
+
+// Per-thread scratch, grown on demand (to the exact size a row needs) and kept between calls while
+// it stays within kScratchCapBytes; its size is reported to scratch_bytes_counter().
 struct Scratch {
   std::vector<float> z, e, ck, cw, tk, tw, ci, ck2, cw2, ek, ew, ei;
   std::vector<float> tile_max, tile_sum, lane_max, raw_lane_max, tile_r;
   std::vector<double> tile_w;
   TopSel sel, sel_raw, head;
+  int64_t counted = 0;  // bytes this Scratch has added to scratch_bytes_counter()
+
+  Scratch() = default;
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  ~Scratch() { scratch_bytes_counter().fetch_sub(counted, std::memory_order_relaxed); }
+
+  // Every buffer is checked on its own: after a failed allocation (bad_alloc, reported as a failed
+  // row) the next call still finds each one large enough or grows it.
   void ensure(int64_t vp, int64_t ntiles) {
     const size_t need = static_cast<size_t>(vp + 2 * simd::kLanes);
-    if (z.size() < need) {
-      z.resize(need);
-      ck.resize(need);
-      cw.resize(need);
-      tk.resize(need);
-      tw.resize(need);
-      ci.resize(need);
-      ck2.resize(need);
-      cw2.resize(need);
-      e.resize(need);
-      ek.resize(need);
-      ew.resize(need);
-      ei.resize(need);
+    for (std::vector<float>* v : {&z, &ck, &cw, &tk, &tw, &ci, &ck2, &cw2, &e, &ek, &ew, &ei})
+      grow(*v, need);
+    const size_t nt = static_cast<size_t>(ntiles);
+    grow(tile_max, nt);
+    grow(tile_sum, nt);
+    grow(lane_max, nt * simd::kLanes);
+    grow(tile_r, nt);
+    grow(raw_lane_max, nt * simd::kLanes);
+    grow(tile_w, nt * 5);  // kept tile weights + 4 rows of threshold masses (mass_select)
+  }
+  // Bytes allocated by the buffers.
+  int64_t bytes() const {
+    size_t b = 0;
+    for (const std::vector<float>* v : {&z, &e, &ck, &cw, &tk, &tw, &ci, &ck2, &cw2, &ek, &ew, &ei,
+                                        &tile_max, &tile_sum, &lane_max, &raw_lane_max, &tile_r})
+      b += v->capacity() * sizeof(float);
+    b += tile_w.capacity() * sizeof(double);
+    b += (sel.buf.capacity() + sel_raw.buf.capacity() + head.buf.capacity()) * sizeof(Entry);
+    return static_cast<int64_t>(b);
+  }
+  // Brings scratch_bytes_counter() up to date with this Scratch's size.
+  void sync() {
+    const int64_t b = bytes();
+    if (b != counted) {
+      scratch_bytes_counter().fetch_add(b - counted, std::memory_order_relaxed);
+      counted = b;
     }
-    if (tile_max.size() < static_cast<size_t>(ntiles)) {
-      tile_max.resize(ntiles);
-      tile_sum.resize(ntiles);
-      lane_max.resize(ntiles * simd::kLanes);
-      tile_r.resize(ntiles);
-      raw_lane_max.resize(ntiles * simd::kLanes);
-      tile_w.resize(ntiles * 5);  // kept tile weights + 4 rows of threshold masses (mass_select)
+  }
+  // At the end of a batch, on the owning thread: frees everything when above kScratchCapBytes.
+  void trim() {
+    if (bytes() > kScratchCapBytes) {
+      for (std::vector<float>* v : {&z, &e, &ck, &cw, &tk, &tw, &ci, &ck2, &cw2, &ek, &ew, &ei,
+                                    &tile_max, &tile_sum, &lane_max, &raw_lane_max, &tile_r})
+        std::vector<float>().swap(*v);
+      std::vector<double>().swap(tile_w);
+      for (TopSel* t : {&sel, &sel_raw, &head}) std::vector<Entry>().swap(t->buf);
+    }
+    sync();
+  }
+
+ private:
+  // exactly n elements (no geometric growth, which could overshoot the cap); contents are scratch
+  template <class Vec>
+  static void grow(Vec& v, size_t n) {
+    if (v.size() < n) {
+      Vec fresh(n);
+      v.swap(fresh);
     }
   }
 };
@@ -233,7 +289,7 @@ inline void add_tile_weights(double* tw, const float* key, const float* w, const
   for (int64_t j = 0; j < n;) {
     const int64_t t = static_cast<int64_t>(id[j]) / kTile;
     const float lim = static_cast<float>((t + 1) * kTile);
-    int64_t e = j;
+    int64_t e = j + 1;  // id[j] is in tile t: the walk always advances
     while (e < n && id[e] < lim) ++e;
     vf acc = set1(0.0f);
     int64_t q = j;
@@ -576,7 +632,8 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
   const float temp = fp[F_TEMPERATURE];
   const bool greedy = temp == 0.0f;
   const float scale = greedy ? 1.0f : 1.0f / temp;
-  const bool probs_mode = a.probs != nullptr;
+  const bool kept_mode = a.kept != nullptr;
+  const bool probs_mode = a.probs != nullptr || kept_mode;  // a (B, V) output instead of the draw
   const bool want_lp = !probs_mode && ip[I_LOGPROBS] != 0;
   const int lp_mode = ip[I_LOGPROBS_MODE];
   const int64_t ntop_row =
@@ -639,7 +696,7 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
   // raw statistics equal z's when nothing edits the row and the temperature is 1 (or greedy)
   const bool raw_is_z = !edits && scale == 1.0f;
   const bool raw_pass = need_raw && !raw_is_z;
-  // The softmax statistics (tile sums, S, lse) are needed by processed logprobs (or raw ones that
+  // The softmax statistics (tile sums, S) are needed by processed logprobs (or raw ones that
   // equal them), mirostat, typical, untruncated draws and full-row top-p. Greedy rows never need
   // them otherwise; top-k rows served by the head compute them lazily, only if top-k turns out not
   // to truncate.
@@ -758,18 +815,20 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
           uint32_t cbits = 0;
           const int64_t base = wd << 5;
           const int64_t lim = std::min<int64_t>(32, i1 - base);
-          if (lim ==
-              32) {  // counts rows hold at least vocab_size entries: a full word is in bounds
+          // a token counts as generated when its count is > 0: a negative count is treated as 0
+          // (docs/semantics.md §3 B, C). Counts rows hold at least vocab_size entries: a full word
+          // is in bounds.
+          if (lim == 32) {
             if (cnt32)
-              cbits = nonzero32(cnt32 + base);
+              cbits = positive32(cnt32 + base);
             else if (cnt16)
-              cbits = nonzero32(cnt16 + base);
+              cbits = positive32(cnt16 + base);
           } else if (cnt32) {
             for (int64_t j = 0; j < lim; ++j)
-              cbits |= static_cast<uint32_t>(cnt32[base + j] != 0) << j;
+              cbits |= static_cast<uint32_t>(cnt32[base + j] > 0) << j;
           } else if (cnt16) {
             for (int64_t j = 0; j < lim; ++j)
-              cbits |= static_cast<uint32_t>(cnt16[base + j] != 0) << j;
+              cbits |= static_cast<uint32_t>(cnt16[base + j] > 0) << j;
           }
           bits |= cbits;
           if (lim < 32) bits &= (1u << lim) - 1u;
@@ -779,8 +838,8 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
             const int64_t id = base + j;
             float l = z[id];
             if (rep != 1.0f) l = l > 0.0f ? l / rep : l * rep;
-            if ((cbits >> j) & 1u) {
-              const int32_t c = count_at(id);
+            if ((cbits >> j) & 1u) {  // count > 0 here; max(count, 0) in any case (§3 C)
+              const int32_t c = std::max<int32_t>(count_at(id), 0);
               l -= static_cast<float>(c) * freq + pres;
             }
             z[id] = l;
@@ -874,13 +933,15 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
       vf acc0 = set1(0.0f), acc1 = set1(0.0f);
       int64_t i = i0;
       if (fuse_entropy) {  // also sum exp(z - m) (z - m) for the entropy (typical)
+        // a term whose weight is 0 contributes 0 (0 ln 0 = 0, docs/semantics.md §3 E item 4): its
+        // z - m may be -inf (a finite z more than FLT_MAX below m), and 0 * -inf would be NaN
         vf accb = set1(0.0f);
         for (; i < e16; i += kLanes) {
           vf d = load(z + i) - vm;
           vf e = vexp(d);
           store(ebuf + i, e);
           acc0 = acc0 + e;
-          accb = mask_add(accb, gt(d, set1(-kInf)), e * d);
+          accb = mask_add(accb, gt(e, set1(0.0f)), e * d);
         }
         tent[t] = hsum(accb);
       } else if (store_e) {  // keep exp(z - m_t) for the mass selection
@@ -917,6 +978,10 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
   const bool invalid = bad || !(M > -kInf);
   const int64_t ntop_out = a.n_top;
   auto write_invalid = [&]() {
+    if (kept_mode) {
+      std::fill(a.kept + r * a.V, a.kept + (r + 1) * a.V, uint8_t{0});
+      return;
+    }
     if (probs_mode) {
       std::fill(a.probs + r * a.V, a.probs + (r + 1) * a.V, 0.0f);
       return;
@@ -957,8 +1022,6 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
   for (int64_t t = 0; t < ntiles; ++t)
     if (tmax[t] > -kInf)
       S += static_cast<double>(tsum[t]) * std::exp(static_cast<double>(tmax[t]) - M);
-  const double lse =
-      M + std::log(S);  // meaningful when have_stats (every reader of lse implies it)
   if (need_raw && raw_is_z) {
     raw_max = M;
     raw_sum = S;
@@ -978,10 +1041,12 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
   int64_t nkept_head = 0;
   const int64_t min_keep = std::max(ip[I_MIN_KEEP], 1);
   if (greedy) {
+    // the first tile holding M, then its first element equal to M (bounded walks: M is one of them)
     int64_t tb = 0;
-    while (tmax[tb] != M) ++tb;
+    while (tb + 1 < ntiles && tmax[tb] != M) ++tb;
+    const int64_t iend = std::min(vs, tb * kTile + kTile) - 1;
     int64_t i = tb * kTile;
-    while (z[i] != M) ++i;
+    while (i < iend && z[i] != M) ++i;
     token = i;
   } else {
     int64_t nsurv = nfinite;
@@ -1043,10 +1108,10 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
             const float v = hd[i].v;
             int64_t j = i;
             const double w = std::exp(static_cast<double>(v) - M);
-            while (j < ns && hd[j].v == v) {
+            do {  // hd[i] itself, then its ties: the walk always advances
               cum += w;
               ++j;
-            }
+            } while (j < ns && hd[j].v == v);
             if (!bounded && !head_covers(v)) break;  // this group may continue beyond the head
             thr = v;
             if (cum >= target) {
@@ -1122,7 +1187,9 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
             vf d = v - vM;
             vf w = vexp(d);
             a0 = mask_add(a0, sel, w);
-            a1 = mask_add(a1, sel, w * d);
+            // q = 0 contributes 0 to H (0 ln 0 = 0, docs/semantics.md §3 E item 4); d = z - M may
+            // be -inf for a finite z (z - M below -FLT_MAX), and 0 * -inf would make H NaN
+            a1 = mask_add(a1, sel & gt(w, set1(0.0f)), w * d);
           }
           sw += hsum(a0);
           swz += hsum(a1);
@@ -1150,7 +1217,9 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
           s.sel.reset(mk);
           s.sel.scan(key, vp, 0, [](int64_t) { return kAll; });
           s.sel.finish();
-          const float s2 = -s.sel.buf[mk - 1].v;
+          // a survivor whose |z - c0| overflows to +inf (key -inf) never enters the selection:
+          // fewer than mk entries means the mk-th smallest score is +inf (keep every survivor)
+          const float s2 = s.sel.n >= mk ? -s.sel.buf[mk - 1].v : kInf;
           if (s2 > sstar) {
             sstar = s2;
             htw = false;
@@ -1163,7 +1232,9 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
         have_tw = htw;
       }
     } else if (miro == 2) {
-      float thr = static_cast<float>(lse - static_cast<double>(mu_in) * 0.69314718055994530942);
+      // keep ln q = (z - M) - ln S >= -mu ln 2: the shift is added last, so ln S survives a large M
+      float thr =
+          static_cast<float>(M + (std::log(S) - static_cast<double>(mu_in) * 0.69314718055994530942));
       if (!(thr <= M)) thr = M;  // none kept (or NaN mu): keep the argmax
       raise_lo(thr);
     } else {                                              // mirostat v1
@@ -1206,7 +1277,9 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
     } else {
       have_tw = false;
     }
-    if (have_tw) {
+    if (kept_mode) {
+      // the kept mask needs no weights
+    } else if (have_tw) {
       // from the mass selection
     } else if (kept_in_head) {
       for (int64_t t = 0; t < ntiles; ++t) tw[t] = 0.0;
@@ -1357,6 +1430,22 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
 
   // -------------------------------------------------------------------------------------------
   // outputs
+  if (kept_mode) {
+    // the kept set itself, not derived from probabilities (a kept token may have probability 0 in
+    // float32, e.g. z = -200 next to z = 0)
+    uint8_t* km_out = a.kept + r * a.V;
+    std::fill(km_out, km_out + a.V, uint8_t{0});
+    if (greedy) {
+      km_out[token] = 1;
+      return;
+    }
+    for (int64_t i = 0; i < vs; i += kLanes) {
+      const mask_t km = keep.mask(load(z + i));
+      const int64_t n = std::min<int64_t>(kLanes, vs - i);
+      for (int64_t j = 0; j < n; ++j) km_out[i + j] = static_cast<uint8_t>((km >> j) & 1u);
+    }
+    return;
+  }
   if (probs_mode) {
     float* pr = a.probs + r * a.V;
     std::fill(pr, pr + a.V, 0.0f);
@@ -1416,10 +1505,15 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
       }
     }
   };
+  // log-softmax as (v - max) - ln(sum): the shift first, so ln(sum) is not absorbed by a large max
+  // (docs/semantics.md §6)
+  auto lp_of = [](float v, double m, double log_sum) {
+    return static_cast<float>((static_cast<double>(v) - m) - log_sum);
+  };
   if (lp_mode == MODE_RAW) {
-    const double lser = raw_max + std::log(raw_sum);
+    const double log_raw = std::log(raw_sum);
     const float xt = to_float(x[token]);
-    a.logprobs[r] = static_cast<float>(xt - lser);
+    a.logprobs[r] = lp_of(xt, raw_max, log_raw);
     // one pass over the input: the rank, and the raw top-N through a filter seeded with the N-th
     // largest raw lane maximum (a lower bound of the N-th largest value)
     int64_t c = 0;
@@ -1457,7 +1551,7 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
       const int64_t have = std::min<int64_t>(s.sel_raw.n, ntop_row);
       for (int64_t j = 0; j < have; ++j) {
         tid[j] = s.sel_raw.buf[j].id;
-        tlp[j] = static_cast<float>(s.sel_raw.buf[j].v - lser);
+        tlp[j] = lp_of(s.sel_raw.buf[j].v, raw_max, log_raw);
       }
       if (have < ntop_row) pad_neg_inf(have, [&](int64_t t) { return !(to_float(x[t]) > -kInf); });
     }
@@ -1475,7 +1569,8 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
       return;
     }
     const float zt = z[token];
-    a.logprobs[r] = static_cast<float>(zt - lse);
+    const double log_s = std::log(S);
+    a.logprobs[r] = lp_of(zt, M, log_s);
     int64_t c = 0;
     const vf vx = set1(zt);
     for (int64_t i = 0; i < vp; i += kLanes) c += popcount(gt(load(z + i), vx));
@@ -1487,16 +1582,16 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
       const int64_t have = std::min<int64_t>(s.sel.n, ntop_row);
       for (int64_t j = 0; j < have; ++j) {
         tid[j] = s.sel.buf[j].id;
-        tlp[j] = static_cast<float>(s.sel.buf[j].v - lse);
+        tlp[j] = lp_of(s.sel.buf[j].v, M, log_s);
       }
       if (have < ntop_row) pad_neg_inf(have, [&](int64_t t) { return !(z[t] > -kInf); });
     }
     return;
   }
   // final
-  const double lsek = static_cast<double>(shift) + std::log(S_kept);
+  const double log_sk = std::log(S_kept);
   const float zt = z[token];
-  a.logprobs[r] = static_cast<float>(zt - lsek);
+  a.logprobs[r] = lp_of(zt, static_cast<double>(shift), log_sk);
   int64_t c = 0;
   const vf vx = set1(zt);
   for (int64_t i = 0; i < vp; i += kLanes) {
@@ -1511,7 +1606,7 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
     const int64_t have = std::min<int64_t>(s.sel.n, ntop_row);
     for (int64_t j = 0; j < have; ++j) {
       tid[j] = s.sel.buf[j].id;
-      tlp[j] = static_cast<float>(s.sel.buf[j].v - lsek);
+      tlp[j] = lp_of(s.sel.buf[j].v, static_cast<double>(shift), log_sk);
     }
     if (have < ntop_row) pad_neg_inf(have, [&](int64_t t) { return !keep.test(z[t]); });
   }

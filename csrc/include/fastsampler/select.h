@@ -36,7 +36,11 @@ struct TopSel {
   void reset(int64_t k_) {
     k = k_;
     cap = std::max<int64_t>(2 * k, k + 256);
-    if (static_cast<int64_t>(buf.size()) < cap) buf.resize(cap);
+    if (static_cast<int64_t>(buf.size()) < cap) {
+      // exactly cap entries (no geometric growth): the Scratch holding it stays within its bound
+      std::vector<Entry> grown(static_cast<size_t>(cap));
+      buf.swap(grown);
+    }
     n = 0;
     tau = -simd::kInf;
   }
@@ -93,6 +97,9 @@ struct TopSel {
 // Candidates: key[0, n) and w[0, n), with room for 16 extra elements; tmp arrays of the same
 // capacity. above: mass of elements with keys above every candidate. Returns the largest candidate
 // key v with above + mass(key >= v) >= target (the smallest key when the target is never reached).
+// Terminates for any input: the refinement runs at most 12 levels, NaN keys are ranked as -inf in
+// the final walk, which advances by at least one candidate per step, and a NaN weight or target
+// only means the target is never reached (the smallest key is returned).
 inline float resolve_mass_desc(float* key, float* w, int64_t n, double above, double target,
                                float* tk, float* tw) {
   using namespace simd;
@@ -164,7 +171,10 @@ inline float resolve_mass_desc(float* key, float* w, int64_t n, double above, do
     above = new_above;
     if (n == 0) return bl;  // cannot happen with consistent sums; be safe
   }
-  // exact: order candidates by key desc and walk the groups of equal keys
+  // exact: order candidates by key desc and walk the groups of equal keys. A NaN key would break
+  // the sort's strict weak order (and stall the walk): rank it as -inf.
+  for (int64_t i = 0; i < n; ++i)
+    if (!(key[i] == key[i])) key[i] = -kInf;
   std::vector<int32_t> ord(n);
   for (int64_t i = 0; i < n; ++i) ord[i] = static_cast<int32_t>(i);
   std::sort(ord.begin(), ord.end(), [&](int32_t a, int32_t b) { return key[a] > key[b]; });
@@ -173,7 +183,9 @@ inline float resolve_mass_desc(float* key, float* w, int64_t n, double above, do
   for (int64_t i = 0; i < n;) {
     const float kv = key[ord[i]];
     int64_t j = i;
-    while (j < n && key[ord[j]] == kv) cum += w[ord[j++]];
+    do {
+      cum += w[ord[j++]];  // at least one candidate per group: the walk always advances
+    } while (j < n && key[ord[j]] == kv);
     last = kv;
     if (cum >= target) return kv;
     i = j;

@@ -218,15 +218,17 @@ FS_INLINE vf uniform_half(vu a) {
 }
 // Bits -> mask of 16 lanes from 16 bits
 FS_INLINE mask_t bits16(uint32_t w) { return w & 0xFFFFu; }
-// Bit j set where p[j] != 0, for 32 consecutive counts
-FS_INLINE uint32_t nonzero32(const int32_t* p) {
+// Bit j set where p[j] > 0, for 32 consecutive output counts (a negative count is treated as 0,
+// docs/semantics.md §3 B, C)
+FS_INLINE uint32_t positive32(const int32_t* p) {
+  const __m512i zero = _mm512_setzero_si512();
   __m512i a = _mm512_loadu_si512(p), b = _mm512_loadu_si512(p + 16);
-  return static_cast<uint32_t>(_mm512_test_epi32_mask(a, a)) |
-         (static_cast<uint32_t>(_mm512_test_epi32_mask(b, b)) << 16);
+  return static_cast<uint32_t>(_mm512_cmpgt_epi32_mask(a, zero)) |
+         (static_cast<uint32_t>(_mm512_cmpgt_epi32_mask(b, zero)) << 16);
 }
-FS_INLINE uint32_t nonzero32(const int16_t* p) {
+FS_INLINE uint32_t positive32(const int16_t* p) {
   __m512i a = _mm512_loadu_si512(p);
-  return static_cast<uint32_t>(_mm512_test_epi16_mask(a, a));
+  return static_cast<uint32_t>(_mm512_cmpgt_epi16_mask(a, _mm512_setzero_si512()));
 }
 
 #elif defined(FASTSAMPLER_AVX2)
@@ -439,19 +441,25 @@ FS_INLINE vf uniform_half(vu a) {
           _mm256_fmadd_ps(_mm256_cvtepi32_ps(a.hi), s, h)};
 }
 FS_INLINE mask_t bits16(uint32_t w) { return w & 0xFFFFu; }
-FS_INLINE uint32_t nonzero32(const int32_t* p) {
+// Bit j set where p[j] > 0, for 32 consecutive output counts (a negative count is treated as 0,
+// docs/semantics.md §3 B, C)
+FS_INLINE uint32_t positive32(const int32_t* p) {
   uint32_t m = 0;
   for (int q = 0; q < 4; ++q) {
     __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8 * q));
-    __m256i z = _mm256_cmpeq_epi32(v, _mm256_setzero_si256());
-    m |= (static_cast<uint32_t>(~_mm256_movemask_ps(_mm256_castsi256_ps(z))) & 0xFFu) << (8 * q);
+    __m256i g = _mm256_cmpgt_epi32(v, _mm256_setzero_si256());
+    m |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(g))) << (8 * q);
   }
   return m;
 }
-FS_INLINE uint32_t nonzero32(const int16_t* p) {
-  uint32_t m = 0;
-  for (int j = 0; j < 32; ++j) m |= static_cast<uint32_t>(p[j] != 0) << j;
-  return m;
+FS_INLINE uint32_t positive32(const int16_t* p) {
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
+  // 16-bit lanes of all ones / zeros, packed to bytes: (a0-7, b0-7, a8-15, b8-15) per 128-bit half
+  const __m256i g = _mm256_packs_epi16(_mm256_cmpgt_epi16(a, zero), _mm256_cmpgt_epi16(b, zero));
+  return static_cast<uint32_t>(
+      _mm256_movemask_epi8(_mm256_permute4x64_epi64(g, _MM_SHUFFLE(3, 1, 2, 0))));
 }
 
 #else
@@ -652,10 +660,12 @@ FS_INLINE vf uniform_half(vu a) {
   return r;
 }
 FS_INLINE mask_t bits16(uint32_t w) { return w & 0xFFFFu; }
+// Bit j set where p[j] > 0, for 32 consecutive output counts (a negative count is treated as 0,
+// docs/semantics.md §3 B, C)
 template <typename C>
-FS_INLINE uint32_t nonzero32(const C* p) {
+FS_INLINE uint32_t positive32(const C* p) {
   uint32_t m = 0;
-  for (int j = 0; j < 32; ++j) m |= static_cast<uint32_t>(p[j] != 0) << j;
+  for (int j = 0; j < 32; ++j) m |= static_cast<uint32_t>(p[j] > 0) << j;
   return m;
 }
 #endif

@@ -1,4 +1,4 @@
-"""The numpy reference: the definition of fastsampler's semantics (DESIGN §3–4), float64 inside.
+"""The numpy reference: the definition of fastsampler's semantics (docs/semantics.md §2–§8), float64 inside.
 
 Every backend is tested against these functions, token for token except at near-ties (see `diagnose`).
 """

@@ -12,7 +12,7 @@ from .._batch import PackedBatch
 from ..output import SampleOutput
 from .pipeline import _run_row, probs_rows, rows_from_packed, sample_rows
 
-__all__ = ["is_available", "supports", "sample_packed", "sampling_probs_packed"]
+__all__ = ["is_available", "supports", "sample_packed", "sampling_probs_packed", "kept_mask_packed"]
 
 
 def is_available() -> tuple[bool, str]:
@@ -55,13 +55,12 @@ def sampling_probs_packed(batch: PackedBatch) -> torch.Tensor:
     return torch.from_numpy(probs).to(device=batch.device, dtype=torch.float32)
 
 
-def sampling_logprobs_packed(batch: PackedBatch) -> torch.Tensor:
-    """Log of the drawn distribution: ``-inf`` outside the kept set (no underflow of tiny kept probabilities)."""
+def kept_mask_packed(batch: PackedBatch) -> torch.Tensor:
+    """(B, V) bool: each row's kept set (greedy rows: the argmax; invalid rows and padding: nothing)."""
     rows = rows_from_packed(batch)
-    out = np.full((len(rows), batch.logits.shape[1]), -np.inf)
+    out = np.zeros((len(rows), batch.logits.shape[1]), dtype=bool)
     for r, row in enumerate(rows):
         res = _run_row(row)
         if res.valid:
-            with np.errstate(divide="ignore"):
-                out[r, : row.vocab] = res.final_lp
-    return torch.from_numpy(out).to(device=batch.device, dtype=torch.float32)
+            out[r, : row.vocab] = res.keep
+    return torch.from_numpy(out).to(device=batch.device)

@@ -1,4 +1,4 @@
-"""Philox4x32-10 and the exponential noise of DESIGN §4, vectorised over numpy arrays.
+"""Philox4x32-10 and the exponential noise of docs/semantics.md §7, vectorised over numpy arrays.
 
 Every backend draws its noise from these definitions; this module is the one they are tested against.
 """

@@ -1,4 +1,4 @@
-"""The numpy reference sampler: DESIGN §3 row by row, float64 inside, written for clarity.
+"""The numpy reference sampler: docs/semantics.md §2–§6 row by row, float64 inside, written for clarity.
 
 Every backend is tested against these functions. Each row goes through `_run_row`, which records what it kept and
 how close each decision was to flipping (`diagnose`), so tests can tell a real mismatch from a near-tie.
@@ -47,6 +47,9 @@ BOUNDARY_TOL = 1e-5  # truncation decisions this close to flipping (relative): f
 MIROSTAT_M = 100  # top tokens used by Mirostat v1 to estimate the Zipf exponent
 MIROSTAT_K_TOL = 1e-5  # Mirostat v1's k this close (relative) to an integer: float32 may floor it differently
 FLT_MAX = float(np.finfo(np.float32).max)
+# float32 rounding sends |v| >= 2^128 - 2^103 (FLT_MAX plus half an ulp) to infinity: the overflow boundary of the
+# kernels' float32 arithmetic (docs/semantics.md §8, "Overflow")
+F32_OVERFLOW = 2.0**128 - 2.0**103
 LN2 = math.log(2.0)
 
 
@@ -73,6 +76,7 @@ class _RowResult:
     valid: bool = False
     probs: np.ndarray | None = None  # (vocab,) distribution drawn from
     final_lp: np.ndarray | None = None  # (vocab,) its log, -inf outside the kept set
+    keep: np.ndarray | None = None  # (vocab,) bool, the kept set S (greedy: the token)
     lp: np.ndarray | None = None  # (vocab,) logprobs in the row's mode (None when logprobs off)
     mu: float = math.nan
     processed: np.ndarray | None = None  # (vocab,) after A–D (greedy: A–C)
@@ -80,17 +84,19 @@ class _RowResult:
 
 
 def _log_softmax(v: np.ndarray) -> np.ndarray:
+    """``(v - m) - ln Σ exp(v - m)`` with ``m`` the finite maximum: the shift comes first, so the log-sum is not lost
+    against ``m`` when ``|v|`` is large (``v - (m + ln s)`` would give 0 for four equal logits of 1e30)."""
     fin = np.isfinite(v)
     if not fin.any():
         return np.full_like(v, -np.inf)
     m = v[fin].max()
-    lse = m + math.log(np.exp(v[fin] - m).sum())
-    return v - lse
+    return (v - m) - math.log(np.exp(v[fin] - m).sum())
 
 
-def _lse(v: np.ndarray) -> float:
-    m = v.max()
-    return float(m + math.log(np.exp(v - m).sum()))
+def _to_f32_range(v: np.ndarray) -> np.ndarray:
+    """Values that float32 rounds to ``±inf`` become ``±inf`` (overflow as the kernels see it, §8)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(v <= -F32_OVERFLOW, -np.inf, np.where(v >= F32_OVERFLOW, np.inf, v))
 
 
 def _kth_largest(v: np.ndarray, k: int) -> float:
@@ -117,6 +123,17 @@ def _check_cum_boundary(cum: np.ndarray, c: int, target: float, name: str, reaso
             return
 
 
+def _check_f32_collapse(v: np.ndarray, name: str, reasons: list[str]) -> None:
+    """Flag distinct finite values that float32 rounds to one value (e.g. tiny logits divided by a large temperature
+    underflow to 0): a float32 backend sees a tie where the reference sees an order, and any decision may differ."""
+    fin = v[np.isfinite(v)]
+    if fin.size < 2:
+        return
+    u = np.unique(fin)
+    if u.size > 1 and np.unique(u.astype(np.float32)).size < u.size:
+        reasons.append(f"{name}: distinct values round to one float32 value")
+
+
 def _check_value_gap(sorted_desc: np.ndarray, c: int, name: str, reasons: list[str]) -> None:
     """Flag when the value at the cut and the next one differ by rounding only (fp32 may tie or reorder them)."""
     if c + 1 < len(sorted_desc) and sorted_desc[c] != sorted_desc[c + 1] and _rel_close(
@@ -136,7 +153,8 @@ def _stage_a_to_c(row: _Row) -> np.ndarray:
         l[~row.allowed] = -np.inf
     if row.eos.size and (p.ignore_eos or row.step < p.min_tokens):
         l[row.eos] = -np.inf
-    counts = row.counts if row.counts is not None else np.zeros(row.vocab, dtype=np.int64)
+    # a negative count (e.g. a wrapped counter) counts as 0: the token was not generated (§3 C)
+    counts = np.maximum(row.counts, 0) if row.counts is not None else np.zeros(row.vocab, dtype=np.int64)
     seen = counts > 0
     if row.prompt is not None:
         seen = seen | row.prompt
@@ -145,7 +163,7 @@ def _stage_a_to_c(row: _Row) -> np.ndarray:
         l = np.where(seen, np.where(l > 0, l / r, l * r), l)
     if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
         l = l - (counts * float(p.frequency_penalty) + (counts > 0) * float(p.presence_penalty))
-    return l
+    return _to_f32_range(l)
 
 
 # ------------------------------------------------------------------------------------------------------ stage E
@@ -154,12 +172,12 @@ def _truncate(z: np.ndarray, p: Any, mu: float, vocab: int, reasons: list[str]) 
     keep = np.isfinite(z)
     mk = int(p.min_keep)
     if p.mirostat_mode == 2:
-        lq = z - _lse(z[keep])
+        lq = np.where(keep, _log_softmax(np.where(keep, z, -np.inf)), -np.inf)
         cut = -mu * LN2
         k2 = keep & (lq >= cut)
         if not k2.any():
             k2 = keep & (z == z[keep].max())
-        if np.any(keep & (np.abs(lq - cut) <= BOUNDARY_TOL)):
+        if np.any(keep & (np.abs(lq - cut) <= BOUNDARY_TOL * max(1.0, abs(cut)))):
             reasons.append(f"mirostat v2: a log-probability is within {BOUNDARY_TOL} of -mu ln 2 = {cut:.9g}")
         return k2
     if p.mirostat_mode == 1:
@@ -178,7 +196,7 @@ def _truncate(z: np.ndarray, p: Any, mu: float, vocab: int, reasons: list[str]) 
     # 2. top-p
     if p.top_p < 1.0:
         idx = np.nonzero(keep)[0]
-        lq = z[idx] - _lse(z[idx])
+        lq = _log_softmax(z[idx])
         order = np.lexsort((idx, -z[idx]))  # z desc, id asc
         cum = np.cumsum(np.exp(lq[order]))
         c = _cut_position(cum, float(p.top_p), mk)
@@ -198,17 +216,22 @@ def _truncate(z: np.ndarray, p: Any, mu: float, vocab: int, reasons: list[str]) 
     # 4. typical-p
     if p.typical_p < 1.0:
         idx = np.nonzero(keep)[0]
-        lq = z[idx] - _lse(z[idx])
+        lq = _log_softmax(z[idx])
         q = np.exp(lq)
-        h = float(-(q * lq).sum())
+        h = float(-(q * lq)[q > 0].sum())  # 0 · ln 0 = 0
         s = np.abs(-lq - h)
         order = np.lexsort((idx, s))  # s asc, id asc
         cum = np.cumsum(q[order])
         c = _cut_position(cum, float(p.typical_p), mk)
         _check_cum_boundary(cum, c, float(p.typical_p), "typical_p", reasons)
         so = s[order]
-        if c + 1 < len(so) and so[c] != so[c + 1] and abs(so[c] - so[c + 1]) <= BOUNDARY_TOL:
-            reasons.append(f"typical_p: boundary scores {so[c]:.9g} and {so[c + 1]:.9g} differ by rounding")
+        zc = z[idx][order][c]
+        # a survivor whose score is equal to the boundary score or within rounding of it, while its logit differs:
+        # float32 may put it on either side of the cut
+        near = (np.abs(s - so[c]) <= BOUNDARY_TOL * max(1.0, abs(so[c]))) & (z[idx] != zc)
+        if near.any():
+            reasons.append(f"typical_p: {int(near.sum())} score(s) within rounding of the boundary score {so[c]:.9g} "
+                           f"for logits other than the boundary's {zc:.9g}")
         thr = so[c]
         kept_idx = idx[s <= thr]
         keep = np.zeros_like(keep)
@@ -239,7 +262,7 @@ def mirostat_v1_k(sorted_lq: np.ndarray, mu: float, n_vocab: int) -> float:
 
 def _mirostat_v1_keep(z: np.ndarray, keep: np.ndarray, mu: float, vocab: int, reasons: list[str]) -> np.ndarray:
     zk = np.sort(z[keep])[::-1]
-    lq = zk - _lse(zk)
+    lq = _log_softmax(zk)
     kf = mirostat_v1_k(lq, mu, vocab)
     if math.isnan(kf):
         kf = float(vocab)
@@ -292,17 +315,20 @@ def _run_row(row: _Row) -> _RowResult:
     l = _stage_a_to_c(row)
     greedy = float(p.temperature) == 0.0
     fin = np.isfinite(l)
-    if not fin.any() or np.any(np.isnan(l)) or np.any(l > FLT_MAX):
+    if not fin.any() or np.any(np.isnan(l)) or np.any(l == np.inf):
         return res
     if greedy:
         z = l
     else:
         with np.errstate(over="ignore"):
-            z = l / float(p.temperature)
-        if np.any(np.isnan(z)) or np.any(z > FLT_MAX):
+            z = _to_f32_range(l / float(p.temperature))
+        if np.any(np.isnan(z)) or np.any(z == np.inf) or not np.isfinite(z).any():
             return res
     res.processed = z
     vocab = row.vocab
+    if not greedy:
+        _check_f32_collapse(l, "logits after penalties", res.reasons)
+        _check_f32_collapse(z, "logits after temperature", res.reasons)
     if greedy:
         token = int(np.argmax(z))  # first maximum: lowest id
         zs = np.sort(z[np.isfinite(z)])[::-1]
@@ -321,16 +347,35 @@ def _run_row(row: _Row) -> _RowResult:
         if p.mirostat_mode:
             surprise = -final_lp[token] / LN2
             res.mu = row.mu - float(p.mirostat_lr) * (surprise - float(p.mirostat_target))
-    res.token, res.valid, res.probs, res.final_lp = token, True, probs, final_lp
+    res.token, res.valid, res.probs, res.final_lp, res.keep = token, True, probs, final_lp, keep
     if p.logprobs:
         mode = p.logprobs_mode
         if mode == "raw":
-            res.lp = _log_softmax(x.astype(np.float64))
+            lp = _log_softmax(x.astype(np.float64))
         elif mode == "processed":
-            res.lp = _log_softmax(z)
+            lp = _log_softmax(z)
         else:
-            res.lp = final_lp
+            lp = final_lp
+        res.lp = _to_f32_range(lp)  # logprobs are float32 outputs: below -FLT_MAX is -inf (§6)
+        _check_logprob_ties(res.lp, token, int(p.top_logprobs), res.reasons)
     return res
+
+
+def _check_logprob_ties(lp: np.ndarray, token: int, n_top: int, reasons: list[str]) -> None:
+    """Flag a rank or a top-N order that float32 rounding may change: distinct logprobs within rounding of the
+    token's (rank), or of each other among the first ``n_top + 1`` in ``(lp desc, id asc)`` order (top-N)."""
+    tol = lambda v: BOUNDARY_TOL * max(1.0, abs(v))  # noqa: E731
+    t = lp[token]
+    if np.isfinite(t):
+        near = (lp != t) & (np.abs(lp - t) <= tol(t))
+        if near.any():
+            reasons.append(f"logprobs: {int(near.sum())} logprob(s) within rounding of the token's {t:.9g} (rank)")
+    if n_top:
+        top = np.sort(lp[np.isfinite(lp)])[::-1][: n_top + 1]
+        for a, b in zip(top[:-1], top[1:], strict=True):
+            if a != b and a - b <= tol(a):
+                reasons.append(f"logprobs: top logprobs {a:.9g} and {b:.9g} are within rounding (top-N order)")
+                return
 
 
 # ------------------------------------------------------------------------------------------------- batch inputs

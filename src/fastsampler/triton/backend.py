@@ -1,7 +1,7 @@
-"""The Triton backend: the whole pipeline of DESIGN.md §3 over a `PackedBatch`, as a sequence of Triton passes.
+"""The Triton backend: the whole pipeline of docs/semantics.md §3 over a `PackedBatch`, as a sequence of Triton passes.
 
 Backend-module interface of ``fastsampler._api``: `is_available`, `supports`, `sample_packed`,
-`sampling_probs_packed`.
+`sampling_probs_packed`, `kept_mask_packed`.
 
 Passes over the rows (each a ``(B, NC)`` grid, one program per chunk of ids -- 1024 on CUDA whatever ``B``, so that
 small batches fill the GPU and a row's rounding never depends on the batch; ``z`` recomputed from the raw logits in
@@ -56,10 +56,12 @@ from .penalties import (
     NRF,
     NRI,
     RF_DOM_LO,
-    RF_LSE,
-    RF_LSE_KEPT,
-    RF_LSE_RAW,
+    RF_LS,
+    RF_LS_KEPT,
+    RF_LS_RAW,
     RF_M,
+    RF_M_KEPT,
+    RF_M_RAW,
     RF_RAWX,
     RF_STHR,
     RF_ZLO,
@@ -73,9 +75,9 @@ from .penalties import (
     RI_VALID,
 )
 
-__all__ = ["is_available", "supports", "sample_packed", "sampling_probs_packed"]
+__all__ = ["is_available", "supports", "sample_packed", "sampling_probs_packed", "kept_mask_packed"]
 
-TILE = 4096  # ids per tile of the two-level race (DESIGN.md §3 F); also the unit of work of every pass
+TILE = 4096  # ids per tile of the two-level race (docs/semantics.md §3 F); also the unit of work of every pass
 MIROSTAT_M = 100  # Mirostat v1 estimates s from the 100 most probable tokens
 LN2 = math.log(2.0)
 
@@ -270,7 +272,8 @@ def _thresholds(ctx: _Ctx) -> None:
         mode = ip[:, I_MIRO_MODE]
         mu = ctx.batch.mirostat_mu.to(torch.float32)
         v2 = samp & (mode == 2)
-        thr2 = torch.minimum(rowf[:, RF_LSE] - mu * LN2, m)
+        # keep ln q = (z - m) - ln s >= -mu ln 2, i.e. z >= m + (ln s - mu ln 2) (docs/semantics.md §3 E)
+        thr2 = torch.minimum(m + (rowf[:, RF_LS] - mu * LN2), m)
         zlo = torch.where(v2, thr2, zlo)
         v1 = samp & (mode == 1)
         _, vals, _ = top_values(ctx, KIND_Z, torch.full_like(nfin, MIROSTAT_M), v1.to(torch.int32), MIROSTAT_M)
@@ -357,11 +360,15 @@ def sample_packed(batch: PackedBatch) -> SampleOutput:
     if ctx.flags.any_logprobs:
         lp_on = (ip[:, I_LOGPROBS] != 0) & valid
         mode = ip[:, I_LOGPROBS_MODE]
-        lse_mode = torch.where(mode == MODE_RAW, rowf[:, RF_LSE_RAW],
-                               torch.where(mode == MODE_FINAL, rowf[:, RF_LSE_KEPT], rowf[:, RF_LSE]))
+        # lp = (x - m) - ln s with (m, ln s) the mode's log-normaliser; x - (m + ln s) would lose ln s once |x| is
+        # above ~1e8 in float32 (docs/semantics.md §6)
+        m_mode = torch.where(mode == MODE_RAW, rowf[:, RF_M_RAW],
+                             torch.where(mode == MODE_FINAL, rowf[:, RF_M_KEPT], rowf[:, RF_M]))
+        ls_mode = torch.where(mode == MODE_RAW, rowf[:, RF_LS_RAW],
+                              torch.where(mode == MODE_FINAL, rowf[:, RF_LS_KEPT], rowf[:, RF_LS]))
         vx = torch.where(mode == MODE_RAW, rowf[:, RF_RAWX], rowf[:, RF_ZX])
         final_greedy = (mode == MODE_FINAL) & greedy
-        lp = torch.where(final_greedy, 0.0, vx - lse_mode)
+        lp = torch.where(final_greedy, 0.0, (vx - m_mode) - ls_mode)
         logprobs = torch.where(lp_on, lp, nan)
         rk = rank_pass(ctx, lp_on.to(torch.int32))
         ranks = torch.where(lp_on, rk, -1)
@@ -369,7 +376,7 @@ def sample_packed(batch: PackedBatch) -> SampleOutput:
             ntop = ip[:, I_TOP_LOGPROBS]
             act = lp_on & (ntop > 0)
             ids, vals, _ = top_values(ctx, KIND_LP, ntop, act.to(torch.int32), n_top)
-            tl_ = vals - lse_mode[:, None]
+            tl_ = (vals - m_mode[:, None]) - ls_mode[:, None]
             tl_ = torch.where(final_greedy[:, None], torch.where(vals > float("-inf"), 0.0, float("-inf")), tl_)
             top_ids = ids
             top_lps = torch.where(ids >= 0, tl_, nan)
@@ -377,7 +384,8 @@ def sample_packed(batch: PackedBatch) -> SampleOutput:
     mu_out = mu_in.clone()
     if ctx.flags.any_mirostat:
         upd = valid & ~greedy & (ip[:, I_MIRO_MODE] != 0)
-        surprise = (rowf[:, RF_LSE_KEPT] - rowf[:, RF_ZX]) / LN2
+        # -log2 q'[x] with ln q'[x] = (z_x - m) - ln s over the kept set (docs/semantics.md §3 E, update)
+        surprise = -((rowf[:, RF_ZX] - rowf[:, RF_M_KEPT]) - rowf[:, RF_LS_KEPT]) / LN2
         new = mu_in - f[:, F_MIRO_ETA] * (surprise - f[:, F_MIRO_TAU])
         mu_out = torch.where(upd, new, mu_in)
     return SampleOutput(tokens=tokens, valid=valid, logprobs=logprobs, top_logprob_ids=top_ids,
@@ -393,6 +401,22 @@ def sampling_probs_packed(batch: PackedBatch) -> torch.Tensor:
     out = torch.empty((ctx.B, ctx.VC), dtype=torch.float32, device=ctx.device)
     probs_pass(ctx, out)
     return out
+
+
+def kept_mask_packed(batch: PackedBatch) -> torch.Tensor:
+    """(B, V) bool on the logits' device: True exactly on each row's kept set after truncation (docs/semantics.md
+    §3 E; the set ``sampling_probs`` is supported on), the argmax alone for greedy rows, all False for invalid rows
+    and for padding columns (``>= vocab_size``).
+
+    Computed from the kept test itself, not from the probabilities: a kept token far below the row's maximum has
+    float32 probability 0 but is kept.
+    """
+    from .probs import kept_mask_pass
+
+    ctx = _run(batch)
+    out = torch.empty((ctx.B, ctx.VC), dtype=torch.int8, device=ctx.device)
+    kept_mask_pass(ctx, out)
+    return out.view(torch.bool)
 
 
 # silence "imported but unused" for columns kept for readers of this module

@@ -1,9 +1,10 @@
-"""Stage F: the two-level exponential race of DESIGN.md §3 F with the Philox noise of §4.
+"""Stage F: the two-level exponential race of docs/semantics.md §3 F with the Philox noise of §7.
 
 One program per row: the tile race over the per-tile weights ``W_t`` of the kept set (stream-1 noise, ``j`` = tile
 index), then the token race ``z_i - ln E_i`` (stream-0 noise, ``j`` = id) over the kept ids of the winning tile only.
 Ties go to the lowest tile / id. Greedy rows take the argmax, invalid rows ``-1``. The kernel also writes the
-row's kept-set log-normaliser and the drawn token's ``z`` and raw logit (for logprobs and the mirostat update).
+row's kept-set log-normaliser (as the max and the ``ln`` of the sum) and the drawn token's ``z`` and raw logit (for
+logprobs and the mirostat update).
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .penalties import NRF, NRI, RF_LSE_KEPT, RF_RAWX, RF_ZX, RI_GID, RI_TOKEN, RI_VALID, kept_mask, row_z
+from .penalties import NRF, NRI, RF_LS_KEPT, RF_M_KEPT, RF_RAWX, RF_ZX, RI_GID, RI_TOKEN, RI_VALID, kept_mask, row_z
 from .philox import neg_log_exp_noise, philox_word, seed_key
 
 _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
-_RF_LSE_KEPT: tl.constexpr = tl.constexpr(RF_LSE_KEPT)
+_RF_M_KEPT: tl.constexpr = tl.constexpr(RF_M_KEPT)
+_RF_LS_KEPT: tl.constexpr = tl.constexpr(RF_LS_KEPT)
 _RF_ZX: tl.constexpr = tl.constexpr(RF_ZX)
 _RF_RAWX: tl.constexpr = tl.constexpr(RF_RAWX)
 _RI_GID: tl.constexpr = tl.constexpr(RI_GID)
@@ -39,7 +41,8 @@ def _draw_kernel(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_
     row = tl.program_id(0).to(tl.int64)
     valid = tl.load(rowi_ptr + row * _NRI + _RI_VALID)
     gid = tl.load(rowi_ptr + row * _NRI + _RI_GID)
-    # per-tile weights (max, sum) from the per-chunk ones, then the kept-set log-normaliser
+    # per-tile weights (max, sum) from the per-chunk ones, then the kept-set log-normaliser as (max m, ln s): a
+    # log-probability is (z - m) - ln s, never z - (m + ln s) (docs/semantics.md §6)
     t = tl.arange(0, BT)
     tm = t < NT
     c = t[:, None] * SPLIT + tl.arange(0, SPLIT)[None, :]
@@ -51,8 +54,9 @@ def _draw_kernel(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_
     st = tl.sum(tl.where(m_ch == float("-inf"), 0.0, s_ch * tl.exp(m_ch - mts[:, None])), 1)
     m = tl.max(mt, 0)
     safe = tl.where(m == float("-inf"), 0.0, m)
-    lse_kept = safe + tl.log(tl.sum(tl.where(mt == float("-inf"), 0.0, st * tl.exp(mt - safe)), 0))
-    tl.store(rowf_ptr + row * _NRF + _RF_LSE_KEPT, lse_kept)
+    ls_kept = tl.log(tl.sum(tl.where(mt == float("-inf"), 0.0, st * tl.exp(mt - safe)), 0))
+    tl.store(rowf_ptr + row * _NRF + _RF_M_KEPT, m)
+    tl.store(rowf_ptr + row * _NRF + _RF_LS_KEPT, ls_kept)
     # tile race: argmax over tiles with W_t > 0 of ln W_t - ln E'_t
     k0, k1 = seed_key(tl.load(seeds_ptr + row))
     step = (tl.load(steps_ptr + row) & 0xFFFFFFFF).to(tl.uint32)

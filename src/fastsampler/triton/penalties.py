@@ -1,4 +1,4 @@
-"""Stages A–D of DESIGN.md §3 in registers: the processed logits ``z`` of a block of ids of one row.
+"""Stages A–D of docs/semantics.md §3 in registers: the processed logits ``z`` of a block of ids of one row.
 
 Every pass of the pipeline recomputes ``z`` from the raw logits instead of materialising a ``(B, V)`` float32 copy:
 the logits are read in their own dtype and upcast in registers, the sparse logit bias comes from a per-row float32
@@ -17,9 +17,17 @@ import triton.language as tl
 
 from .._batch import F_FREQ, F_MIRO_TAU, F_PRES, F_REP, F_TEMPERATURE, NF, NI  # noqa: F401
 
-# rowf columns
-RF_M, RF_LSE, RF_ZLO, RF_STHR, RF_LSE_S, RF_H, RF_LSE_RAW, RF_LSE_KEPT, RF_DOM_LO, RF_ZX, RF_RAWX = range(11)
-NRF = 11
+# rowf columns. A log-normaliser is kept as a pair (max ``m``, ``ln s`` with ``s = sum exp(x - m)``) and a log-
+# probability is formed as ``(x - m) - ln s``, never as ``x - (m + ln s)``: in float32, ``m + ln s`` drops ``ln s``
+# once ``|m|`` is above ~1e8 (docs/semantics.md §6).
+#   RF_M / RF_LS: the row's ``z`` (all finite tokens); RF_M_RAW / RF_LS_RAW: the raw logits (raw logprobs);
+#   RF_M_KEPT / RF_LS_KEPT: ``z`` over the kept set (final logprobs, ``sampling_probs``, the Mirostat surprise);
+#   RF_ZLO: keep ``z >= zlo``; RF_STHR: typical-p keeps ``s <= sthr``; RF_MS / RF_HC: the typical-p survivors' max
+#   and mean distance ``sum q (m_s - z)`` (``s = |(m_s - z) - hc|``, see `typical_s`); RF_DOM_LO: lower bound of a
+#   select's domain; RF_ZX / RF_RAWX: the drawn token's ``z`` and raw logit.
+(RF_M, RF_LS, RF_ZLO, RF_STHR, RF_MS, RF_HC, RF_M_RAW, RF_LS_RAW, RF_M_KEPT, RF_LS_KEPT, RF_DOM_LO, RF_ZX,
+ RF_RAWX) = range(13)
+NRF = 13
 # rowi columns
 RI_VALID, RI_ARGMAX, RI_GID, RI_BIAS_SLOT, RI_BAN_EOS, RI_NFIN, RI_TOKEN, RI_LP_MODE = range(8)
 NRI = 8
@@ -34,8 +42,8 @@ _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
 _RF_ZLO: tl.constexpr = tl.constexpr(RF_ZLO)
 _RF_STHR: tl.constexpr = tl.constexpr(RF_STHR)
-_RF_LSE_S: tl.constexpr = tl.constexpr(RF_LSE_S)
-_RF_H: tl.constexpr = tl.constexpr(RF_H)
+_RF_MS: tl.constexpr = tl.constexpr(RF_MS)
+_RF_HC: tl.constexpr = tl.constexpr(RF_HC)
 _RI_GID: tl.constexpr = tl.constexpr(RI_GID)
 _RI_BIAS_SLOT: tl.constexpr = tl.constexpr(RI_BIAS_SLOT)
 _RI_BAN_EOS: tl.constexpr = tl.constexpr(RI_BAN_EOS)
@@ -83,7 +91,8 @@ def row_z(row, offs, logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, 
         pen = tl.where(l > 0, tl.math.div_rn(l, tl.zeros_like(l) + rep), l * rep)
         l = tl.where(seen & ((tl.zeros_like(l) + rep) != 1.0), pen, l)
         if HAS_COUNTS:
-            c = cnt.to(tl.float32)
+            # a negative count counts as 0, the token was not generated (docs/semantics.md §3 B and C)
+            c = tl.maximum(cnt, 0).to(tl.float32)
             l = l - (c * freq + tl.where(cnt > 0, pres, 0.0))
     t = tl.load(fparams_ptr + row * _NF + _F_TEMPERATURE)
     t = tl.where(t > 0.0, t, 1.0)
@@ -94,10 +103,16 @@ def row_z(row, offs, logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, 
 
 @triton.jit
 def typical_s(row, z, rowf_ptr):
-    """Typical-p surprise distance ``s = |-ln q - H|`` of ``z`` with the row's survivor log-normaliser and entropy."""
-    lse_s = tl.load(rowf_ptr + row * _NRF + _RF_LSE_S)
-    h = tl.load(rowf_ptr + row * _NRF + _RF_H)
-    return tl.abs((lse_s - z) - h)
+    """Typical-p distance ``s = |-ln q - H|`` of ``z`` (docs/semantics.md §3 E item 4).
+
+    With the survivors' max ``m_s`` and ``s_s = sum exp(z - m_s)``: ``-ln q = (m_s - z) + ln s_s`` and
+    ``H = ln s_s + sum q (m_s - z)``, so ``s = |(m_s - z) - hc|`` with ``hc = sum q (m_s - z)`` (``RF_HC``): no
+    ``m_s + ln s_s`` is ever formed, which would lose ``ln s_s`` for large ``|z|``. ``s = +inf`` where ``m_s - z``
+    overflows (``q = 0``).
+    """
+    ms = tl.load(rowf_ptr + row * _NRF + _RF_MS)
+    hc = tl.load(rowf_ptr + row * _NRF + _RF_HC)
+    return tl.abs((ms - z) - hc)
 
 
 @triton.jit

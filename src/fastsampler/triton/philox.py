@@ -1,4 +1,4 @@
-"""Philox4x32-10 and the exponential noise of DESIGN.md §4, as Triton device functions.
+"""Philox4x32-10 and the exponential noise of docs/semantics.md §7, as Triton device functions.
 
 Every exponential variate of the race is word ``j & 3`` of
 ``Philox4x32-10(key=(seed lo32, seed hi32), counter=(j >> 2, step, seq, stream))``. Token noise uses ``j = id``,
@@ -55,7 +55,7 @@ def philox_word(j, step, seq, stream, k0, k1):
 
 @triton.jit
 def neg_log_exp_noise(r):
-    """``-ln E`` for the exponential variate ``E`` of the uint32 word ``r`` (float32, DESIGN.md §4).
+    """``-ln E`` for the exponential variate ``E`` of the uint32 word ``r`` (float32, docs/semantics.md §7).
 
     ``E = -ln((r + 0.5) 2^-32)`` for ``r < 2^31``, else ``E = -log1p(-((~r) + 0.5) 2^-32)``; log1p is evaluated with
     the ``log(1 + x) * x / ((1 + x) - 1)`` correction so that tiny ``E`` keep their relative precision.

@@ -1,17 +1,58 @@
-"""The distribution each row's token is drawn from: ``exp(z - lse_kept)`` on the kept set, zero elsewhere."""
+"""The distribution each row's token is drawn from, ``exp((z - m) - ln s)`` over the kept set and zero elsewhere, and
+the kept set itself as a boolean mask (docs/semantics.md §3 E).
+
+The mask is not derived from the probabilities: a kept token far below the maximum (``z = -200`` next to ``0``) has
+float32 probability 0 but is kept.
+"""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .penalties import NRF, NRI, RF_LSE_KEPT, RI_GID, RI_VALID, kept_mask, row_z
+from .penalties import NRF, NRI, RF_LS_KEPT, RF_M_KEPT, RI_GID, RI_VALID, kept_mask, row_z
 
 _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
-_RF_LSE_KEPT: tl.constexpr = tl.constexpr(RF_LSE_KEPT)
+_RF_M_KEPT: tl.constexpr = tl.constexpr(RF_M_KEPT)
+_RF_LS_KEPT: tl.constexpr = tl.constexpr(RF_LS_KEPT)
 _RI_GID: tl.constexpr = tl.constexpr(RI_GID)
 _RI_VALID: tl.constexpr = tl.constexpr(RI_VALID)
+
+
+@triton.jit
+def _probs_row_chunk(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr, rowi_ptr,
+                     rowf_ptr, out_ptr,
+                     stride_l, stride_b, stride_c, stride_p, stride_a, stride_o,
+                     V, VC, E,
+                     HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
+                     HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr, HAS_TYP: tl.constexpr,
+                     MASK: tl.constexpr,  # True: store the kept mask (int8 0 / 1) instead of the probability
+                     BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    base = chunk * CHUNK
+    n = tl.minimum(CHUNK, VC - base)
+    valid = tl.load(rowi_ptr + row * _NRI + _RI_VALID)
+    gid = tl.load(rowi_ptr + row * _NRI + _RI_GID)
+    m = tl.load(rowf_ptr + row * _NRF + _RF_M_KEPT)
+    ls = tl.load(rowf_ptr + row * _NRF + _RF_LS_KEPT)
+    for start in range(0, n, BLOCK):
+        offs = base + start + tl.arange(0, BLOCK)
+        raw, z, b = row_z(row, offs, logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr,
+                          rowi_ptr, stride_l, stride_b, stride_c, stride_p, stride_a, V, VC, E,
+                          HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
+        keep = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, HAS_TYP) & (offs < V)
+        keep = tl.where(gid >= 0, offs == gid, keep)  # greedy rows: the argmax only
+        keep = keep & (valid != 0)  # invalid rows: nothing
+        if MASK:
+            tl.store(out_ptr + row * stride_o + offs, keep.to(tl.int8), mask=offs < VC)
+        else:
+            # (z - m) - ln s, not z - (m + ln s), which loses ln s for large |z| (docs/semantics.md §6)
+            p = tl.where(keep, tl.exp((z - m) - ls), 0.0)
+            p = tl.where(gid >= 0, tl.where(offs == gid, 1.0, 0.0), p)
+            p = tl.where(valid != 0, p, 0.0)
+            tl.store(out_ptr + row * stride_o + offs, p, mask=offs < VC)
 
 
 @triton.jit
@@ -23,26 +64,33 @@ def _probs_kernel(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos
                   HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
                   HAS_TYP: tl.constexpr,  # some row uses typical-p: the kept test includes s <= s_thr
                   BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    base = chunk * CHUNK
-    n = tl.minimum(CHUNK, VC - base)
-    valid = tl.load(rowi_ptr + row * _NRI + _RI_VALID)
-    gid = tl.load(rowi_ptr + row * _NRI + _RI_GID)
-    lse = tl.load(rowf_ptr + row * _NRF + _RF_LSE_KEPT)
-    for start in range(0, n, BLOCK):
-        offs = base + start + tl.arange(0, BLOCK)
-        raw, z, b = row_z(row, offs, logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr,
-                          rowi_ptr, stride_l, stride_b, stride_c, stride_p, stride_a, V, VC, E,
-                          HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
-        keep = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, HAS_TYP) & (offs < V)
-        p = tl.where(keep, tl.exp(z - lse), 0.0)
-        p = tl.where(gid >= 0, tl.where(offs == gid, 1.0, 0.0), p)
-        p = tl.where(valid != 0, p, 0.0)
-        tl.store(out_ptr + row * stride_o + offs, p, mask=offs < VC)
+    _probs_row_chunk(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr, rowi_ptr,
+                     rowf_ptr, out_ptr, stride_l, stride_b, stride_c, stride_p, stride_a, stride_o, V, VC, E,
+                     HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, HAS_TYP, False, BLOCK, CHUNK)
+
+
+@triton.jit
+def _kept_mask_kernel(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr, rowi_ptr,
+                      rowf_ptr, out_ptr,
+                      stride_l, stride_b, stride_c, stride_p, stride_a, stride_o,
+                      V, VC, E, NC,
+                      HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
+                      HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
+                      HAS_TYP: tl.constexpr,  # some row uses typical-p: the kept test includes s <= s_thr
+                      BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
+    _probs_row_chunk(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr, rowi_ptr,
+                     rowf_ptr, out_ptr, stride_l, stride_b, stride_c, stride_p, stride_a, stride_o, V, VC, E,
+                     HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, HAS_TYP, True, BLOCK, CHUNK)
 
 
 def probs_pass(ctx, out) -> None:
     """Write each row's drawing distribution into ``out`` (B, VC) float32."""
     _probs_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.rowf, out, *ctx.zstrides(), out.stride(0), *ctx.zsizes(),
                                    **ctx.zflags(), HAS_TYP=ctx.has_typ, BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK)
+
+
+def kept_mask_pass(ctx, out) -> None:
+    """Write each row's kept set into ``out`` (B, VC) int8 (1 kept, 0 not; greedy rows: the argmax; invalid rows and
+    padding columns: 0)."""
+    _kept_mask_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.rowf, out, *ctx.zstrides(), out.stride(0), *ctx.zsizes(),
+                                       **ctx.zflags(), HAS_TYP=ctx.has_typ, BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK)

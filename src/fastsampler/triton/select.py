@@ -1,9 +1,9 @@
 """Exact value thresholds without sorting: a radix select over an order-preserving uint32 key of float32 values.
 
-Every truncation rule of DESIGN.md §3 E is a value threshold. For a row, a *select* finds the value ``v`` of the
-element at which a running total, accumulated in descending key order, first reaches a target: the ``k``-th largest
-value (count target: top-k, min_keep, top-N, mirostat v1) or the value where the cumulative probability mass first
-reaches ``p`` (mass target: top-p, typical-p). Elements tied at ``v`` share one key, so ties stay together.
+Every truncation rule of docs/semantics.md §3 E is a value threshold. For a row, a *select* finds the value ``v``
+of the element at which a running total, accumulated in descending key order, first reaches a target: the ``k``-th
+largest value (count target: top-k, min_keep, top-N, mirostat v1) or the value where the cumulative probability mass
+first reaches ``p`` (mass target: top-p, typical-p). Elements tied at ``v`` share one key, so ties stay together.
 
 The key of a float ``x`` (``-0`` folded into ``+0``) is its bit pattern with the sign bit flipped for ``x >= 0`` and
 all bits flipped for ``x < 0``. Each level histograms ``DIGIT_BITS`` bits of the key (count and mass per bucket)

@@ -15,12 +15,14 @@ from .penalties import (
     NRF,
     NRI,
     RF_DOM_LO,
-    RF_H,
-    RF_LSE,
-    RF_LSE_KEPT,
-    RF_LSE_RAW,
-    RF_LSE_S,
+    RF_HC,
+    RF_LS,
+    RF_LS_KEPT,
+    RF_LS_RAW,
     RF_M,
+    RF_M_KEPT,
+    RF_M_RAW,
+    RF_MS,
     RF_STHR,
     RF_ZLO,
     RI_ARGMAX,
@@ -34,13 +36,15 @@ from .penalties import (
 _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
 _RF_M: tl.constexpr = tl.constexpr(RF_M)
-_RF_LSE: tl.constexpr = tl.constexpr(RF_LSE)
+_RF_LS: tl.constexpr = tl.constexpr(RF_LS)
 _RF_ZLO: tl.constexpr = tl.constexpr(RF_ZLO)
 _RF_STHR: tl.constexpr = tl.constexpr(RF_STHR)
-_RF_LSE_S: tl.constexpr = tl.constexpr(RF_LSE_S)
-_RF_H: tl.constexpr = tl.constexpr(RF_H)
-_RF_LSE_RAW: tl.constexpr = tl.constexpr(RF_LSE_RAW)
-_RF_LSE_KEPT: tl.constexpr = tl.constexpr(RF_LSE_KEPT)
+_RF_MS: tl.constexpr = tl.constexpr(RF_MS)
+_RF_HC: tl.constexpr = tl.constexpr(RF_HC)
+_RF_M_RAW: tl.constexpr = tl.constexpr(RF_M_RAW)
+_RF_LS_RAW: tl.constexpr = tl.constexpr(RF_LS_RAW)
+_RF_M_KEPT: tl.constexpr = tl.constexpr(RF_M_KEPT)
+_RF_LS_KEPT: tl.constexpr = tl.constexpr(RF_LS_KEPT)
 _RF_DOM_LO: tl.constexpr = tl.constexpr(RF_DOM_LO)
 _RI_VALID: tl.constexpr = tl.constexpr(RI_VALID)
 _RI_ARGMAX: tl.constexpr = tl.constexpr(RI_ARGMAX)
@@ -108,11 +112,12 @@ def _stats_kernel(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos
 
 @triton.jit
 def _combine_lse(mt, st):
-    """Combine per-tile (max, sum) blocks (masked tiles hold -inf / 0) into (max, log-sum-exp)."""
+    """Combine per-tile (max, sum) blocks (masked tiles hold -inf / 0) into (max ``m``, ``ln s``) with ``s`` the sum
+    of ``exp(x - m)``; the caller forms ``(x - m) - ln s``, never ``x - (m + ln s)`` (docs/semantics.md §6)."""
     m = tl.max(mt, 0)
     safe = tl.where(m == float("-inf"), 0.0, m)
     s = tl.sum(tl.where(mt == float("-inf"), 0.0, st * tl.exp(mt - safe)), 0)
-    return m, safe + tl.log(s)
+    return m, tl.log(s)
 
 
 @triton.jit
@@ -131,21 +136,23 @@ def _stats_combine_kernel(tile_f_ptr, tile_i_ptr, fparams_ptr, rowf_ptr, rowi_pt
     at = tl.load(tile_i_ptr + o * _TI + 0, mask=tm, other=_BIG)
     nf = tl.sum(tl.load(tile_i_ptr + o * _TI + 1, mask=tm, other=0), 0)
     bad = tl.sum(tl.load(tile_i_ptr + o * _TI + 2, mask=tm, other=0), 0)
-    m, lse = _combine_lse(mt, st)
-    _, lse_raw = _combine_lse(rmt, rst)
+    m, ls = _combine_lse(mt, st)
+    m_raw, ls_raw = _combine_lse(rmt, rst)
     amax = tl.min(tl.where(mt == m, at, _BIG), 0)
     valid = (bad == 0) & (nf > 0)
     temp = tl.load(fparams_ptr + row * NF + F_TEMPERATURE)
     rf = rowf_ptr + row * _NRF
     tl.store(rf + _RF_M, m)
-    tl.store(rf + _RF_LSE, lse)
-    tl.store(rf + _RF_LSE_RAW, lse_raw)
-    tl.store(rf + _RF_LSE_KEPT, lse)
+    tl.store(rf + _RF_LS, ls)
+    tl.store(rf + _RF_M_RAW, m_raw)
+    tl.store(rf + _RF_LS_RAW, ls_raw)
+    tl.store(rf + _RF_M_KEPT, m)
+    tl.store(rf + _RF_LS_KEPT, ls)
     tl.store(rf + _RF_ZLO, float("-inf"))
     tl.store(rf + _RF_DOM_LO, float("-inf"))
     tl.store(rf + _RF_STHR, float("inf"))
-    tl.store(rf + _RF_LSE_S, 0.0)
-    tl.store(rf + _RF_H, 0.0)
+    tl.store(rf + _RF_MS, 0.0)
+    tl.store(rf + _RF_HC, 0.0)
     ri = rowi_ptr + row * _NRI
     tl.store(ri + _RI_VALID, valid.to(tl.int32))
     tl.store(ri + _RI_ARGMAX, tl.where(valid, amax, -1))
@@ -188,9 +195,11 @@ def _kept_stats_kernel(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr
         sc = tl.exp(m - safe)
         e = tl.exp(zk - safe)
         if SURVIVORS:
-            # sum of e * (z - nm), rescaled: sum_old e'(z - m) -> sc * (sum_old + (m - nm) * s_old)
-            w = sc * (w + tl.where(m == float("-inf"), 0.0, m - safe) * s) + tl.sum(
-                tl.where(keep, e * (zk - safe), 0.0), 0)
+            # sum of e * (z - nm), rescaled: sum_old e'(z - m) -> sc * (sum_old + (m - nm) * s_old). A term with
+            # e == 0 is 0 (q = 0: 0 · ln 0 = 0, docs/semantics.md §3 E item 4), also where z - nm (or m - nm)
+            # overflows to -inf in float32, which would make 0 * -inf = NaN.
+            w = tl.where(sc > 0.0, sc * (w + tl.where(m == float("-inf"), 0.0, m - safe) * s), 0.0) + tl.sum(
+                tl.where(keep & (e > 0.0), e * (zk - safe), 0.0), 0)
         s = s * sc + tl.sum(e, 0)
         m = nm
     o = (row * NC + chunk) * 3
@@ -216,15 +225,14 @@ def _typical_combine_kernel(tile_w_ptr, rowf_ptr, active_ptr,
     sc = tl.where(mt == float("-inf"), 0.0, tl.exp(mt - safe))
     d = tl.where(mt == float("-inf"), 0.0, mt - safe)
     s = tl.sum(st * sc, 0)
-    # sum_i e^{z_i - m} (z_i - m) over all tiles
-    w = tl.sum(sc * (wt + d * st), 0)
-    log_s = tl.log(s)
-    lse_s = safe + log_s
-    # H = -sum q ln q = lse_s - sum q z = log_s - sum q (z - m)
-    h = log_s - w / s
+    # sum_i e^{z_i - m} (z_i - m) over all tiles; a chunk whose weight underflows to 0 adds 0 (its d may be -inf
+    # when mt - m overflows: 0 · ln 0 = 0, docs/semantics.md §3 E item 4)
+    w = tl.sum(tl.where(sc > 0.0, sc * (wt + d * st), 0.0), 0)
+    # H = -sum q ln q = ln s + sum q (m - z); typical_s needs only m and hc = sum q (m - z) = -w / s
+    hc = -w / s
     if tl.load(active_ptr + row) != 0:  # other rows keep (0, 0): s stays finite, their s_thr is +inf
-        tl.store(rowf_ptr + row * _NRF + _RF_LSE_S, lse_s)
-        tl.store(rowf_ptr + row * _NRF + _RF_H, h)
+        tl.store(rowf_ptr + row * _NRF + _RF_MS, safe)
+        tl.store(rowf_ptr + row * _NRF + _RF_HC, hc)
 
 
 def stats_pass(ctx) -> None:
@@ -254,8 +262,8 @@ def kept_weights_pass(ctx, active) -> None:
 
 
 def typical_entropy_pass(ctx, active) -> None:
-    """Log-normaliser and entropy of the survivors ``z >= zlo`` of the ``active`` rows (B,) int32 into
-    ``rowf[:, RF_LSE_S / RF_H]``."""
+    """Max and mean distance to it (what the typical-p distance needs, `penalties.typical_s`) of the survivors
+    ``z >= zlo`` of the ``active`` rows (B,) int32 into ``rowf[:, RF_MS / RF_HC]``."""
     b, nc = ctx.B, ctx.NC
     tw = torch.zeros((b, nc, 3), dtype=torch.float32, device=ctx.device)
     _kept_stats_kernel[(b, nc)](*ctx.zargs(), ctx.rowf, active, tw, *ctx.zstrides(), *ctx.zsizes(), **ctx.zflags(),
