@@ -18,7 +18,7 @@ from fastsampler.bench.providers import (
 )
 from fastsampler.bench.report import CSV_COLUMNS, FAILED, NA, OK, SKIPPED, format_summary, format_table, run_info
 from fastsampler.bench.runner import BenchConfig, run_benchmark
-from fastsampler.bench.scenarios import SCENARIOS, check_inputs, make_inputs
+from fastsampler.bench.scenarios import DEFAULT_SCENARIOS, SCENARIOS, check_inputs, make_inputs
 from fastsampler.bench.timing import TimingConfig
 
 CPU = torch.device("cpu")
@@ -47,7 +47,7 @@ def test_cli_quick_smoke(tmp_path):
     assert header == CSV_COLUMNS
     providers = {r["provider"] for r in rows}
     assert {"torch-sort", "torch-warpers", "numpy-ref"} <= providers
-    assert len(rows) == len(SCENARIOS) * 2 * len(providers)
+    assert len(rows) == len(DEFAULT_SCENARIOS) * 2 * len(providers)
     for r in rows:
         assert r["device_type"] == "cpu" and r["torch_version"] == torch.__version__ and r["timestamp"]
         if r["provider"] in ("torch-sort", "torch-warpers", "numpy-ref"):
@@ -237,3 +237,12 @@ def test_gpu_check_script_parses():
         pytest.skip("no bash")
     r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
+
+
+def test_cli_overhead_scenario(capsys):
+    """``--scenarios overhead``: the host cost of a step against torch.argmax, one row per (scenario, API)."""
+    assert main(["--scenarios", "overhead", "--quick", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "x argmax" in out and "argmax" in out
+    for scenario in ("greedy", "plain", "full"):
+        assert any(line.startswith(scenario) and "Sampler.sample" in line for line in out.splitlines())

@@ -88,8 +88,8 @@ def test_op_output_matches_the_backend_and_never_aliases_inputs(backend: str) ->
                                       torch.int64, torch.float32]
 
 
-def test_functional_sample_goes_through_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
+def _spy_op(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
     real = torch.ops.fastsampler.sample_packed
 
     class Spy:
@@ -98,8 +98,57 @@ def test_functional_sample_goes_through_the_op(monkeypatch: pytest.MonkeyPatch) 
             return real(*a, **k)
 
     monkeypatch.setattr(torch.ops.fastsampler, "sample_packed", Spy())
-    out = fastsampler.sample(torch.tensor([[0.0, 3.0, 1.0]]), SamplingParams(temperature=0.0), backend="reference")
-    assert out.tokens.tolist() == [1] and calls == ["reference"]
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["reference", *(["cpu"] if "cpu" in BACKENDS else [])])
+def test_eager_calls_skip_the_op(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    """Outside tracing both APIs call the backend directly (the op's dispatch costs tens of µs per step)."""
+    calls = _spy_op(monkeypatch)
+    out = fastsampler.sample(torch.tensor([[0.0, 3.0, 1.0]]), SamplingParams(temperature=0.0), backend=backend)
+    assert out.tokens.tolist() == [1]
+    s = Sampler(3, 2, backend=backend)
+    slots = s.add(SamplingParams(temperature=0.0))
+    assert s.sample(torch.tensor([[0.0, 3.0, 1.0]]), slots).tokens.tolist() == [1]
+    assert s.sample(torch.tensor([[0.0, 3.0, 1.0]]), torch.tensor(slots)).tokens.tolist() == [1]
+    assert calls == []
+
+
+def test_use_op_only_while_tracing() -> None:
+    from fastsampler._custom_ops import use_op
+
+    x = torch.zeros(2, 3)
+    assert not use_op(x)
+    with FakeTensorMode() as mode:
+        assert use_op(mode.from_tensor(x))
+        assert use_op(torch.empty(2, 3))  # a dispatch mode is active
+
+    seen = []
+
+    def f(t):
+        seen.append(use_op(t))
+        return t + 1
+
+    torch.compile(f, fullgraph=True, backend="eager")(x)
+    assert seen == [True]
+
+
+def test_functional_sample_goes_through_the_op_under_compile() -> None:
+    """Traced by torch.compile, the step holds the custom op (what CUDA graphs and inductor need)."""
+    targets: list[str] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    params = SamplingParams(temperature=0.0, seed=1)
+
+    def step(x):
+        return fastsampler.sample(x * 1.0, params, backend="reference").tokens
+
+    x = torch.tensor([[0.0, 3.0, 1.0]])
+    assert torch.compile(step, backend=record)(x).tolist() == [1]
+    assert any("fastsampler.sample_packed" in t for t in targets), targets
 
 
 def test_compile_op_fullgraph() -> None:

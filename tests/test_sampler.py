@@ -25,6 +25,7 @@ from fastsampler.sampler import COUNT_MAX
 from strategies import logits_rows, sampling_params
 
 BACKENDS = available_backends()
+HOST_BACKENDS = [b for b in BACKENDS if b != "triton"]  # state on the CPU
 V = 70  # three mask words, the last one partial (bit layout across a word boundary)
 EOS = 1
 
@@ -257,8 +258,9 @@ def test_invalid_row_leaves_its_slot_unchanged(backend: str) -> None:
     assert s.mirostat_mu_of(a[0]) == mu0
 
 
-def test_counts_saturate_at_int16_max() -> None:
-    s = Sampler(V, 1, backend="reference")
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_counts_saturate_at_int16_max(backend: str) -> None:
+    s = Sampler(V, 1, backend=backend)
     x = s.add(SamplingParams(temperature=0.0))[0]
     assert s._counts.dtype == torch.int16
     s._counts[x, 4] = COUNT_MAX - 1
@@ -283,10 +285,11 @@ def test_padded_logits_and_min_tokens(backend: str) -> None:
     assert toks == [10, 10, EOS]
 
 
-def test_inference_mode_either_way() -> None:
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_inference_mode_either_way(backend: str) -> None:
     """State built inside torch.inference_mode is still updated in place outside it, and the reverse."""
     with torch.inference_mode():
-        s = Sampler(V, 2, backend="reference")
+        s = Sampler(V, 2, backend=backend)
         x = s.add(SamplingParams(seed=1, frequency_penalty=0.5, logit_bias={3: 1.0}))
         s.sample(torch.zeros(1, V), x)
     s.sample(torch.zeros(1, V), x)
@@ -304,8 +307,9 @@ def test_empty_batch() -> None:
     assert s.sample(torch.zeros(0, V), torch.zeros(0, dtype=torch.int64)).top_logprobs.shape == (0, 2)
 
 
-def test_remove_and_re_add_resets_the_slot() -> None:
-    s = Sampler(V, 1, backend="reference")
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_remove_and_re_add_resets_the_slot(backend: str) -> None:
+    s = Sampler(V, 1, backend=backend)
     x = s.add(SamplingParams(temperature=0.0, repetition_penalty=2.0, allowed_token_ids=[4, 5]), [4])
     logits = torch.zeros(1, V)
     logits[0, 4] = 1.0
@@ -417,7 +421,8 @@ def test_device_bias_csr_pads_rows_with_zero_entries(vocab: int) -> None:
     assert host[0].tolist() == [0, 1, 4, 6, 6] and host[1].tolist() == [5, 0, 3, 6, 1, 2]
 
 
-@pytest.mark.parametrize("name", ["fastsampler.sampler", "fastsampler._custom_ops"])
+@pytest.mark.parametrize("name", ["fastsampler.sampler", "fastsampler._custom_ops", "fastsampler._batch",
+                                  *(["fastsampler.cpu"] if "cpu" in BACKENDS else [])])
 def test_docstring_examples(name: str) -> None:
     import doctest
     import importlib
@@ -461,3 +466,112 @@ def test_random_request_mixes_match_reference(backend: str) -> None:
             mu = out.mirostat_mu.astype(np.float32)
 
     run()
+
+
+# ------------------------------------------------------------------------------------------- the per-step fast path
+def _twins(backend: str, n: int = 8) -> tuple[Sampler, Sampler, list[int]]:
+    twins = [Sampler(V, n, _dev(backend), eos_token_ids=[EOS], backend=backend) for _ in range(2)]
+    for s in twins:
+        slots = []
+        for p, pr in zip(_mix(), _prompts(6), strict=True):
+            slots += s.add(p, pr)
+    return twins[0], twins[1], slots
+
+
+def _state(s: Sampler) -> list[torch.Tensor]:
+    return [s._steps.cpu(), s._counts.cpu(), s._mu.cpu()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], (2, 3, 4, 5, 6), [6, 2, 5, 0], [1, 3, 5]])
+def test_slot_list_fast_path_matches_the_general_path(backend: str, order: list[int]) -> None:
+    """A list / tuple of slots (cached rows, views of the state for consecutive slots, the backend called directly)
+    gives the outputs and state updates of the general path, with padded logits and a token bitmask too."""
+    fast, slow, _ = _twins(backend)
+    g = torch.Generator().manual_seed(3)
+    tb = torch.from_numpy(ids_to_bitmask([range(0, 60)] * len(order), V + 10)).to(_dev(backend))
+    for k in range(_steps(backend, 4)):
+        logits = torch.randn(len(order), V + (10 if k % 2 else 0), generator=g).to(_dev(backend))
+        bm = tb[:, : (V + 31) // 32 + (1 if k % 2 else 0)] if k >= 2 else None
+        a = fast.sample(logits, order, token_bitmask=bm)
+        b = slow._sample_general(logits, list(order), bm)
+        for x, y in zip(a, b, strict=True):
+            assert x.shape == y.shape and x.dtype == y.dtype
+            assert torch.equal(x, y) or (x.is_floating_point() and torch.allclose(x, y, equal_nan=True))
+        for x, y in zip(_state(fast), _state(slow), strict=True):
+            assert torch.equal(x, y) or torch.allclose(x, y, equal_nan=True)
+    assert fast.step_of(order[0]) == _steps(backend, 4)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_slot_list_cache_follows_add_remove_and_reserve(backend: str) -> None:
+    s = Sampler(V, 3, backend=backend)
+    a = s.add(SamplingParams(temperature=0.0))
+    b = s.add(SamplingParams(temperature=0.0, banned_token_ids=[7]))
+    logits = torch.zeros(2, V)
+    logits[:, 7] = 5.0
+    logits[:, 9] = 4.0
+    assert s.sample(logits, a + b).tokens.tolist() == [7, 9]
+    s.remove(b)
+    c = s.add(SamplingParams(temperature=0.0, logit_bias={9: 2.0}))
+    assert c == b and s.sample(logits, a + c).tokens.tolist() == [7, 9]  # the new request's rows, not the old
+    s.remove(c)
+    with pytest.raises(ValueError, match=r"slot 1 is not in use"):
+        s.sample(logits, a + c)
+    s.add(SamplingParams(temperature=0.0, logprobs=True, top_logprobs=2))
+    s.reserve(allowed_mask=True, logit_bias_entries=4)
+    out = s.sample(logits, a + c)
+    assert out.tokens.tolist() == [7, 7] and out.top_logprob_ids.shape == (2, 2)
+    with pytest.raises(TypeError, match="slot must be an int, got True"):
+        s.sample(logits[:1], [True])  # equal to 1 and hashed alike: never served from the cache
+    with pytest.raises(ValueError, match="slots must be distinct within a batch"):
+        s.sample(logits, [0, 0])
+    assert s.sample(logits[:1], [np.int64(1)]).tokens.tolist() == [7]
+
+
+def test_cpu_sampler_updates_its_state_through_views() -> None:
+    """On the CPU the fast path reads and writes the state tensors' own memory (no copies of the state)."""
+    if "cpu" not in BACKENDS:
+        pytest.skip("the C++ backend is unavailable")
+    s = Sampler(V, 4, backend="cpu")
+    steps, mu, counts, flat = s._host_state
+    assert steps.ctypes.data == s._steps.data_ptr() and mu.ctypes.data == s._mu.data_ptr()
+    assert counts.ctypes.data == flat.ctypes.data == s._counts.data_ptr()
+    slots = s.add(SamplingParams(temperature=0.0, n=2)) + s.add(SamplingParams(seed=1, mirostat_mode=2))
+    logits = torch.zeros(3, V)
+    logits[:, 11] = 9.0
+    for _ in range(3):
+        out = s.sample(logits[:2], [slots[2], slots[0]])  # not consecutive: gathered, written back
+    assert out.tokens[1].item() == 11 and s.step_of(slots[0]) == 3 and s.step_of(slots[1]) == 0
+    assert int(s.output_counts_of(slots[0])[11]) == 3 and not math.isnan(s.mirostat_mu_of(slots[2]))
+    out = s.sample(logits[:2], slots[:2])  # consecutive: views
+    assert s.step_of(slots[0]) == 4 and s.step_of(slots[1]) == 1 and int(s._counts[slots[1], 11]) == 1
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_threads_sharing_a_sampler_lose_no_update(backend: str) -> None:
+    """The lock makes concurrent steps on one Sampler run one after another: every step and count is kept."""
+    import threading
+
+    s = Sampler(V, 4, backend=backend)
+    slots = s.add(SamplingParams(temperature=0.0, n=4))
+    logits = torch.zeros(4, V)
+    logits[:, 3] = 1.0
+    n_threads, n_steps = 4, 25 if backend == "cpu" else 5
+    errors: list[BaseException] = []
+
+    def work(order: list[int]) -> None:
+        try:
+            for _ in range(n_steps):
+                s.sample(logits, order)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(slots if k % 2 else slots[::-1],)) for k in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [s.step_of(x) for x in slots] == [n_threads * n_steps] * 4
+    assert [int(s.output_counts_of(x)[3]) for x in slots] == [n_threads * n_steps] * 4

@@ -116,6 +116,38 @@ def test_exact_features(device, feature, ties, v):
     _check(logits, params, **kw)
 
 
+@pytest.mark.parametrize("slots", [False, True])
+def test_exact_sparse_logit_bias(device, monkeypatch, slots):
+    """The logit bias is applied in the kernels from the CSR: runs of entries longer than one match group, entries
+    on both sides of a chunk boundary, bans, rows without a bias next to rows with one; every pass that recomputes
+    ``z`` (stats, selects, typical, Mirostat v1, draw, logprobs) sees the same bias. With ``slots`` the batch goes
+    through a `Sampler` given a tensor of slots, whose CSR pads every row with zero-valued entries."""
+    monkeypatch.setenv("FASTSAMPLER_TRITON_CHUNK", "1024")
+    v = 3000
+    dense = {i: (-1.0) ** i * 0.25 * (i % 7) for i in range(1000, 1060)}  # crosses the boundary at id 1024
+    sparse = {i: 3.0 for i in range(5, v, 37)}
+    sparse.update({17: -math.inf, 2047: 4.5, 2048: -4.5, v - 1: 2.0})
+    params = [SP(seed=81, logit_bias=dense, top_k=40, top_p=0.9, logprobs=True, top_logprobs=4),
+              SP(seed=82, logit_bias=sparse, typical_p=0.8, logprobs=True, logprobs_mode="processed"),
+              SP(seed=83),
+              SP(seed=84, logit_bias={**dense, **sparse}, mirostat_mode=1, logprobs=True, logprobs_mode="final",
+                 top_logprobs=2),
+              SP(seed=85, temperature=0.0, logit_bias={2999: 100.0})]
+    logits = _logits(len(params), v, seed=17, scale=2.0, device=device)
+    if not slots:
+        _check(logits, params, steps=[1, 2, 3, 4, 5])
+        return
+    s = fastsampler.Sampler(vocab_size=v, max_slots=8, device=device, backend="triton")
+    idx = [s.add(p)[0] for p in params]
+    got = s.sample(logits, torch.tensor(idx, device=device))
+    want = reference.sample(logits.cpu().numpy(), params)
+    diag = reference.diagnose(logits.cpu().numpy(), params)
+    for r in range(len(params)):
+        if not diag["near_tie"][r]:
+            assert int(got.tokens[r]) == int(want.tokens[r]), r
+    np.testing.assert_allclose(got.logprobs.cpu().numpy(), want.logprobs, atol=1e-5, equal_nan=True)
+
+
 def test_exact_padded_vocab_and_eos_state(device):
     """vocab_size < logits.shape[1]: padding columns never read for validity nor sampled; device-side state."""
     v, vocab = 4200, 4097

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from ._batch import PackedBatch, pack_batch
+from ._batch import pack_batch, pack_host
 from ._custom_ops import sample_packed as _sample_packed_op
+from ._custom_ops import use_op
 from .output import SampleOutput
 from .params import SamplingParams
 
@@ -88,16 +90,34 @@ def _to_numpy_output(out: SampleOutput) -> SampleOutput:
     return out.numpy()
 
 
-def _prepare(logits: Any, params: Any, backend: str, kw: dict[str, Any]) -> tuple[Any, PackedBatch, bool]:
-    t, was_numpy = _as_torch(logits)
-    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    name = resolve_backend(backend, t.device, t.dtype)
+_LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# (backend, device type, dtype) -> (resolved name, module): valid while sys.modules holds that same module
+_RESOLVED: dict[tuple[str, str, torch.dtype], tuple[str, Any]] = {}
+
+
+def _backend_of(backend: str, device: torch.device, dtype: torch.dtype) -> tuple[str, Any]:
+    """`resolve_backend` + `_load`, remembered per (backend, device type, dtype): the resolution only depends on
+    which backend modules import, so a hit is re-validated against ``sys.modules`` (a module that stopped importing
+    resolves again)."""
+    key = (backend, device.type, dtype)
+    hit = _RESOLVED.get(key)
+    if hit is not None and sys.modules.get(_MODULES[hit[0]]) is hit[1]:
+        return hit
+    name = resolve_backend(backend, device, dtype)
     mod = _load(name)
+    if backend != "triton" or device.type != "cpu":  # Triton on the CPU depends on TRITON_INTERPRET, read per call
+        _RESOLVED[key] = (name, mod)
+    return name, mod
+
+
+def _prepare(logits: Any, params: Any, backend: str, kw: dict[str, Any]) -> tuple[str, Any, torch.Tensor, bool]:
+    t, was_numpy = _as_torch(logits)
+    if t.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    name, mod = _backend_of(backend, t.device, t.dtype)
     if not mod.supports(t.device, t.dtype):
         raise ValueError(f"backend={name!r} does not support logits of dtype {t.dtype} on device {t.device}")
-    batch = pack_batch(t, params, **kw)
-    return mod, batch, was_numpy
+    return name, mod, t, was_numpy
 
 
 def sample(
@@ -164,10 +184,14 @@ def sample(
     kw = dict(prompt_token_ids=prompt_token_ids, output_token_ids=output_token_ids, steps=steps, seqs=seqs,
               mirostat_mu=mirostat_mu, vocab_size=vocab_size, seeds=seeds, prompt_mask=prompt_mask,
               output_counts=output_counts, token_bitmask=token_bitmask, eos_token_ids=eos_token_ids)
-    mod, batch, was_numpy = _prepare(logits, params, backend, kw)
-    # through the torch custom op fastsampler::sample_packed, so that torch.compile / CUDA graphs can hold the step
-    name = _NAMES.get(mod.__name__)
-    out = mod.sample_packed(batch) if name is None else _sample_packed_op(name, batch)
+    name, mod, t, was_numpy = _prepare(logits, params, backend, kw)
+    if name == "cpu" and _NAMES.get(mod.__name__) == name and not use_op(t):
+        out = mod.sample_host(pack_host(t, params, **kw))  # numpy in, numpy to the kernels: no tensor round trip
+    else:
+        # the backend directly, or while tracing through the torch custom op fastsampler::sample_packed (so that
+        # torch.compile / CUDA graphs can hold the step)
+        batch = pack_batch(t, params, **kw)
+        out = mod.sample_packed(batch) if _NAMES.get(mod.__name__) != name else _sample_packed_op(name, batch)
     return _to_numpy_output(out) if was_numpy else out
 
 
@@ -202,6 +226,6 @@ def sampling_probs(
     kw = dict(prompt_token_ids=prompt_token_ids, output_token_ids=output_token_ids, steps=steps, seqs=seqs,
               mirostat_mu=mirostat_mu, vocab_size=vocab_size, seeds=seeds, prompt_mask=prompt_mask,
               output_counts=output_counts, token_bitmask=token_bitmask, eos_token_ids=eos_token_ids)
-    mod, batch, was_numpy = _prepare(logits, params, backend, kw)
-    probs = mod.sampling_probs_packed(batch)
+    _, mod, t, was_numpy = _prepare(logits, params, backend, kw)
+    probs = mod.sampling_probs_packed(pack_batch(t, params, **kw))
     return probs.detach().cpu().numpy() if was_numpy else probs

@@ -40,10 +40,12 @@ Packed form (all torch tensors on the logits' device, ``B`` rows, ``V = logits.s
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -78,6 +80,8 @@ class BatchFlags:
     any_penalty: bool = False  # repetition / frequency / presence on some row
     any_logprobs: bool = False
     any_eos_rule: bool = False  # some row bans EOS (min_tokens > 0 or ignore_eos)
+    any_mirostat_v1: bool = False  # some row uses Mirostat v1 (mirostat_mode == 1)
+    any_mirostat_v2: bool = False  # some row uses Mirostat v2 (mirostat_mode == 2)
 
     @property
     def any_truncation(self) -> bool:
@@ -111,6 +115,50 @@ class PackedBatch:
     @property
     def device(self) -> torch.device:
         return self.logits.device
+
+
+_FLAG_FIELDS = tuple(f.name for f in dataclasses.fields(BatchFlags))
+_FLAGS_OF_BITS: dict[int, BatchFlags] = {}
+
+
+def flags_to_int(flags: BatchFlags) -> int:
+    """Encode `BatchFlags` as an int, bit ``i`` = the ``i``-th field (declaration order)."""
+    return sum(1 << i for i, name in enumerate(_FLAG_FIELDS) if getattr(flags, name))
+
+
+def int_to_flags(bits: int) -> BatchFlags:
+    """Inverse of `flags_to_int` (the instances are cached: `BatchFlags` is frozen)."""
+    flags = _FLAGS_OF_BITS.get(bits)
+    if flags is None:
+        flags = BatchFlags(**{name: bool((bits >> i) & 1) for i, name in enumerate(_FLAG_FIELDS)})
+        if 0 <= bits < 1 << len(_FLAG_FIELDS):
+            _FLAGS_OF_BITS[bits] = flags
+    return flags
+
+
+ALL_GREEDY_BIT = 1 << _FLAG_FIELDS.index("all_greedy")
+
+
+def combine_bits(bits: Sequence[int]) -> int:
+    """The flag bits of a batch from its rows' bits: every flag is an OR over rows, except ``all_greedy`` (an AND,
+    and False for an empty batch)."""
+    bor, band = 0, -1
+    for x in bits:
+        bor |= x
+        band &= x
+    return (bor & ~ALL_GREEDY_BIT) | (band & ALL_GREEDY_BIT if bits else 0)
+
+
+def to_device(arr: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on ``device``: no copy on the CPU (the tensor shares the array's memory); on CUDA a
+    pinned staging copy and an asynchronous (``non_blocking``) host-to-device copy, which the CUDA caching host
+    allocator keeps alive until the copy has run; elsewhere an ordinary copy."""
+    t = torch.from_numpy(arr)
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda" and t.numel():
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def mask_words(vocab: int) -> int:
@@ -203,6 +251,8 @@ def batch_flags(plist: Sequence[SamplingParams]) -> BatchFlags:
         ),
         any_logprobs=any(p.logprobs for p in plist),
         any_eos_rule=any(p.min_tokens > 0 or p.ignore_eos for p in plist),
+        any_mirostat_v1=any(p.mirostat_mode == 1 for p in plist),
+        any_mirostat_v2=any(p.mirostat_mode == 2 for p in plist),
     )
 
 
@@ -219,6 +269,178 @@ def pack_param_rows(plist: Sequence[SamplingParams]) -> tuple[np.ndarray, np.nda
     return f, i
 
 
+class ParamRow:
+    """What packing needs from one `SamplingParams`, computed once per params object (`param_row`).
+
+    Attributes
+    ----------
+    f, i : np.ndarray
+        The ``(NF,)`` float32 and ``(NI,)`` int32 parameter rows (`pack_param_rows`).
+    bits : int
+        ``flags_to_int(batch_flags([params]))``.
+    seed : int or None
+        The seed's int64 bit pattern; None when ``params.seed`` is None (a fresh seed per call).
+    mu : np.float32
+        Mirostat ``mu`` before the first step: ``2 * mirostat_target``, NaN without Mirostat.
+    n_top : int
+        ``params.top_logprobs``.
+    restricted : bool
+        Allowed or banned ids are set.
+    bias_ids, bias_vals : np.ndarray
+        The logit bias, int32 ids ascending and their float32 values.
+    max_id : int
+        The largest token id the params name (allowed, banned, logit bias); -1 when none.
+    """
+
+    __slots__ = ("f", "i", "bits", "seed", "mu", "n_top", "restricted", "bias_ids", "bias_vals", "max_id", "_ids",
+                 "_allowed")
+
+    def __init__(self, p: SamplingParams) -> None:
+        f, i = pack_param_rows([p])
+        self.f, self.i = f[0], i[0]
+        self.bits = flags_to_int(batch_flags([p]))
+        self.seed = None if p.seed is None else seed_to_int64(p.seed)
+        with np.errstate(over="ignore"):  # 2 * tau beyond FLT_MAX is mu = inf (keeps every token), as in float32
+            self.mu = np.array(2.0 * p.mirostat_target if p.mirostat_mode else np.nan, dtype=np.float32)[()]
+        self.n_top = p.top_logprobs
+        self.restricted = p.allowed_token_ids is not None or p.banned_token_ids is not None
+        nb = len(p.logit_bias)
+        self.bias_ids = np.fromiter(p.logit_bias.keys(), dtype=np.int32, count=nb)
+        self.bias_vals = np.fromiter(p.logit_bias.values(), dtype=np.float32, count=nb)
+        self.max_id = max(-1, *(max(ids, default=-1) for ids in (p.allowed_token_ids or (), p.banned_token_ids or (),
+                                                                  p.logit_bias.keys())))
+        self._ids = (p.allowed_token_ids, p.banned_token_ids)  # for the allowed rows, built per width
+        self._allowed: dict[int, np.ndarray] = {}
+
+    def allowed_row(self, v: int) -> np.ndarray:
+        """The ``(ceil(v / 32),)`` int32 allowed bitmask over ``v`` columns (all ones when nothing is restricted)."""
+        row = self._allowed.get(v)
+        if row is None:
+            allowed, banned = self._ids
+            row = np.full(mask_words(v), -1, dtype=np.int32) if allowed is None else ids_to_bitmask([allowed], v)[0]
+            if banned is not None:
+                row &= ~ids_to_bitmask([banned], v)[0]
+            if len(self._allowed) < 8:  # a few logits widths per params
+                self._allowed[v] = row
+        return row
+
+
+_PARAM_ROWS: dict[int, tuple[weakref.ref, ParamRow]] = {}
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    hit = _PARAM_ROWS.get(key)
+    if hit is not None and hit[0] is ref:
+        _PARAM_ROWS.pop(key, None)
+
+
+def param_row(p: SamplingParams) -> ParamRow:
+    """The `ParamRow` of ``p``, cached while ``p`` lives (`SamplingParams` is frozen; keyed on the object, so no
+    hashing of its fields)."""
+    if torch.compiler.is_compiling():  # traced by dynamo: no cache (weak references, module state)
+        return ParamRow(p)
+    key = id(p)
+    hit = _PARAM_ROWS.get(key)
+    if hit is not None and hit[0]() is p:
+        return hit[1]
+    row = ParamRow(p)
+    try:
+        ref = weakref.ref(p, lambda r, k=key: _forget(k, r))
+    except TypeError:  # pragma: no cover - a subclass without weak references: not cached
+        return row
+    _PARAM_ROWS[key] = (ref, row)
+    return row
+
+
+class ParamBatch:
+    """What packing needs from one `SamplingParams` per row, for a batch: cached per list of params objects (or per
+    single params and batch size) by `param_batch`, so that a decoding loop that passes the same params each step packs
+    them once. The arrays are read-only (shared between calls); `pack_batch` hands out copies.
+    """
+
+    __slots__ = ("params", "rows", "f", "i", "bits", "n_top", "seeds", "mu", "restricted", "max_id", "bias", "single")
+
+    def __init__(self, params: SamplingParams | tuple[SamplingParams, ...], rows: list[ParamRow], single: bool,
+                 readonly: bool = True) -> None:
+        _readonly = _set_readonly if readonly else _same
+        self.params = params  # strong references: the cache key holds their ids
+        self.rows = rows
+        self.single = single
+        b = len(rows)
+        uniq = rows[:1] if single else rows
+        self.f = _readonly(np.stack([e.f for e in rows]) if b else np.zeros((0, NF), dtype=np.float32))
+        self.i = _readonly(np.stack([e.i for e in rows]) if b else np.zeros((0, NI), dtype=np.int32))
+        self.bits = combine_bits([e.bits for e in uniq])
+        self.n_top = max((e.n_top for e in uniq), default=0)
+        self.seeds = None if any(e.seed is None for e in uniq) else _readonly(
+            np.array([e.seed for e in rows], dtype=np.int64))
+        self.mu = _readonly(np.array([e.mu for e in rows], dtype=np.float32))
+        self.restricted = any(e.restricted for e in uniq)
+        self.max_id = max((e.max_id for e in uniq), default=-1)
+        self.bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        if any(e.bias_ids.size for e in uniq):
+            indptr = np.zeros(b + 1, dtype=np.int32)
+            np.cumsum([e.bias_ids.size for e in rows], out=indptr[1:])
+            self.bias = (_readonly(indptr), _readonly(np.concatenate([e.bias_ids for e in rows])),
+                         _readonly(np.concatenate([e.bias_vals for e in rows])))
+
+    def allowed(self, v: int) -> np.ndarray:
+        """``(B, ceil(v / 32))`` int32 allowed bitmask (built per call: it can be large, so it is not cached here)."""
+        if self.single:
+            return np.repeat(self.rows[0].allowed_row(v)[None, :], len(self.rows), axis=0)
+        return np.stack([e.allowed_row(v) for e in self.rows])
+
+    def plist(self) -> list[SamplingParams]:
+        return [self.params] * len(self.rows) if self.single else list(self.params)  # type: ignore[arg-type]
+
+
+def _set_readonly(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+def _same(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+_PARAM_BATCHES: dict[tuple[Any, ...], ParamBatch] = {}
+_MAX_PARAM_BATCHES = 64
+_BIG_BIAS = 1 << 16  # a batch with more logit-bias entries than this is not cached (memory)
+
+
+def param_batch(params: SamplingParams | Sequence[SamplingParams], b: int) -> ParamBatch:
+    """The `ParamBatch` of ``params`` (one for every row, or one per row) for ``b`` rows, checked and cached.
+
+    The cache is keyed on the params objects' ids and holds references to them (so an id in a key cannot be reused
+    while the entry lives); it holds at most `_MAX_PARAM_BATCHES` batches (then starts over).
+    """
+    single = isinstance(params, SamplingParams)
+    if torch.compiler.is_compiling():  # traced by dynamo: no cache, no read-only flags
+        if single:
+            return ParamBatch(params, [param_row(params)] * b, True, readonly=False)  # type: ignore[arg-type]
+        plist = normalize_params(params, b)
+        return ParamBatch(tuple(plist), [param_row(p) for p in plist], False, readonly=False)
+    if single:
+        key: tuple[Any, ...] = ("one", id(params), b)
+    else:
+        if not isinstance(params, (list, tuple)):
+            params = list(params)  # an iterator: read once
+        key = tuple(map(id, params))
+    hit = _PARAM_BATCHES.get(key)
+    if hit is not None and len(hit.rows) == b:  # (a list's key does not hold b: one of another length is refused)
+        return hit
+    if single:
+        pb = ParamBatch(params, [param_row(params)] * b, True)  # type: ignore[arg-type]
+    else:
+        plist = normalize_params(params, b)
+        pb = ParamBatch(tuple(plist), [param_row(p) for p in plist], False)
+    if pb.bias is None or pb.bias[1].size <= _BIG_BIAS:
+        if len(_PARAM_BATCHES) >= _MAX_PARAM_BATCHES:
+            _PARAM_BATCHES.clear()  # (atomic: other threads may be packing)
+        _PARAM_BATCHES[key] = pb
+    return pb
+
+
 _INDEX_RANGES = {  # host values of the per-row index arguments: what is allowed
     "seeds": (-(1 << 63), (1 << 64) - 1, "in [0, 2**64) (or its int64 bit pattern, >= -2**63)"),
     "steps": (0, (1 << 63) - 1, "in [0, 2**63)"),
@@ -226,13 +448,15 @@ _INDEX_RANGES = {  # host values of the per-row index arguments: what is allowed
 }
 
 
-def _as_index_tensor(x: Any, name: str, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A ``(batch,)`` tensor of ``dtype`` on ``device`` from a tensor (used as it is: reading it would synchronise)
-    or host values (checked: integers in the argument's range for the index columns, reals for ``mirostat_mu``)."""
+def _index_values(x: Any, name: str, batch: int, device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor | np.ndarray:
+    """A ``(batch,)`` tensor of ``dtype`` on ``device`` from a tensor (used as it is: reading it would synchronise),
+    or a host array from host values (checked: integers in the argument's range for the index columns, reals for
+    ``mirostat_mu``)."""
     if isinstance(x, torch.Tensor):
         if dtype == torch.int64 and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
             raise TypeError(f"{name} must be an integer tensor, got {x.dtype}")
-        t = x.to(device=device, dtype=dtype, non_blocking=True)
+        t: torch.Tensor | np.ndarray = x.to(device=device, dtype=dtype, non_blocking=True)
     else:
         arr = np.asarray(x)
         if arr.shape != (batch,):
@@ -241,14 +465,20 @@ def _as_index_tensor(x: Any, name: str, batch: int, device: torch.device, dtype:
             lo, hi, rng = _INDEX_RANGES[name]
             vals = [check_int(f"{name}[{r}]", v.item() if isinstance(v, np.generic) else v, lo, hi, rng)
                     for r, v in enumerate(arr.tolist() if arr.dtype != object else list(arr))]
-            t = torch.tensor([seed_to_int64(v) for v in vals], dtype=torch.int64).to(device)
+            t = np.array([seed_to_int64(v) for v in vals], dtype=np.int64)
         else:
             if arr.dtype.kind not in "iuf":
                 raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
-            t = torch.as_tensor(arr.astype(np.float32), device=device, dtype=dtype)
-    if t.shape != (batch,):
+            t = arr.astype(np.float32)
+    if tuple(t.shape) != (batch,):
         raise ValueError(f"{name} must have shape ({batch},), got {tuple(t.shape)}")
     return t
+
+
+def _as_index_tensor(x: Any, name: str, batch: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`_index_values` as a tensor on ``device``."""
+    t = _index_values(x, name, batch, device, dtype)
+    return to_device(t, device) if isinstance(t, np.ndarray) else t
 
 
 def _as_state_tensor(x: Any, name: str) -> torch.Tensor:
@@ -259,6 +489,178 @@ def _as_state_tensor(x: Any, name: str) -> torch.Tensor:
     if arr.dtype == object:
         raise TypeError(f"{name} must be a torch tensor or a numpy array of integers, got {type(x).__name__}")
     return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+class HostBatch(NamedTuple):
+    """`pack_host`: the packed batch of CPU logits with numpy arrays in place of tensors (the fields and their
+    meaning are those of `PackedBatch`). The arrays may be shared with a cache or with the caller's tensors: read
+    them, never write them."""
+
+    logits: torch.Tensor
+    vocab_size: int
+    fparams: np.ndarray
+    iparams: np.ndarray
+    seeds: np.ndarray
+    steps: np.ndarray
+    seqs: np.ndarray
+    mirostat_mu: np.ndarray
+    allowed_mask: np.ndarray | None
+    prompt_mask: np.ndarray | None
+    output_counts: np.ndarray | None
+    bias_indptr: np.ndarray | None
+    bias_ids: np.ndarray | None
+    bias_vals: np.ndarray | None
+    eos_ids: np.ndarray
+    n_top: int
+    flags: BatchFlags
+
+
+def _host_array(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor."""
+    return (t.detach() if t.requires_grad else t).numpy()
+
+
+_EMPTY_EOS = _set_readonly(np.zeros(0, dtype=np.int32))
+
+
+def _pack(
+    logits: torch.Tensor,
+    params: SamplingParams | Sequence[SamplingParams],
+    host: bool,
+    prompt_token_ids: Sequence[Sequence[int]] | None,
+    output_token_ids: Sequence[Sequence[int]] | None,
+    steps: Any,
+    seqs: Any,
+    mirostat_mu: Any,
+    vocab_size: int | None,
+    seeds: Any,
+    prompt_mask: torch.Tensor | None,
+    output_counts: torch.Tensor | None,
+    token_bitmask: torch.Tensor | None,
+    eos_token_ids: Sequence[int] | torch.Tensor,
+) -> tuple[list[Any], int, int, BatchFlags]:
+    """The packing of `pack_batch` / `pack_host`: the 13 array fields of a packed batch (``fparams`` ..
+    ``eos_ids``), the vocabulary size, ``n_top`` and the flags. Fields are numpy arrays (``host``) or tensors on the
+    logits' device."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D (batch_size, vocab_size), got shape {tuple(logits.shape)}")
+    b, v = logits.shape
+    dev = logits.device
+    if v > MAX_COLUMNS:
+        raise ValueError(f"logits may have at most 2^24 - 1 = {MAX_COLUMNS} columns (token ids are exact in float32 "
+                         f"lanes up to 2^24), got {v}")
+    vocab = v if vocab_size is None else check_int("vocab_size", vocab_size, 1, v)
+    pb = param_batch(params, b)
+    # a token id of the params outside [0, vocab): the per-row checks below raise, naming the row
+    bad_ids = pb.max_id >= vocab
+
+    # host arrays from the cache are shared: copied where they become tensors the caller could write to
+    def own(a: np.ndarray) -> np.ndarray:
+        return a if host else a.copy()
+
+    # seeds: explicit tensor > params.seed > fresh random
+    if seeds is None:
+        if pb.seeds is not None:
+            seeds_v: Any = own(pb.seeds)
+        else:
+            seeds_v = np.array([e.seed if e.seed is not None else seed_to_int64(random_seed()) for e in pb.rows],
+                               dtype=np.int64)
+    else:
+        seeds_v = _index_values(seeds, "seeds", b, dev, torch.int64)
+    steps_v = np.zeros(b, dtype=np.int64) if steps is None else _index_values(steps, "steps", b, dev, torch.int64)
+    seqs_v = np.zeros(b, dtype=np.int64) if seqs is None else _index_values(seqs, "seqs", b, dev, torch.int64)
+    mu_v = own(pb.mu) if mirostat_mu is None else _index_values(mirostat_mu, "mirostat_mu", b, dev, torch.float32)
+
+    w = mask_words(v)
+    # allowed / banned ids -> allowed bitmask
+    allowed: Any = None
+    if pb.restricted:
+        if bad_ids:
+            for r, p in enumerate(pb.plist()):
+                if p.allowed_token_ids is not None:
+                    check_ids("allowed_token_ids", r, p.allowed_token_ids, vocab)
+                if p.banned_token_ids is not None:
+                    check_ids("banned_token_ids", r, p.banned_token_ids, vocab)
+        allowed = pb.allowed(v)
+    if token_bitmask is not None:
+        tb = _as_state_tensor(token_bitmask, "token_bitmask")
+        if tb.dtype != torch.int32 or tb.dim() != 2 or tb.shape[0] != b or tb.shape[1] < mask_words(vocab):
+            raise ValueError(
+                f"token_bitmask must be int32 of shape ({b}, >= {mask_words(vocab)}), got {tb.dtype} "
+                f"{tuple(tb.shape)}"
+            )
+        tb = tb.to(dev, non_blocking=True)
+        if tb.shape[1] < w:  # pad: columns beyond vocab_size are masked anyway
+            tb = torch.nn.functional.pad(tb, (0, w - tb.shape[1]), value=-1)
+        tb = tb[:, :w]
+        allowed = tb.contiguous() if allowed is None else (to_device(allowed, dev) & tb)
+
+    # penalty state
+    prompt: Any = None
+    if prompt_mask is None and prompt_token_ids is not None:
+        if len(prompt_token_ids) != b:
+            raise ValueError(f"prompt_token_ids must hold batch_size={b} sequences, got {len(prompt_token_ids)}")
+        for r, ids in enumerate(prompt_token_ids):
+            check_ids("prompt_token_ids", r, ids, vocab)
+        prompt = ids_to_bitmask(prompt_token_ids, v)
+    elif prompt_mask is not None:
+        prompt = _as_state_tensor(prompt_mask, "prompt_mask")
+        if prompt.dtype != torch.int32 or tuple(prompt.shape) != (b, w):
+            raise ValueError(f"prompt_mask must be int32 of shape ({b}, {w}), got {prompt.dtype} "
+                             f"{tuple(prompt.shape)}")
+        prompt = prompt.to(dev)
+    counts: Any = None
+    if output_counts is None and output_token_ids is not None:
+        if len(output_token_ids) != b:
+            raise ValueError(f"output_token_ids must hold batch_size={b} sequences, got {len(output_token_ids)}")
+        counts = np.zeros((b, v), dtype=np.int32)
+        for r, ids in enumerate(output_token_ids):
+            check_ids("output_token_ids", r, ids, vocab)
+            if len(ids):
+                np.add.at(counts[r], np.asarray(ids, dtype=np.int64), 1)
+    elif output_counts is not None:
+        counts = _as_state_tensor(output_counts, "output_counts")
+        if counts.dtype not in (torch.int16, torch.int32) or counts.dim() != 2 or (
+            counts.shape[0] != b or counts.shape[1] < vocab
+        ):
+            raise ValueError(f"output_counts must be int16 or int32 of shape ({b}, >= {vocab}), got "
+                             f"{counts.dtype} {tuple(counts.shape)}")
+        counts = counts.to(dev)
+
+    # logit bias, CSR (ids sorted within a row: SamplingParams keeps logit_bias sorted)
+    bias_indptr = bias_ids = bias_vals = None
+    if pb.bias is not None:
+        if bad_ids:
+            for r, p in enumerate(pb.plist()):
+                check_ids("logit_bias", r, p.logit_bias.keys(), vocab)
+        bias_indptr, bias_ids, bias_vals = (own(a) for a in pb.bias)
+
+    eos: Any
+    if isinstance(eos_token_ids, torch.Tensor):
+        if eos_token_ids.dtype.is_floating_point or eos_token_ids.dtype == torch.bool or eos_token_ids.dim() != 1:
+            raise TypeError(f"eos_token_ids must be a 1-D integer tensor or a sequence of ints, got "
+                            f"{eos_token_ids.dtype} of shape {tuple(eos_token_ids.shape)}")
+        e64 = eos_token_ids.to(torch.int64)
+        if e64.device.type == "cpu":  # checked where reading costs no device sync
+            check_ids("eos_token_ids", None, e64.tolist(), vocab)
+        else:  # not read back: an id outside [0, vocab_size) must not wrap into the vocabulary; it bans nothing
+            e64 = torch.where((e64 >= 0) & (e64 < vocab), e64, -1)
+        eos = e64.to(device=dev, dtype=torch.int32)
+    elif isinstance(eos_token_ids, tuple) and not eos_token_ids:  # the default: no EOS ids
+        eos = _EMPTY_EOS if host else np.zeros(0, dtype=np.int32)
+    else:
+        eos_list = list(np.asarray(eos_token_ids).reshape(-1).tolist()) if isinstance(eos_token_ids, np.ndarray) \
+            else list(eos_token_ids)
+        check_ids("eos_token_ids", None, eos_list, vocab)
+        eos = np.array([int(t) for t in eos_list], dtype=np.int32)
+
+    fields = [own(pb.f), own(pb.i), seeds_v, steps_v, seqs_v, mu_v, allowed, prompt, counts, bias_indptr, bias_ids,
+              bias_vals, eos]
+    if host:  # every field a numpy array (tensors here are on the CPU: views)
+        fields = [x if x is None or isinstance(x, np.ndarray) else _host_array(x) for x in fields]
+    else:  # every field a tensor on the logits' device
+        fields = [to_device(x, dev) if isinstance(x, np.ndarray) else x for x in fields]
+    return fields, vocab, pb.n_top, int_to_flags(pb.bits if b else 0)
 
 
 def pack_batch(
@@ -280,142 +682,46 @@ def pack_batch(
     """Pack a batch for a backend. ``logits`` is a (B, V) torch tensor; all packed tensors land on its device.
 
     Sequence arguments (token histories) are packed here on the host; tensor arguments are used as they are (moved
-    to the logits' device, no host synchronisation).
+    to the logits' device, no host synchronisation). What depends only on the params (parameter rows, flags, seeds,
+    logit bias) is computed once per params object and list of them (`param_batch`). Host arrays become tensors
+    without a copy on the CPU, and through pinned memory with asynchronous copies on CUDA (`to_device`).
     """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be 2-D (batch_size, vocab_size), got shape {tuple(logits.shape)}")
-    b, v = logits.shape
-    dev = logits.device
-    if v > MAX_COLUMNS:
-        raise ValueError(f"logits may have at most 2^24 - 1 = {MAX_COLUMNS} columns (token ids are exact in float32 "
-                         f"lanes up to 2^24), got {v}")
-    vocab = v if vocab_size is None else check_int("vocab_size", vocab_size, 1, v)
-    plist = normalize_params(params, b)
-    flags = batch_flags(plist)
-    f, i = pack_param_rows(plist)
+    fields, vocab, n_top, flags = _pack(logits, params, False, prompt_token_ids, output_token_ids, steps, seqs,
+                                        mirostat_mu, vocab_size, seeds, prompt_mask, output_counts, token_bitmask,
+                                        eos_token_ids)
+    return PackedBatch(logits, vocab, *fields, n_top=n_top, flags=flags)
 
-    # seeds: explicit tensor > params.seed > fresh random
-    if seeds is None:
-        seed_arr = np.array([seed_to_int64(p.seed if p.seed is not None else random_seed()) for p in plist],
-                            dtype=np.int64)
-        seeds_t = torch.from_numpy(seed_arr).to(dev)
-    else:
-        seeds_t = _as_index_tensor(seeds, "seeds", b, dev, torch.int64)
-    steps_t = torch.zeros(b, dtype=torch.int64, device=dev) if steps is None else _as_index_tensor(
-        steps, "steps", b, dev, torch.int64)
-    seqs_t = torch.zeros(b, dtype=torch.int64, device=dev) if seqs is None else _as_index_tensor(
-        seqs, "seqs", b, dev, torch.int64)
-    if mirostat_mu is None:
-        with np.errstate(over="ignore"):  # 2 * tau beyond FLT_MAX is mu = inf (keeps every token), as in float32
-            mu = np.array([2.0 * p.mirostat_target if p.mirostat_mode else np.nan for p in plist], dtype=np.float32)
-        mu_t = torch.from_numpy(mu).to(dev)
-    else:
-        mu_t = _as_index_tensor(mirostat_mu, "mirostat_mu", b, dev, torch.float32)
 
-    w = mask_words(v)
-    # allowed / banned ids -> allowed bitmask
-    allowed_np = None
-    if any(p.allowed_token_ids is not None or p.banned_token_ids is not None for p in plist):
-        allowed_np = np.full((b, w), -1, dtype=np.int32)
-        for r, p in enumerate(plist):
-            if p.allowed_token_ids is not None:
-                check_ids("allowed_token_ids", r, p.allowed_token_ids, vocab)
-                allowed_np[r] = ids_to_bitmask([p.allowed_token_ids], v)[0]
-            if p.banned_token_ids is not None:
-                check_ids("banned_token_ids", r, p.banned_token_ids, vocab)
-                allowed_np[r] &= ~ids_to_bitmask([p.banned_token_ids], v)[0]
-    allowed_t = None if allowed_np is None else torch.from_numpy(allowed_np).to(dev)
-    if token_bitmask is not None:
-        tb = _as_state_tensor(token_bitmask, "token_bitmask")
-        if tb.dtype != torch.int32 or tb.dim() != 2 or tb.shape[0] != b or tb.shape[1] < mask_words(vocab):
-            raise ValueError(
-                f"token_bitmask must be int32 of shape ({b}, >= {mask_words(vocab)}), got {tb.dtype} "
-                f"{tuple(tb.shape)}"
-            )
-        tb = tb.to(dev, non_blocking=True)
-        if tb.shape[1] < w:  # pad: columns beyond vocab_size are masked anyway
-            tb = torch.nn.functional.pad(tb, (0, w - tb.shape[1]), value=-1)
-        tb = tb[:, :w]
-        allowed_t = tb.contiguous() if allowed_t is None else (allowed_t & tb)
+def pack_host(
+    logits: torch.Tensor,
+    params: SamplingParams | Sequence[SamplingParams],
+    *,
+    prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    output_token_ids: Sequence[Sequence[int]] | None = None,
+    steps: Any = None,
+    seqs: Any = None,
+    mirostat_mu: Any = None,
+    vocab_size: int | None = None,
+    seeds: Any = None,
+    prompt_mask: torch.Tensor | None = None,
+    output_counts: torch.Tensor | None = None,
+    token_bitmask: torch.Tensor | None = None,
+    eos_token_ids: Sequence[int] | torch.Tensor = (),
+) -> HostBatch:
+    """`pack_batch` for CPU logits, with numpy arrays in place of tensors (what the C++ backend reads): no tensor
+    is made only to be read back. The same checks and errors as `pack_batch`.
 
-    # penalty state
-    if prompt_mask is None and prompt_token_ids is not None:
-        if len(prompt_token_ids) != b:
-            raise ValueError(f"prompt_token_ids must hold batch_size={b} sequences, got {len(prompt_token_ids)}")
-        for r, ids in enumerate(prompt_token_ids):
-            check_ids("prompt_token_ids", r, ids, vocab)
-        prompt_mask = torch.from_numpy(ids_to_bitmask(prompt_token_ids, v)).to(dev)
-    elif prompt_mask is not None:
-        prompt_mask = _as_state_tensor(prompt_mask, "prompt_mask")
-        if prompt_mask.dtype != torch.int32 or tuple(prompt_mask.shape) != (b, w):
-            raise ValueError(f"prompt_mask must be int32 of shape ({b}, {w}), got {prompt_mask.dtype} "
-                             f"{tuple(prompt_mask.shape)}")
-        prompt_mask = prompt_mask.to(dev)
-    if output_counts is None and output_token_ids is not None:
-        if len(output_token_ids) != b:
-            raise ValueError(f"output_token_ids must hold batch_size={b} sequences, got {len(output_token_ids)}")
-        counts = np.zeros((b, v), dtype=np.int32)
-        for r, ids in enumerate(output_token_ids):
-            check_ids("output_token_ids", r, ids, vocab)
-            if len(ids):
-                np.add.at(counts[r], np.asarray(ids, dtype=np.int64), 1)
-        output_counts = torch.from_numpy(counts).to(dev)
-    elif output_counts is not None:
-        output_counts = _as_state_tensor(output_counts, "output_counts")
-        if output_counts.dtype not in (torch.int16, torch.int32) or output_counts.dim() != 2 or (
-            output_counts.shape[0] != b or output_counts.shape[1] < vocab
-        ):
-            raise ValueError(f"output_counts must be int16 or int32 of shape ({b}, >= {vocab}), got "
-                             f"{output_counts.dtype} {tuple(output_counts.shape)}")
-        output_counts = output_counts.to(dev)
-
-    # logit bias, CSR
-    bias_indptr = bias_ids = bias_vals = None
-    if any(p.logit_bias for p in plist):
-        indptr = np.zeros(b + 1, dtype=np.int32)
-        ids_l: list[int] = []
-        vals_l: list[float] = []
-        for r, p in enumerate(plist):
-            check_ids("logit_bias", r, p.logit_bias.keys(), vocab)
-            ids_l.extend(p.logit_bias.keys())
-            vals_l.extend(p.logit_bias.values())
-            indptr[r + 1] = len(ids_l)
-        bias_indptr = torch.from_numpy(indptr).to(dev)
-        bias_ids = torch.tensor(ids_l, dtype=torch.int32, device=dev)
-        bias_vals = torch.tensor(vals_l, dtype=torch.float32, device=dev)
-
-    if isinstance(eos_token_ids, torch.Tensor):
-        if eos_token_ids.dtype.is_floating_point or eos_token_ids.dtype == torch.bool or eos_token_ids.dim() != 1:
-            raise TypeError(f"eos_token_ids must be a 1-D integer tensor or a sequence of ints, got "
-                            f"{eos_token_ids.dtype} of shape {tuple(eos_token_ids.shape)}")
-        e64 = eos_token_ids.to(torch.int64)
-        if e64.device.type == "cpu":  # checked where reading costs no device sync
-            check_ids("eos_token_ids", None, e64.tolist(), vocab)
-        else:  # not read back: an id outside [0, vocab_size) must not wrap into the vocabulary; it bans nothing
-            e64 = torch.where((e64 >= 0) & (e64 < vocab), e64, -1)
-        eos_t = e64.to(device=dev, dtype=torch.int32)
-    else:
-        eos_list = list(np.asarray(eos_token_ids).reshape(-1).tolist()) if isinstance(eos_token_ids, np.ndarray) \
-            else list(eos_token_ids)
-        check_ids("eos_token_ids", None, eos_list, vocab)
-        eos_t = torch.tensor([int(t) for t in eos_list], dtype=torch.int32, device=dev)
-
-    return PackedBatch(
-        logits=logits,
-        vocab_size=vocab,
-        fparams=torch.from_numpy(f).to(dev),
-        iparams=torch.from_numpy(i).to(dev),
-        seeds=seeds_t,
-        steps=steps_t,
-        seqs=seqs_t,
-        mirostat_mu=mu_t,
-        allowed_mask=allowed_t,
-        prompt_mask=prompt_mask,
-        output_counts=output_counts,
-        bias_indptr=bias_indptr,
-        bias_ids=bias_ids,
-        bias_vals=bias_vals,
-        eos_ids=eos_t,
-        n_top=max((p.top_logprobs for p in plist), default=0),
-        flags=flags,
-    )
+    Examples
+    --------
+    >>> import torch
+    >>> from fastsampler.params import SamplingParams
+    >>> hb = pack_host(torch.zeros(2, 40), SamplingParams(seed=3, top_k=5))
+    >>> hb.fparams.shape, hb.seeds.tolist(), hb.flags.any_top_k
+    ((2, 9), [3, 3], True)
+    """
+    if logits.device.type != "cpu":
+        raise ValueError(f"pack_host packs CPU logits, got logits on {logits.device}")
+    fields, vocab, n_top, flags = _pack(logits, params, True, prompt_token_ids, output_token_ids, steps, seqs,
+                                        mirostat_mu, vocab_size, seeds, prompt_mask, output_counts, token_bitmask,
+                                        eos_token_ids)
+    return HostBatch(logits, vocab, *fields, n_top, flags)

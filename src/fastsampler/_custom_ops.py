@@ -19,6 +19,11 @@ mirostat_mu            float32 (B,)
 
 ``B = logits.shape[0]`` and ``N = n_top``. The op never mutates its inputs and never returns one of them (an output
 that a backend passes through, e.g. ``mirostat_mu`` of a batch without mirostat rows, is copied).
+
+`sample_packed` goes through the op only where it is needed: while ``torch.compile`` / ``torch.export`` trace, or on
+tensor subclasses and under a torch dispatch mode (fake tensors, ``make_fx``). An eager call on plain tensors runs
+the backend directly (`run_backend`, the same post-processing as the op): the op's dispatch costs tens of
+microseconds per call on the host, and its first call imports ``torch._dynamo`` (seconds).
 """
 
 # No ``from __future__ import annotations`` here: torch infers the op schema from the runtime annotations.
@@ -28,24 +33,13 @@ from typing import Optional
 
 import torch
 
-from ._batch import BatchFlags, PackedBatch
+from ._batch import PackedBatch, flags_to_int, int_to_flags
 from .output import SampleOutput
 
-__all__ = ["sample_packed", "flags_to_int", "int_to_flags"]
+__all__ = ["sample_packed", "run_backend", "use_op", "flags_to_int", "int_to_flags"]
 
-_FLAG_FIELDS = tuple(f.name for f in dataclasses.fields(BatchFlags))
 _OUT_DTYPES = (torch.int64, torch.bool, torch.float32, torch.int64, torch.float32, torch.int64, torch.float32)
-
-
-def flags_to_int(flags: BatchFlags) -> int:
-    """Encode `BatchFlags` as an int, bit ``i`` = the ``i``-th field (declaration order)."""
-    return sum(1 << i for i, name in enumerate(_FLAG_FIELDS) if getattr(flags, name))
-
-
-def int_to_flags(bits: int) -> BatchFlags:
-    """Inverse of `flags_to_int`."""
-    return BatchFlags(**{name: bool((bits >> i) & 1) for i, name in enumerate(_FLAG_FIELDS)})
-
+_len_dispatch_stack = torch._C._len_torch_dispatch_stack
 
 _MODULE_CACHE: dict[str, object] = {}
 
@@ -86,17 +80,23 @@ def _sample_packed_op(
         bias_indptr=bias_indptr, bias_ids=bias_ids, bias_vals=bias_vals, eos_ids=eos_ids, n_top=n_top,
         flags=int_to_flags(flags),
     )
-    out = _backend_module(backend).sample_packed(batch)
-    inputs = [t for t in (logits, fparams, iparams, seeds, steps, seqs, mirostat_mu, allowed_mask, prompt_mask,
-                          output_counts, bias_indptr, bias_ids, bias_vals, eos_ids) if t is not None]
+    return tuple(_finish(_backend_module(backend).sample_packed(batch), batch))
+
+
+def _finish(out: SampleOutput, batch: PackedBatch) -> list[torch.Tensor]:
+    """The backend's outputs as contiguous tensors of the op's dtypes on the logits' device, none of them sharing
+    memory with an input (an output a backend passes through, e.g. ``mirostat_mu``, is copied)."""
+    inputs = [t for t in (batch.logits, batch.fparams, batch.iparams, batch.seeds, batch.steps, batch.seqs,
+                          batch.mirostat_mu, batch.allowed_mask, batch.prompt_mask, batch.output_counts,
+                          batch.bias_indptr, batch.bias_ids, batch.bias_vals, batch.eos_ids) if t is not None]
     ptrs = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
     res = []
     for x, dt in zip(out, _OUT_DTYPES, strict=True):
-        x = torch.as_tensor(x).to(device=logits.device, dtype=dt)
+        x = torch.as_tensor(x).to(device=batch.logits.device, dtype=dt)
         if x.numel() and x.untyped_storage().data_ptr() in ptrs:
             x = x.clone()  # a custom op may not return (a view of) an input
         res.append(x.contiguous())
-    return tuple(res)
+    return res
 
 
 @_sample_packed_op.register_fake
@@ -114,8 +114,33 @@ def _(logits, fparams, iparams, seeds, steps, seqs, mirostat_mu, allowed_mask, p
     )
 
 
+def use_op(logits: torch.Tensor) -> bool:
+    """True when a step on ``logits`` must go through the custom op: ``torch.compile`` / ``torch.export`` is tracing,
+    ``logits`` is a tensor subclass (fake, functional, ...) or a torch dispatch mode is active (``make_fx``).
+
+    Cheap (well under a microsecond) and imports nothing: ``torch.compiler.is_compiling`` reads a flag, which dynamo
+    traces as True.
+    """
+    return torch.compiler.is_compiling() or type(logits) is not torch.Tensor or _len_dispatch_stack() > 0
+
+
+def run_backend(backend: str, batch: PackedBatch) -> SampleOutput:
+    """Run ``backend``'s ``sample_packed`` on ``batch`` directly, with the op's guarantees on the outputs.
+
+    The C++ backend's outputs already are fresh tensors of the right dtypes on the CPU; other backends' outputs go
+    through the op's post-processing (dtype, device, contiguous, a copy where an output shares an input's memory).
+    """
+    if batch.logits.requires_grad:  # as the op sees them: sampling is not differentiable
+        batch = dataclasses.replace(batch, logits=batch.logits.detach())
+    out = _backend_module(backend).sample_packed(batch)
+    if backend == "cpu":
+        return out
+    return SampleOutput(*_finish(out, batch))
+
+
 def sample_packed(backend: str, batch: PackedBatch) -> SampleOutput:
-    """Run ``backend``'s ``sample_packed`` on ``batch`` through the ``fastsampler::sample_packed`` custom op.
+    """Run ``backend``'s ``sample_packed`` on ``batch``: through the ``fastsampler::sample_packed`` custom op while
+    tracing (see `use_op`), directly otherwise (`run_backend`; same results, no dispatch cost).
 
     Parameters
     ----------
@@ -138,6 +163,8 @@ def sample_packed(backend: str, batch: PackedBatch) -> SampleOutput:
     >>> sample_packed("reference", batch).tokens.tolist()
     [1]
     """
+    if not use_op(batch.logits):
+        return run_backend(backend, batch)
     out = torch.ops.fastsampler.sample_packed(
         batch.logits.detach(), batch.fparams, batch.iparams, batch.seeds, batch.steps, batch.seqs, batch.mirostat_mu,
         batch.allowed_mask, batch.prompt_mask, batch.output_counts, batch.bias_indptr, batch.bias_ids,

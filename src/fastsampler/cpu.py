@@ -2,7 +2,8 @@
 
 The same pipeline as every backend (docs/semantics.md §2, §3, §7) in float32, rows in parallel across cores on a
 persistent thread pool (see ``docs/cpu.md``). The thread count is ``set_num_threads(n)`` (0: all cores) or the
-``FASTSAMPLER_NUM_THREADS`` environment variable.
+``FASTSAMPLER_NUM_THREADS`` environment variable; batches of fewer than `SINGLE_THREAD_BELOW` logits (``B * V``)
+run on the calling thread alone (`threads_for`).
 
 Backend module interface (see `fastsampler._api`): `is_available`, `supports`, `sample_packed`,
 `sampling_probs_packed`. Also `kept_mask_packed` (the exact kept set) and `scratch_bytes` (per-thread buffer memory).
@@ -16,11 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._batch import PackedBatch
+from ._batch import HostBatch, PackedBatch
 from .output import SampleOutput
 
 __all__ = ["is_available", "supports", "sample_packed", "sampling_probs_packed", "kept_mask_packed",
-           "set_num_threads", "get_num_threads", "scratch_bytes"]
+           "set_num_threads", "get_num_threads", "scratch_bytes", "threads_for", "sample_arrays", "sample_host",
+           "SINGLE_THREAD_BELOW"]
+
+SINGLE_THREAD_BELOW = 16384
+"""Batches with fewer logits than this (``B * V``) run on the calling thread: a greedy batch of that size takes under
+8 µs, about what waking a pool worker can save (see ``docs/sampler.md``, "Overhead", for the measurements)."""
 
 REINSTALL = "pip install --force-reinstall --no-build-isolation --no-deps .  (rebuilds the C++ extension)"
 
@@ -68,11 +74,35 @@ def set_num_threads(n: int) -> None:
     if n < 0:
         raise ValueError(f"num_threads must be >= 0 (0: all cores), got {n}")
     _require().set_num_threads(int(n))
+    _THREADS.clear()
 
 
 def get_num_threads() -> int:
     """Threads the CPU kernels use (the default is every core OpenMP sees)."""
     return int(_require().get_num_threads())
+
+
+_THREADS: list[int] = []  # get_num_threads(), resolved once (the default asks the OS each time); set_num_threads clears
+
+
+def threads_for(batch: int, vocab: int) -> int:
+    """The ``num_threads`` argument the kernels get for a ``(batch, vocab)`` call: 1 below `SINGLE_THREAD_BELOW`
+    logits or for one row, else `get_num_threads` (resolved here once, so the extension does not ask the OS for the
+    core count on every call).
+
+    Examples
+    --------
+    >>> import fastsampler.cpu as cpu
+    >>> cpu.threads_for(8, 1024)
+    1
+    >>> cpu.threads_for(64, 128256) == cpu.get_num_threads()
+    True
+    """
+    if batch <= 1 or batch * vocab < SINGLE_THREAD_BELOW:
+        return 1
+    if not _THREADS:
+        _THREADS.append(get_num_threads())
+    return _THREADS[0]
 
 
 def scratch_bytes() -> int:
@@ -114,13 +144,13 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
 
 
 def _logits_np(logits: torch.Tensor) -> tuple[np.ndarray, str]:
-    if logits.device.type != "cpu":
+    if not logits.is_cpu:
         raise ValueError(f"backend='cpu' needs CPU logits, got device {logits.device}")
     name = _DTYPES.get(logits.dtype)
     if name is None:
         raise TypeError(f"backend='cpu' takes float32, float16 or bfloat16 logits, got {logits.dtype}")
     t = logits.detach() if logits.requires_grad else logits
-    if t.dim() == 2 and t.shape[1] > 1 and t.stride(1) != 1:
+    if not t.is_contiguous() and t.dim() == 2 and t.shape[1] > 1 and t.stride(1) != 1:
         t = t.contiguous()  # rows may be strided; the vocabulary axis must be contiguous
     if name == "bfloat16":
         return t.view(torch.int16).numpy(), name
@@ -150,19 +180,35 @@ def _args(batch: PackedBatch) -> tuple[Any, ...]:
     )
 
 
+def sample_arrays(args: tuple[Any, ...], n_top: int) -> tuple[np.ndarray, ...]:
+    """``_C.sample`` on the positional arguments of `_args` (numpy arrays, up to ``eos_ids``); numpy arrays out
+    (tokens, valid, logprobs, top ids, top logprobs, ranks, mu), the threads chosen by `threads_for`."""
+    logits = args[0]
+    return _require().sample(*args, n_top, threads_for(logits.shape[0], logits.shape[1]))
+
+
+def _output(res: tuple[np.ndarray, ...]) -> SampleOutput:
+    f = torch.from_numpy
+    tokens, valid, lps, top_ids, top_lps, ranks, mu = res
+    return SampleOutput(f(tokens), f(valid), f(lps), f(top_ids), f(top_lps), f(ranks), f(mu))
+
+
 def sample_packed(batch: PackedBatch) -> SampleOutput:
     """Sample a packed batch; torch CPU tensors out (see `fastsampler.SampleOutput`)."""
-    C = _require()
-    tokens, valid, lps, top_ids, top_lps, ranks, mu = C.sample(*_args(batch), int(batch.n_top), 0)
-    f = torch.from_numpy
-    return SampleOutput(tokens=f(tokens), valid=f(valid), logprobs=f(lps), top_logprob_ids=f(top_ids),
-                        top_logprobs=f(top_lps), ranks=f(ranks), mirostat_mu=f(mu))
+    return _output(sample_arrays(_args(batch), int(batch.n_top)))
+
+
+def sample_host(batch: HostBatch) -> SampleOutput:
+    """`sample_packed` for a batch packed by `fastsampler._batch.pack_host` (numpy arrays: nothing to convert)."""
+    x, name = _logits_np(batch.logits)
+    return _output(sample_arrays((x, name, batch.vocab_size, *batch[2:15]), batch.n_top))
 
 
 def sampling_probs_packed(batch: PackedBatch) -> torch.Tensor:
     """(B, V) float32 distribution each row is drawn from (zero outside the kept set)."""
     C = _require()
-    return torch.from_numpy(C.sampling_probs(*_args(batch), 0))
+    b, v = batch.logits.shape
+    return torch.from_numpy(C.sampling_probs(*_args(batch), threads_for(b, v)))
 
 
 def kept_mask_packed(batch: PackedBatch) -> torch.Tensor:
@@ -173,4 +219,5 @@ def kept_mask_packed(batch: PackedBatch) -> torch.Tensor:
     argmax token; invalid rows (docs/semantics.md §5) and padding columns (``>= vocab_size``): all False.
     """
     C = _require()
-    return torch.from_numpy(C.kept_mask(*_args(batch), 0))
+    b, v = batch.logits.shape
+    return torch.from_numpy(C.kept_mask(*_args(batch), threads_for(b, v)))

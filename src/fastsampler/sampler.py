@@ -3,8 +3,9 @@
 An inference engine creates one `Sampler`, `Sampler.add` s a request when it joins the batch (one slot per sample of
 the request), calls `Sampler.sample` once per decoding step with the logits of the running slots, and
 `Sampler.remove` s the slots of finished requests. The per-step host work is O(batch size): parameters are packed once
-per slot when it is added, penalty state (prompt bitmask, output counts), Mirostat ``mu`` and the step counter live on
-the device and are updated there. See ``docs/sampler.md`` for the state layout and its memory cost.
+per slot when it is added (and gathered once per list of slots), penalty state (prompt bitmask, output counts),
+Mirostat ``mu`` and the step counter live on the device and are updated there. See ``docs/sampler.md`` for the state
+layout, its memory cost and what a step costs on the host.
 """
 
 from __future__ import annotations
@@ -24,17 +25,21 @@ from ._batch import (
     MAX_COLUMNS,
     NF,
     NI,
-    BatchFlags,
     PackedBatch,
     batch_flags,
     check_ids,
+    combine_bits,
+    flags_to_int,
     ids_to_bitmask,
+    int_to_flags,
     mask_words,
     pack_param_rows,
     random_seed,
     seed_to_int64,
+    to_device,
 )
-from ._custom_ops import flags_to_int, int_to_flags, sample_packed
+from ._custom_ops import run_backend, sample_packed, use_op
+from .graphs import GraphedStep
 from .output import SampleOutput
 from .params import SamplingParams
 
@@ -43,8 +48,8 @@ __all__ = ["Sampler", "COUNT_MAX"]
 COUNT_MAX = 32767
 """Output-token counts are int16 and saturate here (a token generated more often still counts 32767)."""
 
-_ALL_GREEDY_BIT = flags_to_int(BatchFlags(all_greedy=True))
 _LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MAX_SLOT_SETS = 8  # cached slot lists per Sampler (all dropped by add / remove / reset / reserve)
 
 
 def _locked(method: Any) -> Any:
@@ -176,6 +181,13 @@ class Sampler:
         self._bias_host: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int32), np.zeros(0, np.float32))] * s
         self._free = list(range(s))  # a heap: add takes the lowest free slots
         self._live_agg: tuple[int, int, int, bool] = (0, 0, 0, False)
+        # per-step fast path: what a list of slots gathers once (see `_SlotSet`), and numpy views of the state that
+        # changes every step (CPU only: updated in place through them, no torch op per update)
+        self._slot_sets: dict[tuple[int, ...], _SlotSet] = {}
+        self._host_state: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        if dev.type == "cpu":
+            counts = self._counts.numpy()
+            self._host_state = (self._steps.numpy(), self._mu.numpy(), counts, counts.reshape(-1))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -356,6 +368,7 @@ class Sampler:
         self._update_live()
         return slots
 
+    @_locked
     @torch.inference_mode(False)
     def reserve(self, *, allowed_mask: bool = False, logit_bias_entries: int = 0) -> None:
         """Allocate lazily allocated state now, so that later `add` calls never reallocate it.
@@ -370,6 +383,7 @@ class Sampler:
         """
         if allowed_mask and self._allowed is None:
             self._allowed = torch.full((self._slots, self._words), -1, dtype=torch.int32, device=self._device)
+            self._slot_sets.clear()
         if logit_bias_entries > 0:
             self._grow_bias(int(logit_bias_entries))
 
@@ -382,6 +396,28 @@ class Sampler:
         request with a feature the live set did not use joins), capture again (or keep one graph per key).
         """
         return self._live_agg
+
+    def graphed(self, batch_size: int, *, width: int | None = None, dtype: torch.dtype = torch.float32,
+                bitmask: bool = False) -> GraphedStep:
+        """A `sample` step for ``batch_size`` rows, captured in a CUDA graph and replayed on every call.
+
+        Returns a `fastsampler.graphs.GraphedStep`; call it as ``step(logits, slots)`` (``token_bitmask=`` when
+        ``bitmask=True``). It captures lazily at its first call and again whenever `capture_key` or the state
+        layout changes, restores every slot's state after the warm-up it runs before capturing, and returns the
+        graph's static outputs (overwritten by the next call). Needs a CUDA device; see ``docs/sampler.md``.
+
+        Parameters
+        ----------
+        batch_size : int
+            Rows per step.
+        width : int, optional
+            Columns of the logits (default ``vocab_size``).
+        dtype : torch.dtype, default torch.float32
+            Logits dtype (float32, float16 or bfloat16).
+        bitmask : bool, default False
+            Whether each call passes a ``token_bitmask``.
+        """
+        return GraphedStep(self, batch_size, self._vocab if width is None else width, dtype, bitmask)
 
     @torch.inference_mode(False)
     def _grow_bias(self, k: int) -> None:
@@ -399,14 +435,14 @@ class Sampler:
         else:
             self._bias_len = torch.zeros(self._slots, dtype=torch.int32, device=dev)
         self._bias_ids, self._bias_vals = ids, vals
+        self._slot_sets.clear()
 
     def _update_live(self) -> None:
+        """Recompute the live-set aggregate (`capture_key`) and drop the cached slot lists: called by every change
+        of the slots in use or of the state tensors' allocation."""
+        self._slot_sets.clear()
         live = [i for i, p in enumerate(self._params) if p is not None]
-        bor, band = 0, -1
-        for i in live:
-            bor |= self._bits[i]
-            band &= self._bits[i]
-        bits = (bor & ~_ALL_GREEDY_BIT) | (band & _ALL_GREEDY_BIT if live else 0)
+        bits = combine_bits([self._bits[i] for i in live])
         self._live_agg = (bits, max((self._ntop[i] for i in live), default=0),
                           max((self._nbias[i] for i in live), default=0), any(self._restricted[i] for i in live))
 
@@ -475,6 +511,8 @@ class Sampler:
                 f"logits must have shape ({b}, >= {self._vocab}) (one row per slot, vocab_size columns or more), got "
                 f"{tuple(logits.shape)}"
             )
+        if self._host_state is not None and logits.is_cpu:  # a CPU sampler (``device.type`` costs more than this)
+            return
         d = logits.device
         if d.type != self._device.type or (self._device.index is not None and d.index != self._device.index):
             raise ValueError(f"logits must be on the sampler's device {self._device}, got {d}")
@@ -499,9 +537,11 @@ class Sampler:
             float32, float16 or bfloat16 (float64: reference backend) on the sampler's device, ``V' >= vocab_size``.
         slots : sequence of batch_size ints, or (batch_size,) integer tensor
             Distinct slots in use. With a sequence they are checked, and the host-known flags and the top-logprob
-            width ``N`` are those of these slots. With a tensor nothing is read back (no host synchronisation: this
-            is the form for ``torch.compile`` and CUDA graphs); the slots are not checked, and flags and ``N`` are
-            taken over all slots in use.
+            width ``N`` are those of these slots; for a list or tuple (the fast path) that happens on the first
+            step with it, and what the step needs from the slots is cached until the next `add` / `remove` /
+            `reset` (see ``docs/sampler.md``, "One step"). With a tensor nothing is read back (no host
+            synchronisation: this is the form for ``torch.compile`` and CUDA graphs); the slots are not checked, and
+            flags and ``N`` are taken over all slots in use.
         token_bitmask : (batch_size, ceil(vocab_size / 32)) int32 tensor, optional
             Allowed tokens (bit ``t % 32`` of word ``t // 32`` set = ``t`` allowed), AND-ed with the slots' allowed
             and banned ids.
@@ -526,6 +566,104 @@ class Sampler:
         >>> out.tokens.tolist(), out.top_logprob_ids.tolist(), s.output_counts_of(slots[0]).tolist()
         ([1], [[1, 2]], [0, 1, 0, 0])
         """
+        if (type(slots) is list or type(slots) is tuple) and not use_op(logits):
+            return self._sample_listed(logits, slots, token_bitmask)
+        return self._sample_general(logits, slots, token_bitmask)
+
+    # ------------------------------------------------------------------ the per-step fast path
+    def _slot_set(self, slots: list[int] | tuple[int, ...]) -> _SlotSet:
+        """The cached `_SlotSet` of a list of slots, built (and the slots checked) on the first step with it.
+
+        The cache is dropped by every `add`, `remove`, `reset` and reallocation, so a hit stands for slots that were
+        checked (in use, distinct) and whose packed rows have not changed since.
+        """
+        key = tuple(slots)
+        ss = self._slot_sets.get(key)
+        # ``True == 1`` and hashes alike: only exact ints hit (anything else is checked, and refused, below)
+        if ss is not None and all(type(x) is int for x in key):
+            return ss
+        rows = [self._check_slot(x) for x in key]
+        if len(set(rows)) != len(rows):
+            raise ValueError(f"slots must be distinct within a batch, got {rows}")
+        ss = _SlotSet(self, rows)
+        if all(type(x) is int for x in key):
+            if len(self._slot_sets) >= _MAX_SLOT_SETS:
+                self._slot_sets.clear()
+            self._slot_sets[key] = ss
+        return ss
+
+    def _sample_listed(self, logits: torch.Tensor, slots: list[int] | tuple[int, ...],
+                       token_bitmask: torch.Tensor | None) -> SampleOutput:
+        """An eager step with a list of slots: the cached `_SlotSet` and the backend called directly."""
+        ss = self._slot_set(slots)
+        self._check_logits(logits, ss.b)
+        name = self.backend_for(logits.dtype)
+        if ss.b == 0:
+            return _empty_output(logits, ss.n_top)
+        wl = mask_words(logits.shape[1])
+        if name == "cpu" and self._host_state is not None:
+            return self._sample_host(logits, ss, wl, token_bitmask)
+        allowed, prompt = ss.masks(wl)
+        if token_bitmask is not None:
+            tb = self._check_bitmask(token_bitmask, ss.b, wl)
+            allowed = tb if allowed is None else allowed & tb
+        if ss.span is not None:  # consecutive slots: views of the state, no gather
+            lo, hi = ss.span
+            steps, mu = self._steps[lo:hi], self._mu[lo:hi]
+            counts = self._counts[lo:hi] if ss.flags.any_penalty else None
+        else:
+            steps, mu = self._steps.index_select(0, ss.index), self._mu.index_select(0, ss.index)
+            counts = self._counts.index_select(0, ss.index) if ss.flags.any_penalty else None
+        indptr, ids, vals = ss.bias if ss.bias is not None else (None, None, None)
+        batch = PackedBatch(logits=logits, vocab_size=self._vocab, fparams=ss.fparams, iparams=ss.iparams,
+                            seeds=ss.seeds, steps=steps, seqs=ss.seqs, mirostat_mu=mu, allowed_mask=allowed,
+                            prompt_mask=prompt, output_counts=counts, bias_indptr=indptr, bias_ids=ids,
+                            bias_vals=vals, eos_ids=self._eos, n_top=ss.n_top, flags=ss.flags)
+        out = run_backend(name, batch)
+        self._advance(ss.index, steps, out)
+        return out
+
+    def _sample_host(self, logits: torch.Tensor, ss: _SlotSet, wl: int,
+                     token_bitmask: torch.Tensor | None) -> SampleOutput:
+        """The C++ backend on numpy views: no packed batch, no torch op; the state is updated through its views."""
+        from . import cpu
+
+        assert self._host_state is not None
+        steps_all, mu_all, counts_all, counts_flat = self._host_state
+        x, dtype_name = cpu._logits_np(logits)
+        h = ss.host(wl, self._vocab)
+        allowed = h.allowed
+        if token_bitmask is not None:
+            tb = self._check_bitmask(token_bitmask, ss.b, wl).numpy()
+            allowed = tb if allowed is None else allowed & tb
+        penalty = ss.flags.any_penalty
+        if ss.span is not None:  # consecutive slots: views of the state, no gather
+            lo, hi = ss.span
+            steps, mu = steps_all[lo:hi], mu_all[lo:hi]
+            counts = counts_all[lo:hi] if penalty else None
+        else:
+            steps, mu = steps_all[h.index], mu_all[h.index]
+            counts = counts_all[h.index] if penalty else None
+        tokens, valid, lps, top_ids, top_lps, ranks, mu_out = cpu.sample_arrays(
+            (x, dtype_name, self._vocab, h.f, h.i, h.seeds, steps, h.seqs, mu, allowed, h.prompt, counts,
+             h.bias_indptr, h.bias_ids, h.bias_vals, h.eos), ss.n_top)
+        # state updates (slots are distinct): steps += valid, mu = returned mu, counts[token] += 1 up to COUNT_MAX
+        if ss.span is not None:
+            steps += valid
+            mu[:] = mu_out
+        else:
+            steps_all[h.index] = steps + valid
+            mu_all[h.index] = mu_out
+        pos = (h.base + tokens)[valid]  # flat positions slot * V + token of the valid rows
+        cur = counts_flat[pos]
+        counts_flat[pos] = cur + (cur < COUNT_MAX)
+        f = torch.from_numpy
+        return SampleOutput(f(tokens), f(valid), f(lps), f(top_ids), f(top_lps), f(ranks), f(mu_out))
+
+    # ------------------------------------------------------------------ the general path
+    def _sample_general(self, logits: torch.Tensor, slots: Sequence[int] | torch.Tensor,
+                        token_bitmask: torch.Tensor | None) -> SampleOutput:
+        """Any slots (a tensor: no host synchronisation), traceable by dynamo: gathers every row each step."""
         dev = self._device
         if isinstance(slots, torch.Tensor):
             if slots.dim() != 1 or slots.dtype.is_floating_point or slots.dtype == torch.bool:
@@ -543,23 +681,14 @@ class Sampler:
             if len(set(rows)) != b:
                 raise ValueError(f"slots must be distinct within a batch, got {rows}")
             self._check_logits(logits, b)
-            bor, band = 0, -1
-            n_top = n_bias = 0
-            restricted = False
-            for s in rows:
-                bor |= self._bits[s]
-                band &= self._bits[s]
-                n_top = max(n_top, self._ntop[s])
-                n_bias = max(n_bias, self._nbias[s])
-                restricted = restricted or self._restricted[s]
-            bits = (bor & ~_ALL_GREEDY_BIT) | (band & _ALL_GREEDY_BIT if rows else 0)
+            bits = combine_bits([self._bits[s] for s in rows])
+            n_top = max((self._ntop[s] for s in rows), default=0)
+            n_bias = max((self._nbias[s] for s in rows), default=0)
+            restricted = any(self._restricted[s] for s in rows)
             slots_t = torch.tensor(rows, dtype=torch.int64, device=dev)
         name = self.backend_for(logits.dtype)
         if b == 0:  # nothing to sample (an idle engine step); no backend call
-            e = logits.new_empty
-            return SampleOutput(e((0,), dtype=torch.int64), e((0,), dtype=torch.bool), e((0,), dtype=torch.float32),
-                                e((0, n_top), dtype=torch.int64), e((0, n_top), dtype=torch.float32),
-                                e((0,), dtype=torch.int64), e((0,), dtype=torch.float32))
+            return _empty_output(logits, n_top)
         flags = int_to_flags(bits)
         wl = mask_words(logits.shape[1])
 
@@ -600,8 +729,11 @@ class Sampler:
             flags=flags,
         )
         out = sample_packed(name, batch)
+        self._advance(slots_t, steps, out)
+        return out
 
-        # state updates, on the device (slots are distinct, so the scatters do not collide)
+    def _advance(self, slots_t: torch.Tensor, steps: torch.Tensor, out: SampleOutput) -> None:
+        """The state updates after a step, on the device (slots are distinct, so the scatters do not collide)."""
         valid = out.valid
         self._steps.index_copy_(0, slots_t, steps + valid.to(torch.int64))
         self._mu.index_copy_(0, slots_t, out.mirostat_mu)
@@ -609,7 +741,6 @@ class Sampler:
         pos = slots_t * self._vocab + out.tokens.clamp(min=0)
         cur = flat.index_select(0, pos)
         flat.index_copy_(0, pos, torch.where(valid & (cur < COUNT_MAX), cur + 1, cur))
-        return out
 
     @staticmethod
     def _pad_words(mask: torch.Tensor, wl: int, fill: int) -> torch.Tensor:
@@ -640,7 +771,7 @@ class Sampler:
         ids = np.concatenate([self._bias_host[s][0] for s in rows if self._nbias[s]])
         vals = np.concatenate([self._bias_host[s][1] for s in rows if self._nbias[s]])
         dev = self._device
-        return (torch.from_numpy(indptr).to(dev), torch.from_numpy(ids).to(dev), torch.from_numpy(vals).to(dev))
+        return to_device(indptr, dev), to_device(ids, dev), to_device(vals, dev)
 
     def _bias_csr_device(self, slots_t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The batch's logit bias in CSR form, built on the device from the per-slot tables (no host sync).
@@ -668,6 +799,84 @@ class Sampler:
         out_vals = torch.gather(allv, 1, order[:, :k]).reshape(-1)
         indptr = torch.arange(b + 1, dtype=torch.int32, device=dev) * k
         return indptr, out_ids, out_vals
+
+
+def _empty_output(logits: torch.Tensor, n_top: int) -> SampleOutput:
+    """The result of a step without rows (an idle engine step): empty tensors on the logits' device."""
+    e = logits.new_empty
+    return SampleOutput(e((0,), dtype=torch.int64), e((0,), dtype=torch.bool), e((0,), dtype=torch.float32),
+                        e((0, n_top), dtype=torch.int64), e((0, n_top), dtype=torch.float32),
+                        e((0,), dtype=torch.int64), e((0,), dtype=torch.float32))
+
+
+class _SlotSet:
+    """What a step with one list of slots needs that does not change between steps (until `Sampler.add` /
+    `remove` / `reset` / a reallocation drop it): the host-known flags, ``N``, the logit-bias CSR, and the slots' rows
+    of the packed parameters, seeds, seqs, prompt mask and allowed mask (views of the state for consecutive slots,
+    else gathered once: ``B * V / 8`` bytes per mask, so a `Sampler` keeps at most `_MAX_SLOT_SETS` lists). Per step
+    only steps, ``mu`` and the output counts are read (views for consecutive slots, else one gather each).
+    """
+
+    __slots__ = ("b", "index", "span", "flags", "n_top", "n_bias", "fparams", "iparams", "seeds", "seqs", "bias",
+                 "eos", "_allowed", "_prompt", "_masks", "_host")
+
+    def __init__(self, s: Sampler, rows: list[int]) -> None:
+        self.b = len(rows)
+        self.index = to_device(np.array(rows, dtype=np.int64), s._device)
+        lo = rows[0] if rows else 0
+        self.span = (lo, lo + len(rows)) if rows and rows == list(range(lo, lo + len(rows))) else None
+        self.flags = int_to_flags(combine_bits([s._bits[r] for r in rows]))
+        self.n_top = max((s._ntop[r] for r in rows), default=0)
+        self.n_bias = max((s._nbias[r] for r in rows), default=0)
+        idx, span = self.index, self.span
+
+        def take(t: torch.Tensor) -> torch.Tensor:  # consecutive slots: a view (no memory), else a gather
+            return t[span[0]:span[1]] if span is not None else t.index_select(0, idx)
+
+        self.fparams, self.iparams, self.seeds, self.seqs = (take(t) for t in (s._fparams, s._iparams, s._seeds,
+                                                                              s._seqs))
+        restricted = any(s._restricted[r] for r in rows)
+        self._allowed = take(s._allowed) if restricted and s._allowed is not None else None
+        self._prompt = take(s._prompt) if self.flags.any_penalty else None
+        self.bias = s._bias_csr_host(rows) if self.n_bias and rows else None
+        self.eos = s._eos
+        self._masks: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._host: dict[int, _HostRows] = {}
+
+    def masks(self, wl: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The allowed mask and the prompt mask (None when unused), padded to ``wl`` words."""
+        m = self._masks.get(wl)
+        if m is None:
+            allowed = None if self._allowed is None else Sampler._pad_words(self._allowed, wl, -1)
+            prompt = None if self._prompt is None else Sampler._pad_words(self._prompt, wl, 0)
+            m = self._masks[wl] = (allowed, prompt)
+        return m
+
+    def host(self, wl: int, vocab: int) -> _HostRows:
+        """The same rows as numpy arrays (CPU), for logits of ``wl`` mask words and a vocabulary of ``vocab``."""
+        h = self._host.get(wl)
+        if h is None:
+            h = self._host[wl] = _HostRows(self, wl, vocab)
+        return h
+
+
+class _HostRows:
+    """Numpy views of a CPU `_SlotSet`'s tensors: the arguments of ``fastsampler._C.sample`` that stay fixed."""
+
+    __slots__ = ("index", "base", "f", "i", "seeds", "seqs", "allowed", "prompt", "bias_indptr", "bias_ids",
+                 "bias_vals", "eos")
+
+    def __init__(self, ss: _SlotSet, wl: int, vocab: int) -> None:
+        allowed, prompt = ss.masks(wl)
+        self.index = ss.index.numpy()
+        self.base = self.index * vocab  # each slot's first position in the flattened (S * V) counts
+        self.f, self.i, self.seeds, self.seqs = (ss.fparams.numpy(), ss.iparams.numpy(), ss.seeds.numpy(),
+                                                 ss.seqs.numpy())
+        self.allowed = None if allowed is None else allowed.numpy()
+        self.prompt = None if prompt is None else prompt.numpy()
+        self.bias_indptr, self.bias_ids, self.bias_vals = (None, None, None) if ss.bias is None else tuple(
+            t.numpy() for t in ss.bias)
+        self.eos = ss.eos.numpy()
 
 
 def _prompt_array(prompt_token_ids: Any) -> np.ndarray:

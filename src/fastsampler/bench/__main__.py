@@ -9,6 +9,10 @@ Quick smoke run (CPU, well under a minute)::
 The DESIGN §7 grid on a GPU, bf16 only, two scenarios::
 
     python -m fastsampler.bench --dtypes bf16 --scenarios plain,full
+
+The GPU cost model of the Triton backend, without a GPU (docs/benchmarks.md § Cost model)::
+
+    python -m fastsampler.bench --model
 """
 
 from __future__ import annotations
@@ -39,8 +43,12 @@ def _names(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+MODEL_BATCH_SIZES = (1, 64, 256)
+MODEL_VOCAB_SIZES = (128256,)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .scenarios import DTYPES, SCENARIOS
+    from .scenarios import DEFAULT_SCENARIOS, DTYPES, SCENARIOS
 
     p = argparse.ArgumentParser(
         prog="fastsampler-bench",
@@ -48,12 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "warpers, FlashInfer (when importable) and the numpy reference, on the scenarios of DESIGN §7. "
                     "Every provider is checked against the reference distribution before it is timed.",
     )
-    p.add_argument("--scenarios", type=_names, default=list(SCENARIOS),
-                   help=f"comma-separated, from {','.join(SCENARIOS)} (default: all)")
+    p.add_argument("--scenarios", type=_names, default=None,  # 'overhead' also accepted: see main()
+                   help=f"comma-separated, from {','.join(SCENARIOS)}, overhead (host cost of one step at B = 8, "
+                        f"V = 1024 against torch.argmax) (default: {','.join(DEFAULT_SCENARIOS)}; with --model: all)")
     p.add_argument("--batch-sizes", type=_ints, default=None,
-                   help=f"comma-separated (default: {','.join(map(str, DEFAULT_BATCH_SIZES))})")
+                   help=f"comma-separated (default: {','.join(map(str, DEFAULT_BATCH_SIZES))}; with --model: "
+                        f"{','.join(map(str, MODEL_BATCH_SIZES))})")
     p.add_argument("--vocab-sizes", type=_ints, default=None,
-                   help=f"comma-separated (default: {','.join(map(str, DEFAULT_VOCAB_SIZES))})")
+                   help=f"comma-separated (default: {','.join(map(str, DEFAULT_VOCAB_SIZES))}; with --model: "
+                        f"{','.join(map(str, MODEL_VOCAB_SIZES))})")
     p.add_argument("--dtypes", type=_names, default=["fp32", "bf16"], help=f"from {','.join(DTYPES)} "
                    "(default: fp32,bf16)")
     p.add_argument("--providers", "--backends", dest="providers", type=_names, default=None,
@@ -88,11 +99,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--strict", action="store_true",
                    help="exit with status 1 when a fastsampler provider FAILED its check or raised")
+    m = p.add_argument_group("GPU cost model (--model; docs/benchmarks.md § Cost model)")
+    m.add_argument("--model", action="store_true",
+                   help="model the Triton backend on a GPU without one: record one Sampler step per case under the "
+                        "Triton interpreter (record-only), compile its kernels for sm_90, read the SASS, and write "
+                        "a roofline estimate to OUT/model.csv and OUT/model_launches.csv (on a CUDA machine also "
+                        "the measured time)")
+    m.add_argument("--gpu", choices=("h100", "h200"), default="h200",
+                   help="the GPU of model.csv's model_us column (the table shows both; default h200)")
+    m.add_argument("--model-activity", choices=("probe", "all"), default="probe",
+                   help="traffic of data-dependent kernels (a select reads a row once per radix level until it is "
+                        "resolved): measured in an executed B = 1 probe step of each case, cached (default), or the "
+                        "access rules' worst case (all: no probe)")
+    m.add_argument("--model-cache", type=Path, default=None,
+                   help="cache of compiled kernels (SASS) and probes (default: OUT/model_cache)")
+    m.add_argument("--no-measure", action="store_true", help="--model on a CUDA machine: do not time the cases")
     return p
+
+
+def _run_model(args: argparse.Namespace) -> int:
+    """``--model``: the GPU cost model (runs the kernels' host path under the Triton interpreter)."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton builds the kernels
+    from .model import ModelConfig, run_model
+    from .scenarios import DTYPES, MODEL_SCENARIOS, SCENARIOS
+
+    scenarios = args.scenarios or list(MODEL_SCENARIOS)
+    bad = [s for s in scenarios if s not in SCENARIOS]
+    if bad:
+        print(f"unknown scenario(s) {bad}; choose from {list(SCENARIOS)}", file=sys.stderr)
+        return 2
+    bad = [d for d in args.dtypes if d not in DTYPES]
+    if bad:
+        print(f"unknown dtype(s) {bad}; choose from {list(DTYPES)}", file=sys.stderr)
+        return 2
+    cfg = ModelConfig(scenarios=scenarios, batch_sizes=args.batch_sizes or list(MODEL_BATCH_SIZES),
+                      dtypes=args.dtypes, vocab_sizes=args.vocab_sizes or list(MODEL_VOCAB_SIZES), gpu=args.gpu,
+                      activity=args.model_activity, seed=args.seed, cache_dir=args.model_cache,
+                      measure=False if args.no_measure else None, progress=not args.no_progress)
+    t0 = time.perf_counter()
+    try:
+        run_model(cfg, args.out)
+    except (RuntimeError, ValueError) as e:
+        print(f"fastsampler-bench --model: {e}", file=sys.stderr)
+        return 2
+    print((args.out / "model_table.txt").read_text(encoding="utf-8"), end="")
+    files = ", ".join(str(args.out / f) for f in ("model.csv", "model_launches.csv", "model_table.txt"))
+    print(f"({time.perf_counter() - t0:.1f}s; wrote {files})")
+    return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.model:
+        return _run_model(args)
+    if args.scenarios is not None and "overhead" in args.scenarios:
+        # host overhead of one step at B = 8, V = 1024 against torch.argmax (bench/overhead.py), then the rest
+        from .overhead import format_table as overhead_table
+        from .overhead import run_overhead
+
+        dev = args.device if args.device != "auto" else ("cuda" if _cuda_available() else "cpu")
+        print(overhead_table(run_overhead(reps=200 if args.quick else 2000,
+                                          backend="triton" if dev == "cuda" else "cpu")))
+        args.scenarios = [x for x in args.scenarios if x != "overhead"]
+        if not args.scenarios:
+            return 0
+    if args.scenarios is None:
+        from .scenarios import DEFAULT_SCENARIOS
+
+        args.scenarios = list(DEFAULT_SCENARIOS)
     if args.quick and args.threads is None and args.device != "cuda":
         # quick mode is a smoke run: one thread keeps it fast and steady on a shared machine, where a second
         # thread waiting for a busy core costs whole scheduler time slices

@@ -63,9 +63,12 @@ CSV_COLUMNS = [
 ]
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+def cpu_model() -> str:
+    """The CPU model from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere) and the logical CPU count.
+
+    >>> isinstance(cpu_model(), str)
+    True
+    """
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
@@ -76,6 +79,12 @@ def _device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{name} ({os.cpu_count()} cpus)"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
 
 
 def _git_commit() -> str:

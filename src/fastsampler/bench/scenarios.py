@@ -21,7 +21,8 @@ import torch
 
 from ..params import SamplingParams
 
-__all__ = ["Scenario", "SCENARIOS", "CaseInputs", "CheckInputs", "make_inputs", "check_inputs", "DTYPES", "LOGIT_SCALE"]
+__all__ = ["Scenario", "SCENARIOS", "DEFAULT_SCENARIOS", "MODEL_SCENARIOS", "CaseInputs", "CheckInputs", "make_inputs",
+           "check_inputs", "DTYPES", "LOGIT_SCALE"]
 
 LOGIT_SCALE = 3.0
 HISTORY_TOKENS = 256  # prior generated tokens per row in the "full" scenario
@@ -73,8 +74,17 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("mirostat_v2", "Mirostat v2, tau 5 bits, eta 0.1",
                  lambda b: SamplingParams(mirostat_mode=2, mirostat_target=5.0, mirostat_lr=0.1)),
         Scenario("greedy", "temperature 0 (argmax)", lambda b: SamplingParams(temperature=0.0)),
+        Scenario("top_p", "top-p 0.9 over the full vocabulary", lambda b: SamplingParams(top_p=0.9)),
+        Scenario("mirostat_v1", "Mirostat v1, tau 5 bits, eta 0.1",
+                 lambda b: SamplingParams(mirostat_mode=1, mirostat_target=5.0, mirostat_lr=0.1)),
     )
 }
+
+# The timing benchmark's default grid (DESIGN §7); ``--scenarios`` accepts every name of `SCENARIOS`, and the GPU
+# cost model (``--model``) covers them all by default.
+DEFAULT_SCENARIOS: tuple[str, ...] = ("plain", "topk_topp_minp", "full", "typical", "mirostat_v2", "greedy")
+MODEL_SCENARIOS: tuple[str, ...] = ("plain", "greedy", "topk_topp_minp", "top_p", "typical", "mirostat_v1",
+                                    "mirostat_v2", "full")
 
 
 @dataclass

@@ -1,22 +1,37 @@
-"""The Triton backend: the whole pipeline of docs/semantics.md §3 over a `PackedBatch`, as a sequence of Triton passes.
+"""The Triton backend: the whole pipeline of docs/semantics.md §3 over a `PackedBatch`, as a few Triton launches.
 
 Backend-module interface of ``fastsampler._api``: `is_available`, `supports`, `sample_packed`,
 `sampling_probs_packed`, `kept_mask_packed`.
 
-Passes over the rows (each a ``(B, NC)`` grid, one program per chunk of ids -- 1024 on CUDA whatever ``B``, so that
-small batches fill the GPU and a row's rounding never depends on the batch; ``z`` recomputed from the raw logits in
-registers), with per-row combines in one-program-per-row kernels and O(B)-sized torch ops on the device (no host
-synchronisation anywhere: CUDA-graph capturable; host control flow only on `BatchFlags`, shapes and ``n_top``):
+A step launches Triton kernels only: no torch op runs on the device (the workspace -- per-row state, chunk partials,
+small per-row scratch -- is one uninitialised allocation per step, and every kernel writes what a later one reads),
+nothing is read back (no host synchronisation: CUDA-graph capturable), and the host decides what to launch from
+`BatchFlags`, shapes and ``n_top`` alone. ``z`` is recomputed from the raw logits in registers by every pass that reads
+the row (`penalties`: bias from the CSR, masks, penalties, temperature). Two kinds of kernels:
 
-1. stats: max / log-normaliser of ``z`` (and of the raw logits for raw logprobs), argmax, validity, per-tile
-   weights of all finite ``z`` (the draw's tile weights when the batch has no truncation);
-2. thresholds, each a radix select (`select`) of at most ``32 / DIGIT_BITS`` passes (a row stops reading once its
-   threshold is resolved), only for what the batch uses:
-   top-k, min_keep, top-p, (min-p needs none), typical-p (one entropy pass + selects on ``s``), mirostat v1 (top-100
-   select + gather + one select); mirostat v2 needs none;
-3. kept weights (only with truncation, only rows that truncate): per-tile weights of the kept set;
-4. draw: the tile race, then the token race inside one tile (`draw`);
-5. logprobs (only when asked): a rank pass, and for top-N a select + one gather pass (`logprobs`).
+- row passes, a ``(B, NC)`` grid with one program per chunk of ids (1024 on CUDA whatever ``B``, so that a small
+  batch fills the GPU and a row's rounding never depends on the batch);
+- per-row kernels, one program per row: the combines of chunk partials (in a fixed order) and the selects, each a
+  radix select that loops over its levels inside the program (`select.radix_select`).
+
+The passes of a step, each only when some row needs it:
+
+1. `stats._stats_kernel` (row pass): max / log-normaliser of ``z`` (and of the raw logits for raw logprobs), argmax,
+   finite count, validity, per-chunk weights; without truncation also each chunk's token race winner (Philox once
+   per four ids, §7), so that the plain path reads the row exactly once;
+2. without truncation, `draw._finish_kernel` (per row) directly: row statistics, tile race (§3 F), token, the
+   token's logprob, Mirostat ``mu``, outputs. Plain and greedy steps: **2 launches**;
+3. with truncation (§3 E): `stats._combine_kernel` (per row: row statistics, min-p and Mirostat v2 thresholds, which
+   need no select), then one `select._select_kernel` per rule that needs one (top-k; min_keep when combined with
+   top-p / min-p; top-p), `mirostat._mirostat_v1_kernel` (top-100 select, gather, ``k`` in float64, ``k``-th select),
+   `stats._entropy_kernel` + `select._typical_kernel` (typical-p), then `stats._kept_kernel` (row pass: kept-set
+   chunk weights and race winners) and `draw._finish_kernel`;
+4. `logprobs._logprobs_kernel` (per row) when some row wants logprobs: ranks and the top-N.
+
+Launches of the backend per step (tests/test_triton_launches.py; a `Sampler`'s own state gathers and updates come on
+top): plain / greedy 2; top-k + top-p + min-p 6; top-p alone 5; typical-p 6; Mirostat v1 5, v2 4; everything at once
+(penalties, logit bias, top-k / top-p / min-p, top-5 logprobs) 7; min_keep > 1 next to top-p / min-p adds one,
+logprobs add one.
 
 Tuning knobs (environment, read per call): ``FASTSAMPLER_TRITON_DIGIT_BITS`` (2, 4 or 8 key bits per select level;
 default 4 on CUDA, 8 in the interpreter) and ``FASTSAMPLER_TRITON_CHUNK`` (ids per program, a power of two dividing
@@ -26,60 +41,17 @@ may change float rounding (tokens only at near-ties).
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 
-from .._batch import (
-    F_MIN_P,
-    F_MIRO_ETA,
-    F_MIRO_TAU,
-    F_TEMPERATURE,
-    F_TOP_P,
-    F_TYPICAL_P,
-    I_IGNORE_EOS,
-    I_LOGPROBS,
-    I_LOGPROBS_MODE,
-    I_MIN_KEEP,
-    I_MIN_TOKENS,
-    I_MIRO_MODE,
-    I_TOP_K,
-    I_TOP_LOGPROBS,
-    MODE_FINAL,
-    MODE_RAW,
-    NF,
-    PackedBatch,
-)
+from .._batch import PackedBatch
 from ..output import SampleOutput
-from .penalties import (
-    NRF,
-    NRI,
-    RF_DOM_LO,
-    RF_LS,
-    RF_LS_KEPT,
-    RF_LS_RAW,
-    RF_M,
-    RF_M_KEPT,
-    RF_M_RAW,
-    RF_RAWX,
-    RF_STHR,
-    RF_ZLO,
-    RF_ZX,
-    RI_BAN_EOS,
-    RI_BIAS_SLOT,
-    RI_GID,
-    RI_LP_MODE,
-    RI_NFIN,
-    RI_TOKEN,
-    RI_VALID,
-)
 
 __all__ = ["is_available", "supports", "sample_packed", "sampling_probs_packed", "kept_mask_packed"]
 
 TILE = 4096  # ids per tile of the two-level race (docs/semantics.md §3 F); also the unit of work of every pass
-MIROSTAT_M = 100  # Mirostat v1 estimates s from the 100 most probable tokens
-LN2 = math.log(2.0)
+MIROSTAT_TOP = 128  # scratch per row for Mirostat v1's 100 largest z (a power of two >= 100)
 
 
 def is_available() -> tuple[bool, str]:
@@ -125,215 +97,169 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class _Ctx:
-    """Everything the passes share: the batch's tensors, sizes, specialisation flags and per-row state."""
+    """Everything the passes of one step share: the batch's tensors, sizes, specialisation flags, and the step's
+    workspace (per-row state, chunk partials, small per-row scratch) carved out of one uninitialised allocation:
+    every kernel writes what it later reads, so nothing is zero-filled and no torch op launches a kernel."""
 
     def __init__(self, batch: PackedBatch) -> None:
-        from .select import KIND_LP  # noqa: F401  (import kernels lazily, after TRITON_INTERPRET is set)
+        from .penalties import NRF, NRI
+        from .stats import PF, PI
 
         logits = batch.logits
         if logits.stride(1) != 1:
             logits = logits.contiguous()
+        fl = batch.flags
         self.batch = batch
-        self.flags = batch.flags
+        self.flags = fl
         self.device = dev = logits.device
-        self.B, self.VC = logits.shape
+        self.B, self.VC = b, vc = logits.shape
         self.V = int(batch.vocab_size)
         self.TILE = TILE
-        self.NT = (self.VC + TILE - 1) // TILE  # tiles of the draw
+        self.NT = (vc + TILE - 1) // TILE  # tiles of the draw
         interp = dev.type != "cuda"
         self.CHUNK = _chunk(dev)  # ids per program of the row passes (TILE / 2^i)
-        self.NC = (self.VC + self.CHUNK - 1) // self.CHUNK
-        self.BT = max(2, 1 << (self.NC - 1).bit_length())  # all chunks of a row in one block
+        self.NC = nc = (vc + self.CHUNK - 1) // self.CHUNK
+        self.BT = max(2, 1 << (nc - 1).bit_length())  # all chunks of a row in one block
         self.BT_TILES = max(2, 1 << (self.NT - 1).bit_length())
-        self.NF = NF
-        self.F_TEMPERATURE = F_TEMPERATURE
         self.interp = interp
         env_bits = os.environ.get("FASTSAMPLER_TRITON_DIGIT_BITS")
         self.DIGIT_BITS = int(env_bits) if env_bits else (8 if interp else 4)
         if self.DIGIT_BITS not in (2, 4, 8):
             raise ValueError(f"FASTSAMPLER_TRITON_DIGIT_BITS must be 2, 4 or 8, got {self.DIGIT_BITS}")
-        vc2 = 1 << max(self.VC - 1, 1).bit_length()
-        self.BLOCK = min(self.CHUNK, vc2) if interp else min(self.CHUNK, 1024)
+        self._vc2 = 1 << max(vc - 1, 1).bit_length()
         self.logits = logits
         self.fparams = batch.fparams.contiguous()
         self.iparams = batch.iparams.contiguous()
         self.seeds = batch.seeds.contiguous()
         self.steps = batch.steps.contiguous()
         self.seqs = batch.seqs.contiguous()
-        self._dummy = torch.zeros(1, dtype=torch.int32, device=dev)
-        fl = batch.flags
-        b = self.B
-        rowi = torch.zeros((b, NRI), dtype=torch.int32, device=dev)
-        rowi[:, RI_GID] = -1
-        rowi[:, RI_BIAS_SLOT] = -1
-        rowi[:, RI_LP_MODE] = self.iparams[:, I_LOGPROBS_MODE]
-        # logit bias: a float32 row per row that has one (rows without a bias read nothing)
-        self.bias = self._dummy
-        self.stride_b = 0
-        nnz = 0 if batch.bias_ids is None else int(batch.bias_ids.numel())
-        if nnz > 0:
-            indptr = batch.bias_indptr.to(torch.int64)
-            has = (indptr[1:] - indptr[:-1]) > 0
-            slot = torch.cumsum(has.to(torch.int32), 0, dtype=torch.int32) - 1
-            rowi[:, RI_BIAS_SLOT] = torch.where(has, slot, -1)
-            nslots = min(b, nnz)
-            self.bias = torch.zeros((nslots, self.VC), dtype=torch.float32, device=dev)
-            entry_row = torch.searchsorted(indptr, torch.arange(nnz, device=dev), right=True) - 1
-            self.bias[slot.to(torch.int64)[entry_row], batch.bias_ids.to(torch.int64)] = batch.bias_vals.to(
-                torch.float32)
-            self.stride_b = self.VC
-        self.has_bias = nnz > 0
-        # EOS ban: step < min_tokens or ignore_eos
+        self.mu = batch.mirostat_mu.to(torch.float32).contiguous()
+        self.truncation = fl.any_truncation
+        # no truncation: the stats pass is the only pass over the row and runs the token race (not needed when
+        # every row is greedy)
+        self.race_in_stats = not self.truncation and not fl.all_greedy
+        # Mirostat versions present (flags built without them: assume both)
+        either = not (fl.any_mirostat_v1 or fl.any_mirostat_v2)
+        self.miro_v1 = fl.any_mirostat and (fl.any_mirostat_v1 or either)
+        self.miro_v2 = fl.any_mirostat and (fl.any_mirostat_v2 or either)
+        self.n_top = int(batch.n_top)
+        self.K = max(2, 1 << max(self.n_top - 1, 0).bit_length())  # top-N scratch width
+        self.need_raw = fl.any_logprobs
+        # the workspace, int32 words: rowf | rowi | part_f | part_i | Mirostat v1 scratch | top-N scratch
+        sizes = [b * NRF, b * NRI, b * nc * PF, b * nc * PI, b * MIROSTAT_TOP if self.miro_v1 else 0,
+                 3 * b * self.K if fl.any_logprobs else 0]
+        ws = torch.empty(max(1, sum(sizes)), dtype=torch.int32, device=dev)
+        parts, o = [], 0
+        for n in sizes:
+            parts.append(ws[o:o + n])
+            o += n
+        f32 = torch.float32
+        self.rowf = parts[0].view(f32).view(b, NRF)
+        self.rowi = parts[1].view(b, NRI)
+        self.part_f = parts[2].view(f32)
+        self.part_i = parts[3]
+        self.miro_top = parts[4].view(f32) if self.miro_v1 else ws.view(f32)
+        self.lp_val = parts[5][:b * self.K].view(f32) if fl.any_logprobs else ws.view(f32)
+        self.lp_id = parts[5][b * self.K:] if fl.any_logprobs else ws
+        dummy_i, dummy_f = ws, ws.view(f32)  # never read: the kernels are specialised without them
+        # logit bias, CSR (sorted ids per row), applied in the kernels
+        self.has_bias = batch.bias_ids is not None and batch.bias_ids.numel() > 0
+        if self.has_bias:
+            self.bias_indptr = batch.bias_indptr.to(device=dev, dtype=torch.int32).contiguous()
+            self.bias_ids = batch.bias_ids.to(device=dev, dtype=torch.int32).contiguous()
+            self.bias_vals = batch.bias_vals.to(device=dev, dtype=torch.float32).contiguous()
+        else:
+            self.bias_indptr, self.bias_ids, self.bias_vals = dummy_i, dummy_i, dummy_f
+        # EOS ban: step < min_tokens or ignore_eos (decided per row in the kernels)
         self.E = int(batch.eos_ids.numel())
-        self.eos = batch.eos_ids.to(device=dev, dtype=torch.int32).contiguous() if self.E else self._dummy
         self.has_eos = self.E > 0 and fl.any_eos_rule
-        if self.has_eos:
-            step32 = self.steps & 0xFFFFFFFF
-            ban = (step32 < self.iparams[:, I_MIN_TOKENS].to(torch.int64)) | (self.iparams[:, I_IGNORE_EOS] != 0)
-            rowi[:, RI_BAN_EOS] = ban.to(torch.int32)
+        self.eos = batch.eos_ids.to(device=dev, dtype=torch.int32).contiguous() if self.has_eos else dummy_i
         # penalties and masks
         self.has_counts = fl.any_penalty and batch.output_counts is not None
         self.has_prompt = fl.any_penalty and batch.prompt_mask is not None
-        self.counts = batch.output_counts.contiguous() if self.has_counts else self._dummy
-        self.prompt = batch.prompt_mask.contiguous() if self.has_prompt else self._dummy
+        self.counts = batch.output_counts.contiguous() if self.has_counts else dummy_i
+        self.prompt = batch.prompt_mask.contiguous() if self.has_prompt else dummy_i
         self.has_allowed = batch.allowed_mask is not None
-        self.allowed = batch.allowed_mask.contiguous() if self.has_allowed else self._dummy
+        self.allowed = batch.allowed_mask.contiguous() if self.has_allowed else dummy_i
         self.has_typ = fl.any_typical
-        self.need_raw = fl.any_logprobs
-        self.rowi = rowi
-        self.rowf = torch.zeros((b, NRF), dtype=torch.float32, device=dev)
-        self.tile_w = None
 
-    # kernel argument groups shared by every pass (see penalties.row_z)
+    # ids per loop step, from the device type (read when launching: a cost model may switch ``interp`` off to get
+    # the CUDA sizes on the CPU)
+    @property
+    def BLOCK(self) -> int:
+        """Of the (B, NC) passes: one step per program on CUDA."""
+        return min(self.CHUNK, self._vc2) if self.interp else min(self.CHUNK, 1024)
+
+    @property
+    def BLOCK2(self) -> int:
+        """Of the race passes, whose (BLOCK2 / 4, 4) blocks hold four ids per Philox counter."""
+        return max(16, self.BLOCK)
+
+    @property
+    def SBLOCK(self) -> int:
+        """Of the one-program-per-row selects: the one-hot histogram block SBLOCK x 2^DIGIT_BITS stays in
+        registers (256 x 16 on CUDA)."""
+        return self.BLOCK if self.interp else max(16, min(self.BLOCK, 4096 >> self.DIGIT_BITS))
+
+    # kernel argument groups shared by every row pass (see penalties.row_scalars / row_z)
     def zargs(self):
-        return (self.logits, self.bias, self.counts, self.prompt, self.allowed, self.eos, self.fparams, self.rowi)
+        return (self.logits, self.counts, self.prompt, self.allowed, self.eos, self.bias_indptr, self.bias_ids,
+                self.bias_vals, self.fparams, self.iparams, self.steps)
 
     def zstrides(self):
-        return (self.logits.stride(0), self.stride_b, self.counts.stride(0) if self.has_counts else 0,
+        return (self.logits.stride(0), self.counts.stride(0) if self.has_counts else 0,
                 self.prompt.stride(0) if self.has_prompt else 0, self.allowed.stride(0) if self.has_allowed else 0)
 
     def zsizes(self):
         return (self.V, self.VC, self.E, self.NC)
 
+    def zsizes_row(self):
+        return (self.V, self.VC, self.E)
+
     def zflags(self):
         return dict(HAS_BIAS=self.has_bias, HAS_COUNTS=self.has_counts, HAS_PROMPT=self.has_prompt,
                     HAS_ALLOWED=self.has_allowed, HAS_EOS=self.has_eos)
 
-    def block_for(self, nb: int) -> int:
-        """Ids per step of a histogram pass (the one-hot block is BLOCK x nb)."""
-        if self.interp:
-            return self.BLOCK
-        return max(16, min(self.BLOCK, 4096 // nb))  # 256 x 16 buckets: the one-hot tiles stay in registers
-
-    def empty(self, shape, kind: str) -> torch.Tensor:
-        dt = {"f": torch.float32, "i": torch.int32}[kind]
-        return torch.empty(shape, dtype=dt, device=self.device)
-
-
-def _thresholds(ctx: _Ctx) -> None:
-    """Stage E: fill ``rowf[:, RF_ZLO]`` (keep ``z >= zlo``) and ``rowf[:, RF_STHR]`` (typical: keep ``s <= sthr``)."""
-    from .logprobs import top_values
-    from .select import KIND_NEG_S, KIND_Z, radix_select
-    from .stats import typical_entropy_pass
-
-    fl = ctx.flags
-    f, ip, rowf, rowi = ctx.fparams, ctx.iparams, ctx.rowf, ctx.rowi
-    valid = rowi[:, RI_VALID] != 0
-    samp = valid & (f[:, F_TEMPERATURE] > 0)
-    nfin = rowi[:, RI_NFIN]
-    m = rowf[:, RF_M].clone()
-    ninf = torch.full_like(m, float("-inf"))
-    zlo = ninf.clone()
-    min_keep = ip[:, I_MIN_KEEP]
-    rowf[:, RF_DOM_LO] = ninf
-    if fl.any_top_k:
-        k = ip[:, I_TOP_K]
-        keff = torch.where(k > 0, torch.maximum(k, min_keep), 0)
-        act = samp & (k > 0) & (keff < nfin)
-        thr = radix_select(ctx, KIND_Z, keff, act)
-        zlo = torch.where(act, thr, zlo)
-    thr_mk = m
-    if fl.any_min_keep and (fl.any_top_p or fl.any_min_p):
-        act = samp & (min_keep > 1)
-        thr_mk = torch.where(act, radix_select(ctx, KIND_Z, min_keep, act), m)
-    if fl.any_top_p:
-        p = f[:, F_TOP_P]
-        act = samp & (p < 1.0)
-        rowf[:, RF_DOM_LO] = zlo
-        thr = radix_select(ctx, KIND_Z, p, act, mass=True)
-        zlo = torch.where(act, torch.maximum(zlo, torch.minimum(thr, thr_mk)), zlo)
-        rowf[:, RF_DOM_LO] = ninf
-    if fl.any_min_p:
-        mp = f[:, F_MIN_P]
-        act = samp & (mp > 0.0)
-        thr = m + torch.log(torch.where(act, mp, 1.0))
-        zlo = torch.where(act, torch.maximum(zlo, torch.minimum(thr, thr_mk)), zlo)
-    if fl.any_mirostat:
-        mode = ip[:, I_MIRO_MODE]
-        mu = ctx.batch.mirostat_mu.to(torch.float32)
-        v2 = samp & (mode == 2)
-        # keep ln q = (z - m) - ln s >= -mu ln 2, i.e. z >= m + (ln s - mu ln 2) (docs/semantics.md §3 E)
-        thr2 = torch.minimum(m + (rowf[:, RF_LS] - mu * LN2), m)
-        zlo = torch.where(v2, thr2, zlo)
-        v1 = samp & (mode == 1)
-        _, vals, _ = top_values(ctx, KIND_Z, torch.full_like(nfin, MIROSTAT_M), v1.to(torch.int32), MIROSTAT_M)
-        k = _mirostat_v1_k(vals, mu, f[:, F_MIRO_TAU], ctx.V)
-        act1 = v1 & (k < nfin)
-        thr1 = radix_select(ctx, KIND_Z, k, act1)
-        zlo = torch.where(act1, thr1, zlo)
-    rowf[:, RF_ZLO] = zlo
-    if fl.any_typical:
-        tp = f[:, F_TYPICAL_P]
-        act = samp & (tp < 1.0)
-        typical_entropy_pass(ctx, act.to(torch.int32))
-        s_sel = -radix_select(ctx, KIND_NEG_S, tp, act, mass=True)
-        sthr = s_sel
-        if fl.any_min_keep:
-            act_mk = act & (min_keep > 1)
-            s_mk = -radix_select(ctx, KIND_NEG_S, min_keep, act_mk)
-            sthr = torch.where(act_mk, torch.maximum(s_sel, s_mk), s_sel)
-        rowf[:, RF_STHR] = torch.where(act, sthr, float("inf"))
+    def outputs(self):
+        """The step's output tensors, uninitialised (the kernels write every element)."""
+        b, dev = self.B, self.device
+        e = torch.empty
+        return (e(b, dtype=torch.int64, device=dev), e(b, dtype=torch.int8, device=dev),
+                e(b, dtype=torch.float32, device=dev), e(b, dtype=torch.int64, device=dev),
+                e((b, self.n_top), dtype=torch.int64, device=dev), e((b, self.n_top), dtype=torch.float32, device=dev),
+                e(b, dtype=torch.float32, device=dev))
 
 
-def _mirostat_v1_k(vals: torch.Tensor, mu: torch.Tensor, tau: torch.Tensor, n_vocab: int) -> torch.Tensor:
-    """Mirostat v1 ``k`` (B,) int32 from the row's 100 largest ``z`` (descending, ``-inf`` past the finite ones)."""
-    del tau
-    z = vals.to(torch.float64)
-    m = z.shape[1]
-    i = torch.arange(m - 1, device=z.device, dtype=torch.float64)
-    t = torch.log((i + 2.0) / (i + 1.0))
-    pair = z[:, 1:] > float("-inf")
-    b = torch.where(pair, z[:, :-1] - torch.where(pair, z[:, 1:], 0.0), 0.0)
-    num = (torch.where(pair, t * b, 0.0)).sum(1)
-    den = (torch.where(pair, t * t, 0.0)).sum(1)
-    s = num / den
-    eps = s - 1.0
-    mu64 = mu.to(torch.float64)
-    n = float(n_vocab)
-    two_mu = torch.pow(2.0, mu64)
-    k_gen = torch.pow((eps * two_mu) / (1.0 - torch.pow(torch.full_like(eps, n), -eps)), 1.0 / s)
-    k_lim = torch.pow(two_mu / math.log(n), 1.0 / s) if n > 1 else torch.full_like(s, float("inf"))
-    k = torch.where(eps.abs() < 1e-6, k_lim, k_gen)
-    k = torch.where(torch.isnan(k), n, k)
-    k = torch.clamp(torch.floor(k), 1.0, n)
-    return k.to(torch.int32)
-
-
-def _run(batch: PackedBatch) -> _Ctx:
-    """Stages A–F: fills the per-row state of a context (tokens in ``rowi[:, RI_TOKEN]``)."""
-    from .draw import draw
-    from .stats import kept_weights_pass, stats_pass
+def _run(batch: PackedBatch):
+    """Stages A–F: the launches of one step (host control flow on `BatchFlags` only). Returns the context and the
+    output tensors (tokens, valid int8, logprobs, ranks, top ids, top logprobs, mu)."""
+    from .draw import finish
+    from .mirostat import mirostat_v1_pass
+    from .select import STAGE_MIN_KEEP, STAGE_TOP_K, STAGE_TOP_P, select_pass, typical_pass
+    from .stats import combine_pass, entropy_pass, kept_pass, stats_pass
 
     ctx = _Ctx(batch)
+    out = ctx.outputs()
+    fl = ctx.flags
     stats_pass(ctx)
-    if ctx.flags.any_truncation:
-        _thresholds(ctx)
-        rowf = ctx.rowf
-        trunc = (rowf[:, RF_ZLO] > float("-inf")) | (rowf[:, RF_STHR] < float("inf"))
-        active = (ctx.rowi[:, RI_VALID] != 0) & (ctx.fparams[:, F_TEMPERATURE] > 0) & trunc
-        kept_weights_pass(ctx, active.to(torch.int32))
-    draw(ctx)
-    return ctx
+    if ctx.truncation:
+        # stage E (docs/semantics.md §3 E): a select per rule that some row uses, in the rules' order
+        mk_select = fl.any_min_keep and (fl.any_top_p or fl.any_min_p)
+        combine_pass(ctx, minp=fl.any_min_p and not mk_select)
+        if fl.any_top_k:
+            select_pass(ctx, STAGE_TOP_K)
+        if mk_select:
+            select_pass(ctx, STAGE_MIN_KEEP, fold_minp=fl.any_min_p)
+        if fl.any_top_p:
+            select_pass(ctx, STAGE_TOP_P)
+        if ctx.miro_v1:
+            mirostat_v1_pass(ctx)
+        if fl.any_typical:
+            entropy_pass(ctx)
+            typical_pass(ctx)
+        kept_pass(ctx)
+    finish(ctx, out)
+    return ctx, out
 
 
 def sample_packed(batch: PackedBatch) -> SampleOutput:
@@ -343,52 +269,12 @@ def sample_packed(batch: PackedBatch) -> SampleOutput:
     (B,) float32, top_logprob_ids (B, N) int64, top_logprobs (B, N) float32, ranks (B,) int64, mirostat_mu (B,)
     float32.
     """
-    from .logprobs import KIND_LP, rank_pass, top_values
+    from .logprobs import logprobs_pass
 
-    ctx = _run(batch)
-    b, dev = ctx.B, ctx.device
-    rowi, rowf, f, ip = ctx.rowi, ctx.rowf, ctx.fparams, ctx.iparams
-    valid = rowi[:, RI_VALID] != 0
-    tokens = rowi[:, RI_TOKEN].to(torch.int64)
-    greedy = f[:, F_TEMPERATURE] == 0.0
-    n_top = int(batch.n_top)
-    nan = float("nan")
-    logprobs = torch.full((b,), nan, dtype=torch.float32, device=dev)
-    ranks = torch.full((b,), -1, dtype=torch.int64, device=dev)
-    top_ids = torch.full((b, n_top), -1, dtype=torch.int64, device=dev)
-    top_lps = torch.full((b, n_top), nan, dtype=torch.float32, device=dev)
+    ctx, (tokens, valid, logprobs, ranks, top_ids, top_lps, mu_out) = _run(batch)
     if ctx.flags.any_logprobs:
-        lp_on = (ip[:, I_LOGPROBS] != 0) & valid
-        mode = ip[:, I_LOGPROBS_MODE]
-        # lp = (x - m) - ln s with (m, ln s) the mode's log-normaliser; x - (m + ln s) would lose ln s once |x| is
-        # above ~1e8 in float32 (docs/semantics.md §6)
-        m_mode = torch.where(mode == MODE_RAW, rowf[:, RF_M_RAW],
-                             torch.where(mode == MODE_FINAL, rowf[:, RF_M_KEPT], rowf[:, RF_M]))
-        ls_mode = torch.where(mode == MODE_RAW, rowf[:, RF_LS_RAW],
-                              torch.where(mode == MODE_FINAL, rowf[:, RF_LS_KEPT], rowf[:, RF_LS]))
-        vx = torch.where(mode == MODE_RAW, rowf[:, RF_RAWX], rowf[:, RF_ZX])
-        final_greedy = (mode == MODE_FINAL) & greedy
-        lp = torch.where(final_greedy, 0.0, (vx - m_mode) - ls_mode)
-        logprobs = torch.where(lp_on, lp, nan)
-        rk = rank_pass(ctx, lp_on.to(torch.int32))
-        ranks = torch.where(lp_on, rk, -1)
-        if n_top > 0:
-            ntop = ip[:, I_TOP_LOGPROBS]
-            act = lp_on & (ntop > 0)
-            ids, vals, _ = top_values(ctx, KIND_LP, ntop, act.to(torch.int32), n_top)
-            tl_ = (vals - m_mode[:, None]) - ls_mode[:, None]
-            tl_ = torch.where(final_greedy[:, None], torch.where(vals > float("-inf"), 0.0, float("-inf")), tl_)
-            top_ids = ids
-            top_lps = torch.where(ids >= 0, tl_, nan)
-    mu_in = batch.mirostat_mu.to(torch.float32)
-    mu_out = mu_in.clone()
-    if ctx.flags.any_mirostat:
-        upd = valid & ~greedy & (ip[:, I_MIRO_MODE] != 0)
-        # -log2 q'[x] with ln q'[x] = (z_x - m) - ln s over the kept set (docs/semantics.md §3 E, update)
-        surprise = -((rowf[:, RF_ZX] - rowf[:, RF_M_KEPT]) - rowf[:, RF_LS_KEPT]) / LN2
-        new = mu_in - f[:, F_MIRO_ETA] * (surprise - f[:, F_MIRO_TAU])
-        mu_out = torch.where(upd, new, mu_in)
-    return SampleOutput(tokens=tokens, valid=valid, logprobs=logprobs, top_logprob_ids=top_ids,
+        logprobs_pass(ctx, ranks, top_ids, top_lps)
+    return SampleOutput(tokens=tokens, valid=valid.view(torch.bool), logprobs=logprobs, top_logprob_ids=top_ids,
                         top_logprobs=top_lps, ranks=ranks, mirostat_mu=mu_out)
 
 
@@ -397,7 +283,7 @@ def sampling_probs_packed(batch: PackedBatch) -> torch.Tensor:
     invalid rows)."""
     from .probs import probs_pass
 
-    ctx = _run(batch)
+    ctx, _ = _run(batch)
     out = torch.empty((ctx.B, ctx.VC), dtype=torch.float32, device=ctx.device)
     probs_pass(ctx, out)
     return out
@@ -413,11 +299,7 @@ def kept_mask_packed(batch: PackedBatch) -> torch.Tensor:
     """
     from .probs import kept_mask_pass
 
-    ctx = _run(batch)
+    ctx, _ = _run(batch)
     out = torch.empty((ctx.B, ctx.VC), dtype=torch.int8, device=ctx.device)
     kept_mask_pass(ctx, out)
     return out.view(torch.bool)
-
-
-# silence "imported but unused" for columns kept for readers of this module
-_ = (F_MIN_P, F_TYPICAL_P, RF_DOM_LO, I_TOP_K, I_MIN_KEEP)

@@ -1,10 +1,18 @@
-"""Stage F: the two-level exponential race of docs/semantics.md §3 F with the Philox noise of §7.
+"""Stage F and the step's outputs: the two-level exponential race of docs/semantics.md §3 F with the Philox noise
+of §7, in one program per row (`_finish_kernel`).
 
-One program per row: the tile race over the per-tile weights ``W_t`` of the kept set (stream-1 noise, ``j`` = tile
-index), then the token race ``z_i - ln E_i`` (stream-0 noise, ``j`` = id) over the kept ids of the winning tile only.
-Ties go to the lowest tile / id. Greedy rows take the argmax, invalid rows ``-1``. The kernel also writes the
-row's kept-set log-normaliser (as the max and the ``ln`` of the sum) and the drawn token's ``z`` and raw logit (for
-logprobs and the mirostat update).
+The token race ran in the pass that last read the row (`stats._stats_kernel` for a batch without truncation,
+`stats._kept_kernel` otherwise): each chunk left its kept-set weight ``(max, sum)`` and its race winner (the argmax
+of ``z_i - ln E_i`` over its kept ids, ties to the lowest id). Here the chunk weights are combined per 4096-id tile
+into ``W_t``, the tile race ``argmax ln W_t - ln E'_t`` (stream-1 noise, ``j`` = tile index, ties to the lowest
+tile) picks ``t*``, and the token is the best chunk winner of ``t*`` (ties to the lowest chunk, i.e. the lowest id).
+Greedy rows take the argmax, invalid rows ``-1``.
+
+The same program writes the outputs that need no other pass: tokens, validity, the token's logprob, the updated
+Mirostat ``mu`` (docs/semantics.md §3 E, update), and the padding of ranks / top logprobs when the batch asks for
+no logprobs; it also keeps the kept-set log-normaliser and the token's ``z`` / raw logit in ``rowf``. For a batch
+without truncation (``STATS``) it first turns the stats partials into the row statistics, so such a batch runs two
+kernels per step.
 """
 
 from __future__ import annotations
@@ -12,11 +20,55 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .penalties import NRF, NRI, RF_LS_KEPT, RF_M_KEPT, RF_RAWX, RF_ZX, RI_GID, RI_TOKEN, RI_VALID, kept_mask, row_z
+from .._batch import (
+    F_MIRO_ETA,
+    F_MIRO_TAU,
+    F_TEMPERATURE,
+    I_LOGPROBS,
+    I_LOGPROBS_MODE,
+    I_MIRO_MODE,
+    MODE_FINAL,
+    MODE_RAW,
+    NF,
+    NI,
+)
+from .penalties import (
+    NRF,
+    NRI,
+    RF_LS,
+    RF_LS_KEPT,
+    RF_LS_RAW,
+    RF_M,
+    RF_M_KEPT,
+    RF_M_RAW,
+    RF_RAWX,
+    RF_ZX,
+    RI_GID,
+    RI_TOKEN,
+    RI_VALID,
+    bias_lower_bound,
+    block_z,
+    row_scalars,
+)
 from .philox import neg_log_exp_noise, philox_word, seed_key
+from .stats import LN2, P_IDX, P_M, P_S, P_SCORE, PF, PI, stats_combine
 
+_NF: tl.constexpr = tl.constexpr(NF)
+_NI: tl.constexpr = tl.constexpr(NI)
+_F_TEMPERATURE: tl.constexpr = tl.constexpr(F_TEMPERATURE)
+_F_MIRO_ETA: tl.constexpr = tl.constexpr(F_MIRO_ETA)
+_F_MIRO_TAU: tl.constexpr = tl.constexpr(F_MIRO_TAU)
+_I_LOGPROBS: tl.constexpr = tl.constexpr(I_LOGPROBS)
+_I_LOGPROBS_MODE: tl.constexpr = tl.constexpr(I_LOGPROBS_MODE)
+_I_MIRO_MODE: tl.constexpr = tl.constexpr(I_MIRO_MODE)
+_MODE_RAW: tl.constexpr = tl.constexpr(MODE_RAW)
+_MODE_FINAL: tl.constexpr = tl.constexpr(MODE_FINAL)
 _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
+_RF_M: tl.constexpr = tl.constexpr(RF_M)
+_RF_LS: tl.constexpr = tl.constexpr(RF_LS)
+_RF_M_RAW: tl.constexpr = tl.constexpr(RF_M_RAW)
+_RF_LS_RAW: tl.constexpr = tl.constexpr(RF_LS_RAW)
 _RF_M_KEPT: tl.constexpr = tl.constexpr(RF_M_KEPT)
 _RF_LS_KEPT: tl.constexpr = tl.constexpr(RF_LS_KEPT)
 _RF_ZX: tl.constexpr = tl.constexpr(RF_ZX)
@@ -24,81 +76,140 @@ _RF_RAWX: tl.constexpr = tl.constexpr(RF_RAWX)
 _RI_GID: tl.constexpr = tl.constexpr(RI_GID)
 _RI_TOKEN: tl.constexpr = tl.constexpr(RI_TOKEN)
 _RI_VALID: tl.constexpr = tl.constexpr(RI_VALID)
+_PF: tl.constexpr = tl.constexpr(PF)
+_PI: tl.constexpr = tl.constexpr(PI)
+_P_M: tl.constexpr = tl.constexpr(P_M)
+_P_S: tl.constexpr = tl.constexpr(P_S)
+_P_SCORE: tl.constexpr = tl.constexpr(P_SCORE)
+_P_IDX: tl.constexpr = tl.constexpr(P_IDX)
+_LN2: tl.constexpr = tl.constexpr(LN2)
 _BIG: tl.constexpr = tl.constexpr(2147483647)
 
 
 @triton.jit
-def _draw_kernel(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr, rowi_ptr,
-                 rowf_ptr, tile_w_ptr, seeds_ptr, steps_ptr, seqs_ptr,
-                 stride_l, stride_b, stride_c, stride_p, stride_a,
-                 V, VC, E, NC, NT,
-                 HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
-                 HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
-                 HAS_TYP: tl.constexpr,  # some row uses typical-p: the kept test includes s <= s_thr
-                 SPLIT: tl.constexpr,  # chunks per tile in tile_w (TILE / CHUNK)
-                 BT: tl.constexpr,  # power of two >= NT: all tile weights in one block
-                 BLOCK: tl.constexpr, TILE: tl.constexpr):  # ids per loop step; ids per tile (4096)
+def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                   bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, seeds_ptr, seqs_ptr, mu_ptr, rowf_ptr,
+                   rowi_ptr, part_f_ptr, part_i_ptr, tokens_ptr, valid_ptr, logprobs_ptr, ranks_ptr, top_ids_ptr,
+                   top_lps_ptr, mu_out_ptr,
+                   stride_l, stride_c, stride_p, stride_a,
+                   V, VC, E, NC, NT, N,
+                   HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
+                   HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
+                   STATS: tl.constexpr,  # no truncation: the partials are the stats pass's, combine them here too
+                   LOGPROBS: tl.constexpr,  # some row wants logprobs (ranks / top-N follow in logprobs.py)
+                   MIRO: tl.constexpr,  # some row uses Mirostat: update mu
+                   SPLIT: tl.constexpr,  # chunks per tile (TILE / CHUNK)
+                   BT: tl.constexpr,  # power of two >= NC: every chunk in one block (STATS)
+                   BT_TILES: tl.constexpr,  # power of two >= NT: every tile in one block
+                   BN: tl.constexpr):  # power of two >= N: the top-logprob padding in one block
     row = tl.program_id(0).to(tl.int64)
-    valid = tl.load(rowi_ptr + row * _NRI + _RI_VALID)
-    gid = tl.load(rowi_ptr + row * _NRI + _RI_GID)
+    if STATS:
+        m, ls, valid, gid, nf, samp = stats_combine(row, part_f_ptr, part_i_ptr, fparams_ptr, rowf_ptr, rowi_ptr,
+                                                    NC, BT)
+    else:
+        valid = tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0
+        gid = tl.load(rowi_ptr + row * _NRI + _RI_GID)
+        m = tl.load(rowf_ptr + row * _NRF + _RF_M)
+        ls = tl.load(rowf_ptr + row * _NRF + _RF_LS)
     # per-tile weights (max, sum) from the per-chunk ones, then the kept-set log-normaliser as (max m, ln s): a
     # log-probability is (z - m) - ln s, never z - (m + ln s) (docs/semantics.md §6)
-    t = tl.arange(0, BT)
-    tm = t < NT
+    t = tl.arange(0, BT_TILES)
     c = t[:, None] * SPLIT + tl.arange(0, SPLIT)[None, :]
     cm = c < NC
-    m_ch = tl.load(tile_w_ptr + (row * NC + c) * 3 + 0, mask=cm, other=float("-inf"))
-    s_ch = tl.load(tile_w_ptr + (row * NC + c) * 3 + 1, mask=cm, other=0.0)
+    pc = part_f_ptr + (row * NC + c) * _PF
+    m_ch = tl.load(pc + _P_M, mask=cm, other=float("-inf"))
+    s_ch = tl.load(pc + _P_S, mask=cm, other=0.0)
     mt = tl.max(m_ch, 1)
     mts = tl.where(mt == float("-inf"), 0.0, mt)
     st = tl.sum(tl.where(m_ch == float("-inf"), 0.0, s_ch * tl.exp(m_ch - mts[:, None])), 1)
-    m = tl.max(mt, 0)
-    safe = tl.where(m == float("-inf"), 0.0, m)
+    mk = tl.max(mt, 0)
+    safe = tl.where(mk == float("-inf"), 0.0, mk)
     ls_kept = tl.log(tl.sum(tl.where(mt == float("-inf"), 0.0, st * tl.exp(mt - safe)), 0))
-    tl.store(rowf_ptr + row * _NRF + _RF_M_KEPT, m)
+    tl.store(rowf_ptr + row * _NRF + _RF_M_KEPT, mk)
     tl.store(rowf_ptr + row * _NRF + _RF_LS_KEPT, ls_kept)
     # tile race: argmax over tiles with W_t > 0 of ln W_t - ln E'_t
     k0, k1 = seed_key(tl.load(seeds_ptr + row))
     step = (tl.load(steps_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
     seq = (tl.load(seqs_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
     r = philox_word(t.to(tl.uint32), step, seq, 1, k0, k1)
-    live = tm & (st > 0.0) & (mt > float("-inf"))
+    live = (t < NT) & (st > 0.0) & (mt > float("-inf"))
     score = tl.where(live, mt + tl.log(tl.where(live, st, 1.0)) + neg_log_exp_noise(r), float("-inf"))
     best = tl.max(score, 0)
     tstar = tl.min(tl.where(live & (score == best), t, _BIG), 0)
-    # token race inside the winning tile
-    sample = (valid != 0) & (gid < 0) & (tstar < NT)
-    base = tl.where(sample, tstar, 0) * TILE
-    n = tl.where(sample, tl.minimum(TILE, VC - base), 0)
-    tok = -1
-    tbest = float("-inf")
-    for start in range(0, n, BLOCK):
-        offs = base + start + tl.arange(0, BLOCK)
-        raw, z, b = row_z(row, offs, logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr,
-                          rowi_ptr, stride_l, stride_b, stride_c, stride_p, stride_a, V, VC, E,
-                          HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
-        keep = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, HAS_TYP) & (offs < V)
-        rr = philox_word(offs.to(tl.uint32), step, seq, 0, k0, k1)
-        sc = tl.where(keep, z + neg_log_exp_noise(rr), float("-inf"))
-        bm = tl.max(sc, 0)
-        bidx = tl.min(tl.where(keep & (sc == bm), offs, _BIG), 0)
-        better = bm > tbest
-        tok = tl.where(better, bidx, tok)
-        tbest = tl.where(better, bm, tbest)
-    tok = tl.where(valid == 0, -1, tl.where(gid >= 0, gid, tok))
+    # the token: the best chunk winner of tile t* (the chunk races ran with the same token noise, ties to the lowest
+    # chunk, so this is the argmax of z_i - ln E_i over the tile's kept ids, ties to the lowest id)
+    sample = valid & (gid < 0) & (tstar < NT)
+    cs = tl.where(sample, tstar, 0) * SPLIT + tl.arange(0, SPLIT)
+    csm = tl.where(sample, cs < NC, False)  # (scalar & block masks are not bool in the interpreter)
+    sc = tl.load(part_f_ptr + (row * NC + cs) * _PF + _P_SCORE, mask=csm, other=float("-inf"))
+    si = tl.load(part_i_ptr + (row * NC + cs) * _PI + _P_IDX, mask=csm, other=_BIG)
+    sbest = tl.max(sc, 0)
+    tok = tl.min(tl.where(csm & (sc == sbest) & (sc > float("-inf")), si, _BIG), 0)
+    tok = tl.where(tok == _BIG, -1, tok)
+    tok = tl.where(valid, tl.where(gid >= 0, gid, tok), -1)
     tl.store(rowi_ptr + row * _NRI + _RI_TOKEN, tok)
     # the drawn token's z and raw logit
-    lane = tl.arange(0, 2)
-    xo = tl.where(tok >= 0, tok, 0) + lane
-    raw, z, b = row_z(row, xo, logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr,
-                      rowi_ptr, stride_l, stride_b, stride_c, stride_p, stride_a, V, VC, E,
-                      HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
-    tl.store(rowf_ptr + row * _NRF + _RF_ZX, tl.max(tl.where(lane == 0, z, float("-inf")), 0))
-    tl.store(rowf_ptr + row * _NRF + _RF_RAWX, tl.max(tl.where(lane == 0, raw, float("-inf")), 0))
+    t_, rep, freq, pres, ban, blo, bhi = row_scalars(row, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
+                                                     HAS_BIAS, HAS_EOS)
+    x0 = tl.where(tok >= 0, tok, 0)
+    xo = x0 + tl.arange(0, 2)[None, :]  # a (1, 2) block: the token and its neighbour
+    ep = blo
+    if HAS_BIAS:
+        ep = bias_lower_bound(bias_ids_ptr, blo, bhi, x0)
+    raw, z, b, ep = block_z(row, xo, ep, x0 + 2, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr,
+                           bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+                           t_, rep, freq, pres, ban, bhi,
+                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
+    lane0 = xo == x0
+    zx = tl.max(tl.max(tl.where(lane0, z, float("-inf")), 1), 0)
+    rawx = tl.max(tl.max(tl.where(lane0, raw, float("-inf")), 1), 0)
+    tl.store(rowf_ptr + row * _NRF + _RF_ZX, zx)
+    tl.store(rowf_ptr + row * _NRF + _RF_RAWX, rawx)
+    # outputs
+    tl.store(tokens_ptr + row, tok.to(tl.int64))
+    tl.store(valid_ptr + row, valid.to(tl.int8))
+    temp = tl.load(fparams_ptr + row * _NF + _F_TEMPERATURE)
+    greedy = temp == 0.0
+    lp = float("nan")
+    if LOGPROBS:
+        lp_on = (tl.load(iparams_ptr + row * _NI + _I_LOGPROBS) != 0) & valid
+        mode = tl.load(iparams_ptr + row * _NI + _I_LOGPROBS_MODE)
+        m_raw = tl.load(rowf_ptr + row * _NRF + _RF_M_RAW)
+        ls_raw = tl.load(rowf_ptr + row * _NRF + _RF_LS_RAW)
+        # lp = (x - m) - ln s with (m, ln s) the mode's log-normaliser; x - (m + ln s) would lose ln s once |x| is
+        # above ~1e8 in float32 (docs/semantics.md §6)
+        m_mode = tl.where(mode == _MODE_RAW, m_raw, tl.where(mode == _MODE_FINAL, mk, m))
+        ls_mode = tl.where(mode == _MODE_RAW, ls_raw, tl.where(mode == _MODE_FINAL, ls_kept, ls))
+        vx = tl.where(mode == _MODE_RAW, rawx, zx)
+        lpv = tl.where((mode == _MODE_FINAL) & greedy, 0.0, (vx - m_mode) - ls_mode)
+        lp = tl.where(lp_on, lpv, float("nan"))
+    else:
+        tl.store(ranks_ptr + row, -1)
+        j = tl.arange(0, BN)
+        tl.store(top_ids_ptr + row * N + j, -1, mask=j < N)
+        tl.store(top_lps_ptr + row * N + j, float("nan"), mask=j < N)
+    tl.store(logprobs_ptr + row, lp)
+    mu_in = tl.load(mu_ptr + row)
+    mu_out = mu_in
+    if MIRO:
+        mode_m = tl.load(iparams_ptr + row * _NI + _I_MIRO_MODE)
+        upd = valid & (temp > 0.0) & (mode_m != 0)
+        eta = tl.load(fparams_ptr + row * _NF + _F_MIRO_ETA)
+        tau = tl.load(fparams_ptr + row * _NF + _F_MIRO_TAU)
+        # -log2 q'[x] with ln q'[x] = (z_x - m) - ln s over the kept set (docs/semantics.md §3 E, update)
+        surprise = -((zx - mk) - ls_kept) / _LN2
+        mu_out = tl.where(upd, mu_in - eta * (surprise - tau), mu_in)
+    tl.store(mu_out_ptr + row, mu_out)
 
 
-def draw(ctx) -> None:
-    """Draw one token per row into ``rowi[:, RI_TOKEN]`` from the kept set and the tile weights ``ctx.tile_w``."""
-    _draw_kernel[(ctx.B,)](*ctx.zargs(), ctx.rowf, ctx.tile_w, ctx.seeds, ctx.steps, ctx.seqs, *ctx.zstrides(),
-                           *ctx.zsizes(), ctx.NT, **ctx.zflags(), HAS_TYP=ctx.has_typ, SPLIT=ctx.TILE // ctx.CHUNK,
-                           BT=ctx.BT_TILES, BLOCK=ctx.BLOCK, TILE=ctx.TILE)
+def finish(ctx, out) -> None:
+    """Draw one token per row and write the outputs ``out`` (tokens, valid int8, logprobs, ranks, top ids, top
+    logprobs, mu), from the chunk partials the last row pass left."""
+    tokens, valid, logprobs, ranks, top_ids, top_lps, mu_out = out
+    n = int(top_ids.shape[1])
+    _finish_kernel[(ctx.B,)](*ctx.zargs(), ctx.seeds, ctx.seqs, ctx.mu, ctx.rowf, ctx.rowi, ctx.part_f, ctx.part_i,
+                             tokens, valid, logprobs, ranks, top_ids, top_lps, mu_out, *ctx.zstrides(),
+                             *ctx.zsizes(), ctx.NT, n, **ctx.zflags(), STATS=not ctx.truncation,
+                             LOGPROBS=ctx.flags.any_logprobs, MIRO=ctx.flags.any_mirostat,
+                             SPLIT=ctx.TILE // ctx.CHUNK, BT=ctx.BT, BT_TILES=ctx.BT_TILES,
+                             BN=max(2, 1 << max(n - 1, 0).bit_length()))

@@ -1,141 +1,149 @@
-"""Logprobs without a ``(B, V)`` logprob tensor: the drawn token's rank and the top-N (id, logprob) pairs.
+"""Ranks and top-N logprobs (docs/semantics.md §6) without a ``(B, V)`` logprob tensor, one program per row.
 
 Every logprob mode is a monotone function of a per-id value (`select.select_value` with ``KIND_LP``: the raw logit,
-``z``, or ``z`` on the kept set and ``-inf`` elsewhere), so
+``z``, or ``z`` on the kept set and ``-inf`` elsewhere for ``final``), so for a row
 
-- the rank is ``1 +`` a count of values strictly above the drawn token's value (one ``(B, NC)`` pass);
-- the top-N is a radix select of the N-th largest value, then a compaction of the ids strictly above it (fewer than
-  N, in id order) and of the ids tied at it (lowest ids first) into small ``(B, N)`` buffers, then a stable sort of
-  those few by value. The same gather serves Mirostat v1 (the 100 largest ``z``).
+- the top-N is a radix select of the N-th largest value, then one pass that compacts the ids strictly above it
+  (fewer than N, in id order) and the ids tied at it (lowest ids first) into the row's small scratch, and an
+  ordering of those few by (value desc, id asc) in registers;
+- the rank is ``1 +`` the number of values strictly above the drawn token's, counted in the same pass.
+
+The token's own logprob is written by `draw._finish_kernel`; this kernel runs after it, only when some row of the
+batch wants logprobs (host flag), and writes ranks and the top-N outputs of every row (padding where off).
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .penalties import NRF, NRI, RF_RAWX, RF_ZX, RI_LP_MODE, RI_TOKEN, row_z
-from .select import KIND_LP, float_key, radix_select, select_value
+from .._batch import F_TEMPERATURE, I_LOGPROBS, I_LOGPROBS_MODE, I_TOP_LOGPROBS, MODE_FINAL, MODE_RAW, NF, NI
+from .penalties import (
+    NRF,
+    NRI,
+    RF_LS,
+    RF_LS_KEPT,
+    RF_LS_RAW,
+    RF_M,
+    RF_M_KEPT,
+    RF_M_RAW,
+    RF_RAWX,
+    RF_ZX,
+    RI_VALID,
+    block_z,
+    row_scalars,
+)
+from .select import float_key, radix_select, select_value
 
+_NF: tl.constexpr = tl.constexpr(NF)
+_NI: tl.constexpr = tl.constexpr(NI)
+_F_TEMPERATURE: tl.constexpr = tl.constexpr(F_TEMPERATURE)
+_I_LOGPROBS: tl.constexpr = tl.constexpr(I_LOGPROBS)
+_I_LOGPROBS_MODE: tl.constexpr = tl.constexpr(I_LOGPROBS_MODE)
+_I_TOP_LOGPROBS: tl.constexpr = tl.constexpr(I_TOP_LOGPROBS)
+_MODE_RAW: tl.constexpr = tl.constexpr(MODE_RAW)
+_MODE_FINAL: tl.constexpr = tl.constexpr(MODE_FINAL)
 _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
+_RF_M: tl.constexpr = tl.constexpr(RF_M)
+_RF_LS: tl.constexpr = tl.constexpr(RF_LS)
+_RF_M_RAW: tl.constexpr = tl.constexpr(RF_M_RAW)
+_RF_LS_RAW: tl.constexpr = tl.constexpr(RF_LS_RAW)
+_RF_M_KEPT: tl.constexpr = tl.constexpr(RF_M_KEPT)
+_RF_LS_KEPT: tl.constexpr = tl.constexpr(RF_LS_KEPT)
 _RF_ZX: tl.constexpr = tl.constexpr(RF_ZX)
 _RF_RAWX: tl.constexpr = tl.constexpr(RF_RAWX)
-_RI_LP_MODE: tl.constexpr = tl.constexpr(RI_LP_MODE)
-_RI_TOKEN: tl.constexpr = tl.constexpr(RI_TOKEN)
+_RI_VALID: tl.constexpr = tl.constexpr(RI_VALID)
 
 
 @triton.jit
-def _rank_kernel(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr, rowi_ptr,
-                 rowf_ptr, active_ptr, out_ptr,
-                 stride_l, stride_b, stride_c, stride_p, stride_a,
-                 V, VC, E, NC,
-                 HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
-                 HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
-                 HAS_TYP: tl.constexpr,  # some row uses typical-p (kept test of the final mode)
-                 BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
+def _logprobs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                     bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, rowf_ptr, rowi_ptr, gt_val_ptr, gt_id_ptr,
+                     ranks_ptr, top_ids_ptr, top_lps_ptr,
+                     stride_l, stride_c, stride_p, stride_a,
+                     V, VC, E, N,
+                     HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
+                     HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
+                     HAS_TYP: tl.constexpr,  # some row uses typical-p (kept test of the final mode)
+                     DIGIT_BITS: tl.constexpr,  # key bits per select level
+                     SBLOCK: tl.constexpr,  # ids per select step (the one-hot block is SBLOCK x 2^DIGIT_BITS)
+                     BLOCK: tl.constexpr,  # ids per step of the rank / gather pass
+                     K: tl.constexpr):  # power of two >= N: the row's scratch width
     row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    base = chunk * CHUNK
-    active = tl.load(active_ptr + row)
-    n = tl.where(active != 0, tl.minimum(CHUNK, VC - base), 0)
-    mode = tl.load(rowi_ptr + row * _NRI + _RI_LP_MODE)
-    vx = tl.where(mode == 0, tl.load(rowf_ptr + row * _NRF + _RF_RAWX), tl.load(rowf_ptr + row * _NRF + _RF_ZX))
+    valid = tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0
+    lp_on = (tl.load(iparams_ptr + row * _NI + _I_LOGPROBS) != 0) & valid
+    mode = tl.load(iparams_ptr + row * _NI + _I_LOGPROBS_MODE)
+    ntop = tl.where(lp_on, tl.load(iparams_ptr + row * _NI + _I_TOP_LOGPROBS), 0)
+    rf = rowf_ptr + row * _NRF
+    vx = tl.where(mode == _MODE_RAW, tl.load(rf + _RF_RAWX), tl.load(rf + _RF_ZX))
     kx = float_key(vx)
-    c = 0
+    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
+                                                    HAS_BIAS, HAS_EOS)
+    # the ntop-th largest value of the row's logprob order
+    sel = ntop > 0
+    thr = radix_select(row, ntop.to(tl.float32), sel, float("-inf"), 0.0, 0.0, 0.0, mode,
+                       logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
+                       rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+                       t, rep, freq, pres, ban, blo, bhi,
+                       HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, HAS_TYP, 2, False, DIGIT_BITS, SBLOCK)
+    tk = float_key(thr)
+    # one pass: the rank count, and the ids above / at the threshold compacted into the scratch
+    n = tl.where(lp_on, VC, 0)
+    above = tl.sum(tl.zeros((2,), tl.int32), 0)
+    pg = tl.sum(tl.zeros((2,), tl.int32), 0)
+    pe = tl.sum(tl.zeros((2,), tl.int32), 0)
+    ep = blo
     for start in range(0, n, BLOCK):
-        offs = base + start + tl.arange(0, BLOCK)
-        raw, z, b = row_z(row, offs, logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr,
-                          rowi_ptr, stride_l, stride_b, stride_c, stride_p, stride_a, V, VC, E,
-                          HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
-        v, dom, w = select_value(row, offs, raw, z, V, rowf_ptr, rowi_ptr, 2, HAS_TYP)
-        c += tl.sum((dom & (float_key(v) > kx)).to(tl.int32), 0)
-    tl.store(out_ptr + row * NC + chunk, c)
-
-
-@triton.jit
-def _gather_kernel(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr, rowi_ptr,
-                   rowf_ptr, active_ptr, thr_ptr, gt_off_ptr, eq_off_ptr, gt_id_ptr, gt_val_ptr, eq_id_ptr,
-                   stride_l, stride_b, stride_c, stride_p, stride_a,
-                   V, VC, E, NC, K,
-                   HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
-                   HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
-                   HAS_TYP: tl.constexpr,  # some row uses typical-p
-                   KIND: tl.constexpr,  # what was selected (select.KIND_*)
-                   BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    base = chunk * CHUNK
-    active = tl.load(active_ptr + row)
-    n = tl.where(active != 0, tl.minimum(CHUNK, VC - base), 0)
-    tk = float_key(tl.load(thr_ptr + row))
-    pg = tl.load(gt_off_ptr + row * NC + chunk)
-    pe = tl.load(eq_off_ptr + row * NC + chunk)
-    for start in range(0, n, BLOCK):
-        offs = base + start + tl.arange(0, BLOCK)
-        raw, z, b = row_z(row, offs, logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr,
-                          rowi_ptr, stride_l, stride_b, stride_c, stride_p, stride_a, V, VC, E,
-                          HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
-        v, dom, w = select_value(row, offs, raw, z, V, rowf_ptr, rowi_ptr, KIND, HAS_TYP)
+        offs = start + tl.arange(0, BLOCK)
+        raw, z, b, ep = block_z(row, offs, ep, start + BLOCK, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
+                               eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, V, VC,
+                               E, t, rep, freq, pres, ban, bhi,
+                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
+        v, dom, w = select_value(row, offs, raw, z, V, float("-inf"), 0.0, 0.0, 0.0, mode, rowf_ptr, rowi_ptr, 2,
+                                 HAS_TYP)
         key = float_key(v)
-        g = dom & (key > tk)
-        e = dom & (key == tk)
+        above += tl.sum((dom & (key > kx)).to(tl.int32), 0)
+        g = tl.where(sel, dom & (key > tk), False)  # (scalar & block masks are not bool in the interpreter)
+        e = tl.where(sel, dom & (key == tk), False)
         posg = pg + tl.cumsum(g.to(tl.int32), 0) - 1
         pose = pe + tl.cumsum(e.to(tl.int32), 0) - 1
-        tl.store(gt_id_ptr + row * K + posg, offs.to(tl.int64), mask=g & (posg < K))
+        tl.store(gt_id_ptr + row * (2 * K) + posg, offs, mask=g & (posg < K))
         tl.store(gt_val_ptr + row * K + posg, v, mask=g & (posg < K))
-        tl.store(eq_id_ptr + row * K + pose, offs.to(tl.int64), mask=e & (pose < K))
+        tl.store(gt_id_ptr + row * (2 * K) + K + pose, offs, mask=e & (pose < K))
         pg += tl.sum(g.to(tl.int32), 0)
         pe += tl.sum(e.to(tl.int32), 0)
+    tl.store(ranks_ptr + row, tl.where(lp_on, above + 1, -1).to(tl.int64))
+    tl.debug_barrier()  # the compacted ids were stored by other threads of this program
+    # order the (fewer than ntop) ids above the threshold by (value desc, id asc); then the ties, lowest ids first
+    i = tl.arange(0, K)
+    gi = i < pg
+    ids = tl.load(gt_id_ptr + row * (2 * K) + i, mask=gi, other=-1)
+    vals = tl.load(gt_val_ptr + row * K + i, mask=gi, other=float("-inf"))
+    before = (vals[None, :] > vals[:, None]) | ((vals[None, :] == vals[:, None]) & (ids[None, :] < ids[:, None]))
+    rank = tl.sum((before & gi[None, :]).to(tl.int32), 1)
+    hot = (rank[None, :] == i[:, None]) & gi[None, :]  # [position, element]
+    id_p = tl.max(tl.where(hot, ids[None, :], -1), 1)
+    v_p = tl.max(tl.where(hot, vals[None, :], float("-inf")), 1)
+    q = i - pg
+    eid = tl.load(gt_id_ptr + row * (2 * K) + K + q, mask=(i >= pg) & (q < pe) & (q < K), other=-1)
+    take = i < tl.minimum(pg + pe, ntop)
+    out_id = tl.where(take, tl.where(i < pg, id_p, eid), -1)
+    out_v = tl.where(i < pg, v_p, thr)
+    # lp = (v - m) - ln s with the mode's log-normaliser (docs/semantics.md §6); final greedy rows: 0 / -inf
+    m_mode = tl.where(mode == _MODE_RAW, tl.load(rf + _RF_M_RAW),
+                      tl.where(mode == _MODE_FINAL, tl.load(rf + _RF_M_KEPT), tl.load(rf + _RF_M)))
+    ls_mode = tl.where(mode == _MODE_RAW, tl.load(rf + _RF_LS_RAW),
+                       tl.where(mode == _MODE_FINAL, tl.load(rf + _RF_LS_KEPT), tl.load(rf + _RF_LS)))
+    final_greedy = (mode == _MODE_FINAL) & (tl.load(fparams_ptr + row * _NF + _F_TEMPERATURE) == 0.0)
+    lp = tl.where(final_greedy, tl.where(out_v > float("-inf"), 0.0, float("-inf")), (out_v - m_mode) - ls_mode)
+    lp = tl.where(out_id >= 0, lp, float("nan"))
+    tl.store(top_ids_ptr + row * N + i, out_id.to(tl.int64), mask=i < N)
+    tl.store(top_lps_ptr + row * N + i, lp, mask=i < N)
 
 
-def rank_pass(ctx, active: torch.Tensor) -> torch.Tensor:
-    """(B,) int64: 1 + the number of ids whose logprob is strictly above the drawn token's."""
-    cnt = torch.empty((ctx.B, ctx.NC), dtype=torch.int32, device=ctx.device)
-    _rank_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.rowf, active, cnt, *ctx.zstrides(), *ctx.zsizes(),
-                                  **ctx.zflags(), HAS_TYP=ctx.has_typ, BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK)
-    return cnt.sum(1, dtype=torch.int64) + 1
-
-
-def top_values(ctx, kind: int, k: torch.Tensor, active: torch.Tensor, width: int):
-    """The ``k`` largest values per row of a select kind, ordered by (value desc, id asc).
-
-    Parameters
-    ----------
-    kind : select.KIND_Z or select.KIND_LP
-    k : (B,) int32 per-row count (<= width)
-    active : (B,) int32 rows to compute
-    width : output width K
-
-    Returns
-    -------
-    ids (B, K) int64 (``-1`` past the row's count or the domain's size), values (B, K) float32 (``-inf`` there),
-    and the per-row threshold value (B,) float32.
-    """
-    b, nt, dev = ctx.B, ctx.NC, ctx.device
-    thr, tile_gt, tile_eq = radix_select(ctx, kind, k.to(torch.float32), active, gather=True)
-    gt_off = torch.cumsum(tile_gt, 1, dtype=torch.int32) - tile_gt
-    eq_off = torch.cumsum(tile_eq, 1, dtype=torch.int32) - tile_eq
-    gt_id = torch.full((b, width), -1, dtype=torch.int64, device=dev)
-    gt_val = torch.full((b, width), float("-inf"), dtype=torch.float32, device=dev)
-    eq_id = torch.full((b, width), -1, dtype=torch.int64, device=dev)
-    _gather_kernel[(b, nt)](*ctx.zargs(), ctx.rowf, active, thr, gt_off, eq_off, gt_id, gt_val, eq_id,
-                            *ctx.zstrides(), *ctx.zsizes(), width, **ctx.zflags(), HAS_TYP=ctx.has_typ, KIND=kind,
-                            BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK)
-    n_gt = tile_gt.sum(1, dtype=torch.int64)
-    n_eq = tile_eq.sum(1, dtype=torch.int64)
-    sv, perm = torch.sort(gt_val, dim=1, descending=True, stable=True)
-    sid = torch.gather(gt_id, 1, perm)
-    pos = torch.arange(width, device=dev)[None, :]
-    from_eq = pos >= n_gt[:, None]
-    eq_idx = (pos - n_gt[:, None]).clamp(0, width - 1)
-    ids = torch.where(from_eq, torch.gather(eq_id, 1, eq_idx), sid)
-    vals = torch.where(from_eq, thr[:, None].expand(b, width), sv)
-    take = (pos < torch.minimum(n_gt + n_eq, k.to(torch.int64))[:, None]) & (active[:, None] != 0)
-    ids = torch.where(take, ids, -1)
-    vals = torch.where(take, vals, float("-inf"))
-    return ids, vals, thr
-
-
-__all__ = ["rank_pass", "top_values", "KIND_LP"]
+def logprobs_pass(ctx, ranks, top_ids, top_lps) -> None:
+    """Ranks (B,) int64 and the top-N ids (B, N) int64 / logprobs (B, N) float32 of every row."""
+    n = int(top_ids.shape[1])
+    _logprobs_kernel[(ctx.B,)](*ctx.zargs(), ctx.rowf, ctx.rowi, ctx.lp_val, ctx.lp_id, ranks, top_ids, top_lps,
+                               *ctx.zstrides(), *ctx.zsizes_row(), n, **ctx.zflags(), HAS_TYP=ctx.has_typ,
+                               DIGIT_BITS=ctx.DIGIT_BITS, SBLOCK=ctx.SBLOCK, BLOCK=ctx.BLOCK, K=ctx.K)

@@ -1,11 +1,14 @@
 """Stages A–D of docs/semantics.md §3 in registers: the processed logits ``z`` of a block of ids of one row.
 
 Every pass of the pipeline recomputes ``z`` from the raw logits instead of materialising a ``(B, V)`` float32 copy:
-the logits are read in their own dtype and upcast in registers, the sparse logit bias comes from a per-row float32
-buffer that only rows with a bias own (``rowi[:, RI_BIAS_SLOT] >= 0``; other rows issue no load), penalty state and
-bitmasks are read only when the batch uses them (constexpr specialisation from the host-known `BatchFlags`).
+the logits are read in their own dtype and upcast in registers; the sparse logit bias is read from the batch's CSR
+(``bias_indptr`` / ``bias_ids`` / ``bias_vals``, ids ascending per row) and matched to the block in registers, so no
+dense bias is ever built; penalty state and bitmasks are read only when the batch uses them (constexpr
+specialisation from the host-known `BatchFlags`), once per id and pass. The per-row scalars (temperature, penalties,
+the EOS ban, the row's bias range) are loaded once per program (`row_scalars`).
 
-Row state shared by the passes (the host allocates it, kernels fill it):
+Row state shared by the passes (the host allocates it, uninitialised; the first per-row kernel of a step writes every
+column before any kernel reads it):
 
 ``rowf`` (B, NRF) float32 columns ``RF_*``; ``rowi`` (B, NRI) int32 columns ``RI_*``.
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._batch import F_FREQ, F_MIRO_TAU, F_PRES, F_REP, F_TEMPERATURE, NF, NI  # noqa: F401
+from .._batch import F_FREQ, F_PRES, F_REP, F_TEMPERATURE, I_IGNORE_EOS, I_MIN_TOKENS, NF, NI
 
 # rowf columns. A log-normaliser is kept as a pair (max ``m``, ``ln s`` with ``s = sum exp(x - m)``) and a log-
 # probability is formed as ``(x - m) - ln s``, never as ``x - (m + ln s)``: in float32, ``m + ln s`` drops ``ln s``
@@ -23,14 +26,17 @@ from .._batch import F_FREQ, F_MIRO_TAU, F_PRES, F_REP, F_TEMPERATURE, NF, NI  #
 #   RF_M / RF_LS: the row's ``z`` (all finite tokens); RF_M_RAW / RF_LS_RAW: the raw logits (raw logprobs);
 #   RF_M_KEPT / RF_LS_KEPT: ``z`` over the kept set (final logprobs, ``sampling_probs``, the Mirostat surprise);
 #   RF_ZLO: keep ``z >= zlo``; RF_STHR: typical-p keeps ``s <= sthr``; RF_MS / RF_HC: the typical-p survivors' max
-#   and mean distance ``sum q (m_s - z)`` (``s = |(m_s - z) - hc|``, see `typical_s`); RF_DOM_LO: lower bound of a
-#   select's domain; RF_ZX / RF_RAWX: the drawn token's ``z`` and raw logit.
+#   and mean distance ``sum q (m_s - z)`` (``s = |(m_s - z) - hc|``, see `typical_s`); RF_DOM_LO: the top-k
+#   threshold (the domain of top-p, §3 E); RF_MK: the min_keep-th largest ``z`` (``m`` when min_keep is off);
+#   RF_ZX / RF_RAWX: the drawn token's ``z`` and raw logit.
 (RF_M, RF_LS, RF_ZLO, RF_STHR, RF_MS, RF_HC, RF_M_RAW, RF_LS_RAW, RF_M_KEPT, RF_LS_KEPT, RF_DOM_LO, RF_ZX,
- RF_RAWX) = range(13)
-NRF = 13
-# rowi columns
-RI_VALID, RI_ARGMAX, RI_GID, RI_BIAS_SLOT, RI_BAN_EOS, RI_NFIN, RI_TOKEN, RI_LP_MODE = range(8)
-NRI = 8
+ RF_RAWX, RF_MK) = range(14)
+NRF = 14
+# rowi columns: validity (§5), the greedy token (-1 for sampled rows), the number of finite ``z``, the drawn token
+RI_VALID, RI_GID, RI_NFIN, RI_TOKEN = range(4)
+NRI = 4
+
+EB = 8  # CSR logit-bias entries read at a time (independent loads, matched one by one)
 
 _NF: tl.constexpr = tl.constexpr(NF)
 _NI: tl.constexpr = tl.constexpr(NI)
@@ -38,6 +44,8 @@ _F_TEMPERATURE: tl.constexpr = tl.constexpr(F_TEMPERATURE)
 _F_FREQ: tl.constexpr = tl.constexpr(F_FREQ)
 _F_PRES: tl.constexpr = tl.constexpr(F_PRES)
 _F_REP: tl.constexpr = tl.constexpr(F_REP)
+_I_MIN_TOKENS: tl.constexpr = tl.constexpr(I_MIN_TOKENS)
+_I_IGNORE_EOS: tl.constexpr = tl.constexpr(I_IGNORE_EOS)
 _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
 _RF_ZLO: tl.constexpr = tl.constexpr(RF_ZLO)
@@ -45,16 +53,87 @@ _RF_STHR: tl.constexpr = tl.constexpr(RF_STHR)
 _RF_MS: tl.constexpr = tl.constexpr(RF_MS)
 _RF_HC: tl.constexpr = tl.constexpr(RF_HC)
 _RI_GID: tl.constexpr = tl.constexpr(RI_GID)
-_RI_BIAS_SLOT: tl.constexpr = tl.constexpr(RI_BIAS_SLOT)
-_RI_BAN_EOS: tl.constexpr = tl.constexpr(RI_BAN_EOS)
+_EB: tl.constexpr = tl.constexpr(EB)
+_NO_ID: tl.constexpr = tl.constexpr(2147483647)
 
 
 @triton.jit
-def row_z(row, offs, logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr, rowi_ptr,
-          stride_l, stride_b, stride_c, stride_p, stride_a, V, VC, E,
+def row_scalars(row, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
+                HAS_BIAS: tl.constexpr, HAS_EOS: tl.constexpr):
+    """Per-row scalars of stages A–D, loaded once per program.
+
+    Returns ``(t, rep, freq, pres, ban, blo, bhi)``: the temperature (1 for greedy rows, which stop after C), the
+    three penalties, whether the EOS ids are banned (``step mod 2^32 < min_tokens`` or ``ignore_eos``, §3 A) and
+    the row's range ``[blo, bhi)`` of logit-bias entries in the CSR.
+    """
+    t = tl.load(fparams_ptr + row * _NF + _F_TEMPERATURE)
+    t = tl.where(t > 0.0, t, 1.0)
+    rep = tl.load(fparams_ptr + row * _NF + _F_REP)
+    freq = tl.load(fparams_ptr + row * _NF + _F_FREQ)
+    pres = tl.load(fparams_ptr + row * _NF + _F_PRES)
+    ban = row * 0
+    if HAS_EOS:
+        step = tl.load(steps_ptr + row) & 0xFFFFFFFF
+        mt = tl.load(iparams_ptr + row * _NI + _I_MIN_TOKENS).to(tl.int64)
+        ign = tl.load(iparams_ptr + row * _NI + _I_IGNORE_EOS)
+        ban = ((step < mt) | (ign != 0)).to(tl.int64)
+    blo = row * 0
+    bhi = row * 0
+    if HAS_BIAS:
+        blo = tl.load(bias_indptr_ptr + row).to(tl.int64)
+        bhi = tl.load(bias_indptr_ptr + row + 1).to(tl.int64)
+    return t, rep, freq, pres, ban, blo, bhi
+
+
+@triton.jit
+def bias_lower_bound(bias_ids_ptr, blo, bhi, x):
+    """First entry index in ``[blo, bhi)`` whose id is ``>= x`` (ids ascending): where a program starting at id
+    ``x`` begins reading the row's bias."""
+    lo = blo
+    hi = bhi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        below = tl.load(bias_ids_ptr + mid) < x
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    return lo
+
+
+@triton.jit
+def block_bias(offs, bias_ids_ptr, bias_vals_ptr, ep, bhi, blk_end):
+    """Logit bias of a block of ids ``offs`` (any shape, all ``< blk_end``) from the CSR entries ``[ep, bhi)``.
+
+    ``ep`` must not be past the first entry with an id in the block, nor before the first entry at or past the
+    block's lowest id. Returns ``(bias, hit, ep')``: the bias value where ``hit``, and the first entry at or past
+    ``blk_end`` -- the next block of ascending ids starts there. Entries are read ``EB`` at a time (independent
+    scalar loads) and matched to the block one by one; ids are unique within a row, so at most one matches an id.
+    """
+    bias = tl.zeros(offs.shape, tl.float32)
+    hit = offs < 0
+    go = ep < bhi
+    while go:
+        k = 0
+        for i in tl.static_range(_EB):
+            ok = ep + i < bhi
+            bid = tl.load(bias_ids_ptr + ep + i, mask=ok, other=_NO_ID)
+            val = tl.load(bias_vals_ptr + ep + i, mask=ok, other=0.0)
+            match = offs == bid  # an id at or past blk_end matches nothing in the block
+            bias = tl.where(match, val, bias)
+            hit = hit | match
+            k += (bid < blk_end).to(tl.int32)
+        ep += k
+        go = (k == _EB) & (ep < bhi)
+    return bias, hit, ep
+
+
+@triton.jit
+def row_z(row, offs, bias, hit, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr,
+          stride_l, stride_c, stride_p, stride_a, V, VC, E,
+          t, rep, freq, pres, ban,
           HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_ALLOWED: tl.constexpr,
           HAS_EOS: tl.constexpr):
-    """Raw logits, processed ``z`` and the invalid-input flag of the ids ``offs`` (a block) of row ``row``.
+    """Raw logits, processed ``z`` and the invalid-input flag of the ids ``offs`` (a block of any shape) of row
+    ``row``; ``bias`` / ``hit`` from `block_bias` (ignored without ``HAS_BIAS``), the scalars from `row_scalars`.
 
     Returns ``(raw, z, bad)``: ``raw`` float32 (``-inf`` at ids ``>= V``), ``z`` float32 after A–D (greedy rows:
     after A–C), ``bad`` true where ``raw`` is NaN / ``+inf`` (ids ``< V``) or ``z`` is NaN / ``+inf``.
@@ -63,24 +142,18 @@ def row_z(row, offs, logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, 
     raw = tl.load(logits_ptr + row * stride_l + offs, mask=offs < VC, other=float("-inf")).to(tl.float32)
     raw = tl.where(in_vocab, raw, float("-inf"))
     l = raw
-    if HAS_BIAS:
-        slot = tl.load(rowi_ptr + row * _NRI + _RI_BIAS_SLOT).to(tl.int64)
-        bias = tl.load(bias_ptr + slot * stride_b + offs, mask=in_vocab & ((offs * 0 + slot) >= 0), other=0.0)
-        l = l + bias
+    if HAS_BIAS:  # §3 A: the bias is added first, before every penalty
+        l = tl.where(hit & in_vocab, l + bias, l)
     if HAS_ALLOWED:
         word = tl.load(allowed_ptr + row * stride_a + (offs >> 5), mask=in_vocab, other=0)
         bit = (word >> (offs & 31).to(tl.int32)) & 1
         l = tl.where(bit != 0, l, float("-inf"))
-    if HAS_EOS:
-        ban = tl.load(rowi_ptr + row * _NRI + _RI_BAN_EOS)
+    if HAS_EOS:  # noqa: SIM102 - a constexpr branch around a runtime one
         if ban != 0:
             for e in range(E):
                 eid = tl.load(eos_ptr + e)
                 l = tl.where(offs == eid, float("-inf"), l)
     if HAS_COUNTS or HAS_PROMPT:
-        rep = tl.load(fparams_ptr + row * _NF + _F_REP)
-        freq = tl.load(fparams_ptr + row * _NF + _F_FREQ)
-        pres = tl.load(fparams_ptr + row * _NF + _F_PRES)
         seen = offs < 0
         if HAS_COUNTS:
             cnt = tl.load(counts_ptr + row * stride_c + offs, mask=in_vocab, other=0).to(tl.int32)
@@ -88,21 +161,40 @@ def row_z(row, offs, logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, 
         if HAS_PROMPT:
             pw = tl.load(prompt_ptr + row * stride_p + (offs >> 5), mask=in_vocab, other=0)
             seen = seen | (((pw >> (offs & 31).to(tl.int32)) & 1) != 0)
-        pen = tl.where(l > 0, tl.math.div_rn(l, tl.zeros_like(l) + rep), l * rep)
-        l = tl.where(seen & ((tl.zeros_like(l) + rep) != 1.0), pen, l)
+        if rep != 1.0:
+            pen = tl.where(l > 0, tl.math.div_rn(l, tl.zeros_like(l) + rep), l * rep)
+            l = tl.where(seen, pen, l)
         if HAS_COUNTS:
             # a negative count counts as 0, the token was not generated (docs/semantics.md §3 B and C)
             c = tl.maximum(cnt, 0).to(tl.float32)
             l = l - (c * freq + tl.where(cnt > 0, pres, 0.0))
-    t = tl.load(fparams_ptr + row * _NF + _F_TEMPERATURE)
-    t = tl.where(t > 0.0, t, 1.0)
-    z = tl.math.div_rn(l, tl.zeros_like(l) + t)
+    z = l
+    if t != 1.0:  # §3 D; division by 1 is exact, so T = 1 rows skip it
+        z = tl.math.div_rn(l, tl.zeros_like(l) + t)
     bad = in_vocab & ((raw != raw) | (raw == float("inf")) | (z != z) | (z == float("inf")))
     return raw, z, bad
 
 
 @triton.jit
-def typical_s(row, z, rowf_ptr):
+def block_z(row, offs, ep, blk_end, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_ids_ptr,
+           bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+           t, rep, freq, pres, ban, bhi,
+           HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_ALLOWED: tl.constexpr,
+           HAS_EOS: tl.constexpr):
+    """`row_z` of a block ``offs`` (any shape, ids ``< blk_end``) with the bias read from the CSR entry ``ep`` on
+    (`block_bias`); returns ``(raw, z, bad, ep')`` with ``ep'`` where the next block of ascending ids starts."""
+    bias = tl.zeros(offs.shape, tl.float32)
+    hit = offs < 0
+    if HAS_BIAS:
+        bias, hit, ep = block_bias(offs, bias_ids_ptr, bias_vals_ptr, ep, bhi, blk_end)
+    raw, z, bad = row_z(row, offs, bias, hit, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr,
+                        stride_l, stride_c, stride_p, stride_a, V, VC, E, t, rep, freq, pres, ban,
+                        HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
+    return raw, z, bad, ep
+
+
+@triton.jit
+def typical_s(z, ms, hc):
     """Typical-p distance ``s = |-ln q - H|`` of ``z`` (docs/semantics.md §3 E item 4).
 
     With the survivors' max ``m_s`` and ``s_s = sum exp(z - m_s)``: ``-ln q = (m_s - z) + ln s_s`` and
@@ -110,8 +202,6 @@ def typical_s(row, z, rowf_ptr):
     ``m_s + ln s_s`` is ever formed, which would lose ``ln s_s`` for large ``|z|``. ``s = +inf`` where ``m_s - z``
     overflows (``q = 0``).
     """
-    ms = tl.load(rowf_ptr + row * _NRF + _RF_MS)
-    hc = tl.load(rowf_ptr + row * _NRF + _RF_HC)
     return tl.abs((ms - z) - hc)
 
 
@@ -123,5 +213,7 @@ def kept_mask(row, offs, z, rowf_ptr, rowi_ptr, HAS_TYP: tl.constexpr):
     keep = (z > float("-inf")) & (z >= zlo) & ((gid < 0) | (offs == gid))
     if HAS_TYP:
         sthr = tl.load(rowf_ptr + row * _NRF + _RF_STHR)
-        keep = keep & (typical_s(row, z, rowf_ptr) <= sthr)
+        ms = tl.load(rowf_ptr + row * _NRF + _RF_MS)
+        hc = tl.load(rowf_ptr + row * _NRF + _RF_HC)
+        keep = keep & (typical_s(z, ms, hc) <= sthr)
     return keep

@@ -31,26 +31,47 @@ def _philox_round(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def philox_word(j, step, seq, stream, k0, k1):
-    """Word ``j & 3`` of Philox4x32-10(key=(k0, k1), counter=(j >> 2, step, seq, stream)); all uint32.
+def philox4(c0, step, seq, stream, k0, k1):
+    """The four words of Philox4x32-10(key=(k0, k1), counter=(c0, step, seq, stream)); all uint32.
 
-    ``j`` is a uint32 block; ``step``, ``seq``, ``k0``, ``k1`` are uint32 scalars; ``stream`` a python int.
+    ``c0`` is a uint32 block of counters; ``step``, ``seq``, ``k0``, ``k1`` are uint32 scalars; ``stream`` a python
+    int. One call serves the four consecutive variates ``j = 4 c0 .. 4 c0 + 3`` (word ``j & 3``, docs/semantics.md
+    §7).
     """
-    c0 = j >> 2
-    c1 = tl.zeros(j.shape, tl.uint32) + step
-    c2 = tl.zeros(j.shape, tl.uint32) + seq
-    c3 = tl.zeros(j.shape, tl.uint32) + stream
-    a = tl.zeros(j.shape, tl.uint32) + k0
-    b = tl.zeros(j.shape, tl.uint32) + k1
-    w0 = tl.full(j.shape, 0x9E3779B9, tl.uint32)
-    w1 = tl.full(j.shape, 0xBB67AE85, tl.uint32)
+    c1 = tl.zeros(c0.shape, tl.uint32) + step
+    c2 = tl.zeros(c0.shape, tl.uint32) + seq
+    c3 = tl.zeros(c0.shape, tl.uint32) + stream
+    a = tl.zeros(c0.shape, tl.uint32) + k0
+    b = tl.zeros(c0.shape, tl.uint32) + k1
+    w0 = tl.full(c0.shape, 0x9E3779B9, tl.uint32)
+    w1 = tl.full(c0.shape, 0xBB67AE85, tl.uint32)
     for _ in tl.static_range(9):
         c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, a, b)
         a = a + w0
         b = b + w1
-    c0, c1, c2, c3 = _philox_round(c0, c1, c2, c3, a, b)
+    return _philox_round(c0, c1, c2, c3, a, b)
+
+
+@triton.jit
+def philox_word(j, step, seq, stream, k0, k1):
+    """Word ``j & 3`` of Philox4x32-10(key=(k0, k1), counter=(j >> 2, step, seq, stream)); all uint32.
+
+    ``j`` is a uint32 block; ``step``, ``seq``, ``k0``, ``k1`` are uint32 scalars; ``stream`` a python int. Used
+    where ``j`` is not a run of four (the tile noise); blocks of ids use `philox4` once per four ids.
+    """
+    c0, c1, c2, c3 = philox4(j >> 2, step, seq, stream, k0, k1)
     w = j & 3
     return tl.where(w == 0, c0, tl.where(w == 1, c1, tl.where(w == 2, c2, c3)))
+
+
+@triton.jit
+def philox_quads(first, step, seq, stream, k0, k1, R: tl.constexpr):
+    """Words of the ``4 R`` consecutive variates ``j = 4 first .. 4 (first + R) - 1`` as an ``(R, 4)`` block (row
+    ``i`` holds ``j = 4 (first + i) + 0 .. 3``): one Philox call per four ids (docs/semantics.md §7)."""
+    c0, c1, c2, c3 = philox4(first.to(tl.uint32) + tl.arange(0, R).to(tl.uint32), step, seq, stream, k0, k1)
+    col = tl.arange(0, 4)[None, :]
+    return tl.where(col == 0, c0[:, None], tl.where(col == 1, c1[:, None], tl.where(col == 2, c2[:, None],
+                                                                                     c3[:, None])))
 
 
 @triton.jit

@@ -10,7 +10,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .penalties import NRF, NRI, RF_LS_KEPT, RF_M_KEPT, RI_GID, RI_VALID, kept_mask, row_z
+from .penalties import (
+    NRF,
+    NRI,
+    RF_LS_KEPT,
+    RF_M_KEPT,
+    RI_GID,
+    RI_VALID,
+    bias_lower_bound,
+    block_z,
+    kept_mask,
+    row_scalars,
+)
 
 _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
@@ -21,9 +32,9 @@ _RI_VALID: tl.constexpr = tl.constexpr(RI_VALID)
 
 
 @triton.jit
-def _probs_row_chunk(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr, rowi_ptr,
-                     rowf_ptr, out_ptr,
-                     stride_l, stride_b, stride_c, stride_p, stride_a, stride_o,
+def _probs_row_chunk(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                     bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, rowf_ptr, rowi_ptr, out_ptr,
+                     stride_l, stride_c, stride_p, stride_a, stride_o,
                      V, VC, E,
                      HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                      HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr, HAS_TYP: tl.constexpr,
@@ -37,11 +48,17 @@ def _probs_row_chunk(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, 
     gid = tl.load(rowi_ptr + row * _NRI + _RI_GID)
     m = tl.load(rowf_ptr + row * _NRF + _RF_M_KEPT)
     ls = tl.load(rowf_ptr + row * _NRF + _RF_LS_KEPT)
+    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
+                                                    HAS_BIAS, HAS_EOS)
+    ep = blo
+    if HAS_BIAS:
+        ep = bias_lower_bound(bias_ids_ptr, blo, bhi, base)
     for start in range(0, n, BLOCK):
         offs = base + start + tl.arange(0, BLOCK)
-        raw, z, b = row_z(row, offs, logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr,
-                          rowi_ptr, stride_l, stride_b, stride_c, stride_p, stride_a, V, VC, E,
-                          HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
+        raw, z, b, ep = block_z(row, offs, ep, base + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
+                               eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, V, VC,
+                               E, t, rep, freq, pres, ban, bhi,
+                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
         keep = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, HAS_TYP) & (offs < V)
         keep = tl.where(gid >= 0, offs == gid, keep)  # greedy rows: the argmax only
         keep = keep & (valid != 0)  # invalid rows: nothing
@@ -56,41 +73,45 @@ def _probs_row_chunk(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, 
 
 
 @triton.jit
-def _probs_kernel(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr, rowi_ptr,
-                  rowf_ptr, out_ptr,
-                  stride_l, stride_b, stride_c, stride_p, stride_a, stride_o,
-                  V, VC, E, NC,
+def _probs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                  bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, rowf_ptr, rowi_ptr, out_ptr,
+                  stride_l, stride_c, stride_p, stride_a, stride_o,
+                  V, VC, E,
                   HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                   HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
                   HAS_TYP: tl.constexpr,  # some row uses typical-p: the kept test includes s <= s_thr
                   BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
-    _probs_row_chunk(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr, rowi_ptr,
-                     rowf_ptr, out_ptr, stride_l, stride_b, stride_c, stride_p, stride_a, stride_o, V, VC, E,
+    _probs_row_chunk(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                     bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, rowf_ptr, rowi_ptr, out_ptr,
+                     stride_l, stride_c, stride_p, stride_a, stride_o, V, VC, E,
                      HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, HAS_TYP, False, BLOCK, CHUNK)
 
 
 @triton.jit
-def _kept_mask_kernel(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr, rowi_ptr,
-                      rowf_ptr, out_ptr,
-                      stride_l, stride_b, stride_c, stride_p, stride_a, stride_o,
-                      V, VC, E, NC,
+def _kept_mask_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                      bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, rowf_ptr, rowi_ptr, out_ptr,
+                      stride_l, stride_c, stride_p, stride_a, stride_o,
+                      V, VC, E,
                       HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                       HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
                       HAS_TYP: tl.constexpr,  # some row uses typical-p: the kept test includes s <= s_thr
                       BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
-    _probs_row_chunk(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr, rowi_ptr,
-                     rowf_ptr, out_ptr, stride_l, stride_b, stride_c, stride_p, stride_a, stride_o, V, VC, E,
+    _probs_row_chunk(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                     bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, rowf_ptr, rowi_ptr, out_ptr,
+                     stride_l, stride_c, stride_p, stride_a, stride_o, V, VC, E,
                      HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, HAS_TYP, True, BLOCK, CHUNK)
 
 
 def probs_pass(ctx, out) -> None:
     """Write each row's drawing distribution into ``out`` (B, VC) float32."""
-    _probs_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.rowf, out, *ctx.zstrides(), out.stride(0), *ctx.zsizes(),
-                                   **ctx.zflags(), HAS_TYP=ctx.has_typ, BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK)
+    _probs_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.rowf, ctx.rowi, out, *ctx.zstrides(), out.stride(0),
+                                   *ctx.zsizes_row(), **ctx.zflags(), HAS_TYP=ctx.has_typ, BLOCK=ctx.BLOCK,
+                                   CHUNK=ctx.CHUNK)
 
 
 def kept_mask_pass(ctx, out) -> None:
     """Write each row's kept set into ``out`` (B, VC) int8 (1 kept, 0 not; greedy rows: the argmax; invalid rows and
     padding columns: 0)."""
-    _kept_mask_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.rowf, out, *ctx.zstrides(), out.stride(0), *ctx.zsizes(),
-                                       **ctx.zflags(), HAS_TYP=ctx.has_typ, BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK)
+    _kept_mask_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.rowf, ctx.rowi, out, *ctx.zstrides(), out.stride(0),
+                                       *ctx.zsizes_row(), **ctx.zflags(), HAS_TYP=ctx.has_typ, BLOCK=ctx.BLOCK,
+                                       CHUNK=ctx.CHUNK)

@@ -8,34 +8,73 @@ first reaches ``p`` (mass target: top-p, typical-p). Elements tied at ``v`` shar
 The key of a float ``x`` (``-0`` folded into ``+0``) is its bit pattern with the sign bit flipped for ``x >= 0`` and
 all bits flipped for ``x < 0``. Each level histograms ``DIGIT_BITS`` bits of the key (count and mass per bucket)
 over the elements whose higher bits equal the prefix found so far, picks the boundary bucket and descends: after
-``32 / DIGIT_BITS`` levels the prefix is the exact key of ``v``; a row stops early (its later passes read nothing)
-as soon as every element of its boundary bucket has the same key (tracked per bucket as min / max key). A level is
-a ``(B, NC)`` pass over the row (one program per chunk of ids) plus a one-program-per-row combine.
+``32 / DIGIT_BITS`` levels the prefix is the exact key of ``v``; a row stops early (its later levels read nothing)
+as soon as every element of its boundary bucket has the same key (tracked per bucket as min / max key).
 
-What is selected is chosen by ``KIND``:
+A select is one program per row (`radix_select`, a device function): it loops over its levels, reading the row once
+per level, with the histogram in registers -- one launch per select, whatever the number of levels, and no launch
+at all for a rule that no row of the batch uses (host flags). What is selected is chosen by ``KIND``:
 
-- ``KIND_Z``: ``z`` over the finite ``z >= rowf[RF_DOM_LO]``; mass ``exp(z - max)``.
-- ``KIND_NEG_S``: ``-s`` (typical-p; ascending ``s``) over the survivors ``z >= rowf[RF_ZLO]``; mass ``exp(z - max)``.
+- ``KIND_Z``: ``z`` over the finite ``z >= lo``; mass ``exp(z - max)``.
+- ``KIND_NEG_S``: ``-s`` (typical-p; ascending ``s``) over the survivors ``z >= lo``; mass ``exp(z - max)``.
 - ``KIND_LP``: the value whose order is the row's logprob order (raw logits, ``z``, or ``z`` on the kept set and
   ``-inf`` elsewhere for ``final``) over all ids ``< vocab_size``; count only.
+
+The kernels here are the truncation stages that need a select: `_select_kernel` (top-k, min_keep, top-p) and
+`_typical_kernel` (typical-p, after `stats._entropy_kernel`).
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .penalties import NRF, NRI, RF_DOM_LO, RF_M, RF_ZLO, RI_LP_MODE, kept_mask, row_z, typical_s
+from .._batch import F_MIN_P, F_TEMPERATURE, F_TOP_P, F_TYPICAL_P, I_MIN_KEEP, I_TOP_K, NF, NI
+from .penalties import (
+    NRF,
+    NRI,
+    RF_DOM_LO,
+    RF_HC,
+    RF_M,
+    RF_MK,
+    RF_MS,
+    RF_STHR,
+    RF_ZLO,
+    RI_NFIN,
+    RI_VALID,
+    block_z,
+    kept_mask,
+    row_scalars,
+    typical_s,
+)
+from .stats import P_M, P_S, P_W, PF
 
 KIND_Z, KIND_NEG_S, KIND_LP = 0, 1, 2
+STAGE_TOP_K, STAGE_MIN_KEEP, STAGE_TOP_P = 0, 1, 2
 
+_NF: tl.constexpr = tl.constexpr(NF)
+_NI: tl.constexpr = tl.constexpr(NI)
+_F_TEMPERATURE: tl.constexpr = tl.constexpr(F_TEMPERATURE)
+_F_TOP_P: tl.constexpr = tl.constexpr(F_TOP_P)
+_F_MIN_P: tl.constexpr = tl.constexpr(F_MIN_P)
+_F_TYPICAL_P: tl.constexpr = tl.constexpr(F_TYPICAL_P)
+_I_TOP_K: tl.constexpr = tl.constexpr(I_TOP_K)
+_I_MIN_KEEP: tl.constexpr = tl.constexpr(I_MIN_KEEP)
 _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
 _RF_M: tl.constexpr = tl.constexpr(RF_M)
 _RF_ZLO: tl.constexpr = tl.constexpr(RF_ZLO)
 _RF_DOM_LO: tl.constexpr = tl.constexpr(RF_DOM_LO)
-_RI_LP_MODE: tl.constexpr = tl.constexpr(RI_LP_MODE)
+_RF_MK: tl.constexpr = tl.constexpr(RF_MK)
+_RF_STHR: tl.constexpr = tl.constexpr(RF_STHR)
+_RF_MS: tl.constexpr = tl.constexpr(RF_MS)
+_RF_HC: tl.constexpr = tl.constexpr(RF_HC)
+_RI_VALID: tl.constexpr = tl.constexpr(RI_VALID)
+_RI_NFIN: tl.constexpr = tl.constexpr(RI_NFIN)
+_PF: tl.constexpr = tl.constexpr(PF)
+_P_M: tl.constexpr = tl.constexpr(P_M)
+_P_S: tl.constexpr = tl.constexpr(P_S)
+_P_W: tl.constexpr = tl.constexpr(P_W)
 
 
 @triton.jit
@@ -54,21 +93,20 @@ def key_float(key):
 
 
 @triton.jit
-def select_value(row, offs, raw, z, V, rowf_ptr, rowi_ptr, KIND: tl.constexpr, HAS_TYP: tl.constexpr):
-    """(value, in-domain mask, mass weight) of the block ``offs`` for a select of kind ``KIND``."""
-    m = tl.load(rowf_ptr + row * _NRF + _RF_M)
+def select_value(row, offs, raw, z, V, lo, m, ms, hc, mode, rowf_ptr, rowi_ptr, KIND: tl.constexpr,
+                 HAS_TYP: tl.constexpr):
+    """(value, in-domain mask, mass weight) of the block ``offs`` for a select of kind ``KIND``: ``lo`` the domain's
+    lower bound on ``z``, ``m`` the row's max ``z``, ``ms`` / ``hc`` the typical-p distance parameters, ``mode``
+    the logprobs mode (``KIND_LP``)."""
     if KIND == 0:
-        lo = tl.load(rowf_ptr + row * _NRF + _RF_DOM_LO)
         v = z
         dom = (z > float("-inf")) & (z >= lo)
         w = tl.exp(z - m)
     elif KIND == 1:
-        zlo = tl.load(rowf_ptr + row * _NRF + _RF_ZLO)
-        dom = (z > float("-inf")) & (z >= zlo)
-        v = -typical_s(row, z, rowf_ptr)
+        dom = (z > float("-inf")) & (z >= lo)
+        v = -typical_s(z, ms, hc)
         w = tl.exp(z - m)
     else:
-        mode = tl.load(rowi_ptr + row * _NRI + _RI_LP_MODE)
         keep = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, HAS_TYP)
         v = tl.where(mode == 0, raw, tl.where(mode == 1, z, tl.where(keep, z, float("-inf"))))
         dom = offs < V
@@ -77,164 +115,214 @@ def select_value(row, offs, raw, z, V, rowf_ptr, rowi_ptr, KIND: tl.constexpr, H
 
 
 @triton.jit
-def _level_kernel(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr, rowi_ptr,
-                  rowf_ptr, prefix_ptr, active_ptr, hcnt_ptr, hmass_ptr, hkmin_ptr, hkmax_ptr,
-                  stride_l, stride_b, stride_c, stride_p, stride_a,
-                  V, VC, E, NC, SHIFT,
-                  HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
-                  HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
-                  HAS_TYP: tl.constexpr,  # some row uses typical-p (kept test of KIND_LP)
-                  KIND: tl.constexpr,  # what is selected (KIND_*)
-                  WANT_MASS: tl.constexpr,  # mass target: also histogram the mass
-                  DIGIT_BITS: tl.constexpr,  # key bits per level (buckets = 2**DIGIT_BITS)
-                  BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
-    NB: tl.constexpr = 1 << DIGIT_BITS
-    base = chunk * CHUNK
-    active = tl.load(active_ptr + row)
-    n = tl.where(active != 0, tl.minimum(CHUNK, VC - base), 0)
-    prefix = tl.load(prefix_ptr + row)
-    hi = SHIFT + DIGIT_BITS
-    want = prefix >> hi
-    buckets = tl.arange(0, NB)
-    cnt = tl.zeros((NB,), tl.int32)
-    mass = tl.zeros((NB,), tl.float32)
-    kmin = tl.full((NB,), 0x100000000, tl.int64)
-    kmax = tl.full((NB,), -1, tl.int64)
-    for start in range(0, n, BLOCK):
-        offs = base + start + tl.arange(0, BLOCK)
-        raw, z, b = row_z(row, offs, logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr,
-                          rowi_ptr, stride_l, stride_b, stride_c, stride_p, stride_a, V, VC, E,
-                          HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
-        v, dom, w = select_value(row, offs, raw, z, V, rowf_ptr, rowi_ptr, KIND, HAS_TYP)
-        key = float_key(v)
-        match = dom & ((key >> hi) == want)
-        digit = ((key >> SHIFT) & (NB - 1)).to(tl.int32)
-        hot = (digit[:, None] == buckets[None, :]) & match[:, None]
-        cnt += tl.sum(hot.to(tl.int32), 0)
-        if WANT_MASS:
-            mass += tl.sum(tl.where(hot, w[:, None], 0.0), 0)
-        kmin = tl.minimum(kmin, tl.min(tl.where(hot, key[:, None], 0x100000000), 0))
-        kmax = tl.maximum(kmax, tl.max(tl.where(hot, key[:, None], -1), 0))
-    o = (row * NC + chunk) * NB + buckets
-    tl.store(hcnt_ptr + o, cnt)
-    tl.store(hkmin_ptr + o, kmin)
-    tl.store(hkmax_ptr + o, kmax)
-    if WANT_MASS:
-        tl.store(hmass_ptr + o, mass)
+def radix_select(row, target, active, lo, m, ms, hc, mode,
+                 logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, rowf_ptr,
+                 rowi_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+                 t, rep, freq, pres, ban, blo, bhi,
+                 HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
+                 HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr, HAS_TYP: tl.constexpr, KIND: tl.constexpr,
+                 MASS: tl.constexpr, DIGIT_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """The threshold value of row ``row`` (garbage where ``active`` is false, which reads nothing).
 
-
-@triton.jit
-def _combine_kernel(hcnt_ptr, hmass_ptr, hkmin_ptr, hkmax_ptr, prefix_ptr, above_c_ptr, selm_ptr, target_ptr,
-                    active_ptr, tile_gt_ptr, tile_eq_ptr, out_ptr,
-                    NC, SHIFT,
-                    FIRST: tl.constexpr,  # first level: the mass target is scaled by the domain's total mass
-                    LAST: tl.constexpr,  # last level: the prefix is the whole key
-                    WANT_MASS: tl.constexpr,  # mass target (else count target)
-                    GATHER: tl.constexpr,  # keep per-chunk counts of elements above / at the threshold
-                    DIGIT_BITS: tl.constexpr,  # key bits per level
-                    BT: tl.constexpr):  # power of two >= NC: all chunks in one block
-    row = tl.program_id(0).to(tl.int64)
+    ``target`` is a count ``k`` (the ``k``-th largest value) or, with ``MASS``, the fraction ``p`` of the domain's
+    mass that the kept values must reach; the other arguments are `select_value`'s and `block_z`'s.
+    """
     NB: tl.constexpr = 1 << DIGIT_BITS
-    active = tl.load(active_ptr + row)
-    if active != 0:
-        bk = tl.arange(0, NB)
-        t = tl.arange(0, BT)
-        tm = t < NC
-        o = (row * NC + t[:, None]) * NB + bk[None, :]
-        h = tl.load(hcnt_ptr + o, mask=tm[:, None], other=0)
-        cnt = tl.sum(h, 0)
-        ge = bk[None, :] >= bk[:, None]  # [b, b']: b' >= b
+    LEVELS: tl.constexpr = 32 // DIGIT_BITS
+    bk = tl.arange(0, NB)
+    ge = bk[None, :] >= bk[:, None]  # [b, b']: b' >= b
+    prefix = row * 0
+    above_c = tl.sum(tl.zeros((NB,), tl.int32), 0)
+    above_m = tl.sum(tl.zeros((NB,), tl.float32), 0)
+    tgt = target
+    done = active == 0
+    value = tl.sum(tl.zeros((NB,), tl.float32), 0)
+    for lvl in range(LEVELS):
+        shift = 32 - DIGIT_BITS * (lvl + 1)
+        hi = shift + DIGIT_BITS
+        want = prefix >> hi
+        cnt = tl.zeros((NB,), tl.int32)
+        mass = tl.zeros((NB,), tl.float32)
+        kmin = tl.full((NB,), 0x100000000, tl.int64)
+        kmax = tl.full((NB,), -1, tl.int64)
+        n = tl.where(done, 0, VC)
+        ep = blo
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            raw, z, b, ep = block_z(row, offs, ep, start + BLOCK, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
+                                   eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, V,
+                                   VC, E, t, rep, freq, pres, ban, bhi,
+                                   HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
+            v, dom, w = select_value(row, offs, raw, z, V, lo, m, ms, hc, mode, rowf_ptr, rowi_ptr, KIND, HAS_TYP)
+            key = float_key(v)
+            match = dom & ((key >> hi) == want)
+            digit = ((key >> shift) & (NB - 1)).to(tl.int32)
+            hot = (digit[:, None] == bk[None, :]) & match[:, None]
+            cnt += tl.sum(hot.to(tl.int32), 0)
+            if MASS:
+                mass += tl.sum(tl.where(hot, w[:, None], 0.0), 0)
+            kmin = tl.minimum(kmin, tl.min(tl.where(hot, key[:, None], 0x100000000), 0))
+            kmax = tl.maximum(kmax, tl.max(tl.where(hot, key[:, None], -1), 0))
         cumc = tl.sum(tl.where(ge, cnt[None, :], 0), 1)
-        above_c = tl.load(above_c_ptr + row)
-        if WANT_MASS:
-            hm = tl.load(hmass_ptr + o, mask=tm[:, None], other=0.0)
-            mass = tl.sum(hm, 0)
+        if MASS:
             cumm = tl.sum(tl.where(ge, mass[None, :], 0.0), 1)
-            above_m = tl.load(selm_ptr + row * 2 + 0)
-            if FIRST:
-                target = tl.load(target_ptr + row) * tl.sum(mass, 0)
-                tl.store(selm_ptr + row * 2 + 1, target)
-            else:
-                target = tl.load(selm_ptr + row * 2 + 1)
-            reach = (above_m + cumm) >= target
+            tgt = tl.where(lvl == 0, target * tl.sum(mass, 0), tgt)  # a fraction of the domain's total mass
+            reach = (above_m + cumm) >= tgt
         else:
-            target = tl.load(target_ptr + row)
             reach = (above_c + cumc).to(tl.float32) >= target
         hit = reach & (cnt > 0)
         best = tl.max(tl.where(hit, bk, -1), 0)
         lowest = tl.min(tl.where(cnt > 0, bk, NB - 1), 0)
         digit = tl.where(best >= 0, best, lowest)
         above = bk > digit
-        tl.store(above_c_ptr + row, above_c + tl.sum(tl.where(above, cnt, 0), 0))
-        if WANT_MASS:
-            tl.store(selm_ptr + row * 2 + 0, above_m + tl.sum(tl.where(above, mass, 0.0), 0))
-        prefix = tl.load(prefix_ptr + row) | (digit.to(tl.int64) << SHIFT)
+        at = bk == digit
         # resolved early when every element of the boundary bucket has the same key
-        at = bk[None, :] == digit
-        kmin = tl.min(tl.min(tl.where(at, tl.load(hkmin_ptr + o, mask=tm[:, None], other=0x100000000),
-                                      0x100000000), 1), 0)
-        kmax = tl.max(tl.max(tl.where(at, tl.load(hkmax_ptr + o, mask=tm[:, None], other=-1), -1), 1), 0)
-        done = (kmin == kmax) | LAST
-        prefix = tl.where(done & (kmax >= 0), kmax, prefix)
-        tl.store(prefix_ptr + row, prefix)
-        if GATHER:
-            gt = tl.load(tile_gt_ptr + row * NC + t, mask=tm, other=0)
-            tl.store(tile_gt_ptr + row * NC + t, gt + tl.sum(tl.where(above[None, :], h, 0), 1), mask=tm)
-            dvec = (tl.zeros((BT,), tl.int32) + done.to(tl.int32)) != 0
-            tl.store(tile_eq_ptr + row * NC + t, tl.sum(tl.where(at, h, 0), 1), mask=tm & dvec)
-        if done:
-            tl.store(out_ptr + row, key_float(prefix))
-            tl.store(active_ptr + row, 0)
+        kmn = tl.min(tl.where(at, kmin, 0x100000000), 0)
+        kmx = tl.max(tl.where(at, kmax, -1), 0)
+        fin = (kmn == kmx) | (lvl == LEVELS - 1)
+        nxt = prefix | (digit.to(tl.int64) << shift)
+        nxt = tl.where(fin & (kmx >= 0), kmx, nxt)
+        above_c = tl.where(done, above_c, above_c + tl.sum(tl.where(above, cnt, 0), 0))
+        if MASS:
+            above_m = tl.where(done, above_m, above_m + tl.sum(tl.where(above, mass, 0.0), 0))
+        value = tl.where(done, value, key_float(nxt))
+        prefix = tl.where(done, prefix, nxt)
+        done = done | fin
+    return value
 
 
-def radix_select(ctx, kind: int, target: torch.Tensor, active: torch.Tensor, *, mass: bool = False,
-                 gather: bool = False):
-    """Threshold value per row, (B,) float32 (garbage where ``active`` is 0).
+@triton.jit
+def _select_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                   bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, rowf_ptr, rowi_ptr,
+                   stride_l, stride_c, stride_p, stride_a,
+                   V, VC, E,
+                   HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
+                   HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
+                   STAGE: tl.constexpr,  # STAGE_TOP_K, STAGE_MIN_KEEP or STAGE_TOP_P
+                   FOLD_MINP: tl.constexpr,  # (min_keep stage) fold min-p's threshold, which is raised to min_keep's
+                   DIGIT_BITS: tl.constexpr,  # key bits per level
+                   BLOCK: tl.constexpr):  # ids per loop step (the one-hot histogram block is BLOCK x 2^DIGIT_BITS)
+    row = tl.program_id(0).to(tl.int64)
+    temp = tl.load(fparams_ptr + row * _NF + _F_TEMPERATURE)
+    samp = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0)
+    nfin = tl.load(rowi_ptr + row * _NRI + _RI_NFIN)
+    m = tl.load(rowf_ptr + row * _NRF + _RF_M)
+    mk = tl.load(iparams_ptr + row * _NI + _I_MIN_KEEP)
+    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
+                                                    HAS_BIAS, HAS_EOS)
+    rf = rowf_ptr + row * _NRF
+    if STAGE == 0:
+        # top-k: keep z >= the k'-th largest, k' = max(k, min_keep); off when k <= 0 or k' >= survivors (§3 E 1)
+        k = tl.load(iparams_ptr + row * _NI + _I_TOP_K)
+        keff = tl.where(k > 0, tl.maximum(k, mk), 0)
+        act = samp & (k > 0) & (keff < nfin)
+        thr = radix_select(row, keff.to(tl.float32), act, float("-inf"), m, 0.0, 0.0, 0,
+                           logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
+                           rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+                           t, rep, freq, pres, ban, blo, bhi,
+                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, False, 0, False, DIGIT_BITS, BLOCK)
+        if act:
+            tl.store(rf + _RF_ZLO, tl.maximum(tl.load(rf + _RF_ZLO), thr))
+            tl.store(rf + _RF_DOM_LO, thr)  # top-p acts on the top-k survivors
+    elif STAGE == 1:
+        # the min_keep-th largest z, over all finite z: top-p and min-p keep at least that many (§3 E, §9 item 5)
+        act = samp & (mk > 1)
+        thr = radix_select(row, mk.to(tl.float32), act, float("-inf"), m, 0.0, 0.0, 0,
+                           logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
+                           rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+                           t, rep, freq, pres, ban, blo, bhi,
+                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, False, 0, False, DIGIT_BITS, BLOCK)
+        thr_mk = tl.where(act, thr, m)
+        tl.store(rf + _RF_MK, thr_mk)
+        if FOLD_MINP:
+            # min-p: keep z >= max z + ln min_p, lowered to the min_keep-th largest (§3 E 3)
+            mp = tl.load(fparams_ptr + row * _NF + _F_MIN_P)
+            zlo = tl.load(rf + _RF_ZLO)
+            thr_p = m + tl.log(tl.where(mp > 0.0, mp, 1.0))
+            tl.store(rf + _RF_ZLO, tl.where(samp & (mp > 0.0), tl.maximum(zlo, tl.minimum(thr_p, thr_mk)), zlo))
+    else:
+        # top-p over the top-k survivors: keep z >= the value where the cumulative mass first reaches p (§3 E 2)
+        p = tl.load(fparams_ptr + row * _NF + _F_TOP_P)
+        act = samp & (p < 1.0)
+        lo = tl.load(rf + _RF_DOM_LO)
+        thr = radix_select(row, p, act, lo, m, 0.0, 0.0, 0,
+                           logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
+                           rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+                           t, rep, freq, pres, ban, blo, bhi,
+                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, False, 0, True, DIGIT_BITS, BLOCK)
+        if act:
+            tl.store(rf + _RF_ZLO, tl.maximum(tl.load(rf + _RF_ZLO), tl.minimum(thr, tl.load(rf + _RF_MK))))
 
-    Parameters
-    ----------
-    ctx : backend context (pointers, sizes, flags of the batch)
-    kind : KIND_Z, KIND_NEG_S or KIND_LP
-    target : (B,) float32
-        Count target ``k`` (the ``k``-th largest value) or, with ``mass=True``, the fraction ``p`` of the domain's
-        mass that the kept values must reach.
-    active : (B,) int32
-        Rows to select for; other rows read nothing.
-    gather : bool
-        Also return per-chunk counts (B, NC) int32 of the elements strictly above and exactly at the threshold.
 
-    Returns
-    -------
-    value, or (value, tile_gt, tile_eq) with ``gather``.
-    """
-    b, nt = ctx.B, ctx.NC
-    d = ctx.DIGIT_BITS
-    nb = 1 << d
-    dev = ctx.device
-    prefix = torch.zeros(b, dtype=torch.int64, device=dev)
-    above_c = torch.zeros(b, dtype=torch.int32, device=dev)
-    selm = torch.zeros((b, 2), dtype=torch.float32, device=dev)
-    hcnt = torch.empty((b, nt, nb), dtype=torch.int32, device=dev)
-    hmass = torch.empty((b, nt, nb), dtype=torch.float32, device=dev) if mass else hcnt
-    hkmin = torch.empty((b, nt, nb), dtype=torch.int64, device=dev)
-    hkmax = torch.empty((b, nt, nb), dtype=torch.int64, device=dev)
-    tile_gt = torch.zeros((b, nt), dtype=torch.int32, device=dev) if gather else above_c
-    tile_eq = torch.zeros((b, nt), dtype=torch.int32, device=dev) if gather else above_c
-    out = torch.zeros(b, dtype=torch.float32, device=dev)
-    target = target.to(torch.float32).contiguous()
-    active = active.to(torch.int32).clone()  # rows resolved early are switched off in this copy
-    levels = 32 // d
-    for lvl in range(levels):
-        shift = 32 - d * (lvl + 1)
-        _level_kernel[(b, nt)](*ctx.zargs(), ctx.rowf, prefix, active, hcnt, hmass, hkmin, hkmax, *ctx.zstrides(),
-                               *ctx.zsizes(), shift, **ctx.zflags(), HAS_TYP=ctx.has_typ, KIND=kind, WANT_MASS=mass,
-                               DIGIT_BITS=d, BLOCK=ctx.block_for(nb), CHUNK=ctx.CHUNK)
-        _combine_kernel[(b,)](hcnt, hmass, hkmin, hkmax, prefix, above_c, selm, target, active, tile_gt, tile_eq, out,
-                              nt, shift,
-                              FIRST=lvl == 0, LAST=lvl == levels - 1, WANT_MASS=mass, GATHER=gather, DIGIT_BITS=d,
-                              BT=ctx.BT)
-    if gather:
-        return out, tile_gt, tile_eq
-    return out
+@triton.jit
+def _typical_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                    bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, rowf_ptr, rowi_ptr, part_f_ptr,
+                    stride_l, stride_c, stride_p, stride_a,
+                    V, VC, E, NC,
+                    HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
+                    HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
+                    TYP_MK: tl.constexpr,  # some row has min_keep > 1: also select the min_keep-th smallest s
+                    DIGIT_BITS: tl.constexpr,  # key bits per level
+                    BLOCK: tl.constexpr,  # ids per loop step (the one-hot histogram block is BLOCK x 2^DIGIT_BITS)
+                    BT: tl.constexpr):  # power of two >= NC: all chunk partials in one block
+    row = tl.program_id(0).to(tl.int64)
+    temp = tl.load(fparams_ptr + row * _NF + _F_TEMPERATURE)
+    tp = tl.load(fparams_ptr + row * _NF + _F_TYPICAL_P)
+    act = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0) & (tp < 1.0)
+    rf = rowf_ptr + row * _NRF
+    # the survivors' max m_s and hc = sum q (m_s - z) from the chunk partials of stats._entropy_kernel
+    c = tl.arange(0, BT)
+    o = part_f_ptr + (row * NC + c) * _PF
+    mt = tl.load(o + _P_M, mask=c < NC, other=float("-inf"))
+    st = tl.load(o + _P_S, mask=c < NC, other=0.0)
+    wt = tl.load(o + _P_W, mask=c < NC, other=0.0)
+    ms = tl.max(mt, 0)
+    safe = tl.where(ms == float("-inf"), 0.0, ms)
+    sc = tl.where(mt == float("-inf"), 0.0, tl.exp(mt - safe))
+    d = tl.where(mt == float("-inf"), 0.0, mt - safe)
+    s = tl.sum(st * sc, 0)
+    # sum_i e^{z_i - m} (z_i - m) over all chunks; a chunk whose weight underflows to 0 adds 0 (its d may be -inf
+    # when mt - m overflows: 0 · ln 0 = 0, docs/semantics.md §3 E item 4)
+    w = tl.sum(tl.where(sc > 0.0, sc * (wt + d * st), 0.0), 0)
+    # H = -sum q ln q = ln s + sum q (m - z); typical_s needs only m and hc = sum q (m - z) = -w / s
+    hc = -w / tl.where(act, s, 1.0)
+    hc = tl.where(act, hc, 0.0)
+    safe = tl.where(act, safe, 0.0)
+    if act:  # other rows keep (0, 0): s stays finite, their s_thr is +inf
+        tl.store(rf + _RF_MS, safe)
+        tl.store(rf + _RF_HC, hc)
+    zlo = tl.load(rf + _RF_ZLO)
+    m = tl.load(rf + _RF_M)
+    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
+                                                    HAS_BIAS, HAS_EOS)
+    # ascending s: select on -s; keep s <= s at the first cumulative mass >= tau (§3 E 4)
+    s_sel = -radix_select(row, tp, act, zlo, m, safe, hc, 0,
+                          logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
+                          rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+                          t, rep, freq, pres, ban, blo, bhi,
+                          HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, False, 1, True, DIGIT_BITS, BLOCK)
+    sthr = s_sel
+    if TYP_MK:
+        mk = tl.load(iparams_ptr + row * _NI + _I_MIN_KEEP)
+        act_mk = act & (mk > 1)
+        s_mk = -radix_select(row, mk.to(tl.float32), act_mk, zlo, m, safe, hc, 0,
+                             logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
+                             rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+                             t, rep, freq, pres, ban, blo, bhi,
+                             HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, False, 1, False, DIGIT_BITS,
+                             BLOCK)
+        sthr = tl.where(act_mk, tl.maximum(s_sel, s_mk), s_sel)
+    tl.store(rf + _RF_STHR, tl.where(act, sthr, float("inf")))
+
+
+def select_pass(ctx, stage: int, fold_minp: bool = False) -> None:
+    """One truncation stage's select for every row that uses it (`_select_kernel`), one program per row."""
+    _select_kernel[(ctx.B,)](*ctx.zargs(), ctx.rowf, ctx.rowi, *ctx.zstrides(), *ctx.zsizes_row(), **ctx.zflags(),
+                             STAGE=stage, FOLD_MINP=fold_minp, DIGIT_BITS=ctx.DIGIT_BITS, BLOCK=ctx.SBLOCK)
+
+
+def typical_pass(ctx) -> None:
+    """The typical-p threshold ``rowf[:, RF_STHR]`` (after `stats.entropy_pass`), one program per row."""
+    _typical_kernel[(ctx.B,)](*ctx.zargs(), ctx.rowf, ctx.rowi, ctx.part_f, *ctx.zstrides(), *ctx.zsizes(),
+                              **ctx.zflags(), TYP_MK=ctx.flags.any_min_keep, DIGIT_BITS=ctx.DIGIT_BITS,
+                              BLOCK=ctx.SBLOCK, BT=ctx.BT)

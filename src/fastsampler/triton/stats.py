@@ -1,16 +1,25 @@
-"""Row statistics: one pass over the row for max / log-normaliser / argmax / validity, and per-tile weights.
+"""Row passes over ``(B, NC)`` grids (one program per chunk of ``CHUNK`` ids, a power-of-two part of the 4096-id tile
+of the draw: 1024 on CUDA whatever the batch size) and the per-row combine of their partial results.
 
-Kernels run over a grid ``(B, NC)`` with one program per chunk of ``CHUNK`` ids (a power-of-two part of the 4096-id
-tile of the draw: 1024 on CUDA whatever the batch size; ``NC = ceil(V / CHUNK)``); per-chunk partial results are
-combined by a one-program-per-row kernel in a fixed order, so a row's result never depends on the batch.
+- `_stats_kernel` reads the row once: max / log-normaliser of ``z`` (and of the raw logits for raw logprobs),
+  argmax, finite count, invalid inputs, and -- for a batch without truncation -- each chunk's token race winner
+  (docs/semantics.md §3 F), so that such a batch needs no other pass over the row;
+- `_combine_kernel` (one program per row) turns the chunk partials into the row statistics and the thresholds that
+  need no select (min-p without min_keep, Mirostat v2, §3 E);
+- `_entropy_kernel`: max / sum / entropy sum of the typical-p survivors;
+- `_kept_kernel`: per-chunk weights of the kept set and each chunk's token race winner over it.
+
+Per-chunk partials live in ``part_f`` (B, NC, PF) float32 and ``part_i`` (B, NC, PI) int32 (slots ``P*`` below)
+and are combined in a fixed order by one program per row, so a row's result never depends on the batch. The race
+passes work on ``(BLOCK / 4, 4)`` blocks: row ``i`` of a block holds the four ids of one Philox counter (§7).
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
+from .._batch import F_MIN_P, F_TEMPERATURE, F_TYPICAL_P, I_MIRO_MODE, NF, NI
 from .penalties import (
     NRF,
     NRI,
@@ -22,17 +31,47 @@ from .penalties import (
     RF_M,
     RF_M_KEPT,
     RF_M_RAW,
+    RF_MK,
     RF_MS,
     RF_STHR,
     RF_ZLO,
-    RI_ARGMAX,
     RI_GID,
     RI_NFIN,
     RI_VALID,
+    bias_lower_bound,
+    block_z,
     kept_mask,
-    row_z,
+    row_scalars,
 )
+from .philox import neg_log_exp_noise, philox_quads, seed_key
 
+# partial-result slots per chunk: float (max, sum exp(x - max), raw max | entropy sum, raw sum, race score) and int
+# (argmax, finite count, invalid count, race winner)
+PF, PI = 5, 4
+P_M, P_S, P_RM, P_RS, P_SCORE = range(5)
+P_W = P_RM
+P_AMAX, P_NFIN, P_BAD, P_IDX = range(4)
+
+LN2 = 0.6931471805599453
+
+_NF: tl.constexpr = tl.constexpr(NF)
+_NI: tl.constexpr = tl.constexpr(NI)
+_F_TEMPERATURE: tl.constexpr = tl.constexpr(F_TEMPERATURE)
+_F_MIN_P: tl.constexpr = tl.constexpr(F_MIN_P)
+_F_TYPICAL_P: tl.constexpr = tl.constexpr(F_TYPICAL_P)
+_I_MIRO_MODE: tl.constexpr = tl.constexpr(I_MIRO_MODE)
+_PF: tl.constexpr = tl.constexpr(PF)
+_PI: tl.constexpr = tl.constexpr(PI)
+_P_M: tl.constexpr = tl.constexpr(P_M)
+_P_S: tl.constexpr = tl.constexpr(P_S)
+_P_RM: tl.constexpr = tl.constexpr(P_RM)
+_P_RS: tl.constexpr = tl.constexpr(P_RS)
+_P_W: tl.constexpr = tl.constexpr(P_W)
+_P_SCORE: tl.constexpr = tl.constexpr(P_SCORE)
+_P_AMAX: tl.constexpr = tl.constexpr(P_AMAX)
+_P_NFIN: tl.constexpr = tl.constexpr(P_NFIN)
+_P_BAD: tl.constexpr = tl.constexpr(P_BAD)
+_P_IDX: tl.constexpr = tl.constexpr(P_IDX)
 _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
 _RF_M: tl.constexpr = tl.constexpr(RF_M)
@@ -46,38 +85,74 @@ _RF_LS_RAW: tl.constexpr = tl.constexpr(RF_LS_RAW)
 _RF_M_KEPT: tl.constexpr = tl.constexpr(RF_M_KEPT)
 _RF_LS_KEPT: tl.constexpr = tl.constexpr(RF_LS_KEPT)
 _RF_DOM_LO: tl.constexpr = tl.constexpr(RF_DOM_LO)
+_RF_MK: tl.constexpr = tl.constexpr(RF_MK)
 _RI_VALID: tl.constexpr = tl.constexpr(RI_VALID)
-_RI_ARGMAX: tl.constexpr = tl.constexpr(RI_ARGMAX)
 _RI_GID: tl.constexpr = tl.constexpr(RI_GID)
 _RI_NFIN: tl.constexpr = tl.constexpr(RI_NFIN)
-_TF: tl.constexpr = tl.constexpr(4)  # float slots per chunk in the stats pass
-_TI: tl.constexpr = tl.constexpr(3)  # int slots per chunk in the stats pass
+_LN2: tl.constexpr = tl.constexpr(LN2)
 _BIG: tl.constexpr = tl.constexpr(2147483647)
 
 
 @triton.jit
-def _online_lse(m, s, x):
-    """Fold the block ``x`` into the running (max, sum of exp(x - max)); -inf safe."""
-    bm = tl.max(x, 0)
-    nm = tl.maximum(m, bm)
+def _max2(x):
+    return tl.max(tl.max(x, 1), 0)
+
+
+@triton.jit
+def _min2(x):
+    return tl.min(tl.min(x, 1), 0)
+
+
+@triton.jit
+def _sum2(x):
+    return tl.sum(tl.sum(x, 1), 0)
+
+
+@triton.jit
+def _online_lse2(m, s, x):
+    """Fold the 2-D block ``x`` into the running (max, sum of exp(x - max)); -inf safe."""
+    nm = tl.maximum(m, _max2(x))
     safe = tl.where(nm == float("-inf"), 0.0, nm)
-    s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
+    s = s * tl.exp(m - safe) + _sum2(tl.exp(x - safe))
     return nm, s
 
 
 @triton.jit
-def _stats_kernel(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr, rowi_ptr,
-                  tile_f_ptr, tile_i_ptr,
-                  stride_l, stride_b, stride_c, stride_p, stride_a,
+def _race2(offs, zk, step, seq, k0, k1, first, R: tl.constexpr):
+    """Best token-race score ``z_i - ln E_i`` of a 2-D block over the ids with finite ``zk`` and the lowest id
+    reaching it (docs/semantics.md §3 F, stream-0 noise of §7); ``first`` is the block's first Philox counter."""
+    r = philox_quads(first, step, seq, 0, k0, k1, R)
+    live = zk > float("-inf")
+    sc = tl.where(live, zk + neg_log_exp_noise(r), float("-inf"))
+    best = _max2(sc)
+    idx = _min2(tl.where(live & (sc == best), offs, _BIG))
+    return best, idx
+
+
+@triton.jit
+def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                  bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, seeds_ptr, seqs_ptr, part_f_ptr, part_i_ptr,
+                  stride_l, stride_c, stride_p, stride_a,
                   V, VC, E, NC,
                   HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                   HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
                   NEED_RAW: tl.constexpr,  # some row wants raw logprobs: also reduce the raw logits
-                  BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
+                  RACE: tl.constexpr,  # no truncation in the batch: run each chunk's token race here (§3 F)
+                  BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step (>= 16); ids per program
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     base = chunk * CHUNK
     n = tl.minimum(CHUNK, VC - base)
+    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
+                                                    HAS_BIAS, HAS_EOS)
+    ep = blo
+    if HAS_BIAS:
+        ep = bias_lower_bound(bias_ids_ptr, blo, bhi, base)
+    k0, k1 = seed_key(tl.load(seeds_ptr + row))
+    step = (tl.load(steps_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
+    seq = (tl.load(seqs_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
+    R: tl.constexpr = BLOCK // 4
+    quad = tl.arange(0, R)[:, None] * 4 + tl.arange(0, 4)[None, :]
     m = float("-inf")
     s = 0.0
     rm = float("-inf")
@@ -85,35 +160,45 @@ def _stats_kernel(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos
     amax = _BIG
     nfin = 0
     bad = 0
+    rbest = float("-inf")
+    ridx = _BIG
     for start in range(0, n, BLOCK):
-        offs = base + start + tl.arange(0, BLOCK)
-        raw, z, b = row_z(row, offs, logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr,
-                          rowi_ptr, stride_l, stride_b, stride_c, stride_p, stride_a, V, VC, E,
-                          HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
+        offs = base + start + quad
+        raw, z, b, ep = block_z(row, offs, ep, base + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
+                               eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, V, VC,
+                               E, t, rep, freq, pres, ban, bhi,
+                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
         zf = tl.where(b, float("-inf"), z)
-        bm = tl.max(zf, 0)
-        bidx = tl.min(tl.where((zf == bm) & (zf > float("-inf")), offs, _BIG), 0)
+        bm = _max2(zf)
+        bidx = _min2(tl.where((zf == bm) & (zf > float("-inf")), offs, _BIG))
         amax = tl.where(bm > m, bidx, amax)
-        m, s = _online_lse(m, s, zf)
-        nfin += tl.sum((zf > float("-inf")).to(tl.int32), 0)
-        bad += tl.sum(b.to(tl.int32), 0)
+        m, s = _online_lse2(m, s, zf)
+        nfin += _sum2((zf > float("-inf")).to(tl.int32))
+        bad += _sum2(b.to(tl.int32))
         if NEED_RAW:
-            rm, rs = _online_lse(rm, rs, tl.where(b, float("-inf"), raw))
-    o = (row * NC + chunk) * _TF
-    tl.store(tile_f_ptr + o + 0, m)
-    tl.store(tile_f_ptr + o + 1, s)
-    tl.store(tile_f_ptr + o + 2, rm)
-    tl.store(tile_f_ptr + o + 3, rs)
-    oi = (row * NC + chunk) * _TI
-    tl.store(tile_i_ptr + oi + 0, amax)
-    tl.store(tile_i_ptr + oi + 1, nfin)
-    tl.store(tile_i_ptr + oi + 2, bad)
+            rm, rs = _online_lse2(rm, rs, tl.where(b, float("-inf"), raw))
+        if RACE:
+            sb, si = _race2(offs, zf, step, seq, k0, k1, (base + start) // 4, R)
+            better = sb > rbest  # ties keep the earlier block: the lowest id
+            ridx = tl.where(better, si, ridx)
+            rbest = tl.where(better, sb, rbest)
+    o = part_f_ptr + (row * NC + chunk) * _PF
+    tl.store(o + _P_M, m)
+    tl.store(o + _P_S, s)
+    tl.store(o + _P_RM, rm)
+    tl.store(o + _P_RS, rs)
+    tl.store(o + _P_SCORE, rbest)
+    oi = part_i_ptr + (row * NC + chunk) * _PI
+    tl.store(oi + _P_AMAX, amax)
+    tl.store(oi + _P_NFIN, nfin)
+    tl.store(oi + _P_BAD, bad)
+    tl.store(oi + _P_IDX, ridx)
 
 
 @triton.jit
-def _combine_lse(mt, st):
-    """Combine per-tile (max, sum) blocks (masked tiles hold -inf / 0) into (max ``m``, ``ln s``) with ``s`` the sum
-    of ``exp(x - m)``; the caller forms ``(x - m) - ln s``, never ``x - (m + ln s)`` (docs/semantics.md §6)."""
+def combine_lse(mt, st):
+    """Combine per-chunk (max, sum) blocks (empty chunks hold -inf / 0) into (max ``m``, ``ln s``) with ``s`` the
+    sum of ``exp(x - m)``; the caller forms ``(x - m) - ln s``, never ``x - (m + ln s)`` (docs/semantics.md §6)."""
     m = tl.max(mt, 0)
     safe = tl.where(m == float("-inf"), 0.0, m)
     s = tl.sum(tl.where(mt == float("-inf"), 0.0, st * tl.exp(mt - safe)), 0)
@@ -121,26 +206,26 @@ def _combine_lse(mt, st):
 
 
 @triton.jit
-def _stats_combine_kernel(tile_f_ptr, tile_i_ptr, fparams_ptr, rowf_ptr, rowi_ptr,
-                          NC,
-                          NF: tl.constexpr, F_TEMPERATURE: tl.constexpr,  # fparams layout
-                          BT: tl.constexpr):  # power of two >= NC: all chunks in one block
-    row = tl.program_id(0).to(tl.int64)
+def stats_combine(row, part_f_ptr, part_i_ptr, fparams_ptr, rowf_ptr, rowi_ptr, NC, BT: tl.constexpr):
+    """The row statistics from the chunk partials of `_stats_kernel`, stored in ``rowf`` / ``rowi`` (every column:
+    the thresholds start switched off) and returned: ``(m, ls, valid, gid, nfin, samp)``."""
     t = tl.arange(0, BT)
     tm = t < NC
-    o = (row * NC + t)
-    mt = tl.load(tile_f_ptr + o * _TF + 0, mask=tm, other=float("-inf"))
-    st = tl.load(tile_f_ptr + o * _TF + 1, mask=tm, other=0.0)
-    rmt = tl.load(tile_f_ptr + o * _TF + 2, mask=tm, other=float("-inf"))
-    rst = tl.load(tile_f_ptr + o * _TF + 3, mask=tm, other=0.0)
-    at = tl.load(tile_i_ptr + o * _TI + 0, mask=tm, other=_BIG)
-    nf = tl.sum(tl.load(tile_i_ptr + o * _TI + 1, mask=tm, other=0), 0)
-    bad = tl.sum(tl.load(tile_i_ptr + o * _TI + 2, mask=tm, other=0), 0)
-    m, ls = _combine_lse(mt, st)
-    m_raw, ls_raw = _combine_lse(rmt, rst)
+    o = part_f_ptr + (row * NC + t) * _PF
+    oi = part_i_ptr + (row * NC + t) * _PI
+    mt = tl.load(o + _P_M, mask=tm, other=float("-inf"))
+    st = tl.load(o + _P_S, mask=tm, other=0.0)
+    rmt = tl.load(o + _P_RM, mask=tm, other=float("-inf"))
+    rst = tl.load(o + _P_RS, mask=tm, other=0.0)
+    at = tl.load(oi + _P_AMAX, mask=tm, other=_BIG)
+    nf = tl.sum(tl.load(oi + _P_NFIN, mask=tm, other=0), 0)
+    bad = tl.sum(tl.load(oi + _P_BAD, mask=tm, other=0), 0)
+    m, ls = combine_lse(mt, st)
+    m_raw, ls_raw = combine_lse(rmt, rst)
     amax = tl.min(tl.where(mt == m, at, _BIG), 0)
     valid = (bad == 0) & (nf > 0)
-    temp = tl.load(fparams_ptr + row * NF + F_TEMPERATURE)
+    temp = tl.load(fparams_ptr + row * _NF + _F_TEMPERATURE)
+    gid = tl.where(valid & (temp == 0.0), amax, -1)
     rf = rowf_ptr + row * _NRF
     tl.store(rf + _RF_M, m)
     tl.store(rf + _RF_LS, ls)
@@ -153,119 +238,156 @@ def _stats_combine_kernel(tile_f_ptr, tile_i_ptr, fparams_ptr, rowf_ptr, rowi_pt
     tl.store(rf + _RF_STHR, float("inf"))
     tl.store(rf + _RF_MS, 0.0)
     tl.store(rf + _RF_HC, 0.0)
+    tl.store(rf + _RF_MK, m)
     ri = rowi_ptr + row * _NRI
     tl.store(ri + _RI_VALID, valid.to(tl.int32))
-    tl.store(ri + _RI_ARGMAX, tl.where(valid, amax, -1))
-    tl.store(ri + _RI_GID, tl.where(valid & (temp == 0.0), amax, -1))
+    tl.store(ri + _RI_GID, gid)
     tl.store(ri + _RI_NFIN, nf)
+    return m, ls, valid, gid, nf, valid & (temp > 0.0)
 
 
 @triton.jit
-def _kept_stats_kernel(logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr, rowi_ptr,
-                       rowf_ptr, active_ptr, tile_w_ptr,
-                       stride_l, stride_b, stride_c, stride_p, stride_a,
-                       V, VC, E, NC,
-                       HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
-                       HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
-                       HAS_TYP: tl.constexpr,  # some row uses typical-p: the kept test includes s <= s_thr
-                       SURVIVORS: tl.constexpr,  # True: survivors z >= zlo with the entropy sum (typical-p)
-                       BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
+def _combine_kernel(part_f_ptr, part_i_ptr, fparams_ptr, iparams_ptr, mu_ptr, rowf_ptr, rowi_ptr,
+                    NC,
+                    MINP: tl.constexpr,  # fold min-p's threshold in here (no min_keep select runs, §3 E item 3)
+                    MIRO2: tl.constexpr,  # some row uses Mirostat v2: its threshold needs no select
+                    BT: tl.constexpr):  # power of two >= NC: all chunks in one block
+    row = tl.program_id(0).to(tl.int64)
+    m, ls, valid, gid, nf, samp = stats_combine(row, part_f_ptr, part_i_ptr, fparams_ptr, rowf_ptr, rowi_ptr, NC, BT)
+    zlo = float("-inf")
+    if MINP:
+        mp = tl.load(fparams_ptr + row * _NF + _F_MIN_P)
+        # keep z >= max z + ln min_p (min(thr, m) = thr: ln min_p <= 0)
+        zlo = tl.where(samp & (mp > 0.0), m + tl.log(tl.where(mp > 0.0, mp, 1.0)), zlo)
+    if MIRO2:
+        mode = tl.load(iparams_ptr + row * _NI + _I_MIRO_MODE)
+        mu = tl.load(mu_ptr + row)
+        # keep ln q = (z - m) - ln s >= -mu ln 2, i.e. z >= m + (ln s - mu ln 2); no token qualifies -> the max
+        zlo = tl.where(samp & (mode == 2), tl.minimum(m + (ls - mu * _LN2), m), zlo)
+    tl.store(rowf_ptr + row * _NRF + _RF_ZLO, zlo)
+
+
+@triton.jit
+def _entropy_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                    bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, rowf_ptr, rowi_ptr, part_f_ptr,
+                    stride_l, stride_c, stride_p, stride_a,
+                    V, VC, E, NC,
+                    HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
+                    HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
+                    BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     base = chunk * CHUNK
-    active = tl.load(active_ptr + row)
-    n = tl.where(active != 0, tl.minimum(CHUNK, VC - base), 0)
+    temp = tl.load(fparams_ptr + row * _NF + _F_TEMPERATURE)
+    tp = tl.load(fparams_ptr + row * _NF + _F_TYPICAL_P)
+    active = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0) & (tp < 1.0)
+    n = tl.where(active, tl.minimum(CHUNK, VC - base), 0)
     zlo = tl.load(rowf_ptr + row * _NRF + _RF_ZLO)
+    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
+                                                    HAS_BIAS, HAS_EOS)
+    ep = blo
+    if HAS_BIAS:
+        ep = bias_lower_bound(bias_ids_ptr, blo, bhi, base)
     m = float("-inf")
     s = 0.0
     w = 0.0
     for start in range(0, n, BLOCK):
         offs = base + start + tl.arange(0, BLOCK)
-        raw, z, b = row_z(row, offs, logits_ptr, bias_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, fparams_ptr,
-                          rowi_ptr, stride_l, stride_b, stride_c, stride_p, stride_a, V, VC, E,
-                          HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
-        if SURVIVORS:  # noqa: SIM108 - constexpr branch
-            keep = (z > float("-inf")) & (z >= zlo)
-        else:
-            keep = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, HAS_TYP)
+        raw, z, b, ep = block_z(row, offs, ep, base + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
+                               eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, V, VC,
+                               E, t, rep, freq, pres, ban, bhi,
+                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
+        keep = (z > float("-inf")) & (z >= zlo)  # the survivors of the rules before typical-p
         zk = tl.where(keep, z, float("-inf"))
-        bm = tl.max(zk, 0)
-        nm = tl.maximum(m, bm)
+        nm = tl.maximum(m, tl.max(zk, 0))
         safe = tl.where(nm == float("-inf"), 0.0, nm)
         sc = tl.exp(m - safe)
         e = tl.exp(zk - safe)
-        if SURVIVORS:
-            # sum of e * (z - nm), rescaled: sum_old e'(z - m) -> sc * (sum_old + (m - nm) * s_old). A term with
-            # e == 0 is 0 (q = 0: 0 · ln 0 = 0, docs/semantics.md §3 E item 4), also where z - nm (or m - nm)
-            # overflows to -inf in float32, which would make 0 * -inf = NaN.
-            w = tl.where(sc > 0.0, sc * (w + tl.where(m == float("-inf"), 0.0, m - safe) * s), 0.0) + tl.sum(
-                tl.where(keep & (e > 0.0), e * (zk - safe), 0.0), 0)
+        # sum of e * (z - nm), rescaled: sum_old e'(z - m) -> sc * (sum_old + (m - nm) * s_old). A term with e == 0
+        # is 0 (q = 0: 0 · ln 0 = 0, docs/semantics.md §3 E item 4), also where z - nm (or m - nm) overflows to
+        # -inf in float32, which would make 0 * -inf = NaN.
+        w = tl.where(sc > 0.0, sc * (w + tl.where(m == float("-inf"), 0.0, m - safe) * s), 0.0) + tl.sum(
+            tl.where(keep & (e > 0.0), e * (zk - safe), 0.0), 0)
         s = s * sc + tl.sum(e, 0)
         m = nm
-    o = (row * NC + chunk) * 3
-    if active != 0:  # inactive rows keep what tile_w holds
-        tl.store(tile_w_ptr + o + 0, m)
-        tl.store(tile_w_ptr + o + 1, s)
-        tl.store(tile_w_ptr + o + 2, w)
+    o = part_f_ptr + (row * NC + chunk) * _PF
+    tl.store(o + _P_M, m)
+    tl.store(o + _P_S, s)
+    tl.store(o + _P_W, w)
 
 
 @triton.jit
-def _typical_combine_kernel(tile_w_ptr, rowf_ptr, active_ptr,
-                            NC,
-                            BT: tl.constexpr):  # power of two >= NC: all chunks in one block
+def _kept_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                 bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, seeds_ptr, seqs_ptr, rowf_ptr, rowi_ptr,
+                 part_f_ptr, part_i_ptr,
+                 stride_l, stride_c, stride_p, stride_a,
+                 V, VC, E, NC,
+                 HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
+                 HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
+                 HAS_TYP: tl.constexpr,  # some row uses typical-p: the kept test includes s <= s_thr
+                 BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step (>= 16); ids per program
     row = tl.program_id(0).to(tl.int64)
-    t = tl.arange(0, BT)
-    tm = t < NC
-    o = (row * NC + t) * 3
-    mt = tl.load(tile_w_ptr + o + 0, mask=tm, other=float("-inf"))
-    st = tl.load(tile_w_ptr + o + 1, mask=tm, other=0.0)
-    wt = tl.load(tile_w_ptr + o + 2, mask=tm, other=0.0)
-    m = tl.max(mt, 0)
-    safe = tl.where(m == float("-inf"), 0.0, m)
-    sc = tl.where(mt == float("-inf"), 0.0, tl.exp(mt - safe))
-    d = tl.where(mt == float("-inf"), 0.0, mt - safe)
-    s = tl.sum(st * sc, 0)
-    # sum_i e^{z_i - m} (z_i - m) over all tiles; a chunk whose weight underflows to 0 adds 0 (its d may be -inf
-    # when mt - m overflows: 0 · ln 0 = 0, docs/semantics.md §3 E item 4)
-    w = tl.sum(tl.where(sc > 0.0, sc * (wt + d * st), 0.0), 0)
-    # H = -sum q ln q = ln s + sum q (m - z); typical_s needs only m and hc = sum q (m - z) = -w / s
-    hc = -w / s
-    if tl.load(active_ptr + row) != 0:  # other rows keep (0, 0): s stays finite, their s_thr is +inf
-        tl.store(rowf_ptr + row * _NRF + _RF_MS, safe)
-        tl.store(rowf_ptr + row * _NRF + _RF_HC, hc)
+    chunk = tl.program_id(1)
+    base = chunk * CHUNK
+    temp = tl.load(fparams_ptr + row * _NF + _F_TEMPERATURE)
+    active = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0)  # greedy / invalid rows: no draw
+    n = tl.where(active, tl.minimum(CHUNK, VC - base), 0)
+    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
+                                                    HAS_BIAS, HAS_EOS)
+    ep = blo
+    if HAS_BIAS:
+        ep = bias_lower_bound(bias_ids_ptr, blo, bhi, base)
+    k0, k1 = seed_key(tl.load(seeds_ptr + row))
+    step = (tl.load(steps_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
+    seq = (tl.load(seqs_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
+    R: tl.constexpr = BLOCK // 4
+    quad = tl.arange(0, R)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    m = float("-inf")
+    s = 0.0
+    rbest = float("-inf")
+    ridx = _BIG
+    for start in range(0, n, BLOCK):
+        offs = base + start + quad
+        raw, z, b, ep = block_z(row, offs, ep, base + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
+                               eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, V, VC,
+                               E, t, rep, freq, pres, ban, bhi,
+                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
+        keep = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, HAS_TYP) & (offs < V)
+        zk = tl.where(keep, z, float("-inf"))
+        m, s = _online_lse2(m, s, zk)
+        sb, si = _race2(offs, zk, step, seq, k0, k1, (base + start) // 4, R)
+        better = sb > rbest  # ties keep the earlier block: the lowest id
+        ridx = tl.where(better, si, ridx)
+        rbest = tl.where(better, sb, rbest)
+    o = part_f_ptr + (row * NC + chunk) * _PF
+    tl.store(o + _P_M, m)
+    tl.store(o + _P_S, s)
+    tl.store(o + _P_SCORE, rbest)
+    tl.store(part_i_ptr + (row * NC + chunk) * _PI + _P_IDX, ridx)
 
 
 def stats_pass(ctx) -> None:
-    """Stage statistics of every row into ``ctx.rowf`` / ``ctx.rowi`` and the per-chunk (max, sum) of ``z``.
-
-    Fills ``ctx.tile_w`` (B, NC, 3) with the per-chunk (max z, sum exp(z - max), 0) of all finite ``z``: the draw's
-    tile weights (chunks are combined per tile) when the batch has no truncation.
-    """
-    b, nt = ctx.B, ctx.NC
-    tile_f = ctx.empty((b, nt, 4), "f")
-    tile_i = ctx.empty((b, nt, 3), "i")
-    _stats_kernel[(b, nt)](*ctx.zargs(), tile_f, tile_i, *ctx.zstrides(), *ctx.zsizes(), **ctx.zflags(),
-                           NEED_RAW=ctx.need_raw, BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK)
-    _stats_combine_kernel[(b,)](tile_f, tile_i, ctx.fparams, ctx.rowf, ctx.rowi, nt, NF=ctx.NF,
-                                F_TEMPERATURE=ctx.F_TEMPERATURE, BT=ctx.BT)
-    ctx.tile_w = ctx.empty((b, nt, 3), "f")
-    ctx.tile_w[:, :, 0:2] = tile_f[:, :, 0:2]
+    """`_stats_kernel` over every chunk of every row: the chunk partials of ``ctx.part_f`` / ``ctx.part_i``."""
+    _stats_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.seeds, ctx.seqs, ctx.part_f, ctx.part_i, *ctx.zstrides(),
+                                   *ctx.zsizes(), **ctx.zflags(), NEED_RAW=ctx.need_raw, RACE=ctx.race_in_stats,
+                                   BLOCK=ctx.BLOCK2, CHUNK=ctx.CHUNK)
 
 
-def kept_weights_pass(ctx, active) -> None:
-    """Per-chunk (max z, sum exp(z - max)) over the kept set into ``ctx.tile_w`` (B, NC, 3), for the ``active``
-    rows (B,) int32 (rows with a truncation); other rows keep the all-finite weights of the stats pass."""
-    b, nc = ctx.B, ctx.NC
-    _kept_stats_kernel[(b, nc)](*ctx.zargs(), ctx.rowf, active, ctx.tile_w, *ctx.zstrides(), *ctx.zsizes(),
-                                **ctx.zflags(), HAS_TYP=ctx.has_typ, SURVIVORS=False, BLOCK=ctx.BLOCK,
-                                CHUNK=ctx.CHUNK)
+def combine_pass(ctx, minp: bool) -> None:
+    """Row statistics into ``ctx.rowf`` / ``ctx.rowi`` and the select-free thresholds (min-p when ``minp``,
+    Mirostat v2)."""
+    _combine_kernel[(ctx.B,)](ctx.part_f, ctx.part_i, ctx.fparams, ctx.iparams, ctx.mu, ctx.rowf, ctx.rowi, ctx.NC,
+                              MINP=minp, MIRO2=ctx.miro_v2, BT=ctx.BT)
 
 
-def typical_entropy_pass(ctx, active) -> None:
-    """Max and mean distance to it (what the typical-p distance needs, `penalties.typical_s`) of the survivors
-    ``z >= zlo`` of the ``active`` rows (B,) int32 into ``rowf[:, RF_MS / RF_HC]``."""
-    b, nc = ctx.B, ctx.NC
-    tw = torch.zeros((b, nc, 3), dtype=torch.float32, device=ctx.device)
-    _kept_stats_kernel[(b, nc)](*ctx.zargs(), ctx.rowf, active, tw, *ctx.zstrides(), *ctx.zsizes(), **ctx.zflags(),
-                                HAS_TYP=False, SURVIVORS=True, BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK)
-    _typical_combine_kernel[(b,)](tw, ctx.rowf, active, nc, BT=ctx.BT)
+def entropy_pass(ctx) -> None:
+    """Per-chunk (max, sum, entropy sum) of the typical-p survivors ``z >= zlo`` into ``ctx.part_f``."""
+    _entropy_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.rowf, ctx.rowi, ctx.part_f, *ctx.zstrides(), *ctx.zsizes(),
+                                     **ctx.zflags(), BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK)
+
+
+def kept_pass(ctx) -> None:
+    """Per-chunk kept-set weights and token race winners of every sampled row into ``ctx.part_f`` / ``part_i``."""
+    _kept_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.seeds, ctx.seqs, ctx.rowf, ctx.rowi, ctx.part_f, ctx.part_i,
+                                  *ctx.zstrides(), *ctx.zsizes(), **ctx.zflags(), HAS_TYP=ctx.has_typ,
+                                  BLOCK=ctx.BLOCK2, CHUNK=ctx.CHUNK)

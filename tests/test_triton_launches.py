@@ -1,0 +1,147 @@
+"""The Triton backend's step economy: device launches per `Sampler.sample` step.
+
+A step's launches are counted where the backend runs (``fastsampler.triton.backend.sample_packed``, the body of the
+``fastsampler::sample_packed`` op): every ``kernel[grid](...)`` call, and every torch op that launches a device kernel
+(anything but views, metadata and uninitialised allocations), counted with a ``TorchDispatchMode``. The Sampler's own
+state gathers and updates around the op are reported, not budgeted here. The knobs are the CUDA ones
+(``FASTSAMPLER_TRITON_CHUNK=1024``, ``FASTSAMPLER_TRITON_DIGIT_BITS=4``) on a small vocabulary, under the interpreter
+on the CPU (natively on CUDA).
+
+Budgets (docs/api.md, Triton note): plain / greedy 4; top-k + top-p + min-p, typical-p, Mirostat v1, Mirostat v2 8
+each; everything at once (penalties with a history, logit bias, top-k / top-p / min-p, top-5 logprobs) 12.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastsampler
+from conftest import triton_available
+from fastsampler import SamplingParams as SP
+
+pytestmark = [
+    pytest.mark.interpreter,
+    pytest.mark.skipif(not triton_available(), reason="triton is not installed"),
+    pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning",
+                               "ignore:overflow:RuntimeWarning"),
+]
+
+V = 8192
+# aten ops that launch no device kernel: uninitialised allocations, metadata, views (func.is_view) come on top
+_NO_LAUNCH = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "lift_fresh",
+              "alias", "is_same_size", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset"}
+
+SCENARIOS = {  # name -> (params of every row, with a history, launch budget)
+    "plain": (SP(), False, 4),
+    "greedy": (SP(temperature=0.0), False, 4),
+    "top_k_top_p_min_p": (SP(top_k=50, top_p=0.9, min_p=0.05), False, 8),
+    "typical": (SP(typical_p=0.9), False, 8),
+    "mirostat_v1": (SP(mirostat_mode=1), False, 8),
+    "mirostat_v2": (SP(mirostat_mode=2), False, 8),
+    "full": (SP(repetition_penalty=1.2, frequency_penalty=0.3, presence_penalty=0.2,
+                logit_bias={97 * i + 5: 1.5 - 0.5 * i for i in range(8)}, top_k=50, top_p=0.9, min_p=0.05,
+                logprobs=True, top_logprobs=5), True, 12),
+}
+
+
+class _Counter(TorchDispatchMode):
+    """Counts the torch ops that launch a device kernel (outside Triton launches); ``outside`` counts only those
+    outside the backend (the Sampler's own)."""
+
+    def __init__(self, log: list, state: dict, outside: bool = False) -> None:
+        super().__init__()
+        self.log, self.state, self.outside = log, state, outside
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if self.state["in_kernel"] or (self.outside and self.state["in_backend"]):
+            pass
+        elif name == "_local_scalar_dense":
+            self.log.append(("sync", str(func)))  # a device -> host read: never allowed in a step
+        elif not (func.is_view or name in _NO_LAUNCH or func.namespace == "fastsampler"):
+            self.log.append(("torch", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def count_launches(monkeypatch):
+    """Patches the kernel launch path and the backend entry; returns the list the launches of the backend's calls
+    are logged to (("triton", name), ("torch", op), ("sync", op)), a list of the backend calls, and the shared
+    state (for a `_Counter` of what runs outside the backend)."""
+    import triton.runtime.jit as jit
+
+    from fastsampler.triton import backend
+
+    monkeypatch.setenv("FASTSAMPLER_TRITON_CHUNK", "1024")
+    monkeypatch.setenv("FASTSAMPLER_TRITON_DIGIT_BITS", "4")
+    log: list = []
+    calls: list = []
+    state = {"in_kernel": 0, "in_backend": 0}
+    get = jit.KernelInterface.__getitem__
+
+    def getitem(self, grid):
+        launch = get(self, grid)
+
+        def run(*args, **kwargs):
+            if state["in_backend"]:
+                log.append(("triton", getattr(self, "__name__", repr(self))))
+            state["in_kernel"] += 1  # the interpreter's own tensor traffic is part of the launch
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                state["in_kernel"] -= 1
+
+        return run
+
+    monkeypatch.setattr(jit.KernelInterface, "__getitem__", getitem)
+    inner = backend.sample_packed
+
+    def sample_packed(batch):
+        calls.append(batch.batch_size)
+        state["in_backend"] += 1
+        try:
+            with _Counter(log, state):
+                return inner(batch)
+        finally:
+            state["in_backend"] -= 1
+
+    monkeypatch.setattr(backend, "sample_packed", sample_packed)
+    return log, calls, state
+
+
+def _sampler(device, params: SP, b: int, history: bool) -> tuple[fastsampler.Sampler, torch.Tensor]:
+    s = fastsampler.Sampler(vocab_size=V, max_slots=4, device=device, backend="triton", eos_token_ids=[2])
+    slots: list[int] = []
+    for r in range(b):
+        slots += s.add(params.replace(seed=r + 1), prompt_token_ids=[1, 2, 3, 4000 + r] if history else ())
+    return s, torch.tensor(slots, dtype=torch.int64, device=device)
+
+
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_launches_per_step(device, count_launches, scenario, b):
+    """After a warm-up step, one step launches at most the scenario's budget, and never reads the device."""
+    log, calls, state = count_launches
+    params, history, budget = SCENARIOS[scenario]
+    s, slots = _sampler(device, params, b, history)
+    g = torch.Generator().manual_seed(b)
+    logits = (torch.randn(b, V, generator=g) * 3).to(device)
+    s.sample(logits, slots)  # warm-up (compiles; output counts become a history)
+    log.clear()
+    calls.clear()
+    around: list = []
+    with _Counter(around, state, outside=True):
+        out = s.sample(logits, slots)
+    assert calls == [b], "the step did not run the Triton backend's sample_packed once"
+    kinds = collections.Counter(kind for kind, _ in log)
+    report = ", ".join(name for _, name in log)
+    print(f"{scenario} B={b}: {len(log)} launches ({kinds['triton']} Triton, {kinds['torch']} torch): {report}; "
+          f"the Sampler's own ops around the backend (not budgeted here): {len(around)}")
+    assert kinds["sync"] == 0, f"host synchronisation in the step: {report}"
+    assert kinds["triton"] >= 1
+    assert len(log) <= budget, f"{scenario} B={b}: {len(log)} launches > {budget}: {report}"
+    assert out.valid.all() and ((out.tokens >= 0) & (out.tokens < V)).all()
