@@ -32,19 +32,25 @@ _PTR = {  # argument name -> pointee type
     "rowf_ptr": "fp32", "rowi_ptr": "i32", "part_f_ptr": "fp32", "part_i_ptr": "i32", "top_ptr": "fp32",
     "gt_val_ptr": "fp32", "gt_id_ptr": "i32", "tokens_ptr": "i64", "valid_ptr": "i8", "logprobs_ptr": "fp32",
     "ranks_ptr": "i64", "top_ids_ptr": "i64", "top_lps_ptr": "fp32", "mu_out_ptr": "fp32", "ctr_ptr": "i64",
-    "key_ptr": "i64", "word_ptr": "i64",
+    "key_ptr": "i64", "word_ptr": "i64", "slot_ptr": "i64", "tbm_ptr": "i32",
 }
 _OUT = {"probs._probs_kernel": "fp32", "probs._kept_mask_kernel": "i8",
         "philox._philox_block_kernel": "i64", "philox._noise_kernel": "fp32"}
 
-ZFLAGS = dict(HAS_BIAS=True, HAS_COUNTS=True, HAS_PROMPT=True, HAS_ALLOWED=True, HAS_EOS=True)
-NOZ = dict(HAS_BIAS=False, HAS_COUNTS=False, HAS_PROMPT=False, HAS_ALLOWED=False, HAS_EOS=False)
+ZFLAGS = dict(HAS_BIAS=True, HAS_COUNTS=True, HAS_PROMPT=True, HAS_ALLOWED=True, HAS_EOS=True, SLOTS=False,
+              HAS_TBM=False, BIAS_TABLE=False)
+NOZ = dict(HAS_BIAS=False, HAS_COUNTS=False, HAS_PROMPT=False, HAS_ALLOWED=False, HAS_EOS=False, SLOTS=False,
+           HAS_TBM=False, BIAS_TABLE=False)
+# a Sampler step with a tensor of slots: state read through the slot index, token bitmask, per-slot bias tables
+SLOTZ = dict(ZFLAGS, SLOTS=True, HAS_TBM=True, BIAS_TABLE=True)
+SLOTNOZ = dict(NOZ, SLOTS=True)
 CASES = [  # every kernel, in the specialisations backend.py launches (CUDA knobs: CHUNK 1024, DIGIT_BITS 4)
     ("stats._stats_kernel", dict(ZFLAGS, NEED_RAW=True, RACE=True, BLOCK=1024, CHUNK=1024)),
     ("stats._stats_kernel", dict(NOZ, NEED_RAW=False, RACE=True, BLOCK=1024, CHUNK=1024)),
     ("stats._stats_kernel", dict(ZFLAGS, NEED_RAW=False, RACE=False, BLOCK=1024, CHUNK=4096)),
-    ("stats._combine_kernel", dict(MINP=True, MIRO2=True, BT=128)),
-    ("stats._combine_kernel", dict(MINP=False, MIRO2=False, BT=2)),
+    ("stats._combine_kernel", dict(SLOTS=False, MINP=True, MIRO2=True, BT=128)),
+    ("stats._combine_kernel", dict(SLOTS=False, MINP=False, MIRO2=False, BT=2)),
+    ("stats._combine_kernel", dict(SLOTS=True, MINP=True, MIRO2=True, BT=128)),
     ("stats._entropy_kernel", dict(ZFLAGS, BLOCK=1024, CHUNK=1024)),
     ("stats._kept_kernel", dict(ZFLAGS, HAS_TYP=True, BLOCK=1024, CHUNK=1024)),
     ("stats._kept_kernel", dict(NOZ, HAS_TYP=False, BLOCK=1024, CHUNK=1024)),
@@ -56,14 +62,28 @@ CASES = [  # every kernel, in the specialisations backend.py launches (CUDA knob
     ("select._typical_kernel", dict(ZFLAGS, TYP_MK=True, DIGIT_BITS=4, BLOCK=256, BT=128)),
     ("select._typical_kernel", dict(NOZ, TYP_MK=False, DIGIT_BITS=4, BLOCK=256, BT=128)),
     ("mirostat._mirostat_v1_kernel", dict(ZFLAGS, DIGIT_BITS=4, SBLOCK=256, BLOCK=1024)),
-    ("draw._finish_kernel", dict(ZFLAGS, STATS=True, LOGPROBS=True, MIRO=True, SPLIT=4, BT=128, BT_TILES=32,
-                                 BN=32)),
-    ("draw._finish_kernel", dict(NOZ, STATS=True, LOGPROBS=False, MIRO=False, SPLIT=4, BT=128, BT_TILES=32,
-                                 BN=2)),
-    ("draw._finish_kernel", dict(ZFLAGS, STATS=False, LOGPROBS=True, MIRO=True, SPLIT=1, BT=2, BT_TILES=2,
-                                 BN=2)),
-    ("logprobs._logprobs_kernel", dict(ZFLAGS, HAS_TYP=True, DIGIT_BITS=4, SBLOCK=256, BLOCK=1024, K=32)),
-    ("logprobs._logprobs_kernel", dict(NOZ, HAS_TYP=False, DIGIT_BITS=4, SBLOCK=256, BLOCK=1024, K=2)),
+    ("draw._finish_kernel", dict(ZFLAGS, STATS=True, LOGPROBS=True, MIRO=True, UPDATE=False, LAST=True, SPLIT=4,
+                                 BT=128, BT_TILES=32, BN=32)),
+    ("draw._finish_kernel", dict(NOZ, STATS=True, LOGPROBS=False, MIRO=False, UPDATE=False, LAST=True, SPLIT=4,
+                                 BT=128, BT_TILES=32, BN=2)),
+    ("draw._finish_kernel", dict(ZFLAGS, STATS=False, LOGPROBS=True, MIRO=True, UPDATE=False, LAST=False, SPLIT=1,
+                                 BT=2, BT_TILES=2, BN=2)),
+    ("logprobs._logprobs_kernel", dict(ZFLAGS, HAS_TYP=True, DIGIT_BITS=4, SBLOCK=256, BLOCK=1024, K=32,
+                                       UPDATE=False)),
+    ("logprobs._logprobs_kernel", dict(NOZ, HAS_TYP=False, DIGIT_BITS=4, SBLOCK=256, BLOCK=1024, K=2,
+                                       UPDATE=False)),
+    ("stats._stats_kernel", dict(SLOTZ, NEED_RAW=True, RACE=True, BLOCK=1024, CHUNK=1024)),
+    ("stats._kept_kernel", dict(SLOTZ, HAS_TYP=True, BLOCK=1024, CHUNK=1024)),
+    ("select._select_kernel", dict(SLOTZ, STAGE=0, FOLD_MINP=False, DIGIT_BITS=4, BLOCK=256)),
+    ("select._typical_kernel", dict(SLOTZ, TYP_MK=True, DIGIT_BITS=4, BLOCK=256, BT=128)),
+    ("mirostat._mirostat_v1_kernel", dict(SLOTZ, DIGIT_BITS=4, SBLOCK=256, BLOCK=1024)),
+    ("stats._entropy_kernel", dict(SLOTZ, BLOCK=1024, CHUNK=1024)),
+    ("draw._finish_kernel", dict(SLOTNOZ, STATS=True, LOGPROBS=False, MIRO=False, UPDATE=True, LAST=True, SPLIT=4,
+                                 BT=128, BT_TILES=32, BN=2)),
+    ("draw._finish_kernel", dict(SLOTZ, STATS=False, LOGPROBS=True, MIRO=True, UPDATE=True, LAST=False, SPLIT=1,
+                                 BT=2, BT_TILES=2, BN=2)),
+    ("logprobs._logprobs_kernel", dict(SLOTZ, HAS_TYP=True, DIGIT_BITS=4, SBLOCK=256, BLOCK=1024, K=32,
+                                       UPDATE=True)),
     ("probs._probs_kernel", dict(ZFLAGS, HAS_TYP=True, BLOCK=1024, CHUNK=1024)),
     ("probs._kept_mask_kernel", dict(ZFLAGS, HAS_TYP=True, BLOCK=1024, CHUNK=1024)),
     ("philox._philox_block_kernel", dict(BLOCK=64)),

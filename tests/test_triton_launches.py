@@ -1,11 +1,12 @@
 """The Triton backend's step economy: device launches per `Sampler.sample` step.
 
-A step's launches are counted where the backend runs (``fastsampler.triton.backend.sample_packed``, the body of the
-``fastsampler::sample_packed`` op): every ``kernel[grid](...)`` call, and every torch op that launches a device kernel
-(anything but views, metadata and uninitialised allocations), counted with a ``TorchDispatchMode``. The Sampler's own
-state gathers and updates around the op are reported, not budgeted here. The knobs are the CUDA ones
-(``FASTSAMPLER_TRITON_CHUNK=1024``, ``FASTSAMPLER_TRITON_DIGIT_BITS=4``) on a small vocabulary, under the interpreter
-on the CPU (natively on CUDA).
+Launches are every ``kernel[grid](...)`` call and every torch op that launches a device kernel (anything but views,
+metadata and uninitialised allocations), counted with a ``TorchDispatchMode``. `test_launches_per_step` counts them
+where the backend runs (``fastsampler.triton.backend.sample_packed``, the body of the ``fastsampler::sample_packed``
+op); `test_whole_step_launches` counts the WHOLE `Sampler.sample` step with a tensor of slots (the kernels read the
+Sampler's state through the slot index and update it in place, `PackedBatch.slot_index`), which the budgets are for.
+The knobs are the CUDA ones (``FASTSAMPLER_TRITON_CHUNK=1024``, ``FASTSAMPLER_TRITON_DIGIT_BITS=4``) on a small
+vocabulary, under the interpreter on the CPU (natively on CUDA).
 
 Budgets (docs/api.md, Triton note): plain / greedy 4; top-k + top-p + min-p, typical-p, Mirostat v1, Mirostat v2 8
 each; everything at once (penalties with a history, logit bias, top-k / top-p / min-p, top-5 logprobs) 12.
@@ -22,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastsampler
 from conftest import triton_available
 from fastsampler import SamplingParams as SP
+from fastsampler import _custom_ops
 
 pytestmark = [
     pytest.mark.interpreter,
@@ -80,14 +82,14 @@ def count_launches(monkeypatch):
     monkeypatch.setenv("FASTSAMPLER_TRITON_DIGIT_BITS", "4")
     log: list = []
     calls: list = []
-    state = {"in_kernel": 0, "in_backend": 0}
+    state = {"in_kernel": 0, "in_backend": 0, "in_step": 0}
     get = jit.KernelInterface.__getitem__
 
     def getitem(self, grid):
         launch = get(self, grid)
 
         def run(*args, **kwargs):
-            if state["in_backend"]:
+            if state["in_backend"] or state["in_step"]:
                 log.append(("triton", getattr(self, "__name__", repr(self))))
             state["in_kernel"] += 1  # the interpreter's own tensor traffic is part of the launch
             try:
@@ -98,12 +100,16 @@ def count_launches(monkeypatch):
         return run
 
     monkeypatch.setattr(jit.KernelInterface, "__getitem__", getitem)
+    # the counting mode is no tracing mode: steps take their eager path (use_op), as they do without it
+    monkeypatch.setattr(_custom_ops, "_len_dispatch_stack", lambda: 0)
     inner = backend.sample_packed
 
     def sample_packed(batch):
         calls.append(batch.batch_size)
         state["in_backend"] += 1
         try:
+            if state["in_step"]:  # the whole step is counted already
+                return inner(batch)
             with _Counter(log, state):
                 return inner(batch)
         finally:
@@ -145,3 +151,88 @@ def test_launches_per_step(device, count_launches, scenario, b):
     assert kinds["triton"] >= 1
     assert len(log) <= budget, f"{scenario} B={b}: {len(log)} launches > {budget}: {report}"
     assert out.valid.all() and ((out.tokens >= 0) & (out.tokens < V)).all()
+
+
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_whole_step_launches(device, count_launches, scenario, b):
+    """After a warm-up step, a WHOLE `Sampler.sample` step with a tensor of slots (state gathers and updates
+    included) launches at most the scenario's budget, never reads the device, and updates the state."""
+    log, calls, state = count_launches
+    params, history, budget = SCENARIOS[scenario]
+    s, slots = _sampler(device, params, b, history)
+    g = torch.Generator().manual_seed(b)
+    logits = (torch.randn(b, V, generator=g) * 3).to(device)
+    s.sample(logits, slots)  # warm-up (compiles; output counts become a history)
+    log.clear()
+    calls.clear()
+    state["in_step"] += 1
+    try:
+        with _Counter(log, state):
+            out = s.sample(logits, slots)
+    finally:
+        state["in_step"] -= 1
+    assert calls == [b], "the step did not run the Triton backend's sample_packed once"
+    kinds = collections.Counter(kind for kind, _ in log)
+    report = ", ".join(name for _, name in log)
+    print(f"{scenario} B={b}: whole step {len(log)} launches ({kinds['triton']} Triton, {kinds['torch']} torch): "
+          f"{report}")
+    assert kinds["sync"] == 0, f"host synchronisation in the step: {report}"
+    assert len(log) <= budget, f"{scenario} B={b}: whole step {len(log)} launches > {budget}: {report}"
+    assert out.valid.all() and ((out.tokens >= 0) & (out.tokens < V)).all()
+    for r, slot in enumerate(slots.tolist()):  # the in-place update: two steps, this step's token counted
+        assert s.step_of(slot) == 2
+        assert int(s.output_counts_of(slot)[int(out.tokens[r])]) >= 1
+
+
+_FIELDS = ("tokens", "valid", "logprobs", "top_logprob_ids", "top_logprobs", "ranks", "mirostat_mu")
+
+
+def _mixed_sampler(device, backend: str, v: int) -> fastsampler.Sampler:
+    """Five slots with mixed requests: penalties over a prompt, logit bias, min_tokens, allowed / banned ids,
+    greedy with logprobs, Mirostat v1 and v2, top-k / top-p / min-p."""
+    s = fastsampler.Sampler(vocab_size=v, max_slots=5, device=device, backend=backend, eos_token_ids=[2])
+    s.add(SP(seed=1, repetition_penalty=1.3, frequency_penalty=0.2, logit_bias={5: 2.0, 7: -1.0, 250: 3.0},
+             min_tokens=2), prompt_token_ids=[1, 5, 9])
+    s.add(SP(seed=2, temperature=0.0, allowed_token_ids=list(range(200)), logprobs=True, top_logprobs=3))
+    s.add(SP(seed=3, mirostat_mode=2, banned_token_ids=[3, 4, 5]))
+    s.add(SP(seed=4, top_k=20, top_p=0.9, min_p=0.02, logit_bias={11: 5.0}, presence_penalty=0.5, logprobs=True,
+             logprobs_mode="processed"))
+    s.add(SP(seed=5, mirostat_mode=1))
+    return s
+
+
+def test_slot_indexed_step_matches(device):
+    """Over several steps with mixed requests, a token bitmask and slots in a non-trivial order, the slot-indexed
+    Triton step (tensor slots: the kernels read and update the state in place) gives exactly the tokens, validity,
+    ranks, top ids, counts and steps of the reference backend's Sampler (logprobs and mu within the backends'
+    tolerance, tests/backend_checks.py), and bit for bit the outputs and state of the row-indexed Triton step."""
+    from backend_checks import ATOL
+
+    v = 300
+    slot_t, ref, rows = (_mixed_sampler(device, b, v) for b in ("triton", "reference", "triton"))
+    order = [3, 0, 2, 4, 1]
+    slots = torch.tensor(order, device=device)
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):
+        logits = (torch.randn(5, v, generator=g) * 2).to(device)
+        bm = torch.full((5, (v + 31) // 32), -1, dtype=torch.int32)
+        bm[1, 0] = 0  # row 1 (slot 0): ids 0..31 banned this step
+        bm[3, step] = 0x0F0F0F0F  # row 3: some ids banned, others kept
+        bm = bm.to(device)
+        a = slot_t.sample(logits, slots, token_bitmask=bm)
+        r = ref.sample(logits, slots, token_bitmask=bm)
+        c = rows.sample(logits, order, token_bitmask=bm)  # a list of slots: the row-indexed path
+        for f in _FIELDS:
+            x, y, z = getattr(a, f).cpu(), getattr(r, f).cpu(), getattr(c, f).cpu()
+            if x.is_floating_point():
+                assert torch.equal(x.nan_to_num(-7.0), z.nan_to_num(-7.0)), (step, f, x, z)
+                assert torch.allclose(x, y.float(), atol=ATOL, rtol=0, equal_nan=True), (step, f, x, y)
+            else:
+                assert torch.equal(x, z) and torch.equal(x, y), (step, f, x, y, z)
+        for name in ("_steps", "_counts"):
+            assert torch.equal(getattr(slot_t, name), getattr(ref, name)), (step, name)
+            assert torch.equal(getattr(slot_t, name), getattr(rows, name)), (step, name)
+        assert torch.equal(slot_t._mu.nan_to_num(-7.0), rows._mu.nan_to_num(-7.0)), step
+        assert torch.allclose(slot_t._mu, ref._mu, atol=ATOL, rtol=0, equal_nan=True), step
+    assert [slot_t.step_of(x) for x in order] == [4] * 5

@@ -36,6 +36,25 @@ Packed form (all torch tensors on the logits' device, ``B`` rows, ``V = logits.s
     a device tensor uses the max over all its slots); entries beyond a row's own ``top_logprobs`` are -1 / NaN.
 ``flags``
     Host-known booleans from the params (no device data is read to compute them), used to specialise kernels.
+
+Slot-indexed form (a `Sampler`'s step on the Triton backend; `PackedBatch.gathered` turns it into the form above for
+the other backends):
+
+``slot_index`` (B,) int64 or None
+    When set, ``fparams``, ``iparams``, ``seeds``, ``steps``, ``seqs``, ``mirostat_mu``, ``allowed_mask``,
+    ``prompt_mask`` and ``output_counts`` are the Sampler's whole ``(S, ...)`` tables, and row ``r`` uses row
+    ``slot_index[r]`` of each (slots distinct). ``allowed_mask`` / ``prompt_mask`` then have ``ceil(vocab_size / 32)``
+    words (ids ``>= vocab_size`` are padding anyway). The logits and ``token_bitmask`` stay row-indexed.
+``token_bitmask`` (B, >= ceil(vocab_size / 32)) int32 or None
+    A per-step bitmask per row, AND-ed with the slot's ``allowed_mask`` (only with ``slot_index``; the row-indexed
+    form folds it into ``allowed_mask``).
+``bias_table_ids`` (S, K) int32, ``bias_table_vals`` (S, K) float32, ``bias_table_len`` (S,) int32, or all None
+    The logit bias as per-slot tables (only with ``slot_index``, in place of the CSR): slot ``s`` biases ids
+    ``bias_table_ids[s, :len[s]]`` (ascending, unique) by ``bias_table_vals[s, :len[s]]``.
+``update_state``
+    With ``slot_index``: the backend also applies the Sampler's state update (`advance_state`): for every row ``r``
+    with slot ``s``, ``mirostat_mu[s]`` = the returned mu, and for a valid row ``steps[s] += 1`` and
+    ``output_counts[s, token] += 1`` (saturating at 32767).
 """
 
 from __future__ import annotations
@@ -107,6 +126,12 @@ class PackedBatch:
     eos_ids: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32))
     n_top: int = 0
     flags: BatchFlags = field(default_factory=BatchFlags)
+    slot_index: torch.Tensor | None = None
+    token_bitmask: torch.Tensor | None = None
+    bias_table_ids: torch.Tensor | None = None
+    bias_table_vals: torch.Tensor | None = None
+    bias_table_len: torch.Tensor | None = None
+    update_state: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -115,6 +140,90 @@ class PackedBatch:
     @property
     def device(self) -> torch.device:
         return self.logits.device
+
+    def gathered(self) -> PackedBatch:
+        """The row-indexed form of a slot-indexed batch (itself when ``slot_index`` is None): each table's rows
+        gathered, masks padded to the logits' width, the token bitmask AND-ed into the allowed mask and the bias
+        tables as a CSR. ``update_state`` is dropped: the caller applies `advance_state` after the backend."""
+        if self.slot_index is None:
+            return self
+        idx = self.slot_index
+        wl = mask_words(self.logits.shape[1])
+
+        def take(t: torch.Tensor | None, fill: int | None = None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            t = t.index_select(0, idx)
+            if fill is not None and t.shape[1] < wl:  # columns beyond vocab_size: padding, masked anyway
+                t = torch.nn.functional.pad(t, (0, wl - t.shape[1]), value=fill)
+            return t
+
+        allowed = take(self.allowed_mask, -1)
+        if self.token_bitmask is not None:
+            tb = self.token_bitmask
+            if tb.shape[1] < wl:
+                tb = torch.nn.functional.pad(tb, (0, wl - tb.shape[1]), value=-1)
+            tb = tb[:, :wl]
+            allowed = tb.contiguous() if allowed is None else allowed[:, :wl] & tb
+        indptr = ids = vals = None
+        if self.bias_table_ids is not None and self.bias_table_ids.shape[1]:
+            assert self.bias_table_vals is not None and self.bias_table_len is not None
+            k = min(self.bias_table_ids.shape[1], self.vocab_size)
+            indptr, ids, vals = bias_tables_to_csr(self.bias_table_ids, self.bias_table_vals, self.bias_table_len,
+                                                   idx, k, self.vocab_size)
+        return PackedBatch(
+            logits=self.logits, vocab_size=self.vocab_size, fparams=take(self.fparams), iparams=take(self.iparams),
+            seeds=take(self.seeds), steps=take(self.steps), seqs=take(self.seqs), mirostat_mu=take(self.mirostat_mu),
+            allowed_mask=allowed, prompt_mask=take(self.prompt_mask, 0), output_counts=take(self.output_counts),
+            bias_indptr=indptr, bias_ids=ids, bias_vals=vals, eos_ids=self.eos_ids, n_top=self.n_top,
+            flags=self.flags,
+        )
+
+
+COUNT_MAX = 32767  # output counts are int16 and saturate here
+
+
+def advance_state(steps: torch.Tensor, mu: torch.Tensor, counts: torch.Tensor, slot_index: torch.Tensor,
+                  steps_rows: torch.Tensor, out: Any) -> None:
+    """A `Sampler` step's state update on the device, in place (slots distinct, so the scatters do not collide):
+    ``steps[s] = steps_rows[r] + valid[r]``, ``mu[s]`` = the returned mu, ``counts[s, token] += 1`` for valid rows
+    up to `COUNT_MAX` (``steps_rows``: the rows' steps before the step; ``counts``: (S, V) contiguous)."""
+    valid = out.valid
+    steps.index_copy_(0, slot_index, steps_rows + valid.to(torch.int64))
+    mu.index_copy_(0, slot_index, out.mirostat_mu)
+    flat = counts.view(-1)
+    pos = slot_index * counts.shape[1] + out.tokens.clamp(min=0)
+    cur = flat.index_select(0, pos)
+    flat.index_copy_(0, pos, torch.where(valid & (cur < COUNT_MAX), cur + 1, cur))
+
+
+def bias_tables_to_csr(table_ids: torch.Tensor, table_vals: torch.Tensor, table_len: torch.Tensor,
+                       slot_index: torch.Tensor, k: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logit bias of the slots ``slot_index`` in CSR form, built on the device from per-slot tables (no host
+    sync).
+
+    The entry count must not depend on device data, so every row gets exactly ``k`` entries (at least the largest
+    bias of the slots, at most ``vocab``): its own, plus zero-valued entries at the lowest ids it does not bias
+    (adding ``0.0`` to a logit changes nothing), kept sorted and unique per row as the `PackedBatch` contract asks.
+    """
+    b, dev, v = slot_index.shape[0], slot_index.device, vocab
+    lens = table_len.index_select(0, slot_index).to(torch.int64)
+    ids = table_ids.index_select(0, slot_index)[:, :k].to(torch.int64)
+    vals = table_vals.index_select(0, slot_index)[:, :k]
+    real = torch.arange(k, device=dev)[None, :] < lens[:, None]
+    c = min(v, 2 * k)  # candidate filler ids [0, c): at least k - len of them are free in every row
+    taken = torch.zeros(b, c + 1, dtype=torch.bool, device=dev)
+    taken.scatter_(1, torch.where(real & (ids < c), ids, c), True)
+    free = ~taken[:, :c]
+    cand = torch.arange(c, device=dev)
+    pick = free & (torch.cumsum(free, 1) <= (k - lens)[:, None])
+    keys = torch.cat((torch.where(real, ids, v), torch.where(pick, cand[None, :], v)), 1)
+    allv = torch.cat((torch.where(real, vals, 0.0), torch.zeros(b, c, dtype=torch.float32, device=dev)), 1)
+    keys, order = torch.sort(keys, 1)
+    out_ids = keys[:, :k].to(torch.int32).reshape(-1)
+    out_vals = torch.gather(allv, 1, order[:, :k]).reshape(-1)
+    indptr = torch.arange(b + 1, dtype=torch.int32, device=dev) * k
+    return indptr, out_ids, out_vals
 
 
 _FLAG_FIELDS = tuple(f.name for f in dataclasses.fields(BatchFlags))

@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from ._batch import PackedBatch, flags_to_int, int_to_flags
+from ._batch import PackedBatch, advance_state, flags_to_int, int_to_flags
 from .output import SampleOutput
 
 __all__ = ["sample_packed", "run_backend", "use_op", "flags_to_int", "int_to_flags"]
@@ -132,10 +132,23 @@ def run_backend(backend: str, batch: PackedBatch) -> SampleOutput:
     """
     if batch.logits.requires_grad:  # as the op sees them: sampling is not differentiable
         batch = dataclasses.replace(batch, logits=batch.logits.detach())
+    if batch.slot_index is not None and backend != "triton":  # only the Triton kernels read the slot-indexed form
+        return _gathered_step(backend, batch, run_backend)
     out = _backend_module(backend).sample_packed(batch)
     if backend == "cpu":
         return out
     return SampleOutput(*_finish(out, batch))
+
+
+def _gathered_step(backend: str, batch: PackedBatch, run) -> SampleOutput:
+    """A slot-indexed batch (`PackedBatch.slot_index`) as its row-indexed form (`PackedBatch.gathered`) through
+    ``run``, then its state update (``update_state``) applied with torch ops (`advance_state`)."""
+    rows = batch.gathered()
+    out = run(backend, rows)
+    if batch.update_state:
+        assert batch.output_counts is not None
+        advance_state(batch.steps, batch.mirostat_mu, batch.output_counts, batch.slot_index, rows.steps, out)
+    return out
 
 
 def sample_packed(backend: str, batch: PackedBatch) -> SampleOutput:
@@ -165,6 +178,8 @@ def sample_packed(backend: str, batch: PackedBatch) -> SampleOutput:
     """
     if not use_op(batch.logits):
         return run_backend(backend, batch)
+    if batch.slot_index is not None:  # the op takes row-indexed tensors and mutates none of them
+        return _gathered_step(backend, batch, sample_packed)
     out = torch.ops.fastsampler.sample_packed(
         batch.logits.detach(), batch.fparams, batch.iparams, batch.seeds, batch.steps, batch.seqs, batch.mirostat_mu,
         batch.allowed_mask, batch.prompt_mask, batch.output_counts, batch.bias_indptr, batch.bias_ids,

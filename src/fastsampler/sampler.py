@@ -21,12 +21,15 @@ import numpy as np
 import torch
 
 from . import _api
+from ._batch import COUNT_MAX as _COUNT_MAX
 from ._batch import (
     MAX_COLUMNS,
     NF,
     NI,
     PackedBatch,
+    advance_state,
     batch_flags,
+    bias_tables_to_csr,
     check_ids,
     combine_bits,
     flags_to_int,
@@ -45,7 +48,7 @@ from .params import SamplingParams
 
 __all__ = ["Sampler", "COUNT_MAX"]
 
-COUNT_MAX = 32767
+COUNT_MAX = _COUNT_MAX
 """Output-token counts are int16 and saturate here (a token generated more often still counts 32767)."""
 
 _LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -691,6 +694,8 @@ class Sampler:
             return _empty_output(logits, n_top)
         flags = int_to_flags(bits)
         wl = mask_words(logits.shape[1])
+        if rows is None and name == "triton":
+            return self._sample_slot_indexed(logits, slots_t, token_bitmask, flags, n_top, n_bias, restricted, wl)
 
         allowed = None
         if restricted and self._allowed is not None:
@@ -732,15 +737,41 @@ class Sampler:
         self._advance(slots_t, steps, out)
         return out
 
+    def _sample_slot_indexed(self, logits: torch.Tensor, slots_t: torch.Tensor, token_bitmask: torch.Tensor | None,
+                             flags: Any, n_top: int, n_bias: int, restricted: bool, wl: int) -> SampleOutput:
+        """A step with a tensor of slots on the Triton backend: the kernels read the state tables through the slot
+        index and apply the state update in place (`PackedBatch.slot_index`, ``update_state``), so the step runs
+        no torch op of its own. While tracing, `sample_packed` gathers the rows for the custom op and applies the
+        update outside it (the op mutates nothing)."""
+        tb = None if token_bitmask is None else self._check_bitmask(token_bitmask, slots_t.shape[0], wl)
+        bias = (self._bias_ids, self._bias_vals, self._bias_len) if n_bias else (None, None, None)
+        batch = PackedBatch(
+            logits=logits,
+            vocab_size=self._vocab,
+            fparams=self._fparams,
+            iparams=self._iparams,
+            seeds=self._seeds,
+            steps=self._steps,
+            seqs=self._seqs,
+            mirostat_mu=self._mu,
+            allowed_mask=self._allowed if restricted else None,
+            prompt_mask=self._prompt if flags.any_penalty else None,
+            output_counts=self._counts,
+            eos_ids=self._eos,
+            n_top=n_top,
+            flags=flags,
+            slot_index=slots_t,
+            token_bitmask=tb,
+            bias_table_ids=bias[0],
+            bias_table_vals=bias[1],
+            bias_table_len=bias[2],
+            update_state=True,
+        )
+        return sample_packed("triton", batch)
+
     def _advance(self, slots_t: torch.Tensor, steps: torch.Tensor, out: SampleOutput) -> None:
         """The state updates after a step, on the device (slots are distinct, so the scatters do not collide)."""
-        valid = out.valid
-        self._steps.index_copy_(0, slots_t, steps + valid.to(torch.int64))
-        self._mu.index_copy_(0, slots_t, out.mirostat_mu)
-        flat = self._counts.view(-1)
-        pos = slots_t * self._vocab + out.tokens.clamp(min=0)
-        cur = flat.index_select(0, pos)
-        flat.index_copy_(0, pos, torch.where(valid & (cur < COUNT_MAX), cur + 1, cur))
+        advance_state(self._steps, self._mu, self._counts, slots_t, steps, out)
 
     @staticmethod
     def _pad_words(mask: torch.Tensor, wl: int, fill: int) -> torch.Tensor:
@@ -774,31 +805,10 @@ class Sampler:
         return to_device(indptr, dev), to_device(ids, dev), to_device(vals, dev)
 
     def _bias_csr_device(self, slots_t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The batch's logit bias in CSR form, built on the device from the per-slot tables (no host sync).
-
-        The entry count must not depend on device data, so every row gets exactly ``k`` entries (the largest bias
-        of a live slot): its own, plus zero-valued entries at the lowest ids it does not bias (adding ``0.0`` to a
-        logit changes nothing), kept sorted and unique per row as the `PackedBatch` contract asks.
-        """
+        """The batch's logit bias in CSR form, built on the device from the per-slot tables (no host sync), ``k``
+        entries per row (`bias_tables_to_csr`)."""
         assert self._bias_ids is not None and self._bias_vals is not None and self._bias_len is not None
-        b, dev, v = slots_t.shape[0], self._device, self._vocab
-        lens = self._bias_len.index_select(0, slots_t).to(torch.int64)
-        ids = self._bias_ids.index_select(0, slots_t)[:, :k].to(torch.int64)
-        vals = self._bias_vals.index_select(0, slots_t)[:, :k]
-        real = torch.arange(k, device=dev)[None, :] < lens[:, None]
-        c = min(v, 2 * k)  # candidate filler ids [0, c): at least k - len of them are free in every row
-        taken = torch.zeros(b, c + 1, dtype=torch.bool, device=dev)
-        taken.scatter_(1, torch.where(real & (ids < c), ids, c), True)
-        free = ~taken[:, :c]
-        cand = torch.arange(c, device=dev)
-        pick = free & (torch.cumsum(free, 1) <= (k - lens)[:, None])
-        keys = torch.cat((torch.where(real, ids, v), torch.where(pick, cand[None, :], v)), 1)
-        allv = torch.cat((torch.where(real, vals, 0.0), torch.zeros(b, c, dtype=torch.float32, device=dev)), 1)
-        keys, order = torch.sort(keys, 1)
-        out_ids = keys[:, :k].to(torch.int32).reshape(-1)
-        out_vals = torch.gather(allv, 1, order[:, :k]).reshape(-1)
-        indptr = torch.arange(b + 1, dtype=torch.int32, device=dev) * k
-        return indptr, out_ids, out_vals
+        return bias_tables_to_csr(self._bias_ids, self._bias_vals, self._bias_len, slots_t, k, self._vocab)
 
 
 def _empty_output(logits: torch.Tensor, n_top: int) -> SampleOutput:

@@ -28,10 +28,10 @@ The passes of a step, each only when some row needs it:
    chunk weights and race winners) and `draw._finish_kernel`;
 4. `logprobs._logprobs_kernel` (per row) when some row wants logprobs: ranks and the top-N.
 
-Launches of the backend per step (tests/test_triton_launches.py; a `Sampler`'s own state gathers and updates come on
-top): plain / greedy 2; top-k + top-p + min-p 6; top-p alone 5; typical-p 6; Mirostat v1 5, v2 4; everything at once
-(penalties, logit bias, top-k / top-p / min-p, top-5 logprobs) 7; min_keep > 1 next to top-p / min-p adds one,
-logprobs add one.
+Launches of the backend per step (tests/test_triton_launches.py; a `Sampler` step with a tensor of slots adds none:
+it passes its state tables with ``slot_index`` and ``update_state``, see `PackedBatch`): plain / greedy 2; top-k +
+top-p + min-p 6; top-p alone 5; typical-p 6; Mirostat v1 5, v2 4; everything at once (penalties, logit bias, top-k
+/ top-p / min-p, top-5 logprobs) 7; min_keep > 1 next to top-p / min-p adds one, logprobs add one.
 
 Tuning knobs (environment, read per call): ``FASTSAMPLER_TRITON_DIGIT_BITS`` (2, 4 or 8 key bits per select level;
 default 4 on CUDA, 8 in the interpreter) and ``FASTSAMPLER_TRITON_CHUNK`` (ids per program, a power of two dividing
@@ -41,6 +41,7 @@ may change float rounding (tokens only at near-ties).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -162,12 +163,34 @@ class _Ctx:
         self.lp_val = parts[5][:b * self.K].view(f32) if fl.any_logprobs else ws.view(f32)
         self.lp_id = parts[5][b * self.K:] if fl.any_logprobs else ws
         dummy_i, dummy_f = ws, ws.view(f32)  # never read: the kernels are specialised without them
-        # logit bias, CSR (sorted ids per row), applied in the kernels
-        self.has_bias = batch.bias_ids is not None and batch.bias_ids.numel() > 0
+        # slot-indexed mode (PackedBatch.slot_index): the per-slot tables are the Sampler's own, row r reads row
+        # slot_index[r] of each (penalties.slot_row), and with update_state the step's last per-row kernel writes the
+        # Sampler's state update into them in place (penalties.update_slot_state)
+        self.slot_mode = batch.slot_index is not None
+        self.slots = batch.slot_index.contiguous() if self.slot_mode else dummy_i
+        self.update = self.slot_mode and batch.update_state
+        if self.update:  # written in place: must be the tables themselves, not converted copies
+            for name, t, dt in (("steps", batch.steps, torch.int64),
+                                ("mirostat_mu", batch.mirostat_mu, torch.float32)):
+                if t.dtype != dt or not t.is_contiguous():
+                    raise ValueError(f"update_state needs {name} as a contiguous {dt} table, got {t.dtype}")
+            if batch.output_counts is None or batch.output_counts.stride(1) != 1:
+                raise ValueError("update_state needs output_counts (a table with unit column stride)")
+        self.has_tbm = batch.token_bitmask is not None
+        self.tbm = batch.token_bitmask.contiguous() if self.has_tbm else dummy_i
+        # logit bias: per-slot tables (ids ascending within each slot's first len entries) or a CSR (sorted ids per
+        # row), applied in the kernels
+        self.bias_table = batch.bias_table_ids is not None
+        if self.bias_table:
+            self.has_bias = batch.bias_table_ids.shape[1] > 0
+            indptr, ids, vals = batch.bias_table_len, batch.bias_table_ids, batch.bias_table_vals
+        else:
+            self.has_bias = batch.bias_ids is not None and batch.bias_ids.numel() > 0
+            indptr, ids, vals = batch.bias_indptr, batch.bias_ids, batch.bias_vals
         if self.has_bias:
-            self.bias_indptr = batch.bias_indptr.to(device=dev, dtype=torch.int32).contiguous()
-            self.bias_ids = batch.bias_ids.to(device=dev, dtype=torch.int32).contiguous()
-            self.bias_vals = batch.bias_vals.to(device=dev, dtype=torch.float32).contiguous()
+            self.bias_indptr = indptr.to(device=dev, dtype=torch.int32).contiguous()
+            self.bias_ids = ids.to(device=dev, dtype=torch.int32).contiguous()
+            self.bias_vals = vals.to(device=dev, dtype=torch.float32).contiguous()
         else:
             self.bias_indptr, self.bias_ids, self.bias_vals = dummy_i, dummy_i, dummy_f
         # EOS ban: step < min_tokens or ignore_eos (decided per row in the kernels)
@@ -177,7 +200,10 @@ class _Ctx:
         # penalties and masks
         self.has_counts = fl.any_penalty and batch.output_counts is not None
         self.has_prompt = fl.any_penalty and batch.prompt_mask is not None
-        self.counts = batch.output_counts.contiguous() if self.has_counts else dummy_i
+        # (the counts table also when only the state update writes it)
+        self.counts = batch.output_counts if batch.output_counts is not None else dummy_i
+        if self.counts.stride(-1) != 1:
+            self.counts = self.counts.contiguous()
         self.prompt = batch.prompt_mask.contiguous() if self.has_prompt else dummy_i
         self.has_allowed = batch.allowed_mask is not None
         self.allowed = batch.allowed_mask.contiguous() if self.has_allowed else dummy_i
@@ -203,12 +229,14 @@ class _Ctx:
 
     # kernel argument groups shared by every row pass (see penalties.row_scalars / row_z)
     def zargs(self):
-        return (self.logits, self.counts, self.prompt, self.allowed, self.eos, self.bias_indptr, self.bias_ids,
-                self.bias_vals, self.fparams, self.iparams, self.steps)
+        return (self.logits, self.counts, self.prompt, self.allowed, self.tbm, self.eos, self.bias_indptr,
+                self.bias_ids, self.bias_vals, self.fparams, self.iparams, self.steps, self.slots)
 
     def zstrides(self):
-        return (self.logits.stride(0), self.counts.stride(0) if self.has_counts else 0,
-                self.prompt.stride(0) if self.has_prompt else 0, self.allowed.stride(0) if self.has_allowed else 0)
+        return (self.logits.stride(0), self.counts.stride(0) if self.batch.output_counts is not None else 0,
+                self.prompt.stride(0) if self.has_prompt else 0, self.allowed.stride(0) if self.has_allowed else 0,
+                self.tbm.stride(0) if self.has_tbm else 0,
+                self.bias_ids.stride(0) if self.bias_table and self.has_bias else 0)
 
     def zsizes(self):
         return (self.V, self.VC, self.E, self.NC)
@@ -218,7 +246,8 @@ class _Ctx:
 
     def zflags(self):
         return dict(HAS_BIAS=self.has_bias, HAS_COUNTS=self.has_counts, HAS_PROMPT=self.has_prompt,
-                    HAS_ALLOWED=self.has_allowed, HAS_EOS=self.has_eos)
+                    HAS_ALLOWED=self.has_allowed, HAS_EOS=self.has_eos, SLOTS=self.slot_mode, HAS_TBM=self.has_tbm,
+                    BIAS_TABLE=self.bias_table)
 
     def outputs(self):
         """The step's output tensors, uninitialised (the kernels write every element)."""
@@ -283,7 +312,7 @@ def sampling_probs_packed(batch: PackedBatch) -> torch.Tensor:
     invalid rows)."""
     from .probs import probs_pass
 
-    ctx, _ = _run(batch)
+    ctx, _ = _run(dataclasses.replace(batch, update_state=False))  # a query: the slots' state stays as it is
     out = torch.empty((ctx.B, ctx.VC), dtype=torch.float32, device=ctx.device)
     probs_pass(ctx, out)
     return out
@@ -299,7 +328,7 @@ def kept_mask_packed(batch: PackedBatch) -> torch.Tensor:
     """
     from .probs import kept_mask_pass
 
-    ctx, _ = _run(batch)
+    ctx, _ = _run(dataclasses.replace(batch, update_state=False))  # a query: the slots' state stays as it is
     out = torch.empty((ctx.B, ctx.VC), dtype=torch.int8, device=ctx.device)
     kept_mask_pass(ctx, out)
     return out.view(torch.bool)

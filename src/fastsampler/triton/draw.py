@@ -49,6 +49,8 @@ from .penalties import (
     bias_lower_bound,
     block_z,
     row_scalars,
+    slot_row,
+    update_slot_state,
 )
 from .philox import neg_log_exp_noise, philox_word, seed_key
 from .stats import LN2, P_IDX, P_M, P_S, P_SCORE, PF, PI, stats_combine
@@ -87,24 +89,30 @@ _BIG: tl.constexpr = tl.constexpr(2147483647)
 
 
 @triton.jit
-def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                   bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, seeds_ptr, seqs_ptr, mu_ptr, rowf_ptr,
+def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                   bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, seeds_ptr, seqs_ptr, mu_ptr, rowf_ptr,
                    rowi_ptr, part_f_ptr, part_i_ptr, tokens_ptr, valid_ptr, logprobs_ptr, ranks_ptr, top_ids_ptr,
                    top_lps_ptr, mu_out_ptr,
-                   stride_l, stride_c, stride_p, stride_a,
+                   stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
                    V, VC, E, NC, NT, N,
                    HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                    HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
+                   SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
+                   HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
+                   BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                    STATS: tl.constexpr,  # no truncation: the partials are the stats pass's, combine them here too
                    LOGPROBS: tl.constexpr,  # some row wants logprobs (ranks / top-N follow in logprobs.py)
                    MIRO: tl.constexpr,  # some row uses Mirostat: update mu
+                   UPDATE: tl.constexpr,  # write mu (and steps / counts when LAST) back to the slot tables
+                   LAST: tl.constexpr,  # no logprobs kernel follows: this is the step's last read of the state
                    SPLIT: tl.constexpr,  # chunks per tile (TILE / CHUNK)
                    BT: tl.constexpr,  # power of two >= NC: every chunk in one block (STATS)
                    BT_TILES: tl.constexpr,  # power of two >= NT: every tile in one block
                    BN: tl.constexpr):  # power of two >= N: the top-logprob padding in one block
     row = tl.program_id(0).to(tl.int64)
+    srow = slot_row(row, slot_ptr, SLOTS)
     if STATS:
-        m, ls, valid, gid, nf, samp = stats_combine(row, part_f_ptr, part_i_ptr, fparams_ptr, rowf_ptr, rowi_ptr,
+        m, ls, valid, gid, nf, samp = stats_combine(row, srow, part_f_ptr, part_i_ptr, fparams_ptr, rowf_ptr, rowi_ptr,
                                                     NC, BT)
     else:
         valid = tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0
@@ -128,9 +136,9 @@ def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bia
     tl.store(rowf_ptr + row * _NRF + _RF_M_KEPT, mk)
     tl.store(rowf_ptr + row * _NRF + _RF_LS_KEPT, ls_kept)
     # tile race: argmax over tiles with W_t > 0 of ln W_t - ln E'_t
-    k0, k1 = seed_key(tl.load(seeds_ptr + row))
-    step = (tl.load(steps_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
-    seq = (tl.load(seqs_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
+    k0, k1 = seed_key(tl.load(seeds_ptr + srow))
+    step = (tl.load(steps_ptr + srow) & 0xFFFFFFFF).to(tl.uint32)
+    seq = (tl.load(seqs_ptr + srow) & 0xFFFFFFFF).to(tl.uint32)
     r = philox_word(t.to(tl.uint32), step, seq, 1, k0, k1)
     live = (t < NT) & (st > 0.0) & (mt > float("-inf"))
     score = tl.where(live, mt + tl.log(tl.where(live, st, 1.0)) + neg_log_exp_noise(r), float("-inf"))
@@ -149,17 +157,18 @@ def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bia
     tok = tl.where(valid, tl.where(gid >= 0, gid, tok), -1)
     tl.store(rowi_ptr + row * _NRI + _RI_TOKEN, tok)
     # the drawn token's z and raw logit
-    t_, rep, freq, pres, ban, blo, bhi = row_scalars(row, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                     HAS_BIAS, HAS_EOS)
+    t_, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
+                                                     stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     x0 = tl.where(tok >= 0, tok, 0)
     xo = x0 + tl.arange(0, 2)[None, :]  # a (1, 2) block: the token and its neighbour
     ep = blo
     if HAS_BIAS:
         ep = bias_lower_bound(bias_ids_ptr, blo, bhi, x0)
-    raw, z, b, ep = block_z(row, xo, ep, x0 + 2, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr,
-                           bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+    raw, z, b, ep = block_z(row, srow, xo, ep, x0 + 2, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr,
+                           eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, stride_m,
+                           stride_bt, V, VC, E,
                            t_, rep, freq, pres, ban, bhi,
-                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
+                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
     lane0 = xo == x0
     zx = tl.max(tl.max(tl.where(lane0, z, float("-inf")), 1), 0)
     rawx = tl.max(tl.max(tl.where(lane0, raw, float("-inf")), 1), 0)
@@ -168,12 +177,12 @@ def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bia
     # outputs
     tl.store(tokens_ptr + row, tok.to(tl.int64))
     tl.store(valid_ptr + row, valid.to(tl.int8))
-    temp = tl.load(fparams_ptr + row * _NF + _F_TEMPERATURE)
+    temp = tl.load(fparams_ptr + srow * _NF + _F_TEMPERATURE)
     greedy = temp == 0.0
     lp = float("nan")
     if LOGPROBS:
-        lp_on = (tl.load(iparams_ptr + row * _NI + _I_LOGPROBS) != 0) & valid
-        mode = tl.load(iparams_ptr + row * _NI + _I_LOGPROBS_MODE)
+        lp_on = (tl.load(iparams_ptr + srow * _NI + _I_LOGPROBS) != 0) & valid
+        mode = tl.load(iparams_ptr + srow * _NI + _I_LOGPROBS_MODE)
         m_raw = tl.load(rowf_ptr + row * _NRF + _RF_M_RAW)
         ls_raw = tl.load(rowf_ptr + row * _NRF + _RF_LS_RAW)
         # lp = (x - m) - ln s with (m, ln s) the mode's log-normaliser; x - (m + ln s) would lose ln s once |x| is
@@ -189,17 +198,21 @@ def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bia
         tl.store(top_ids_ptr + row * N + j, -1, mask=j < N)
         tl.store(top_lps_ptr + row * N + j, float("nan"), mask=j < N)
     tl.store(logprobs_ptr + row, lp)
-    mu_in = tl.load(mu_ptr + row)
+    mu_in = tl.load(mu_ptr + srow)
     mu_out = mu_in
     if MIRO:
-        mode_m = tl.load(iparams_ptr + row * _NI + _I_MIRO_MODE)
+        mode_m = tl.load(iparams_ptr + srow * _NI + _I_MIRO_MODE)
         upd = valid & (temp > 0.0) & (mode_m != 0)
-        eta = tl.load(fparams_ptr + row * _NF + _F_MIRO_ETA)
-        tau = tl.load(fparams_ptr + row * _NF + _F_MIRO_TAU)
+        eta = tl.load(fparams_ptr + srow * _NF + _F_MIRO_ETA)
+        tau = tl.load(fparams_ptr + srow * _NF + _F_MIRO_TAU)
         # -log2 q'[x] with ln q'[x] = (z_x - m) - ln s over the kept set (docs/semantics.md §3 E, update)
         surprise = -((zx - mk) - ls_kept) / _LN2
         mu_out = tl.where(upd, mu_in - eta * (surprise - tau), mu_in)
     tl.store(mu_out_ptr + row, mu_out)
+    if UPDATE:  # the Sampler's state update (PackedBatch.update_state): every row's slot stores the returned mu
+        tl.store(mu_ptr + srow, mu_out)
+        if LAST:  # steps / counts are read again by the logprobs kernel, which then updates them itself
+            update_slot_state(srow, tok, valid, steps_ptr, counts_ptr, stride_c)
 
 
 def finish(ctx, out) -> None:
@@ -211,5 +224,6 @@ def finish(ctx, out) -> None:
                              tokens, valid, logprobs, ranks, top_ids, top_lps, mu_out, *ctx.zstrides(),
                              *ctx.zsizes(), ctx.NT, n, **ctx.zflags(), STATS=not ctx.truncation,
                              LOGPROBS=ctx.flags.any_logprobs, MIRO=ctx.flags.any_mirostat,
+                             UPDATE=ctx.update, LAST=not ctx.flags.any_logprobs,
                              SPLIT=ctx.TILE // ctx.CHUNK, BT=ctx.BT, BT_TILES=ctx.BT_TILES,
                              BN=max(2, 1 << max(n - 1, 0).bit_length()))

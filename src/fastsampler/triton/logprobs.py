@@ -29,9 +29,12 @@ from .penalties import (
     RF_M_RAW,
     RF_RAWX,
     RF_ZX,
+    RI_TOKEN,
     RI_VALID,
     block_z,
     row_scalars,
+    slot_row,
+    update_slot_state,
 )
 from .select import float_key, radix_select, select_value
 
@@ -54,38 +57,46 @@ _RF_LS_KEPT: tl.constexpr = tl.constexpr(RF_LS_KEPT)
 _RF_ZX: tl.constexpr = tl.constexpr(RF_ZX)
 _RF_RAWX: tl.constexpr = tl.constexpr(RF_RAWX)
 _RI_VALID: tl.constexpr = tl.constexpr(RI_VALID)
+_RI_TOKEN: tl.constexpr = tl.constexpr(RI_TOKEN)
 
 
 @triton.jit
-def _logprobs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                     bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, rowf_ptr, rowi_ptr, gt_val_ptr, gt_id_ptr,
+def _logprobs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                     bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, rowf_ptr, rowi_ptr, gt_val_ptr,
+                     gt_id_ptr,
                      ranks_ptr, top_ids_ptr, top_lps_ptr,
-                     stride_l, stride_c, stride_p, stride_a,
+                     stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
                      V, VC, E, N,
                      HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                      HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
+                     SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
+                     HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
+                     BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                      HAS_TYP: tl.constexpr,  # some row uses typical-p (kept test of the final mode)
                      DIGIT_BITS: tl.constexpr,  # key bits per select level
                      SBLOCK: tl.constexpr,  # ids per select step (the one-hot block is SBLOCK x 2^DIGIT_BITS)
                      BLOCK: tl.constexpr,  # ids per step of the rank / gather pass
+                     UPDATE: tl.constexpr,  # the step's last kernel: update the slot's steps / counts
                      K: tl.constexpr):  # power of two >= N: the row's scratch width
     row = tl.program_id(0).to(tl.int64)
+    srow = slot_row(row, slot_ptr, SLOTS)
     valid = tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0
-    lp_on = (tl.load(iparams_ptr + row * _NI + _I_LOGPROBS) != 0) & valid
-    mode = tl.load(iparams_ptr + row * _NI + _I_LOGPROBS_MODE)
-    ntop = tl.where(lp_on, tl.load(iparams_ptr + row * _NI + _I_TOP_LOGPROBS), 0)
+    lp_on = (tl.load(iparams_ptr + srow * _NI + _I_LOGPROBS) != 0) & valid
+    mode = tl.load(iparams_ptr + srow * _NI + _I_LOGPROBS_MODE)
+    ntop = tl.where(lp_on, tl.load(iparams_ptr + srow * _NI + _I_TOP_LOGPROBS), 0)
     rf = rowf_ptr + row * _NRF
     vx = tl.where(mode == _MODE_RAW, tl.load(rf + _RF_RAWX), tl.load(rf + _RF_ZX))
     kx = float_key(vx)
-    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    HAS_BIAS, HAS_EOS)
+    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     # the ntop-th largest value of the row's logprob order
     sel = ntop > 0
-    thr = radix_select(row, ntop.to(tl.float32), sel, float("-inf"), 0.0, 0.0, 0.0, mode,
-                       logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
-                       rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+    thr = radix_select(row, srow, ntop.to(tl.float32), sel, float("-inf"), 0.0, 0.0, 0.0, mode,
+                       logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
+                       rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
                        t, rep, freq, pres, ban, blo, bhi,
-                       HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, HAS_TYP, 2, False, DIGIT_BITS, SBLOCK)
+                       HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, HAS_TYP, 2,
+                       False, DIGIT_BITS, SBLOCK)
     tk = float_key(thr)
     # one pass: the rank count, and the ids above / at the threshold compacted into the scratch
     n = tl.where(lp_on, VC, 0)
@@ -95,10 +106,11 @@ def _logprobs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, b
     ep = blo
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        raw, z, b, ep = block_z(row, offs, ep, start + BLOCK, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
-                               eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, V, VC,
+        raw, z, b, ep = block_z(row, srow, offs, ep, start + BLOCK, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
+                               tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a,
+                               stride_m, stride_bt, V, VC,
                                E, t, rep, freq, pres, ban, bhi,
-                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
+                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
         v, dom, w = select_value(row, offs, raw, z, V, float("-inf"), 0.0, 0.0, 0.0, mode, rowf_ptr, rowi_ptr, 2,
                                  HAS_TYP)
         key = float_key(v)
@@ -134,11 +146,14 @@ def _logprobs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, b
                       tl.where(mode == _MODE_FINAL, tl.load(rf + _RF_M_KEPT), tl.load(rf + _RF_M)))
     ls_mode = tl.where(mode == _MODE_RAW, tl.load(rf + _RF_LS_RAW),
                        tl.where(mode == _MODE_FINAL, tl.load(rf + _RF_LS_KEPT), tl.load(rf + _RF_LS)))
-    final_greedy = (mode == _MODE_FINAL) & (tl.load(fparams_ptr + row * _NF + _F_TEMPERATURE) == 0.0)
+    final_greedy = (mode == _MODE_FINAL) & (tl.load(fparams_ptr + srow * _NF + _F_TEMPERATURE) == 0.0)
     lp = tl.where(final_greedy, tl.where(out_v > float("-inf"), 0.0, float("-inf")), (out_v - m_mode) - ls_mode)
     lp = tl.where(out_id >= 0, lp, float("nan"))
     tl.store(top_ids_ptr + row * N + i, out_id.to(tl.int64), mask=i < N)
     tl.store(top_lps_ptr + row * N + i, lp, mask=i < N)
+    if UPDATE:  # after this program's last read of the counts and the step (PackedBatch.update_state)
+        tok = tl.load(rowi_ptr + row * _NRI + _RI_TOKEN)
+        update_slot_state(srow, tok, valid, steps_ptr, counts_ptr, stride_c)
 
 
 def logprobs_pass(ctx, ranks, top_ids, top_lps) -> None:
@@ -146,4 +161,5 @@ def logprobs_pass(ctx, ranks, top_ids, top_lps) -> None:
     n = int(top_ids.shape[1])
     _logprobs_kernel[(ctx.B,)](*ctx.zargs(), ctx.rowf, ctx.rowi, ctx.lp_val, ctx.lp_id, ranks, top_ids, top_lps,
                                *ctx.zstrides(), *ctx.zsizes_row(), n, **ctx.zflags(), HAS_TYP=ctx.has_typ,
-                               DIGIT_BITS=ctx.DIGIT_BITS, SBLOCK=ctx.SBLOCK, BLOCK=ctx.BLOCK, K=ctx.K)
+                               DIGIT_BITS=ctx.DIGIT_BITS, SBLOCK=ctx.SBLOCK, BLOCK=ctx.BLOCK, K=ctx.K,
+                               UPDATE=ctx.update)

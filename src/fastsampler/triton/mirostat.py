@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .._batch import F_TEMPERATURE, I_MIRO_MODE, NF, NI
-from .penalties import NRF, NRI, RF_M, RF_ZLO, RI_NFIN, RI_VALID, block_z, row_scalars
+from .penalties import NRF, NRI, RF_M, RF_ZLO, RI_NFIN, RI_VALID, block_z, row_scalars, slot_row
 from .select import float_key, radix_select
 
 MIROSTAT_M = 100  # Mirostat v1 estimates s from the 100 most probable tokens
@@ -39,29 +39,35 @@ def _pow64(x, y):
 
 
 @triton.jit
-def _mirostat_v1_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                        bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, mu_ptr, rowf_ptr, rowi_ptr, top_ptr,
-                        stride_l, stride_c, stride_p, stride_a,
+def _mirostat_v1_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr,
+                        bias_ids_ptr, bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, mu_ptr, rowf_ptr,
+                        rowi_ptr, top_ptr,
+                        stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
                         V, VC, E,
                         HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                         HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
+                        SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
+                        HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
+                        BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                         DIGIT_BITS: tl.constexpr,  # key bits per select level
                         SBLOCK: tl.constexpr,  # ids per select step (the one-hot block is SBLOCK x 2^DIGIT_BITS)
                         BLOCK: tl.constexpr):  # ids per step of the gather pass
     row = tl.program_id(0).to(tl.int64)
-    temp = tl.load(fparams_ptr + row * _NF + _F_TEMPERATURE)
-    mode = tl.load(iparams_ptr + row * _NI + _I_MIRO_MODE)
+    srow = slot_row(row, slot_ptr, SLOTS)
+    temp = tl.load(fparams_ptr + srow * _NF + _F_TEMPERATURE)
+    mode = tl.load(iparams_ptr + srow * _NI + _I_MIRO_MODE)
     act = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0) & (mode == 1)
     nfin = tl.load(rowi_ptr + row * _NRI + _RI_NFIN)
     m = tl.load(rowf_ptr + row * _NRF + _RF_M)
-    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    HAS_BIAS, HAS_EOS)
+    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     # the 100th largest z (the smallest finite z when fewer are finite)
-    thr = radix_select(row, 100.0, act, float("-inf"), m, 0.0, 0.0, 0,
-                       logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
-                       rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+    thr = radix_select(row, srow, 100.0, act, float("-inf"), m, 0.0, 0.0, 0,
+                       logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
+                       rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
                        t, rep, freq, pres, ban, blo, bhi,
-                       HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, False, 0, False, DIGIT_BITS, SBLOCK)
+                       HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, False, 0,
+                       False, DIGIT_BITS, SBLOCK)
     # gather the (fewer than 100) values strictly above it into this row's scratch, count the ties at it
     tk = float_key(thr)
     n = tl.where(act, VC, 0)
@@ -70,10 +76,11 @@ def _mirostat_v1_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr
     ep = blo
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        raw, z, b, ep = block_z(row, offs, ep, start + BLOCK, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
-                               eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, V, VC,
+        raw, z, b, ep = block_z(row, srow, offs, ep, start + BLOCK, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
+                               tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a,
+                               stride_m, stride_bt, V, VC,
                                E, t, rep, freq, pres, ban, bhi,
-                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
+                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
         key = float_key(z)
         fin = z > float("-inf")
         g = fin & (key > tk)
@@ -106,7 +113,7 @@ def _mirostat_v1_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr
     eps = s - 1.0
     nv = V.to(tl.float64)
     ln_n = tl.log(nv)
-    two_mu = tl.exp(tl.load(mu_ptr + row).to(tl.float64) * 0.6931471805599453)
+    two_mu = tl.exp(tl.load(mu_ptr + srow).to(tl.float64) * 0.6931471805599453)
     k_gen = _pow64((eps * two_mu) / (1.0 - tl.exp(-eps * ln_n)), 1.0 / s)
     k_lim = _pow64(two_mu / ln_n, 1.0 / s)  # the eps -> 0 limit (ln N = 0 for N = 1: k is clamped to 1 anyway)
     kf = tl.where(tl.abs(eps) < 1e-6, k_lim, k_gen)
@@ -114,11 +121,12 @@ def _mirostat_v1_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr
     kf = tl.minimum(tl.maximum(tl.floor(kf), 1.0), nv)
     k = kf.to(tl.int32)
     act1 = act & (k < nfin)
-    thr1 = radix_select(row, k.to(tl.float32), act1, float("-inf"), m, 0.0, 0.0, 0,
-                        logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
-                        rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+    thr1 = radix_select(row, srow, k.to(tl.float32), act1, float("-inf"), m, 0.0, 0.0, 0,
+                        logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
+                        rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
                         t, rep, freq, pres, ban, blo, bhi,
-                        HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, False, 0, False, DIGIT_BITS, SBLOCK)
+                        HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, False, 0,
+                        False, DIGIT_BITS, SBLOCK)
     if act1:
         tl.store(rowf_ptr + row * _NRF + _RF_ZLO, thr1)
 

@@ -58,31 +58,62 @@ _NO_ID: tl.constexpr = tl.constexpr(2147483647)
 
 
 @triton.jit
-def row_scalars(row, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                HAS_BIAS: tl.constexpr, HAS_EOS: tl.constexpr):
-    """Per-row scalars of stages A–D, loaded once per program.
+def slot_row(row, slot_ptr, SLOTS: tl.constexpr):
+    """The row of the per-slot tables (parameters, seeds, steps, seqs, ``mu``, masks, counts, bias tables) that
+    batch row ``row`` reads: ``slot_index[row]`` in slot-indexed mode (``SLOTS``, `PackedBatch.slot_index`), else
+    ``row``. Loaded once per program; row-indexed tensors (logits, token bitmask, outputs, scratch) keep ``row``."""
+    if SLOTS:
+        return tl.load(slot_ptr + row).to(tl.int64)
+    else:
+        return row
+
+
+@triton.jit
+def row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr, stride_bt,
+                HAS_BIAS: tl.constexpr, HAS_EOS: tl.constexpr, BIAS_TABLE: tl.constexpr):
+    """Per-row scalars of stages A–D, loaded once per program (``srow``: the row of the per-slot tables, see
+    `slot_row`).
 
     Returns ``(t, rep, freq, pres, ban, blo, bhi)``: the temperature (1 for greedy rows, which stop after C), the
     three penalties, whether the EOS ids are banned (``step mod 2^32 < min_tokens`` or ``ignore_eos``, §3 A) and
-    the row's range ``[blo, bhi)`` of logit-bias entries in the CSR.
+    the row's range ``[blo, bhi)`` of logit-bias entries: in the CSR (``bias_indptr_ptr`` row-indexed), or with
+    ``BIAS_TABLE`` in the slot's row of the ``(S, K)`` tables (row stride ``stride_bt``; ``bias_indptr_ptr`` then
+    holds the per-slot lengths).
     """
-    t = tl.load(fparams_ptr + row * _NF + _F_TEMPERATURE)
+    t = tl.load(fparams_ptr + srow * _NF + _F_TEMPERATURE)
     t = tl.where(t > 0.0, t, 1.0)
-    rep = tl.load(fparams_ptr + row * _NF + _F_REP)
-    freq = tl.load(fparams_ptr + row * _NF + _F_FREQ)
-    pres = tl.load(fparams_ptr + row * _NF + _F_PRES)
+    rep = tl.load(fparams_ptr + srow * _NF + _F_REP)
+    freq = tl.load(fparams_ptr + srow * _NF + _F_FREQ)
+    pres = tl.load(fparams_ptr + srow * _NF + _F_PRES)
     ban = row * 0
     if HAS_EOS:
-        step = tl.load(steps_ptr + row) & 0xFFFFFFFF
-        mt = tl.load(iparams_ptr + row * _NI + _I_MIN_TOKENS).to(tl.int64)
-        ign = tl.load(iparams_ptr + row * _NI + _I_IGNORE_EOS)
+        step = tl.load(steps_ptr + srow) & 0xFFFFFFFF
+        mt = tl.load(iparams_ptr + srow * _NI + _I_MIN_TOKENS).to(tl.int64)
+        ign = tl.load(iparams_ptr + srow * _NI + _I_IGNORE_EOS)
         ban = ((step < mt) | (ign != 0)).to(tl.int64)
     blo = row * 0
     bhi = row * 0
     if HAS_BIAS:
-        blo = tl.load(bias_indptr_ptr + row).to(tl.int64)
-        bhi = tl.load(bias_indptr_ptr + row + 1).to(tl.int64)
+        if BIAS_TABLE:
+            blo = srow * stride_bt
+            bhi = blo + tl.load(bias_indptr_ptr + srow).to(tl.int64)
+        else:
+            blo = tl.load(bias_indptr_ptr + row).to(tl.int64)
+            bhi = tl.load(bias_indptr_ptr + row + 1).to(tl.int64)
     return t, rep, freq, pres, ban, blo, bhi
+
+
+@triton.jit
+def update_slot_state(srow, tok, valid, steps_ptr, counts_ptr, stride_c):
+    """A `Sampler` step's state update of one row, done by the step's last per-row kernel (``PackedBatch.update_state``,
+    docs/sampler.md): a valid row's slot advances its step by one and counts its token, int16 saturating at 32767
+    (docs/semantics.md §3 B, C: the counts behind the penalties); an invalid row (``tok = -1``) changes neither.
+    Slots are distinct within a batch, so no two programs write the same slot."""
+    st = tl.load(steps_ptr + srow)
+    tl.store(steps_ptr + srow, st + valid.to(tl.int64))
+    cp = counts_ptr + srow * stride_c + tl.maximum(tok, 0).to(tl.int64)
+    c = tl.load(cp)
+    tl.store(cp, tl.where(valid & (c < 32767), c + 1, c))
 
 
 @triton.jit
@@ -127,13 +158,15 @@ def block_bias(offs, bias_ids_ptr, bias_vals_ptr, ep, bhi, blk_end):
 
 
 @triton.jit
-def row_z(row, offs, bias, hit, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr,
-          stride_l, stride_c, stride_p, stride_a, V, VC, E,
+def row_z(row, srow, offs, bias, hit, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr,
+          stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
           t, rep, freq, pres, ban,
           HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_ALLOWED: tl.constexpr,
-          HAS_EOS: tl.constexpr):
+          HAS_EOS: tl.constexpr, SLOTS: tl.constexpr, HAS_TBM: tl.constexpr, BIAS_TABLE: tl.constexpr):
     """Raw logits, processed ``z`` and the invalid-input flag of the ids ``offs`` (a block of any shape) of row
     ``row``; ``bias`` / ``hit`` from `block_bias` (ignored without ``HAS_BIAS``), the scalars from `row_scalars`.
+    The logits and the token bitmask (``HAS_TBM``) are row-indexed; counts, prompt and allowed masks are read at
+    ``srow`` (`slot_row`).
 
     Returns ``(raw, z, bad)``: ``raw`` float32 (``-inf`` at ids ``>= V``), ``z`` float32 after A–D (greedy rows:
     after A–C), ``bad`` true where ``raw`` is NaN / ``+inf`` (ids ``< V``) or ``z`` is NaN / ``+inf``.
@@ -145,7 +178,11 @@ def row_z(row, offs, bias, hit, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
     if HAS_BIAS:  # §3 A: the bias is added first, before every penalty
         l = tl.where(hit & in_vocab, l + bias, l)
     if HAS_ALLOWED:
-        word = tl.load(allowed_ptr + row * stride_a + (offs >> 5), mask=in_vocab, other=0)
+        word = tl.load(allowed_ptr + srow * stride_a + (offs >> 5), mask=in_vocab, other=0)
+        bit = (word >> (offs & 31).to(tl.int32)) & 1
+        l = tl.where(bit != 0, l, float("-inf"))
+    if HAS_TBM:  # the caller's per-step bitmask, AND-ed with the slot's allowed ids (docs/semantics.md §3 A)
+        word = tl.load(tbm_ptr + row * stride_m + (offs >> 5), mask=in_vocab, other=0)
         bit = (word >> (offs & 31).to(tl.int32)) & 1
         l = tl.where(bit != 0, l, float("-inf"))
     if HAS_EOS:  # noqa: SIM102 - a constexpr branch around a runtime one
@@ -156,10 +193,10 @@ def row_z(row, offs, bias, hit, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
     if HAS_COUNTS or HAS_PROMPT:
         seen = offs < 0
         if HAS_COUNTS:
-            cnt = tl.load(counts_ptr + row * stride_c + offs, mask=in_vocab, other=0).to(tl.int32)
+            cnt = tl.load(counts_ptr + srow * stride_c + offs, mask=in_vocab, other=0).to(tl.int32)
             seen = cnt > 0
         if HAS_PROMPT:
-            pw = tl.load(prompt_ptr + row * stride_p + (offs >> 5), mask=in_vocab, other=0)
+            pw = tl.load(prompt_ptr + srow * stride_p + (offs >> 5), mask=in_vocab, other=0)
             seen = seen | (((pw >> (offs & 31).to(tl.int32)) & 1) != 0)
         if rep != 1.0:
             pen = tl.where(l > 0, tl.math.div_rn(l, tl.zeros_like(l) + rep), l * rep)
@@ -176,20 +213,20 @@ def row_z(row, offs, bias, hit, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
 
 
 @triton.jit
-def block_z(row, offs, ep, blk_end, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_ids_ptr,
-           bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+def block_z(row, srow, offs, ep, blk_end, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr,
+           bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
            t, rep, freq, pres, ban, bhi,
            HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_ALLOWED: tl.constexpr,
-           HAS_EOS: tl.constexpr):
+           HAS_EOS: tl.constexpr, SLOTS: tl.constexpr, HAS_TBM: tl.constexpr, BIAS_TABLE: tl.constexpr):
     """`row_z` of a block ``offs`` (any shape, ids ``< blk_end``) with the bias read from the CSR entry ``ep`` on
     (`block_bias`); returns ``(raw, z, bad, ep')`` with ``ep'`` where the next block of ascending ids starts."""
     bias = tl.zeros(offs.shape, tl.float32)
     hit = offs < 0
     if HAS_BIAS:
         bias, hit, ep = block_bias(offs, bias_ids_ptr, bias_vals_ptr, ep, bhi, blk_end)
-    raw, z, bad = row_z(row, offs, bias, hit, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr,
-                        stride_l, stride_c, stride_p, stride_a, V, VC, E, t, rep, freq, pres, ban,
-                        HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
+    raw, z, bad = row_z(row, srow, offs, bias, hit, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr,
+                        stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E, t, rep, freq, pres, ban,
+                        HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
     return raw, z, bad, ep
 
 

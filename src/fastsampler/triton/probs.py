@@ -21,6 +21,7 @@ from .penalties import (
     block_z,
     kept_mask,
     row_scalars,
+    slot_row,
 )
 
 _NRF: tl.constexpr = tl.constexpr(NRF)
@@ -32,15 +33,17 @@ _RI_VALID: tl.constexpr = tl.constexpr(RI_VALID)
 
 
 @triton.jit
-def _probs_row_chunk(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                     bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, rowf_ptr, rowi_ptr, out_ptr,
-                     stride_l, stride_c, stride_p, stride_a, stride_o,
+def _probs_row_chunk(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                     bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, rowf_ptr, rowi_ptr, out_ptr,
+                     stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_o,
                      V, VC, E,
                      HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
-                     HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr, HAS_TYP: tl.constexpr,
+                     HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr, SLOTS: tl.constexpr, HAS_TBM: tl.constexpr,
+                 BIAS_TABLE: tl.constexpr, HAS_TYP: tl.constexpr,
                      MASK: tl.constexpr,  # True: store the kept mask (int8 0 / 1) instead of the probability
                      BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    srow = slot_row(row, slot_ptr, SLOTS)
     chunk = tl.program_id(1)
     base = chunk * CHUNK
     n = tl.minimum(CHUNK, VC - base)
@@ -48,17 +51,18 @@ def _probs_row_chunk(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, b
     gid = tl.load(rowi_ptr + row * _NRI + _RI_GID)
     m = tl.load(rowf_ptr + row * _NRF + _RF_M_KEPT)
     ls = tl.load(rowf_ptr + row * _NRF + _RF_LS_KEPT)
-    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    HAS_BIAS, HAS_EOS)
+    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     ep = blo
     if HAS_BIAS:
         ep = bias_lower_bound(bias_ids_ptr, blo, bhi, base)
     for start in range(0, n, BLOCK):
         offs = base + start + tl.arange(0, BLOCK)
-        raw, z, b, ep = block_z(row, offs, ep, base + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
-                               eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, V, VC,
+        raw, z, b, ep = block_z(row, srow, offs, ep, base + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr,
+                               allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c,
+                               stride_p, stride_a, stride_m, stride_bt, V, VC,
                                E, t, rep, freq, pres, ban, bhi,
-                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
+                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
         keep = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, HAS_TYP) & (offs < V)
         keep = tl.where(gid >= 0, offs == gid, keep)  # greedy rows: the argmax only
         keep = keep & (valid != 0)  # invalid rows: nothing
@@ -73,33 +77,41 @@ def _probs_row_chunk(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, b
 
 
 @triton.jit
-def _probs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                  bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, rowf_ptr, rowi_ptr, out_ptr,
-                  stride_l, stride_c, stride_p, stride_a, stride_o,
+def _probs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                  bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, rowf_ptr, rowi_ptr, out_ptr,
+                  stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_o,
                   V, VC, E,
                   HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                   HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
+                  SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
+                  HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
+                  BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                   HAS_TYP: tl.constexpr,  # some row uses typical-p: the kept test includes s <= s_thr
                   BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
-    _probs_row_chunk(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                     bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, rowf_ptr, rowi_ptr, out_ptr,
-                     stride_l, stride_c, stride_p, stride_a, stride_o, V, VC, E,
-                     HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, HAS_TYP, False, BLOCK, CHUNK)
+    _probs_row_chunk(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                     bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, rowf_ptr, rowi_ptr, out_ptr,
+                     stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_o, V, VC, E,
+                     HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, HAS_TYP,
+                     False, BLOCK, CHUNK)
 
 
 @triton.jit
-def _kept_mask_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                      bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, rowf_ptr, rowi_ptr, out_ptr,
-                      stride_l, stride_c, stride_p, stride_a, stride_o,
+def _kept_mask_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                      bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, rowf_ptr, rowi_ptr, out_ptr,
+                      stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_o,
                       V, VC, E,
                       HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                       HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
+                      SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
+                      HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
+                      BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                       HAS_TYP: tl.constexpr,  # some row uses typical-p: the kept test includes s <= s_thr
                       BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
-    _probs_row_chunk(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                     bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, rowf_ptr, rowi_ptr, out_ptr,
-                     stride_l, stride_c, stride_p, stride_a, stride_o, V, VC, E,
-                     HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, HAS_TYP, True, BLOCK, CHUNK)
+    _probs_row_chunk(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                     bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, rowf_ptr, rowi_ptr, out_ptr,
+                     stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_o, V, VC, E,
+                     HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, HAS_TYP,
+                     True, BLOCK, CHUNK)
 
 
 def probs_pass(ctx, out) -> None:

@@ -45,6 +45,7 @@ from .penalties import (
     block_z,
     kept_mask,
     row_scalars,
+    slot_row,
     typical_s,
 )
 from .stats import P_M, P_S, P_W, PF
@@ -115,12 +116,14 @@ def select_value(row, offs, raw, z, V, lo, m, ms, hc, mode, rowf_ptr, rowi_ptr, 
 
 
 @triton.jit
-def radix_select(row, target, active, lo, m, ms, hc, mode,
-                 logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, rowf_ptr,
-                 rowi_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+def radix_select(row, srow, target, active, lo, m, ms, hc, mode,
+                 logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
+                 rowf_ptr,
+                 rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
                  t, rep, freq, pres, ban, blo, bhi,
                  HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
-                 HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr, HAS_TYP: tl.constexpr, KIND: tl.constexpr,
+                 HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr, SLOTS: tl.constexpr, HAS_TBM: tl.constexpr,
+                 BIAS_TABLE: tl.constexpr, HAS_TYP: tl.constexpr, KIND: tl.constexpr,
                  MASS: tl.constexpr, DIGIT_BITS: tl.constexpr, BLOCK: tl.constexpr):
     """The threshold value of row ``row`` (garbage where ``active`` is false, which reads nothing).
 
@@ -149,10 +152,11 @@ def radix_select(row, target, active, lo, m, ms, hc, mode,
         ep = blo
         for start in range(0, n, BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            raw, z, b, ep = block_z(row, offs, ep, start + BLOCK, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
-                                   eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, V,
+            raw, z, b, ep = block_z(row, srow, offs, ep, start + BLOCK, logits_ptr, counts_ptr, prompt_ptr,
+                                   allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c,
+                                   stride_p, stride_a, stride_m, stride_bt, V,
                                    VC, E, t, rep, freq, pres, ban, bhi,
-                                   HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
+                                   HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
             v, dom, w = select_value(row, offs, raw, z, V, lo, m, ms, hc, mode, rowf_ptr, rowi_ptr, KIND, HAS_TYP)
             key = float_key(v)
             match = dom & ((key >> hi) == want)
@@ -192,82 +196,96 @@ def radix_select(row, target, active, lo, m, ms, hc, mode,
 
 
 @triton.jit
-def _select_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                   bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, rowf_ptr, rowi_ptr,
-                   stride_l, stride_c, stride_p, stride_a,
+def _select_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                   bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, rowf_ptr, rowi_ptr,
+                   stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
                    V, VC, E,
                    HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                    HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
+                   SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
+                   HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
+                   BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                    STAGE: tl.constexpr,  # STAGE_TOP_K, STAGE_MIN_KEEP or STAGE_TOP_P
                    FOLD_MINP: tl.constexpr,  # (min_keep stage) fold min-p's threshold, which is raised to min_keep's
                    DIGIT_BITS: tl.constexpr,  # key bits per level
                    BLOCK: tl.constexpr):  # ids per loop step (the one-hot histogram block is BLOCK x 2^DIGIT_BITS)
     row = tl.program_id(0).to(tl.int64)
-    temp = tl.load(fparams_ptr + row * _NF + _F_TEMPERATURE)
+    srow = slot_row(row, slot_ptr, SLOTS)
+    temp = tl.load(fparams_ptr + srow * _NF + _F_TEMPERATURE)
     samp = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0)
     nfin = tl.load(rowi_ptr + row * _NRI + _RI_NFIN)
     m = tl.load(rowf_ptr + row * _NRF + _RF_M)
-    mk = tl.load(iparams_ptr + row * _NI + _I_MIN_KEEP)
-    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    HAS_BIAS, HAS_EOS)
+    mk = tl.load(iparams_ptr + srow * _NI + _I_MIN_KEEP)
+    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     rf = rowf_ptr + row * _NRF
     if STAGE == 0:
         # top-k: keep z >= the k'-th largest, k' = max(k, min_keep); off when k <= 0 or k' >= survivors (§3 E 1)
-        k = tl.load(iparams_ptr + row * _NI + _I_TOP_K)
+        k = tl.load(iparams_ptr + srow * _NI + _I_TOP_K)
         keff = tl.where(k > 0, tl.maximum(k, mk), 0)
         act = samp & (k > 0) & (keff < nfin)
-        thr = radix_select(row, keff.to(tl.float32), act, float("-inf"), m, 0.0, 0.0, 0,
-                           logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
-                           rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+        thr = radix_select(row, srow, keff.to(tl.float32), act, float("-inf"), m, 0.0, 0.0, 0,
+                           logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
+                           bias_vals_ptr,
+                           rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
                            t, rep, freq, pres, ban, blo, bhi,
-                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, False, 0, False, DIGIT_BITS, BLOCK)
+                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, False,
+                           0, False, DIGIT_BITS, BLOCK)
         if act:
             tl.store(rf + _RF_ZLO, tl.maximum(tl.load(rf + _RF_ZLO), thr))
             tl.store(rf + _RF_DOM_LO, thr)  # top-p acts on the top-k survivors
     elif STAGE == 1:
         # the min_keep-th largest z, over all finite z: top-p and min-p keep at least that many (§3 E, §9 item 5)
         act = samp & (mk > 1)
-        thr = radix_select(row, mk.to(tl.float32), act, float("-inf"), m, 0.0, 0.0, 0,
-                           logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
-                           rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+        thr = radix_select(row, srow, mk.to(tl.float32), act, float("-inf"), m, 0.0, 0.0, 0,
+                           logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
+                           bias_vals_ptr,
+                           rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
                            t, rep, freq, pres, ban, blo, bhi,
-                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, False, 0, False, DIGIT_BITS, BLOCK)
+                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, False,
+                           0, False, DIGIT_BITS, BLOCK)
         thr_mk = tl.where(act, thr, m)
         tl.store(rf + _RF_MK, thr_mk)
         if FOLD_MINP:
             # min-p: keep z >= max z + ln min_p, lowered to the min_keep-th largest (§3 E 3)
-            mp = tl.load(fparams_ptr + row * _NF + _F_MIN_P)
+            mp = tl.load(fparams_ptr + srow * _NF + _F_MIN_P)
             zlo = tl.load(rf + _RF_ZLO)
             thr_p = m + tl.log(tl.where(mp > 0.0, mp, 1.0))
             tl.store(rf + _RF_ZLO, tl.where(samp & (mp > 0.0), tl.maximum(zlo, tl.minimum(thr_p, thr_mk)), zlo))
     else:
         # top-p over the top-k survivors: keep z >= the value where the cumulative mass first reaches p (§3 E 2)
-        p = tl.load(fparams_ptr + row * _NF + _F_TOP_P)
+        p = tl.load(fparams_ptr + srow * _NF + _F_TOP_P)
         act = samp & (p < 1.0)
         lo = tl.load(rf + _RF_DOM_LO)
-        thr = radix_select(row, p, act, lo, m, 0.0, 0.0, 0,
-                           logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
-                           rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+        thr = radix_select(row, srow, p, act, lo, m, 0.0, 0.0, 0,
+                           logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
+                           bias_vals_ptr,
+                           rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
                            t, rep, freq, pres, ban, blo, bhi,
-                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, False, 0, True, DIGIT_BITS, BLOCK)
+                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, False,
+                           0, True, DIGIT_BITS, BLOCK)
         if act:
             tl.store(rf + _RF_ZLO, tl.maximum(tl.load(rf + _RF_ZLO), tl.minimum(thr, tl.load(rf + _RF_MK))))
 
 
 @triton.jit
-def _typical_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                    bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, rowf_ptr, rowi_ptr, part_f_ptr,
-                    stride_l, stride_c, stride_p, stride_a,
+def _typical_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                    bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, rowf_ptr, rowi_ptr, part_f_ptr,
+                    stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
                     V, VC, E, NC,
                     HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                     HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
+                    SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
+                    HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
+                    BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                     TYP_MK: tl.constexpr,  # some row has min_keep > 1: also select the min_keep-th smallest s
                     DIGIT_BITS: tl.constexpr,  # key bits per level
                     BLOCK: tl.constexpr,  # ids per loop step (the one-hot histogram block is BLOCK x 2^DIGIT_BITS)
                     BT: tl.constexpr):  # power of two >= NC: all chunk partials in one block
     row = tl.program_id(0).to(tl.int64)
-    temp = tl.load(fparams_ptr + row * _NF + _F_TEMPERATURE)
-    tp = tl.load(fparams_ptr + row * _NF + _F_TYPICAL_P)
+    srow = slot_row(row, slot_ptr, SLOTS)
+    temp = tl.load(fparams_ptr + srow * _NF + _F_TEMPERATURE)
+    tp = tl.load(fparams_ptr + srow * _NF + _F_TYPICAL_P)
     act = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0) & (tp < 1.0)
     rf = rowf_ptr + row * _NRF
     # the survivors' max m_s and hc = sum q (m_s - z) from the chunk partials of stats._entropy_kernel
@@ -293,23 +311,27 @@ def _typical_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bi
         tl.store(rf + _RF_HC, hc)
     zlo = tl.load(rf + _RF_ZLO)
     m = tl.load(rf + _RF_M)
-    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    HAS_BIAS, HAS_EOS)
+    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     # ascending s: select on -s; keep s <= s at the first cumulative mass >= tau (§3 E 4)
-    s_sel = -radix_select(row, tp, act, zlo, m, safe, hc, 0,
-                          logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
-                          rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+    s_sel = -radix_select(row, srow, tp, act, zlo, m, safe, hc, 0,
+                          logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
+                          bias_vals_ptr,
+                          rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
                           t, rep, freq, pres, ban, blo, bhi,
-                          HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, False, 1, True, DIGIT_BITS, BLOCK)
+                          HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, False,
+                          1, True, DIGIT_BITS, BLOCK)
     sthr = s_sel
     if TYP_MK:
-        mk = tl.load(iparams_ptr + row * _NI + _I_MIN_KEEP)
+        mk = tl.load(iparams_ptr + srow * _NI + _I_MIN_KEEP)
         act_mk = act & (mk > 1)
-        s_mk = -radix_select(row, mk.to(tl.float32), act_mk, zlo, m, safe, hc, 0,
-                             logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
-                             rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, V, VC, E,
+        s_mk = -radix_select(row, srow, mk.to(tl.float32), act_mk, zlo, m, safe, hc, 0,
+                             logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
+                             bias_vals_ptr,
+                             rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
                              t, rep, freq, pres, ban, blo, bhi,
-                             HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, False, 1, False, DIGIT_BITS,
+                             HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
+                             False, 1, False, DIGIT_BITS,
                              BLOCK)
         sthr = tl.where(act_mk, tl.maximum(s_sel, s_mk), s_sel)
     tl.store(rf + _RF_STHR, tl.where(act, sthr, float("inf")))

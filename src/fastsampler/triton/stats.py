@@ -42,6 +42,7 @@ from .penalties import (
     block_z,
     kept_mask,
     row_scalars,
+    slot_row,
 )
 from .philox import neg_log_exp_noise, philox_quads, seed_key
 
@@ -130,27 +131,32 @@ def _race2(offs, zk, step, seq, k0, k1, first, R: tl.constexpr):
 
 
 @triton.jit
-def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                  bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, seeds_ptr, seqs_ptr, part_f_ptr, part_i_ptr,
-                  stride_l, stride_c, stride_p, stride_a,
+def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                  bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, seeds_ptr, seqs_ptr, part_f_ptr,
+                  part_i_ptr,
+                  stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
                   V, VC, E, NC,
                   HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                   HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
+                  SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
+                  HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
+                  BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                   NEED_RAW: tl.constexpr,  # some row wants raw logprobs: also reduce the raw logits
                   RACE: tl.constexpr,  # no truncation in the batch: run each chunk's token race here (§3 F)
                   BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step (>= 16); ids per program
     row = tl.program_id(0).to(tl.int64)
+    srow = slot_row(row, slot_ptr, SLOTS)
     chunk = tl.program_id(1)
     base = chunk * CHUNK
     n = tl.minimum(CHUNK, VC - base)
-    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    HAS_BIAS, HAS_EOS)
+    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     ep = blo
     if HAS_BIAS:
         ep = bias_lower_bound(bias_ids_ptr, blo, bhi, base)
-    k0, k1 = seed_key(tl.load(seeds_ptr + row))
-    step = (tl.load(steps_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
-    seq = (tl.load(seqs_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
+    k0, k1 = seed_key(tl.load(seeds_ptr + srow))
+    step = (tl.load(steps_ptr + srow) & 0xFFFFFFFF).to(tl.uint32)
+    seq = (tl.load(seqs_ptr + srow) & 0xFFFFFFFF).to(tl.uint32)
     R: tl.constexpr = BLOCK // 4
     quad = tl.arange(0, R)[:, None] * 4 + tl.arange(0, 4)[None, :]
     m = float("-inf")
@@ -164,10 +170,11 @@ def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias
     ridx = _BIG
     for start in range(0, n, BLOCK):
         offs = base + start + quad
-        raw, z, b, ep = block_z(row, offs, ep, base + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
-                               eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, V, VC,
+        raw, z, b, ep = block_z(row, srow, offs, ep, base + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr,
+                               allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c,
+                               stride_p, stride_a, stride_m, stride_bt, V, VC,
                                E, t, rep, freq, pres, ban, bhi,
-                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
+                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
         zf = tl.where(b, float("-inf"), z)
         bm = _max2(zf)
         bidx = _min2(tl.where((zf == bm) & (zf > float("-inf")), offs, _BIG))
@@ -206,7 +213,7 @@ def combine_lse(mt, st):
 
 
 @triton.jit
-def stats_combine(row, part_f_ptr, part_i_ptr, fparams_ptr, rowf_ptr, rowi_ptr, NC, BT: tl.constexpr):
+def stats_combine(row, srow, part_f_ptr, part_i_ptr, fparams_ptr, rowf_ptr, rowi_ptr, NC, BT: tl.constexpr):
     """The row statistics from the chunk partials of `_stats_kernel`, stored in ``rowf`` / ``rowi`` (every column:
     the thresholds start switched off) and returned: ``(m, ls, valid, gid, nfin, samp)``."""
     t = tl.arange(0, BT)
@@ -224,7 +231,7 @@ def stats_combine(row, part_f_ptr, part_i_ptr, fparams_ptr, rowf_ptr, rowi_ptr, 
     m_raw, ls_raw = combine_lse(rmt, rst)
     amax = tl.min(tl.where(mt == m, at, _BIG), 0)
     valid = (bad == 0) & (nf > 0)
-    temp = tl.load(fparams_ptr + row * _NF + _F_TEMPERATURE)
+    temp = tl.load(fparams_ptr + srow * _NF + _F_TEMPERATURE)
     gid = tl.where(valid & (temp == 0.0), amax, -1)
     rf = rowf_ptr + row * _NRF
     tl.store(rf + _RF_M, m)
@@ -247,44 +254,51 @@ def stats_combine(row, part_f_ptr, part_i_ptr, fparams_ptr, rowf_ptr, rowi_ptr, 
 
 
 @triton.jit
-def _combine_kernel(part_f_ptr, part_i_ptr, fparams_ptr, iparams_ptr, mu_ptr, rowf_ptr, rowi_ptr,
+def _combine_kernel(part_f_ptr, part_i_ptr, fparams_ptr, iparams_ptr, mu_ptr, slot_ptr, rowf_ptr, rowi_ptr,
                     NC,
+                    SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
                     MINP: tl.constexpr,  # fold min-p's threshold in here (no min_keep select runs, §3 E item 3)
                     MIRO2: tl.constexpr,  # some row uses Mirostat v2: its threshold needs no select
                     BT: tl.constexpr):  # power of two >= NC: all chunks in one block
     row = tl.program_id(0).to(tl.int64)
-    m, ls, valid, gid, nf, samp = stats_combine(row, part_f_ptr, part_i_ptr, fparams_ptr, rowf_ptr, rowi_ptr, NC, BT)
+    srow = slot_row(row, slot_ptr, SLOTS)
+    m, ls, valid, gid, nf, samp = stats_combine(row, srow, part_f_ptr, part_i_ptr, fparams_ptr, rowf_ptr, rowi_ptr,
+                                                NC, BT)
     zlo = float("-inf")
     if MINP:
-        mp = tl.load(fparams_ptr + row * _NF + _F_MIN_P)
+        mp = tl.load(fparams_ptr + srow * _NF + _F_MIN_P)
         # keep z >= max z + ln min_p (min(thr, m) = thr: ln min_p <= 0)
         zlo = tl.where(samp & (mp > 0.0), m + tl.log(tl.where(mp > 0.0, mp, 1.0)), zlo)
     if MIRO2:
-        mode = tl.load(iparams_ptr + row * _NI + _I_MIRO_MODE)
-        mu = tl.load(mu_ptr + row)
+        mode = tl.load(iparams_ptr + srow * _NI + _I_MIRO_MODE)
+        mu = tl.load(mu_ptr + srow)
         # keep ln q = (z - m) - ln s >= -mu ln 2, i.e. z >= m + (ln s - mu ln 2); no token qualifies -> the max
         zlo = tl.where(samp & (mode == 2), tl.minimum(m + (ls - mu * _LN2), m), zlo)
     tl.store(rowf_ptr + row * _NRF + _RF_ZLO, zlo)
 
 
 @triton.jit
-def _entropy_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                    bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, rowf_ptr, rowi_ptr, part_f_ptr,
-                    stride_l, stride_c, stride_p, stride_a,
+def _entropy_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                    bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, rowf_ptr, rowi_ptr, part_f_ptr,
+                    stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
                     V, VC, E, NC,
                     HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                     HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
+                    SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
+                    HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
+                    BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                     BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
     row = tl.program_id(0).to(tl.int64)
+    srow = slot_row(row, slot_ptr, SLOTS)
     chunk = tl.program_id(1)
     base = chunk * CHUNK
-    temp = tl.load(fparams_ptr + row * _NF + _F_TEMPERATURE)
-    tp = tl.load(fparams_ptr + row * _NF + _F_TYPICAL_P)
+    temp = tl.load(fparams_ptr + srow * _NF + _F_TEMPERATURE)
+    tp = tl.load(fparams_ptr + srow * _NF + _F_TYPICAL_P)
     active = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0) & (tp < 1.0)
     n = tl.where(active, tl.minimum(CHUNK, VC - base), 0)
     zlo = tl.load(rowf_ptr + row * _NRF + _RF_ZLO)
-    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    HAS_BIAS, HAS_EOS)
+    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     ep = blo
     if HAS_BIAS:
         ep = bias_lower_bound(bias_ids_ptr, blo, bhi, base)
@@ -293,10 +307,11 @@ def _entropy_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bi
     w = 0.0
     for start in range(0, n, BLOCK):
         offs = base + start + tl.arange(0, BLOCK)
-        raw, z, b, ep = block_z(row, offs, ep, base + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
-                               eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, V, VC,
+        raw, z, b, ep = block_z(row, srow, offs, ep, base + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr,
+                               allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c,
+                               stride_p, stride_a, stride_m, stride_bt, V, VC,
                                E, t, rep, freq, pres, ban, bhi,
-                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
+                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
         keep = (z > float("-inf")) & (z >= zlo)  # the survivors of the rules before typical-p
         zk = tl.where(keep, z, float("-inf"))
         nm = tl.maximum(m, tl.max(zk, 0))
@@ -317,29 +332,33 @@ def _entropy_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bi
 
 
 @triton.jit
-def _kept_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                 bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, seeds_ptr, seqs_ptr, rowf_ptr, rowi_ptr,
+def _kept_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                 bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, seeds_ptr, seqs_ptr, rowf_ptr, rowi_ptr,
                  part_f_ptr, part_i_ptr,
-                 stride_l, stride_c, stride_p, stride_a,
+                 stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
                  V, VC, E, NC,
                  HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                  HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
+                 SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
+                 HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
+                 BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                  HAS_TYP: tl.constexpr,  # some row uses typical-p: the kept test includes s <= s_thr
                  BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step (>= 16); ids per program
     row = tl.program_id(0).to(tl.int64)
+    srow = slot_row(row, slot_ptr, SLOTS)
     chunk = tl.program_id(1)
     base = chunk * CHUNK
-    temp = tl.load(fparams_ptr + row * _NF + _F_TEMPERATURE)
+    temp = tl.load(fparams_ptr + srow * _NF + _F_TEMPERATURE)
     active = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0)  # greedy / invalid rows: no draw
     n = tl.where(active, tl.minimum(CHUNK, VC - base), 0)
-    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    HAS_BIAS, HAS_EOS)
+    t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     ep = blo
     if HAS_BIAS:
         ep = bias_lower_bound(bias_ids_ptr, blo, bhi, base)
-    k0, k1 = seed_key(tl.load(seeds_ptr + row))
-    step = (tl.load(steps_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
-    seq = (tl.load(seqs_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
+    k0, k1 = seed_key(tl.load(seeds_ptr + srow))
+    step = (tl.load(steps_ptr + srow) & 0xFFFFFFFF).to(tl.uint32)
+    seq = (tl.load(seqs_ptr + srow) & 0xFFFFFFFF).to(tl.uint32)
     R: tl.constexpr = BLOCK // 4
     quad = tl.arange(0, R)[:, None] * 4 + tl.arange(0, 4)[None, :]
     m = float("-inf")
@@ -348,10 +367,11 @@ def _kept_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, eos_ptr, bias_
     ridx = _BIG
     for start in range(0, n, BLOCK):
         offs = base + start + quad
-        raw, z, b, ep = block_z(row, offs, ep, base + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
-                               eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, V, VC,
+        raw, z, b, ep = block_z(row, srow, offs, ep, base + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr,
+                               allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c,
+                               stride_p, stride_a, stride_m, stride_bt, V, VC,
                                E, t, rep, freq, pres, ban, bhi,
-                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS)
+                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
         keep = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, HAS_TYP) & (offs < V)
         zk = tl.where(keep, z, float("-inf"))
         m, s = _online_lse2(m, s, zk)
@@ -376,7 +396,8 @@ def stats_pass(ctx) -> None:
 def combine_pass(ctx, minp: bool) -> None:
     """Row statistics into ``ctx.rowf`` / ``ctx.rowi`` and the select-free thresholds (min-p when ``minp``,
     Mirostat v2)."""
-    _combine_kernel[(ctx.B,)](ctx.part_f, ctx.part_i, ctx.fparams, ctx.iparams, ctx.mu, ctx.rowf, ctx.rowi, ctx.NC,
+    _combine_kernel[(ctx.B,)](ctx.part_f, ctx.part_i, ctx.fparams, ctx.iparams, ctx.mu, ctx.slots, ctx.rowf, ctx.rowi,
+                              ctx.NC, SLOTS=ctx.slot_mode,
                               MINP=minp, MIRO2=ctx.miro_v2, BT=ctx.BT)
 
 
