@@ -502,11 +502,18 @@ def _recording(execute: bool, logits: torch.Tensor | None) -> Iterator[_Recorder
         return rec._launch(ifn, args, grid, warmup, kwargs)
 
     InterpretedFunction.run = run
+    # the recording mode is no tracing mode: the step takes its eager path (`_custom_ops.use_op` sees no dispatch
+    # mode), the one an engine runs, instead of the gathered path reserved for tracing
+    from .. import _custom_ops
+
+    orig_stack = _custom_ops._len_dispatch_stack
+    _custom_ops._len_dispatch_stack = lambda: 0
     try:
         with rec:
             yield rec
     finally:
         InterpretedFunction.run = orig
+        _custom_ops._len_dispatch_stack = orig_stack
 
 
 def _case_rows(scenario: str, batch: int, dtype_name: str, vocab: int, seed: int) -> tuple[Any, list, list]:
