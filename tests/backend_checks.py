@@ -1,4 +1,4 @@
-"""Exact comparison of a backend against the numpy reference (DESIGN §6 tier 1), shared by every backend's tests.
+"""Exact comparison of a backend against the numpy reference (docs/semantics.md §8), shared by every backend's tests.
 
 Tokens must be equal on every row that is not a near-tie; near-tie rows (reference.diagnose) are reported through a
 warning and in the returned report, never silently dropped. Logprobs, top logprobs, ranks, mirostat mu and

@@ -1,4 +1,4 @@
-"""The randomness definition (DESIGN §4): Philox4x32-10 known answers, counter layout, and the exponential noise.
+"""The randomness definition (docs/semantics.md §7): Philox4x32-10 known answers, counter layout, exponential noise.
 
 Expected values are computed here independently: a scalar pure-Python Philox written from the Random123 round
 function, and the noise from `decimal` at 50 digits.
@@ -34,7 +34,8 @@ def hexwords(a) -> list[str]:
     return [f"{int(w):08x}" for w in np.asarray(a).reshape(-1)]
 
 
-# Random123 known-answer vectors: (rounds, key, counter, expected). The first and third are the ones DESIGN §4 quotes.
+# Random123 known-answer vectors: (rounds, key, counter, expected). The first and third are quoted in
+# docs/semantics.md §7.
 KAT = [
     (10, (0, 0), (0, 0, 0, 0), "6627e8d5 e169c58d bc57ac4c 9b00dbd8"),
     (10, (M32, M32), (M32, M32, M32, M32), "408f276d 41c83b0e a20bc7c6 6d5451fd"),
@@ -88,14 +89,14 @@ def test_philox_bad_shapes():
 
 
 def noise_exact(r: int) -> float:
-    """E = -ln(u), u = (r + 0.5) 2^-32, to 50 digits (both branches of DESIGN §4 are this function)."""
+    """E = -ln(u), u = (r + 0.5) 2^-32, to 50 digits (both branches of docs/semantics.md §7 are this function)."""
     getcontext().prec = 50
     u = (Decimal(r) + Decimal("0.5")) / Decimal(2**32)
     return float(-u.ln())
 
 
 def noise_math(r: int) -> float:
-    """DESIGN §4's two branches, with math.log / math.log1p."""
+    """The two branches of docs/semantics.md §7, with math.log / math.log1p."""
     if r < 2**31:
         return -math.log((r + 0.5) * 2.0**-32)
     return -math.log1p(-((~r & M32) + 0.5) * 2.0**-32)

@@ -1,7 +1,8 @@
-"""Hand-computed cases for every stage of the canonical pipeline (DESIGN §3), run against `fastsampler.reference`.
+"""Hand-computed cases for every stage of the pipeline (docs/semantics.md §2–§3), run against `fastsampler.reference`.
 
 Every expected value is worked out here by hand (tiny vocabularies, numbers from `math`), never by calling the code
-under test a second time. The two-level race is recomputed from `philox4x32` and the noise formula of DESIGN §4.
+under test a second time. The two-level race is recomputed from `philox4x32` and the noise formula of
+docs/semantics.md §7.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def log_softmax(z) -> np.ndarray:
 
 
 def noise(r: np.ndarray) -> np.ndarray:
-    """DESIGN §4: E = -ln((r + 0.5) 2^-32) below 2^31, -log1p(-((~r) + 0.5) 2^-32) from 2^31 up."""
+    """docs/semantics.md §7: E = -ln((r + 0.5) 2^-32) below 2^31, -log1p(-((~r) + 0.5) 2^-32) from 2^31 up."""
     r = np.asarray(r, dtype=np.uint64)
     lo = -np.log((r.astype(np.float64) + 0.5) * 2.0**-32)
     hi = -np.log1p(-(((~r) & np.uint64(0xFFFFFFFF)).astype(np.float64) + 0.5) * 2.0**-32)
@@ -75,7 +76,7 @@ def words(seed: int, step: int, seq: int, stream: int, j: np.ndarray) -> np.ndar
 
 
 def race(z: np.ndarray, keep: np.ndarray, seed: int, step: int = 0, seq: int = 0) -> tuple[int, float, float]:
-    """DESIGN §3 F, written from the text: returns (token, tile margin, token margin)."""
+    """docs/semantics.md §3 F, written from the text: returns (token, tile margin, token margin)."""
     ids = np.nonzero(keep)[0]
     c = float(z[ids].max())
     tiles = sorted({int(i) // TILE for i in ids})
@@ -955,7 +956,8 @@ def test_diagnose_flags_a_truncation_boundary_and_not_a_clean_row():
 
 def test_diagnose_flags_race_near_ties():
     # two equal logits whose race scores differ by < 1e-4: seed 15954 is the first seed whose noise for ids 0 and 1
-    # (step 0, seq 0) nearly agrees (|ln E_0 - ln E_1| = 7.9e-5), found by scanning seeds with the noise of DESIGN §4
+    # (step 0, seq 0) nearly agrees (|ln E_0 - ln E_1| = 7.9e-5), found by scanning seeds with the noise of
+    # docs/semantics.md §7
     x = np.zeros((1, 2))
     seed = 15954
     e = noise(words(seed, 0, 0, 0, np.array([0, 1])))

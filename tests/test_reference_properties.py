@@ -1,4 +1,4 @@
-"""DESIGN §6 tier 3 (properties) and tier 2 (chi-square) for the numpy reference, with mixed per-row params."""
+"""Properties and chi-square tests for the numpy reference, with mixed per-row params."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Triton backend against the numpy reference (DESIGN §6): exact, batch invariance, invalid rows, half
+"""The Triton backend against the numpy reference (docs/semantics.md §8): exact, batch invariance, invalid rows, half
 precision inputs, and chi-square goodness of fit of the draw.
 
 Runs under ``TRITON_INTERPRET=1`` on the CPU (small shapes) and natively on CUDA. Shapes and the code path each

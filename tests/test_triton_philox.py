@@ -1,4 +1,4 @@
-"""Triton Philox4x32-10 and exponential noise (DESIGN §4) against the known answers and the numpy reference."""
+"""Triton Philox4x32-10 and exponential noise (docs/semantics.md §7) against the known answers and the reference."""
 
 from __future__ import annotations
 

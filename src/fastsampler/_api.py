@@ -150,7 +150,7 @@ def sample(
         ``prompt_mask`` / ``output_counts`` instead.
     steps, seqs : (batch_size,) ints, optional
         Tokens generated so far by each sequence, and the sample index within its request (default 0): the Philox
-        counter of DESIGN §4.
+        counter of docs/semantics.md §7.
     mirostat_mu : (batch_size,) floats, optional
         Mirostat state; default ``2 * mirostat_target``.
     vocab_size : int, optional

@@ -1,6 +1,6 @@
 """Benchmarks: ``python -m fastsampler.bench`` measures fastsampler against its peers on the device present.
 
-Modules: `scenarios` (the named parameter sets of DESIGN §7 and each case's inputs), `providers` (fastsampler's
+Modules: `scenarios` (the named parameter sets of docs/benchmarks.md and each case's inputs), `providers` (fastsampler's
 backends and the baselines), `validate` (the check every provider passes before it is timed), `timing` (CUDA events /
 host clock), `report` (table, summary, CSV, plot), `runner` (the loop). See ``docs/benchmarks.md``.
 """

@@ -6,7 +6,7 @@ Quick smoke run (CPU, well under a minute)::
 
     python -m fastsampler.bench --quick
 
-The DESIGN §7 grid on a GPU, bf16 only, two scenarios::
+The default grid on a GPU, bf16 only, two scenarios::
 
     python -m fastsampler.bench --dtypes bf16 --scenarios plain,full
 
@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastsampler-bench",
         description="Benchmark fastsampler's backends against a torch sort-based sampler, torch Hugging Face-style "
-                    "warpers, FlashInfer (when importable) and the numpy reference, on the scenarios of DESIGN §7. "
-                    "Every provider is checked against the reference distribution before it is timed.",
+                    "warpers, FlashInfer (when importable) and the numpy reference, on the scenarios of "
+                    "docs/benchmarks.md. Every provider is checked against the reference distribution before it is "
+                    "timed.",
     )
     p.add_argument("--scenarios", type=_names, default=None,  # 'overhead' also accepted: see main()
                    help=f"comma-separated, from {','.join(SCENARIOS)}, overhead (host cost of one step at B = 8, "

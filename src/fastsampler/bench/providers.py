@@ -26,8 +26,8 @@ Providers:
 ``numpy-ref``
     `fastsampler.reference` (numpy, float64), CPU only and capped to small cases: it is written for clarity.
 
-Both torch samplers cut with *value thresholds* (tokens tied at a boundary are kept together), as DESIGN §3 defines
-the kept set, so their distributions equal the reference's and the validity check can hold them to it.
+Both torch samplers cut with *value thresholds* (tokens tied at a boundary are kept together), as docs/semantics.md
+§3 E defines the kept set, so their distributions equal the reference's and the validity check can hold them to it.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def _bias_and_dense_penalties(x: torch.Tensor, inp: CaseInputs, *, repetition: b
 
 
 def _top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-    """Raw logprobs: the sampled token's, the top ``n`` and the rank (as DESIGN §3 defines them)."""
+    """Raw logprobs: the sampled token's, the top ``n`` and the rank (as docs/semantics.md §3 E defines them)."""
     lp = torch.log_softmax(logits.float(), dim=-1)
     tok_lp = lp.gather(1, tokens[:, None])
     top = lp.topk(n, dim=-1) if n > 0 else None

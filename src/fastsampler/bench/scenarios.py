@@ -1,4 +1,4 @@
-"""Named benchmark scenarios (DESIGN §7) and the inputs of one benchmark case.
+"""Named benchmark scenarios (docs/benchmarks.md) and the inputs of one benchmark case.
 
 A *case* is one (scenario, dtype, batch size, vocabulary size). Its inputs are several logits buffers of the same
 shape (timing rotates through them so caches do not flatter small cases) plus the per-row state a scenario needs:
@@ -80,8 +80,8 @@ SCENARIOS: dict[str, Scenario] = {
     )
 }
 
-# The timing benchmark's default grid (DESIGN §7); ``--scenarios`` accepts every name of `SCENARIOS`, and the GPU
-# cost model (``--model``) covers them all by default.
+# The timing benchmark's default grid (docs/benchmarks.md); ``--scenarios`` accepts every name of `SCENARIOS`, and the
+# GPU cost model (``--model``) covers them all by default.
 DEFAULT_SCENARIOS: tuple[str, ...] = ("plain", "topk_topp_minp", "full", "typical", "mirostat_v2", "greedy")
 MODEL_SCENARIOS: tuple[str, ...] = ("plain", "greedy", "topk_topp_minp", "top_p", "typical", "mirostat_v1",
                                     "mirostat_v2", "full")
