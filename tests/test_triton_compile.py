@@ -45,9 +45,9 @@ NOZ = dict(HAS_BIAS=False, HAS_COUNTS=False, HAS_PROMPT=False, HAS_ALLOWED=False
 SLOTZ = dict(ZFLAGS, SLOTS=True, HAS_TBM=True, BIAS_TABLE=True)
 SLOTNOZ = dict(NOZ, SLOTS=True)
 CASES = [  # every kernel, in the specialisations backend.py launches (CUDA knobs: CHUNK 1024, DIGIT_BITS 4)
-    ("stats._stats_kernel", dict(ZFLAGS, NEED_RAW=True, RACE=True, BLOCK=1024, CHUNK=1024)),
-    ("stats._stats_kernel", dict(NOZ, NEED_RAW=False, RACE=True, BLOCK=1024, CHUNK=1024)),
-    ("stats._stats_kernel", dict(ZFLAGS, NEED_RAW=False, RACE=False, BLOCK=1024, CHUNK=4096)),
+    ("stats._stats_kernel", dict(ZFLAGS, NEED_RAW=True, ARGMAX=True, BLOCK=1024, CHUNK=1024)),
+    ("stats._stats_kernel", dict(NOZ, NEED_RAW=False, ARGMAX=False, BLOCK=1024, CHUNK=1024)),
+    ("stats._stats_kernel", dict(ZFLAGS, NEED_RAW=False, ARGMAX=True, BLOCK=1024, CHUNK=4096)),
     ("stats._combine_kernel", dict(SLOTS=False, MINP=True, MIRO2=True, BT=128)),
     ("stats._combine_kernel", dict(SLOTS=False, MINP=False, MIRO2=False, BT=2)),
     ("stats._combine_kernel", dict(SLOTS=True, MINP=True, MIRO2=True, BT=128)),
@@ -62,26 +62,28 @@ CASES = [  # every kernel, in the specialisations backend.py launches (CUDA knob
     ("select._typical_kernel", dict(ZFLAGS, TYP_MK=True, DIGIT_BITS=4, BLOCK=256, BT=128)),
     ("select._typical_kernel", dict(NOZ, TYP_MK=False, DIGIT_BITS=4, BLOCK=256, BT=128)),
     ("mirostat._mirostat_v1_kernel", dict(ZFLAGS, DIGIT_BITS=4, SBLOCK=256, BLOCK=1024)),
-    ("draw._finish_kernel", dict(ZFLAGS, STATS=True, LOGPROBS=True, MIRO=True, UPDATE=False, LAST=True, SPLIT=4,
-                                 BT=128, BT_TILES=32, BN=32)),
-    ("draw._finish_kernel", dict(NOZ, STATS=True, LOGPROBS=False, MIRO=False, UPDATE=False, LAST=True, SPLIT=4,
-                                 BT=128, BT_TILES=32, BN=2)),
-    ("draw._finish_kernel", dict(ZFLAGS, STATS=False, LOGPROBS=True, MIRO=True, UPDATE=False, LAST=False, SPLIT=1,
-                                 BT=2, BT_TILES=2, BN=2)),
+    ("draw._finish_kernel", dict(ZFLAGS, STATS=True, LOGPROBS=True, MIRO=True, UPDATE=False, LAST=True, HAS_TYP=False,
+                                 RACE=True, SPLIT=4, TILE=4096, BLOCK=1024, BT=128, BT_TILES=32, BN=32)),
+    ("draw._finish_kernel", dict(NOZ, STATS=True, LOGPROBS=False, MIRO=False, UPDATE=False, LAST=True, HAS_TYP=False,
+                                 RACE=True, SPLIT=4, TILE=4096, BLOCK=1024, BT=128, BT_TILES=32, BN=2)),
+    ("draw._finish_kernel", dict(ZFLAGS, STATS=False, LOGPROBS=True, MIRO=True, UPDATE=False, LAST=False, HAS_TYP=True,
+                                 RACE=True, SPLIT=1, TILE=4096, BLOCK=1024, BT=2, BT_TILES=2, BN=2)),
+    ("draw._finish_kernel", dict(NOZ, STATS=True, LOGPROBS=False, MIRO=False, UPDATE=False, LAST=True, HAS_TYP=False,
+                                 RACE=False, SPLIT=4, TILE=4096, BLOCK=1024, BT=128, BT_TILES=32, BN=2)),  # greedy
     ("logprobs._logprobs_kernel", dict(ZFLAGS, HAS_TYP=True, DIGIT_BITS=4, SBLOCK=256, BLOCK=1024, K=32,
                                        UPDATE=False)),
     ("logprobs._logprobs_kernel", dict(NOZ, HAS_TYP=False, DIGIT_BITS=4, SBLOCK=256, BLOCK=1024, K=2,
                                        UPDATE=False)),
-    ("stats._stats_kernel", dict(SLOTZ, NEED_RAW=True, RACE=True, BLOCK=1024, CHUNK=1024)),
+    ("stats._stats_kernel", dict(SLOTZ, NEED_RAW=True, ARGMAX=True, BLOCK=1024, CHUNK=1024)),
     ("stats._kept_kernel", dict(SLOTZ, HAS_TYP=True, BLOCK=1024, CHUNK=1024)),
     ("select._select_kernel", dict(SLOTZ, STAGE=0, FOLD_MINP=False, DIGIT_BITS=4, BLOCK=256)),
     ("select._typical_kernel", dict(SLOTZ, TYP_MK=True, DIGIT_BITS=4, BLOCK=256, BT=128)),
     ("mirostat._mirostat_v1_kernel", dict(SLOTZ, DIGIT_BITS=4, SBLOCK=256, BLOCK=1024)),
     ("stats._entropy_kernel", dict(SLOTZ, BLOCK=1024, CHUNK=1024)),
-    ("draw._finish_kernel", dict(SLOTNOZ, STATS=True, LOGPROBS=False, MIRO=False, UPDATE=True, LAST=True, SPLIT=4,
-                                 BT=128, BT_TILES=32, BN=2)),
-    ("draw._finish_kernel", dict(SLOTZ, STATS=False, LOGPROBS=True, MIRO=True, UPDATE=True, LAST=False, SPLIT=1,
-                                 BT=2, BT_TILES=2, BN=2)),
+    ("draw._finish_kernel", dict(SLOTNOZ, STATS=True, LOGPROBS=False, MIRO=False, UPDATE=True, LAST=True, HAS_TYP=False,
+                                 RACE=True, SPLIT=4, TILE=4096, BLOCK=1024, BT=128, BT_TILES=32, BN=2)),
+    ("draw._finish_kernel", dict(SLOTZ, STATS=False, LOGPROBS=True, MIRO=True, UPDATE=True, LAST=False, HAS_TYP=True,
+                                 RACE=True, SPLIT=1, TILE=4096, BLOCK=1024, BT=2, BT_TILES=2, BN=2)),
     ("logprobs._logprobs_kernel", dict(SLOTZ, HAS_TYP=True, DIGIT_BITS=4, SBLOCK=256, BLOCK=1024, K=32,
                                        UPDATE=True)),
     ("probs._probs_kernel", dict(ZFLAGS, HAS_TYP=True, BLOCK=1024, CHUNK=1024)),
@@ -112,8 +114,10 @@ def _compile(name: str, constexprs: dict, logits_dtype: str) -> str:
         else:
             sig[arg] = "i32"
     try:
+        # the row passes run one warp per program on CUDA (backend._Ctx.ROW_WARPS)
+        options = {"num_warps": 1} if constexprs.get("CHUNK") else {}
         compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32))
+                                  target=GPUTarget("cuda", 90, 32), options=options)
     except Exception as e:  # noqa: BLE001 - reported to the parent process
         return f"{type(e).__name__}: {e}"
     return "" if "ptx" in compiled.asm else "no PTX produced"

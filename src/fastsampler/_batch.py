@@ -86,7 +86,11 @@ MAX_COLUMNS = (1 << 24) - 1
 
 @dataclass(frozen=True)
 class BatchFlags:
-    """What the rows of a batch use; known on the host from the params alone."""
+    """What the rows of a batch use; known on the host from the params alone.
+
+    A flag that is False is a promise the kernels rely on (they compile the feature out: no argmax without
+    ``any_greedy``, no token race with ``all_greedy``), so a caller that cannot tell must set the ``any_*`` flag and
+    leave ``all_greedy`` False."""
 
     any_greedy: bool = False
     all_greedy: bool = False

@@ -114,6 +114,8 @@ def _truncation_kept(
     i[:, I_TOP_K] = _column(top_k, b, dev, torch.int32, "top_k")
     i[:, I_MIN_KEEP] = _column(min_keep, b, dev, torch.int32, "min_keep").clamp_min(1)
     flags = BatchFlags(
+        # a temperature tensor may hold zeros: greedy rows possible (the kernels then also find the argmax)
+        any_greedy=not (isinstance(temperature, (int, float)) and temperature > 0),
         any_top_k=not (isinstance(top_k, int) and top_k <= 0),
         any_top_p=not (isinstance(top_p, (int, float)) and top_p >= 1.0),
         any_min_p=not (isinstance(min_p, (int, float)) and min_p <= 0.0),

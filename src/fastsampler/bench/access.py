@@ -7,6 +7,8 @@ analysis follows; nothing here lists the current kernels' arguments.
 
 Bytes of a launch (`launch_bytes`), default rule: every tensor argument the kernel loads is read once in full
 (``numel x element size``), every one it stores to is written once in full (arguments on one buffer count once).
+The source analysis does not see constexpr branches, so with a probe an argument the executed probe step never
+loaded nor stored counts 0 bytes: the probe runs the same specialisation, which compiled that access out.
 Kernels that read part of a tensor, or read it several times, have an explicit rule in `ACCESS_RULES`, the one table
 of per-kernel rules (documented in ``docs/benchmarks.md``). A rule applies to the per-id tensors `VOCAB_ARGS`
 (logits, output counts, prompt / allowed bitmasks: what a row pass reads per token id):
@@ -59,10 +61,12 @@ def _levels(a: Mapping[str, Any]) -> float:
     return 32 / max(1, int(a.get("DIGIT_BITS") or 4))
 
 
-def _few_ids(a: Mapping[str, Any]) -> float:
-    """Two ids of the row (the drawn token, read as a 2-lane block)."""
+def _one_tile(a: Mapping[str, Any]) -> float:
+    """One tile of the row (the token race over the winning tile, ``TILE`` ids; not for an all-greedy batch, which
+    compiles the race out) and the drawn token's two ids."""
     vc = max(1, int(a.get("VC") or a.get("V") or 1))
-    return min(1.0, 2 / vc)
+    tile = int(a.get("TILE") or 0) if a.get("RACE", True) else 0
+    return min(1.0, (tile + 2) / vc)
 
 
 # THE per-kernel access rules (keys: module relative to fastsampler.triton, then the kernel's name). A kernel not
@@ -70,8 +74,9 @@ def _few_ids(a: Mapping[str, Any]) -> float:
 # what its probe touched.
 ACCESS_RULES: dict[str, AccessRule] = {
     "draw._finish_kernel": AccessRule(
-        "per-id tensors: the drawn token's ids only (2 per row); chunk partials and row state in full",
-        id_fraction=_few_ids),
+        "per-id tensors: the winning tile (TILE ids, the token race) and the drawn token's 2 ids per row; chunk "
+        "partials and row state in full",
+        id_fraction=_one_tile),
     "select._select_kernel": AccessRule(
         "per-id tensors: once per radix level until the row's threshold is resolved (at most 32 / DIGIT_BITS); "
         "rows without the rule read nothing",
@@ -298,6 +303,10 @@ def launch_bytes(launch: TritonLaunch, probe: Mapping[str, Any] | None = None) -
         kinds = access.get(a.name, frozenset()) if access is not None else frozenset({"load"})
         r = a.nbytes if "load" in kinds else 0.0
         w = a.nbytes if "store" in kinds else 0.0
+        if probe is not None and a.name in probe["touched"] and not any(probe["touched"][a.name][2:4]):
+            # the source loads it under a constexpr branch this specialisation compiles out: the executed probe
+            # of the same case (same flags, same specialisation) never touched it
+            r = w = 0.0
         if a.name in rule.vocab_args:
             if use_probe and probe is not None:
                 t = probe["touched"].get(a.name, [0, 0, 0, 0])

@@ -16,16 +16,16 @@ the row (`penalties`: bias from the CSR, masks, penalties, temperature). Two kin
 
 The passes of a step, each only when some row needs it:
 
-1. `stats._stats_kernel` (row pass): max / log-normaliser of ``z`` (and of the raw logits for raw logprobs), argmax,
-   finite count, validity, per-chunk weights; without truncation also each chunk's token race winner (Philox once
-   per four ids, §7), so that the plain path reads the row exactly once;
-2. without truncation, `draw._finish_kernel` (per row) directly: row statistics, tile race (§3 F), token, the
-   token's logprob, Mirostat ``mu``, outputs. Plain and greedy steps: **2 launches**;
+1. `stats._stats_kernel` (row pass): max / log-normaliser of ``z`` (and of the raw logits for raw logprobs), argmax
+   (when some row is greedy), finite count, validity, per-chunk weights -- no random numbers;
+2. without truncation, `draw._finish_kernel` (per row) directly: row statistics, tile race (§3 F), then the token
+   race over the one winning tile (Philox once per four ids, §7: 4096 ids of the row read a second time), the
+   token's logprob, Mirostat ``mu``, outputs. Plain and greedy steps: **2 launches**, one full read of the row;
 3. with truncation (§3 E): `stats._combine_kernel` (per row: row statistics, min-p and Mirostat v2 thresholds, which
    need no select), then one `select._select_kernel` per rule that needs one (top-k; min_keep when combined with
    top-p / min-p; top-p), `mirostat._mirostat_v1_kernel` (top-100 select, gather, ``k`` in float64, ``k``-th select),
    `stats._entropy_kernel` + `select._typical_kernel` (typical-p), then `stats._kept_kernel` (row pass: kept-set
-   chunk weights and race winners) and `draw._finish_kernel`;
+   chunk weights) and `draw._finish_kernel`;
 4. `logprobs._logprobs_kernel` (per row) when some row wants logprobs: ranks and the top-N.
 
 Launches of the backend per step (tests/test_triton_launches.py; a `Sampler` step with a tensor of slots adds none:
@@ -136,9 +136,6 @@ class _Ctx:
         self.seqs = batch.seqs.contiguous()
         self.mu = batch.mirostat_mu.to(torch.float32).contiguous()
         self.truncation = fl.any_truncation
-        # no truncation: the stats pass is the only pass over the row and runs the token race (not needed when
-        # every row is greedy)
-        self.race_in_stats = not self.truncation and not fl.all_greedy
         # Mirostat versions present (flags built without them: assume both)
         either = not (fl.any_mirostat_v1 or fl.any_mirostat_v2)
         self.miro_v1 = fl.any_mirostat and (fl.any_mirostat_v1 or either)
@@ -218,8 +215,15 @@ class _Ctx:
 
     @property
     def BLOCK2(self) -> int:
-        """Of the race passes, whose (BLOCK2 / 4, 4) blocks hold four ids per Philox counter."""
+        """Of the token race in the finishing kernel, whose (BLOCK2 / 4, 4) blocks hold four ids per Philox
+        counter."""
         return max(16, self.BLOCK)
+
+    @property
+    def ROW_WARPS(self) -> int:
+        """Warps per program of the (B, NC) row passes: one on CUDA (32 ids per thread, warp-only reductions; see
+        `stats`), Triton's default elsewhere."""
+        return 4 if self.interp else 1
 
     @property
     def SBLOCK(self) -> int:

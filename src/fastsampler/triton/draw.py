@@ -1,12 +1,13 @@
 """Stage F and the step's outputs: the two-level exponential race of docs/semantics.md §3 F with the Philox noise
 of §7, in one program per row (`_finish_kernel`).
 
-The token race ran in the pass that last read the row (`stats._stats_kernel` for a batch without truncation,
-`stats._kept_kernel` otherwise): each chunk left its kept-set weight ``(max, sum)`` and its race winner (the argmax
-of ``z_i - ln E_i`` over its kept ids, ties to the lowest id). Here the chunk weights are combined per 4096-id tile
+The pass that last read the whole row (`stats._stats_kernel` for a batch without truncation, `stats._kept_kernel`
+otherwise) left each chunk's kept-set weight ``(max, sum)``. Here the chunk weights are combined per 4096-id tile
 into ``W_t``, the tile race ``argmax ln W_t - ln E'_t`` (stream-1 noise, ``j`` = tile index, ties to the lowest
-tile) picks ``t*``, and the token is the best chunk winner of ``t*`` (ties to the lowest chunk, i.e. the lowest id).
-Greedy rows take the argmax, invalid rows ``-1``.
+tile) picks ``t*``, and the token race ``argmax z_i - ln E_i`` (stream-0 noise, ties to the lowest id) runs over the
+kept ids of tile ``t*`` only: the program reads those 4096 ids again and recomputes their ``z`` and kept test as the
+row passes did. Per-token noise is drawn for one tile of the row, never for the whole row. Greedy rows take the
+argmax, invalid rows ``-1``.
 
 The same program writes the outputs that need no other pass: tokens, validity, the token's logprob, the updated
 Mirostat ``mu`` (docs/semantics.md §3 E, update), and the padding of ranks / top logprobs when the batch asks for
@@ -48,12 +49,13 @@ from .penalties import (
     RI_VALID,
     bias_lower_bound,
     block_z,
+    kept_mask,
     row_scalars,
     slot_row,
     update_slot_state,
 )
-from .philox import neg_log_exp_noise, philox_word, seed_key
-from .stats import LN2, P_IDX, P_M, P_S, P_SCORE, PF, PI, stats_combine
+from .philox import neg_log_exp_noise, philox_quads, philox_word, seed_key
+from .stats import LN2, P_M, P_S, PF, stats_combine
 
 _NF: tl.constexpr = tl.constexpr(NF)
 _NI: tl.constexpr = tl.constexpr(NI)
@@ -79,11 +81,8 @@ _RI_GID: tl.constexpr = tl.constexpr(RI_GID)
 _RI_TOKEN: tl.constexpr = tl.constexpr(RI_TOKEN)
 _RI_VALID: tl.constexpr = tl.constexpr(RI_VALID)
 _PF: tl.constexpr = tl.constexpr(PF)
-_PI: tl.constexpr = tl.constexpr(PI)
 _P_M: tl.constexpr = tl.constexpr(P_M)
 _P_S: tl.constexpr = tl.constexpr(P_S)
-_P_SCORE: tl.constexpr = tl.constexpr(P_SCORE)
-_P_IDX: tl.constexpr = tl.constexpr(P_IDX)
 _LN2: tl.constexpr = tl.constexpr(LN2)
 _BIG: tl.constexpr = tl.constexpr(2147483647)
 
@@ -105,7 +104,11 @@ def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
                    MIRO: tl.constexpr,  # some row uses Mirostat: update mu
                    UPDATE: tl.constexpr,  # write mu (and steps / counts when LAST) back to the slot tables
                    LAST: tl.constexpr,  # no logprobs kernel follows: this is the step's last read of the state
+                   HAS_TYP: tl.constexpr,  # some row uses typical-p: the kept test includes s <= s_thr
+                   RACE: tl.constexpr,  # some row samples: run the token race over the winning tile
                    SPLIT: tl.constexpr,  # chunks per tile (TILE / CHUNK)
+                   TILE: tl.constexpr,  # ids per tile of the draw (docs/semantics.md §3 F)
+                   BLOCK: tl.constexpr,  # ids per step of the token race, as (BLOCK / 4, 4) Philox quads
                    BT: tl.constexpr,  # power of two >= NC: every chunk in one block (STATS)
                    BT_TILES: tl.constexpr,  # power of two >= NT: every tile in one block
                    BN: tl.constexpr):  # power of two >= N: the top-logprob padding in one block
@@ -144,21 +147,43 @@ def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
     score = tl.where(live, mt + tl.log(tl.where(live, st, 1.0)) + neg_log_exp_noise(r), float("-inf"))
     best = tl.max(score, 0)
     tstar = tl.min(tl.where(live & (score == best), t, _BIG), 0)
-    # the token: the best chunk winner of tile t* (the chunk races ran with the same token noise, ties to the lowest
-    # chunk, so this is the argmax of z_i - ln E_i over the tile's kept ids, ties to the lowest id)
+    # the token race over the kept ids of tile t* alone (the only tile that needs per-token noise): argmax of
+    # z_i - ln E_i, ties to the lowest id; z is recomputed from the logits exactly as the row passes computed it
+    t_, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
+                                                     stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     sample = valid & (gid < 0) & (tstar < NT)
-    cs = tl.where(sample, tstar, 0) * SPLIT + tl.arange(0, SPLIT)
-    csm = tl.where(sample, cs < NC, False)  # (scalar & block masks are not bool in the interpreter)
-    sc = tl.load(part_f_ptr + (row * NC + cs) * _PF + _P_SCORE, mask=csm, other=float("-inf"))
-    si = tl.load(part_i_ptr + (row * NC + cs) * _PI + _P_IDX, mask=csm, other=_BIG)
-    sbest = tl.max(sc, 0)
-    tok = tl.min(tl.where(csm & (sc == sbest) & (sc > float("-inf")), si, _BIG), 0)
+    tbase = tl.where(sample, tstar, 0) * TILE
+    tn = tl.where(sample, tl.minimum(TILE, V - tbase), 0)  # ids >= V are never kept
+    tok = _BIG
+    if RACE:  # some row samples (an all-greedy batch compiles the token race out)
+        ep = blo
+        if HAS_BIAS:
+            ep = bias_lower_bound(bias_ids_ptr, blo, bhi, tbase)
+        R: tl.constexpr = BLOCK // 4
+        quad = tl.arange(0, R)[:, None] * 4 + tl.arange(0, 4)[None, :]  # row i: the four ids of one Philox counter
+        rbest = float("-inf")
+        for start in range(0, tn, BLOCK):
+            offs = tbase + start + quad
+            raw, z, b, ep = block_z(row, srow, offs, ep, tbase + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr,
+                                   allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c,
+                                   stride_p, stride_a, stride_m, stride_bt, V, VC, E,
+                                   t_, rep, freq, pres, ban, bhi,
+                                   HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
+            if STATS:
+                kl = (z > float("-inf")) & (offs < V)
+            else:
+                kl = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, HAS_TYP) & (offs < V)
+            words = philox_quads((tbase + start) // 4, step, seq, 0, k0, k1, R)
+            ksc = tl.where(kl, z + neg_log_exp_noise(words), float("-inf"))
+            bs = tl.max(tl.max(ksc, 1), 0)
+            bi = tl.min(tl.min(tl.where(kl & (ksc == bs), offs, _BIG), 1), 0)
+            better = bs > rbest  # ties keep the earlier block: the lowest id
+            tok = tl.where(better, bi, tok)
+            rbest = tl.where(better, bs, rbest)
     tok = tl.where(tok == _BIG, -1, tok)
     tok = tl.where(valid, tl.where(gid >= 0, gid, tok), -1)
     tl.store(rowi_ptr + row * _NRI + _RI_TOKEN, tok)
     # the drawn token's z and raw logit
-    t_, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                     stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     x0 = tl.where(tok >= 0, tok, 0)
     xo = x0 + tl.arange(0, 2)[None, :]  # a (1, 2) block: the token and its neighbour
     ep = blo
@@ -225,5 +250,6 @@ def finish(ctx, out) -> None:
                              *ctx.zsizes(), ctx.NT, n, **ctx.zflags(), STATS=not ctx.truncation,
                              LOGPROBS=ctx.flags.any_logprobs, MIRO=ctx.flags.any_mirostat,
                              UPDATE=ctx.update, LAST=not ctx.flags.any_logprobs,
-                             SPLIT=ctx.TILE // ctx.CHUNK, BT=ctx.BT, BT_TILES=ctx.BT_TILES,
+                             HAS_TYP=ctx.has_typ, RACE=not ctx.flags.all_greedy, SPLIT=ctx.TILE // ctx.CHUNK,
+                             TILE=ctx.TILE, BLOCK=ctx.BLOCK2, BT=ctx.BT, BT_TILES=ctx.BT_TILES,
                              BN=max(2, 1 << max(n - 1, 0).bit_length()))

@@ -84,12 +84,12 @@ def neg_log_exp_noise(r):
     lo = r < 0x80000000
     nr = (~r).to(tl.float32)
     u = (tl.where(lo, r.to(tl.float32), nr) + 0.5) * 2.3283064365386963e-10
-    e_lo = -tl.log(u)
     w = 1.0 - u
-    # log1p(-u) = log(w) * (-u) / (w - 1); when w rounds to 1, log1p(-u) = -u
-    l1p = tl.where(w == 1.0, -u, tl.log(w) * (-u) / tl.where(w == 1.0, -1.0, w - 1.0))
-    e_hi = -l1p
-    e = tl.where(lo, e_lo, e_hi)
+    # one logarithm serves both branches: ln u (r < 2^31) or ln w for log1p(-u) = ln(w) * (-u) / (w - 1); when w
+    # rounds to 1, log1p(-u) = -u
+    lg = tl.log(tl.where(lo, u, w))
+    l1p = tl.where(w == 1.0, -u, lg * (-u) / tl.where(w == 1.0, -1.0, w - 1.0))
+    e = tl.where(lo, -lg, -l1p)
     return -tl.log(e)
 
 

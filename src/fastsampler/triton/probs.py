@@ -118,7 +118,7 @@ def probs_pass(ctx, out) -> None:
     """Write each row's drawing distribution into ``out`` (B, VC) float32."""
     _probs_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.rowf, ctx.rowi, out, *ctx.zstrides(), out.stride(0),
                                    *ctx.zsizes_row(), **ctx.zflags(), HAS_TYP=ctx.has_typ, BLOCK=ctx.BLOCK,
-                                   CHUNK=ctx.CHUNK)
+                                   CHUNK=ctx.CHUNK, num_warps=ctx.ROW_WARPS)
 
 
 def kept_mask_pass(ctx, out) -> None:
@@ -126,4 +126,4 @@ def kept_mask_pass(ctx, out) -> None:
     padding columns: 0)."""
     _kept_mask_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.rowf, ctx.rowi, out, *ctx.zstrides(), out.stride(0),
                                        *ctx.zsizes_row(), **ctx.zflags(), HAS_TYP=ctx.has_typ, BLOCK=ctx.BLOCK,
-                                       CHUNK=ctx.CHUNK)
+                                       CHUNK=ctx.CHUNK, num_warps=ctx.ROW_WARPS)

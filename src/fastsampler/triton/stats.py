@@ -1,17 +1,22 @@
 """Row passes over ``(B, NC)`` grids (one program per chunk of ``CHUNK`` ids, a power-of-two part of the 4096-id tile
 of the draw: 1024 on CUDA whatever the batch size) and the per-row combine of their partial results.
 
-- `_stats_kernel` reads the row once: max / log-normaliser of ``z`` (and of the raw logits for raw logprobs),
-  argmax, finite count, invalid inputs, and -- for a batch without truncation -- each chunk's token race winner
-  (docs/semantics.md §3 F), so that such a batch needs no other pass over the row;
+- `_stats_kernel` reads the row once: max / log-normaliser of ``z`` (and of the raw logits for raw logprobs), the
+  argmax (when some row is greedy), finite count, invalid inputs. Its per-chunk weights are also the tile weights of
+  the draw for a batch without truncation, so such a batch needs no other pass over the whole row: the token race
+  runs in `draw._finish_kernel` over the one tile the tile race picks (docs/semantics.md §3 F);
 - `_combine_kernel` (one program per row) turns the chunk partials into the row statistics and the thresholds that
   need no select (min-p without min_keep, Mirostat v2, §3 E);
 - `_entropy_kernel`: max / sum / entropy sum of the typical-p survivors;
-- `_kept_kernel`: per-chunk weights of the kept set and each chunk's token race winner over it.
+- `_kept_kernel`: per-chunk weights of the kept set (the tile weights of the draw after truncation).
 
 Per-chunk partials live in ``part_f`` (B, NC, PF) float32 and ``part_i`` (B, NC, PI) int32 (slots ``P*`` below)
-and are combined in a fixed order by one program per row, so a row's result never depends on the batch. The race
-passes work on ``(BLOCK / 4, 4)`` blocks: row ``i`` of a block holds the four ids of one Philox counter (§7).
+and are combined in a fixed order by one program per row, so a row's result never depends on the batch. The row
+passes compute no random numbers: per-id noise is needed only in the winning tile.
+
+On CUDA the row passes run one warp per program (``ROW_WARPS``): each thread then holds 32 of the chunk's 1024 ids,
+so the block reductions (max, sum, counts) are mostly in-thread adds and shuffles, with no shared memory or barrier,
+and a program's fixed work (row scalars, partial stores) is spread over 32 ids per thread instead of 8.
 """
 
 from __future__ import annotations
@@ -44,14 +49,13 @@ from .penalties import (
     row_scalars,
     slot_row,
 )
-from .philox import neg_log_exp_noise, philox_quads, seed_key
 
-# partial-result slots per chunk: float (max, sum exp(x - max), raw max | entropy sum, raw sum, race score) and int
-# (argmax, finite count, invalid count, race winner)
-PF, PI = 5, 4
-P_M, P_S, P_RM, P_RS, P_SCORE = range(5)
+# partial-result slots per chunk: float (max, sum exp(x - max), raw max | entropy sum, raw sum) and int (argmax,
+# finite count, invalid count)
+PF, PI = 4, 3
+P_M, P_S, P_RM, P_RS = range(4)
 P_W = P_RM
-P_AMAX, P_NFIN, P_BAD, P_IDX = range(4)
+P_AMAX, P_NFIN, P_BAD = range(3)
 
 LN2 = 0.6931471805599453
 
@@ -68,11 +72,9 @@ _P_S: tl.constexpr = tl.constexpr(P_S)
 _P_RM: tl.constexpr = tl.constexpr(P_RM)
 _P_RS: tl.constexpr = tl.constexpr(P_RS)
 _P_W: tl.constexpr = tl.constexpr(P_W)
-_P_SCORE: tl.constexpr = tl.constexpr(P_SCORE)
 _P_AMAX: tl.constexpr = tl.constexpr(P_AMAX)
 _P_NFIN: tl.constexpr = tl.constexpr(P_NFIN)
 _P_BAD: tl.constexpr = tl.constexpr(P_BAD)
-_P_IDX: tl.constexpr = tl.constexpr(P_IDX)
 _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
 _RF_M: tl.constexpr = tl.constexpr(RF_M)
@@ -95,45 +97,17 @@ _BIG: tl.constexpr = tl.constexpr(2147483647)
 
 
 @triton.jit
-def _max2(x):
-    return tl.max(tl.max(x, 1), 0)
-
-
-@triton.jit
-def _min2(x):
-    return tl.min(tl.min(x, 1), 0)
-
-
-@triton.jit
-def _sum2(x):
-    return tl.sum(tl.sum(x, 1), 0)
-
-
-@triton.jit
-def _online_lse2(m, s, x):
-    """Fold the 2-D block ``x`` into the running (max, sum of exp(x - max)); -inf safe."""
-    nm = tl.maximum(m, _max2(x))
+def _online_lse(m, s, x):
+    """Fold the block ``x`` into the running (max, sum of exp(x - max)); -inf safe."""
+    nm = tl.maximum(m, tl.max(x, 0))
     safe = tl.where(nm == float("-inf"), 0.0, nm)
-    s = s * tl.exp(m - safe) + _sum2(tl.exp(x - safe))
+    s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
     return nm, s
 
 
 @triton.jit
-def _race2(offs, zk, step, seq, k0, k1, first, R: tl.constexpr):
-    """Best token-race score ``z_i - ln E_i`` of a 2-D block over the ids with finite ``zk`` and the lowest id
-    reaching it (docs/semantics.md §3 F, stream-0 noise of §7); ``first`` is the block's first Philox counter."""
-    r = philox_quads(first, step, seq, 0, k0, k1, R)
-    live = zk > float("-inf")
-    sc = tl.where(live, zk + neg_log_exp_noise(r), float("-inf"))
-    best = _max2(sc)
-    idx = _min2(tl.where(live & (sc == best), offs, _BIG))
-    return best, idx
-
-
-@triton.jit
 def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                  bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, seeds_ptr, seqs_ptr, part_f_ptr,
-                  part_i_ptr,
+                  bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, part_f_ptr, part_i_ptr,
                   stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
                   V, VC, E, NC,
                   HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
@@ -142,8 +116,9 @@ def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
                   HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                   BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                   NEED_RAW: tl.constexpr,  # some row wants raw logprobs: also reduce the raw logits
-                  RACE: tl.constexpr,  # no truncation in the batch: run each chunk's token race here (§3 F)
-                  BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step (>= 16); ids per program
+                  ARGMAX: tl.constexpr,  # some row is greedy: also find the argmax
+                  LSE: tl.constexpr,  # the log-normaliser is needed (not for an all-greedy batch without logprobs)
+                  BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
     row = tl.program_id(0).to(tl.int64)
     srow = slot_row(row, slot_ptr, SLOTS)
     chunk = tl.program_id(1)
@@ -154,52 +129,41 @@ def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
     ep = blo
     if HAS_BIAS:
         ep = bias_lower_bound(bias_ids_ptr, blo, bhi, base)
-    k0, k1 = seed_key(tl.load(seeds_ptr + srow))
-    step = (tl.load(steps_ptr + srow) & 0xFFFFFFFF).to(tl.uint32)
-    seq = (tl.load(seqs_ptr + srow) & 0xFFFFFFFF).to(tl.uint32)
-    R: tl.constexpr = BLOCK // 4
-    quad = tl.arange(0, R)[:, None] * 4 + tl.arange(0, 4)[None, :]
     m = float("-inf")
     s = 0.0
     rm = float("-inf")
     rs = 0.0
     amax = _BIG
-    nfin = 0
-    bad = 0
-    rbest = float("-inf")
-    ridx = _BIG
+    nfb = 0  # finite count + (invalid count << 16): one reduction for both (a chunk has at most 4096 ids)
     for start in range(0, n, BLOCK):
-        offs = base + start + quad
+        offs = base + start + tl.arange(0, BLOCK)
         raw, z, b, ep = block_z(row, srow, offs, ep, base + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr,
                                allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c,
                                stride_p, stride_a, stride_m, stride_bt, V, VC,
                                E, t, rep, freq, pres, ban, bhi,
                                HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
         zf = tl.where(b, float("-inf"), z)
-        bm = _max2(zf)
-        bidx = _min2(tl.where((zf == bm) & (zf > float("-inf")), offs, _BIG))
-        amax = tl.where(bm > m, bidx, amax)
-        m, s = _online_lse2(m, s, zf)
-        nfin += _sum2((zf > float("-inf")).to(tl.int32))
-        bad += _sum2(b.to(tl.int32))
+        bm = tl.max(zf, 0)
+        if ARGMAX:
+            # a chunk whose ids are all -inf reports its first id: it is never the argmax of a valid row
+            bidx = tl.min(tl.where(zf == bm, offs, _BIG), 0)
+            amax = tl.where(bm > m, bidx, amax)
+        if LSE:
+            m, s = _online_lse(m, s, zf)
+        else:
+            m = tl.maximum(m, bm)
+        nfb += tl.sum((zf > float("-inf")).to(tl.int32) + (b.to(tl.int32) << 16), 0)
         if NEED_RAW:
-            rm, rs = _online_lse2(rm, rs, tl.where(b, float("-inf"), raw))
-        if RACE:
-            sb, si = _race2(offs, zf, step, seq, k0, k1, (base + start) // 4, R)
-            better = sb > rbest  # ties keep the earlier block: the lowest id
-            ridx = tl.where(better, si, ridx)
-            rbest = tl.where(better, sb, rbest)
+            rm, rs = _online_lse(rm, rs, tl.where(b, float("-inf"), raw))
     o = part_f_ptr + (row * NC + chunk) * _PF
     tl.store(o + _P_M, m)
     tl.store(o + _P_S, s)
     tl.store(o + _P_RM, rm)
     tl.store(o + _P_RS, rs)
-    tl.store(o + _P_SCORE, rbest)
     oi = part_i_ptr + (row * NC + chunk) * _PI
     tl.store(oi + _P_AMAX, amax)
-    tl.store(oi + _P_NFIN, nfin)
-    tl.store(oi + _P_BAD, bad)
-    tl.store(oi + _P_IDX, ridx)
+    tl.store(oi + _P_NFIN, nfb & 0xFFFF)
+    tl.store(oi + _P_BAD, nfb >> 16)
 
 
 @triton.jit
@@ -333,8 +297,7 @@ def _entropy_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
 
 @triton.jit
 def _kept_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                 bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, seeds_ptr, seqs_ptr, rowf_ptr, rowi_ptr,
-                 part_f_ptr, part_i_ptr,
+                 bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, rowf_ptr, rowi_ptr, part_f_ptr,
                  stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
                  V, VC, E, NC,
                  HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
@@ -343,7 +306,7 @@ def _kept_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_p
                  HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                  BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                  HAS_TYP: tl.constexpr,  # some row uses typical-p: the kept test includes s <= s_thr
-                 BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step (>= 16); ids per program
+                 BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
     row = tl.program_id(0).to(tl.int64)
     srow = slot_row(row, slot_ptr, SLOTS)
     chunk = tl.program_id(1)
@@ -356,41 +319,28 @@ def _kept_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_p
     ep = blo
     if HAS_BIAS:
         ep = bias_lower_bound(bias_ids_ptr, blo, bhi, base)
-    k0, k1 = seed_key(tl.load(seeds_ptr + srow))
-    step = (tl.load(steps_ptr + srow) & 0xFFFFFFFF).to(tl.uint32)
-    seq = (tl.load(seqs_ptr + srow) & 0xFFFFFFFF).to(tl.uint32)
-    R: tl.constexpr = BLOCK // 4
-    quad = tl.arange(0, R)[:, None] * 4 + tl.arange(0, 4)[None, :]
     m = float("-inf")
     s = 0.0
-    rbest = float("-inf")
-    ridx = _BIG
     for start in range(0, n, BLOCK):
-        offs = base + start + quad
+        offs = base + start + tl.arange(0, BLOCK)
         raw, z, b, ep = block_z(row, srow, offs, ep, base + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr,
                                allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c,
                                stride_p, stride_a, stride_m, stride_bt, V, VC,
                                E, t, rep, freq, pres, ban, bhi,
                                HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
         keep = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, HAS_TYP) & (offs < V)
-        zk = tl.where(keep, z, float("-inf"))
-        m, s = _online_lse2(m, s, zk)
-        sb, si = _race2(offs, zk, step, seq, k0, k1, (base + start) // 4, R)
-        better = sb > rbest  # ties keep the earlier block: the lowest id
-        ridx = tl.where(better, si, ridx)
-        rbest = tl.where(better, sb, rbest)
+        m, s = _online_lse(m, s, tl.where(keep, z, float("-inf")))
     o = part_f_ptr + (row * NC + chunk) * _PF
     tl.store(o + _P_M, m)
     tl.store(o + _P_S, s)
-    tl.store(o + _P_SCORE, rbest)
-    tl.store(part_i_ptr + (row * NC + chunk) * _PI + _P_IDX, ridx)
 
 
 def stats_pass(ctx) -> None:
     """`_stats_kernel` over every chunk of every row: the chunk partials of ``ctx.part_f`` / ``ctx.part_i``."""
-    _stats_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.seeds, ctx.seqs, ctx.part_f, ctx.part_i, *ctx.zstrides(),
-                                   *ctx.zsizes(), **ctx.zflags(), NEED_RAW=ctx.need_raw, RACE=ctx.race_in_stats,
-                                   BLOCK=ctx.BLOCK2, CHUNK=ctx.CHUNK)
+    _stats_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.part_f, ctx.part_i, *ctx.zstrides(), *ctx.zsizes(),
+                                   **ctx.zflags(), NEED_RAW=ctx.need_raw, ARGMAX=ctx.flags.any_greedy,
+                                   LSE=not (ctx.flags.all_greedy and not ctx.flags.any_logprobs),
+                                   BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK, num_warps=ctx.ROW_WARPS)
 
 
 def combine_pass(ctx, minp: bool) -> None:
@@ -404,11 +354,11 @@ def combine_pass(ctx, minp: bool) -> None:
 def entropy_pass(ctx) -> None:
     """Per-chunk (max, sum, entropy sum) of the typical-p survivors ``z >= zlo`` into ``ctx.part_f``."""
     _entropy_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.rowf, ctx.rowi, ctx.part_f, *ctx.zstrides(), *ctx.zsizes(),
-                                     **ctx.zflags(), BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK)
+                                     **ctx.zflags(), BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK, num_warps=ctx.ROW_WARPS)
 
 
 def kept_pass(ctx) -> None:
-    """Per-chunk kept-set weights and token race winners of every sampled row into ``ctx.part_f`` / ``part_i``."""
-    _kept_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.seeds, ctx.seqs, ctx.rowf, ctx.rowi, ctx.part_f, ctx.part_i,
-                                  *ctx.zstrides(), *ctx.zsizes(), **ctx.zflags(), HAS_TYP=ctx.has_typ,
-                                  BLOCK=ctx.BLOCK2, CHUNK=ctx.CHUNK)
+    """Per-chunk kept-set weights of every sampled row into ``ctx.part_f``."""
+    _kept_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.rowf, ctx.rowi, ctx.part_f, *ctx.zstrides(), *ctx.zsizes(),
+                                  **ctx.zflags(), HAS_TYP=ctx.has_typ, BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK,
+                                  num_warps=ctx.ROW_WARPS)
