@@ -491,4 +491,33 @@ PYBIND11_MODULE(_C, m) {
       },
       "-ln E of the 64 variates j = 4 * c0base .. 4 * c0base + 63 (float32 vector path), for "
       "tests.");
+  m.def(
+      "neg_log_noise_bound",
+      [](py::array_t<uint32_t, py::array::c_style | py::array::forcecast> words) {
+        const int64_t n = words.size();
+        py::array_t<float> noise(n), bound(n);
+        py::array_t<double> bound64(n);
+        const uint32_t* w = words.data();
+        float* pn = noise.mutable_data();
+        float* pb = bound.mutable_data();
+        double* pd = bound64.mutable_data();
+        for (int64_t i = 0; i < n; i += fs::simd::kLanes) {
+          alignas(64) uint32_t buf[fs::simd::kLanes] = {0};
+          alignas(64) float o1[fs::simd::kLanes], o2[fs::simd::kLanes];
+          const int64_t m = std::min<int64_t>(fs::simd::kLanes, n - i);
+          for (int64_t l = 0; l < m; ++l) buf[l] = w[i + l];
+          const fs::simd::vu v = fs::simd::uload(buf);
+          fs::simd::store(o1, fs::neg_log_noise16(v));
+          fs::simd::store(o2, fs::neg_log_noise_bound16(v));
+          for (int64_t l = 0; l < m; ++l) {
+            pn[i + l] = o1[l];
+            pb[i + l] = o2[l];
+            pd[i + l] = fs::neg_log_noise_bound(w[i + l]);
+          }
+        }
+        return py::make_tuple(noise, bound, bound64);
+      },
+      py::arg("words"),
+      "(-ln E float32 vector path, its bound float32 vector path, the bound float64) of each "
+      "32-bit word, for tests.");
 }
