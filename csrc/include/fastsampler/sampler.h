@@ -1003,11 +1003,11 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
     } else {
       // short rows have too few tile lane maxima for a useful bound (with as many maxima as
       // head_k, their smallest lets most of the row through the filter): take lane maxima of
-      // smaller groups of vectors instead, at least 2 head_k of them, so only about 1.4 head_k
-      // elements pass
-      alignas(64) float gmax[2 * (2 * kHead / kLanes + 1) * kLanes];
+      // smaller groups of vectors instead, at least 4 head_k of them, so that only about
+      // 1.2 head_k elements pass (1.4 head_k with 2 head_k maxima)
+      alignas(64) float gmax[2 * (4 * kHead / kLanes + 1) * kLanes];
       const int64_t nvec = vp / kLanes;
-      const int64_t want = (2 * head_k + kLanes - 1) / kLanes;
+      const int64_t want = (4 * head_k + kLanes - 1) / kLanes;
       const int64_t gv = std::max<int64_t>(1, nvec / want);
       int64_t ng = 0;
       for (int64_t g0 = 0; g0 < nvec; g0 += gv, ++ng) {
