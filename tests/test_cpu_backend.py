@@ -25,6 +25,7 @@ from backend_checks import NearTieWarning, check_against_reference
 from fastsampler import SamplingParams
 from fastsampler import cpu as fcpu
 from fastsampler.reference import token_noise
+from fastsampler.reference.philox import exp_noise
 from strategies import as_f32, batches
 
 pytestmark = pytest.mark.skipif(not fcpu.is_available()[0], reason=fcpu.is_available()[1])
@@ -59,6 +60,37 @@ def test_vector_noise_matches_reference(seed, step, seq, base):
     ids = np.arange(4 * base, 4 * base + 64)
     want = -np.log(token_noise(seed, step, seq, ids))
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+
+
+def _bound_words() -> np.ndarray:
+    """Both branch ends, every power-of-two step of the complement (where the bound's exponent changes) and random
+    words."""
+    c = np.concatenate([[0], 2 ** np.arange(31, dtype=np.uint64), 2 ** np.arange(1, 32, dtype=np.uint64) - 1])
+    c = c[c < 2**31]
+    top = (0xFFFFFFFF - c).astype(np.uint32)  # r >= 2^31 with complement c
+    low = np.array([0, 1, 2**30, 2**31 - 2, 2**31 - 1], dtype=np.uint32)
+    rnd = np.random.default_rng(5).integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32)
+    return np.concatenate([top, low, rnd])
+
+
+def test_noise_bound_covers_noise():
+    """The token race skips a token whose bound on -ln E (from its word, no logarithm) puts it below the best score:
+    the bound must hold for the float32 vector noise and the float64 noise of every word, and stay close to it
+    above 2^31 (within ln 2 from the exponent, plus ln(2 ln 2) from E >= 1 - u at u = 1/2; below 2^31, where -ln E
+    lies in [-3.14, 0.37], it is the constant 0.37), or the pruning would stop paying."""
+    from fastsampler import _C
+
+    words = _bound_words()
+    noise32, bound32, bound64 = _C.neg_log_noise_bound(words)
+    exact = -np.log(exp_noise(words))
+    assert np.all(bound32.astype(np.float64) >= noise32), words[bound32 < noise32][:5]
+    assert np.all(bound64 >= exact), words[bound64 < exact][:5]
+    hi = words >= 2**31
+    assert np.all(bound64[hi] - exact[hi] <= math.log(4 * math.log(2)) + 2e-3)
+    assert np.all(bound64[~hi] - exact[~hi] <= 3.6)
+    # the vector path takes the exponent of float(~r), which rounds up to the next power of two for a few words
+    assert np.all(bound32[hi].astype(np.float64) - noise32[hi] <= math.log(4 * math.log(2)) + 2e-3)
+
 
 
 # ------------------------------------------------------------------------------------------------ exact

@@ -333,3 +333,51 @@ def test_l_over_t_below_float32_range_matches_reference(row):
     assert int(fcpu.sample_packed(b).tokens[0]) == int(fastsampler.reference.sample(x, p).tokens[0])
     np.testing.assert_allclose(fcpu.sampling_probs_packed(b).numpy(), fastsampler.reference.sampling_probs(x, p),
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["processed", "raw"])
+def test_signed_zero_ties_ordered_by_id(mode):
+    """-0.0 and +0.0 are one value: top-k keeps both, and top logprobs order them by id. The small selections
+    (top-k head, top-N) are ranked branch-free on (value, id); they must read -0 == +0 as the comparison order does."""
+    vocab = 100
+    x = np.full((2, vocab), -5.0, dtype=np.float32)
+    x[:, 10:50:2] = -0.0
+    x[:, 11:50:2] = 0.0
+    x[1, 60] = 0.0
+    params = [SamplingParams(seed=3, top_k=30, logprobs=True, top_logprobs=20, logprobs_mode=mode),
+              SamplingParams(seed=4, top_k=3, logprobs=True, top_logprobs=20, logprobs_mode=mode)]
+    out = fastsampler.sample(torch.from_numpy(x), params, backend="cpu")
+    assert out.top_logprob_ids[0].tolist() == list(range(10, 30))
+    assert out.top_logprob_ids[1].tolist() == list(range(10, 30))
+    assert 10 <= out.tokens[0].item() < 50 and 10 <= out.tokens[1].item() < 61
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NearTieWarning)
+        check_against_reference("cpu", torch.from_numpy(x), params)
+
+
+def test_advance_arrays_updates_and_checks():
+    """`fastsampler.cpu.advance_arrays`, a Sampler step's state update: valid rows step and count (saturating),
+    every row stores its mu; a slot or token outside the state raises before anything is written."""
+    steps = np.array([5, 7, 9], dtype=np.int64)
+    mu = np.zeros(3, dtype=np.float32)
+    counts = np.zeros((3, 4), dtype=np.int16)
+    counts[0, 2] = 32767
+    slots = np.array([2, 0], dtype=np.int64)
+    fcpu.advance_arrays(steps, mu, counts, slots, np.array([1, 2]), np.array([True, True]),
+                        np.array([1.5, 2.5], dtype=np.float32))
+    assert steps.tolist() == [6, 7, 10] and mu.tolist() == [2.5, 0.0, 1.5]
+    assert counts[2].tolist() == [0, 1, 0, 0] and counts[0, 2] == 32767
+    fcpu.advance_arrays(steps, mu, counts, slots, np.array([-1, 3]), np.array([False, True]),
+                        np.array([3.0, 4.0], dtype=np.float32))
+    assert steps.tolist() == [7, 7, 10] and mu.tolist() == [4.0, 0.0, 3.0] and counts[0, 3] == 1
+    before = (steps.copy(), mu.copy(), counts.copy())
+    with pytest.raises(ValueError, match=r"slots holds 3, outside \[0, 3\)"):
+        fcpu.advance_arrays(steps, mu, counts, np.array([0, 3]), np.array([0, 0]), np.array([True, True]),
+                            np.zeros(2, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"tokens holds 4, outside \[0, 4\)"):
+        fcpu.advance_arrays(steps, mu, counts, slots, np.array([0, 4]), np.array([True, True]),
+                            np.zeros(2, dtype=np.float32))
+    with pytest.raises(ValueError, match="counts must be int16"):
+        fcpu.advance_arrays(steps, mu, counts.astype(np.int32), slots, np.array([0, 0]), np.array([True, True]),
+                            np.zeros(2, dtype=np.float32))
+    assert all(np.array_equal(a, b) for a, b in zip(before, (steps, mu, counts), strict=True))

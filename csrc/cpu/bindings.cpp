@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -55,25 +56,29 @@ py::array as_array(const py::object& o, const char* name) {
 
 // 1-D / 2-D C-contiguous array of the given dtype and (optionally) exact shape (-1: any).
 py::array check(const py::object& o, const char* name, char kind, int itemsize, const char* dname,
-                std::vector<int64_t> shape, bool contiguous = true) {
+                const std::vector<int64_t>& shape, bool contiguous = true) {
   py::array a = as_array(o, name);
-  std::ostringstream want;
-  want << "(";
-  for (size_t i = 0; i < shape.size(); ++i) {
-    want << (i ? ", " : "");
-    if (shape[i] < 0)
-      want << "*";
-    else
-      want << shape[i];
-  }
-  if (shape.size() == 1) want << ",";
-  want << ")";
+  // the expected shape as text, built only for an error message (this runs on every call)
+  auto want = [&shape]() {
+    std::ostringstream w;
+    w << "(";
+    for (size_t i = 0; i < shape.size(); ++i) {
+      w << (i ? ", " : "");
+      if (shape[i] < 0)
+        w << "*";
+      else
+        w << shape[i];
+    }
+    if (shape.size() == 1) w << ",";
+    w << ")";
+    return w.str();
+  };
   if (!dtype_is(a, kind, itemsize))
-    fail(std::string(name) + " must be " + dname + " of shape " + want.str() + ", got " +
+    fail(std::string(name) + " must be " + dname + " of shape " + want() + ", got " +
          dtype_str(a) + " " + shape_str(a));
   bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
   for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(i) == shape[i];
-  if (!ok) fail(std::string(name) + " must have shape " + want.str() + ", got " + shape_str(a));
+  if (!ok) fail(std::string(name) + " must have shape " + want() + ", got " + shape_str(a));
   if (contiguous && !(a.flags() & py::array::c_style))
     fail(std::string(name) +
          " must be C-contiguous (call .contiguous() / np.ascontiguousarray), got strides " +
@@ -169,28 +174,28 @@ Inputs parse(py::object logits_o, const std::string& dtype, int64_t vocab, py::o
   for (int64_t r = 0; r < B; ++r) {
     const float* f = a.fparams + r * fs::NF;
     const int32_t* i = a.iparams + r * fs::NI;
-    const std::string row = " of row " + std::to_string(r);
+    auto row = [r]() { return " of row " + std::to_string(r); };  // for error messages only
     if (!(f[fs::F_TEMPERATURE] >= 0.0f) || std::isinf(f[fs::F_TEMPERATURE]))
-      fail("temperature" + row + " must be finite and >= 0, got " +
+      fail("temperature" + row() + " must be finite and >= 0, got " +
            std::to_string(f[fs::F_TEMPERATURE]));
     if (!(f[fs::F_TOP_P] > 0.0f && f[fs::F_TOP_P] <= 1.0f))
-      fail("top_p" + row + " must be in (0, 1], got " + std::to_string(f[fs::F_TOP_P]));
+      fail("top_p" + row() + " must be in (0, 1], got " + std::to_string(f[fs::F_TOP_P]));
     if (!(f[fs::F_MIN_P] >= 0.0f && f[fs::F_MIN_P] <= 1.0f))
-      fail("min_p" + row + " must be in [0, 1], got " + std::to_string(f[fs::F_MIN_P]));
+      fail("min_p" + row() + " must be in [0, 1], got " + std::to_string(f[fs::F_MIN_P]));
     if (!(f[fs::F_TYPICAL_P] > 0.0f && f[fs::F_TYPICAL_P] <= 1.0f))
-      fail("typical_p" + row + " must be in (0, 1], got " + std::to_string(f[fs::F_TYPICAL_P]));
+      fail("typical_p" + row() + " must be in (0, 1], got " + std::to_string(f[fs::F_TYPICAL_P]));
     if (!(f[fs::F_REP] > 0.0f) || std::isinf(f[fs::F_REP]))
-      fail("repetition_penalty" + row + " must be finite and > 0, got " +
+      fail("repetition_penalty" + row() + " must be finite and > 0, got " +
            std::to_string(f[fs::F_REP]));
     if (!std::isfinite(f[fs::F_FREQ]) || !std::isfinite(f[fs::F_PRES]))
-      fail("frequency_penalty / presence_penalty" + row + " must be finite");
+      fail("frequency_penalty / presence_penalty" + row() + " must be finite");
     if (i[fs::I_MIRO_MODE] < 0 || i[fs::I_MIRO_MODE] > 2)
-      fail("mirostat_mode" + row + " must be 0, 1 or 2, got " + std::to_string(i[fs::I_MIRO_MODE]));
+      fail("mirostat_mode" + row() + " must be 0, 1 or 2, got " + std::to_string(i[fs::I_MIRO_MODE]));
     if (i[fs::I_LOGPROBS_MODE] < 0 || i[fs::I_LOGPROBS_MODE] > 2)
-      fail("logprobs_mode" + row + " must be 0 (raw), 1 (processed) or 2 (final), got " +
+      fail("logprobs_mode" + row() + " must be 0 (raw), 1 (processed) or 2 (final), got " +
            std::to_string(i[fs::I_LOGPROBS_MODE]));
     if (i[fs::I_TOP_LOGPROBS] < 0 || i[fs::I_TOP_LOGPROBS] > n_top)
-      fail("top_logprobs" + row + " must be in [0, n_top=" + std::to_string(n_top) + "], got " +
+      fail("top_logprobs" + row() + " must be in [0, n_top=" + std::to_string(n_top) + "], got " +
            std::to_string(i[fs::I_TOP_LOGPROBS]));
   }
   const int64_t W = (vocab + 31) / 32;
@@ -411,6 +416,45 @@ py::array_t<bool> kept_mask(py::object logits, const std::string& dtype, int64_t
   return kept;
 }
 
+// A Sampler step's state update on its host arrays, in place (slots distinct): steps[s] += valid[r],
+// mu[s] = mu_out[r], counts[s, token[r]] += 1 up to 32767 for valid rows, with s = slots[r]. One call
+// instead of six numpy operations per step.
+void advance_state(py::object steps_o, py::object mu_o, py::object counts_o, py::object slots_o,
+                   py::object tokens_o, py::object valid_o, py::object mu_out_o) {
+  auto steps = check(steps_o, "steps", 'i', 8, "int64", {-1});
+  const int64_t S = steps.shape(0);
+  auto mu = check(mu_o, "mu", 'f', 4, "float32", {S});
+  auto counts = check(counts_o, "counts", 'i', 2, "int16", {S, -1});
+  auto slots = check(slots_o, "slots", 'i', 8, "int64", {-1});
+  const int64_t B = slots.shape(0), V = counts.shape(1);
+  auto tokens = check(tokens_o, "tokens", 'i', 8, "int64", {B});
+  auto valid = check(valid_o, "valid", 'b', 1, "bool", {B});
+  auto mu_out = check(mu_out_o, "mu_out", 'f', 4, "float32", {B});
+  for (const py::array* a : {&steps, &mu, &counts})
+    if (!a->writeable()) fail("advance_state: the state arrays must be writeable");
+  const int64_t* sl = static_cast<const int64_t*>(slots.data());
+  const int64_t* tk = static_cast<const int64_t*>(tokens.data());
+  const bool* ok = static_cast<const bool*>(valid.data());
+  for (int64_t r = 0; r < B; ++r) {
+    if (sl[r] < 0 || sl[r] >= S)
+      fail("slots holds " + std::to_string(sl[r]) + ", outside [0, " + std::to_string(S) + ")");
+    if (ok[r] && (tk[r] < 0 || tk[r] >= V))
+      fail("tokens holds " + std::to_string(tk[r]) + ", outside [0, " + std::to_string(V) + ")");
+  }
+  int64_t* st = static_cast<int64_t*>(steps.mutable_data());
+  float* m = static_cast<float*>(mu.mutable_data());
+  int16_t* c = static_cast<int16_t*>(counts.mutable_data());
+  const float* mo = static_cast<const float*>(mu_out.data());
+  for (int64_t r = 0; r < B; ++r) {
+    const int64_t s = sl[r];
+    m[s] = mo[r];
+    if (!ok[r]) continue;
+    st[s] += 1;
+    int16_t& cnt = c[s * V + tk[r]];
+    if (cnt < std::numeric_limits<int16_t>::max()) ++cnt;
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -440,6 +484,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("bias_vals") = py::none(), py::arg("eos_ids"), py::arg("num_threads") = 0,
         "The (B, V) bool kept set S of each row after truncation (greedy rows: the argmax; invalid "
         "rows and padding columns: False), exact even where a kept probability underflows.");
+  m.def("advance_state", &advance_state, py::arg("steps"), py::arg("mu"), py::arg("counts"),
+        py::arg("slots"), py::arg("tokens"), py::arg("valid"), py::arg("mu_out"),
+        "A Sampler step's state update in place: steps[s] += valid, mu[s] = mu_out, counts[s, "
+        "token] += 1 (int16, saturating at 32767) for valid rows, s = slots[r].");
   m.def(
       "scratch_bytes", []() { return fs::scratch_bytes_counter().load(); },
       "Bytes held right now by the per-thread scratch buffers of every thread (all input types). "
@@ -491,4 +539,33 @@ PYBIND11_MODULE(_C, m) {
       },
       "-ln E of the 64 variates j = 4 * c0base .. 4 * c0base + 63 (float32 vector path), for "
       "tests.");
+  m.def(
+      "neg_log_noise_bound",
+      [](py::array_t<uint32_t, py::array::c_style | py::array::forcecast> words) {
+        const int64_t n = words.size();
+        py::array_t<float> noise(n), bound(n);
+        py::array_t<double> bound64(n);
+        const uint32_t* w = words.data();
+        float* pn = noise.mutable_data();
+        float* pb = bound.mutable_data();
+        double* pd = bound64.mutable_data();
+        for (int64_t i = 0; i < n; i += fs::simd::kLanes) {
+          alignas(64) uint32_t buf[fs::simd::kLanes] = {0};
+          alignas(64) float o1[fs::simd::kLanes], o2[fs::simd::kLanes];
+          const int64_t m = std::min<int64_t>(fs::simd::kLanes, n - i);
+          for (int64_t l = 0; l < m; ++l) buf[l] = w[i + l];
+          const fs::simd::vu v = fs::simd::uload(buf);
+          fs::simd::store(o1, fs::neg_log_noise16(v));
+          fs::simd::store(o2, fs::neg_log_noise_bound16(v));
+          for (int64_t l = 0; l < m; ++l) {
+            pn[i + l] = o1[l];
+            pb[i + l] = o2[l];
+            pd[i + l] = fs::neg_log_noise_bound(w[i + l]);
+          }
+        }
+        return py::make_tuple(noise, bound, bound64);
+      },
+      py::arg("words"),
+      "(-ln E float32 vector path, its bound float32 vector path, the bound float64) of each "
+      "32-bit word, for tests.");
 }

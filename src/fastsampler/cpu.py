@@ -22,6 +22,7 @@ from .output import SampleOutput
 
 __all__ = ["is_available", "supports", "sample_packed", "sampling_probs_packed", "kept_mask_packed",
            "set_num_threads", "get_num_threads", "scratch_bytes", "threads_for", "sample_arrays", "sample_host",
+           "advance_arrays",
            "SINGLE_THREAD_BELOW"]
 
 SINGLE_THREAD_BELOW = 16384
@@ -185,6 +186,14 @@ def sample_arrays(args: tuple[Any, ...], n_top: int) -> tuple[np.ndarray, ...]:
     (tokens, valid, logprobs, top ids, top logprobs, ranks, mu), the threads chosen by `threads_for`."""
     logits = args[0]
     return _require().sample(*args, n_top, threads_for(logits.shape[0], logits.shape[1]))
+
+
+def advance_arrays(steps: np.ndarray, mu: np.ndarray, counts: np.ndarray, slots: np.ndarray, tokens: np.ndarray,
+                   valid: np.ndarray, mu_out: np.ndarray) -> None:
+    """A `fastsampler.Sampler` step's state update on its host arrays, in place, in one extension call:
+    ``steps[s] += valid[r]``, ``mu[s] = mu_out[r]`` and, for valid rows, ``counts[s, tokens[r]] += 1`` (int16,
+    saturating at 32767), with ``s = slots[r]`` (distinct)."""
+    _require().advance_state(steps, mu, counts, slots, tokens, valid, mu_out)
 
 
 def _output(res: tuple[np.ndarray, ...]) -> SampleOutput:

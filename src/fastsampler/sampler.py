@@ -187,10 +187,10 @@ class Sampler:
         # per-step fast path: what a list of slots gathers once (see `_SlotSet`), and numpy views of the state that
         # changes every step (CPU only: updated in place through them, no torch op per update)
         self._slot_sets: dict[tuple[int, ...], _SlotSet] = {}
-        self._host_state: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._host_state: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         if dev.type == "cpu":
             counts = self._counts.numpy()
-            self._host_state = (self._steps.numpy(), self._mu.numpy(), counts, counts.reshape(-1))
+            self._host_state = (self._steps.numpy(), self._mu.numpy(), counts)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -632,34 +632,23 @@ class Sampler:
         from . import cpu
 
         assert self._host_state is not None
-        steps_all, mu_all, counts_all, counts_flat = self._host_state
+        steps_all, mu_all, counts_all = self._host_state
         x, dtype_name = cpu._logits_np(logits)
-        h = ss.host(wl, self._vocab)
+        h = ss.host(wl, self._vocab, self._host_state)
         allowed = h.allowed
         if token_bitmask is not None:
             tb = self._check_bitmask(token_bitmask, ss.b, wl).numpy()
             allowed = tb if allowed is None else allowed & tb
-        penalty = ss.flags.any_penalty
-        if ss.span is not None:  # consecutive slots: views of the state, no gather
-            lo, hi = ss.span
-            steps, mu = steps_all[lo:hi], mu_all[lo:hi]
-            counts = counts_all[lo:hi] if penalty else None
+        if h.steps is not None:  # consecutive slots: views of the state, no gather
+            steps, mu, counts = h.steps, h.mu, h.counts
         else:
             steps, mu = steps_all[h.index], mu_all[h.index]
-            counts = counts_all[h.index] if penalty else None
+            counts = counts_all[h.index] if ss.flags.any_penalty else None
         tokens, valid, lps, top_ids, top_lps, ranks, mu_out = cpu.sample_arrays(
             (x, dtype_name, self._vocab, h.f, h.i, h.seeds, steps, h.seqs, mu, allowed, h.prompt, counts,
              h.bias_indptr, h.bias_ids, h.bias_vals, h.eos), ss.n_top)
         # state updates (slots are distinct): steps += valid, mu = returned mu, counts[token] += 1 up to COUNT_MAX
-        if ss.span is not None:
-            steps += valid
-            mu[:] = mu_out
-        else:
-            steps_all[h.index] = steps + valid
-            mu_all[h.index] = mu_out
-        pos = (h.base + tokens)[valid]  # flat positions slot * V + token of the valid rows
-        cur = counts_flat[pos]
-        counts_flat[pos] = cur + (cur < COUNT_MAX)
+        cpu.advance_arrays(steps_all, mu_all, counts_all, h.index, tokens, valid, mu_out)
         f = torch.from_numpy
         return SampleOutput(f(tokens), f(valid), f(lps), f(top_ids), f(top_lps), f(ranks), f(mu_out))
 
@@ -862,24 +851,31 @@ class _SlotSet:
             m = self._masks[wl] = (allowed, prompt)
         return m
 
-    def host(self, wl: int, vocab: int) -> _HostRows:
-        """The same rows as numpy arrays (CPU), for logits of ``wl`` mask words and a vocabulary of ``vocab``."""
+    def host(self, wl: int, vocab: int, state: tuple[np.ndarray, np.ndarray, np.ndarray]) -> _HostRows:
+        """The same rows as numpy arrays (CPU), for logits of ``wl`` mask words and a vocabulary of ``vocab``;
+        ``state``: the sampler's host steps, ``mu`` and counts."""
         h = self._host.get(wl)
         if h is None:
-            h = self._host[wl] = _HostRows(self, wl, vocab)
+            h = self._host[wl] = _HostRows(self, wl, vocab, state)
         return h
 
 
 class _HostRows:
     """Numpy views of a CPU `_SlotSet`'s tensors: the arguments of ``fastsampler._C.sample`` that stay fixed."""
 
-    __slots__ = ("index", "base", "f", "i", "seeds", "seqs", "allowed", "prompt", "bias_indptr", "bias_ids",
-                 "bias_vals", "eos")
+    __slots__ = ("index", "f", "i", "seeds", "seqs", "allowed", "prompt", "bias_indptr", "bias_ids", "bias_vals",
+                 "eos", "steps", "mu", "counts")
 
-    def __init__(self, ss: _SlotSet, wl: int, vocab: int) -> None:
+    def __init__(self, ss: _SlotSet, wl: int, vocab: int, state: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
         allowed, prompt = ss.masks(wl)
         self.index = ss.index.numpy()
-        self.base = self.index * vocab  # each slot's first position in the flattened (S * V) counts
+        # consecutive slots: views of the state that changes every step (steps, mu, counts when penalised), which
+        # the kernel reads in place; else None (gathered each step)
+        self.steps = self.mu = self.counts = None
+        if ss.span is not None:
+            lo, hi = ss.span
+            self.steps, self.mu = state[0][lo:hi], state[1][lo:hi]
+            self.counts = state[2][lo:hi] if ss.flags.any_penalty else None
         self.f, self.i, self.seeds, self.seqs = (ss.fparams.numpy(), ss.iparams.numpy(), ss.seeds.numpy(),
                                                  ss.seqs.numpy())
         self.allowed = None if allowed is None else allowed.numpy()

@@ -606,6 +606,20 @@ float mass_select(Scratch& s, const float* z, int64_t n16, float M, KeyF keyf, P
   return resolve_mass_desc(ck, cw, m, above, target, s.tk.data(), s.tw.data());
 }
 
+// max(count, 0) as float32 for the n <= 16 output counts at p (lanes from n on: 0); counts rows
+// hold at least vocab_size entries, so nothing past the row is read
+template <typename C>
+inline vf counts16(const C* p, int64_t n) {
+  alignas(64) float buf[kLanes];
+  if (n == kLanes) {
+    for (int j = 0; j < kLanes; ++j) buf[j] = static_cast<float>(std::max<int32_t>(p[j], 0));
+  } else {
+    for (int j = 0; j < kLanes; ++j)
+      buf[j] = j < n ? static_cast<float>(std::max<int32_t>(p[j], 0)) : 0.0f;
+  }
+  return load(buf);
+}
+
 template <typename T>
 inline vf load_tail(const T* p, int64_t n) {  // n < 16 valid elements, the rest -inf
   alignas(64) float buf[kLanes];
@@ -657,7 +671,6 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
   int64_t bptr = a.bias_indptr ? a.bias_indptr[r] : 0;
   const int64_t bend = a.bias_indptr ? a.bias_indptr[r + 1] : 0;
 
-  auto count_at = [&](int64_t t) -> int32_t { return cnt32 ? cnt32[t] : (cnt16 ? cnt16[t] : 0); };
 
   // -------------------------------------------------------------------------------------------
   // pass 1
@@ -702,9 +715,15 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
   // to truncate.
   const bool lp_needs_stats =
       want_lp && (lp_mode == MODE_PROCESSED || (lp_mode == MODE_RAW && raw_is_z));
+  // A row of one tile whose draw needs no weights: the tile race has a single entrant, and nothing
+  // else reads the kept mass (Mirostat's update, final logprobs, the probabilities).
+  const bool single_tile_draw =
+      ntiles == 1 && !probs_mode && miro == 0 && !(want_lp && lp_mode == MODE_FINAL);
   const bool skip_exp =
-      !lp_needs_stats && ((greedy && !probs_mode) ||
-                          (use_head && ip[I_TOP_K] > 0 && miro == 0 && fp[F_TYPICAL_P] >= 1.0f));
+      !lp_needs_stats &&
+      ((greedy && !probs_mode) ||
+       (use_head && ip[I_TOP_K] > 0 && miro == 0 && fp[F_TYPICAL_P] >= 1.0f) ||
+       (single_tile_draw && !store_e && !fuse_entropy));
   for (int64_t t = 0; t < ntiles; ++t) {
     const int64_t i0 = t * kTile;
     const int64_t i1 = std::min(vs, i0 + kTile);
@@ -832,17 +851,24 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
           }
           bits |= cbits;
           if (lim < 32) bits &= (1u << lim) - 1u;
-          while (bits) {
-            const int j = __builtin_ctz(bits);
-            bits &= bits - 1;
-            const int64_t id = base + j;
-            float l = z[id];
-            if (rep != 1.0f) l = l > 0.0f ? l / rep : l * rep;
-            if ((cbits >> j) & 1u) {  // count > 0 here; max(count, 0) in any case (§3 C)
-              const int32_t c = std::max<int32_t>(count_at(id), 0);
-              l -= static_cast<float>(c) * freq + pres;
+          // 16 ids at a time, the same float32 operations as one id at a time: the rows of a long
+          // generation have most of the vocabulary penalised, where a loop over ids mispredicts
+          for (int h = 0; h < 2; ++h) {
+            const mask_t pm = (bits >> (16 * h)) & kAll;
+            if (!pm) continue;
+            const mask_t cm = (cbits >> (16 * h)) & kAll;
+            const int64_t b16 = base + 16 * h;  // z has 2 vectors of room beyond the row
+            vf l = load(z + b16);
+            if (rep != 1.0f) {
+              const vf vr = set1(rep);
+              l = select(pm, select(gt(l, set1(0.0f)), l / vr, l * vr), l);
             }
-            z[id] = l;
+            if (cm) {  // count > 0 here; max(count, 0) in any case (§3 C)
+              const int64_t n = std::min<int64_t>(kLanes, i1 - b16);
+              const vf c = cnt32 ? counts16(cnt32 + b16, n) : counts16(cnt16 + b16, n);
+              l = select(cm, l - fmadd(c, set1(freq), set1(pres)), l);
+            }
+            store(z + b16, l);
           }
         }
       }
@@ -971,7 +997,26 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
     // bound of the head_k-th largest value: start the filter there, so only about head_k elements
     // ever enter the buffer
     const int64_t nl = ntiles * kLanes;
-    const float seed = lower_bound_kth(s.lane_max.data(), nl, head_k);
+    float seed;
+    if (nl >= 2 * head_k) {
+      seed = lower_bound_kth(s.lane_max.data(), nl, head_k);
+    } else {
+      // short rows have too few tile lane maxima for a useful bound (with as many maxima as
+      // head_k, their smallest lets most of the row through the filter): take lane maxima of
+      // smaller groups of vectors instead, at least 4 head_k of them, so that only about
+      // 1.2 head_k elements pass (1.4 head_k with 2 head_k maxima)
+      alignas(64) float gmax[2 * (4 * kHead / kLanes + 1) * kLanes];
+      const int64_t nvec = vp / kLanes;
+      const int64_t want = (4 * head_k + kLanes - 1) / kLanes;
+      const int64_t gv = std::max<int64_t>(1, nvec / want);
+      int64_t ng = 0;
+      for (int64_t g0 = 0; g0 < nvec; g0 += gv, ++ng) {
+        vf m = set1(-kInf);
+        for (int64_t q = g0; q < std::min(nvec, g0 + gv); ++q) m = vmax(m, load(z + q * kLanes));
+        store(gmax + ng * kLanes, m);
+      }
+      seed = lower_bound_kth(gmax, ng * kLanes, head_k);
+    }
     if (seed > -kInf) s.head.tau = std::nextafter(seed, -kInf);
     s.head.scan(z, vp, 0, [](int64_t) { return kAll; });
   }
@@ -1315,6 +1360,8 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
           if (keep.test(z[i])) mk = std::max(mk, z[i]);
         shift = mk;
       }
+    } else if (single_tile_draw && !have_stats) {
+      tw[0] = 1.0;  // any positive weight: the only tile wins the race
     } else {
       ensure_stats();
       S_kept = S;
@@ -1330,9 +1377,9 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
       const PhiloxKey key{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
       const uint32_t step = static_cast<uint32_t>(a.steps[r]);
       const uint32_t seq = static_cast<uint32_t>(a.seqs[r]);
-      int64_t tbest = -1;
+      int64_t tbest = ntiles == 1 && tw[0] > 0.0 ? 0 : -1;  // a single tile needs no race
       double sbest = -std::numeric_limits<double>::infinity();
-      for (int64_t t = 0; t < ntiles; ++t) {
+      for (int64_t t = 0; t < ntiles && ntiles > 1; ++t) {
         if (!(tw[t] > 0.0)) continue;
         const double sc = std::log(tw[t]) - std::log(exp_noise(philox_word(key, t, step, seq, 1)));
         if (tbest < 0 || sc > sbest) {
@@ -1346,23 +1393,47 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
       }
       const int64_t i0 = tbest * kTile, e16 = std::min(vp, i0 + kTile);
       if (kept_in_head) {
+        // the words of the kept head entries in the winning tile, 16 counters at a time; the head
+        // is in value order, so the best score comes early and neg_log_noise_bound (no logarithm)
+        // rules out most of the rest: a token whose bound is below the best score cannot win
+        int32_t hid[kHead];  // positions in the head
+        uint32_t hw[kHead];  // their words
+        int64_t nr = 0;
+        for (int64_t i = 0; i < nkept_head; ++i)
+          if (hd[i].id / kTile == tbest) hid[nr++] = static_cast<int32_t>(i);
+        alignas(64) uint32_t c0s[kLanes], sel[kLanes];
+        alignas(64) uint32_t wv[4][kLanes];
+        for (int64_t j0 = 0; j0 < nr; j0 += kLanes) {
+          const int64_t n = std::min<int64_t>(kLanes, nr - j0);
+          for (int64_t l = 0; l < kLanes; ++l) {
+            const uint32_t id = l < n ? static_cast<uint32_t>(hd[hid[j0 + l]].id) : 0u;
+            c0s[l] = id >> 2;
+            sel[l] = id & 3u;
+          }
+          vu words[4];
+          philox16(key, uload(c0s), step, seq, 0, words);
+          for (int w = 0; w < 4; ++w) ustore(wv[w], words[w]);
+          for (int64_t l = 0; l < n; ++l) hw[j0 + l] = wv[sel[l]][l];
+        }
         double best = -std::numeric_limits<double>::infinity();
-        for (int64_t i = 0; i < nkept_head; ++i) {
-          const int64_t id = hd[i].id;
-          if (id / kTile != tbest) continue;
-          const double sc = static_cast<double>(hd[i].v) -
-                            std::log(exp_noise(philox_word(key, id, step, seq, 0)));
-          if (token < 0 || sc > best || (sc == best && id < token)) {
+        for (int64_t j = 0; j < nr; ++j) {
+          const Entry& h = hd[hid[j]];
+          const double v = static_cast<double>(h.v);
+          if (token >= 0 && v + neg_log_noise_bound(hw[j]) < best) continue;
+          const double sc = v - std::log(exp_noise(hw[j]));
+          if (token < 0 || sc > best || (sc == best && h.id < token)) {
             best = sc;
-            token = id;
+            token = h.id;
           }
         }
       }
-      alignas(64) float nle[64];
-      // Per-lane running best (score, id); ties go to the lower id. -ln E <= 22.87 for every 32-bit
-      // word, so a 64-id block whose kept maximum is below (best so far - 24) cannot win and gets
-      // no noise: starting with the block that holds the tile's kept maximum, peaked rows skip most
-      // of the tile.
+      // Per-lane running best (score, id); ties go to the lower id. -ln E <= 22.87 for every
+      // 32-bit word, so a 64-id block whose kept maximum is below (best so far - 24) cannot win
+      // and gets no Philox: starting with the block that holds the tile's kept maximum, peaked
+      // rows skip most of the tile. In the other blocks neg_log_noise_bound16 bounds each token's
+      // score from its word without a logarithm; only blocks where a kept token's bound reaches
+      // the best score so far get the exact noise, a few blocks per row (a token passes with
+      // probability about e^(z - best), about one in the whole row beyond the first block).
       vf bsc = set1(-kInf), bid = set1(-1.0f);
       alignas(64) static const float kIota[kLanes] = {0, 1, 2,  3,  4,  5,  6,  7,
                                                       8, 9, 10, 11, 12, 13, 14, 15};
@@ -1371,12 +1442,15 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
       float best_lb = -kInf;  // a score some kept token already reached
       int64_t first = -1;     // the block holding the tile's kept maximum
       if (!kept_in_head) {
-        vf mxk = set1(-kInf);
-        for (int64_t i = i0; i < e16; i += kLanes) {
-          vf v = load(z + i);
-          mxk = vmax(mxk, select(keep.mask(v), v, set1(-kInf)));
+        float tmk = tmax[tbest];  // the tile's kept maximum: its maximum when nothing is cut
+        if (keep.truncates()) {
+          vf mxk = set1(-kInf);
+          for (int64_t i = i0; i < e16; i += kLanes) {
+            vf v = load(z + i);
+            mxk = vmax(mxk, select(keep.mask(v), v, set1(-kInf)));
+          }
+          tmk = hmax(mxk);
         }
-        const float tmk = hmax(mxk);
         for (int64_t i = i0; i < e16 && first < 0; i += kLanes) {
           vf v = load(z + i);
           if (eq(v, set1(tmk)) & keep.mask(v)) first = i0 + (i - i0) / 64 * 64;
@@ -1384,19 +1458,32 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
       }
       auto race_block = [&](int64_t b0) {
         const int64_t b1 = std::min(e16, b0 + 64);
+        const int nq = static_cast<int>((b1 - b0) / kLanes);
         mask_t km[4] = {0, 0, 0, 0};
+        vf zq[4];
         vf bm = set1(-kInf);
-        for (int64_t i = b0; i < b1; i += kLanes) {
-          vf v = load(z + i);
-          km[(i - b0) / kLanes] = keep.mask(v);
-          bm = vmax(bm, select(km[(i - b0) / kLanes], v, set1(-kInf)));
+        for (int q = 0; q < nq; ++q) {
+          zq[q] = load(z + b0 + q * kLanes);
+          km[q] = keep.mask(zq[q]);
+          bm = vmax(bm, select(km[q], zq[q], set1(-kInf)));
         }
         const float blk_max = hmax(bm);
         if (!(blk_max > -kInf) || blk_max + kNoiseMax < best_lb) return;
-        neg_log_noise64(key, static_cast<uint32_t>(b0 >> 2), step, seq, 0, nle);
-        for (int q = 0; q < 4 && b0 + q * kLanes < b1; ++q) {
+        vu words[4];
+        philox16(key, uiota(static_cast<uint32_t>(b0 >> 2)), step, seq, 0, words);
+        vf wq[4], idq[4];
+        if (best_lb > -kInf) {
+          for (int w = 0; w < 4; ++w) wq[w] = neg_log_noise_bound16(words[w]);
+          transpose4x16(wq, idq);
+          mask_t cand = 0;
+          for (int q = 0; q < nq; ++q) cand |= ge(zq[q] + idq[q], set1(best_lb)) & km[q];
+          if (!cand) return;
+        }
+        for (int w = 0; w < 4; ++w) wq[w] = neg_log_noise16(words[w]);
+        transpose4x16(wq, idq);
+        for (int q = 0; q < nq; ++q) {
           if (!km[q]) continue;
-          vf sc = load(z + b0 + q * kLanes) + load(nle + q * kLanes);
+          vf sc = zq[q] + idq[q];
           vf ids = iota + set1(static_cast<float>(b0 + q * kLanes));
           const mask_t up = (gt(sc, bsc) | (eq(sc, bsc) & lt(ids, bid))) & km[q];
           bsc = select(up, sc, bsc);

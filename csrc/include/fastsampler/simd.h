@@ -216,6 +216,29 @@ FS_INLINE vf uniform_half(vu a) {
   __m512i t = _mm512_add_epi32(_mm512_slli_epi32(a.v, 1), _mm512_set1_epi32(1));
   return {_mm512_mul_ps(_mm512_cvtepu32_ps(t), _mm512_set1_ps(1.16415321826934814453125e-10f))};
 }
+// The exponent of float(a) (a rounded to nearest): floor(log2 a) for a >= 1 except where the
+// rounding reaches the next power of two (then at most 2^-23 above log2 a); -inf for a = 0.
+FS_INLINE vf ulog2(vu a) { return {_mm512_getexp_ps(_mm512_cvtepu32_ps(a.v))}; }
+// out[q] lane m = in[m & 3] lane (4 q + m / 4): four vectors of Philox words (lane l of word j is
+// variate 4 l + j) into id order, in registers.
+FS_INLINE void transpose4x16(const vf in[4], vf out[4]) {
+  // pairs (in[0], in[1]) and (in[2], in[3]), interleaved per variate: lanes 4 h .. 4 h + 7
+  const __m512i i01lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i i01hi =
+      _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512 a0 = _mm512_permutex2var_ps(in[0].v, i01lo, in[1].v);
+  const __m512 a1 = _mm512_permutex2var_ps(in[0].v, i01hi, in[1].v);
+  const __m512 b0 = _mm512_permutex2var_ps(in[2].v, i01lo, in[3].v);
+  const __m512 b1 = _mm512_permutex2var_ps(in[2].v, i01hi, in[3].v);
+  // two (word 0, word 1) pairs from a, then two (word 2, word 3) pairs from b, per variate
+  const __m512i ilo = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
+  const __m512i ihi =
+      _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
+  out[0].v = _mm512_permutex2var_ps(a0, ilo, b0);
+  out[1].v = _mm512_permutex2var_ps(a0, ihi, b0);
+  out[2].v = _mm512_permutex2var_ps(a1, ilo, b1);
+  out[3].v = _mm512_permutex2var_ps(a1, ihi, b1);
+}
 // Bits -> mask of 16 lanes from 16 bits
 FS_INLINE mask_t bits16(uint32_t w) { return w & 0xFFFFu; }
 // Bit j set where p[j] > 0, for 32 consecutive output counts (a negative count is treated as 0,
@@ -440,6 +463,24 @@ FS_INLINE vf uniform_half(vu a) {
   return {_mm256_fmadd_ps(_mm256_cvtepi32_ps(a.lo), s, h),
           _mm256_fmadd_ps(_mm256_cvtepi32_ps(a.hi), s, h)};
 }
+// The exponent of float(a) for a < 2^31 (converted as a signed int, rounded to nearest):
+// floor(log2 a) for a >= 1 except where the rounding reaches the next power of two (then at most
+// 2^-23 above log2 a); -127 for a = 0.
+FS_INLINE __m256 ulog2_8(__m256i a) {
+  const __m256i bits = _mm256_castps_si256(_mm256_cvtepi32_ps(a));
+  return _mm256_cvtepi32_ps(_mm256_sub_epi32(
+      _mm256_and_si256(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(0xFF)),
+      _mm256_set1_epi32(127)));
+}
+FS_INLINE vf ulog2(vu a) { return {ulog2_8(a.lo), ulog2_8(a.hi)}; }
+// out[q] lane m = in[m & 3] lane (4 q + m / 4) (through memory on this path)
+FS_INLINE void transpose4x16(const vf in[4], vf out[4]) {
+  alignas(32) float a[4][kLanes], b[4 * kLanes];
+  for (int j = 0; j < 4; ++j) store(a[j], in[j]);
+  for (int l = 0; l < kLanes; ++l)
+    for (int j = 0; j < 4; ++j) b[4 * l + j] = a[j][l];
+  for (int q = 0; q < 4; ++q) out[q] = load(b + q * kLanes);
+}
 FS_INLINE mask_t bits16(uint32_t w) { return w & 0xFFFFu; }
 // Bit j set where p[j] > 0, for 32 consecutive output counts (a negative count is treated as 0,
 // docs/semantics.md §3 B, C)
@@ -658,6 +699,18 @@ FS_INLINE vf uniform_half(vu a) {
   for (int i = 0; i < kLanes; ++i)
     r.v[i] = static_cast<float>(2u * a.v[i] + 1u) * 1.16415321826934814453125e-10f;
   return r;
+}
+// floor(log2 a) for a >= 1; -1 for a = 0
+FS_INLINE vf ulog2(vu a) {
+  vf r;
+  for (int i = 0; i < kLanes; ++i)
+    r.v[i] = a.v[i] ? static_cast<float>(31 - __builtin_clz(a.v[i])) : -1.0f;
+  return r;
+}
+// out[q] lane m = in[m & 3] lane (4 q + m / 4)
+FS_INLINE void transpose4x16(const vf in[4], vf out[4]) {
+  for (int q = 0; q < 4; ++q)
+    for (int m = 0; m < kLanes; ++m) out[q].v[m] = in[m & 3].v[4 * q + (m >> 2)];
 }
 FS_INLINE mask_t bits16(uint32_t w) { return w & 0xFFFFu; }
 // Bit j set where p[j] > 0, for 32 consecutive output counts (a negative count is treated as 0,
