@@ -206,17 +206,27 @@ def test_half_precision_inputs(device, dtype):
 
 
 # ---------------------------------------------------------------------------------------------- invariance
+INVARIANCE = {  # target request, the other rows of its batches
+    # the radix selects (typical-p: no candidate engine)
+    "selects": (SP(seed=77, top_k=30, top_p=0.9, typical_p=0.95, logprobs=True, top_logprobs=4),
+                [SP(seed=1, mirostat_mode=1), SP(seed=2, temperature=0.0), SP(seed=3, min_p=0.2, min_keep=4)]),
+    # the candidate engine, next to rows on its exact fallback (top-p alone) and greedy rows
+    "candidates": (SP(seed=77, top_k=30, top_p=0.9, min_p=0.02, logprobs=True, top_logprobs=4),
+                   [SP(seed=1, top_p=0.8), SP(seed=2, temperature=0.0), SP(seed=3, top_k=5, min_keep=4)]),
+}
+
+
 @pytest.mark.parametrize("chunk", [None, "1024"])
-def test_batch_invariance(device, monkeypatch, chunk):
+@pytest.mark.parametrize("path", sorted(INVARIANCE))
+def test_batch_invariance(device, monkeypatch, chunk, path):
     """One request alone and at several positions in batches of different sizes: identical outputs (also with the
-    CUDA default of 1024-id programs)."""
+    CUDA default of 1024-id programs), on the radix selects and on the candidate engine."""
     if chunk:
         monkeypatch.setenv("FASTSAMPLER_TRITON_CHUNK", chunk)
     v = 4097
-    target = SP(seed=77, top_k=30, top_p=0.9, typical_p=0.95, logprobs=True, top_logprobs=4)
+    target, others = INVARIANCE[path]
     row = _logits(1, v, seed=13, device=device)
     alone = fastsampler.sample(row, target, backend="triton", steps=[5])
-    others = [SP(seed=1, mirostat_mode=1), SP(seed=2, temperature=0.0), SP(seed=3, min_p=0.2, min_keep=4)]
     for size, pos in [(2, 0), (3, 2), (6, 3)]:
         batch = _logits(size, v, seed=100 + size, device=device)
         batch[pos] = row[0]

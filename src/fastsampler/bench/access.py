@@ -87,8 +87,17 @@ ACCESS_RULES: dict[str, AccessRule] = {
         passes=_levels, measured=True),
     "logprobs._logprobs_kernel": AccessRule(
         "per-id tensors: the top-N select (once per radix level until resolved, at most 32 / DIGIT_BITS) plus one "
-        "compaction / rank pass; rows without logprobs read nothing",
+        "compaction / rank pass; in a batch of the candidate engine only the groups that hold the rank's and the "
+        "top-N's values; rows without logprobs read nothing",
         passes=lambda a: _levels(a) + 1, measured=True),
+    "candidates._compact_kernel": AccessRule(
+        "per-id tensors: only the groups of GROUP ids whose maximum reaches the row's bound (a few per kept id); "
+        "chunks below the bound and rows without top-k read nothing",
+        measured=True),
+    "candidates._trunc_kernel": AccessRule(
+        "per-id tensors: none on a row whose candidates fit the buffer; the exact fallback (overflow, or a truncating "
+        "row without top-k) reads the row once per radix level of up to three selects plus one kept-weight pass",
+        passes=lambda a: 3 * _levels(a) + 1, measured=True),
     "mirostat._mirostat_v1_kernel": AccessRule(
         "per-id tensors: the top-100 select and the k select (each once per radix level until resolved, at most "
         "32 / DIGIT_BITS) plus one gather pass; rows without Mirostat v1 read nothing",

@@ -21,21 +21,29 @@ The passes of a step, each only when some row needs it:
 2. without truncation, `draw._finish_kernel` (per row) directly: row statistics, tile race (§3 F), then the token
    race over the one winning tile (Philox once per four ids, §7: 4096 ids of the row read a second time), the
    token's logprob, Mirostat ``mu``, outputs. Plain and greedy steps: **2 launches**, one full read of the row;
-3. with truncation (§3 E): `stats._combine_kernel` (per row: row statistics, min-p and Mirostat v2 thresholds, which
+3. with top-k or Mirostat v1 on some row and neither typical-p nor Mirostat v2 on any (the candidate engine,
+   `candidates`): the stats pass also keeps per-group maxima, `stats._combine_kernel` (per row: row statistics and
+   each candidate row's bound), `candidates._compact_kernel` (the ids at or above the bound, reading only the groups
+   that can hold one) and `candidates._trunc_kernel` (per row: top-k, min_keep, top-p, min-p, Mirostat v1 on the
+   sorted candidates, or the exact selects where they overflow or the row has no top-k; the kept tile weights), then
+   `draw._finish_kernel`: one full read of the row; the logprobs kernel then reads only the groups that hold the
+   rank's and the top-N's values;
+4. other truncation (§3 E): `stats._combine_kernel` (per row: row statistics, min-p and Mirostat v2 thresholds, which
    need no select), then one `select._select_kernel` per rule that needs one (top-k; min_keep when combined with
    top-p / min-p; top-p), `mirostat._mirostat_v1_kernel` (top-100 select, gather, ``k`` in float64, ``k``-th select),
    `stats._entropy_kernel` + `select._typical_kernel` (typical-p), then `stats._kept_kernel` (row pass: kept-set
    chunk weights) and `draw._finish_kernel`;
-4. `logprobs._logprobs_kernel` (per row) when some row wants logprobs: ranks and the top-N.
+5. `logprobs._logprobs_kernel` (per row) when some row wants logprobs: ranks and the top-N.
 
 Launches of the backend per step (tests/test_triton_launches.py; a `Sampler` step with a tensor of slots adds none:
 it passes its state tables with ``slot_index`` and ``update_state``, see `PackedBatch`): plain / greedy 2; top-k +
-top-p + min-p 6; top-p alone 5; typical-p 6; Mirostat v1 5, v2 4; everything at once (penalties, logit bias, top-k
-/ top-p / min-p, top-5 logprobs) 7; min_keep > 1 next to top-p / min-p adds one, logprobs add one.
+top-p + min-p 5; top-p alone 5; typical-p 6; Mirostat v1 5 (the candidate engine), v2 4; everything at once (penalties, logit bias, top-k
+/ top-p / min-p, top-5 logprobs) 6; min_keep > 1 next to top-p / min-p without top-k adds one, logprobs add one.
 
 Tuning knobs (environment, read per call): ``FASTSAMPLER_TRITON_DIGIT_BITS`` (2, 4 or 8 key bits per select level;
-default 4 on CUDA, 8 in the interpreter) and ``FASTSAMPLER_TRITON_CHUNK`` (ids per program, a power of two dividing
-4096; default 1024 on CUDA, 4096 in the interpreter). Results are batch-invariant for fixed knobs; changing a knob
+default 4 on CUDA, 8 in the interpreter), ``FASTSAMPLER_TRITON_CHUNK`` (ids per program, a power of two dividing
+4096; default 1024 on CUDA, 4096 in the interpreter) and ``FASTSAMPLER_TRITON_CANDIDATES`` (candidate slots per row
+of `candidates`; default 512). Results are batch-invariant for fixed knobs; changing a knob
 may change float rounding (tokens only at near-ties).
 """
 
@@ -83,6 +91,20 @@ def _chunk(dev: torch.device) -> int:
     return CUDA_CHUNK if dev.type == "cuda" else TILE
 
 
+def _candidates() -> int:
+    """Candidate slots per row of the candidate engine (`candidates`); ``FASTSAMPLER_TRITON_CANDIDATES`` overrides it
+    (tests force the exact fallback with a small buffer)."""
+    from .candidates import CAP
+
+    env = os.environ.get("FASTSAMPLER_TRITON_CANDIDATES")
+    if env:
+        c = int(env)
+        if c < 16 or c > 4096 or c & (c - 1):
+            raise ValueError(f"FASTSAMPLER_TRITON_CANDIDATES must be a power of two in [16, 4096], got {env}")
+        return c
+    return CAP
+
+
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -103,8 +125,9 @@ class _Ctx:
     every kernel writes what it later reads, so nothing is zero-filled and no torch op launches a kernel."""
 
     def __init__(self, batch: PackedBatch) -> None:
-        from .penalties import NRF, NRI
-        from .stats import PF, PI
+        from .candidates import GROUP
+        from .logprobs import LP_CAP, LP_GROUPS
+        from .penalties import NRF, NRI, PF, PI
 
         logits = batch.logits
         if logits.stride(1) != 1:
@@ -143,9 +166,23 @@ class _Ctx:
         self.n_top = int(batch.n_top)
         self.K = max(2, 1 << max(self.n_top - 1, 0).bit_length())  # top-N scratch width
         self.need_raw = fl.any_logprobs
-        # the workspace, int32 words: rowf | rowi | part_f | part_i | Mirostat v1 scratch | top-N scratch
+        # the candidate engine (candidates.py): some row uses top-k or Mirostat v1, none typical-p or Mirostat v2
+        self.cand = (fl.any_top_k or self.miro_v1) and not fl.any_typical and not self.miro_v2
+        # ids per group maximum: about 512 groups or more per row (GROUP at most; a power of two dividing every
+        # BLOCK), so that a small vocabulary still gets a bound finer than its size
+        self.GROUP = min(GROUP, max(16, 1 << max(vc // 512, 1).bit_length() - 1), self.CHUNK, self._vc2)
+        self.NG = (vc + self.GROUP - 1) // self.GROUP
+        self.GBLOCK = max(16, min(1024, 1 << max(self.NG - 1, 1).bit_length()))
+        self.CAP = _candidates()
+        # logprobs of a candidate batch (logprobs.py): the raw logits' group maxima too (raw logprobs), and per row a
+        # list of LP_GROUPS group indices and LP_CAP gathered (id, value) pairs
+        self.lp_cand = self.cand and fl.any_logprobs
+        lp_scratch = b * (LP_GROUPS + 2 * LP_CAP) if self.lp_cand else 0
+        # the workspace, int32 words: rowf | rowi | part_f | part_i | Mirostat v1 scratch | top-N scratch | group
+        # maxima of z (and of the raw logits) | candidate ids | candidate z | logprob scratch
         sizes = [b * NRF, b * NRI, b * nc * PF, b * nc * PI, b * MIROSTAT_TOP if self.miro_v1 else 0,
-                 3 * b * self.K if fl.any_logprobs else 0]
+                 3 * b * self.K if fl.any_logprobs else 0, (2 if self.lp_cand else 1) * b * self.NG if self.cand else 0,
+                 b * self.CAP if self.cand else 0, b * self.CAP if self.cand else 0, lp_scratch]
         ws = torch.empty(max(1, sum(sizes)), dtype=torch.int32, device=dev)
         parts, o = [], 0
         for n in sizes:
@@ -159,6 +196,10 @@ class _Ctx:
         self.miro_top = parts[4].view(f32) if self.miro_v1 else ws.view(f32)
         self.lp_val = parts[5][:b * self.K].view(f32) if fl.any_logprobs else ws.view(f32)
         self.lp_id = parts[5][b * self.K:] if fl.any_logprobs else ws
+        self.gmax = parts[6].view(f32) if self.cand else ws.view(f32)  # (B, NG) z, then (B, NG) raw (lp_cand)
+        self.lp_scratch = parts[9] if self.lp_cand else ws
+        self.cand_ids = parts[7] if self.cand else ws
+        self.cand_z = parts[8].view(f32) if self.cand else ws.view(f32)
         dummy_i, dummy_f = ws, ws.view(f32)  # never read: the kernels are specialised without them
         # slot-indexed mode (PackedBatch.slot_index): the per-slot tables are the Sampler's own, row r reads row
         # slot_index[r] of each (penalties.slot_row), and with update_state the step's last per-row kernel writes the
@@ -266,6 +307,7 @@ class _Ctx:
 def _run(batch: PackedBatch):
     """Stages A–F: the launches of one step (host control flow on `BatchFlags` only). Returns the context and the
     output tensors (tokens, valid int8, logprobs, ranks, top ids, top logprobs, mu)."""
+    from .candidates import compact_pass, trunc_pass
     from .draw import finish
     from .mirostat import mirostat_v1_pass
     from .select import STAGE_MIN_KEEP, STAGE_TOP_K, STAGE_TOP_P, select_pass, typical_pass
@@ -275,7 +317,12 @@ def _run(batch: PackedBatch):
     out = ctx.outputs()
     fl = ctx.flags
     stats_pass(ctx)
-    if ctx.truncation:
+    if ctx.cand:
+        # top-k / min_keep / top-p / min-p on a buffer of candidates (candidates.py): two full reads of the row
+        combine_pass(ctx, minp=False)
+        compact_pass(ctx)
+        trunc_pass(ctx)
+    elif ctx.truncation:
         # stage E (docs/semantics.md §3 E): a select per rule that some row uses, in the rules' order
         mk_select = fl.any_min_keep and (fl.any_top_p or fl.any_min_p)
         combine_pass(ctx, minp=fl.any_min_p and not mk_select)

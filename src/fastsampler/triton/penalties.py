@@ -28,13 +28,23 @@ from .._batch import F_FREQ, F_PRES, F_REP, F_TEMPERATURE, I_IGNORE_EOS, I_MIN_T
 #   RF_ZLO: keep ``z >= zlo``; RF_STHR: typical-p keeps ``s <= sthr``; RF_MS / RF_HC: the typical-p survivors' max
 #   and mean distance ``sum q (m_s - z)`` (``s = |(m_s - z) - hc|``, see `typical_s`); RF_DOM_LO: the top-k
 #   threshold (the domain of top-p, §3 E); RF_MK: the min_keep-th largest ``z`` (``m`` when min_keep is off);
-#   RF_ZX / RF_RAWX: the drawn token's ``z`` and raw logit.
+#   RF_ZX / RF_RAWX: the drawn token's ``z`` and raw logit; RF_BOUND: the candidate bound of `candidates` (every
+#   kept ``z`` is ``>= bound`` on a candidate row).
 (RF_M, RF_LS, RF_ZLO, RF_STHR, RF_MS, RF_HC, RF_M_RAW, RF_LS_RAW, RF_M_KEPT, RF_LS_KEPT, RF_DOM_LO, RF_ZX,
- RF_RAWX, RF_MK) = range(14)
-NRF = 14
-# rowi columns: validity (§5), the greedy token (-1 for sampled rows), the number of finite ``z``, the drawn token
-RI_VALID, RI_GID, RI_NFIN, RI_TOKEN = range(4)
-NRI = 4
+ RF_RAWX, RF_MK, RF_BOUND) = range(15)
+NRF = 15
+# rowi columns: validity (§5), the greedy token (-1 for sampled rows), the number of finite ``z``, the drawn token,
+# the candidate count of `candidates` (-1 on a row that is not a candidate row), and the path of its logprobs
+# (`logprobs`: 1 from the group maxima, 0 from the whole row)
+RI_VALID, RI_GID, RI_NFIN, RI_TOKEN, RI_CCOUNT, RI_LP_GROUPS = range(6)
+NRI = 6
+
+# chunk partials of the row passes (stats.py): ``part_f`` (B, NC, PF) float32 slots (max, sum exp(x - max), raw max
+# | entropy sum, raw sum) and ``part_i`` (B, NC, PI) int32 slots (argmax, finite count, invalid count)
+PF, PI = 4, 3
+P_M, P_S, P_RM, P_RS = range(4)
+P_W = P_RM
+P_AMAX, P_NFIN, P_BAD = range(3)
 
 EB = 8  # CSR logit-bias entries read at a time (independent loads, matched one by one)
 
@@ -228,6 +238,15 @@ def block_z(row, srow, offs, ep, blk_end, logits_ptr, counts_ptr, prompt_ptr, al
                         stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E, t, rep, freq, pres, ban,
                         HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
     return raw, z, bad, ep
+
+
+@triton.jit
+def online_lse(m, s, x):
+    """Fold the block ``x`` into the running (max, sum of exp(x - max)); -inf safe."""
+    nm = tl.maximum(m, tl.max(x, 0))
+    safe = tl.where(nm == float("-inf"), 0.0, nm)
+    s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
+    return nm, s
 
 
 @triton.jit

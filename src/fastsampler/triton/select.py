@@ -33,6 +33,10 @@ from .._batch import F_MIN_P, F_TEMPERATURE, F_TOP_P, F_TYPICAL_P, I_MIN_KEEP, I
 from .penalties import (
     NRF,
     NRI,
+    P_M,
+    P_S,
+    P_W,
+    PF,
     RF_DOM_LO,
     RF_HC,
     RF_M,
@@ -48,7 +52,6 @@ from .penalties import (
     slot_row,
     typical_s,
 )
-from .stats import P_M, P_S, P_W, PF
 
 KIND_Z, KIND_NEG_S, KIND_LP = 0, 1, 2
 STAGE_TOP_K, STAGE_MIN_KEEP, STAGE_TOP_P = 0, 1, 2

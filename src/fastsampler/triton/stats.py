@@ -24,10 +24,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._batch import F_MIN_P, F_TEMPERATURE, F_TYPICAL_P, I_MIRO_MODE, NF, NI
+from .._batch import F_MIN_P, F_TEMPERATURE, F_TYPICAL_P, I_MIN_KEEP, I_MIRO_MODE, I_TOP_K, NF, NI
+from .candidates import kth_largest
 from .penalties import (
     NRF,
     NRI,
+    P_AMAX,
+    P_BAD,
+    P_M,
+    P_NFIN,
+    P_RM,
+    P_RS,
+    P_S,
+    P_W,
+    PF,
+    PI,
+    RF_BOUND,
     RF_DOM_LO,
     RF_HC,
     RF_LS,
@@ -40,22 +52,17 @@ from .penalties import (
     RF_MS,
     RF_STHR,
     RF_ZLO,
+    RI_CCOUNT,
     RI_GID,
     RI_NFIN,
     RI_VALID,
     bias_lower_bound,
     block_z,
     kept_mask,
+    online_lse,
     row_scalars,
     slot_row,
 )
-
-# partial-result slots per chunk: float (max, sum exp(x - max), raw max | entropy sum, raw sum) and int (argmax,
-# finite count, invalid count)
-PF, PI = 4, 3
-P_M, P_S, P_RM, P_RS = range(4)
-P_W = P_RM
-P_AMAX, P_NFIN, P_BAD = range(3)
 
 LN2 = 0.6931471805599453
 
@@ -65,6 +72,10 @@ _F_TEMPERATURE: tl.constexpr = tl.constexpr(F_TEMPERATURE)
 _F_MIN_P: tl.constexpr = tl.constexpr(F_MIN_P)
 _F_TYPICAL_P: tl.constexpr = tl.constexpr(F_TYPICAL_P)
 _I_MIRO_MODE: tl.constexpr = tl.constexpr(I_MIRO_MODE)
+_I_TOP_K: tl.constexpr = tl.constexpr(I_TOP_K)
+_I_MIN_KEEP: tl.constexpr = tl.constexpr(I_MIN_KEEP)
+_RF_BOUND: tl.constexpr = tl.constexpr(RF_BOUND)
+_RI_CCOUNT: tl.constexpr = tl.constexpr(RI_CCOUNT)
 _PF: tl.constexpr = tl.constexpr(PF)
 _PI: tl.constexpr = tl.constexpr(PI)
 _P_M: tl.constexpr = tl.constexpr(P_M)
@@ -97,19 +108,10 @@ _BIG: tl.constexpr = tl.constexpr(2147483647)
 
 
 @triton.jit
-def _online_lse(m, s, x):
-    """Fold the block ``x`` into the running (max, sum of exp(x - max)); -inf safe."""
-    nm = tl.maximum(m, tl.max(x, 0))
-    safe = tl.where(nm == float("-inf"), 0.0, nm)
-    s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
-    return nm, s
-
-
-@triton.jit
 def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                  bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, part_f_ptr, part_i_ptr,
+                  bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, part_f_ptr, part_i_ptr, gmax_ptr,
                   stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
-                  V, VC, E, NC,
+                  V, VC, E, NC, NG,
                   HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                   HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
                   SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
@@ -118,6 +120,8 @@ def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
                   NEED_RAW: tl.constexpr,  # some row wants raw logprobs: also reduce the raw logits
                   ARGMAX: tl.constexpr,  # some row is greedy: also find the argmax
                   LSE: tl.constexpr,  # the log-normaliser is needed (not for an all-greedy batch without logprobs)
+                  GROUP: tl.constexpr,  # > 0: also store the max z of every GROUP ids (candidates.py), (B, NG)
+                  RAW_GROUP: tl.constexpr,  # with GROUP: also the raw logits' group maxima, (B, NG) after z's
                   BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
     row = tl.program_id(0).to(tl.int64)
     srow = slot_row(row, slot_ptr, SLOTS)
@@ -149,12 +153,19 @@ def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
             bidx = tl.min(tl.where(zf == bm, offs, _BIG), 0)
             amax = tl.where(bm > m, bidx, amax)
         if LSE:
-            m, s = _online_lse(m, s, zf)
+            m, s = online_lse(m, s, zf)
         else:
             m = tl.maximum(m, bm)
         nfb += tl.sum((zf > float("-inf")).to(tl.int32) + (b.to(tl.int32) << 16), 0)
+        if GROUP > 0:  # group maxima: the candidate bound of candidates.py (-inf for a group with no finite z)
+            gm = tl.max(tl.reshape(zf, (BLOCK // GROUP, GROUP)), 1)
+            gi = (base + start) // GROUP + tl.arange(0, BLOCK // GROUP)
+            tl.store(gmax_ptr + row * NG + gi, gm, mask=gi < NG)
+            if RAW_GROUP:  # raw logprobs' top-N and rank (logprobs.py)
+                rg = tl.max(tl.reshape(tl.where(b, float("-inf"), raw), (BLOCK // GROUP, GROUP)), 1)
+                tl.store(gmax_ptr + (tl.num_programs(0) + row) * NG + gi, rg, mask=gi < NG)
         if NEED_RAW:
-            rm, rs = _online_lse(rm, rs, tl.where(b, float("-inf"), raw))
+            rm, rs = online_lse(rm, rs, tl.where(b, float("-inf"), raw))
     o = part_f_ptr + (row * NC + chunk) * _PF
     tl.store(o + _P_M, m)
     tl.store(o + _P_S, s)
@@ -218,11 +229,13 @@ def stats_combine(row, srow, part_f_ptr, part_i_ptr, fparams_ptr, rowf_ptr, rowi
 
 
 @triton.jit
-def _combine_kernel(part_f_ptr, part_i_ptr, fparams_ptr, iparams_ptr, mu_ptr, slot_ptr, rowf_ptr, rowi_ptr,
-                    NC,
+def _combine_kernel(part_f_ptr, part_i_ptr, fparams_ptr, iparams_ptr, mu_ptr, slot_ptr, rowf_ptr, rowi_ptr, gmax_ptr,
+                    NC, NG,
                     SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
                     MINP: tl.constexpr,  # fold min-p's threshold in here (no min_keep select runs, §3 E item 3)
                     MIRO2: tl.constexpr,  # some row uses Mirostat v2: its threshold needs no select
+                    CAND: tl.constexpr,  # the candidate engine (candidates.py): the bound of each top-k row
+                    GBLOCK: tl.constexpr,  # group maxima per step of the bound's select
                     BT: tl.constexpr):  # power of two >= NC: all chunks in one block
     row = tl.program_id(0).to(tl.int64)
     srow = slot_row(row, slot_ptr, SLOTS)
@@ -239,6 +252,19 @@ def _combine_kernel(part_f_ptr, part_i_ptr, fparams_ptr, iparams_ptr, mu_ptr, sl
         # keep ln q = (z - m) - ln s >= -mu ln 2, i.e. z >= m + (ln s - mu ln 2); no token qualifies -> the max
         zlo = tl.where(samp & (mode == 2), tl.minimum(m + (ls - mu * _LN2), m), zlo)
     tl.store(rowf_ptr + row * _NRF + _RF_ZLO, zlo)
+    if CAND:
+        # a row with an active top-k (k' = max(k, min_keep) below the finite count) or Mirostat v1 is a candidate
+        # row: its bound is the k'-th largest group maximum, a lower bound on its k'-th largest z (candidates.py)
+        k = tl.load(iparams_ptr + srow * _NI + _I_TOP_K)
+        keff = tl.maximum(k, tl.load(iparams_ptr + srow * _NI + _I_MIN_KEEP))
+        cand = samp & (k > 0) & (keff < nf)
+        # Mirostat v1 (no top-k: validation) needs its row's 100 largest z
+        miro1 = samp & (tl.load(iparams_ptr + srow * _NI + _I_MIRO_MODE) == 1)
+        keff = tl.where(miro1, tl.minimum(nf, 100), keff)
+        cand = cand | miro1
+        bound = kth_largest(gmax_ptr + row * NG, NG, keff, cand, GBLOCK)
+        tl.store(rowf_ptr + row * _NRF + _RF_BOUND, bound)
+        tl.store(rowi_ptr + row * _NRI + _RI_CCOUNT, tl.where(cand, 0, -1))
 
 
 @triton.jit
@@ -329,7 +355,7 @@ def _kept_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_p
                                E, t, rep, freq, pres, ban, bhi,
                                HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
         keep = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, HAS_TYP) & (offs < V)
-        m, s = _online_lse(m, s, tl.where(keep, z, float("-inf")))
+        m, s = online_lse(m, s, tl.where(keep, z, float("-inf")))
     o = part_f_ptr + (row * NC + chunk) * _PF
     tl.store(o + _P_M, m)
     tl.store(o + _P_S, s)
@@ -337,18 +363,20 @@ def _kept_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_p
 
 def stats_pass(ctx) -> None:
     """`_stats_kernel` over every chunk of every row: the chunk partials of ``ctx.part_f`` / ``ctx.part_i``."""
-    _stats_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.part_f, ctx.part_i, *ctx.zstrides(), *ctx.zsizes(),
-                                   **ctx.zflags(), NEED_RAW=ctx.need_raw, ARGMAX=ctx.flags.any_greedy,
+    _stats_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.part_f, ctx.part_i, ctx.gmax, *ctx.zstrides(), *ctx.zsizes(),
+                                   ctx.NG, **ctx.zflags(), NEED_RAW=ctx.need_raw, ARGMAX=ctx.flags.any_greedy,
                                    LSE=not (ctx.flags.all_greedy and not ctx.flags.any_logprobs),
-                                   BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK, num_warps=ctx.ROW_WARPS)
+                                   GROUP=ctx.GROUP if ctx.cand else 0, RAW_GROUP=ctx.lp_cand and ctx.need_raw,
+                                   BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK,
+                                   num_warps=ctx.ROW_WARPS)
 
 
 def combine_pass(ctx, minp: bool) -> None:
     """Row statistics into ``ctx.rowf`` / ``ctx.rowi`` and the select-free thresholds (min-p when ``minp``,
     Mirostat v2)."""
     _combine_kernel[(ctx.B,)](ctx.part_f, ctx.part_i, ctx.fparams, ctx.iparams, ctx.mu, ctx.slots, ctx.rowf, ctx.rowi,
-                              ctx.NC, SLOTS=ctx.slot_mode,
-                              MINP=minp, MIRO2=ctx.miro_v2, BT=ctx.BT)
+                              ctx.gmax, ctx.NC, ctx.NG, SLOTS=ctx.slot_mode, MINP=minp, MIRO2=ctx.miro_v2,
+                              CAND=ctx.cand, GBLOCK=ctx.GBLOCK, BT=ctx.BT)
 
 
 def entropy_pass(ctx) -> None:
