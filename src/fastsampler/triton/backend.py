@@ -37,8 +37,9 @@ The passes of a step, each only when some row needs it:
 
 Launches of the backend per step (tests/test_triton_launches.py; a `Sampler` step with a tensor of slots adds none:
 it passes its state tables with ``slot_index`` and ``update_state``, see `PackedBatch`): plain / greedy 2; top-k +
-top-p + min-p 5; top-p alone 5; typical-p 6; Mirostat v1 5 (the candidate engine), v2 4; everything at once (penalties, logit bias, top-k
-/ top-p / min-p, top-5 logprobs) 6; min_keep > 1 next to top-p / min-p without top-k adds one, logprobs add one.
+top-p + min-p 5; top-p alone 5; typical-p 6; Mirostat v1 5 (the candidate engine), v2 4; everything at once
+(penalties, logit bias, top-k / top-p / min-p, top-5 logprobs) 6; min_keep > 1 next to top-p / min-p without top-k
+adds one, logprobs add one.
 
 Tuning knobs (environment, read per call): ``FASTSAMPLER_TRITON_DIGIT_BITS`` (2, 4 or 8 key bits per select level;
 default 4 on CUDA, 8 in the interpreter), ``FASTSAMPLER_TRITON_CHUNK`` (ids per program, a power of two dividing
