@@ -224,20 +224,21 @@ def test_mirostat_v1(device, monkeypatch, cap):
     _check(torch.from_numpy(x).to(device), params, mirostat_mu=mu)
 
 
-@pytest.mark.parametrize("cap", [None, "16"])
-def test_draws_chi_square(device, monkeypatch, cap):
-    """Draws of one top-k + top-p + min-p distribution fit the reference probabilities, on the candidate path and
-    on the fallback; ids outside the kept set are never drawn."""
+def test_draws_chi_square(device, monkeypatch):
+    """Draws of one top-k + top-p + min-p distribution on the candidate path fit the reference probabilities; ids
+    outside the kept set are never drawn. (The fallback draws through the same finishing kernel; its tokens are
+    checked exactly above.) A 64-slot buffer holds the row's 40 candidates and keeps the interpreter's sort short."""
     from scipy import stats
 
-    if cap:
-        monkeypatch.setenv("FASTSAMPLER_TRITON_CANDIDATES", cap)
+    monkeypatch.setenv("FASTSAMPLER_TRITON_CANDIDATES", "64")
     v = 40
     n = 4000 if torch.device(device).type == "cuda" else 300
     p = SP(top_k=20, top_p=0.95, min_p=0.02, temperature=1.2)
     row = _logits(1, v, seed=15, scale=1.0)
     want = reference.sampling_probs(row.numpy(), p.replace(seed=0))[0]
     logits = row.expand(n, v).contiguous().to(device)
+    counts, _, size = _paths(logits[:2], p.replace(seed=0))
+    assert all(0 <= c <= size for c in counts), counts  # the candidate path
     out = fastsampler.sample(logits, p, backend="triton", seeds=torch.full((n,), 99, dtype=torch.int64),
                              steps=np.arange(n))
     tok = out.tokens.cpu().numpy()

@@ -12,9 +12,10 @@ flags). The step then reads each row once in full, and a few groups of ids aroun
    over the row). It zeroes the row's candidate count; other rows get the count ``-1``;
 3. `_compact_kernel` (``(B, NC)`` grid) gathers every id with a finite ``z >= bound`` into the row's buffer of
    ``CAP`` slots, reading only the groups whose maximum reaches the bound (a chunk whose maximum is below it reads
-   nothing): each group reserves its slots with one integer atomic add on the row's count and places its candidates
-   by a prefix sum. The order of the buffer depends on the order of the atomics; the *set* does not, and what reads
-   the buffer sorts its values or sums by tile, so the result is deterministic and batch-invariant;
+   nothing): each block of ids (one group on CUDA) reserves its slots with one integer atomic add on the row's count
+   and places its candidates by a prefix sum. The order of the buffer depends on the order of the atomics; the *set*
+   does not, and what reads the buffer sorts its values or sums by tile, so the result is deterministic and
+   batch-invariant;
 4. `_trunc_kernel` (one program per row) sorts the candidates' values and finishes top-k, min_keep, top-p (mass
    relative to the top-k survivors), min-p, and Mirostat v1 (``s`` from the 100 largest, then the ``k`` largest) on
    them, exactly as §3 E defines them; it writes the kept threshold ``zlo`` and the per-tile kept weights that
@@ -155,6 +156,7 @@ def _compact_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
                     BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                     CAP: tl.constexpr,  # candidate slots per row
                     GROUP: tl.constexpr,  # ids per group maximum: the unit read
+                    CBLOCK: tl.constexpr,  # ids per step: GROUP on CUDA, BLOCK in the interpreter
                     CHUNK: tl.constexpr):  # ids per program
     row = tl.program_id(0).to(tl.int64)
     srow = slot_row(row, slot_ptr, SLOTS)
@@ -167,25 +169,27 @@ def _compact_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
     # candidate row see 0 or a partial count, never -1).
     cmax = tl.load(part_f_ptr + (row * NC + chunk) * _PF + _P_M)
     live = (tl.load(cnt_ptr) >= 0) & (cmax >= bound)
-    ng = tl.where(live, (tl.minimum(CHUNK, VC - base) + GROUP - 1) // GROUP, 0)
+    n = tl.where(live, tl.minimum(CHUNK, VC - base), 0)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
                                                     stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
-    for g in range(0, ng):
-        gbase = base + g * GROUP
-        if tl.load(gmax_ptr + row * NG + gbase // GROUP) >= bound:
+    for start in range(0, n, CBLOCK):
+        offs = base + start + tl.arange(0, CBLOCK)
+        # the block's groups that reach the bound (on CUDA a block is one group: read it or skip it)
+        glive = tl.load(gmax_ptr + row * NG + offs // GROUP, mask=offs < VC, other=float("-inf")) >= bound
+        if tl.max(glive.to(tl.int32), 0) > 0:
             ep = blo
             if HAS_BIAS:
-                ep = bias_lower_bound(bias_ids_ptr, blo, bhi, gbase)
-            offs = gbase + tl.arange(0, GROUP)
-            raw, z, b, ep = block_z(row, srow, offs, ep, gbase + GROUP, logits_ptr, counts_ptr, prompt_ptr,
+                ep = bias_lower_bound(bias_ids_ptr, blo, bhi, base + start)
+            offs = tl.where(glive, offs, VC)  # lanes of the other groups read nothing
+            raw, z, b, ep = block_z(row, srow, offs, ep, base + start + CBLOCK, logits_ptr, counts_ptr, prompt_ptr,
                                    allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c,
                                    stride_p, stride_a, stride_m, stride_bt, V, VC,
                                    E, t, rep, freq, pres, ban, bhi,
                                    HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM,
                                    BIAS_TABLE)
-            sel = (z > float("-inf")) & (z >= bound)  # ids >= V have z = -inf
+            sel = (z > float("-inf")) & (z >= bound)  # ids >= V (and the lanes set to VC) have z = -inf
             s32 = sel.to(tl.int32)
-            # one atomic per group reserves its slots; the count keeps growing past CAP (the finisher then falls
+            # one atomic per block reserves its slots; the count keeps growing past CAP (the finisher then falls
             # back to the exact selects)
             pos = tl.atomic_add(cnt_ptr, tl.sum(s32, 0)) + tl.cumsum(s32, 0) - 1
             ok = sel & (pos < CAP)
@@ -369,7 +373,8 @@ def compact_pass(ctx) -> None:
     """Every candidate ``z >= bound`` of each candidate row into its buffer (`_compact_kernel`, a row pass)."""
     _compact_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.rowf, ctx.rowi, ctx.part_f, ctx.gmax, ctx.cand_ids,
                                      ctx.cand_z, *ctx.zstrides(), *ctx.zsizes(), ctx.NG, **ctx.zflags(), CAP=ctx.CAP,
-                                     GROUP=ctx.GROUP, CHUNK=ctx.CHUNK, num_warps=ctx.ROW_WARPS)
+                                     GROUP=ctx.GROUP, CBLOCK=ctx.BLOCK if ctx.interp else ctx.GROUP,
+                                     CHUNK=ctx.CHUNK, num_warps=ctx.ROW_WARPS)
 
 
 def trunc_pass(ctx) -> None:
