@@ -25,7 +25,7 @@ bench: setup
 
 lint: setup
 	$(PY) -m pip install -q ruff
-	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff check src tests examples tools
 	command -v clang-format >/dev/null && clang-format --dry-run --Werror csrc/include/fastsampler/*.h csrc/cpu/*.cpp || true
 
 # the C++ backend's own tests, the hostile-input cases and the fuzz suite, under ASan + UBSan (Triton cases skipped)

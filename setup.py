@@ -1,4 +1,4 @@
-"""Builds the C++ CPU extension ``fastsampler._C`` on every install (pybind11)."""
+"""Builds the C++ CPU extension ``fastsampler.backends.cpu._C`` on every install (pybind11)."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ if SOURCES:
     _cflags, _lflags = _cpu_flags()
     ext_modules.append(
         Pybind11Extension(
-            "fastsampler._C",
+            "fastsampler.backends.cpu._C",
             SOURCES,
             include_dirs=[os.path.join("csrc", "include")],
             depends=HEADERS,

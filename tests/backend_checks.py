@@ -16,7 +16,7 @@ import torch
 
 import fastsampler
 from fastsampler import reference
-from fastsampler.reference import pipeline
+from fastsampler.backends.reference import pipeline
 
 ATOL = 1e-5
 

@@ -232,7 +232,7 @@ def test_gpu_check_script_parses():
     import shutil
     import subprocess
 
-    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    script = pathlib.Path(__file__).resolve().parents[1] / "tools" / "gpu_check.sh"
     if shutil.which("bash") is None:
         pytest.skip("no bash")
     r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)

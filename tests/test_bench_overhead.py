@@ -7,7 +7,7 @@ import doctest
 
 import pytest
 
-from fastsampler import cpu
+from fastsampler.backends import cpu
 from fastsampler.bench import overhead
 
 BACKEND = "cpu" if cpu.is_available()[0] else "reference"

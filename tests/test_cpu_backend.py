@@ -1,4 +1,4 @@
-"""The C++ CPU backend (``backend="cpu"``, `fastsampler._C`): exact against the reference, statistical, properties,
+"""The C++ CPU backend (``backend="cpu"``, `backends.cpu._C`): exact against the reference, statistical, properties,
 batch invariance, thread control and error handling.
 
 Shapes, and the code path each exercises:
@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 import fastsampler
 from backend_checks import NearTieWarning, check_against_reference
 from fastsampler import SamplingParams
-from fastsampler import cpu as fcpu
-from fastsampler.reference import token_noise
-from fastsampler.reference.philox import exp_noise
+from fastsampler.backends import cpu as fcpu
+from fastsampler.backends.reference import token_noise
+from fastsampler.backends.reference.philox import exp_noise
 from strategies import as_f32, batches
 
 pytestmark = pytest.mark.skipif(not fcpu.is_available()[0], reason=fcpu.is_available()[1])
@@ -44,7 +44,7 @@ def _check(b: dict, dtype: torch.dtype = torch.float32):
 
 # ------------------------------------------------------------------------------------------------ randomness
 def test_philox_known_answers():
-    from fastsampler import _C
+    from fastsampler.backends.cpu import _C
 
     assert [f"{w:08x}" for w in _C.philox4x32_10(0, 0, 0, 0, 0, 0)] == ["6627e8d5", "e169c58d", "bc57ac4c", "9b00dbd8"]
     got = _C.philox4x32_10(0xA4093822, 0x299F31D0, 0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344)
@@ -54,7 +54,7 @@ def test_philox_known_answers():
 @pytest.mark.parametrize("seed,step,seq,base", [(0, 0, 0, 0), (2**64 - 1, 2**32 - 1, 3, 1000), (123456789, 17, 1, 7)])
 def test_vector_noise_matches_reference(seed, step, seq, base):
     """The float32 vector path of -ln E (token race) against the float64 reference noise."""
-    from fastsampler import _C
+    from fastsampler.backends.cpu import _C
 
     got = _C.neg_log_noise(seed, step, seq, 0, base).astype(np.float64)
     ids = np.arange(4 * base, 4 * base + 64)
@@ -78,7 +78,7 @@ def test_noise_bound_covers_noise():
     the bound must hold for the float32 vector noise and the float64 noise of every word, and stay close to it
     above 2^31 (within ln 2 from the exponent, plus ln(2 ln 2) from E >= 1 - u at u = 1/2; below 2^31, where -ln E
     lies in [-3.14, 0.37], it is the constant 0.37), or the pruning would stop paying."""
-    from fastsampler import _C
+    from fastsampler.backends.cpu import _C
 
     words = _bound_words()
     noise32, bound32, bound64 = _C.neg_log_noise_bound(words)
@@ -359,7 +359,7 @@ def test_empty_batch_and_single_token():
 
 
 def _raw_args(b=2, v=10):
-    from fastsampler import _C
+    from fastsampler.backends.cpu import _C
 
     args = dict(logits=np.zeros((b, v), np.float32), dtype="float32", vocab_size=v,
                 fparams=np.tile(np.array([1, 1, 0, 1, 0, 0, 1, 5, 0.1], np.float32), (b, 1)),

@@ -1,4 +1,4 @@
-"""Hostile inputs for the C++ CPU backend (`fastsampler._C`): values at the edge of the float32 range, negative output
+"""Hostile inputs for the C++ CPU backend (`backends.cpu._C`): values at the edge of the float32 range, negative output
 counts, huge vocabularies (scratch memory) and the exact kept set.
 
 - Typical-p on ``[3e38, -3e38]``: the second token's float32 ``z - M`` overflows to ``-inf`` and its weight is 0; the
@@ -26,12 +26,12 @@ import torch
 import fastsampler
 from backend_checks import NearTieWarning, check_against_reference
 from fastsampler import SamplingParams
-from fastsampler import cpu as fcpu
 from fastsampler._batch import pack_batch
-from fastsampler.reference import pipeline
+from fastsampler.backends import cpu as fcpu
+from fastsampler.backends.reference import pipeline
 
 pytestmark = pytest.mark.skipif(
-    not fcpu.is_available()[0], reason=f"the C++ CPU backend (fastsampler._C) is unavailable: {fcpu.is_available()[1]}"
+    not fcpu.is_available()[0], reason=f"the C++ CPU backend (backends.cpu._C) is unavailable: {fcpu.is_available()[1]}"
 )
 
 # the sanitized build (tools/sanitize.sh) is several times slower, including the subprocess' start
@@ -61,7 +61,7 @@ _CHILD = r"""
 import json, sys
 import torch
 from fastsampler import SamplingParams
-from fastsampler import cpu
+from fastsampler.backends import cpu
 from fastsampler._batch import pack_batch
 
 args = json.loads(sys.stdin.read())
@@ -356,7 +356,7 @@ def test_signed_zero_ties_ordered_by_id(mode):
 
 
 def test_advance_arrays_updates_and_checks():
-    """`fastsampler.cpu.advance_arrays`, a Sampler step's state update: valid rows step and count (saturating),
+    """`fastsampler.backends.cpu.advance_arrays`, a Sampler step's state update: valid rows step and count (saturating),
     every row stores its mu; a slot or token outside the state raises before anything is written."""
     steps = np.array([5, 7, 9], dtype=np.int64)
     mu = np.zeros(3, dtype=np.float32)

@@ -11,8 +11,8 @@ MODULES = [
     "fastsampler._api",
     "fastsampler.ops",
     "fastsampler.params",
-    "fastsampler.reference.philox",
-    "fastsampler.reference.pipeline",
+    "fastsampler.backends.reference.philox",
+    "fastsampler.backends.reference.pipeline",
 ]
 
 

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 import fastsampler
 from fastsampler import SamplingParams
-from fastsampler.reference import pipeline
+from fastsampler.backends.reference import pipeline
 
 BACKENDS = [b for b in fastsampler.available_backends() if b != "reference"]
 EXAMPLES = int(os.environ.get("FASTSAMPLER_FUZZ_EXAMPLES", "120"))

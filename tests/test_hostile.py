@@ -21,6 +21,7 @@ import torch
 
 import fastsampler
 from fastsampler import Sampler, SamplingParams, ops, reference
+from fastsampler.backends.reference import pipeline as ref_pipeline
 
 BACKENDS = fastsampler.available_backends()  # reference always; cpu when built; triton (interpreter on CPU)
 # the interpreter evaluates masked-off lanes too (log(0), inf - inf): numpy warns, results are unaffected
@@ -171,7 +172,7 @@ def test_ops_keep_tokens_whose_probability_underflows(backend: str) -> None:
     lp = ops.truncation_logprobs(torch.tensor([[0.0, -200.0, -300.0]]), top_k=2, backend=backend)
     assert lp[0, :2].tolist() == [0.0, -200.0] and lp[0, 2].item() == -math.inf
     # the mask is exactly the set the reference keeps
-    ref = reference.pipeline
+    ref = ref_pipeline
     rows = ref._rows_from_args(np.array([[0.0, -200.0, -300.0]]), SamplingParams(top_k=2))
     assert ref._run_row(rows[0]).keep.tolist() == [True, True, False]
 

@@ -97,8 +97,8 @@ def test_numpy_in_numpy_out() -> None:
 
 def test_unavailable_backend_raises_with_install_command_and_auto_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     # an import that fails (as without triton / without the built extension): sys.modules entry None -> ImportError
-    monkeypatch.setitem(__import__("sys").modules, "fastsampler.triton.backend", None)
-    monkeypatch.setitem(__import__("sys").modules, "fastsampler.cpu", None)
+    monkeypatch.setitem(__import__("sys").modules, "fastsampler.backends.triton.backend", None)
+    monkeypatch.setitem(__import__("sys").modules, "fastsampler.backends.cpu", None)
     x = torch.tensor([[0.0, 3.0, 1.0]])
     with pytest.raises(ImportError, match=r"backend='triton' is unavailable .*pip install"):
         fastsampler.sample(x, SamplingParams(temperature=0.0), backend="triton")
@@ -202,12 +202,12 @@ def test_backend_resolution_is_cached_but_follows_sys_modules(monkeypatch: pytes
     x = torch.tensor([[0.0, 3.0, 1.0]])
     first = _api._backend_of("auto", x.device, x.dtype)
     assert _api._backend_of("auto", x.device, x.dtype) == first
-    monkeypatch.setitem(__import__("sys").modules, "fastsampler.cpu", None)
+    monkeypatch.setitem(__import__("sys").modules, "fastsampler.backends.cpu", None)
     assert _api._backend_of("auto", x.device, x.dtype)[0] == "reference"
 
 
 def test_cpu_threads_for_small_batches() -> None:
-    from fastsampler import cpu
+    from fastsampler.backends import cpu
 
     if not cpu.is_available()[0]:
         pytest.skip("the C++ backend is unavailable")

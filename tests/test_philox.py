@@ -12,8 +12,8 @@ from decimal import Decimal, getcontext
 import numpy as np
 import pytest
 
-from fastsampler.reference import exp_noise, philox4x32, tile_noise, token_noise
-from fastsampler.reference.philox import STREAM_TILE, STREAM_TOKEN, TILE
+from fastsampler.backends.reference import exp_noise, philox4x32, tile_noise, token_noise
+from fastsampler.backends.reference.philox import STREAM_TILE, STREAM_TOKEN, TILE
 
 M32 = 0xFFFFFFFF
 

@@ -15,7 +15,7 @@ import pytest
 from fastsampler import SamplingParams as SP
 from fastsampler import reference as ref
 from fastsampler._batch import ids_to_bitmask
-from fastsampler.reference import philox4x32
+from fastsampler.backends.reference import philox4x32
 
 INF = math.inf
 NAN = math.nan

@@ -422,7 +422,7 @@ def test_device_bias_csr_pads_rows_with_zero_entries(vocab: int) -> None:
 
 
 @pytest.mark.parametrize("name", ["fastsampler.sampler", "fastsampler._custom_ops", "fastsampler._batch",
-                                  *(["fastsampler.cpu"] if "cpu" in BACKENDS else [])])
+                                  *(["fastsampler.backends.cpu"] if "cpu" in BACKENDS else [])])
 def test_docstring_examples(name: str) -> None:
     import doctest
     import importlib

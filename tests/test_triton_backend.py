@@ -335,7 +335,7 @@ def test_draws_chi_square(device, case):
 def test_no_host_sync_and_cuda_graph_capture():
     """sample_packed never synchronises with the host and replays from a CUDA graph with the same results."""
     from fastsampler._batch import pack_batch
-    from fastsampler.triton import backend
+    from fastsampler.backends.triton import backend
 
     v = 32000
     params = [SP(seed=1, top_k=50, top_p=0.9, min_p=0.05, logprobs=True, top_logprobs=5, logit_bias={3: 2.0}),

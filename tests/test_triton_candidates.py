@@ -55,8 +55,8 @@ def _check(logits, params, **kw):
 def _paths(logits, params, **kw):
     """Run one step's truncation and report, per row, the candidate count (-1: not a candidate row), the buffer
     (ids) of candidate rows, and the buffer size."""
-    from fastsampler.triton import backend
-    from fastsampler.triton.penalties import RI_CCOUNT
+    from fastsampler.backends.triton import backend
+    from fastsampler.backends.triton.penalties import RI_CCOUNT
 
     batch = pack_batch(logits, params, **kw)
     ctx, _ = backend._run(batch)
@@ -69,9 +69,9 @@ def _paths(logits, params, **kw):
 def _lp_paths(logits, params, **kw):
     """Run one step with its logprobs kernel and report, per row, whether the top-N and rank came from the group
     maxima (True) or from the whole row (False)."""
-    from fastsampler.triton import backend
-    from fastsampler.triton.logprobs import logprobs_pass
-    from fastsampler.triton.penalties import RI_LP_GROUPS
+    from fastsampler.backends.triton import backend
+    from fastsampler.backends.triton.logprobs import logprobs_pass
+    from fastsampler.backends.triton.penalties import RI_LP_GROUPS
 
     batch = pack_batch(logits, params, **kw)
     ctx, out = backend._run(batch)
@@ -191,7 +191,7 @@ def test_logprobs_from_groups(device):
 
 def _mirostat_k(row: np.ndarray, mu: float) -> int:
     """The reference's Mirostat v1 k of a row (temperature 1, no masks), clamped like §3 E."""
-    from fastsampler.reference import pipeline
+    from fastsampler.backends.reference import pipeline
 
     z = np.sort(row[np.isfinite(row)].astype(np.float64))[::-1]
     lq = z - z[0] - np.log(np.exp(z - z[0]).sum())
@@ -257,7 +257,7 @@ def test_draws_chi_square(device, monkeypatch):
 
 def test_buffer_size_env(monkeypatch):
     """``FASTSAMPLER_TRITON_CANDIDATES`` must be a power of two in [16, 4096]."""
-    from fastsampler.triton.backend import _candidates
+    from fastsampler.backends.triton.backend import _candidates
 
     for bad in ("8", "100", "8192"):
         monkeypatch.setenv("FASTSAMPLER_TRITON_CANDIDATES", bad)

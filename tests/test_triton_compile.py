@@ -114,7 +114,7 @@ def _compile(name: str, constexprs: dict, logits_dtype: str) -> str:
     from triton.compiler import ASTSource
 
     mod_name, fn_name = name.split(".")
-    kernel = getattr(importlib.import_module(f"fastsampler.triton.{mod_name}"), fn_name)
+    kernel = getattr(importlib.import_module(f"fastsampler.backends.triton.{mod_name}"), fn_name)
     sig = {}
     for arg in kernel.arg_names:
         if arg in constexprs:

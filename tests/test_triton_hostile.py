@@ -76,7 +76,7 @@ def test_typical_entropy_overflow_example(device):
 def test_overflowing_log_probabilities(device, dtype):
     """top-p / min-p with min_keep=2, with and without typical-p, on ``[3e38, -3e38]``: same tokens and
     distribution as the reference (min_keep keeps the token of probability 0)."""
-    from fastsampler.triton.backend import kept_mask_packed
+    from fastsampler.backends.triton.backend import kept_mask_packed
 
     n = len(OVERFLOW_PARAMS)
     x = torch.tensor([[3e38, -3e38]] * n, dtype=dtype, device=device)
@@ -160,7 +160,7 @@ def test_negative_output_counts_are_zero(device, dtype):
 # -------------------------------------------------------------------------------------------- kept mask (§3 E)
 def test_kept_mask_examples(device):
     """Kept tokens with float32 probability 0 are in the mask; greedy, invalid and padding as documented."""
-    from fastsampler.triton.backend import kept_mask_packed
+    from fastsampler.backends.triton.backend import kept_mask_packed
 
     cases = [([0.0, -200.0, -300.0], SP(top_k=2, seed=1), [True, True, False]),
              ([0.0, -120.0, -120.0], SP(typical_p=0.5, min_keep=3, seed=2), [True, True, True]),
@@ -192,7 +192,7 @@ MASK_PARAMS = [SP(seed=1), SP(seed=2, top_k=7), SP(seed=3, top_p=0.6), SP(seed=4
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kept_mask_random(device, seed):
     """On ordinary logits the mask is ``sampling_probs > 0`` (Triton) and the reference's kept set."""
-    from fastsampler.triton.backend import kept_mask_packed, sampling_probs_packed
+    from fastsampler.backends.triton.backend import kept_mask_packed, sampling_probs_packed
 
     v = 300
     g = np.random.default_rng(100 + seed)
@@ -249,7 +249,7 @@ def test_typical_distance_at_large_magnitude(device):
     """Typical-p's ``s = |-ln q - H|`` at ``|z| = 1e8`` (float32 spacing 8): one token at 1e8 and 2400 at 1e8 - 8 give
     ``q = 0.554`` and ``s = 3.57`` for the first, ``s = 4.43`` for the others, so ``typical_p = 0.5`` keeps only id 0.
     Forming ``m + ln s`` (``ln s = 0.59`` rounds away) would order the scores the other way and keep every token."""
-    from fastsampler.triton.backend import kept_mask_packed
+    from fastsampler.backends.triton.backend import kept_mask_packed
 
     v = 2401
     x = torch.full((2, v), 1e8 - 8.0, device=device)

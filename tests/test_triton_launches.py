@@ -2,7 +2,7 @@
 
 Launches are every ``kernel[grid](...)`` call and every torch op that launches a device kernel (anything but views,
 metadata and uninitialised allocations), counted with a ``TorchDispatchMode``. `test_launches_per_step` counts them
-where the backend runs (``fastsampler.triton.backend.sample_packed``, the body of the ``fastsampler::sample_packed``
+where the backend runs (``backends.triton.backend.sample_packed``, the body of the ``fastsampler::sample_packed``
 op); `test_whole_step_launches` counts the WHOLE `Sampler.sample` step with a tensor of slots (the kernels read the
 Sampler's state through the slot index and update it in place, `PackedBatch.slot_index`), which the budgets are for.
 The knobs are the CUDA ones (``FASTSAMPLER_TRITON_CHUNK=1024``, ``FASTSAMPLER_TRITON_DIGIT_BITS=4``) on a small
@@ -76,7 +76,7 @@ def count_launches(monkeypatch):
     state (for a `_Counter` of what runs outside the backend)."""
     import triton.runtime.jit as jit
 
-    from fastsampler.triton import backend
+    from fastsampler.backends.triton import backend
 
     monkeypatch.setenv("FASTSAMPLER_TRITON_CHUNK", "1024")
     monkeypatch.setenv("FASTSAMPLER_TRITON_DIGIT_BITS", "4")

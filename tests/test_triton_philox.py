@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import triton_available
-from fastsampler.reference import exp_noise, philox4x32
+from fastsampler.backends.reference import exp_noise, philox4x32
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.skipif(not triton_available(), reason="triton is not installed")]
 
@@ -22,14 +22,14 @@ KAT = [  # Random123 known answers, 10 rounds: (key, counter, expected)
 
 @pytest.mark.parametrize("key,ctr,expected", KAT)
 def test_philox_known_answers(device, key, ctr, expected):
-    from fastsampler.triton.philox import philox4x32 as tri_philox
+    from fastsampler.backends.triton.philox import philox4x32 as tri_philox
 
     got = tri_philox(torch.tensor([ctr], device=device), torch.tensor([key], device=device))
     assert [f"{int(w):08x}" for w in got[0].tolist()] == expected.split()
 
 
 def test_philox_random_counters_match_reference(device):
-    from fastsampler.triton.philox import philox4x32 as tri_philox
+    from fastsampler.backends.triton.philox import philox4x32 as tri_philox
 
     rng = np.random.default_rng(7)
     ctr = rng.integers(0, 2**32, size=(257, 4), dtype=np.uint64)
@@ -42,7 +42,7 @@ def test_philox_random_counters_match_reference(device):
 
 
 def test_noise_matches_reference_on_both_tails(device):
-    from fastsampler.triton.philox import philox_words
+    from fastsampler.backends.triton.philox import philox_words
 
     # both branches of the formula, their seam, the extremes and random words
     special = [0, 1, 2, 1000, 2**31 - 2, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1000, 2**32 - 2, 2**32 - 1]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build fastsampler._C with AddressSanitizer + UndefinedBehaviorSanitizer and run the CPU backend tests against it.
+# Build fastsampler.backends.cpu._C with AddressSanitizer + UndefinedBehaviorSanitizer and run the CPU backend tests against it.
 #
 # The sanitized extension goes into a private copy of the package (a temporary directory put first on PYTHONPATH),
 # so the regular build in src/fastsampler is left untouched. Any ASan / UBSan report fails the run.
@@ -18,7 +18,7 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/fastsampler-sanitize.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 
 cp -r src/fastsampler "$WORK/fastsampler"
-rm -f "$WORK"/fastsampler/_C*.so
+rm -f "$WORK"/fastsampler/backends/cpu/_C*.so
 EXT_SUFFIX="$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
 PYINC="$("$PY" -m pybind11 --includes)"
 OMP=""
@@ -26,7 +26,7 @@ if echo 'int main(){}' | "$CXX" -fopenmp -x c++ - -o "$WORK/omp_probe" 2>/dev/nu
 echo "building the sanitized extension ($CXX, -fsanitize=address,undefined $OMP)"
 # shellcheck disable=SC2086
 "$CXX" -std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
-  -march=native $OMP ${EXTRA_CXXFLAGS:-} -fPIC -shared -Icsrc/include $PYINC csrc/cpu/*.cpp -o "$WORK/fastsampler/_C$EXT_SUFFIX"
+  -march=native $OMP ${EXTRA_CXXFLAGS:-} -fPIC -shared -Icsrc/include $PYINC csrc/cpu/*.cpp -o "$WORK/fastsampler/backends/cpu/_C$EXT_SUFFIX"
 
 # the interpreter is not instrumented: preload the runtimes; CPython's arenas look like leaks, so leak checking is off
 PRELOAD="$("$CXX" -print-file-name=libasan.so):$("$CXX" -print-file-name=libubsan.so)"
@@ -34,7 +34,7 @@ ARGS=("$@")
 if [ ${#ARGS[@]} -eq 0 ]; then ARGS=(tests/test_cpu_*.py); fi
 echo "running: pytest ${ARGS[*]}"
 env LD_PRELOAD="$PRELOAD" ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0" PYTHONPATH="$WORK" \
-  "$PY" -c "import fastsampler._C as c, sys; f = c.__file__; print('extension under test:', f); \
+  "$PY" -c "import fastsampler.backends.cpu._C as c, sys; f = c.__file__; print('extension under test:', f); \
 sys.exit(0 if f.startswith('$WORK') else 'the sanitized extension was not picked up')"
 env LD_PRELOAD="$PRELOAD" \
   ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1:halt_on_error=1" \

@@ -27,9 +27,9 @@ _INSTALL_HINT = {
     "reference": "",
 }
 _MODULES = {
-    "triton": "fastsampler.triton.backend",
-    "cpu": "fastsampler.cpu",
-    "reference": "fastsampler.reference.backend",
+    "triton": "fastsampler.backends.triton.backend",
+    "cpu": "fastsampler.backends.cpu",
+    "reference": "fastsampler.backends.reference.backend",
 }
 _NAMES = {v: k for k, v in _MODULES.items()}
 

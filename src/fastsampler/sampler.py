@@ -629,7 +629,7 @@ class Sampler:
     def _sample_host(self, logits: torch.Tensor, ss: _SlotSet, wl: int,
                      token_bitmask: torch.Tensor | None) -> SampleOutput:
         """The C++ backend on numpy views: no packed batch, no torch op; the state is updated through its views."""
-        from . import cpu
+        from .backends import cpu
 
         assert self._host_state is not None
         steps_all, mu_all, counts_all = self._host_state
@@ -861,7 +861,7 @@ class _SlotSet:
 
 
 class _HostRows:
-    """Numpy views of a CPU `_SlotSet`'s tensors: the arguments of ``fastsampler._C.sample`` that stay fixed."""
+    """Numpy views of a CPU `_SlotSet`'s tensors: the arguments of ``_C.sample`` that stay fixed."""
 
     __slots__ = ("index", "f", "i", "seeds", "seqs", "allowed", "prompt", "bias_indptr", "bias_ids", "bias_vals",
                  "eos", "steps", "mu", "counts")

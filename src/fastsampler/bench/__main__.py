@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
         try:  # the C++ backend may already be loaded (main() called in-process)
-            from .. import cpu as _cpu_backend
+            from ..backends import cpu as _cpu_backend
 
             _cpu_backend.set_num_threads(args.threads)
         except (ImportError, AttributeError):

@@ -69,7 +69,7 @@ def _one_tile(a: Mapping[str, Any]) -> float:
     return min(1.0, (tile + 2) / vc)
 
 
-# THE per-kernel access rules (keys: module relative to fastsampler.triton, then the kernel's name). A kernel not
+# THE per-kernel access rules (keys: module relative to backends.triton, then the kernel's name). A kernel not
 # listed here follows DEFAULT_RULE; `fastsampler.bench.model` names a kernel whose rule is off by more than 2x from
 # what its probe touched.
 ACCESS_RULES: dict[str, AccessRule] = {
@@ -253,7 +253,7 @@ def pointer_access(module: str, qualname: str, pointer_args: tuple[str, ...]) ->
 
     Parameters
     ----------
-    module, qualname : where the kernel lives (``fastsampler.triton.stats``, ``_stats_kernel``)
+    module, qualname : where the kernel lives (``fastsampler.backends.triton.stats``, ``_stats_kernel``)
     pointer_args : the arguments that were tensors at the launch
     """
     try:

@@ -23,7 +23,7 @@ the calls
     scenario passes its penalty state as tensors (``prompt_mask``, ``output_counts``, ``steps``), the form of a
     caller that keeps state between steps.
 ``kernel`` (C++ backend only)
-    ``fastsampler._C.sample`` alone on the packed arrays of ``sample(list)`` (packed once per logits buffer): the
+    ``_C.sample`` alone on the packed arrays of ``sample(list)`` (packed once per logits buffer): the
     kernels plus the extension's argument parsing; what a step costs beyond it is Python-side host work.
 
 and reports the median (and 20th / 80th percentiles) in microseconds and the ratio of each median to argmax's.
@@ -51,9 +51,9 @@ _BLOCK = 16  # calls of one candidate in a row before the next candidate's turn
 
 
 def simd_path() -> str:
-    """The SIMD path the C++ extension was built with (``fastsampler._C.simd()``), or ``'unavailable'``."""
+    """The SIMD path the C++ extension was built with (``fastsampler.backends.cpu._C.simd()``), or ``'unavailable'``."""
     try:
-        from .. import _C  # type: ignore[attr-defined]
+        from ..backends.cpu import _C  # type: ignore[attr-defined]
     except ImportError:
         return "unavailable"
     return str(_C.simd())
@@ -63,7 +63,7 @@ def _threads(backend: str, batch: int, vocab: int) -> int:
     """The ``num_threads`` the C++ kernels get for this shape (0: not the C++ backend)."""
     if backend != "cpu":
         return 0
-    from .. import cpu
+    from ..backends import cpu
 
     return cpu.threads_for(batch, vocab)
 
@@ -122,8 +122,8 @@ def _candidates(scenario: str, batch: int, vocab: int, backend: str, device: tor
 
     fns = {"Sampler.sample": sampler_step, "sample(params)": functional_one, "sample(list)": functional_list}
     if sampler.backend_for(torch.float32) == "cpu" and device.type == "cpu":
-        from .. import cpu
         from .._batch import pack_host
+        from ..backends import cpu
 
         packed = [pack_host(x, plist, **{k: v for k, v in kw.items() if k != "backend"}) for x in logits]
         args = [(*cpu._logits_np(h.logits), h.vocab_size, *h[2:15]) for h in packed]

@@ -450,7 +450,7 @@ class NumpyReferenceProvider(Provider):
         if device.type != "cpu":
             return False, "the numpy reference is measured on CPU runs only"
         try:
-            from .. import reference
+            from ..backends import reference
 
             reference.sample  # noqa: B018 - attribute check
         except (ImportError, AttributeError) as e:
@@ -458,7 +458,7 @@ class NumpyReferenceProvider(Provider):
         return True, ""
 
     def prepare(self, inp: CaseInputs) -> Prepared:
-        from .. import reference
+        from ..backends import reference
 
         self._check_size(inp)
         import numpy as np

@@ -45,7 +45,7 @@ __all__ = ["CUDA_KNOBS", "ArgInfo", "TritonLaunch", "TorchOp", "StepRecord", "re
 
 # The CUDA launch settings of the Triton backend, forced while recording (read per call by the backend).
 CUDA_KNOBS: dict[str, str] = {"FASTSAMPLER_TRITON_CHUNK": "1024", "FASTSAMPLER_TRITON_DIGIT_BITS": "4"}
-KERNEL_PACKAGE = "fastsampler.triton."  # kernel names are given relative to this package ("stats._stats_kernel")
+KERNEL_PACKAGE = "fastsampler.backends.triton."  # kernel names are relative to it ("stats._stats_kernel")
 
 _ALLOC_ONLY = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted"}
 _SYNC_OPS = {"_local_scalar_dense", "is_nonzero", "equal"}
@@ -93,7 +93,7 @@ class ArgInfo:
 class TritonLaunch:
     """One ``kernel[grid](...)`` launch."""
 
-    kernel: str  # "stats._stats_kernel" (module relative to fastsampler.triton, then the function name)
+    kernel: str  # "stats._stats_kernel" (module relative to fastsampler.backends.triton, then the function name)
     module: str
     qualname: str
     grid: tuple[int, int, int]
@@ -213,7 +213,7 @@ def _cuda_block_policy(status: list[str]) -> Iterator[None]:
     """
     status.append("cuda")
     try:
-        from ..triton import backend
+        from ..backends.triton import backend
     except ImportError:
         status[-1] = "interpreter (triton backend not importable)"
         yield

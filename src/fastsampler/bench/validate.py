@@ -45,7 +45,7 @@ class Check:
 
 def reference_probs(chk: CheckInputs) -> np.ndarray:
     """(rows, V) float64 reference distribution of the checked rows (zero outside the kept set)."""
-    from .. import reference
+    from ..backends import reference
 
     seeds = np.full(chk.logits.shape[0], chk.seed, dtype=np.int64)
     state = {} if chk.output_counts is None else {"output_counts": chk.output_counts.numpy()}

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._batch import PackedBatch
-from ..output import SampleOutput
+from ..._batch import PackedBatch
+from ...output import SampleOutput
 from .pipeline import _run_row, probs_rows, rows_from_packed, sample_rows
 
 __all__ = ["is_available", "supports", "sample_packed", "sampling_probs_packed", "kept_mask_packed"]

@@ -1,4 +1,4 @@
-"""The C++ CPU backend: `fastsampler._C` kernels on CPU tensors and numpy arrays.
+"""The C++ CPU backend: `fastsampler.backends.cpu._C` kernels on CPU tensors and numpy arrays.
 
 The same pipeline as every backend (docs/semantics.md §2, §3, §7) in float32, rows in parallel across cores on a
 persistent thread pool (see ``docs/cpu.md``). The thread count is ``set_num_threads(n)`` (0: all cores) or the
@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._batch import HostBatch, PackedBatch
-from .output import SampleOutput
+from ..._batch import HostBatch, PackedBatch
+from ...output import SampleOutput
 
 __all__ = ["is_available", "supports", "sample_packed", "sampling_probs_packed", "kept_mask_packed",
            "set_num_threads", "get_num_threads", "scratch_bytes", "threads_for", "sample_arrays", "sample_host",
@@ -37,7 +37,7 @@ try:
     _IMPORT_ERROR: str | None = None
 except ImportError as e:  # pragma: no cover - depends on the build
     _C = None
-    _IMPORT_ERROR = f"the C++ extension fastsampler._C did not import ({e}); rebuild it with: {REINSTALL}"
+    _IMPORT_ERROR = f"the C++ extension fastsampler.backends.cpu._C did not import ({e}); rebuild it with: {REINSTALL}"
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -65,7 +65,7 @@ def set_num_threads(n: int) -> None:
 
     Examples
     --------
-    >>> import fastsampler.cpu as cpu
+    >>> import fastsampler.backends.cpu as cpu
     >>> cpu.set_num_threads(1); cpu.get_num_threads()
     1
     >>> cpu.set_num_threads(0)
@@ -93,7 +93,7 @@ def threads_for(batch: int, vocab: int) -> int:
 
     Examples
     --------
-    >>> import fastsampler.cpu as cpu
+    >>> import fastsampler.backends.cpu as cpu
     >>> cpu.threads_for(8, 1024)
     1
     >>> cpu.threads_for(64, 128256) == cpu.get_num_threads()
@@ -110,13 +110,13 @@ def scratch_bytes() -> int:
     """Bytes currently held by the kernels' per-thread scratch buffers, over all threads and input dtypes.
 
     Each thread keeps its buffers between calls (steady-state decoding allocates nothing), except that at the end
-    of every call a thread whose buffers exceed ``fastsampler._C.SCRATCH_CAP_BYTES`` (20 MiB, enough for rows of
+    of every call a thread whose buffers exceed ``_C.SCRATCH_CAP_BYTES`` (20 MiB, enough for rows of
     2^18 = 262144 ids) frees them, so a one-off call on a larger vocabulary does not keep its memory (see
     ``docs/cpu.md``). Thread-safe; the value may lag a call that is running concurrently.
 
     Examples
     --------
-    >>> import fastsampler.cpu as cpu
+    >>> import fastsampler.backends.cpu as cpu
     >>> cpu.scratch_bytes() >= 0
     True
     """

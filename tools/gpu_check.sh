@@ -5,7 +5,7 @@
 # Each stage's failure is reported and the later stages still run. Everything lands in $OUT (default ./gpu_check_out):
 #   setup.log tests.log bench.log results.csv table.txt summary.txt summary.md latency_vs_batch.png  (8 files)
 #
-# Usage:  bash benchmarks/gpu_check.sh
+# Usage:  bash tools/gpu_check.sh
 # Knobs (environment):
 #   PYTHON=python3        interpreter that holds torch
 #   TEST_TIMEOUT=150      seconds for the test stage (0 or SKIP_TESTS=1: skip it)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._batch import F_TEMPERATURE, I_MIRO_MODE, NF, NI
+from ..._batch import F_TEMPERATURE, I_MIRO_MODE, NF, NI
 from .penalties import NRF, NRI, RF_M, RF_ZLO, RI_NFIN, RI_VALID, block_z, row_scalars, slot_row
 from .select import float_key, radix_select
 

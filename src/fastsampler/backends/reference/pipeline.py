@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._batch import (
+from ..._batch import (
     F_FREQ,
     F_MIN_P,
     F_MIRO_ETA,
@@ -36,8 +36,8 @@ from .._batch import (
     bitmask_to_bool,
     pack_batch,
 )
-from ..output import SampleOutput
-from ..params import LOGPROBS_MODES, SamplingParams
+from ...output import SampleOutput
+from ...params import LOGPROBS_MODES, SamplingParams
 from .philox import TILE, tile_noise, token_noise
 
 __all__ = ["process_logits", "sampling_probs", "sample", "diagnose", "RACE_TIE_TOL", "BOUNDARY_TOL"]

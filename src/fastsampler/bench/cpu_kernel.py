@@ -2,11 +2,11 @@
 
 Usage::
 
-    python benchmarks/bench_cpu.py                      # V = 128256, fp32, B = 1 and 64, one thread
-    taskset -c 1 python benchmarks/bench_cpu.py --threads 1
-    python benchmarks/bench_cpu.py --threads 1,2 --batch 64 --scenarios plain   # thread scaling
+    python -m fastsampler.bench.cpu_kernel                      # V = 128256, fp32, B = 1 and 64, one thread
+    taskset -c 1 python -m fastsampler.bench.cpu_kernel --threads 1
+    python -m fastsampler.bench.cpu_kernel --threads 1,2 --batch 64 --scenarios plain   # thread scaling
 
-Reports the median over many repetitions (after a warm-up) of ``fastsampler.cpu.sample_packed`` on a pre-packed
+Reports the median over many repetitions (after a warm-up) of ``fastsampler.backends.cpu.sample_packed`` on a pre-packed
 batch ("kernel": the C++ call and its argument checks) and of ``fastsampler.sample(backend="cpu")`` ("api": packing
 included), per row in µs, with effective GB/s (logit bytes read once / time) and the ratio against the torch
 sort-based sampler (temperature, sort, top-k / top-p masks, softmax, exponential race) on the same inputs and thread
@@ -29,8 +29,8 @@ import torch
 
 import fastsampler
 from fastsampler import SamplingParams
-from fastsampler import cpu as fcpu
 from fastsampler._batch import pack_batch
+from fastsampler.backends import cpu as fcpu
 
 LOGIT_SCALE = 3.0
 HISTORY = 256
@@ -136,7 +136,7 @@ def main() -> None:
                     break
     except OSError:
         pass
-    from fastsampler import _C
+    from fastsampler.backends.cpu import _C
 
     print(f"# device: {cpu_name} ({os.cpu_count()} cpus, simd={_C.simd()}, openmp={_C.has_openmp()}), "
           f"V={args.vocab}, dtype={args.dtype}, logits randn*{LOGIT_SCALE}")

@@ -55,8 +55,8 @@ import os
 
 import torch
 
-from .._batch import PackedBatch
-from ..output import SampleOutput
+from ..._batch import PackedBatch
+from ...output import SampleOutput
 
 __all__ = ["is_available", "supports", "sample_packed", "sampling_probs_packed", "kept_mask_packed"]
 
