@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-slots", type=int, default=8, help="concurrent sequences")
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--backend", default="auto", choices=["auto", *fastsampler._api.BACKENDS])
+    ap.add_argument("--backend", default="auto", choices=["auto", *fastsampler.backends.BACKENDS])
     ap.add_argument("--seed", type=int, default=0, help="model weights, prompts and request seeds")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model step with the sampling in it")
     ap.add_argument("--random-seeds", action="store_true", help="requests without a seed (the sampler draws them)")

@@ -81,7 +81,7 @@ def test_fake_impl_shapes() -> None:
 def test_op_output_matches_the_backend_and_never_aliases_inputs(backend: str) -> None:
     batch = _batch(1, _dev(backend))  # no mirostat row: mu passes through (NaN), and must come back as a fresh tensor
     out = sample_packed(backend, batch)
-    direct = fastsampler._api._load(backend).sample_packed(batch)
+    direct = fastsampler.backends.load(backend).sample_packed(batch)
     assert torch.equal(out.tokens, direct.tokens)
     assert out.mirostat_mu.untyped_storage().data_ptr() != batch.mirostat_mu.untyped_storage().data_ptr()
     assert [t.dtype for t in out] == [torch.int64, torch.bool, torch.float32, torch.int64, torch.float32,
@@ -236,12 +236,12 @@ def _run_twins(compile_backend: str, backend: str, steps: int, *, bitmask: bool)
         a = step(eager_s, tok, slots_t)
         b = cstep(comp_s, tok, slots_t)
     assert b[2].shape == (6, 5) and torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
-    for name in ("_steps", "_counts", "_mu"):
-        assert torch.equal(getattr(eager_s, name), getattr(comp_s, name)) or torch.allclose(
-            getattr(eager_s, name), getattr(comp_s, name), equal_nan=True), name
-    assert int(comp_s._steps[slots].min()) == steps + 1
+    for name in ("steps", "counts", "mu"):
+        want, got = getattr(eager_s._tables, name), getattr(comp_s._tables, name)
+        assert torch.equal(want, got) or torch.allclose(want, got, equal_nan=True), name
+    assert int(comp_s._tables.steps[slots].min()) == steps + 1
     if bitmask:
-        assert int(comp_s._counts[:, 45:].sum()) == 0
+        assert int(comp_s._tables.counts[:, 45:].sum()) == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -278,14 +278,15 @@ def test_cuda_graph_capture_of_sampler_step() -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_out = graph_s.sample(static_logits, slots_t)
-    graph_s._steps.zero_()  # capture ran nothing; make sure nothing advanced either way
-    graph_s._counts.zero_()
-    graph_s._mu.copy_(eager_s._mu)
+    graph_s._tables.steps.zero_()  # capture ran nothing; make sure nothing advanced either way
+    graph_s._tables.counts.zero_()
+    graph_s._tables.mu.copy_(eager_s._tables.mu)
     for _ in range(4):
         static_logits.copy_(torch.randn(len(slots), V, device=dev, generator=g))
         graph.replay()
         ref = eager_s.sample(static_logits, slots_t)
         assert torch.equal(static_out.tokens, ref.tokens)
         assert torch.allclose(static_out.mirostat_mu, ref.mirostat_mu, equal_nan=True)
-    assert torch.equal(graph_s._counts, eager_s._counts) and torch.equal(graph_s._steps, eager_s._steps)
-    assert np.all(graph_s._steps[slots].cpu().numpy() == 4)
+    assert torch.equal(graph_s._tables.counts, eager_s._tables.counts)
+    assert torch.equal(graph_s._tables.steps, eager_s._tables.steps)
+    assert np.all(graph_s._tables.steps[slots].cpu().numpy() == 4)

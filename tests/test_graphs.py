@@ -48,4 +48,5 @@ def test_graphed_step_follows_an_eager_twin_and_recaptures() -> None:
         assert torch.equal(out.tokens, ref.tokens)
         assert torch.allclose(out.mirostat_mu, ref.mirostat_mu, equal_nan=True)
     assert step.captures == 2
-    assert torch.equal(graphed._steps, eager._steps) and torch.equal(graphed._counts, eager._counts)
+    assert torch.equal(graphed._tables.steps, eager._tables.steps)
+    assert torch.equal(graphed._tables.counts, eager._tables.counts)

@@ -9,15 +9,12 @@ import torch
 import fastsampler
 from fastsampler import SamplingParams
 from fastsampler._batch import (
-    F_REP,
-    F_TEMPERATURE,
-    I_LOGPROBS_MODE,
-    I_TOP_K,
     bitmask_to_bool,
     ids_to_bitmask,
     pack_batch,
     seed_to_int64,
 )
+from fastsampler.layout import F_REP, F_TEMPERATURE, I_LOGPROBS_MODE, I_TOP_K
 
 
 def test_bitmask_layout_round_trip() -> None:

@@ -238,8 +238,8 @@ def test_tensor_slots_match_list_slots(backend: str) -> None:
         assert torch.equal(a.tokens, b.tokens)
         assert a.top_logprob_ids.shape[1] == 2 and b.top_logprob_ids.shape[1] == 3  # batch max vs live max
         assert torch.equal(a.top_logprob_ids, b.top_logprob_ids[:, :2])
-    assert torch.equal(samplers[0]._counts, samplers[1]._counts)
-    assert torch.equal(samplers[0]._steps, samplers[1]._steps)
+    assert torch.equal(samplers[0]._tables.counts, samplers[1]._tables.counts)
+    assert torch.equal(samplers[0]._tables.steps, samplers[1]._tables.steps)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -262,8 +262,8 @@ def test_invalid_row_leaves_its_slot_unchanged(backend: str) -> None:
 def test_counts_saturate_at_int16_max(backend: str) -> None:
     s = Sampler(V, 1, backend=backend)
     x = s.add(SamplingParams(temperature=0.0))[0]
-    assert s._counts.dtype == torch.int16
-    s._counts[x, 4] = COUNT_MAX - 1
+    assert s._tables.counts.dtype == torch.int16
+    s._tables.counts[x, 4] = COUNT_MAX - 1
     logits = torch.zeros(1, V)
     logits[0, 4] = 5.0
     for want in (COUNT_MAX, COUNT_MAX, COUNT_MAX):
@@ -325,17 +325,18 @@ def test_remove_and_re_add_resets_the_slot(backend: str) -> None:
 
 def test_state_layout_and_lazy_allocation() -> None:
     s = Sampler(100, 3, backend="reference")
-    assert s._prompt.shape == (3, 4) and s._prompt.dtype == torch.int32
-    assert s._counts.shape == (3, 100) and s._counts.dtype == torch.int16
-    assert s._allowed is None and s._bias_ids is None
+    assert s._tables.prompt.shape == (3, 4) and s._tables.prompt.dtype == torch.int32
+    assert s._tables.counts.shape == (3, 100) and s._tables.counts.dtype == torch.int16
+    assert s._tables.allowed is None and s._tables.bias_ids is None
     x = s.add(SamplingParams(logit_bias={7: 1.0}), [0, 33, 99])
-    assert s._allowed is None and s._bias_ids is not None
+    assert s._tables.allowed is None and s._tables.bias_ids is not None
     assert s.prompt_mask_of(x[0]).tolist() == [1, 2, 0, 1 << 3]
     s.add(SamplingParams(banned_token_ids=[0]))
-    assert s._allowed is not None and s._allowed.shape == (3, 4)
+    assert s._tables.allowed is not None and s._tables.allowed.shape == (3, 4)
     # memory per slot, as documented: 2 V (counts) + V / 8 (prompt bitmask) + 96 bytes of scalars and parameters,
     # plus V / 8 for the allowed mask and 8 bytes per logit-bias entry once used
-    core = [s._fparams, s._iparams, s._seeds, s._steps, s._seqs, s._mu, s._prompt, s._counts]
+    t = s._tables
+    core = [t.fparams, t.iparams, t.seeds, t.steps, t.seqs, t.mu, t.prompt, t.counts]
     assert sum(t.numel() * t.element_size() for t in core) / 3 == 2 * 100 + 4 * 4 + 96
 
 
@@ -409,7 +410,7 @@ def test_device_bias_csr_pads_rows_with_zero_entries(vocab: int) -> None:
     for bias in biases:
         s.add(SamplingParams(logit_bias=bias))
     order = [2, 0, 3, 1]
-    indptr, ids, vals = s._bias_csr_device(torch.tensor(order), 3)
+    indptr, ids, vals = s._tables.bias_csr(torch.tensor(order), 3)
     assert indptr.tolist() == [0, 3, 6, 9, 12] and ids.dtype == torch.int32 and vals.dtype == torch.float32
     for r, slot in enumerate(order):
         row_ids = ids[3 * r: 3 * r + 3].tolist()
@@ -417,7 +418,7 @@ def test_device_bias_csr_pads_rows_with_zero_entries(vocab: int) -> None:
         assert row_ids == sorted(set(row_ids)) and all(0 <= t < vocab for t in row_ids)
         got = {t: v for t, v in zip(row_ids, row_vals, strict=True) if v != 0.0}
         assert got == {t: v for t, v in biases[slot].items() if v != 0.0}
-    host = s._bias_csr_host(order)
+    host = s._book.bias_csr(order, s.device)
     assert host[0].tolist() == [0, 1, 4, 6, 6] and host[1].tolist() == [5, 0, 3, 6, 1, 2]
 
 
@@ -479,7 +480,7 @@ def _twins(backend: str, n: int = 8) -> tuple[Sampler, Sampler, list[int]]:
 
 
 def _state(s: Sampler) -> list[torch.Tensor]:
-    return [s._steps.cpu(), s._counts.cpu(), s._mu.cpu()]
+    return [s._tables.steps.cpu(), s._tables.counts.cpu(), s._tables.mu.cpu()]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -535,8 +536,8 @@ def test_cpu_sampler_updates_its_state_through_views() -> None:
         pytest.skip("the C++ backend is unavailable")
     s = Sampler(V, 4, backend="cpu")
     steps, mu, counts = s._host_state
-    assert steps.ctypes.data == s._steps.data_ptr() and mu.ctypes.data == s._mu.data_ptr()
-    assert counts.ctypes.data == s._counts.data_ptr()
+    assert steps.ctypes.data == s._tables.steps.data_ptr() and mu.ctypes.data == s._tables.mu.data_ptr()
+    assert counts.ctypes.data == s._tables.counts.data_ptr()
     slots = s.add(SamplingParams(temperature=0.0, n=2)) + s.add(SamplingParams(seed=1, mirostat_mode=2))
     logits = torch.zeros(3, V)
     logits[:, 11] = 9.0
@@ -545,7 +546,7 @@ def test_cpu_sampler_updates_its_state_through_views() -> None:
     assert out.tokens[1].item() == 11 and s.step_of(slots[0]) == 3 and s.step_of(slots[1]) == 0
     assert int(s.output_counts_of(slots[0])[11]) == 3 and not math.isnan(s.mirostat_mu_of(slots[2]))
     out = s.sample(logits[:2], slots[:2])  # consecutive: views
-    assert s.step_of(slots[0]) == 4 and s.step_of(slots[1]) == 1 and int(s._counts[slots[1], 11]) == 1
+    assert s.step_of(slots[0]) == 4 and s.step_of(slots[1]) == 1 and int(s._tables.counts[slots[1], 11]) == 1
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)

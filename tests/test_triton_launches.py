@@ -230,9 +230,9 @@ def test_slot_indexed_step_matches(device):
                 assert torch.allclose(x, y.float(), atol=ATOL, rtol=0, equal_nan=True), (step, f, x, y)
             else:
                 assert torch.equal(x, z) and torch.equal(x, y), (step, f, x, y, z)
-        for name in ("_steps", "_counts"):
-            assert torch.equal(getattr(slot_t, name), getattr(ref, name)), (step, name)
-            assert torch.equal(getattr(slot_t, name), getattr(rows, name)), (step, name)
-        assert torch.equal(slot_t._mu.nan_to_num(-7.0), rows._mu.nan_to_num(-7.0)), step
-        assert torch.allclose(slot_t._mu, ref._mu, atol=ATOL, rtol=0, equal_nan=True), step
+        for name in ("steps", "counts"):
+            assert torch.equal(getattr(slot_t._tables, name), getattr(ref._tables, name)), (step, name)
+            assert torch.equal(getattr(slot_t._tables, name), getattr(rows._tables, name)), (step, name)
+        assert torch.equal(slot_t._tables.mu.nan_to_num(-7.0), rows._tables.mu.nan_to_num(-7.0)), step
+        assert torch.allclose(slot_t._tables.mu, ref._tables.mu, atol=ATOL, rtol=0, equal_nan=True), step
     assert [slot_t.step_of(x) for x in order] == [4] * 5

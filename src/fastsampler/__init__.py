@@ -6,19 +6,20 @@ parameters, with exactly defined, batch-invariant and backend-independent result
 
 from __future__ import annotations
 
-from . import reference
+from . import backends, reference
 from ._api import available_backends, sample, sampling_probs
 from .output import SampleOutput
 from .params import SamplingParams
 from .sampler import Sampler
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 
 __all__ = [
     "SampleOutput",
     "Sampler",
     "SamplingParams",
     "available_backends",
+    "backends",
     "reference",
     "sample",
     "sampling_probs",

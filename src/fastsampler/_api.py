@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from . import backends
 from ._batch import pack_batch, pack_host
 from ._custom_ops import sample_packed as _sample_packed_op
 from ._custom_ops import use_op
@@ -19,62 +18,20 @@ from .params import SamplingParams
 __all__ = ["sample", "sampling_probs", "available_backends", "resolve_backend"]
 
 Backend = Literal["auto", "triton", "cpu", "reference"]
-BACKENDS = ("triton", "cpu", "reference")
-
-_INSTALL_HINT = {
-    "triton": "pip install 'fastsampler[triton]'  (or: pip install triton)",
-    "cpu": "pip install --force-reinstall --no-build-isolation --no-deps .  (rebuilds the C++ extension)",
-    "reference": "",
-}
-_MODULES = {
-    "triton": "fastsampler.backends.triton.backend",
-    "cpu": "fastsampler.backends.cpu",
-    "reference": "fastsampler.backends.reference.backend",
-}
-_NAMES = {v: k for k, v in _MODULES.items()}
-
-
-def _load(name: str) -> Any:
-    """Import a backend module, or raise ImportError with the install command."""
-    try:
-        mod = importlib.import_module(_MODULES[name])
-    except ImportError as e:
-        raise ImportError(f"backend={name!r} is unavailable ({e}); install it with: {_INSTALL_HINT[name]}") from e
-    ok, why = mod.is_available()
-    if not ok:
-        raise ImportError(f"backend={name!r} is unavailable ({why}); install it with: {_INSTALL_HINT[name]}")
-    return mod
 
 
 def available_backends() -> list[str]:
-    """Names of the backends that import and can run here."""
-    out = []
-    for name in BACKENDS:
-        try:
-            _load(name)
-        except ImportError:
-            continue
-        out.append(name)
-    return out
+    """Names of the backends that import and can run here.
+
+    >>> "reference" in available_backends()
+    True
+    """
+    return backends.available()
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend that will run for logits on ``device`` of ``dtype`` (``auto`` picks the fastest available)."""
-    if backend not in ("auto", *BACKENDS):
-        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    candidates = ["triton", "reference"] if device.type == "cuda" else ["cpu", "reference"]
-    if dtype == torch.float64:
-        candidates = ["reference"]
-    for name in candidates:
-        try:
-            mod = _load(name)
-        except ImportError:
-            continue
-        if mod.supports(device, dtype):
-            return name
-    return "reference"
+    return backends.resolve(backend, device, dtype)
 
 
 def _as_torch(logits: Any) -> tuple[torch.Tensor, bool]:
@@ -96,15 +53,15 @@ _RESOLVED: dict[tuple[str, str, torch.dtype], tuple[str, Any]] = {}
 
 
 def _backend_of(backend: str, device: torch.device, dtype: torch.dtype) -> tuple[str, Any]:
-    """`resolve_backend` + `_load`, remembered per (backend, device type, dtype): the resolution only depends on
-    which backend modules import, so a hit is re-validated against ``sys.modules`` (a module that stopped importing
-    resolves again)."""
+    """`backends.resolve` + `backends.load`, remembered per (backend, device type, dtype): the resolution only
+    depends on which backend modules import, so a hit is re-validated against ``sys.modules`` (a module that stopped
+    importing resolves again)."""
     key = (backend, device.type, dtype)
     hit = _RESOLVED.get(key)
-    if hit is not None and sys.modules.get(_MODULES[hit[0]]) is hit[1]:
+    if hit is not None and backends.loaded(hit[0]) is hit[1]:
         return hit
-    name = resolve_backend(backend, device, dtype)
-    mod = _load(name)
+    name = backends.resolve(backend, device, dtype)
+    mod = backends.load(name)
     if backend != "triton" or device.type != "cpu":  # Triton on the CPU depends on TRITON_INTERPRET, read per call
         _RESOLVED[key] = (name, mod)
     return name, mod
@@ -185,13 +142,13 @@ def sample(
               mirostat_mu=mirostat_mu, vocab_size=vocab_size, seeds=seeds, prompt_mask=prompt_mask,
               output_counts=output_counts, token_bitmask=token_bitmask, eos_token_ids=eos_token_ids)
     name, mod, t, was_numpy = _prepare(logits, params, backend, kw)
-    if name == "cpu" and _NAMES.get(mod.__name__) == name and not use_op(t):
+    if "host_batch" in mod.CAPABILITIES.features and not use_op(t):
         out = mod.sample_host(pack_host(t, params, **kw))  # numpy in, numpy to the kernels: no tensor round trip
     else:
         # the backend directly, or while tracing through the torch custom op fastsampler::sample_packed (so that
         # torch.compile / CUDA graphs can hold the step)
         batch = pack_batch(t, params, **kw)
-        out = mod.sample_packed(batch) if _NAMES.get(mod.__name__) != name else _sample_packed_op(name, batch)
+        out = _sample_packed_op(name, batch)
     return _to_numpy_output(out) if was_numpy else out
 
 

@@ -59,7 +59,6 @@ the other backends):
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import weakref
 from collections.abc import Sequence
@@ -69,46 +68,18 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .params import LOGPROBS_MODES, SamplingParams
-
-# float parameter columns
-F_TEMPERATURE, F_TOP_P, F_MIN_P, F_TYPICAL_P, F_FREQ, F_PRES, F_REP, F_MIRO_TAU, F_MIRO_ETA = range(9)
-NF = 9
-# int parameter columns
-I_TOP_K, I_MIN_KEEP, I_MIRO_MODE, I_MIN_TOKENS, I_IGNORE_EOS, I_LOGPROBS, I_TOP_LOGPROBS, I_LOGPROBS_MODE = range(8)
-NI = 8
-
-MODE_RAW, MODE_PROCESSED, MODE_FINAL = 0, 1, 2
-
-# logits may have at most this many columns: the kernels carry token ids in float32 lanes, exact up to 2^24
-MAX_COLUMNS = (1 << 24) - 1
-
-
-@dataclass(frozen=True)
-class BatchFlags:
-    """What the rows of a batch use; known on the host from the params alone.
-
-    A flag that is False is a promise the kernels rely on (they compile the feature out: no argmax without
-    ``any_greedy``, no token race with ``all_greedy``), so a caller that cannot tell must set the ``any_*`` flag and
-    leave ``all_greedy`` False."""
-
-    any_greedy: bool = False
-    all_greedy: bool = False
-    any_top_k: bool = False
-    any_top_p: bool = False
-    any_min_p: bool = False
-    any_typical: bool = False
-    any_min_keep: bool = False  # some row has min_keep > 1
-    any_mirostat: bool = False
-    any_penalty: bool = False  # repetition / frequency / presence on some row
-    any_logprobs: bool = False
-    any_eos_rule: bool = False  # some row bans EOS (min_tokens > 0 or ignore_eos)
-    any_mirostat_v1: bool = False  # some row uses Mirostat v1 (mirostat_mode == 1)
-    any_mirostat_v2: bool = False  # some row uses Mirostat v2 (mirostat_mode == 2)
-
-    @property
-    def any_truncation(self) -> bool:
-        return self.any_top_k or self.any_top_p or self.any_min_p or self.any_typical or self.any_mirostat
+from .layout import (
+    COUNT_MAX,
+    LOGPROBS_MODES,
+    MAX_COLUMNS,
+    NF,
+    NI,
+    BatchFlags,
+    combine_bits,
+    flags_to_int,
+    int_to_flags,
+)
+from .params import SamplingParams
 
 
 @dataclass
@@ -184,9 +155,6 @@ class PackedBatch:
         )
 
 
-COUNT_MAX = 32767  # output counts are int16 and saturate here
-
-
 def advance_state(steps: torch.Tensor, mu: torch.Tensor, counts: torch.Tensor, slot_index: torch.Tensor,
                   steps_rows: torch.Tensor, out: Any) -> None:
     """A `Sampler` step's state update on the device, in place (slots distinct, so the scatters do not collide):
@@ -228,38 +196,6 @@ def bias_tables_to_csr(table_ids: torch.Tensor, table_vals: torch.Tensor, table_
     out_vals = torch.gather(allv, 1, order[:, :k]).reshape(-1)
     indptr = torch.arange(b + 1, dtype=torch.int32, device=dev) * k
     return indptr, out_ids, out_vals
-
-
-_FLAG_FIELDS = tuple(f.name for f in dataclasses.fields(BatchFlags))
-_FLAGS_OF_BITS: dict[int, BatchFlags] = {}
-
-
-def flags_to_int(flags: BatchFlags) -> int:
-    """Encode `BatchFlags` as an int, bit ``i`` = the ``i``-th field (declaration order)."""
-    return sum(1 << i for i, name in enumerate(_FLAG_FIELDS) if getattr(flags, name))
-
-
-def int_to_flags(bits: int) -> BatchFlags:
-    """Inverse of `flags_to_int` (the instances are cached: `BatchFlags` is frozen)."""
-    flags = _FLAGS_OF_BITS.get(bits)
-    if flags is None:
-        flags = BatchFlags(**{name: bool((bits >> i) & 1) for i, name in enumerate(_FLAG_FIELDS)})
-        if 0 <= bits < 1 << len(_FLAG_FIELDS):
-            _FLAGS_OF_BITS[bits] = flags
-    return flags
-
-
-ALL_GREEDY_BIT = 1 << _FLAG_FIELDS.index("all_greedy")
-
-
-def combine_bits(bits: Sequence[int]) -> int:
-    """The flag bits of a batch from its rows' bits: every flag is an OR over rows, except ``all_greedy`` (an AND,
-    and False for an empty batch)."""
-    bor, band = 0, -1
-    for x in bits:
-        bor |= x
-        band &= x
-    return (bor & ~ALL_GREEDY_BIT) | (band & ALL_GREEDY_BIT if bits else 0)
 
 
 def to_device(arr: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -348,53 +284,53 @@ def check_ids(name: str, row: int | None, ids: Sequence[int], vocab: int) -> Non
             raise ValueError(f"{where} holds token id {int(t)}, outside the vocabulary [0, {vocab})")
 
 
-def batch_flags(plist: Sequence[SamplingParams]) -> BatchFlags:
-    greedy = [p.temperature == 0.0 for p in plist]
+def request_flags(p: SamplingParams) -> BatchFlags:
+    """The `BatchFlags` of a batch holding only ``p``: what this request uses."""
+    greedy = p.temperature == 0.0
     return BatchFlags(
-        any_greedy=any(greedy),
-        all_greedy=bool(plist) and all(greedy),
-        any_top_k=any(p.top_k > 0 for p in plist),
-        any_top_p=any(p.top_p < 1.0 for p in plist),
-        any_min_p=any(p.min_p > 0.0 for p in plist),
-        any_typical=any(p.typical_p < 1.0 for p in plist),
-        any_min_keep=any(p.min_keep > 1 for p in plist),
-        any_mirostat=any(p.mirostat_mode != 0 for p in plist),
-        any_penalty=any(
-            p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in plist
-        ),
-        any_logprobs=any(p.logprobs for p in plist),
-        any_eos_rule=any(p.min_tokens > 0 or p.ignore_eos for p in plist),
-        any_mirostat_v1=any(p.mirostat_mode == 1 for p in plist),
-        any_mirostat_v2=any(p.mirostat_mode == 2 for p in plist),
+        any_greedy=greedy,
+        all_greedy=greedy,
+        any_top_k=p.top_k > 0,
+        any_top_p=p.top_p < 1.0,
+        any_min_p=p.min_p > 0.0,
+        any_typical=p.typical_p < 1.0,
+        any_min_keep=p.min_keep > 1,
+        any_mirostat=p.mirostat_mode != 0,
+        any_penalty=p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0,
+        any_logprobs=p.logprobs,
+        any_eos_rule=p.min_tokens > 0 or p.ignore_eos,
+        any_mirostat_v1=p.mirostat_mode == 1,
+        any_mirostat_v2=p.mirostat_mode == 2,
     )
 
 
-def pack_param_rows(plist: Sequence[SamplingParams]) -> tuple[np.ndarray, np.ndarray]:
-    """(B, NF) float32 and (B, NI) int32 host arrays of the scalar parameters."""
-    b = len(plist)
-    f = np.zeros((b, NF), dtype=np.float32)
-    i = np.zeros((b, NI), dtype=np.int32)
-    for r, p in enumerate(plist):
-        f[r] = (p.temperature, p.top_p, p.min_p, p.typical_p, p.frequency_penalty, p.presence_penalty,
-                p.repetition_penalty, p.mirostat_target, p.mirostat_lr)
-        i[r] = (p.top_k, p.min_keep, p.mirostat_mode, p.min_tokens, int(p.ignore_eos), int(p.logprobs),
-                p.top_logprobs, LOGPROBS_MODES.index(p.logprobs_mode))
-    return f, i
+def batch_flags(plist: Sequence[SamplingParams]) -> BatchFlags:
+    """The `BatchFlags` of a batch: its requests' flags combined (`combine_bits`)."""
+    return int_to_flags(combine_bits([pack_request(p).bits for p in plist]))
 
 
-class ParamRow:
-    """What packing needs from one `SamplingParams`, computed once per params object (`param_row`).
+def initial_mu(p: SamplingParams) -> np.float32:
+    """Mirostat ``mu`` before a request's first step: ``2 * mirostat_target`` in float32 (beyond FLT_MAX it is inf,
+    which keeps every token, as in float32), NaN without Mirostat."""
+    with np.errstate(over="ignore"):
+        return np.array(2.0 * p.mirostat_target if p.mirostat_mode else np.nan, dtype=np.float32)[()]
+
+
+class PackedRequest:
+    """One request's share of a batch, computed once per `SamplingParams` object (`pack_request`): its parameter
+    rows, flag bits, seed, Mirostat ``mu`` before the first step, logit bias and allowed row. `pack_batch` and
+    `Sampler.add` both build their rows from it.
 
     Attributes
     ----------
     f, i : np.ndarray
-        The ``(NF,)`` float32 and ``(NI,)`` int32 parameter rows (`pack_param_rows`).
+        The ``(NF,)`` float32 and ``(NI,)`` int32 parameter rows (columns ``F_*`` / ``I_*`` of `fastsampler.layout`).
     bits : int
-        ``flags_to_int(batch_flags([params]))``.
+        ``flags_to_int(request_flags(params))``.
     seed : int or None
         The seed's int64 bit pattern; None when ``params.seed`` is None (a fresh seed per call).
     mu : np.float32
-        Mirostat ``mu`` before the first step: ``2 * mirostat_target``, NaN without Mirostat.
+        `initial_mu`.
     n_top : int
         ``params.top_logprobs``.
     restricted : bool
@@ -409,12 +345,14 @@ class ParamRow:
                  "_allowed")
 
     def __init__(self, p: SamplingParams) -> None:
-        f, i = pack_param_rows([p])
-        self.f, self.i = f[0], i[0]
-        self.bits = flags_to_int(batch_flags([p]))
+        self.f = np.array((p.temperature, p.top_p, p.min_p, p.typical_p, p.frequency_penalty, p.presence_penalty,
+                           p.repetition_penalty, p.mirostat_target, p.mirostat_lr), dtype=np.float32)
+        self.i = np.array((p.top_k, p.min_keep, p.mirostat_mode, p.min_tokens, int(p.ignore_eos), int(p.logprobs),
+                           p.top_logprobs, LOGPROBS_MODES.index(p.logprobs_mode)), dtype=np.int32)
+        assert self.f.shape == (NF,) and self.i.shape == (NI,)
+        self.bits = flags_to_int(request_flags(p))
         self.seed = None if p.seed is None else seed_to_int64(p.seed)
-        with np.errstate(over="ignore"):  # 2 * tau beyond FLT_MAX is mu = inf (keeps every token), as in float32
-            self.mu = np.array(2.0 * p.mirostat_target if p.mirostat_mode else np.nan, dtype=np.float32)[()]
+        self.mu = initial_mu(p)
         self.n_top = p.top_logprobs
         self.restricted = p.allowed_token_ids is not None or p.banned_token_ids is not None
         nb = len(p.logit_bias)
@@ -426,7 +364,8 @@ class ParamRow:
         self._allowed: dict[int, np.ndarray] = {}
 
     def allowed_row(self, v: int) -> np.ndarray:
-        """The ``(ceil(v / 32),)`` int32 allowed bitmask over ``v`` columns (all ones when nothing is restricted)."""
+        """The ``(ceil(v / 32),)`` int32 allowed bitmask over ``v`` columns (all ones when nothing is restricted).
+        Cached for a few widths: do not modify it."""
         row = self._allowed.get(v)
         if row is None:
             allowed, banned = self._ids
@@ -438,30 +377,38 @@ class ParamRow:
         return row
 
 
-_PARAM_ROWS: dict[int, tuple[weakref.ref, ParamRow]] = {}
+def pack_param_rows(plist: Sequence[SamplingParams]) -> tuple[np.ndarray, np.ndarray]:
+    """(B, NF) float32 and (B, NI) int32 host arrays of the scalar parameters."""
+    rows = [pack_request(p) for p in plist]
+    if not rows:
+        return np.zeros((0, NF), dtype=np.float32), np.zeros((0, NI), dtype=np.int32)
+    return np.stack([r.f for r in rows]), np.stack([r.i for r in rows])
+
+
+_REQUESTS: dict[int, tuple[weakref.ref, PackedRequest]] = {}
 
 
 def _forget(key: int, ref: weakref.ref) -> None:
-    hit = _PARAM_ROWS.get(key)
+    hit = _REQUESTS.get(key)
     if hit is not None and hit[0] is ref:
-        _PARAM_ROWS.pop(key, None)
+        _REQUESTS.pop(key, None)
 
 
-def param_row(p: SamplingParams) -> ParamRow:
-    """The `ParamRow` of ``p``, cached while ``p`` lives (`SamplingParams` is frozen; keyed on the object, so no
+def pack_request(p: SamplingParams) -> PackedRequest:
+    """The `PackedRequest` of ``p``, cached while ``p`` lives (`SamplingParams` is frozen; keyed on the object, so no
     hashing of its fields)."""
     if torch.compiler.is_compiling():  # traced by dynamo: no cache (weak references, module state)
-        return ParamRow(p)
+        return PackedRequest(p)
     key = id(p)
-    hit = _PARAM_ROWS.get(key)
+    hit = _REQUESTS.get(key)
     if hit is not None and hit[0]() is p:
         return hit[1]
-    row = ParamRow(p)
+    row = PackedRequest(p)
     try:
         ref = weakref.ref(p, lambda r, k=key: _forget(k, r))
     except TypeError:  # pragma: no cover - a subclass without weak references: not cached
         return row
-    _PARAM_ROWS[key] = (ref, row)
+    _REQUESTS[key] = (ref, row)
     return row
 
 
@@ -473,7 +420,7 @@ class ParamBatch:
 
     __slots__ = ("params", "rows", "f", "i", "bits", "n_top", "seeds", "mu", "restricted", "max_id", "bias", "single")
 
-    def __init__(self, params: SamplingParams | tuple[SamplingParams, ...], rows: list[ParamRow], single: bool,
+    def __init__(self, params: SamplingParams | tuple[SamplingParams, ...], rows: list[PackedRequest], single: bool,
                  readonly: bool = True) -> None:
         _readonly = _set_readonly if readonly else _same
         self.params = params  # strong references: the cache key holds their ids
@@ -530,9 +477,9 @@ def param_batch(params: SamplingParams | Sequence[SamplingParams], b: int) -> Pa
     single = isinstance(params, SamplingParams)
     if torch.compiler.is_compiling():  # traced by dynamo: no cache, no read-only flags
         if single:
-            return ParamBatch(params, [param_row(params)] * b, True, readonly=False)  # type: ignore[arg-type]
+            return ParamBatch(params, [pack_request(params)] * b, True, readonly=False)  # type: ignore[arg-type]
         plist = normalize_params(params, b)
-        return ParamBatch(tuple(plist), [param_row(p) for p in plist], False, readonly=False)
+        return ParamBatch(tuple(plist), [pack_request(p) for p in plist], False, readonly=False)
     if single:
         key: tuple[Any, ...] = ("one", id(params), b)
     else:
@@ -543,10 +490,10 @@ def param_batch(params: SamplingParams | Sequence[SamplingParams], b: int) -> Pa
     if hit is not None and len(hit.rows) == b:  # (a list's key does not hold b: one of another length is refused)
         return hit
     if single:
-        pb = ParamBatch(params, [param_row(params)] * b, True)  # type: ignore[arg-type]
+        pb = ParamBatch(params, [pack_request(params)] * b, True)  # type: ignore[arg-type]
     else:
         plist = normalize_params(params, b)
-        pb = ParamBatch(tuple(plist), [param_row(p) for p in plist], False)
+        pb = ParamBatch(tuple(plist), [pack_request(p) for p in plist], False)
     if pb.bias is None or pb.bias[1].size <= _BIG_BIAS:
         if len(_PARAM_BATCHES) >= _MAX_PARAM_BATCHES:
             _PARAM_BATCHES.clear()  # (atomic: other threads may be packing)

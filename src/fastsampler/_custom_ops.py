@@ -33,7 +33,9 @@ from typing import Optional
 
 import torch
 
-from ._batch import PackedBatch, advance_state, flags_to_int, int_to_flags
+from . import backends
+from ._batch import PackedBatch, advance_state
+from .layout import flags_to_int, int_to_flags
 from .output import SampleOutput
 
 __all__ = ["sample_packed", "run_backend", "use_op", "flags_to_int", "int_to_flags"]
@@ -47,9 +49,7 @@ _MODULE_CACHE: dict[str, object] = {}
 def _backend_module(name: str):
     mod = _MODULE_CACHE.get(name)
     if mod is None:
-        from ._api import _load
-
-        mod = _MODULE_CACHE[name] = _load(name)
+        mod = _MODULE_CACHE[name] = backends.load(name)
     return mod
 
 
@@ -132,10 +132,11 @@ def run_backend(backend: str, batch: PackedBatch) -> SampleOutput:
     """
     if batch.logits.requires_grad:  # as the op sees them: sampling is not differentiable
         batch = dataclasses.replace(batch, logits=batch.logits.detach())
-    if batch.slot_index is not None and backend != "triton":  # only the Triton kernels read the slot-indexed form
+    mod = _backend_module(backend)
+    if batch.slot_index is not None and "slot_index" not in mod.CAPABILITIES.features:
         return _gathered_step(backend, batch, run_backend)
-    out = _backend_module(backend).sample_packed(batch)
-    if backend == "cpu":
+    out = mod.sample_packed(batch)
+    if "host_batch" in mod.CAPABILITIES.features:  # the C++ outputs: fresh tensors of the op's dtypes on the CPU
         return out
     return SampleOutput(*_finish(out, batch))
 

@@ -78,11 +78,12 @@ class GraphedStep:
     def _state_key(self) -> tuple[Any, ...]:
         s = self.sampler
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731 - reallocated state needs a new graph
-        return (s.capture_key, ptr(s._allowed), ptr(s._bias_ids), ptr(s._bias_vals), ptr(s._bias_len))
+        t = s._tables
+        return (s.capture_key, ptr(t.allowed), ptr(t.bias_ids), ptr(t.bias_vals), ptr(t.bias_len))
 
     def _capture(self) -> None:
         s = self.sampler
-        saved = (s._steps.clone(), s._counts.clone(), s._mu.clone())
+        saved = (s._tables.steps.clone(), s._tables.counts.clone(), s._tables.mu.clone())
         kw = {} if self._bitmask is None else {"token_bitmask": self._bitmask}
         side = torch.cuda.Stream(device=s.device)
         side.wait_stream(torch.cuda.current_stream(s.device))
@@ -94,9 +95,9 @@ class GraphedStep:
         with torch.cuda.graph(graph):
             out = s.sample(self._logits, self._slots, **kw)
         # the warm-up steps advanced the slots: put every slot's state back as it was
-        s._steps.copy_(saved[0])
-        s._counts.copy_(saved[1])
-        s._mu.copy_(saved[2])
+        s._tables.steps.copy_(saved[0])
+        s._tables.counts.copy_(saved[1])
+        s._tables.mu.copy_(saved[2])
         self._graph, self._out, self._key = graph, out, self._state_key()
         self.captures += 1
 

@@ -16,20 +16,9 @@ from typing import Any
 
 import torch
 
-from . import _api
-from ._batch import (
-    F_MIN_P,
-    F_TEMPERATURE,
-    F_TOP_P,
-    F_TYPICAL_P,
-    I_MIN_KEEP,
-    I_TOP_K,
-    NF,
-    NI,
-    BatchFlags,
-    PackedBatch,
-    pack_param_rows,
-)
+from . import backends
+from ._batch import PackedBatch, pack_param_rows
+from .layout import F_MIN_P, F_TEMPERATURE, F_TOP_P, F_TYPICAL_P, I_MIN_KEEP, I_TOP_K, NF, NI, BatchFlags
 from .params import SamplingParams
 
 __all__ = [
@@ -129,7 +118,7 @@ def _truncation_kept(
         mirostat_mu=torch.full((b,), float("nan"), dtype=torch.float32, device=dev), flags=flags,
         eos_ids=torch.zeros(0, dtype=torch.int32, device=dev),
     )
-    mod = _api._load(_api.resolve_backend(backend, dev, logits.dtype))
+    mod = backends.load(backends.resolve(backend, dev, logits.dtype))
     return mod.kept_mask_packed(batch), f[:, F_TEMPERATURE]
 
 

@@ -15,10 +15,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .layout import LOGPROBS_MODES, MAX_TOP_LOGPROBS
+
 __all__ = ["SamplingParams", "LOGPROBS_MODES", "MAX_TOP_LOGPROBS"]
 
-LOGPROBS_MODES = ("raw", "processed", "final")
-MAX_TOP_LOGPROBS = 20
 _U64 = 1 << 64
 
 

@@ -11,8 +11,6 @@ layout, its memory cost and what a step costs on the host.
 from __future__ import annotations
 
 import functools
-import heapq
-import math
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -20,29 +18,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _api
-from ._batch import COUNT_MAX as _COUNT_MAX
+from . import backends
 from ._batch import (
-    MAX_COLUMNS,
-    NF,
-    NI,
     PackedBatch,
-    advance_state,
-    batch_flags,
-    bias_tables_to_csr,
     check_ids,
-    combine_bits,
-    flags_to_int,
-    ids_to_bitmask,
-    int_to_flags,
     mask_words,
-    pack_param_rows,
+    pack_request,
     random_seed,
     seed_to_int64,
     to_device,
 )
 from ._custom_ops import run_backend, sample_packed, use_op
+from ._slots import SlotBook, SlotTables
 from .graphs import GraphedStep
+from .layout import COUNT_MAX as _COUNT_MAX
+from .layout import MAX_COLUMNS, int_to_flags
 from .output import SampleOutput
 from .params import SamplingParams
 
@@ -138,10 +128,10 @@ class Sampler:
         if vocab_size > MAX_COLUMNS:
             raise ValueError(f"vocab_size must be at most 2^24 - 1 = {MAX_COLUMNS} (token ids are exact in float32 "
                              f"lanes up to 2^24), got {vocab_size}")
-        if backend not in ("auto", *_api.BACKENDS):
-            raise ValueError(f"backend must be one of {('auto', *_api.BACKENDS)}, got {backend!r}")
+        if backend not in ("auto", *backends.BACKENDS):
+            raise ValueError(f"backend must be one of {('auto', *backends.BACKENDS)}, got {backend!r}")
         if backend != "auto":
-            _api._load(backend)  # raise now, with the install command, not at the first step
+            backends.load(backend)  # raise now, with the install command, not at the first step
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
@@ -158,39 +148,16 @@ class Sampler:
         eos = [int(t) for t in eos_seq]
         self._eos_host = tuple(eos)
         self._lock = threading.RLock()
-        s, v, w = self._slots, self._vocab, mask_words(self._vocab)
-        self._words = w
-        kw = dict(device=dev)
-        self._eos = torch.tensor(eos, dtype=torch.int32, **kw)
-        self._fparams = torch.zeros(s, NF, dtype=torch.float32, **kw)
-        self._iparams = torch.zeros(s, NI, dtype=torch.int32, **kw)
-        self._seeds = torch.zeros(s, dtype=torch.int64, **kw)
-        self._steps = torch.zeros(s, dtype=torch.int64, **kw)
-        self._seqs = torch.zeros(s, dtype=torch.int64, **kw)
-        self._mu = torch.full((s,), math.nan, dtype=torch.float32, **kw)
-        self._prompt = torch.zeros(s, w, dtype=torch.int32, **kw)
-        self._counts = torch.zeros(s, v, dtype=torch.int16, **kw)
-        self._allowed: torch.Tensor | None = None  # (S, W) int32, allocated by the first add that restricts ids
-        self._bias_ids: torch.Tensor | None = None  # (S, K) int32, K = largest logit bias added so far
-        self._bias_vals: torch.Tensor | None = None  # (S, K) float32
-        self._bias_len: torch.Tensor | None = None  # (S,) int32
-        # host mirror, per slot (None = free)
-        self._params: list[SamplingParams | None] = [None] * s
-        self._seed_host = [0] * s
-        self._bits = [0] * s
-        self._ntop = [0] * s
-        self._nbias = [0] * s
-        self._restricted = [False] * s
-        self._bias_host: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int32), np.zeros(0, np.float32))] * s
-        self._free = list(range(s))  # a heap: add takes the lowest free slots
-        self._live_agg: tuple[int, int, int, bool] = (0, 0, 0, False)
+        self._words = mask_words(self._vocab)
+        self._book = SlotBook(self._slots)  # which slots are in use, and what the host knows of each
+        self._tables = SlotTables(self._slots, self._vocab, dev, eos)  # the per-slot tables on the device
         # per-step fast path: what a list of slots gathers once (see `_SlotSet`), and numpy views of the state that
         # changes every step (CPU only: updated in place through them, no torch op per update)
         self._slot_sets: dict[tuple[int, ...], _SlotSet] = {}
         self._host_state: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         if dev.type == "cpu":
-            counts = self._counts.numpy()
-            self._host_state = (self._steps.numpy(), self._mu.numpy(), counts)
+            t = self._tables
+            self._host_state = (t.steps.numpy(), t.mu.numpy(), t.counts.numpy())
 
     # ------------------------------------------------------------------ properties
     @property
@@ -216,17 +183,17 @@ class Sampler:
     @property
     def num_active(self) -> int:
         """Slots in use."""
-        return self._slots - len(self._free)
+        return self._slots - self._book.num_free
 
     @property
     def num_free(self) -> int:
         """Slots free for `add`."""
-        return len(self._free)
+        return self._book.num_free
 
     @property
     def active_slots(self) -> list[int]:
         """The slots in use, ascending."""
-        return [i for i, p in enumerate(self._params) if p is not None]
+        return [i for i, p in enumerate(self._book.params) if p is not None]
 
     # ------------------------------------------------------------------ per-slot queries
     def _check_slot(self, slot: Any) -> int:
@@ -235,39 +202,39 @@ class Sampler:
         i = int(slot)
         if not 0 <= i < self._slots:
             raise ValueError(f"slot {i} is outside [0, {self._slots})")
-        if self._params[i] is None:
+        if not self._book.in_use(i):
             raise ValueError(f"slot {i} is not in use (never added, or already removed)")
         return i
 
     def seed_of(self, slot: int) -> int:
         """The uint64 seed of ``slot``'s request: ``params.seed``, or the random seed drawn by `add`."""
-        return self._seed_host[self._check_slot(slot)]
+        return self._book.seeds[self._check_slot(slot)]
 
     def params_of(self, slot: int) -> SamplingParams:
         """The `SamplingParams` that ``slot`` was added with."""
-        p = self._params[self._check_slot(slot)]
+        p = self._book.params[self._check_slot(slot)]
         assert p is not None
         return p
 
     def step_of(self, slot: int) -> int:
         """Tokens generated so far by ``slot`` (reads the device: for inspection, not for the hot loop)."""
-        return int(self._steps[self._check_slot(slot)].item())
+        return int(self._tables.steps[self._check_slot(slot)].item())
 
     def seq_of(self, slot: int) -> int:
         """The sample index of ``slot`` within its request (``0 .. n-1``)."""
-        return int(self._seqs[self._check_slot(slot)].item())
+        return int(self._tables.seqs[self._check_slot(slot)].item())
 
     def mirostat_mu_of(self, slot: int) -> float:
         """Mirostat ``mu`` of ``slot`` (NaN for a request without Mirostat; reads the device)."""
-        return float(self._mu[self._check_slot(slot)].item())
+        return float(self._tables.mu[self._check_slot(slot)].item())
 
     def output_counts_of(self, slot: int) -> torch.Tensor:
         """A copy of ``slot``'s output counts, ``(V,)`` int16 on the device."""
-        return self._counts[self._check_slot(slot)].clone()
+        return self._tables.counts[self._check_slot(slot)].clone()
 
     def prompt_mask_of(self, slot: int) -> torch.Tensor:
         """A copy of ``slot``'s prompt bitmask, ``(ceil(V / 32),)`` int32 on the device."""
-        return self._prompt[self._check_slot(slot)].clone()
+        return self._tables.prompt[self._check_slot(slot)].clone()
 
     # ------------------------------------------------------------------ add / remove
     @_locked
@@ -304,9 +271,9 @@ class Sampler:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         n = params.n
-        if n > len(self._free):
+        if n > self._book.num_free:
             raise ValueError(
-                f"Sampler is full: the request needs n={n} slots, {len(self._free)} of max_slots={self._slots} are "
+                f"Sampler is full: the request needs n={n} slots, {self._book.num_free} of max_slots={self._slots} are "
                 f"free; remove finished requests first"
             )
         prompt = _prompt_array(prompt_token_ids)
@@ -321,54 +288,11 @@ class Sampler:
         check_ids("params.logit_bias", None, params.logit_bias.keys(), v)
 
         seed = params.seed if params.seed is not None else random_seed()
-        slots = [heapq.heappop(self._free) for _ in range(n)]
-        dev = self._device
-        idx = torch.tensor(slots, dtype=torch.int64, device=dev)
-        f, i = pack_param_rows([params])
-        self._fparams[idx] = torch.from_numpy(f).to(dev)
-        self._iparams[idx] = torch.from_numpy(i).to(dev)
-        self._seeds[idx] = seed_to_int64(seed)
-        self._steps[idx] = 0
-        self._seqs[idx] = torch.arange(n, dtype=torch.int64, device=dev)
-        self._mu[idx] = 2.0 * params.mirostat_target if params.mirostat_mode else math.nan
-        self._prompt[idx] = torch.from_numpy(ids_to_bitmask([prompt], v)).to(dev)
-        self._counts[idx] = 0
-
-        restricted = params.allowed_token_ids is not None or params.banned_token_ids is not None
-        if restricted:
-            self.reserve(allowed_mask=True)
-            assert self._allowed is not None
-            row = np.full(self._words, -1, dtype=np.int32)
-            if params.allowed_token_ids is not None:
-                row = ids_to_bitmask([params.allowed_token_ids], v)[0]
-            if params.banned_token_ids is not None:
-                row &= ~ids_to_bitmask([params.banned_token_ids], v)[0]
-            self._allowed[idx] = torch.from_numpy(row).to(dev)
-        elif self._allowed is not None:
-            self._allowed[idx] = -1
-
-        nb = len(params.logit_bias)
-        bias_host = (np.fromiter(params.logit_bias.keys(), dtype=np.int32, count=nb),
-                     np.fromiter(params.logit_bias.values(), dtype=np.float32, count=nb))
-        if nb:
-            self._grow_bias(nb)
-            assert self._bias_ids is not None and self._bias_vals is not None and self._bias_len is not None
-            self._bias_ids[idx, :nb] = torch.from_numpy(bias_host[0]).to(dev)
-            self._bias_vals[idx, :nb] = torch.from_numpy(bias_host[1]).to(dev)
-            self._bias_len[idx] = nb
-        elif self._bias_len is not None:
-            self._bias_len[idx] = 0
-
-        bits = flags_to_int(batch_flags([params]))
-        for s in slots:
-            self._params[s] = params
-            self._seed_host[s] = seed
-            self._bits[s] = bits
-            self._ntop[s] = params.top_logprobs
-            self._nbias[s] = nb
-            self._bias_host[s] = bias_host
-            self._restricted[s] = restricted
-        self._update_live()
+        req = pack_request(params)
+        slots = self._book.take(n)
+        self._tables.write(slots, req, seed_to_int64(seed), prompt)
+        self._book.fill(slots, params, seed, req)
+        self._slot_sets.clear()
         return slots
 
     @_locked
@@ -384,11 +308,8 @@ class Sampler:
         >>> s = fastsampler.Sampler(vocab_size=64, max_slots=2, backend="reference")
         >>> s.reserve(allowed_mask=True, logit_bias_entries=4)
         """
-        if allowed_mask and self._allowed is None:
-            self._allowed = torch.full((self._slots, self._words), -1, dtype=torch.int32, device=self._device)
+        if self._tables.reserve(allowed_mask=allowed_mask, logit_bias_entries=logit_bias_entries):
             self._slot_sets.clear()
-        if logit_bias_entries > 0:
-            self._grow_bias(int(logit_bias_entries))
 
     @property
     def capture_key(self) -> tuple[int, int, int, bool]:
@@ -398,7 +319,7 @@ class Sampler:
         A CUDA graph captured around `sample` replays the decisions of its capture; when this key changes (a
         request with a feature the live set did not use joins), capture again (or keep one graph per key).
         """
-        return self._live_agg
+        return self._book.live
 
     def graphed(self, batch_size: int, *, width: int | None = None, dtype: torch.dtype = torch.float32,
                 bitmask: bool = False) -> GraphedStep:
@@ -422,33 +343,6 @@ class Sampler:
         """
         return GraphedStep(self, batch_size, self._vocab if width is None else width, dtype, bitmask)
 
-    @torch.inference_mode(False)
-    def _grow_bias(self, k: int) -> None:
-        cur = 0 if self._bias_ids is None else self._bias_ids.shape[1]
-        if k <= cur:
-            return
-        k = max(k, 2 * cur)
-        dev = self._device
-        ids = torch.zeros(self._slots, k, dtype=torch.int32, device=dev)
-        vals = torch.zeros(self._slots, k, dtype=torch.float32, device=dev)
-        if self._bias_ids is not None:
-            assert self._bias_vals is not None
-            ids[:, :cur] = self._bias_ids
-            vals[:, :cur] = self._bias_vals
-        else:
-            self._bias_len = torch.zeros(self._slots, dtype=torch.int32, device=dev)
-        self._bias_ids, self._bias_vals = ids, vals
-        self._slot_sets.clear()
-
-    def _update_live(self) -> None:
-        """Recompute the live-set aggregate (`capture_key`) and drop the cached slot lists: called by every change
-        of the slots in use or of the state tensors' allocation."""
-        self._slot_sets.clear()
-        live = [i for i, p in enumerate(self._params) if p is not None]
-        bits = combine_bits([self._bits[i] for i in live])
-        self._live_agg = (bits, max((self._ntop[i] for i in live), default=0),
-                          max((self._nbias[i] for i in live), default=0), any(self._restricted[i] for i in live))
-
     @_locked
     def remove(self, slots: int | Iterable[int]) -> None:
         """Free slots (e.g. all slots of a finished request). Raises ``ValueError`` for a slot not in use.
@@ -470,24 +364,21 @@ class Sampler:
         checked = [self._check_slot(s) for s in items]
         if len(set(checked)) != len(checked):
             raise ValueError(f"slots to remove must be distinct, got {checked}")
-        for s in checked:
-            self._params[s] = None
-            heapq.heappush(self._free, s)
-        self._update_live()
+        self._book.release(checked)
+        self._slot_sets.clear()
 
     @_locked
     def reset(self) -> None:
         """Free every slot."""
-        self._params = [None] * self._slots
-        self._free = list(range(self._slots))
-        self._update_live()
+        self._book.reset()
+        self._slot_sets.clear()
 
     # ------------------------------------------------------------------ sample
     def _resolve_backends(self) -> None:
         """Pick the backend for every logits dtype now: `sample` then only reads a dict (traceable by dynamo)."""
         for dt in _LOGIT_DTYPES:
-            name = _api.resolve_backend(self._backend, self._device, dt)
-            mod = _api._load(name)
+            name = backends.resolve(self._backend, self._device, dt)
+            mod = backends.load(name)
             if mod.supports(self._device, dt):
                 self._resolved[dt] = name
 
@@ -612,16 +503,16 @@ class Sampler:
             allowed = tb if allowed is None else allowed & tb
         if ss.span is not None:  # consecutive slots: views of the state, no gather
             lo, hi = ss.span
-            steps, mu = self._steps[lo:hi], self._mu[lo:hi]
-            counts = self._counts[lo:hi] if ss.flags.any_penalty else None
+            steps, mu = self._tables.steps[lo:hi], self._tables.mu[lo:hi]
+            counts = self._tables.counts[lo:hi] if ss.flags.any_penalty else None
         else:
-            steps, mu = self._steps.index_select(0, ss.index), self._mu.index_select(0, ss.index)
-            counts = self._counts.index_select(0, ss.index) if ss.flags.any_penalty else None
+            steps, mu = self._tables.steps.index_select(0, ss.index), self._tables.mu.index_select(0, ss.index)
+            counts = self._tables.counts.index_select(0, ss.index) if ss.flags.any_penalty else None
         indptr, ids, vals = ss.bias if ss.bias is not None else (None, None, None)
         batch = PackedBatch(logits=logits, vocab_size=self._vocab, fparams=ss.fparams, iparams=ss.iparams,
                             seeds=ss.seeds, steps=steps, seqs=ss.seqs, mirostat_mu=mu, allowed_mask=allowed,
                             prompt_mask=prompt, output_counts=counts, bias_indptr=indptr, bias_ids=ids,
-                            bias_vals=vals, eos_ids=self._eos, n_top=ss.n_top, flags=ss.flags)
+                            bias_vals=vals, eos_ids=self._tables.eos, n_top=ss.n_top, flags=ss.flags)
         out = run_backend(name, batch)
         self._advance(ss.index, steps, out)
         return out
@@ -633,7 +524,7 @@ class Sampler:
 
         assert self._host_state is not None
         steps_all, mu_all, counts_all = self._host_state
-        x, dtype_name = cpu._logits_np(logits)
+        x, dtype_name = cpu.logits_array(logits)
         h = ss.host(wl, self._vocab, self._host_state)
         allowed = h.allowed
         if token_bitmask is not None:
@@ -663,7 +554,7 @@ class Sampler:
             b = slots.shape[0]
             self._check_logits(logits, b)
             slots_t = slots.to(device=dev, dtype=torch.int64, non_blocking=True)
-            bits, n_top, n_bias, restricted = self._live_agg
+            bits, n_top, n_bias, restricted = self._book.live
             rows = None
         else:
             if isinstance(slots, (int, np.integer)):
@@ -673,10 +564,7 @@ class Sampler:
             if len(set(rows)) != b:
                 raise ValueError(f"slots must be distinct within a batch, got {rows}")
             self._check_logits(logits, b)
-            bits = combine_bits([self._bits[s] for s in rows])
-            n_top = max((self._ntop[s] for s in rows), default=0)
-            n_bias = max((self._nbias[s] for s in rows), default=0)
-            restricted = any(self._restricted[s] for s in rows)
+            bits, n_top, n_bias, restricted = self._book.aggregate(rows)
             slots_t = torch.tensor(rows, dtype=torch.int64, device=dev)
         name = self.backend_for(logits.dtype)
         if b == 0:  # nothing to sample (an idle engine step); no backend call
@@ -687,38 +575,38 @@ class Sampler:
             return self._sample_slot_indexed(logits, slots_t, token_bitmask, flags, n_top, n_bias, restricted, wl)
 
         allowed = None
-        if restricted and self._allowed is not None:
-            allowed = self._pad_words(self._allowed.index_select(0, slots_t), wl, -1)
+        if restricted and self._tables.allowed is not None:
+            allowed = self._pad_words(self._tables.allowed.index_select(0, slots_t), wl, -1)
         if token_bitmask is not None:
             tb = self._check_bitmask(token_bitmask, b, wl)
             allowed = tb if allowed is None else allowed & tb
         prompt_mask = output_counts = None
         if flags.any_penalty:
-            prompt_mask = self._pad_words(self._prompt.index_select(0, slots_t), wl, 0)
-            output_counts = self._counts.index_select(0, slots_t)
+            prompt_mask = self._pad_words(self._tables.prompt.index_select(0, slots_t), wl, 0)
+            output_counts = self._tables.counts.index_select(0, slots_t)
         bias_indptr = bias_ids = bias_vals = None
         if n_bias:
             if rows is None:
-                bias_indptr, bias_ids, bias_vals = self._bias_csr_device(slots_t, n_bias)
+                bias_indptr, bias_ids, bias_vals = self._tables.bias_csr(slots_t, n_bias)
             else:
-                bias_indptr, bias_ids, bias_vals = self._bias_csr_host(rows)
-        steps = self._steps.index_select(0, slots_t)
+                bias_indptr, bias_ids, bias_vals = self._book.bias_csr(rows, self._device)
+        steps = self._tables.steps.index_select(0, slots_t)
         batch = PackedBatch(
             logits=logits,
             vocab_size=self._vocab,
-            fparams=self._fparams.index_select(0, slots_t),
-            iparams=self._iparams.index_select(0, slots_t),
-            seeds=self._seeds.index_select(0, slots_t),
+            fparams=self._tables.fparams.index_select(0, slots_t),
+            iparams=self._tables.iparams.index_select(0, slots_t),
+            seeds=self._tables.seeds.index_select(0, slots_t),
             steps=steps,
-            seqs=self._seqs.index_select(0, slots_t),
-            mirostat_mu=self._mu.index_select(0, slots_t),
+            seqs=self._tables.seqs.index_select(0, slots_t),
+            mirostat_mu=self._tables.mu.index_select(0, slots_t),
             allowed_mask=allowed,
             prompt_mask=prompt_mask,
             output_counts=output_counts,
             bias_indptr=bias_indptr,
             bias_ids=bias_ids,
             bias_vals=bias_vals,
-            eos_ids=self._eos,
+            eos_ids=self._tables.eos,
             n_top=n_top,
             flags=flags,
         )
@@ -733,20 +621,20 @@ class Sampler:
         no torch op of its own. While tracing, `sample_packed` gathers the rows for the custom op and applies the
         update outside it (the op mutates nothing)."""
         tb = None if token_bitmask is None else self._check_bitmask(token_bitmask, slots_t.shape[0], wl)
-        bias = (self._bias_ids, self._bias_vals, self._bias_len) if n_bias else (None, None, None)
+        bias = (self._tables.bias_ids, self._tables.bias_vals, self._tables.bias_len) if n_bias else (None, None, None)
         batch = PackedBatch(
             logits=logits,
             vocab_size=self._vocab,
-            fparams=self._fparams,
-            iparams=self._iparams,
-            seeds=self._seeds,
-            steps=self._steps,
-            seqs=self._seqs,
-            mirostat_mu=self._mu,
-            allowed_mask=self._allowed if restricted else None,
-            prompt_mask=self._prompt if flags.any_penalty else None,
-            output_counts=self._counts,
-            eos_ids=self._eos,
+            fparams=self._tables.fparams,
+            iparams=self._tables.iparams,
+            seeds=self._tables.seeds,
+            steps=self._tables.steps,
+            seqs=self._tables.seqs,
+            mirostat_mu=self._tables.mu,
+            allowed_mask=self._tables.allowed if restricted else None,
+            prompt_mask=self._tables.prompt if flags.any_penalty else None,
+            output_counts=self._tables.counts,
+            eos_ids=self._tables.eos,
             n_top=n_top,
             flags=flags,
             slot_index=slots_t,
@@ -760,7 +648,7 @@ class Sampler:
 
     def _advance(self, slots_t: torch.Tensor, steps: torch.Tensor, out: SampleOutput) -> None:
         """The state updates after a step, on the device (slots are distinct, so the scatters do not collide)."""
-        advance_state(self._steps, self._mu, self._counts, slots_t, steps, out)
+        self._tables.advance(slots_t, steps, out)
 
     @staticmethod
     def _pad_words(mask: torch.Tensor, wl: int, fill: int) -> torch.Tensor:
@@ -782,22 +670,6 @@ class Sampler:
         if tb.shape[1] < wl:
             tb = torch.nn.functional.pad(tb, (0, wl - tb.shape[1]), value=-1)
         return tb[:, :wl].contiguous()
-
-    def _bias_csr_host(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The batch's logit bias in CSR form from the per-slot host copies: O(total bias entries)."""
-        lens = np.fromiter((self._nbias[s] for s in rows), dtype=np.int32, count=len(rows))
-        indptr = np.zeros(len(rows) + 1, dtype=np.int32)
-        np.cumsum(lens, out=indptr[1:])
-        ids = np.concatenate([self._bias_host[s][0] for s in rows if self._nbias[s]])
-        vals = np.concatenate([self._bias_host[s][1] for s in rows if self._nbias[s]])
-        dev = self._device
-        return to_device(indptr, dev), to_device(ids, dev), to_device(vals, dev)
-
-    def _bias_csr_device(self, slots_t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The batch's logit bias in CSR form, built on the device from the per-slot tables (no host sync), ``k``
-        entries per row (`bias_tables_to_csr`)."""
-        assert self._bias_ids is not None and self._bias_vals is not None and self._bias_len is not None
-        return bias_tables_to_csr(self._bias_ids, self._bias_vals, self._bias_len, slots_t, k, self._vocab)
 
 
 def _empty_output(logits: torch.Tensor, n_top: int) -> SampleOutput:
@@ -824,21 +696,19 @@ class _SlotSet:
         self.index = to_device(np.array(rows, dtype=np.int64), s._device)
         lo = rows[0] if rows else 0
         self.span = (lo, lo + len(rows)) if rows and rows == list(range(lo, lo + len(rows))) else None
-        self.flags = int_to_flags(combine_bits([s._bits[r] for r in rows]))
-        self.n_top = max((s._ntop[r] for r in rows), default=0)
-        self.n_bias = max((s._nbias[r] for r in rows), default=0)
+        bits, self.n_top, self.n_bias, restricted = s._book.aggregate(rows)
+        self.flags = int_to_flags(bits)
         idx, span = self.index, self.span
 
         def take(t: torch.Tensor) -> torch.Tensor:  # consecutive slots: a view (no memory), else a gather
             return t[span[0]:span[1]] if span is not None else t.index_select(0, idx)
 
-        self.fparams, self.iparams, self.seeds, self.seqs = (take(t) for t in (s._fparams, s._iparams, s._seeds,
-                                                                              s._seqs))
-        restricted = any(s._restricted[r] for r in rows)
-        self._allowed = take(s._allowed) if restricted and s._allowed is not None else None
-        self._prompt = take(s._prompt) if self.flags.any_penalty else None
-        self.bias = s._bias_csr_host(rows) if self.n_bias and rows else None
-        self.eos = s._eos
+        t = s._tables
+        self.fparams, self.iparams, self.seeds, self.seqs = (take(x) for x in (t.fparams, t.iparams, t.seeds, t.seqs))
+        self._allowed = take(s._tables.allowed) if restricted and s._tables.allowed is not None else None
+        self._prompt = take(s._tables.prompt) if self.flags.any_penalty else None
+        self.bias = s._book.bias_csr(rows, s._device) if self.n_bias and rows else None
+        self.eos = s._tables.eos
         self._masks: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._host: dict[int, _HostRows] = {}
 

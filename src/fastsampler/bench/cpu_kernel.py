@@ -29,8 +29,8 @@ import torch
 
 import fastsampler
 from fastsampler import SamplingParams
-from fastsampler._batch import pack_batch
 from fastsampler.backends import cpu as fcpu
+from fastsampler.backends import pack_batch
 
 LOGIT_SCALE = 3.0
 HISTORY = 256

@@ -88,7 +88,7 @@ def _candidates(scenario: str, batch: int, vocab: int, backend: str, device: tor
     """The three fastsampler calls of ``scenario``, each a function of the logits buffer index."""
     import fastsampler
 
-    from .._batch import ids_to_bitmask
+    from ..backends import ids_to_bitmask
 
     rng = np.random.default_rng(1234)
     plist = [_params(scenario, 100 + r, vocab) for r in range(batch)]
@@ -122,11 +122,10 @@ def _candidates(scenario: str, batch: int, vocab: int, backend: str, device: tor
 
     fns = {"Sampler.sample": sampler_step, "sample(params)": functional_one, "sample(list)": functional_list}
     if sampler.backend_for(torch.float32) == "cpu" and device.type == "cpu":
-        from .._batch import pack_host
-        from ..backends import cpu
+        from ..backends import cpu, pack_host
 
         packed = [pack_host(x, plist, **{k: v for k, v in kw.items() if k != "backend"}) for x in logits]
-        args = [(*cpu._logits_np(h.logits), h.vocab_size, *h[2:15]) for h in packed]
+        args = [(*cpu.logits_array(h.logits), h.vocab_size, *h[2:15]) for h in packed]
         n_top = packed[0].n_top
 
         def kernel(i: int) -> object:
@@ -197,9 +196,9 @@ def run_overhead(batch: int = 8, vocab: int = 1024, reps: int = 2000, backend: s
     if backend not in ("auto", "triton", "cpu", "reference"):
         raise ValueError(f"backend must be one of ('auto', 'triton', 'cpu', 'reference'), got {backend!r}")
     device = torch.device("cuda" if backend == "triton" else "cpu")
-    from .._api import resolve_backend
+    from .. import backends
 
-    backend = resolve_backend(backend, device, torch.float32)
+    backend = backends.resolve(backend, device, torch.float32)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n_buffers = 4
     g = torch.Generator().manual_seed(0)

@@ -98,9 +98,9 @@ class FastsamplerProvider(Provider):
         self.name = f"fastsampler-{backend}" + ("-api" if api else "")
 
     def _module(self):
-        from .._api import _load
+        from .. import backends
 
-        return _load(self.backend)
+        return backends.load(self.backend)
 
     def available(self, device: torch.device) -> tuple[bool, str]:
         try:
@@ -110,8 +110,9 @@ class FastsamplerProvider(Provider):
         return True, ""
 
     def prepare(self, inp: CaseInputs) -> Prepared:
-        from .. import _api
-        from .._batch import pack_batch
+        import fastsampler as _api
+
+        from ..backends import pack_batch
 
         mod = self._module()
         if not mod.supports(inp.device, inp.dtype):
@@ -486,7 +487,7 @@ def build_providers(device: torch.device, requested: list[str] | None, *, ref_ma
     interpreter and measures nothing useful) and every baseline. ``ref_max_elements`` caps the numpy reference and
     ``baseline_max_elements`` the torch samplers (B * V; ``None`` or 0: no cap).
     """
-    from .._api import BACKENDS
+    from ..backends import BACKENDS
 
     notes: list[str] = []
     names: list[str] = []
@@ -535,7 +536,7 @@ def build_providers(device: torch.device, requested: list[str] | None, *, ref_ma
 
 
 def _make(name: str, ref_max_elements: int, baseline_max_elements: int | None = None) -> Provider | None:
-    from .._api import BACKENDS
+    from ..backends import BACKENDS
 
     if name.startswith("fastsampler-"):
         rest = name.removeprefix("fastsampler-")

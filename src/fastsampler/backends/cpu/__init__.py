@@ -18,11 +18,13 @@ import numpy as np
 import torch
 
 from ..._batch import HostBatch, PackedBatch
+from ...layout import check_extension_layout
 from ...output import SampleOutput
+from .. import Capabilities
 
-__all__ = ["is_available", "supports", "sample_packed", "sampling_probs_packed", "kept_mask_packed",
+__all__ = ["CAPABILITIES", "is_available", "supports", "sample_packed", "sampling_probs_packed", "kept_mask_packed",
            "set_num_threads", "get_num_threads", "scratch_bytes", "threads_for", "sample_arrays", "sample_host",
-           "advance_arrays",
+           "advance_arrays", "logits_array",
            "SINGLE_THREAD_BELOW"]
 
 SINGLE_THREAD_BELOW = 16384
@@ -34,12 +36,14 @@ REINSTALL = "pip install --force-reinstall --no-build-isolation --no-deps .  (re
 try:
     from . import _C  # type: ignore[attr-defined]
 
+    check_extension_layout(getattr(_C, "LAYOUT", {}))
     _IMPORT_ERROR: str | None = None
 except ImportError as e:  # pragma: no cover - depends on the build
     _C = None
     _IMPORT_ERROR = f"the C++ extension fastsampler.backends.cpu._C did not import ({e}); rebuild it with: {REINSTALL}"
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+CAPABILITIES = Capabilities(devices=("cpu",), dtypes=tuple(_DTYPES), features=frozenset({"host_batch"}))
 
 
 def is_available() -> tuple[bool, str]:
@@ -144,7 +148,7 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
         return t.numpy()
 
 
-def _logits_np(logits: torch.Tensor) -> tuple[np.ndarray, str]:
+def logits_array(logits: torch.Tensor) -> tuple[np.ndarray, str]:
     if not logits.is_cpu:
         raise ValueError(f"backend='cpu' needs CPU logits, got device {logits.device}")
     name = _DTYPES.get(logits.dtype)
@@ -160,7 +164,7 @@ def _logits_np(logits: torch.Tensor) -> tuple[np.ndarray, str]:
 
 def _args(batch: PackedBatch) -> tuple[Any, ...]:
     """Positional arguments of ``_C.sample`` / ``_C.sampling_probs`` (up to eos_ids)."""
-    logits, name = _logits_np(batch.logits)
+    logits, name = logits_array(batch.logits)
     return (
         logits,
         name,
@@ -209,7 +213,7 @@ def sample_packed(batch: PackedBatch) -> SampleOutput:
 
 def sample_host(batch: HostBatch) -> SampleOutput:
     """`sample_packed` for a batch packed by `fastsampler._batch.pack_host` (numpy arrays: nothing to convert)."""
-    x, name = _logits_np(batch.logits)
+    x, name = logits_array(batch.logits)
     return _output(sample_arrays((x, name, batch.vocab_size, *batch[2:15]), batch.n_top))
 
 

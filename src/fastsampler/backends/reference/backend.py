@@ -10,17 +10,23 @@ import torch
 
 from ..._batch import PackedBatch
 from ...output import SampleOutput
+from .. import Capabilities
 from .pipeline import _run_row, probs_rows, rows_from_packed, sample_rows
 
-__all__ = ["is_available", "supports", "sample_packed", "sampling_probs_packed", "kept_mask_packed"]
+__all__ = ["CAPABILITIES", "is_available", "supports", "sample_packed", "sampling_probs_packed", "kept_mask_packed"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CAPABILITIES = Capabilities(devices=("cpu", "cuda"), dtypes=_DTYPES)
 
 
 def is_available() -> tuple[bool, str]:
+    """Always ``(True, "")``: numpy only."""
     return True, ""
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
-    return dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    """Any device (the rows are copied to the host), float16 / bfloat16 / float32 / float64."""
+    return dtype in _DTYPES
 
 
 def sample_packed(batch: PackedBatch) -> SampleOutput:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...layout import STREAM_TILE, STREAM_TOKEN, TILE
+
 __all__ = ["philox4x32", "exp_noise", "token_noise", "tile_noise", "TILE", "STREAM_TOKEN", "STREAM_TILE"]
 
 _M0 = np.uint64(0xD2511F53)
@@ -15,10 +17,6 @@ _W0 = np.uint64(0x9E3779B9)
 _W1 = np.uint64(0xBB67AE85)
 _MASK = np.uint64(0xFFFFFFFF)
 _32 = np.uint64(32)
-
-TILE = 4096  # ids per tile of the two-level race
-STREAM_TOKEN = 0
-STREAM_TILE = 1
 
 
 def philox4x32(key: np.ndarray, counter: np.ndarray, rounds: int = 10) -> np.ndarray:

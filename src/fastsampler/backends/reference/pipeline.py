@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._batch import (
+from ..._batch import bitmask_to_bool, pack_batch
+from ...layout import (
     F_FREQ,
     F_MIN_P,
     F_MIRO_ETA,
@@ -33,18 +34,18 @@ from ..._batch import (
     I_MIRO_MODE,
     I_TOP_K,
     I_TOP_LOGPROBS,
-    bitmask_to_bool,
-    pack_batch,
+    LOGPROBS_MODES,
+    MIROSTAT_M,
+    TILE,
 )
 from ...output import SampleOutput
-from ...params import LOGPROBS_MODES, SamplingParams
-from .philox import TILE, tile_noise, token_noise
+from ...params import SamplingParams
+from .philox import tile_noise, token_noise
 
 __all__ = ["process_logits", "sampling_probs", "sample", "diagnose", "RACE_TIE_TOL", "BOUNDARY_TOL"]
 
 RACE_TIE_TOL = 1e-4  # race scores (either level) closer than this, relative to max(1, |score|): fp32 may differ
 BOUNDARY_TOL = 1e-5  # truncation decisions this close to flipping (relative): fp32 backends may decide otherwise
-MIROSTAT_M = 100  # top tokens used by Mirostat v1 to estimate the Zipf exponent
 MIROSTAT_K_TOL = 1e-5  # Mirostat v1's k this close (relative) to an integer: float32 may floor it differently
 FLT_MAX = float(np.finfo(np.float32).max)
 # float32 rounding sends |v| >= 2^128 - 2^103 (FLT_MAX plus half an ulp) to infinity: the overflow boundary of the

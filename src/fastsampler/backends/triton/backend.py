@@ -56,12 +56,16 @@ import os
 import torch
 
 from ..._batch import PackedBatch
+from ...layout import MIROSTAT_M, TILE
 from ...output import SampleOutput
+from .. import Capabilities
 
-__all__ = ["is_available", "supports", "sample_packed", "sampling_probs_packed", "kept_mask_packed"]
+__all__ = ["CAPABILITIES", "is_available", "supports", "sample_packed", "sampling_probs_packed", "kept_mask_packed"]
 
-TILE = 4096  # ids per tile of the two-level race (docs/semantics.md §3 F); also the unit of work of every pass
-MIROSTAT_TOP = 128  # scratch per row for Mirostat v1's 100 largest z (a power of two >= 100)
+# TILE (ids per tile of the two-level race, docs/semantics.md §3 F) is also the unit of work of every pass
+MIROSTAT_TOP = 1 << (MIROSTAT_M - 1).bit_length()  # scratch per row for Mirostat v1's largest z (a power of two)
+CAPABILITIES = Capabilities(devices=("cuda", "cpu"), dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                            features=frozenset({"slot_index"}))
 
 
 def is_available() -> tuple[bool, str]:

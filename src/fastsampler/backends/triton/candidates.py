@@ -48,7 +48,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..._batch import F_MIN_P, F_TEMPERATURE, F_TOP_P, I_MIN_KEEP, I_MIRO_MODE, I_TOP_K, NF, NI
+from ...layout import F_MIN_P, F_TEMPERATURE, F_TOP_P, I_MIN_KEEP, I_MIRO_MODE, I_TOP_K, NF, NI
 from .mirostat import BM, mirostat_k, mirostat_v1_threshold
 from .penalties import (
     NRF,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..._batch import (
+from ...layout import (
     F_MIRO_ETA,
     F_MIRO_TAU,
     F_TEMPERATURE,

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._batch import F_TEMPERATURE, I_LOGPROBS, I_LOGPROBS_MODE, I_TOP_LOGPROBS, MODE_FINAL, MODE_RAW, NF, NI
+from ...layout import F_TEMPERATURE, I_LOGPROBS, I_LOGPROBS_MODE, I_TOP_LOGPROBS, MODE_FINAL, MODE_RAW, NF, NI
 from .candidates import kth_largest
 from .penalties import (
     NRF,

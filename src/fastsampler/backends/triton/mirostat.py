@@ -13,12 +13,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..._batch import F_TEMPERATURE, I_MIRO_MODE, NF, NI
+from ...layout import F_TEMPERATURE, I_MIRO_MODE, MIROSTAT_M, NF, NI
 from .penalties import NRF, NRI, RF_M, RF_ZLO, RI_NFIN, RI_VALID, block_z, row_scalars, slot_row
 from .select import float_key, radix_select
 
-MIROSTAT_M = 100  # Mirostat v1 estimates s from the 100 most probable tokens
-BM = 128  # power of two >= MIROSTAT_M: the gathered values in one block
+BM = 1 << (MIROSTAT_M - 1).bit_length()  # power of two >= MIROSTAT_M: the gathered values in one block
 
 _NF: tl.constexpr = tl.constexpr(NF)
 _NI: tl.constexpr = tl.constexpr(NI)

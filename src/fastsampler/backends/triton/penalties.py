@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..._batch import F_FREQ, F_PRES, F_REP, F_TEMPERATURE, I_IGNORE_EOS, I_MIN_TOKENS, NF, NI
+from ...layout import F_FREQ, F_PRES, F_REP, F_TEMPERATURE, I_IGNORE_EOS, I_MIN_TOKENS, NF, NI
 
 # rowf columns. A log-normaliser is kept as a pair (max ``m``, ``ln s`` with ``s = sum exp(x - m)``) and a log-
 # probability is formed as ``(x - m) - ln s``, never as ``x - (m + ln s)``: in float32, ``m + ln s`` drops ``ln s``

@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..._batch import F_MIN_P, F_TEMPERATURE, F_TOP_P, F_TYPICAL_P, I_MIN_KEEP, I_TOP_K, NF, NI
+from ...layout import F_MIN_P, F_TEMPERATURE, F_TOP_P, F_TYPICAL_P, I_MIN_KEEP, I_TOP_K, NF, NI
 from .penalties import (
     NRF,
     NRI,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..._batch import F_MIN_P, F_TEMPERATURE, F_TYPICAL_P, I_MIN_KEEP, I_MIRO_MODE, I_TOP_K, NF, NI
+from ...layout import F_MIN_P, F_TEMPERATURE, F_TYPICAL_P, I_MIN_KEEP, I_MIRO_MODE, I_TOP_K, NF, NI
 from .candidates import kth_largest
 from .penalties import (
     NRF,

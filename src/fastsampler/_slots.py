@@ -1,0 +1,194 @@
+"""A `Sampler`'s per-slot state in its two halves: what the host knows of each slot (`SlotBook`) and the tables the
+kernels read on the device (`SlotTables`). Both are filled from one `PackedRequest` per request.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._batch import PackedRequest, advance_state, bias_tables_to_csr, ids_to_bitmask, mask_words, to_device
+from .layout import NF, NI, combine_bits
+from .params import SamplingParams
+
+__all__ = ["SlotBook", "SlotTables"]
+
+_NO_BIAS = (np.zeros(0, np.int32), np.zeros(0, np.float32))
+
+
+class SlotBook:
+    """Which slots are in use, and the host's copy of what each holds: its params, seed, flag bits, top-logprob
+    width, logit bias and whether it restricts ids. Nothing here touches the device.
+
+    Attributes (lists indexed by slot): ``params`` (None = free), ``seeds`` (uint64), ``bits``, ``n_top``,
+    ``n_bias``, ``restricted``, ``bias`` (ids, values); ``live``: `aggregate` over the slots in use.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.params: list[SamplingParams | None] = [None] * slots
+        self.seeds = [0] * slots
+        self.bits = [0] * slots
+        self.n_top = [0] * slots
+        self.n_bias = [0] * slots
+        self.restricted = [False] * slots
+        self.bias: list[tuple[np.ndarray, np.ndarray]] = [_NO_BIAS] * slots
+        self.free = list(range(slots))  # a heap: `take` returns the lowest free slots
+        self.live: tuple[int, int, int, bool] = (0, 0, 0, False)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def take(self, n: int) -> list[int]:
+        """Reserve the ``n`` lowest free slots (the caller checked that enough are free)."""
+        return [heapq.heappop(self.free) for _ in range(n)]
+
+    def fill(self, slots: Sequence[int], params: SamplingParams, seed: int, req: PackedRequest) -> None:
+        """Record what ``slots`` now hold (a request's samples share its params and seed)."""
+        for s in slots:
+            self.params[s] = params
+            self.seeds[s] = seed
+            self.bits[s] = req.bits
+            self.n_top[s] = req.n_top
+            self.n_bias[s] = req.bias_ids.size
+            self.bias[s] = (req.bias_ids, req.bias_vals)
+            self.restricted[s] = req.restricted
+        self.update_live()
+
+    def release(self, slots: Sequence[int]) -> None:
+        """Free ``slots`` (checked by the caller: in use and distinct)."""
+        for s in slots:
+            self.params[s] = None
+            heapq.heappush(self.free, s)
+        self.update_live()
+
+    def reset(self) -> None:
+        self.params = [None] * self.slots
+        self.free = list(range(self.slots))
+        self.update_live()
+
+    def in_use(self, slot: int) -> bool:
+        return self.params[slot] is not None
+
+    def aggregate(self, rows: Sequence[int]) -> tuple[int, int, int, bool]:
+        """What a batch of ``rows`` decides on the host: (flag bits, top-logprob width, logit-bias width, whether
+        some row restricts ids)."""
+        return (combine_bits([self.bits[s] for s in rows]), max((self.n_top[s] for s in rows), default=0),
+                max((self.n_bias[s] for s in rows), default=0), any(self.restricted[s] for s in rows))
+
+    def update_live(self) -> None:
+        """Recompute `live`, the aggregate over the slots in use (a `Sampler`'s ``capture_key``)."""
+        self.live = self.aggregate([i for i, p in enumerate(self.params) if p is not None])
+
+    def bias_csr(self, rows: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The logit bias of ``rows`` in CSR form from the host copies: O(total bias entries)."""
+        lens = np.fromiter((self.n_bias[s] for s in rows), dtype=np.int32, count=len(rows))
+        indptr = np.zeros(len(rows) + 1, dtype=np.int32)
+        np.cumsum(lens, out=indptr[1:])
+        ids = np.concatenate([self.bias[s][0] for s in rows if self.n_bias[s]])
+        vals = np.concatenate([self.bias[s][1] for s in rows if self.n_bias[s]])
+        return to_device(indptr, device), to_device(ids, device), to_device(vals, device)
+
+
+class SlotTables:
+    """The per-slot tables on the device, in the layout the backends read (`fastsampler._batch.PackedBatch`, slot-
+    indexed form): packed parameters, seeds, steps, seqs, Mirostat ``mu``, prompt bitmasks, output counts, and, once
+    some request uses them, allowed-id bitmasks and logit-bias tables.
+
+    ``allowed`` and the bias tables are allocated lazily; `reserve` and `grow_bias` return True when they allocated
+    (a captured CUDA graph or a cached gather of the old tensors is then stale).
+    """
+
+    def __init__(self, slots: int, vocab: int, device: torch.device, eos: Sequence[int]) -> None:
+        self.slots, self.vocab, self.words, self.device = slots, vocab, mask_words(vocab), device
+        kw: dict[str, Any] = dict(device=device)
+        self.eos = torch.tensor(list(eos), dtype=torch.int32, **kw)
+        self.fparams = torch.zeros(slots, NF, dtype=torch.float32, **kw)
+        self.iparams = torch.zeros(slots, NI, dtype=torch.int32, **kw)
+        self.seeds = torch.zeros(slots, dtype=torch.int64, **kw)
+        self.steps = torch.zeros(slots, dtype=torch.int64, **kw)
+        self.seqs = torch.zeros(slots, dtype=torch.int64, **kw)
+        self.mu = torch.full((slots,), math.nan, dtype=torch.float32, **kw)
+        self.prompt = torch.zeros(slots, self.words, dtype=torch.int32, **kw)
+        self.counts = torch.zeros(slots, vocab, dtype=torch.int16, **kw)
+        self.allowed: torch.Tensor | None = None  # (S, W) int32
+        self.bias_ids: torch.Tensor | None = None  # (S, K) int32, K = the largest logit bias so far
+        self.bias_vals: torch.Tensor | None = None  # (S, K) float32
+        self.bias_len: torch.Tensor | None = None  # (S,) int32
+
+    @torch.inference_mode(False)
+    def write(self, slots: Sequence[int], req: PackedRequest, seed_bits: int, prompt: np.ndarray) -> bool:
+        """Fill ``slots`` for a new request (sample ``seq = i`` in ``slots[i]``): its packed rows, seed bit
+        pattern, step 0, initial ``mu``, prompt bitmask, zero counts, allowed row and logit bias. Returns True when
+        a lazily allocated table was (re)allocated."""
+        dev, v = self.device, self.vocab
+        idx = torch.tensor(list(slots), dtype=torch.int64, device=dev)
+        self.fparams[idx] = torch.from_numpy(req.f).to(dev)
+        self.iparams[idx] = torch.from_numpy(req.i).to(dev)
+        self.seeds[idx] = seed_bits
+        self.steps[idx] = 0
+        self.seqs[idx] = torch.arange(len(slots), dtype=torch.int64, device=dev)
+        self.mu[idx] = float(req.mu)
+        self.prompt[idx] = torch.from_numpy(ids_to_bitmask([prompt], v)).to(dev)
+        self.counts[idx] = 0
+        grew = False
+        if req.restricted:
+            grew = self.reserve(allowed_mask=True)
+            assert self.allowed is not None
+            self.allowed[idx] = torch.from_numpy(req.allowed_row(v)).to(dev)
+        elif self.allowed is not None:
+            self.allowed[idx] = -1
+        nb = req.bias_ids.size
+        if nb:
+            grew |= self.grow_bias(nb)
+            assert self.bias_ids is not None and self.bias_vals is not None and self.bias_len is not None
+            self.bias_ids[idx, :nb] = torch.from_numpy(req.bias_ids).to(dev)
+            self.bias_vals[idx, :nb] = torch.from_numpy(req.bias_vals).to(dev)
+            self.bias_len[idx] = nb
+        elif self.bias_len is not None:
+            self.bias_len[idx] = 0
+        return grew
+
+    @torch.inference_mode(False)
+    def reserve(self, *, allowed_mask: bool = False, logit_bias_entries: int = 0) -> bool:
+        """Allocate the allowed-id bitmasks and room for ``logit_bias_entries`` bias entries per slot now."""
+        grew = False
+        if allowed_mask and self.allowed is None:
+            self.allowed = torch.full((self.slots, self.words), -1, dtype=torch.int32, device=self.device)
+            grew = True
+        if logit_bias_entries > 0:
+            grew |= self.grow_bias(int(logit_bias_entries))
+        return grew
+
+    @torch.inference_mode(False)
+    def grow_bias(self, k: int) -> bool:
+        """Make room for ``k`` bias entries per slot (at least doubling), keeping the entries already written."""
+        cur = 0 if self.bias_ids is None else self.bias_ids.shape[1]
+        if k <= cur:
+            return False
+        k = max(k, 2 * cur)
+        ids = torch.zeros(self.slots, k, dtype=torch.int32, device=self.device)
+        vals = torch.zeros(self.slots, k, dtype=torch.float32, device=self.device)
+        if self.bias_ids is not None:
+            assert self.bias_vals is not None
+            ids[:, :cur] = self.bias_ids
+            vals[:, :cur] = self.bias_vals
+        else:
+            self.bias_len = torch.zeros(self.slots, dtype=torch.int32, device=self.device)
+        self.bias_ids, self.bias_vals = ids, vals
+        return True
+
+    def advance(self, slots_t: torch.Tensor, steps: torch.Tensor, out: Any) -> None:
+        """The state update after a step, on the device (`fastsampler._batch.advance_state`)."""
+        advance_state(self.steps, self.mu, self.counts, slots_t, steps, out)
+
+    def bias_csr(self, slots_t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The logit bias of ``slots_t`` in CSR form, built on the device (no host sync), ``k`` entries per row."""
+        assert self.bias_ids is not None and self.bias_vals is not None and self.bias_len is not None
+        return bias_tables_to_csr(self.bias_ids, self.bias_vals, self.bias_len, slots_t, k, self.vocab)
