@@ -89,3 +89,43 @@ def test_sampler_add_writes_the_packed_request() -> None:
         assert s._tables.allowed is not None and (s._tables.allowed[slot].numpy() == req.allowed_row(40)).all()
     assert s.capture_key[0] == req.bits and s.capture_key[2] == 1
     assert np.isclose(s.mirostat_mu_of(slots[0]), 5.0)
+
+
+def test_packed_batch_positional_form_round_trips() -> None:
+    from fastsampler._batch import ARRAY_FIELDS, PackedBatch
+
+    x = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    p = SamplingParams(top_k=2, logit_bias={1: 0.5}, logprobs=True, top_logprobs=2, seed=5)
+    b = backends.pack_batch(x, p, prompt_token_ids=[[0]], output_token_ids=[[3, 3]])
+    args = b.op_args()
+    assert len(args) == 1 + len(ARRAY_FIELDS) + 3 and args[0] is x
+    back = PackedBatch.from_op_args(*args)
+    assert back.flags == b.flags and back.n_top == b.n_top == 2 and back.vocab_size == b.vocab_size
+    for name, got, want in zip(ARRAY_FIELDS, back.arrays(), b.arrays(), strict=True):
+        assert got is want, name
+    host = backends.pack_host(x, p, prompt_token_ids=[[0]], output_token_ids=[[3, 3]])
+    for name, h, t in zip(ARRAY_FIELDS, host.arrays(), b.arrays(), strict=True):
+        assert (h is None) == (t is None), name
+        if h is not None:
+            assert np.array_equal(h, t.numpy(), equal_nan=h.dtype.kind == "f"), name
+
+
+def test_pack_batch_refuses_unknown_keywords() -> None:
+    x = torch.zeros(1, 4)
+    with pytest.raises(TypeError, match="pack_batch\\(\\) got an unexpected keyword argument 'step'"):
+        backends.pack_batch(x, SamplingParams(), step=[1])  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="pack_host\\(\\) got an unexpected keyword argument 'seed'"):
+        backends.pack_host(x, SamplingParams(), seed=3)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'step'"):
+        fastsampler.sample(x, SamplingParams(), step=[1])  # type: ignore[call-arg]
+
+
+def test_cpu_build_info_names_the_simd_path() -> None:
+    from fastsampler.backends import cpu
+
+    info = cpu.build_info()
+    assert set(info) == {"simd", "openmp"}
+    if cpu.is_available()[0]:
+        assert info["simd"] in ("avx512", "avx2", "portable")
+    else:
+        assert info["simd"] == "unavailable"

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from . import backends
-from ._batch import pack_batch, pack_host
+from ._batch import StepInputs, pack_batch, pack_host
 from ._custom_ops import sample_packed as _sample_packed_op
 from ._custom_ops import use_op
 from .output import SampleOutput
@@ -67,7 +67,7 @@ def _backend_of(backend: str, device: torch.device, dtype: torch.dtype) -> tuple
     return name, mod
 
 
-def _prepare(logits: Any, params: Any, backend: str, kw: dict[str, Any]) -> tuple[str, Any, torch.Tensor, bool]:
+def _prepare(logits: Any, params: Any, backend: str, kw: StepInputs) -> tuple[str, Any, torch.Tensor, bool]:
     t, was_numpy = _as_torch(logits)
     if t.dtype not in _LOGIT_DTYPES:
         raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {t.dtype}")
@@ -138,9 +138,9 @@ def sample(
     >>> out.tokens.tolist()
     [1, 0]
     """
-    kw = dict(prompt_token_ids=prompt_token_ids, output_token_ids=output_token_ids, steps=steps, seqs=seqs,
-              mirostat_mu=mirostat_mu, vocab_size=vocab_size, seeds=seeds, prompt_mask=prompt_mask,
-              output_counts=output_counts, token_bitmask=token_bitmask, eos_token_ids=eos_token_ids)
+    kw = StepInputs(prompt_token_ids=prompt_token_ids, output_token_ids=output_token_ids, steps=steps, seqs=seqs,
+                    mirostat_mu=mirostat_mu, vocab_size=vocab_size, seeds=seeds, prompt_mask=prompt_mask,
+                    output_counts=output_counts, token_bitmask=token_bitmask, eos_token_ids=eos_token_ids)
     name, mod, t, was_numpy = _prepare(logits, params, backend, kw)
     if "host_batch" in mod.CAPABILITIES.features and not use_op(t):
         out = mod.sample_host(pack_host(t, params, **kw))  # numpy in, numpy to the kernels: no tensor round trip
@@ -180,9 +180,9 @@ def sampling_probs(
     >>> [round(x, 3) for x in p[0].tolist()]
     [0.5, 0.5, 0.0]
     """
-    kw = dict(prompt_token_ids=prompt_token_ids, output_token_ids=output_token_ids, steps=steps, seqs=seqs,
-              mirostat_mu=mirostat_mu, vocab_size=vocab_size, seeds=seeds, prompt_mask=prompt_mask,
-              output_counts=output_counts, token_bitmask=token_bitmask, eos_token_ids=eos_token_ids)
+    kw = StepInputs(prompt_token_ids=prompt_token_ids, output_token_ids=output_token_ids, steps=steps, seqs=seqs,
+                    mirostat_mu=mirostat_mu, vocab_size=vocab_size, seeds=seeds, prompt_mask=prompt_mask,
+                    output_counts=output_counts, token_bitmask=token_bitmask, eos_token_ids=eos_token_ids)
     _, mod, t, was_numpy = _prepare(logits, params, backend, kw)
     probs = mod.sampling_probs_packed(pack_batch(t, params, **kw))
     return probs.detach().cpu().numpy() if was_numpy else probs

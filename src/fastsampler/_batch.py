@@ -63,7 +63,7 @@ import secrets
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 import numpy as np
 import torch
@@ -80,6 +80,15 @@ from .layout import (
     int_to_flags,
 )
 from .params import SamplingParams
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+
+# the array fields of a packed batch, in the order of every positional form (the custom op's arguments, the C++
+# extension's, `HostBatch`): `PackedBatch.arrays` / `PackedBatch.op_args` / `PackedBatch.from_op_args` use it
+ARRAY_FIELDS = ("fparams", "iparams", "seeds", "steps", "seqs", "mirostat_mu", "allowed_mask", "prompt_mask",
+                "output_counts", "bias_indptr", "bias_ids", "bias_vals", "eos_ids")
 
 
 @dataclass
@@ -115,6 +124,24 @@ class PackedBatch:
     @property
     def device(self) -> torch.device:
         return self.logits.device
+
+    def arrays(self) -> tuple[torch.Tensor | None, ...]:
+        """The row-indexed array fields in `ARRAY_FIELDS` order."""
+        return tuple(getattr(self, name) for name in ARRAY_FIELDS)
+
+    def op_args(self) -> tuple[Any, ...]:
+        """The batch as the custom op ``fastsampler::sample_packed`` takes it (before the backend name): the
+        logits, the `arrays`, ``vocab_size``, ``n_top`` and the flags as an int (`flags_to_int`). Row-indexed
+        batches only (`gathered` first)."""
+        assert self.slot_index is None, "a slot-indexed batch has no positional form: use gathered()"
+        return (self.logits, *self.arrays(), int(self.vocab_size), int(self.n_top), flags_to_int(self.flags))
+
+    @classmethod
+    def from_op_args(cls, logits: torch.Tensor, *args: Any) -> PackedBatch:
+        """Inverse of `op_args`."""
+        *arrays, vocab_size, n_top, flags = args
+        return cls(logits=logits, vocab_size=vocab_size, **dict(zip(ARRAY_FIELDS, arrays, strict=True)), n_top=n_top,
+                   flags=int_to_flags(flags))
 
     def gathered(self) -> PackedBatch:
         """The row-indexed form of a slot-indexed batch (itself when ``slot_index`` is None): each table's rows
@@ -574,6 +601,10 @@ class HostBatch(NamedTuple):
     n_top: int
     flags: BatchFlags
 
+    def arrays(self) -> tuple[np.ndarray | None, ...]:
+        """The array fields in `ARRAY_FIELDS` order (the C++ extension's positional arguments)."""
+        return tuple(getattr(self, name) for name in ARRAY_FIELDS)
+
 
 def _host_array(t: torch.Tensor) -> np.ndarray:
     """A numpy view of a CPU tensor."""
@@ -583,25 +614,41 @@ def _host_array(t: torch.Tensor) -> np.ndarray:
 _EMPTY_EOS = _set_readonly(np.zeros(0, dtype=np.int32))
 
 
+class StepInputs(TypedDict, total=False):
+    """The per-call inputs of a step besides the logits and the params: the keyword arguments of `fastsampler.sample`
+    / `fastsampler.sampling_probs` (documented there), which `pack_batch` and `pack_host` take as they are."""
+
+    prompt_token_ids: Sequence[Sequence[int]] | None
+    output_token_ids: Sequence[Sequence[int]] | None
+    steps: Any
+    seqs: Any
+    mirostat_mu: Any
+    vocab_size: int | None
+    seeds: Any
+    prompt_mask: torch.Tensor | None
+    output_counts: torch.Tensor | None
+    token_bitmask: torch.Tensor | None
+    eos_token_ids: Sequence[int] | torch.Tensor
+
+
+_STEP_INPUTS = frozenset(StepInputs.__annotations__)
+
+
 def _pack(
-    logits: torch.Tensor,
-    params: SamplingParams | Sequence[SamplingParams],
-    host: bool,
-    prompt_token_ids: Sequence[Sequence[int]] | None,
-    output_token_ids: Sequence[Sequence[int]] | None,
-    steps: Any,
-    seqs: Any,
-    mirostat_mu: Any,
-    vocab_size: int | None,
-    seeds: Any,
-    prompt_mask: torch.Tensor | None,
-    output_counts: torch.Tensor | None,
-    token_bitmask: torch.Tensor | None,
-    eos_token_ids: Sequence[int] | torch.Tensor,
+    logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams], host: bool, inputs: StepInputs, fn: str
 ) -> tuple[list[Any], int, int, BatchFlags]:
-    """The packing of `pack_batch` / `pack_host`: the 13 array fields of a packed batch (``fparams`` ..
-    ``eos_ids``), the vocabulary size, ``n_top`` and the flags. Fields are numpy arrays (``host``) or tensors on the
-    logits' device."""
+    """The packing of `pack_batch` / `pack_host` (``fn``, for the error of an unknown keyword): the 13 array fields
+    of a packed batch (`ARRAY_FIELDS`), the vocabulary size, ``n_top`` and the flags. Fields are numpy arrays
+    (``host``) or tensors on the logits' device."""
+    unknown = sorted(inputs.keys() - _STEP_INPUTS)
+    if unknown:
+        raise TypeError(f"{fn}() got an unexpected keyword argument {unknown[0]!r}")
+    prompt_token_ids = inputs.get("prompt_token_ids")
+    output_token_ids = inputs.get("output_token_ids")
+    steps, seqs, mirostat_mu = inputs.get("steps"), inputs.get("seqs"), inputs.get("mirostat_mu")
+    vocab_size, seeds = inputs.get("vocab_size"), inputs.get("seeds")
+    prompt_mask, output_counts = inputs.get("prompt_mask"), inputs.get("output_counts")
+    token_bitmask, eos_token_ids = inputs.get("token_bitmask"), inputs.get("eos_token_ids", ())
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (batch_size, vocab_size), got shape {tuple(logits.shape)}")
     b, v = logits.shape
@@ -724,20 +771,7 @@ def _pack(
 
 
 def pack_batch(
-    logits: torch.Tensor,
-    params: SamplingParams | Sequence[SamplingParams],
-    *,
-    prompt_token_ids: Sequence[Sequence[int]] | None = None,
-    output_token_ids: Sequence[Sequence[int]] | None = None,
-    steps: Any = None,
-    seqs: Any = None,
-    mirostat_mu: Any = None,
-    vocab_size: int | None = None,
-    seeds: Any = None,
-    prompt_mask: torch.Tensor | None = None,
-    output_counts: torch.Tensor | None = None,
-    token_bitmask: torch.Tensor | None = None,
-    eos_token_ids: Sequence[int] | torch.Tensor = (),
+    logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams], **inputs: Unpack[StepInputs]
 ) -> PackedBatch:
     """Pack a batch for a backend. ``logits`` is a (B, V) torch tensor; all packed tensors land on its device.
 
@@ -746,27 +780,13 @@ def pack_batch(
     logit bias) is computed once per params object and list of them (`param_batch`). Host arrays become tensors
     without a copy on the CPU, and through pinned memory with asynchronous copies on CUDA (`to_device`).
     """
-    fields, vocab, n_top, flags = _pack(logits, params, False, prompt_token_ids, output_token_ids, steps, seqs,
-                                        mirostat_mu, vocab_size, seeds, prompt_mask, output_counts, token_bitmask,
-                                        eos_token_ids)
-    return PackedBatch(logits, vocab, *fields, n_top=n_top, flags=flags)
+    fields, vocab, n_top, flags = _pack(logits, params, False, inputs, "pack_batch")
+    return PackedBatch(logits=logits, vocab_size=vocab, **dict(zip(ARRAY_FIELDS, fields, strict=True)), n_top=n_top,
+                       flags=flags)
 
 
 def pack_host(
-    logits: torch.Tensor,
-    params: SamplingParams | Sequence[SamplingParams],
-    *,
-    prompt_token_ids: Sequence[Sequence[int]] | None = None,
-    output_token_ids: Sequence[Sequence[int]] | None = None,
-    steps: Any = None,
-    seqs: Any = None,
-    mirostat_mu: Any = None,
-    vocab_size: int | None = None,
-    seeds: Any = None,
-    prompt_mask: torch.Tensor | None = None,
-    output_counts: torch.Tensor | None = None,
-    token_bitmask: torch.Tensor | None = None,
-    eos_token_ids: Sequence[int] | torch.Tensor = (),
+    logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams], **inputs: Unpack[StepInputs]
 ) -> HostBatch:
     """`pack_batch` for CPU logits, with numpy arrays in place of tensors (what the C++ backend reads): no tensor
     is made only to be read back. The same checks and errors as `pack_batch`.
@@ -781,7 +801,6 @@ def pack_host(
     """
     if logits.device.type != "cpu":
         raise ValueError(f"pack_host packs CPU logits, got logits on {logits.device}")
-    fields, vocab, n_top, flags = _pack(logits, params, True, prompt_token_ids, output_token_ids, steps, seqs,
-                                        mirostat_mu, vocab_size, seeds, prompt_mask, output_counts, token_bitmask,
-                                        eos_token_ids)
-    return HostBatch(logits, vocab, *fields, n_top, flags)
+    fields, vocab, n_top, flags = _pack(logits, params, True, inputs, "pack_host")
+    return HostBatch(logits=logits, vocab_size=vocab, **dict(zip(ARRAY_FIELDS, fields, strict=True)), n_top=n_top,
+                     flags=flags)

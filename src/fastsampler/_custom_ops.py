@@ -74,21 +74,16 @@ def _sample_packed_op(
     flags: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch = PackedBatch(
-        logits=logits, vocab_size=vocab_size, fparams=fparams, iparams=iparams, seeds=seeds, steps=steps, seqs=seqs,
-        mirostat_mu=mirostat_mu, allowed_mask=allowed_mask, prompt_mask=prompt_mask, output_counts=output_counts,
-        bias_indptr=bias_indptr, bias_ids=bias_ids, bias_vals=bias_vals, eos_ids=eos_ids, n_top=n_top,
-        flags=int_to_flags(flags),
-    )
+    batch = PackedBatch.from_op_args(logits, fparams, iparams, seeds, steps, seqs, mirostat_mu, allowed_mask,
+                                     prompt_mask, output_counts, bias_indptr, bias_ids, bias_vals, eos_ids, vocab_size,
+                                     n_top, flags)
     return tuple(_finish(_backend_module(backend).sample_packed(batch), batch))
 
 
 def _finish(out: SampleOutput, batch: PackedBatch) -> list[torch.Tensor]:
     """The backend's outputs as contiguous tensors of the op's dtypes on the logits' device, none of them sharing
     memory with an input (an output a backend passes through, e.g. ``mirostat_mu``, is copied)."""
-    inputs = [t for t in (batch.logits, batch.fparams, batch.iparams, batch.seeds, batch.steps, batch.seqs,
-                          batch.mirostat_mu, batch.allowed_mask, batch.prompt_mask, batch.output_counts,
-                          batch.bias_indptr, batch.bias_ids, batch.bias_vals, batch.eos_ids) if t is not None]
+    inputs = [t for t in (batch.logits, *batch.arrays()) if t is not None]
     ptrs = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
     res = []
     for x, dt in zip(out, _OUT_DTYPES, strict=True):
@@ -181,9 +176,6 @@ def sample_packed(backend: str, batch: PackedBatch) -> SampleOutput:
         return run_backend(backend, batch)
     if batch.slot_index is not None:  # the op takes row-indexed tensors and mutates none of them
         return _gathered_step(backend, batch, sample_packed)
-    out = torch.ops.fastsampler.sample_packed(
-        batch.logits.detach(), batch.fparams, batch.iparams, batch.seeds, batch.steps, batch.seqs, batch.mirostat_mu,
-        batch.allowed_mask, batch.prompt_mask, batch.output_counts, batch.bias_indptr, batch.bias_ids,
-        batch.bias_vals, batch.eos_ids, int(batch.vocab_size), int(batch.n_top), flags_to_int(batch.flags), backend,
-    )
+    logits, *rest = batch.op_args()
+    out = torch.ops.fastsampler.sample_packed(logits.detach(), *rest, backend)
     return SampleOutput(*out)

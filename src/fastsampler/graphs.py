@@ -77,7 +77,7 @@ class GraphedStep:
     # ------------------------------------------------------------------ capture
     def _state_key(self) -> tuple[Any, ...]:
         s = self.sampler
-        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731 - reallocated state needs a new graph
+        ptr = lambda t: 0 if t is None else t.data_ptr()  # reallocated state needs a new graph
         t = s._tables
         return (s.capture_key, ptr(t.allowed), ptr(t.bias_ids), ptr(t.bias_vals), ptr(t.bias_len))
 

@@ -204,7 +204,7 @@ class SamplingParams:
     n: int = 1
 
     def __post_init__(self) -> None:
-        s = lambda name, v: object.__setattr__(self, name, v)  # noqa: E731 - frozen dataclass normalisation
+        s = lambda name, v: object.__setattr__(self, name, v)  # frozen dataclass normalisation
         s("temperature", _check_float("temperature", self.temperature, 0.0, math.inf, hi_open=True))
         if 0.0 < self.temperature < _F32_TINY:
             raise ValueError(f"temperature must be 0 (greedy) or at least {_F32_TINY!r} (the smallest normal float32, "

@@ -29,7 +29,7 @@ import inspect
 import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from .record import ArgInfo, TritonLaunch
@@ -238,7 +238,7 @@ class _Analyzer:
         return self.access, ret
 
 
-@lru_cache(maxsize=None)
+@cache
 def _analyze(fn: Any, seeds: tuple[tuple[str, frozenset[str]], ...],
              depth: int) -> tuple[dict[str, frozenset[str]], frozenset[str]]:
     """(accesses, return taint) of ``fn`` whose parameters point into ``seeds``."""
@@ -264,7 +264,7 @@ def pointer_access(module: str, qualname: str, pointer_args: tuple[str, ...]) ->
         if fn is None:
             return None
         return _analyze(fn, tuple((p, frozenset([p])) for p in sorted(pointer_args)), 0)[0]
-    except Exception:  # noqa: BLE001 - any failure falls back to the conservative default
+    except Exception:  # any failure falls back to the conservative default
         return None
 
 

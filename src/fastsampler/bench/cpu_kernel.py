@@ -136,9 +136,8 @@ def main() -> None:
                     break
     except OSError:
         pass
-    from fastsampler.backends.cpu import _C
-
-    print(f"# device: {cpu_name} ({os.cpu_count()} cpus, simd={_C.simd()}, openmp={_C.has_openmp()}), "
+    build = fcpu.build_info()
+    print(f"# device: {cpu_name} ({os.cpu_count()} cpus, simd={build['simd']}, openmp={build['openmp']}), "
           f"V={args.vocab}, dtype={args.dtype}, logits randn*{LOGIT_SCALE}")
     hdr = (f"{'scenario':<15} {'B':>3} {'thr':>3} {'kernel us/row':>14} {'api us/row':>11} {'GB/s':>7} "
            f"{'torch-sort us/row':>18} {'speedup':>8}")

@@ -327,7 +327,7 @@ def _measure_worker(inp: str, outp: str) -> int:
                     with torch.cuda.graph(graph):
                         s.sample(logits, slots_t)
                     run: Callable[[], Any] = graph.replay
-                except Exception as e:  # noqa: BLE001 - fall back to eager launches
+                except Exception as e:  # fall back to eager launches
                     mode = f"eager (graph capture failed: {type(e).__name__})"
                     run = functools.partial(s.sample, logits, slots_t)
                 times = []
@@ -340,7 +340,7 @@ def _measure_worker(inp: str, outp: str) -> int:
                     b.synchronize()
                     times.append(a.elapsed_time(b) * 1000.0)
             out.append({"us": statistics.median(times), "note": mode})
-        except Exception as e:  # noqa: BLE001 - reported per case
+        except Exception as e:  # reported per case
             out.append({"us": None, "note": f"error: {type(e).__name__}: {str(e)[:300]}"})
     Path(outp).write_text(json.dumps(out), encoding="utf-8")
     return 0

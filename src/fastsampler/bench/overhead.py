@@ -51,12 +51,13 @@ _BLOCK = 16  # calls of one candidate in a row before the next candidate's turn
 
 
 def simd_path() -> str:
-    """The SIMD path the C++ extension was built with (``fastsampler.backends.cpu._C.simd()``), or ``'unavailable'``."""
+    """The SIMD path the C++ extension was built with (`fastsampler.backends.cpu.build_info`), or
+    ``'unavailable'``."""
     try:
-        from ..backends.cpu import _C  # type: ignore[attr-defined]
+        from ..backends import cpu
     except ImportError:
         return "unavailable"
-    return str(_C.simd())
+    return cpu.build_info()["simd"]
 
 
 def _threads(backend: str, batch: int, vocab: int) -> int:
@@ -125,7 +126,7 @@ def _candidates(scenario: str, batch: int, vocab: int, backend: str, device: tor
         from ..backends import cpu, pack_host
 
         packed = [pack_host(x, plist, **{k: v for k, v in kw.items() if k != "backend"}) for x in logits]
-        args = [(*cpu.logits_array(h.logits), h.vocab_size, *h[2:15]) for h in packed]
+        args = [(*cpu.logits_array(h.logits), h.vocab_size, *h.arrays()) for h in packed]
         n_top = packed[0].n_top
 
         def kernel(i: int) -> object:

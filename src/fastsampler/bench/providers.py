@@ -57,7 +57,7 @@ __all__ = [
 BASELINES = ("torch-sort", "torch-warpers", "flashinfer", "numpy-ref")
 
 
-class NotApplicable(Exception):  # noqa: N818 - a status, not an error
+class NotApplicable(Exception):  # a status, not an error
     """The provider cannot express this case (reported as ``n/a`` with the message)."""
 
 

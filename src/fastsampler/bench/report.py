@@ -160,7 +160,7 @@ def format_table(results: list[Result], info: RunInfo) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
     widths[-1] = len(head[-1])
     num = set(range(2, len(head) - 1)) - {4}
-    fmt_row = lambda row: "  ".join(  # noqa: E731
+    fmt_row = lambda row: "  ".join(
         c.rjust(w) if i in num else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
     lines = [_header(info), fmt_row(head), "  ".join("-" * w for w in widths)]
     lines += [fmt_row(row) for row in rows]
@@ -219,7 +219,7 @@ def format_summary(results: list[Result], info: RunInfo, notes: list[str] = ()) 
     lines = ["SUMMARY  " + _header(info)]
     if rows:
         widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-        fmt_row = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()  # noqa: E731
+        fmt_row = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
         lines += [fmt_row(head), "  ".join("-" * w for w in widths), *(fmt_row(r) for r in rows)]
     else:
         lines.append("(no fastsampler provider was measured)")

@@ -378,7 +378,7 @@ def _worker(inp: str, outp: str, cache_dir: str) -> int:
     try:
         importlib.import_module("triton.backends.nvidia.compiler")
         _cuobjdump()
-    except Exception as e:  # noqa: BLE001 - reported per spec
+    except Exception as e:  # reported per spec
         setup_error = f"triton's nvidia backend / cuobjdump unavailable: {type(e).__name__}: {e}"
     for sid, spec in specs.items():
         if setup_error:
@@ -386,7 +386,7 @@ def _worker(inp: str, outp: str, cache_dir: str) -> int:
             continue
         try:
             out[sid] = _compile_one(spec, cache)
-        except Exception as e:  # noqa: BLE001 - reported to the parent
+        except Exception as e:  # reported to the parent
             out[sid] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[-2000:]}"}
     Path(outp).write_text(json.dumps(out), encoding="utf-8")
     return 0

@@ -24,7 +24,7 @@ from .. import Capabilities
 
 __all__ = ["CAPABILITIES", "is_available", "supports", "sample_packed", "sampling_probs_packed", "kept_mask_packed",
            "set_num_threads", "get_num_threads", "scratch_bytes", "threads_for", "sample_arrays", "sample_host",
-           "advance_arrays", "logits_array",
+           "advance_arrays", "logits_array", "build_info",
            "SINGLE_THREAD_BELOW"]
 
 SINGLE_THREAD_BELOW = 16384
@@ -56,6 +56,14 @@ def is_available() -> tuple[bool, str]:
 def supports(device: torch.device, dtype: torch.dtype) -> bool:
     """CPU tensors of float32, float16 or bfloat16."""
     return torch.device(device).type == "cpu" and dtype in _DTYPES
+
+
+def build_info() -> dict[str, Any]:
+    """How the extension was built: ``{"simd": "avx512" | "avx2" | "portable", "openmp": bool}`` (quote the SIMD
+    path with every CPU figure); ``{"simd": "unavailable", "openmp": False}`` when it did not import."""
+    if _C is None:
+        return {"simd": "unavailable", "openmp": False}
+    return {"simd": str(_C.simd()), "openmp": bool(_C.has_openmp())}
 
 
 def _require() -> Any:
@@ -165,24 +173,7 @@ def logits_array(logits: torch.Tensor) -> tuple[np.ndarray, str]:
 def _args(batch: PackedBatch) -> tuple[Any, ...]:
     """Positional arguments of ``_C.sample`` / ``_C.sampling_probs`` (up to eos_ids)."""
     logits, name = logits_array(batch.logits)
-    return (
-        logits,
-        name,
-        int(batch.vocab_size),
-        _np(batch.fparams),
-        _np(batch.iparams),
-        _np(batch.seeds),
-        _np(batch.steps),
-        _np(batch.seqs),
-        _np(batch.mirostat_mu),
-        _np(batch.allowed_mask),
-        _np(batch.prompt_mask),
-        _np(batch.output_counts),
-        _np(batch.bias_indptr),
-        _np(batch.bias_ids),
-        _np(batch.bias_vals),
-        _np(batch.eos_ids),
-    )
+    return (logits, name, int(batch.vocab_size), *(_np(t) for t in batch.arrays()))
 
 
 def sample_arrays(args: tuple[Any, ...], n_top: int) -> tuple[np.ndarray, ...]:
@@ -214,7 +205,7 @@ def sample_packed(batch: PackedBatch) -> SampleOutput:
 def sample_host(batch: HostBatch) -> SampleOutput:
     """`sample_packed` for a batch packed by `fastsampler._batch.pack_host` (numpy arrays: nothing to convert)."""
     x, name = logits_array(batch.logits)
-    return _output(sample_arrays((x, name, batch.vocab_size, *batch[2:15]), batch.n_top))
+    return _output(sample_arrays((x, name, batch.vocab_size, *batch.arrays()), batch.n_top))
 
 
 def sampling_probs_packed(batch: PackedBatch) -> torch.Tensor:

@@ -365,7 +365,7 @@ def _run_row(row: _Row) -> _RowResult:
 def _check_logprob_ties(lp: np.ndarray, token: int, n_top: int, reasons: list[str]) -> None:
     """Flag a rank or a top-N order that float32 rounding may change: distinct logprobs within rounding of the
     token's (rank), or of each other among the first ``n_top + 1`` in ``(lp desc, id asc)`` order (top-N)."""
-    tol = lambda v: BOUNDARY_TOL * max(1.0, abs(v))  # noqa: E731
+    tol = lambda v: BOUNDARY_TOL * max(1.0, abs(v))
     t = lp[token]
     if np.isfinite(t):
         near = (lp != t) & (np.abs(lp - t) <= tol(t))
@@ -406,7 +406,7 @@ def _rows_from_args(
                        torch.float64):
         raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {x.dtype}")
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
-    as_t = lambda a: None if a is None else torch.as_tensor(a)  # noqa: E731 - numpy state arrays to tensors
+    as_t = lambda a: None if a is None else torch.as_tensor(a)  # numpy state arrays to tensors
     batch = pack_batch(t.detach().cpu(), params, prompt_token_ids=prompt_token_ids,
                        output_token_ids=output_token_ids, prompt_mask=as_t(prompt_mask),
                        output_counts=as_t(output_counts), **kwargs)
