@@ -1,32 +1,31 @@
-// The per-row sampling pipeline of docs/semantics.md §2-§3 on raw pointers, float32 inside,
-// templated on the input type (float, fp16_t, bf16_t). Framework-free: no pybind11 / torch headers.
+// The per-row sampling pipeline of docs/semantics.md §2-§3 on raw pointers, float32 inside, templated on the input type
+// (float, fp16_t, bf16_t). Framework-free: no pybind11 / torch headers.
 //
 // Per row:
 //   1. Pass 1 over the logits, tile by tile (4096 ids, the race tiles), software-prefetching the
 //   next tile: convert
-//      to float32 into a row buffer z; raw statistics when raw logprobs are asked for; the sparse
-//      stage A-C edits (CSR bias, penalties on the tokens that occurred, allowed-mask words that
-//      are not all ones, EOS ids); temperature; then, while the tile is in L1, its max, finite
-//      count, sum of exp(z - tile max) (and, for typical, the entropy sum), and the 16 lane maxima.
+//      to float32 into a row buffer z; raw statistics when raw logprobs are asked for; the sparse stage A-C edits (CSR
+//      bias, penalties on the tokens that occurred, allowed-mask words that are not all ones, EOS ids); temperature;
+//      then, while the tile is in L1, its max, finite count, sum of exp(z - tile max) (and, for typical, the entropy
+//      sum), and the 16 lane maxima.
 //   2. Truncation: every rule is a value threshold on z (typical: a band |z - c0| <= s*); no sort
 //   of the
 //      vocabulary.
 //      - top-k <= 112 / mirostat v1: a "head" of the top values, collected by a streaming filter
 //      whose threshold
-//        starts at the k-th largest lane maximum (a lower bound of the k-th largest value), so only
-//        about k elements are ever buffered. Larger k: the same filter over the row.
+//        starts at the k-th largest lane maximum (a lower bound of the k-th largest value), so only about k elements
+//        are ever buffered. Larger k: the same filter over the row.
 //      - top-p after top-k: an exact walk over the head. top-p over the full vocabulary and
 //      typical: pass 1 keeps
-//        exp(z - tile max) and an exact set E (per tile, the elements at or above its smallest lane
-//        maximum); E plus a 1-in-64 subsample estimate the boundary; one pass computes exact masses
-//        above four thresholds placed around the estimate (± 1.5 and ± 4 standard errors) and
-//        compresses the candidates of the inner bracket; a few multi-threshold levels over the
-//        candidates resolve the boundary exactly (ties kept together). A wrong guess only costs a
-//        second, cheaper collection pass.
+//        exp(z - tile max) and an exact set E (per tile, the elements at or above its smallest lane maximum); E plus a
+//        1-in-64 subsample estimate the boundary; one pass computes exact masses above four thresholds placed around
+//        the estimate (± 1.5 and ± 4 standard errors) and compresses the candidates of the inner bracket; a few
+//        multi-threshold levels over the candidates resolve the boundary exactly (ties kept together). A wrong guess
+//        only costs a second, cheaper collection pass.
 //   3. Kept tile weights (from the head or the bracket pass when available, else a masked exp
 //   pass), the tile
-//      race with Philox stream 1, the token race inside the winning tile with stream 0 (16-lane
-//      Philox, noise only for 64-id blocks holding kept tokens that can still win).
+//      race with Philox stream 1, the token race inside the winning tile with stream 0 (16-lane Philox, noise only for
+//      64-id blocks holding kept tokens that can still win).
 //   4. Logprobs (raw / processed / final), top-N and rank; the mirostat mu update; or the sampling
 //   distribution.
 #pragma once
@@ -45,18 +44,7 @@
 namespace fastsampler {
 
 // Parameter columns (match fastsampler/_batch.py).
-enum FCol {
-  F_TEMPERATURE = 0,
-  F_TOP_P,
-  F_MIN_P,
-  F_TYPICAL_P,
-  F_FREQ,
-  F_PRES,
-  F_REP,
-  F_MIRO_TAU,
-  F_MIRO_ETA,
-  NF
-};
+enum FCol { F_TEMPERATURE = 0, F_TOP_P, F_MIN_P, F_TYPICAL_P, F_FREQ, F_PRES, F_REP, F_MIRO_TAU, F_MIRO_ETA, NF };
 enum ICol {
   I_TOP_K = 0,
   I_MIN_KEEP,
@@ -71,8 +59,7 @@ enum ICol {
 enum LogprobsMode { MODE_RAW = 0, MODE_PROCESSED = 1, MODE_FINAL = 2 };
 
 constexpr int64_t kTile = 4096;
-constexpr int64_t kHead =
-    128;  // top values collected during pass 1 (top-k, top-p, mirostat v1 fast paths)
+constexpr int64_t kHead = 128;  // top values collected during pass 1 (top-k, top-p, mirostat v1 fast paths)
 
 struct BatchArgs {
   // logits (B, V) with row stride (elements); columns >= vocab are padding
@@ -107,29 +94,26 @@ struct BatchArgs {
   float* mu_out = nullptr;
   // output (sampling_probs): (B, V) float32; when set, the draw is skipped
   float* probs = nullptr;
-  // output (kept_mask): (B, V), 1 exactly on the kept set S (docs/semantics.md §3 E), 0 elsewhere
-  // (greedy rows: the argmax only; invalid rows and padding columns: 0); when set, the draw is
-  // skipped
+  // output (kept_mask): (B, V), 1 exactly on the kept set S (docs/semantics.md §3 E), 0 elsewhere (greedy rows: the
+  // argmax only; invalid rows and padding columns: 0); when set, the draw is skipped
   uint8_t* kept = nullptr;
 };
 
-// Bytes held by the Scratch of every thread (all element types), for
-// fastsampler._C.scratch_bytes().
+// Bytes held by the Scratch of every thread (all element types), for fastsampler._C.scratch_bytes().
 inline std::atomic<int64_t>& scratch_bytes_counter() {
   static std::atomic<int64_t> bytes{0};
   return bytes;
 }
 
-// A thread keeps its Scratch between batches, so steady-state decoding allocates nothing, unless it
-// holds more than this when a batch ends; then it frees it. A row of V ids needs about 64 bytes per
-// id (12 float32 row buffers: 48; the selection buffer of a k-th value: up to 16 when min_keep
-// reaches V; tile arrays: under 1), so 80 bytes per id at V = 2^18 = 262144 (20 MiB) keeps the
-// buffers of every current vocabulary (Llama 3: 128256, Gemma: 262144) while a one-off call on a
-// larger row does not pin its memory (V = 2^24 needs about 1 GiB). See docs/cpu.md.
+// A thread keeps its Scratch between batches, so steady-state decoding allocates nothing, unless it holds more than
+// this when a batch ends; then it frees it. A row of V ids needs about 64 bytes per id (12 float32 row buffers: 48; the
+// selection buffer of a k-th value: up to 16 when min_keep reaches V; tile arrays: under 1), so 80 bytes per id at V =
+// 2^18 = 262144 (20 MiB) keeps the buffers of every current vocabulary (Llama 3: 128256, Gemma: 262144) while a one-off
+// call on a larger row does not pin its memory (V = 2^24 needs about 1 GiB). See docs/cpu.md.
 constexpr int64_t kScratchCapBytes = int64_t{80} << 18;
 
-// Per-thread scratch, grown on demand (to the exact size a row needs) and kept between calls while
-// it stays within kScratchCapBytes; its size is reported to scratch_bytes_counter().
+// Per-thread scratch, grown on demand (to the exact size a row needs) and kept between calls while it stays within
+// kScratchCapBytes; its size is reported to scratch_bytes_counter().
 struct Scratch {
   std::vector<float> z, e, ck, cw, tk, tw, ci, ck2, cw2, ek, ew, ei;
   std::vector<float> tile_max, tile_sum, lane_max, raw_lane_max, tile_r;
@@ -142,12 +126,11 @@ struct Scratch {
   Scratch& operator=(const Scratch&) = delete;
   ~Scratch() { scratch_bytes_counter().fetch_sub(counted, std::memory_order_relaxed); }
 
-  // Every buffer is checked on its own: after a failed allocation (bad_alloc, reported as a failed
-  // row) the next call still finds each one large enough or grows it.
+  // Every buffer is checked on its own: after a failed allocation (bad_alloc, reported as a failed row) the next call
+  // still finds each one large enough or grows it.
   void ensure(int64_t vp, int64_t ntiles) {
     const size_t need = static_cast<size_t>(vp + 2 * simd::kLanes);
-    for (std::vector<float>* v : {&z, &ck, &cw, &tk, &tw, &ci, &ck2, &cw2, &e, &ek, &ew, &ei})
-      grow(*v, need);
+    for (std::vector<float>* v : {&z, &ck, &cw, &tk, &tw, &ci, &ck2, &cw2, &e, &ek, &ew, &ei}) grow(*v, need);
     const size_t nt = static_cast<size_t>(ntiles);
     grow(tile_max, nt);
     grow(tile_sum, nt);
@@ -159,8 +142,8 @@ struct Scratch {
   // Bytes allocated by the buffers.
   int64_t bytes() const {
     size_t b = 0;
-    for (const std::vector<float>* v : {&z, &e, &ck, &cw, &tk, &tw, &ci, &ck2, &cw2, &ek, &ew, &ei,
-                                        &tile_max, &tile_sum, &lane_max, &raw_lane_max, &tile_r})
+    for (const std::vector<float>* v : {&z, &e, &ck, &cw, &tk, &tw, &ci, &ck2, &cw2, &ek, &ew, &ei, &tile_max,
+                                        &tile_sum, &lane_max, &raw_lane_max, &tile_r})
       b += v->capacity() * sizeof(float);
     b += tile_w.capacity() * sizeof(double);
     b += (sel.buf.capacity() + sel_raw.buf.capacity() + head.buf.capacity()) * sizeof(Entry);
@@ -177,8 +160,8 @@ struct Scratch {
   // At the end of a batch, on the owning thread: frees everything when above kScratchCapBytes.
   void trim() {
     if (bytes() > kScratchCapBytes) {
-      for (std::vector<float>* v : {&z, &e, &ck, &cw, &tk, &tw, &ci, &ck2, &cw2, &ek, &ew, &ei,
-                                    &tile_max, &tile_sum, &lane_max, &raw_lane_max, &tile_r})
+      for (std::vector<float>* v : {&z, &e, &ck, &cw, &tk, &tw, &ci, &ck2, &cw2, &ek, &ew, &ei, &tile_max, &tile_sum,
+                                    &lane_max, &raw_lane_max, &tile_r})
         std::vector<float>().swap(*v);
       std::vector<double>().swap(tile_w);
       for (TopSel* t : {&sel, &sel_raw, &head}) std::vector<Entry>().swap(t->buf);
@@ -253,9 +236,8 @@ inline float kth_largest(Scratch& s, const float* z, int64_t n16, int64_t k, int
   return -s.sel.buf[k2 - 1].v;
 }
 
-// A value t with #{v >= t} >= k (as high as 16 bisection steps get it), or -inf when fewer than k
-// values are finite. n is a multiple of 16. Used to seed streaming top-k filters from lane maxima,
-// branch-free.
+// A value t with #{v >= t} >= k (as high as 16 bisection steps get it), or -inf when fewer than k values are finite. n
+// is a multiple of 16. Used to seed streaming top-k filters from lane maxima, branch-free.
 inline float lower_bound_kth(const float* v, int64_t n, int64_t k) {
   vf mn = set1(kInf), mx = set1(-kInf);
   int64_t nfin = 0;
@@ -281,10 +263,8 @@ inline float lower_bound_kth(const float* v, int64_t n, int64_t k) {
   return lo;
 }
 
-// tw[tile of id[j]] += w[j] for the candidates with key[j] >= v; ids ascending (collected in
-// order), branch-free.
-inline void add_tile_weights(double* tw, const float* key, const float* w, const float* id,
-                             int64_t n, float v) {
+// tw[tile of id[j]] += w[j] for the candidates with key[j] >= v; ids ascending (collected in order), branch-free.
+inline void add_tile_weights(double* tw, const float* key, const float* w, const float* id, int64_t n, float v) {
   const vf vv = set1(v);
   for (int64_t j = 0; j < n;) {
     const int64_t t = static_cast<int64_t>(id[j]) / kTile;
@@ -301,16 +281,14 @@ inline void add_tile_weights(double* tw, const float* key, const float* w, const
   }
 }
 
-// Mass selection on keys derived from z: the largest key value v with mass(key >= v) >= frac *
-// total mass, over the elements selected by `pred`; weights exp(z - M). keyf maps a vector of z to
-// keys; kmax bounds the keys above. Writes the total mass of the selected elements to *total. When
-// *have_tw is set on return, s.tile_w holds the per-tile masses of {pred, key >= result} (weights
-// exp(z - M)).
+// Mass selection on keys derived from z: the largest key value v with mass(key >= v) >= frac * total mass, over the
+// elements selected by `pred`; weights exp(z - M). keyf maps a vector of z to keys; kmax bounds the keys above. Writes
+// the total mass of the selected elements to *total. When *have_tw is set on return, s.tile_w holds the per-tile masses
+// of {pred, key >= result} (weights exp(z - M)).
 template <class KeyF, class PredF>
-float mass_select(Scratch& s, const float* z, int64_t n16, float M, KeyF keyf, PredF pred,
-                  float kmax, int64_t nsel, double frac, double* total, bool* have_tw,
-                  bool key_is_z = false, double known_total = -1.0, const float* ebuf = nullptr,
-                  const float* tmax = nullptr, int64_t n_exact = -1,
+float mass_select(Scratch& s, const float* z, int64_t n16, float M, KeyF keyf, PredF pred, float kmax, int64_t nsel,
+                  double frac, double* total, bool* have_tw, bool key_is_z = false, double known_total = -1.0,
+                  const float* ebuf = nullptr, const float* tmax = nullptr, int64_t n_exact = -1,
                   const float* tile_r = nullptr) {
   float* ck = s.ck.data();
   float* cw = s.cw.data();
@@ -345,15 +323,13 @@ float mass_select(Scratch& s, const float* z, int64_t n16, float M, KeyF keyf, P
       zs[i] = -kInf;
       rs[i] = kInf;
     }
-    alignas(64) static const float kIota[kLanes] = {0, 1, 2,  3,  4,  5,  6,  7,
-                                                    8, 9, 10, 11, 12, 13, 14, 15};
+    alignas(64) static const float kIota[kLanes] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const vf iota = load(kIota);
     // 2. the exact set E of heavy elements, so the sample only has to estimate the light rest.
     // Either pass 1
-    //    collected it (every element at or above its tile's smallest lane maximum: about the top 1%
-    //    of each tile, gathered while the tile was in L1), or a pass collects every selected
-    //    element >= T2, T2 about the 32nd largest sampled value. Rmax: every element >= Rmax is in
-    //    E.
+    //    collected it (every element at or above its tile's smallest lane maximum: about the top 1% of each tile,
+    //    gathered while the tile was in L1), or a pass collects every selected element >= T2, T2 about the 32nd largest
+    //    sampled value. Rmax: every element >= Rmax is in E.
     float* ek = s.ek.data();
     float* ew = s.ew.data();
     float* ei = s.ei.data();
@@ -376,8 +352,7 @@ float mass_select(Scratch& s, const float* z, int64_t n16, float M, KeyF keyf, P
         const vf vT2 = set1(T2);
         for (int64_t i = 0; i < n16; i += kLanes) {
           vf v = load(z + i);
-          const mask_t me =
-              pred(v) & ge(v, vT2);  // branch-free: the pattern is unpredictable on new rows
+          const mask_t me = pred(v) & ge(v, vT2);  // branch-free: the pattern is unpredictable on new rows
           compress(ek + ne, me, v);
           ne += compress(ei + ne, me, iota + set1(static_cast<float>(i)));
         }
@@ -400,8 +375,7 @@ float mass_select(Scratch& s, const float* z, int64_t n16, float M, KeyF keyf, P
       const double target = frac * known_total;
       std::copy(ek, ek + ne, s.ck2.data());
       std::copy(ew, ew + ne, s.cw2.data());
-      const float v =
-          resolve_mass_desc(s.ck2.data(), s.cw2.data(), ne, 0.0, target, s.tk.data(), s.cw.data());
+      const float v = resolve_mass_desc(s.ck2.data(), s.cw2.data(), ne, 0.0, target, s.tk.data(), s.cw.data());
       if (v >= Rmax) {
         double* tw = s.tile_w.data();
         const int64_t ntl = (n16 + kTile - 1) / kTile;
@@ -457,8 +431,8 @@ float mass_select(Scratch& s, const float* z, int64_t n16, float M, KeyF keyf, P
         }
         if (j > 0) th[j] = std::min(th[j], th[j - 1]);
       }
-      // keep the brackets non-empty when one heavy element spans several quantiles: move the outer
-      // thresholds to the neighbouring distinct sample keys
+      // keep the brackets non-empty when one heavy element spans several quantiles: move the outer thresholds to the
+      // neighbouring distinct sample keys
       for (int64_t i = m; i < round16(m); ++i) sk[i] = -kInf;
       auto next_above = [&](float t) {
         vf best = set1(kInf);
@@ -544,9 +518,8 @@ float mass_select(Scratch& s, const float* z, int64_t n16, float M, KeyF keyf, P
       const double above = b > 0 ? mj[b - 1] : 0.0;
       std::copy(ck, ck + nc, s.ck2.data());
       std::copy(cw, cw + nc, s.cw2.data());
-      const float v = nc > 0 ? resolve_mass_desc(s.ck2.data(), s.cw2.data(), nc, above, target,
-                                                 s.tk.data(), s.tw.data())
-                             : bh;
+      const float v =
+          nc > 0 ? resolve_mass_desc(s.ck2.data(), s.cw2.data(), nc, above, target, s.tk.data(), s.tw.data()) : bh;
       double* tw = s.tile_w.data();
       tmass = s.tile_w.data() + ntl;
       for (int64_t t = 0; t < ntl; ++t) tw[t] = b > 0 ? tmass[(b - 1) * ntl + t] : 0.0;
@@ -606,16 +579,15 @@ float mass_select(Scratch& s, const float* z, int64_t n16, float M, KeyF keyf, P
   return resolve_mass_desc(ck, cw, m, above, target, s.tk.data(), s.tw.data());
 }
 
-// max(count, 0) as float32 for the n <= 16 output counts at p (lanes from n on: 0); counts rows
-// hold at least vocab_size entries, so nothing past the row is read
+// max(count, 0) as float32 for the n <= 16 output counts at p (lanes from n on: 0); counts rows hold at least
+// vocab_size entries, so nothing past the row is read
 template <typename C>
 inline vf counts16(const C* p, int64_t n) {
   alignas(64) float buf[kLanes];
   if (n == kLanes) {
     for (int j = 0; j < kLanes; ++j) buf[j] = static_cast<float>(std::max<int32_t>(p[j], 0));
   } else {
-    for (int j = 0; j < kLanes; ++j)
-      buf[j] = j < n ? static_cast<float>(std::max<int32_t>(p[j], 0)) : 0.0f;
+    for (int j = 0; j < kLanes; ++j) buf[j] = j < n ? static_cast<float>(std::max<int32_t>(p[j], 0)) : 0.0f;
   }
   return load(buf);
 }
@@ -650,27 +622,21 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
   const bool probs_mode = a.probs != nullptr || kept_mode;  // a (B, V) output instead of the draw
   const bool want_lp = !probs_mode && ip[I_LOGPROBS] != 0;
   const int lp_mode = ip[I_LOGPROBS_MODE];
-  const int64_t ntop_row =
-      want_lp ? std::min<int64_t>(std::max(ip[I_TOP_LOGPROBS], 0), a.n_top) : 0;
+  const int64_t ntop_row = want_lp ? std::min<int64_t>(std::max(ip[I_TOP_LOGPROBS], 0), a.n_top) : 0;
   const bool need_raw = want_lp && lp_mode == MODE_RAW;
   const int miro = ip[I_MIRO_MODE];
   const float mu_in = a.mu_in[r];
   const float rep = fp[F_REP], freq = fp[F_FREQ], pres = fp[F_PRES];
-  const bool penal =
-      (rep != 1.0f || freq != 0.0f || pres != 0.0f) && (a.prompt != nullptr || a.counts != nullptr);
-  const bool ban_eos =
-      a.n_eos > 0 && (ip[I_IGNORE_EOS] != 0 || a.steps[r] < static_cast<int64_t>(ip[I_MIN_TOKENS]));
+  const bool penal = (rep != 1.0f || freq != 0.0f || pres != 0.0f) && (a.prompt != nullptr || a.counts != nullptr);
+  const bool ban_eos = a.n_eos > 0 && (ip[I_IGNORE_EOS] != 0 || a.steps[r] < static_cast<int64_t>(ip[I_MIN_TOKENS]));
   const int32_t* allowed = a.allowed ? a.allowed + r * a.allowed_stride : nullptr;
   const int32_t* prompt = a.prompt ? a.prompt + r * a.prompt_stride : nullptr;
-  const int32_t* cnt32 = (a.counts && a.counts_bytes == 4)
-                             ? static_cast<const int32_t*>(a.counts) + r * a.counts_stride
-                             : nullptr;
-  const int16_t* cnt16 = (a.counts && a.counts_bytes == 2)
-                             ? static_cast<const int16_t*>(a.counts) + r * a.counts_stride
-                             : nullptr;
+  const int32_t* cnt32 =
+      (a.counts && a.counts_bytes == 4) ? static_cast<const int32_t*>(a.counts) + r * a.counts_stride : nullptr;
+  const int16_t* cnt16 =
+      (a.counts && a.counts_bytes == 2) ? static_cast<const int16_t*>(a.counts) + r * a.counts_stride : nullptr;
   int64_t bptr = a.bias_indptr ? a.bias_indptr[r] : 0;
   const int64_t bend = a.bias_indptr ? a.bias_indptr[r + 1] : 0;
-
 
   // -------------------------------------------------------------------------------------------
   // pass 1
@@ -678,52 +644,39 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
   int64_t nfinite = 0;
   double raw_sum = 0.0;
   float raw_max = -kInf;
-  // the head (top values, collected during pass 1) serves top-k up to kHead and mirostat v1's top
-  // 100
+  // the head (top values, collected during pass 1) serves top-k up to kHead and mirostat v1's top 100
   const int64_t head_k =
-      miro == 1
-          ? 112
-          : (ip[I_TOP_K] > 0 ? std::max<int64_t>(ip[I_TOP_K], std::max(ip[I_MIN_KEEP], 1)) + 16
-                             : 0);
+      miro == 1 ? 112 : (ip[I_TOP_K] > 0 ? std::max<int64_t>(ip[I_TOP_K], std::max(ip[I_MIN_KEEP], 1)) + 16 : 0);
   const bool use_head = !greedy && head_k > 0 && head_k <= kHead;
   if (use_head) s.head.reset(head_k);
   float* tmax = s.tile_max.data();
   float* tsum = s.tile_sum.data();
   // typical without an earlier rule: the entropy sums come with pass 1
-  const bool fuse_entropy = !greedy && miro == 0 && fp[F_TYPICAL_P] < 1.0f && ip[I_TOP_K] <= 0 &&
-                            fp[F_TOP_P] >= 1.0f && fp[F_MIN_P] <= 0.0f;
+  const bool fuse_entropy =
+      !greedy && miro == 0 && fp[F_TYPICAL_P] < 1.0f && ip[I_TOP_K] <= 0 && fp[F_TOP_P] >= 1.0f && fp[F_MIN_P] <= 0.0f;
   double* tent = s.tile_w.data() + ntiles;
-  // rows whose top-p / typical goes through the full-row mass selection keep exp(z - tile max) from
-  // pass 1
-  const bool store_e =
-      fuse_entropy || (!greedy && miro == 0 && fp[F_TOP_P] < 1.0f && ip[I_TOP_K] <= 0);
+  // rows whose top-p / typical goes through the full-row mass selection keep exp(z - tile max) from pass 1
+  const bool store_e = fuse_entropy || (!greedy && miro == 0 && fp[F_TOP_P] < 1.0f && ip[I_TOP_K] <= 0);
   float* ebuf = s.e.data();
   float* tile_r = s.tile_r.data();
   int64_t n_exact = 0;
-  alignas(64) static const float kIota16[kLanes] = {0, 1, 2,  3,  4,  5,  6,  7,
-                                                    8, 9, 10, 11, 12, 13, 14, 15};
+  alignas(64) static const float kIota16[kLanes] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const vf iota16 = load(kIota16);
   const vf vscale = set1(scale);
-  const bool edits =
-      (a.bias_indptr && a.bias_indptr[r] < a.bias_indptr[r + 1]) || penal || allowed || ban_eos;
+  const bool edits = (a.bias_indptr && a.bias_indptr[r] < a.bias_indptr[r + 1]) || penal || allowed || ban_eos;
   // raw statistics equal z's when nothing edits the row and the temperature is 1 (or greedy)
   const bool raw_is_z = !edits && scale == 1.0f;
   const bool raw_pass = need_raw && !raw_is_z;
-  // The softmax statistics (tile sums, S) are needed by processed logprobs (or raw ones that
-  // equal them), mirostat, typical, untruncated draws and full-row top-p. Greedy rows never need
-  // them otherwise; top-k rows served by the head compute them lazily, only if top-k turns out not
-  // to truncate.
-  const bool lp_needs_stats =
-      want_lp && (lp_mode == MODE_PROCESSED || (lp_mode == MODE_RAW && raw_is_z));
-  // A row of one tile whose draw needs no weights: the tile race has a single entrant, and nothing
-  // else reads the kept mass (Mirostat's update, final logprobs, the probabilities).
-  const bool single_tile_draw =
-      ntiles == 1 && !probs_mode && miro == 0 && !(want_lp && lp_mode == MODE_FINAL);
-  const bool skip_exp =
-      !lp_needs_stats &&
-      ((greedy && !probs_mode) ||
-       (use_head && ip[I_TOP_K] > 0 && miro == 0 && fp[F_TYPICAL_P] >= 1.0f) ||
-       (single_tile_draw && !store_e && !fuse_entropy));
+  // The softmax statistics (tile sums, S) are needed by processed logprobs (or raw ones that equal them), mirostat,
+  // typical, untruncated draws and full-row top-p. Greedy rows never need them otherwise; top-k rows served by the head
+  // compute them lazily, only if top-k turns out not to truncate.
+  const bool lp_needs_stats = want_lp && (lp_mode == MODE_PROCESSED || (lp_mode == MODE_RAW && raw_is_z));
+  // A row of one tile whose draw needs no weights: the tile race has a single entrant, and nothing else reads the kept
+  // mass (Mirostat's update, final logprobs, the probabilities).
+  const bool single_tile_draw = ntiles == 1 && !probs_mode && miro == 0 && !(want_lp && lp_mode == MODE_FINAL);
+  const bool skip_exp = !lp_needs_stats && ((greedy && !probs_mode) ||
+                                            (use_head && ip[I_TOP_K] > 0 && miro == 0 && fp[F_TYPICAL_P] >= 1.0f) ||
+                                            (single_tile_draw && !store_e && !fuse_entropy));
   for (int64_t t = 0; t < ntiles; ++t) {
     const int64_t i0 = t * kTile;
     const int64_t i1 = std::min(vs, i0 + kTile);
@@ -834,25 +787,22 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
           uint32_t cbits = 0;
           const int64_t base = wd << 5;
           const int64_t lim = std::min<int64_t>(32, i1 - base);
-          // a token counts as generated when its count is > 0: a negative count is treated as 0
-          // (docs/semantics.md §3 B, C). Counts rows hold at least vocab_size entries: a full word
-          // is in bounds.
+          // a token counts as generated when its count is > 0: a negative count is treated as 0 (docs/semantics.md §3
+          // B, C). Counts rows hold at least vocab_size entries: a full word is in bounds.
           if (lim == 32) {
             if (cnt32)
               cbits = positive32(cnt32 + base);
             else if (cnt16)
               cbits = positive32(cnt16 + base);
           } else if (cnt32) {
-            for (int64_t j = 0; j < lim; ++j)
-              cbits |= static_cast<uint32_t>(cnt32[base + j] > 0) << j;
+            for (int64_t j = 0; j < lim; ++j) cbits |= static_cast<uint32_t>(cnt32[base + j] > 0) << j;
           } else if (cnt16) {
-            for (int64_t j = 0; j < lim; ++j)
-              cbits |= static_cast<uint32_t>(cnt16[base + j] > 0) << j;
+            for (int64_t j = 0; j < lim; ++j) cbits |= static_cast<uint32_t>(cnt16[base + j] > 0) << j;
           }
           bits |= cbits;
           if (lim < 32) bits &= (1u << lim) - 1u;
-          // 16 ids at a time, the same float32 operations as one id at a time: the rows of a long
-          // generation have most of the vocabulary penalised, where a loop over ids mispredicts
+          // 16 ids at a time, the same float32 operations as one id at a time: the rows of a long generation have most
+          // of the vocabulary penalised, where a loop over ids mispredicts
           for (int h = 0; h < 2; ++h) {
             const mask_t pm = (bits >> (16 * h)) & kAll;
             if (!pm) continue;
@@ -895,8 +845,7 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
       const char* pc = nullptr;  // the next tile's output counts, when the penalties read them
       const char* pc_end = nullptr;
       if (penal && (cnt32 || cnt16)) {
-        const char* c0 =
-            cnt32 ? reinterpret_cast<const char*>(cnt32) : reinterpret_cast<const char*>(cnt16);
+        const char* c0 = cnt32 ? reinterpret_cast<const char*>(cnt32) : reinterpret_cast<const char*>(cnt16);
         pc = c0 + std::min(i0 + kTile, vs) * a.counts_bytes;
         pc_end = c0 + std::min(i0 + 2 * kTile, vs) * a.counts_bytes;
       }
@@ -938,8 +887,7 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
     store(s.lane_max.data() + t * kLanes,
           mx);  // 16 maxima of distinct elements: seeds the head's filter
     if (store_e && !bad) {
-      // the exact set for the mass selection: this tile's elements >= its smallest finite lane
-      // maximum
+      // the exact set for the mass selection: this tile's elements >= its smallest finite lane maximum
       const float rt = -hmax(select(gt(mx, ninf), set1(0.0f) - mx, ninf));
       tile_r[t] = rt;
       if (rt < kInf) {
@@ -959,8 +907,8 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
       vf acc0 = set1(0.0f), acc1 = set1(0.0f);
       int64_t i = i0;
       if (fuse_entropy) {  // also sum exp(z - m) (z - m) for the entropy (typical)
-        // a term whose weight is 0 contributes 0 (0 ln 0 = 0, docs/semantics.md §3 E item 4): its
-        // z - m may be -inf (a finite z more than FLT_MAX below m), and 0 * -inf would be NaN
+        // a term whose weight is 0 contributes 0 (0 ln 0 = 0, docs/semantics.md §3 E item 4): its z - m may be -inf (a
+        // finite z more than FLT_MAX below m), and 0 * -inf would be NaN
         vf accb = set1(0.0f);
         for (; i < e16; i += kLanes) {
           vf d = load(z + i) - vm;
@@ -993,18 +941,16 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
   float M = -kInf;
   for (int64_t t = 0; t < ntiles; ++t) M = std::max(M, tmax[t]);
   if (use_head && !bad && M > -kInf) {
-    // the head_k-th largest of the per-tile lane maxima (maxima of distinct elements) is a lower
-    // bound of the head_k-th largest value: start the filter there, so only about head_k elements
-    // ever enter the buffer
+    // the head_k-th largest of the per-tile lane maxima (maxima of distinct elements) is a lower bound of the head_k-th
+    // largest value: start the filter there, so only about head_k elements ever enter the buffer
     const int64_t nl = ntiles * kLanes;
     float seed;
     if (nl >= 2 * head_k) {
       seed = lower_bound_kth(s.lane_max.data(), nl, head_k);
     } else {
-      // short rows have too few tile lane maxima for a useful bound (with as many maxima as
-      // head_k, their smallest lets most of the row through the filter): take lane maxima of
-      // smaller groups of vectors instead, at least 4 head_k of them, so that only about
-      // 1.2 head_k elements pass (1.4 head_k with 2 head_k maxima)
+      // short rows have too few tile lane maxima for a useful bound (with as many maxima as head_k, their smallest lets
+      // most of the row through the filter): take lane maxima of smaller groups of vectors instead, at least 4 head_k
+      // of them, so that only about 1.2 head_k elements pass (1.4 head_k with 2 head_k maxima)
       alignas(64) float gmax[2 * (4 * kHead / kLanes + 1) * kLanes];
       const int64_t nvec = vp / kLanes;
       const int64_t want = (4 * head_k + kLanes - 1) / kLanes;
@@ -1061,12 +1007,10 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
     }
     S = 0.0;
     for (int64_t t = 0; t < ntiles; ++t)
-      if (tmax[t] > -kInf)
-        S += static_cast<double>(tsum[t]) * std::exp(static_cast<double>(tmax[t]) - M);
+      if (tmax[t] > -kInf) S += static_cast<double>(tsum[t]) * std::exp(static_cast<double>(tmax[t]) - M);
   };
   for (int64_t t = 0; t < ntiles; ++t)
-    if (tmax[t] > -kInf)
-      S += static_cast<double>(tsum[t]) * std::exp(static_cast<double>(tmax[t]) - M);
+    if (tmax[t] > -kInf) S += static_cast<double>(tsum[t]) * std::exp(static_cast<double>(tmax[t]) - M);
   if (need_raw && raw_is_z) {
     raw_max = M;
     raw_sum = S;
@@ -1080,9 +1024,8 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
   float shift = M;    // weights exp(z - shift)
   double* tw = s.tile_w.data();
   bool kept_in_head = false;
-  bool have_tw =
-      false;     // tw already holds the kept tile weights of tw_keep (from a mass selection)
-  Keep tw_keep;  // the kept set is the first nkept_head entries of the head
+  bool have_tw = false;  // tw already holds the kept tile weights of tw_keep (from a mass selection)
+  Keep tw_keep;          // the kept set is the first nkept_head entries of the head
   int64_t nkept_head = 0;
   const int64_t min_keep = std::max(ip[I_MIN_KEEP], 1);
   if (greedy) {
@@ -1165,8 +1108,7 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
             }
             i = j;
           }
-          if (bounded && !done)
-            done = true;  // never reached (rounding): keep every survivor (thr = last)
+          if (bounded && !done) done = true;  // never reached (rounding): keep every survivor (thr = last)
           if (done) {
             nsurv = bounded ? ns : nfinite;
             nsurv_known = true;
@@ -1178,10 +1120,9 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
           ensure_stats();
           double tot = 0.0;
           thr = mass_select(
-              s, z, vp, M, [](vf v) { return v; },
-              [lo](vf v) { return gt(v, set1(-kInf)) & ge(v, set1(lo)); }, M, nsurv,
-              static_cast<double>(top_p), &tot, &htw, true, lo > -kInf ? -1.0 : S,
-              store_e ? ebuf : nullptr, tmax, store_e ? n_exact : -1, store_e ? tile_r : nullptr);
+              s, z, vp, M, [](vf v) { return v; }, [lo](vf v) { return gt(v, set1(-kInf)) & ge(v, set1(lo)); }, M,
+              nsurv, static_cast<double>(top_p), &tot, &htw, true, lo > -kInf ? -1.0 : S, store_e ? ebuf : nullptr,
+              tmax, store_e ? n_exact : -1, store_e ? tile_r : nullptr);
         }
         const int64_t mk = std::min(min_keep, nsurv);
         if (mk > 1) {
@@ -1197,8 +1138,7 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
       }
       const float min_p = fp[F_MIN_P];
       if (min_p > 0.0f) {
-        float thr =
-            static_cast<float>(static_cast<double>(M) + std::log(static_cast<double>(min_p)));
+        float thr = static_cast<float>(static_cast<double>(M) + std::log(static_cast<double>(min_p)));
         if (min_keep > 1) {
           ensure_nsurv();
           const int64_t mk = std::min(min_keep, nsurv);
@@ -1232,8 +1172,8 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
             vf d = v - vM;
             vf w = vexp(d);
             a0 = mask_add(a0, sel, w);
-            // q = 0 contributes 0 to H (0 ln 0 = 0, docs/semantics.md §3 E item 4); d = z - M may
-            // be -inf for a finite z (z - M below -FLT_MAX), and 0 * -inf would make H NaN
+            // q = 0 contributes 0 to H (0 ln 0 = 0, docs/semantics.md §3 E item 4); d = z - M may be -inf for a finite
+            // z (z - M below -FLT_MAX), and 0 * -inf would make H NaN
             a1 = mask_add(a1, sel & gt(w, set1(0.0f)), w * d);
           }
           sw += hsum(a0);
@@ -1246,9 +1186,8 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
         bool htw = false;
         float v = mass_select(
             s, z, vp, M, [vc0](vf u) { return set1(0.0f) - vabs(u - vc0); },
-            [lo](vf u) { return gt(u, set1(-kInf)) & ge(u, set1(lo)); }, 0.0f, nsurv,
-            static_cast<double>(typ), &tot, &htw, false, -1.0, store_e ? ebuf : nullptr, tmax,
-            store_e ? n_exact : -1, store_e ? tile_r : nullptr);
+            [lo](vf u) { return gt(u, set1(-kInf)) & ge(u, set1(lo)); }, 0.0f, nsurv, static_cast<double>(typ), &tot,
+            &htw, false, -1.0, store_e ? ebuf : nullptr, tmax, store_e ? n_exact : -1, store_e ? tile_r : nullptr);
         float sstar = -v;
         const int64_t mk = std::min(min_keep, nsurv);
         if (mk > 1) {
@@ -1262,8 +1201,8 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
           s.sel.reset(mk);
           s.sel.scan(key, vp, 0, [](int64_t) { return kAll; });
           s.sel.finish();
-          // a survivor whose |z - c0| overflows to +inf (key -inf) never enters the selection:
-          // fewer than mk entries means the mk-th smallest score is +inf (keep every survivor)
+          // a survivor whose |z - c0| overflows to +inf (key -inf) never enters the selection: fewer than mk entries
+          // means the mk-th smallest score is +inf (keep every survivor)
           const float s2 = s.sel.n >= mk ? -s.sel.buf[mk - 1].v : kInf;
           if (s2 > sstar) {
             sstar = s2;
@@ -1278,8 +1217,7 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
       }
     } else if (miro == 2) {
       // keep ln q = (z - M) - ln S >= -mu ln 2: the shift is added last, so ln S survives a large M
-      float thr =
-          static_cast<float>(M + (std::log(S) - static_cast<double>(mu_in) * 0.69314718055994530942));
+      float thr = static_cast<float>(M + (std::log(S) - static_cast<double>(mu_in) * 0.69314718055994530942));
       if (!(thr <= M)) thr = M;  // none kept (or NaN mu): keep the argmax
       raise_lo(thr);
     } else {                                              // mirostat v1
@@ -1297,8 +1235,7 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
         const double eps = sh - 1.0;
         const double N = static_cast<double>(vs);
         const double two_mu = std::pow(2.0, static_cast<double>(mu_in));
-        const double base = std::fabs(eps) < 1e-6 ? two_mu / std::log(N)
-                                                  : (eps * two_mu) / (1.0 - std::pow(N, -eps));
+        const double base = std::fabs(eps) < 1e-6 ? two_mu / std::log(N) : (eps * two_mu) / (1.0 - std::pow(N, -eps));
         if (sh != 0.0)
           kf = (base < 0.0) ? std::numeric_limits<double>::quiet_NaN() : std::pow(base, 1.0 / sh);
         else
@@ -1314,8 +1251,8 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
 
     // kept tile weights
     kept_in_head = !keep.band && keep.lo > -kInf && head_covers(keep.lo);
-    if (have_tw && keep.lo == tw_keep.lo && keep.band == tw_keep.band && keep.c0 == tw_keep.c0 &&
-        keep.s == tw_keep.s && !kept_in_head) {
+    if (have_tw && keep.lo == tw_keep.lo && keep.band == tw_keep.band && keep.c0 == tw_keep.c0 && keep.s == tw_keep.s &&
+        !kept_in_head) {
       S_kept = 0.0;
       for (int64_t t = 0; t < ntiles; ++t) S_kept += tw[t];
       if (!(S_kept > 0.0)) have_tw = false;
@@ -1366,9 +1303,7 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
       ensure_stats();
       S_kept = S;
       for (int64_t t = 0; t < ntiles; ++t)
-        tw[t] = tmax[t] > -kInf
-                    ? static_cast<double>(tsum[t]) * std::exp(static_cast<double>(tmax[t]) - M)
-                    : 0.0;
+        tw[t] = tmax[t] > -kInf ? static_cast<double>(tsum[t]) * std::exp(static_cast<double>(tmax[t]) - M) : 0.0;
     }
 
     // race
@@ -1393,9 +1328,9 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
       }
       const int64_t i0 = tbest * kTile, e16 = std::min(vp, i0 + kTile);
       if (kept_in_head) {
-        // the words of the kept head entries in the winning tile, 16 counters at a time; the head
-        // is in value order, so the best score comes early and neg_log_noise_bound (no logarithm)
-        // rules out most of the rest: a token whose bound is below the best score cannot win
+        // the words of the kept head entries in the winning tile, 16 counters at a time; the head is in value order, so
+        // the best score comes early and neg_log_noise_bound (no logarithm) rules out most of the rest: a token whose
+        // bound is below the best score cannot win
         int32_t hid[kHead];  // positions in the head
         uint32_t hw[kHead];  // their words
         int64_t nr = 0;
@@ -1427,16 +1362,14 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
           }
         }
       }
-      // Per-lane running best (score, id); ties go to the lower id. -ln E <= 22.87 for every
-      // 32-bit word, so a 64-id block whose kept maximum is below (best so far - 24) cannot win
-      // and gets no Philox: starting with the block that holds the tile's kept maximum, peaked
-      // rows skip most of the tile. In the other blocks neg_log_noise_bound16 bounds each token's
-      // score from its word without a logarithm; only blocks where a kept token's bound reaches
-      // the best score so far get the exact noise, a few blocks per row (a token passes with
+      // Per-lane running best (score, id); ties go to the lower id. -ln E <= 22.87 for every 32-bit word, so a 64-id
+      // block whose kept maximum is below (best so far - 24) cannot win and gets no Philox: starting with the block
+      // that holds the tile's kept maximum, peaked rows skip most of the tile. In the other blocks
+      // neg_log_noise_bound16 bounds each token's score from its word without a logarithm; only blocks where a kept
+      // token's bound reaches the best score so far get the exact noise, a few blocks per row (a token passes with
       // probability about e^(z - best), about one in the whole row beyond the first block).
       vf bsc = set1(-kInf), bid = set1(-1.0f);
-      alignas(64) static const float kIota[kLanes] = {0, 1, 2,  3,  4,  5,  6,  7,
-                                                      8, 9, 10, 11, 12, 13, 14, 15};
+      alignas(64) static const float kIota[kLanes] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
       const vf iota = load(kIota);
       constexpr float kNoiseMax = 24.0f;
       float best_lb = -kInf;  // a score some kept token already reached
@@ -1518,8 +1451,8 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
   // -------------------------------------------------------------------------------------------
   // outputs
   if (kept_mode) {
-    // the kept set itself, not derived from probabilities (a kept token may have probability 0 in
-    // float32, e.g. z = -200 next to z = 0)
+    // the kept set itself, not derived from probabilities (a kept token may have probability 0 in float32, e.g. z =
+    // -200 next to z = 0)
     uint8_t* km_out = a.kept + r * a.V;
     std::fill(km_out, km_out + a.V, uint8_t{0});
     if (greedy) {
@@ -1564,8 +1497,7 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
   if (miro != 0 && !greedy) {
     const double qx = std::exp(static_cast<double>(z[token]) - shift) / S_kept;
     const double surprise = -std::log2(qx);
-    a.mu_out[r] = static_cast<float>(static_cast<double>(mu_in) -
-                                     fp[F_MIRO_ETA] * (surprise - fp[F_MIRO_TAU]));
+    a.mu_out[r] = static_cast<float>(static_cast<double>(mu_in) - fp[F_MIRO_ETA] * (surprise - fp[F_MIRO_TAU]));
   } else {
     a.mu_out[r] = mu_in;
   }
@@ -1592,8 +1524,8 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
       }
     }
   };
-  // log-softmax as (v - max) - ln(sum): the shift first, so ln(sum) is not absorbed by a large max
-  // (docs/semantics.md §6)
+  // log-softmax as (v - max) - ln(sum): the shift first, so ln(sum) is not absorbed by a large max (docs/semantics.md
+  // §6)
   auto lp_of = [](float v, double m, double log_sum) {
     return static_cast<float>((static_cast<double>(v) - m) - log_sum);
   };
@@ -1601,8 +1533,8 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
     const double log_raw = std::log(raw_sum);
     const float xt = to_float(x[token]);
     a.logprobs[r] = lp_of(xt, raw_max, log_raw);
-    // one pass over the input: the rank, and the raw top-N through a filter seeded with the N-th
-    // largest raw lane maximum (a lower bound of the N-th largest value)
+    // one pass over the input: the rank, and the raw top-N through a filter seeded with the N-th largest raw lane
+    // maximum (a lower bound of the N-th largest value)
     int64_t c = 0;
     TopSel& sr = s.sel_raw;
     if (ntop_row > 0) {

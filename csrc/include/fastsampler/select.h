@@ -1,14 +1,12 @@
 // Selection without sorting the vocabulary.
 //
-// TopSel: streaming top-k by (value desc, id asc). Elements pass a vector compare against the
-// current k-th best value (tau) and only the few that beat it enter a small buffer, compacted with
-// nth_element when full. Elements arrive in id order, so an element equal to tau can never enter:
-// the filter `value > tau` is exact.
+// TopSel: streaming top-k by (value desc, id asc). Elements pass a vector compare against the current k-th best value
+// (tau) and only the few that beat it enter a small buffer, compacted with nth_element when full. Elements arrive in id
+// order, so an element equal to tau can never enter: the filter `value > tau` is exact.
 //
-// resolve_mass_desc: the largest key v such that the mass of {key >= v} reaches a target, over
-// candidate arrays (key, weight): K thresholds per level give cumulative masses with masked vector
-// sums; the boundary bucket is compressed out and refined until a few candidates remain, which are
-// then ordered exactly.
+// resolve_mass_desc: the largest key v such that the mass of {key >= v} reaches a target, over candidate arrays (key,
+// weight): K thresholds per level give cumulative masses with masked vector sums; the boundary bucket is compressed out
+// and refined until a few candidates remain, which are then ordered exactly.
 #pragma once
 
 #include <algorithm>
@@ -24,14 +22,12 @@ struct Entry {
   int32_t id;
 };
 
-inline bool entry_better(const Entry& a, const Entry& b) {
-  return a.v > b.v || (a.v == b.v && a.id < b.id);
-}
+inline bool entry_better(const Entry& a, const Entry& b) { return a.v > b.v || (a.v == b.v && a.id < b.id); }
 
 struct TopSel {
-  // finish() orders up to this many entries by counting ranks (n^2 / 16 branch-free vector
-  // compares) instead of nth_element + sort, whose data-dependent branches mispredict on every new
-  // row: the common case, since seeded filters let only about 1.2 k elements through
+  // finish() orders up to this many entries by counting ranks (n^2 / 16 branch-free vector compares) instead of
+  // nth_element + sort, whose data-dependent branches mispredict on every new row: the common case, since seeded
+  // filters let only about 1.2 k elements through
   static constexpr int64_t kRankSortMax = 160;
 
   std::vector<Entry> buf;
@@ -62,8 +58,7 @@ struct TopSel {
     buf[n].id = id;
     if (++n == cap) compact();
   }
-  // Scan keys[0, n16) (n16 a multiple of 16), ids id0 + i; `pred(i)` gives the mask of eligible
-  // lanes of vector i.
+  // Scan keys[0, n16) (n16 a multiple of 16), ids id0 + i; `pred(i)` gives the mask of eligible lanes of vector i.
   template <class Pred>
   void scan(const float* keys, int64_t n16, int32_t id0, Pred pred) {
     using namespace simd;
@@ -103,10 +98,9 @@ struct TopSel {
   }
 
  private:
-  // The first min(n, k) entries in entry_better order: an entry's rank is the number of entries
-  // with a greater value, or an equal value (-0 == +0, as for entry_better) and a lower id. The
-  // entries are distinct (by id), so the ranks are a permutation. Ids are below 2^24, exact in
-  // float32 lanes.
+  // The first min(n, k) entries in entry_better order: an entry's rank is the number of entries with a greater value,
+  // or an equal value (-0 == +0, as for entry_better) and a lower id. The entries are distinct (by id), so the ranks
+  // are a permutation. Ids are below 2^24, exact in float32 lanes.
   void rank_sort() {
     using namespace simd;
     alignas(64) float val[kRankSortMax + kLanes], ids[kRankSortMax + kLanes];
@@ -134,14 +128,12 @@ struct TopSel {
   }
 };
 
-// Candidates: key[0, n) and w[0, n), with room for 16 extra elements; tmp arrays of the same
-// capacity. above: mass of elements with keys above every candidate. Returns the largest candidate
-// key v with above + mass(key >= v) >= target (the smallest key when the target is never reached).
-// Terminates for any input: the refinement runs at most 12 levels, NaN keys are ranked as -inf in
-// the final walk, which advances by at least one candidate per step, and a NaN weight or target
-// only means the target is never reached (the smallest key is returned).
-inline float resolve_mass_desc(float* key, float* w, int64_t n, double above, double target,
-                               float* tk, float* tw) {
+// Candidates: key[0, n) and w[0, n), with room for 16 extra elements; tmp arrays of the same capacity. above: mass of
+// elements with keys above every candidate. Returns the largest candidate key v with above + mass(key >= v) >= target
+// (the smallest key when the target is never reached). Terminates for any input: the refinement runs at most 12 levels,
+// NaN keys are ranked as -inf in the final walk, which advances by at least one candidate per step, and a NaN weight or
+// target only means the target is never reached (the smallest key is returned).
+inline float resolve_mass_desc(float* key, float* w, int64_t n, double above, double target, float* tk, float* tw) {
   using namespace simd;
   constexpr int K = 15;
   for (int level = 0; level < 12 && n > 48; ++level) {
@@ -211,8 +203,8 @@ inline float resolve_mass_desc(float* key, float* w, int64_t n, double above, do
     above = new_above;
     if (n == 0) return bl;  // cannot happen with consistent sums; be safe
   }
-  // exact: order candidates by key desc and walk the groups of equal keys. A NaN key would break
-  // the sort's strict weak order (and stall the walk): rank it as -inf.
+  // exact: order candidates by key desc and walk the groups of equal keys. A NaN key would break the sort's strict weak
+  // order (and stall the walk): rank it as -inf.
   for (int64_t i = 0; i < n; ++i)
     if (!(key[i] == key[i])) key[i] = -kInf;
   std::vector<int32_t> ord(n);
