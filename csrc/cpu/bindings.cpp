@@ -13,6 +13,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -158,7 +159,8 @@ Inputs parse(py::object logits_o, const std::string& dtype, int64_t vocab, py::o
   a.steps = static_cast<const int64_t*>(st.data());
   a.seqs = static_cast<const int64_t*>(sq.data());
   a.mu_in = static_cast<const float*>(ma.data());
-  if (n_top < 0 || n_top > 20) fail("n_top must be in [0, 20], got " + std::to_string(n_top));
+  if (n_top < 0 || n_top > fs::kMaxTopLogprobs)
+    fail("n_top must be in [0, " + std::to_string(fs::kMaxTopLogprobs) + "], got " + std::to_string(n_top));
   a.n_top = n_top;
   for (int64_t r = 0; r < B; ++r) {
     const float* f = a.fparams + r * fs::NF;
@@ -366,7 +368,7 @@ py::array_t<float> sampling_probs(py::object logits, const std::string& dtype, i
                                   py::object bias_indptr, py::object bias_ids, py::object bias_vals, py::object eos,
                                   int num_threads) {
   Inputs in = parse(logits, dtype, vocab, fparams, iparams, seeds, steps, seqs, mu, allowed, prompt, counts,
-                    bias_indptr, bias_ids, bias_vals, eos, 20);
+                    bias_indptr, bias_ids, bias_vals, eos, fs::kMaxTopLogprobs);
   const int64_t B = in.args.B, V = in.args.V;
   py::array_t<float> probs({B, V});
   in.args.probs = probs.mutable_data();
@@ -383,7 +385,7 @@ py::array_t<bool> kept_mask(py::object logits, const std::string& dtype, int64_t
                             py::object allowed, py::object prompt, py::object counts, py::object bias_indptr,
                             py::object bias_ids, py::object bias_vals, py::object eos, int num_threads) {
   Inputs in = parse(logits, dtype, vocab, fparams, iparams, seeds, steps, seqs, mu, allowed, prompt, counts,
-                    bias_indptr, bias_ids, bias_vals, eos, 20);
+                    bias_indptr, bias_ids, bias_vals, eos, fs::kMaxTopLogprobs);
   const int64_t B = in.args.B, V = in.args.V;
   py::array_t<bool> kept({B, V});
   in.args.kept = reinterpret_cast<uint8_t*>(kept.mutable_data());
@@ -396,8 +398,8 @@ py::array_t<bool> kept_mask(py::object logits, const std::string& dtype, int64_t
 }
 
 // A Sampler step's state update on its host arrays, in place (slots distinct): steps[s] += valid[r], mu[s] = mu_out[r],
-// counts[s, token[r]] += 1 up to 32767 for valid rows, with s = slots[r]. One call instead of six numpy operations per
-// step.
+// counts[s, token[r]] += 1 up to kCountMax for valid rows, with s = slots[r]. One call instead of six numpy operations
+// per step.
 void advance_state(py::object steps_o, py::object mu_o, py::object counts_o, py::object slots_o, py::object tokens_o,
                    py::object valid_o, py::object mu_out_o) {
   auto steps = check(steps_o, "steps", 'i', 8, "int64", {-1});
@@ -430,7 +432,7 @@ void advance_state(py::object steps_o, py::object mu_o, py::object counts_o, py:
     if (!ok[r]) continue;
     st[s] += 1;
     int16_t& cnt = c[s * V + tk[r]];
-    if (cnt < std::numeric_limits<int16_t>::max()) ++cnt;
+    if (cnt < fs::kCountMax) ++cnt;
   }
 }
 
@@ -467,6 +469,39 @@ PYBIND11_MODULE(_C, m) {
       "Bytes held right now by the per-thread scratch buffers of every thread (all input types). "
       "After each call a thread whose scratch exceeds SCRATCH_CAP_BYTES frees it.");
   m.attr("SCRATCH_CAP_BYTES") = fs::kScratchCapBytes;
+  // The packed-parameter layout, for the Python side to compare with its own at import: a mismatch there means the
+  // extension was built from other sources than the package.
+  py::dict layout;
+  const std::pair<const char*, int64_t> entries[] = {
+      {"F_TEMPERATURE", fs::F_TEMPERATURE},
+      {"F_TOP_P", fs::F_TOP_P},
+      {"F_MIN_P", fs::F_MIN_P},
+      {"F_TYPICAL_P", fs::F_TYPICAL_P},
+      {"F_FREQ", fs::F_FREQ},
+      {"F_PRES", fs::F_PRES},
+      {"F_REP", fs::F_REP},
+      {"F_MIRO_TAU", fs::F_MIRO_TAU},
+      {"F_MIRO_ETA", fs::F_MIRO_ETA},
+      {"NF", fs::NF},
+      {"I_TOP_K", fs::I_TOP_K},
+      {"I_MIN_KEEP", fs::I_MIN_KEEP},
+      {"I_MIRO_MODE", fs::I_MIRO_MODE},
+      {"I_MIN_TOKENS", fs::I_MIN_TOKENS},
+      {"I_IGNORE_EOS", fs::I_IGNORE_EOS},
+      {"I_LOGPROBS", fs::I_LOGPROBS},
+      {"I_TOP_LOGPROBS", fs::I_TOP_LOGPROBS},
+      {"I_LOGPROBS_MODE", fs::I_LOGPROBS_MODE},
+      {"NI", fs::NI},
+      {"MODE_RAW", fs::MODE_RAW},
+      {"MODE_PROCESSED", fs::MODE_PROCESSED},
+      {"MODE_FINAL", fs::MODE_FINAL},
+      {"TILE", fs::kTile},
+      {"MIROSTAT_M", fs::kMirostatM},
+      {"MAX_TOP_LOGPROBS", fs::kMaxTopLogprobs},
+      {"COUNT_MAX", fs::kCountMax},
+  };
+  for (const auto& [name, value] : entries) layout[name] = value;
+  m.attr("LAYOUT") = layout;
   m.def(
       "set_num_threads",
       [](int n) {

@@ -58,7 +58,14 @@ enum ICol {
 };
 enum LogprobsMode { MODE_RAW = 0, MODE_PROCESSED = 1, MODE_FINAL = 2 };
 
+// Ids per tile of the two-level race (docs/semantics.md §3 F).
 constexpr int64_t kTile = 4096;
+// The most probable tokens Mirostat v1 fits its Zipf exponent on (docs/semantics.md §3 E).
+constexpr int64_t kMirostatM = 100;
+// The widest top-N logprob output a row may ask for (docs/semantics.md §6).
+constexpr int64_t kMaxTopLogprobs = 20;
+// Where a Sampler's int16 output counts saturate (docs/semantics.md §3 C).
+constexpr int32_t kCountMax = std::numeric_limits<int16_t>::max();
 constexpr int64_t kHead = 128;  // top values collected during pass 1 (top-k, top-p, mirostat v1 fast paths)
 
 struct BatchArgs {
@@ -1220,8 +1227,8 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
       float thr = static_cast<float>(M + (std::log(S) - static_cast<double>(mu_in) * 0.69314718055994530942));
       if (!(thr <= M)) thr = M;  // none kept (or NaN mu): keep the argmax
       raise_lo(thr);
-    } else {                                              // mirostat v1
-      const int64_t m = std::min<int64_t>(100, nfinite);  // nh >= m
+    } else {                                                     // mirostat v1
+      const int64_t m = std::min<int64_t>(kMirostatM, nfinite);  // nh >= m
       double kf = std::numeric_limits<double>::quiet_NaN();
       if (m >= 2) {
         double sum_tb = 0.0, sum_tt = 0.0;
