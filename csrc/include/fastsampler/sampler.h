@@ -439,7 +439,7 @@ inline void merge_raw(RowState& st, float rm, double ts) {
   }
 }
 
-// Sum of exp(x - rm) over the tile's input (still in L1); lanes from i1 on are -inf.
+// Sum of exp(x - rm) over a tile of the input (still in L1) or of z; lanes from i1 on are -inf.
 template <typename T>
 inline double raw_tile_sum(const T* x, int64_t i0, int64_t i1, int64_t e16, float rm) {
   vf acc = set1(0.0f), acc1 = set1(0.0f);
@@ -514,16 +514,7 @@ inline void raw_stats_of_z(RowState& st, int64_t t, int64_t i0, int64_t e16) {
   rmx = vmax(rmx, rmx1);
   store(st.s.raw_lane_max.data() + t * kLanes, rmx);
   const float rm = hmax(rmx);
-  if (!(rm > -kInf)) return;
-  vf acc = set1(0.0f), acc1 = set1(0.0f);
-  const vf vrm = set1(rm);
-  int64_t j = i0;
-  for (; j + 2 * kLanes <= e16; j += 2 * kLanes) {
-    acc = acc + vexp(load(z + j) - vrm);
-    acc1 = acc1 + vexp(load(z + j + kLanes) - vrm);
-  }
-  for (; j < e16; j += kLanes) acc = acc + vexp(load(z + j) - vrm);
-  merge_raw(st, rm, hsum(acc + acc1));
+  if (rm > -kInf) merge_raw(st, rm, raw_tile_sum(z, i0, e16, e16, rm));
 }
 
 // Stage A: the logit bias of the tile's ids (docs/semantics.md §3 A).

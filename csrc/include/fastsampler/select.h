@@ -7,6 +7,10 @@
 // resolve_mass_desc: the largest key v such that the mass of {key >= v} reaches a target, over candidate arrays (key,
 // weight): K thresholds per level give cumulative masses with masked vector sums; the boundary bucket is compressed out
 // and refined until a few candidates remain, which are then ordered exactly.
+//
+// MassSelect: the same quantile over a whole row of z without collecting it (top-p and typical-p over the full
+// vocabulary, docs/semantics.md §3 E): an estimate from an exact set of heavy elements and a subsample, exact masses at
+// thresholds bracketing it, and resolve_mass_desc over the candidates of the bracket that holds the boundary.
 #pragma once
 
 #include <algorithm>
@@ -149,6 +153,30 @@ inline Bucket boundary_bucket(const float* th, const double* mass, int n, double
   return {b, b < n ? th[b] : -simd::kInf, b > 0 ? th[b - 1] : simd::kInf, base + (b > 0 ? mass[b - 1] : 0.0)};
 }
 
+// The exact end of resolve_mass_desc: order the candidates by key desc and walk the groups of equal keys. A NaN key
+// would break the sort's strict weak order (and stall the walk): rank it as -inf.
+inline float resolve_exact(float* key, const float* w, int64_t n, double above, double target) {
+  using namespace simd;
+  for (int64_t i = 0; i < n; ++i)
+    if (!(key[i] == key[i])) key[i] = -kInf;
+  std::vector<int32_t> ord(n);
+  for (int64_t i = 0; i < n; ++i) ord[i] = static_cast<int32_t>(i);
+  std::sort(ord.begin(), ord.end(), [&](int32_t a, int32_t b) { return key[a] > key[b]; });
+  double cum = above;
+  float last = n > 0 ? key[ord[0]] : -kInf;
+  for (int64_t i = 0; i < n;) {
+    const float kv = key[ord[i]];
+    int64_t j = i;
+    do {
+      cum += w[ord[j++]];  // at least one candidate per group: the walk always advances
+    } while (j < n && key[ord[j]] == kv);
+    last = kv;
+    if (cum >= target) return kv;
+    i = j;
+  }
+  return last;
+}
+
 // Candidates: key[0, n) and w[0, n), with room for 16 extra elements; tmp arrays of the same capacity. above: mass of
 // elements with keys above every candidate. Returns the largest candidate key v with above + mass(key >= v) >= target
 // (the smallest key when the target is never reached). Terminates for any input: the refinement runs at most 12 levels,
@@ -177,25 +205,20 @@ inline float resolve_mass_desc(float* key, float* w, int64_t n, double above, do
     for (int j = 0; j < K; ++j) t[j] = kmax - (j + 1) * delta;
     vf acc[K];
     for (int j = 0; j < K; ++j) acc[j] = set1(0.0f);
-    vf tot = set1(0.0f);
-    double macc[K] = {0}, mtot = 0.0;
+    double macc[K] = {0};
     int64_t since = 0;
     for (int64_t i = 0; i < n16; i += kLanes) {
       vf kv = load(key + i), wv = load(w + i);
-      tot = tot + wv;
       for (int j = 0; j < K; ++j) acc[j] = mask_add(acc[j], ge(kv, set1(t[j])), wv);
       if (++since == 256) {
         for (int j = 0; j < K; ++j) {
           macc[j] += hsum(acc[j]);
           acc[j] = set1(0.0f);
         }
-        mtot += hsum(tot);
-        tot = set1(0.0f);
         since = 0;
       }
     }
     for (int j = 0; j < K; ++j) macc[j] += hsum(acc[j]);
-    mtot += hsum(tot);
     const Bucket bk = boundary_bucket(t, macc, K, above, target);
     const int b = bk.b;
     const float bl = bk.lo, bh = bk.hi;
@@ -209,7 +232,6 @@ inline float resolve_mass_desc(float* key, float* w, int64_t n, double above, do
       compress(tk + m, sel, kv);
       m += compress(tw + m, sel, wv);
     }
-    (void)mtot;
     if (m == n) break;  // no progress (should not happen); finish exactly
     std::copy(tk, tk + m, key);
     std::copy(tw, tw + m, w);
@@ -217,26 +239,7 @@ inline float resolve_mass_desc(float* key, float* w, int64_t n, double above, do
     above = new_above;
     if (n == 0) return bl;  // cannot happen with consistent sums; be safe
   }
-  // exact: order candidates by key desc and walk the groups of equal keys. A NaN key would break the sort's strict weak
-  // order (and stall the walk): rank it as -inf.
-  for (int64_t i = 0; i < n; ++i)
-    if (!(key[i] == key[i])) key[i] = -kInf;
-  std::vector<int32_t> ord(n);
-  for (int64_t i = 0; i < n; ++i) ord[i] = static_cast<int32_t>(i);
-  std::sort(ord.begin(), ord.end(), [&](int32_t a, int32_t b) { return key[a] > key[b]; });
-  double cum = above;
-  float last = n > 0 ? key[ord[0]] : -kInf;
-  for (int64_t i = 0; i < n;) {
-    const float kv = key[ord[i]];
-    int64_t j = i;
-    do {
-      cum += w[ord[j++]];  // at least one candidate per group: the walk always advances
-    } while (j < n && key[ord[j]] == kv);
-    last = kv;
-    if (cum >= target) return kv;
-    i = j;
-  }
-  return last;
+  return resolve_exact(key, w, n, above, target);
 }
 
 inline int64_t round16(int64_t n) { return (n + simd::kLanes - 1) / simd::kLanes * simd::kLanes; }
