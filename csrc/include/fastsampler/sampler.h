@@ -410,7 +410,9 @@ inline void plan_pass1(RowState& st) {
 // ------------------------------------------------------------------------------------------------------------------
 // Pass 1: stages A-D and the tile statistics, one tile at a time (docs/semantics.md §3 A-D)
 
-// Software prefetch of the next tile (of the input, or of the output counts): one cache line per vector step.
+// Software prefetch of the next tile (of the input, or of the output counts): one cache line per vector step. Passed by
+// value: a cursor behind a reference would be reloaded after every vector store in the loop (intrinsic stores may
+// alias anything).
 struct Prefetch {
   const char* p = nullptr;
   const char* end = nullptr;
@@ -455,7 +457,7 @@ inline double raw_tile_sum(const T* x, int64_t i0, int64_t i1, int64_t e16, floa
 
 // A row with no stage A-C edits: convert, scale and take the statistics in one sweep.
 template <typename T>
-inline void convert_scale_tile(RowState& st, const T* x, int64_t t, int64_t i0, int64_t i1, int64_t e16, Prefetch& pf,
+inline void convert_scale_tile(RowState& st, const T* x, int64_t t, int64_t i0, int64_t i1, int64_t e16, Prefetch pf,
                                TileStats& ts) {
   float* z = st.z;
   const vf vscale = set1(st.scale), ninf = set1(-kInf);
@@ -605,7 +607,7 @@ inline void apply_masks(RowState& st, int64_t i0, int64_t i1) {
 
 // Stage D and the tile statistics, after the edits (docs/semantics.md §3 D). Prefetches the next tile's input and,
 // when the penalties read them, its output counts.
-inline void temperature_tile(RowState& st, int64_t i0, int64_t e16, Prefetch& pf, TileStats& ts) {
+inline void temperature_tile(RowState& st, int64_t i0, int64_t e16, Prefetch pf, TileStats& ts) {
   Prefetch pc;
   if (st.penal && (st.cnt32 || st.cnt16)) {
     const char* c0 = st.cnt32 ? reinterpret_cast<const char*>(st.cnt32) : reinterpret_cast<const char*>(st.cnt16);
