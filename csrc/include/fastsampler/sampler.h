@@ -1406,8 +1406,8 @@ inline float updated_mu(const RowState& st) {
   return static_cast<float>(static_cast<double>(st.mu_in) - st.fp[F_MIRO_ETA] * (surprise - st.fp[F_MIRO_TAU]));
 }
 
-// log-softmax as (v - max) - ln(sum): the shift first, so ln(sum) is not absorbed by a large max (docs/semantics.md
-// §6)
+// log-softmax as (v - max) - ln(sum): the shift first, so ln(sum) is not absorbed by a large max
+// (docs/semantics.md §6)
 inline float lp_of(float v, double m, double log_sum) {
   return static_cast<float>((static_cast<double>(v) - m) - log_sum);
 }
