@@ -1,8 +1,7 @@
-// pybind11 module fastsampler._C: numpy arrays in, numpy arrays out, the GIL released during
-// compute.
+// pybind11 module fastsampler._C: numpy arrays in, numpy arrays out, the GIL released during compute.
 //
-// Every argument is checked (dtype, shape, contiguity, id ranges) with a message naming it before
-// any kernel runs, so bad input raises ValueError / TypeError instead of crashing the process.
+// Every argument is checked (dtype, shape, contiguity, id ranges) with a message naming it before any kernel runs, so
+// bad input raises ValueError / TypeError instead of crashing the process.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -14,6 +13,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -74,30 +74,26 @@ py::array check(const py::object& o, const char* name, char kind, int itemsize, 
     return w.str();
   };
   if (!dtype_is(a, kind, itemsize))
-    fail(std::string(name) + " must be " + dname + " of shape " + want() + ", got " +
-         dtype_str(a) + " " + shape_str(a));
+    fail(std::string(name) + " must be " + dname + " of shape " + want() + ", got " + dtype_str(a) + " " +
+         shape_str(a));
   bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
   for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || a.shape(i) == shape[i];
   if (!ok) fail(std::string(name) + " must have shape " + want() + ", got " + shape_str(a));
   if (contiguous && !(a.flags() & py::array::c_style))
-    fail(std::string(name) +
-         " must be C-contiguous (call .contiguous() / np.ascontiguousarray), got strides " +
-         py::str(py::cast(std::vector<py::ssize_t>(a.strides(), a.strides() + a.ndim())))
-             .cast<std::string>());
+    fail(std::string(name) + " must be C-contiguous (call .contiguous() / np.ascontiguousarray), got strides " +
+         py::str(py::cast(std::vector<py::ssize_t>(a.strides(), a.strides() + a.ndim()))).cast<std::string>());
   return a;
 }
 
-// 2-D array whose rows may be strided but whose last axis is contiguous; returns the row stride in
-// elements.
+// 2-D array whose rows may be strided but whose last axis is contiguous; returns the row stride in elements.
 int64_t row_stride_of(const py::array& a, const char* name) {
   const int64_t it = a.itemsize();
   if (a.shape(0) == 0) return a.shape(1);
   if (a.shape(1) > 1 && a.strides(1) != it)
-    fail(std::string(name) + " must be contiguous along its last axis (stride " +
-         std::to_string(it) + " bytes), got " + std::to_string(a.strides(1)));
+    fail(std::string(name) + " must be contiguous along its last axis (stride " + std::to_string(it) + " bytes), got " +
+         std::to_string(a.strides(1)));
   if (a.shape(0) > 1 && (a.strides(0) < 0 || a.strides(0) % it != 0))
-    fail(std::string(name) +
-         " must have a non-negative row stride that is a multiple of its item size, got " +
+    fail(std::string(name) + " must have a non-negative row stride that is a multiple of its item size, got " +
          std::to_string(a.strides(0)));
   return a.shape(0) > 1 ? a.strides(0) / it : a.shape(1);
 }
@@ -115,28 +111,24 @@ struct Inputs {
   std::vector<py::array> keep;  // keep arrays alive
 };
 
-Inputs parse(py::object logits_o, const std::string& dtype, int64_t vocab, py::object fparams,
-             py::object iparams, py::object seeds, py::object steps, py::object seqs, py::object mu,
-             py::object allowed, py::object prompt, py::object counts, py::object bias_indptr,
-             py::object bias_ids, py::object bias_vals, py::object eos, int64_t n_top) {
+Inputs parse(py::object logits_o, const std::string& dtype, int64_t vocab, py::object fparams, py::object iparams,
+             py::object seeds, py::object steps, py::object seqs, py::object mu, py::object allowed, py::object prompt,
+             py::object counts, py::object bias_indptr, py::object bias_ids, py::object bias_vals, py::object eos,
+             int64_t n_top) {
   Inputs in;
   fs::BatchArgs& a = in.args;
   py::array lg = as_array(logits_o, "logits");
-  if (lg.ndim() != 2)
-    fail("logits must be 2-D (batch_size, vocab_size), got shape " + shape_str(lg));
+  if (lg.ndim() != 2) fail("logits must be 2-D (batch_size, vocab_size), got shape " + shape_str(lg));
   if (dtype == "float32") {
-    if (!dtype_is(lg, 'f', 4))
-      fail("logits must be float32 for dtype='float32', got " + dtype_str(lg));
+    if (!dtype_is(lg, 'f', 4)) fail("logits must be float32 for dtype='float32', got " + dtype_str(lg));
     in.dtype = 0;
   } else if (dtype == "float16") {
     if (!(dtype_is(lg, 'f', 2) || dtype_is(lg, 'i', 2) || dtype_is(lg, 'u', 2)))
-      fail("logits must be float16 (or its int16 / uint16 bit view) for dtype='float16', got " +
-           dtype_str(lg));
+      fail("logits must be float16 (or its int16 / uint16 bit view) for dtype='float16', got " + dtype_str(lg));
     in.dtype = 1;
   } else if (dtype == "bfloat16") {
     if (!(dtype_is(lg, 'i', 2) || dtype_is(lg, 'u', 2)))
-      fail("logits must be an int16 / uint16 bit view of bfloat16 for dtype='bfloat16', got " +
-           dtype_str(lg));
+      fail("logits must be an int16 / uint16 bit view of bfloat16 for dtype='bfloat16', got " + dtype_str(lg));
     in.dtype = 2;
   } else {
     fail("dtype must be 'float32', 'float16' or 'bfloat16', got '" + dtype + "'");
@@ -144,11 +136,9 @@ Inputs parse(py::object logits_o, const std::string& dtype, int64_t vocab, py::o
   const int64_t B = lg.shape(0), V = lg.shape(1);
   if (V < 1) fail("logits must have at least one column, got shape " + shape_str(lg));
   if (V >= (int64_t{1} << 24))
-    fail("logits may have at most 2^24 - 1 columns (ids are carried in float32 lanes), got " +
-         std::to_string(V));
+    fail("logits may have at most 2^24 - 1 columns (ids are carried in float32 lanes), got " + std::to_string(V));
   if (vocab < 1 || vocab > V)
-    fail("vocab_size must be in [1, " + std::to_string(V) + "] (logits.shape[1]), got " +
-         std::to_string(vocab));
+    fail("vocab_size must be in [1, " + std::to_string(V) + "] (logits.shape[1]), got " + std::to_string(vocab));
   a.logits = lg.data();
   a.B = B;
   a.V = V;
@@ -169,15 +159,15 @@ Inputs parse(py::object logits_o, const std::string& dtype, int64_t vocab, py::o
   a.steps = static_cast<const int64_t*>(st.data());
   a.seqs = static_cast<const int64_t*>(sq.data());
   a.mu_in = static_cast<const float*>(ma.data());
-  if (n_top < 0 || n_top > 20) fail("n_top must be in [0, 20], got " + std::to_string(n_top));
+  if (n_top < 0 || n_top > fs::kMaxTopLogprobs)
+    fail("n_top must be in [0, " + std::to_string(fs::kMaxTopLogprobs) + "], got " + std::to_string(n_top));
   a.n_top = n_top;
   for (int64_t r = 0; r < B; ++r) {
     const float* f = a.fparams + r * fs::NF;
     const int32_t* i = a.iparams + r * fs::NI;
     auto row = [r]() { return " of row " + std::to_string(r); };  // for error messages only
     if (!(f[fs::F_TEMPERATURE] >= 0.0f) || std::isinf(f[fs::F_TEMPERATURE]))
-      fail("temperature" + row() + " must be finite and >= 0, got " +
-           std::to_string(f[fs::F_TEMPERATURE]));
+      fail("temperature" + row() + " must be finite and >= 0, got " + std::to_string(f[fs::F_TEMPERATURE]));
     if (!(f[fs::F_TOP_P] > 0.0f && f[fs::F_TOP_P] <= 1.0f))
       fail("top_p" + row() + " must be in (0, 1], got " + std::to_string(f[fs::F_TOP_P]));
     if (!(f[fs::F_MIN_P] >= 0.0f && f[fs::F_MIN_P] <= 1.0f))
@@ -185,8 +175,7 @@ Inputs parse(py::object logits_o, const std::string& dtype, int64_t vocab, py::o
     if (!(f[fs::F_TYPICAL_P] > 0.0f && f[fs::F_TYPICAL_P] <= 1.0f))
       fail("typical_p" + row() + " must be in (0, 1], got " + std::to_string(f[fs::F_TYPICAL_P]));
     if (!(f[fs::F_REP] > 0.0f) || std::isinf(f[fs::F_REP]))
-      fail("repetition_penalty" + row() + " must be finite and > 0, got " +
-           std::to_string(f[fs::F_REP]));
+      fail("repetition_penalty" + row() + " must be finite and > 0, got " + std::to_string(f[fs::F_REP]));
     if (!std::isfinite(f[fs::F_FREQ]) || !std::isfinite(f[fs::F_PRES]))
       fail("frequency_penalty / presence_penalty" + row() + " must be finite");
     if (i[fs::I_MIRO_MODE] < 0 || i[fs::I_MIRO_MODE] > 2)
@@ -202,8 +191,8 @@ Inputs parse(py::object logits_o, const std::string& dtype, int64_t vocab, py::o
   if (!allowed.is_none()) {
     auto al = check(allowed, "allowed_mask", 'i', 4, "int32", {B, -1}, false);
     if (al.shape(1) < W)
-      fail("allowed_mask must have shape (" + std::to_string(B) + ", >= " + std::to_string(W) +
-           "), got " + shape_str(al));
+      fail("allowed_mask must have shape (" + std::to_string(B) + ", >= " + std::to_string(W) + "), got " +
+           shape_str(al));
     a.allowed = static_cast<const int32_t*>(al.data());
     a.allowed_stride = row_stride_of(al, "allowed_mask");
     in.keep.push_back(al);
@@ -211,18 +200,17 @@ Inputs parse(py::object logits_o, const std::string& dtype, int64_t vocab, py::o
   if (!prompt.is_none()) {
     auto pm = check(prompt, "prompt_mask", 'i', 4, "int32", {B, -1}, false);
     if (pm.shape(1) < W)
-      fail("prompt_mask must have shape (" + std::to_string(B) + ", >= " + std::to_string(W) +
-           "), got " + shape_str(pm));
+      fail("prompt_mask must have shape (" + std::to_string(B) + ", >= " + std::to_string(W) + "), got " +
+           shape_str(pm));
     a.prompt = static_cast<const int32_t*>(pm.data());
     a.prompt_stride = row_stride_of(pm, "prompt_mask");
     in.keep.push_back(pm);
   }
   if (!counts.is_none()) {
     py::array oc = as_array(counts, "output_counts");
-    if (!(dtype_is(oc, 'i', 2) || dtype_is(oc, 'i', 4)) || oc.ndim() != 2 || oc.shape(0) != B ||
-        oc.shape(1) < vocab)
-      fail("output_counts must be int16 or int32 of shape (" + std::to_string(B) +
-           ", >= " + std::to_string(vocab) + "), got " + dtype_str(oc) + " " + shape_str(oc));
+    if (!(dtype_is(oc, 'i', 2) || dtype_is(oc, 'i', 4)) || oc.ndim() != 2 || oc.shape(0) != B || oc.shape(1) < vocab)
+      fail("output_counts must be int16 or int32 of shape (" + std::to_string(B) + ", >= " + std::to_string(vocab) +
+           "), got " + dtype_str(oc) + " " + shape_str(oc));
     a.counts = oc.data();
     a.counts_bytes = static_cast<int>(oc.itemsize());
     a.counts_stride = row_stride_of(oc, "output_counts");
@@ -240,18 +228,16 @@ Inputs parse(py::object logits_o, const std::string& dtype, int64_t vocab, py::o
     const float* vals = static_cast<const float*>(bv.data());
     const int64_t nnz = bi.shape(0);
     if (p[0] != 0 || p[B] != nnz)
-      fail("bias_indptr must start at 0 and end at len(bias_ids)=" + std::to_string(nnz) +
-           ", got " + std::to_string(p[0]) + " .. " + std::to_string(p[B]));
+      fail("bias_indptr must start at 0 and end at len(bias_ids)=" + std::to_string(nnz) + ", got " +
+           std::to_string(p[0]) + " .. " + std::to_string(p[B]));
     for (int64_t r = 0; r < B; ++r) {
       if (p[r + 1] < p[r]) fail("bias_indptr must be non-decreasing, row " + std::to_string(r));
       for (int64_t j = p[r]; j < p[r + 1]; ++j) {
         if (ids[j] < 0 || ids[j] >= vocab)
-          fail("bias_ids of row " + std::to_string(r) + " holds token id " +
-               std::to_string(ids[j]) + ", outside the vocabulary [0, " + std::to_string(vocab) +
-               ")");
+          fail("bias_ids of row " + std::to_string(r) + " holds token id " + std::to_string(ids[j]) +
+               ", outside the vocabulary [0, " + std::to_string(vocab) + ")");
         if (j > p[r] && ids[j] <= ids[j - 1])
-          fail("bias_ids of row " + std::to_string(r) +
-               " must be sorted ascending without repeats");
+          fail("bias_ids of row " + std::to_string(r) + " must be sorted ascending without repeats");
         if (std::isnan(vals[j]) || vals[j] == std::numeric_limits<float>::infinity())
           fail("bias_vals of row " + std::to_string(r) + " must not be NaN or +inf");
       }
@@ -265,8 +251,8 @@ Inputs parse(py::object logits_o, const std::string& dtype, int64_t vocab, py::o
   const int32_t* e = static_cast<const int32_t*>(ea.data());
   for (int64_t j = 0; j < ea.shape(0); ++j)
     if (e[j] < 0 || e[j] >= vocab)
-      fail("eos_ids holds token id " + std::to_string(e[j]) + ", outside the vocabulary [0, " +
-           std::to_string(vocab) + ")");
+      fail("eos_ids holds token id " + std::to_string(e[j]) + ", outside the vocabulary [0, " + std::to_string(vocab) +
+           ")");
   a.eos = e;
   a.n_eos = ea.shape(0);
   in.keep.push_back(ea);
@@ -308,8 +294,8 @@ struct RowJob {
   static void done(void*) { scratch().trim(); }
 };
 
-// Rows over the persistent pool (default), or OpenMP when FASTSAMPLER_THREADING=openmp and compiled
-// in. Every thread that ran rows trims its scratch before this returns.
+// Rows over the persistent pool (default), or OpenMP when FASTSAMPLER_THREADING=openmp and compiled in. Every thread
+// that ran rows trims its scratch before this returns.
 template <typename T>
 void run_rows(const fs::BatchArgs& a, int nthreads) {
   RowJob<T> job;
@@ -342,20 +328,18 @@ void dispatch(const Inputs& in, int nthreads) {
 }
 
 int resolve_threads(int num_threads) {
-  if (num_threads < 0)
-    fail("num_threads must be >= 0 (0: the module default), got " + std::to_string(num_threads));
+  if (num_threads < 0) fail("num_threads must be >= 0 (0: the module default), got " + std::to_string(num_threads));
   if (num_threads > 0) return num_threads;
   const int g = g_threads.load();
   return g > 0 ? g : default_threads();
 }
 
-py::tuple sample(py::object logits, const std::string& dtype, int64_t vocab, py::object fparams,
-                 py::object iparams, py::object seeds, py::object steps, py::object seqs,
-                 py::object mu, py::object allowed, py::object prompt, py::object counts,
-                 py::object bias_indptr, py::object bias_ids, py::object bias_vals, py::object eos,
-                 int64_t n_top, int num_threads) {
-  Inputs in = parse(logits, dtype, vocab, fparams, iparams, seeds, steps, seqs, mu, allowed, prompt,
-                    counts, bias_indptr, bias_ids, bias_vals, eos, n_top);
+py::tuple sample(py::object logits, const std::string& dtype, int64_t vocab, py::object fparams, py::object iparams,
+                 py::object seeds, py::object steps, py::object seqs, py::object mu, py::object allowed,
+                 py::object prompt, py::object counts, py::object bias_indptr, py::object bias_ids,
+                 py::object bias_vals, py::object eos, int64_t n_top, int num_threads) {
+  Inputs in = parse(logits, dtype, vocab, fparams, iparams, seeds, steps, seqs, mu, allowed, prompt, counts,
+                    bias_indptr, bias_ids, bias_vals, eos, n_top);
   const int64_t B = in.args.B;
   py::array_t<int64_t> tokens(B), ranks(B);
   py::array_t<bool> valid(B);
@@ -378,14 +362,13 @@ py::tuple sample(py::object logits, const std::string& dtype, int64_t vocab, py:
   return py::make_tuple(tokens, valid, lps, top_ids, top_lps, ranks, mu_out);
 }
 
-py::array_t<float> sampling_probs(py::object logits, const std::string& dtype, int64_t vocab,
-                                  py::object fparams, py::object iparams, py::object seeds,
-                                  py::object steps, py::object seqs, py::object mu,
-                                  py::object allowed, py::object prompt, py::object counts,
-                                  py::object bias_indptr, py::object bias_ids, py::object bias_vals,
-                                  py::object eos, int num_threads) {
-  Inputs in = parse(logits, dtype, vocab, fparams, iparams, seeds, steps, seqs, mu, allowed, prompt,
-                    counts, bias_indptr, bias_ids, bias_vals, eos, 20);
+py::array_t<float> sampling_probs(py::object logits, const std::string& dtype, int64_t vocab, py::object fparams,
+                                  py::object iparams, py::object seeds, py::object steps, py::object seqs,
+                                  py::object mu, py::object allowed, py::object prompt, py::object counts,
+                                  py::object bias_indptr, py::object bias_ids, py::object bias_vals, py::object eos,
+                                  int num_threads) {
+  Inputs in = parse(logits, dtype, vocab, fparams, iparams, seeds, steps, seqs, mu, allowed, prompt, counts,
+                    bias_indptr, bias_ids, bias_vals, eos, fs::kMaxTopLogprobs);
   const int64_t B = in.args.B, V = in.args.V;
   py::array_t<float> probs({B, V});
   in.args.probs = probs.mutable_data();
@@ -397,14 +380,12 @@ py::array_t<float> sampling_probs(py::object logits, const std::string& dtype, i
   return probs;
 }
 
-py::array_t<bool> kept_mask(py::object logits, const std::string& dtype, int64_t vocab,
-                            py::object fparams, py::object iparams, py::object seeds,
-                            py::object steps, py::object seqs, py::object mu, py::object allowed,
-                            py::object prompt, py::object counts, py::object bias_indptr,
-                            py::object bias_ids, py::object bias_vals, py::object eos,
-                            int num_threads) {
-  Inputs in = parse(logits, dtype, vocab, fparams, iparams, seeds, steps, seqs, mu, allowed, prompt,
-                    counts, bias_indptr, bias_ids, bias_vals, eos, 20);
+py::array_t<bool> kept_mask(py::object logits, const std::string& dtype, int64_t vocab, py::object fparams,
+                            py::object iparams, py::object seeds, py::object steps, py::object seqs, py::object mu,
+                            py::object allowed, py::object prompt, py::object counts, py::object bias_indptr,
+                            py::object bias_ids, py::object bias_vals, py::object eos, int num_threads) {
+  Inputs in = parse(logits, dtype, vocab, fparams, iparams, seeds, steps, seqs, mu, allowed, prompt, counts,
+                    bias_indptr, bias_ids, bias_vals, eos, fs::kMaxTopLogprobs);
   const int64_t B = in.args.B, V = in.args.V;
   py::array_t<bool> kept({B, V});
   in.args.kept = reinterpret_cast<uint8_t*>(kept.mutable_data());
@@ -416,11 +397,11 @@ py::array_t<bool> kept_mask(py::object logits, const std::string& dtype, int64_t
   return kept;
 }
 
-// A Sampler step's state update on its host arrays, in place (slots distinct): steps[s] += valid[r],
-// mu[s] = mu_out[r], counts[s, token[r]] += 1 up to 32767 for valid rows, with s = slots[r]. One call
-// instead of six numpy operations per step.
-void advance_state(py::object steps_o, py::object mu_o, py::object counts_o, py::object slots_o,
-                   py::object tokens_o, py::object valid_o, py::object mu_out_o) {
+// A Sampler step's state update on its host arrays, in place (slots distinct): steps[s] += valid[r], mu[s] = mu_out[r],
+// counts[s, token[r]] += 1 up to kCountMax for valid rows, with s = slots[r]. One call instead of six numpy operations
+// per step.
+void advance_state(py::object steps_o, py::object mu_o, py::object counts_o, py::object slots_o, py::object tokens_o,
+                   py::object valid_o, py::object mu_out_o) {
   auto steps = check(steps_o, "steps", 'i', 8, "int64", {-1});
   const int64_t S = steps.shape(0);
   auto mu = check(mu_o, "mu", 'f', 4, "float32", {S});
@@ -451,7 +432,7 @@ void advance_state(py::object steps_o, py::object mu_o, py::object counts_o, py:
     if (!ok[r]) continue;
     st[s] += 1;
     int16_t& cnt = c[s * V + tk[r]];
-    if (cnt < std::numeric_limits<int16_t>::max()) ++cnt;
+    if (cnt < fs::kCountMax) ++cnt;
   }
 }
 
@@ -459,33 +440,28 @@ void advance_state(py::object steps_o, py::object mu_o, py::object counts_o, py:
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastsampler C++ CPU kernels (see fastsampler.cpu for the backend built on them)";
-  m.def("sample", &sample, py::arg("logits"), py::arg("dtype"), py::arg("vocab_size"),
-        py::arg("fparams"), py::arg("iparams"), py::arg("seeds"), py::arg("steps"), py::arg("seqs"),
-        py::arg("mirostat_mu"), py::arg("allowed_mask") = py::none(),
-        py::arg("prompt_mask") = py::none(), py::arg("output_counts") = py::none(),
-        py::arg("bias_indptr") = py::none(), py::arg("bias_ids") = py::none(),
-        py::arg("bias_vals") = py::none(), py::arg("eos_ids"), py::arg("n_top") = 0,
-        py::arg("num_threads") = 0,
+  m.def("sample", &sample, py::arg("logits"), py::arg("dtype"), py::arg("vocab_size"), py::arg("fparams"),
+        py::arg("iparams"), py::arg("seeds"), py::arg("steps"), py::arg("seqs"), py::arg("mirostat_mu"),
+        py::arg("allowed_mask") = py::none(), py::arg("prompt_mask") = py::none(),
+        py::arg("output_counts") = py::none(), py::arg("bias_indptr") = py::none(), py::arg("bias_ids") = py::none(),
+        py::arg("bias_vals") = py::none(), py::arg("eos_ids"), py::arg("n_top") = 0, py::arg("num_threads") = 0,
         "Sample one token per row. Returns (tokens, valid, logprobs, top_ids, top_logprobs, ranks, "
         "mirostat_mu).");
-  m.def("sampling_probs", &sampling_probs, py::arg("logits"), py::arg("dtype"),
-        py::arg("vocab_size"), py::arg("fparams"), py::arg("iparams"), py::arg("seeds"),
-        py::arg("steps"), py::arg("seqs"), py::arg("mirostat_mu"),
-        py::arg("allowed_mask") = py::none(), py::arg("prompt_mask") = py::none(),
-        py::arg("output_counts") = py::none(), py::arg("bias_indptr") = py::none(),
-        py::arg("bias_ids") = py::none(), py::arg("bias_vals") = py::none(), py::arg("eos_ids"),
-        py::arg("num_threads") = 0,
-        "The (B, V) float32 distribution each row's token is drawn from.");
-  m.def("kept_mask", &kept_mask, py::arg("logits"), py::arg("dtype"), py::arg("vocab_size"),
+  m.def("sampling_probs", &sampling_probs, py::arg("logits"), py::arg("dtype"), py::arg("vocab_size"),
         py::arg("fparams"), py::arg("iparams"), py::arg("seeds"), py::arg("steps"), py::arg("seqs"),
-        py::arg("mirostat_mu"), py::arg("allowed_mask") = py::none(),
-        py::arg("prompt_mask") = py::none(), py::arg("output_counts") = py::none(),
-        py::arg("bias_indptr") = py::none(), py::arg("bias_ids") = py::none(),
+        py::arg("mirostat_mu"), py::arg("allowed_mask") = py::none(), py::arg("prompt_mask") = py::none(),
+        py::arg("output_counts") = py::none(), py::arg("bias_indptr") = py::none(), py::arg("bias_ids") = py::none(),
+        py::arg("bias_vals") = py::none(), py::arg("eos_ids"), py::arg("num_threads") = 0,
+        "The (B, V) float32 distribution each row's token is drawn from.");
+  m.def("kept_mask", &kept_mask, py::arg("logits"), py::arg("dtype"), py::arg("vocab_size"), py::arg("fparams"),
+        py::arg("iparams"), py::arg("seeds"), py::arg("steps"), py::arg("seqs"), py::arg("mirostat_mu"),
+        py::arg("allowed_mask") = py::none(), py::arg("prompt_mask") = py::none(),
+        py::arg("output_counts") = py::none(), py::arg("bias_indptr") = py::none(), py::arg("bias_ids") = py::none(),
         py::arg("bias_vals") = py::none(), py::arg("eos_ids"), py::arg("num_threads") = 0,
         "The (B, V) bool kept set S of each row after truncation (greedy rows: the argmax; invalid "
         "rows and padding columns: False), exact even where a kept probability underflows.");
-  m.def("advance_state", &advance_state, py::arg("steps"), py::arg("mu"), py::arg("counts"),
-        py::arg("slots"), py::arg("tokens"), py::arg("valid"), py::arg("mu_out"),
+  m.def("advance_state", &advance_state, py::arg("steps"), py::arg("mu"), py::arg("counts"), py::arg("slots"),
+        py::arg("tokens"), py::arg("valid"), py::arg("mu_out"),
         "A Sampler step's state update in place: steps[s] += valid, mu[s] = mu_out, counts[s, "
         "token] += 1 (int16, saturating at 32767) for valid rows, s = slots[r].");
   m.def(
@@ -493,6 +469,39 @@ PYBIND11_MODULE(_C, m) {
       "Bytes held right now by the per-thread scratch buffers of every thread (all input types). "
       "After each call a thread whose scratch exceeds SCRATCH_CAP_BYTES frees it.");
   m.attr("SCRATCH_CAP_BYTES") = fs::kScratchCapBytes;
+  // The packed-parameter layout, for the Python side to compare with its own at import: a mismatch there means the
+  // extension was built from other sources than the package.
+  py::dict layout;
+  const std::pair<const char*, int64_t> entries[] = {
+      {"F_TEMPERATURE", fs::F_TEMPERATURE},
+      {"F_TOP_P", fs::F_TOP_P},
+      {"F_MIN_P", fs::F_MIN_P},
+      {"F_TYPICAL_P", fs::F_TYPICAL_P},
+      {"F_FREQ", fs::F_FREQ},
+      {"F_PRES", fs::F_PRES},
+      {"F_REP", fs::F_REP},
+      {"F_MIRO_TAU", fs::F_MIRO_TAU},
+      {"F_MIRO_ETA", fs::F_MIRO_ETA},
+      {"NF", fs::NF},
+      {"I_TOP_K", fs::I_TOP_K},
+      {"I_MIN_KEEP", fs::I_MIN_KEEP},
+      {"I_MIRO_MODE", fs::I_MIRO_MODE},
+      {"I_MIN_TOKENS", fs::I_MIN_TOKENS},
+      {"I_IGNORE_EOS", fs::I_IGNORE_EOS},
+      {"I_LOGPROBS", fs::I_LOGPROBS},
+      {"I_TOP_LOGPROBS", fs::I_TOP_LOGPROBS},
+      {"I_LOGPROBS_MODE", fs::I_LOGPROBS_MODE},
+      {"NI", fs::NI},
+      {"MODE_RAW", fs::MODE_RAW},
+      {"MODE_PROCESSED", fs::MODE_PROCESSED},
+      {"MODE_FINAL", fs::MODE_FINAL},
+      {"TILE", fs::kTile},
+      {"MIROSTAT_M", fs::kMirostatM},
+      {"MAX_TOP_LOGPROBS", fs::kMaxTopLogprobs},
+      {"COUNT_MAX", fs::kCountMax},
+  };
+  for (const auto& [name, value] : entries) layout[name] = value;
+  m.attr("LAYOUT") = layout;
   m.def(
       "set_num_threads",
       [](int n) {
@@ -533,8 +542,8 @@ PYBIND11_MODULE(_C, m) {
       "neg_log_noise",
       [](uint64_t seed, uint32_t step, uint32_t seq, uint32_t stream, uint32_t c0base) {
         py::array_t<float> out(64);
-        fs::neg_log_noise64({static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)},
-                            c0base, step, seq, stream, out.mutable_data());
+        fs::neg_log_noise64({static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)}, c0base, step, seq, stream,
+                            out.mutable_data());
         return out;
       },
       "-ln E of the 64 variates j = 4 * c0base .. 4 * c0base + 63 (float32 vector path), for "

@@ -1,9 +1,8 @@
 // Philox4x32-10 (Random123 definition) and the exponential noise of docs/semantics.md §7.
 //
-// Variate j of a row: word (j & 3) of Philox4x32-10(key = (seed lo32, seed hi32), counter = (j >>
-// 2, step, seq, stream)); token noise: j = token id, stream 0; tile noise: j = tile index,
-// stream 1. E = -ln((r + 0.5) 2^-32) if r < 2^31, else -log1p(-((~r) + 0.5) 2^-32). The race uses
-// -ln E.
+// Variate j of a row: word (j & 3) of Philox4x32-10(key = (seed lo32, seed hi32), counter = (j >> 2, step, seq,
+// stream)); token noise: j = token id, stream 0; tile noise: j = tile index, stream 1. E = -ln((r + 0.5) 2^-32) if r <
+// 2^31, else -log1p(-((~r) + 0.5) 2^-32). The race uses -ln E.
 #pragma once
 
 #include <cmath>
@@ -46,8 +45,7 @@ inline void philox4x32_10(PhiloxKey key, const uint32_t ctr_in[4], uint32_t out[
 }
 
 // The 32-bit word of variate j.
-inline uint32_t philox_word(PhiloxKey key, uint64_t j, uint32_t step, uint32_t seq,
-                            uint32_t stream) {
+inline uint32_t philox_word(PhiloxKey key, uint64_t j, uint32_t step, uint32_t seq, uint32_t stream) {
   const uint32_t ctr[4] = {static_cast<uint32_t>(j >> 2), step, seq, stream};
   uint32_t out[4];
   philox4x32_10(key, ctr, out);
@@ -61,10 +59,8 @@ inline double exp_noise(uint32_t r) {
   return -std::log1p(-(static_cast<double>(~r) + 0.5) * kScale);
 }
 
-// Philox4x32-10 of the 16 counters (c0[l], step, seq, stream): word j of counter l in lane l of
-// out[j].
-inline void philox16(PhiloxKey key, simd::vu c0, uint32_t step, uint32_t seq, uint32_t stream,
-                     simd::vu out[4]) {
+// Philox4x32-10 of the 16 counters (c0[l], step, seq, stream): word j of counter l in lane l of out[j].
+inline void philox16(PhiloxKey key, simd::vu c0, uint32_t step, uint32_t seq, uint32_t stream, simd::vu out[4]) {
   using namespace simd;
   vu c1 = uset1(step), c2 = uset1(seq), c3 = uset1(stream);
   uint32_t k0 = key.k0, k1 = key.k1;
@@ -87,14 +83,13 @@ inline void philox16(PhiloxKey key, simd::vu c0, uint32_t step, uint32_t seq, ui
   out[3] = c3;
 }
 
-// -ln E of 16 words, float32 (the race's token noise; lane for lane, the same operations whatever
-// the words' order).
+// -ln E of 16 words, float32 (the race's token noise; lane for lane, the same operations whatever the words' order).
 inline simd::vf neg_log_noise16(simd::vu r) {
   using namespace simd;
   const vf one = set1(1.0f);
   mask_t hi = uhigh(r);
   vf u = uniform_half(uselect(hi, unot(r), r));  // (a + 0.5) 2^-32 in (0, 0.5]
-  vf t = one - u;  // high branch: E = -log1p(-u) = ln(t) * u / (t - 1)
+  vf t = one - u;                                // high branch: E = -log1p(-u) = ln(t) * u / (t - 1)
   vf lg = vlog(select(hi, t, u));
   vf tm1 = t - one;
   mask_t exact_one = eq(tm1, set1(0.0f));
@@ -105,20 +100,18 @@ inline simd::vf neg_log_noise16(simd::vu r) {
   return set1(0.0f) - vlog(e);
 }
 
-// An upper bound of -ln E for a word r, valid for neg_log_noise16's float32 values and for
-// -std::log(exp_noise(r)), computed without a logarithm (docs/semantics.md §7; -ln E increases
-// with r). Below 2^31, E >= ln 2, so -ln E <= -ln ln 2 = 0.3665. Above, with c = ~r,
-// E = -ln u >= 1 - u = (c + 0.5) 2^-32, so -ln E <= 32 ln 2 - ln(c + 0.5) <= (32 - floor(log2 c))
-// ln 2 (33 ln 2 for c = 0). kNoiseBoundSlack covers the rounding of the computed noise (under
-// 1e-5) and of the bound.
+// An upper bound of -ln E for a word r, valid for neg_log_noise16's float32 values and for -std::log(exp_noise(r)),
+// computed without a logarithm (docs/semantics.md §7; -ln E increases with r). Below 2^31, E >= ln 2, so -ln E <= -ln
+// ln 2 = 0.3665. Above, with c = ~r, E = -ln u >= 1 - u = (c + 0.5) 2^-32, so -ln E <= 32 ln 2 - ln(c + 0.5) <= (32 -
+// floor(log2 c)) ln 2 (33 ln 2 for c = 0). kNoiseBoundSlack covers the rounding of the computed noise (under 1e-5) and
+// of the bound.
 constexpr float kNoiseBoundSlack = 1e-3f;
 constexpr float kLn2f = 0.693147180559945309f;
 constexpr float kNoiseLowBound = 0.36651292058166435f + kNoiseBoundSlack;
 
 inline simd::vf neg_log_noise_bound16(simd::vu r) {
   using namespace simd;
-  // float(c)'s exponent may round up to the next power of two: at most 2^-23 above log2 c, within
-  // the slack
+  // float(c)'s exponent may round up to the next power of two: at most 2^-23 above log2 c, within the slack
   const vf e = vmax(ulog2(unot(r)), set1(-1.0f));
   const vf hi_bound = (set1(32.0f) - e) * set1(kLn2f) + set1(kNoiseBoundSlack);
   return select(uhigh(r), hi_bound, set1(kNoiseLowBound));
@@ -131,10 +124,10 @@ inline double neg_log_noise_bound(uint32_t r) {
   return (32 - e) * static_cast<double>(kLn2f) + kNoiseBoundSlack;
 }
 
-// -ln E for 64 consecutive variates j = 4 * c0base + 0 .. 63 (16 counters c0base .. c0base + 15),
-// float32, written in id order to out[64].
-inline void neg_log_noise64(PhiloxKey key, uint32_t c0base, uint32_t step, uint32_t seq,
-                            uint32_t stream, float out[64]) {
+// -ln E for 64 consecutive variates j = 4 * c0base + 0 .. 63 (16 counters c0base .. c0base + 15), float32, written in
+// id order to out[64].
+inline void neg_log_noise64(PhiloxKey key, uint32_t c0base, uint32_t step, uint32_t seq, uint32_t stream,
+                            float out[64]) {
   using namespace simd;
   vu words[4];
   philox16(key, uiota(c0base), step, seq, stream, words);

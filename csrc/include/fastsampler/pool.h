@@ -1,11 +1,9 @@
-// A persistent row pool: runs fn(r) for r in [0, n) on the calling thread plus up to (threads - 1)
-// workers.
+// A persistent row pool: runs fn(r) for r in [0, n) on the calling thread plus up to (threads - 1) workers.
 //
-// Rows are claimed from an atomic counter. The caller never waits for a worker that has not
-// started: a worker that wakes after the caller has claimed every row does not join, and the caller
-// only waits for workers that are in the middle of a row. On a machine whose cores are shared with
-// other processes (a worker waiting for a time slice), a batch therefore never stalls for a
-// scheduler quantum, which a fork/join barrier (OpenMP) can.
+// Rows are claimed from an atomic counter. The caller never waits for a worker that has not started: a worker that
+// wakes after the caller has claimed every row does not join, and the caller only waits for workers that are in the
+// middle of a row. On a machine whose cores are shared with other processes (a worker waiting for a time slice), a
+// batch therefore never stalls for a scheduler quantum, which a fork/join barrier (OpenMP) can.
 //
 // Framework-free (std::thread only). Safe after fork(): a child process starts a fresh pool.
 #pragma once
@@ -44,9 +42,9 @@ class RowPool {
     return *pool;
   }
 
-  // Runs fn(ctx, r) for every r in [0, n); at most `threads` threads in all (the caller included).
-  // Every thread that took part then calls done(ctx) (when given) before run returns: per-thread
-  // clean-up at the end of a batch, e.g. trimming thread-local scratch.
+  // Runs fn(ctx, r) for every r in [0, n); at most `threads` threads in all (the caller included). Every thread that
+  // took part then calls done(ctx) (when given) before run returns: per-thread clean-up at the end of a batch, e.g.
+  // trimming thread-local scratch.
   void run(int64_t n, int threads, Fn fn, void* ctx, Done done = nullptr) {
     std::lock_guard<std::mutex> job_lock(job_mu_);  // one batch at a time
     const int want = threads > 1 ? static_cast<int>(std::min<int64_t>(threads - 1, n - 1)) : 0;
@@ -89,8 +87,7 @@ class RowPool {
       Done done;
       void* ctx;
       int64_t n;
-      // spin briefly first: back-to-back batches (one per decoding step) then start without a
-      // wake-up
+      // spin briefly first: back-to-back batches (one per decoding step) then start without a wake-up
       const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
       for (int i = 0; gen_seen_.load(std::memory_order_acquire) == seen; ++i) {
         if ((i & 63) == 63 && std::chrono::steady_clock::now() > until) break;

@@ -1,78 +1,46 @@
-// The per-row sampling pipeline of docs/semantics.md §2-§3 on raw pointers, float32 inside,
-// templated on the input type (float, fp16_t, bf16_t). Framework-free: no pybind11 / torch headers.
+// The per-row sampling pipeline of docs/semantics.md §2 on raw pointers, float32 inside, templated on the input type
+// (float, fp16_t, bf16_t). Framework-free: no pybind11 / torch headers.
 //
-// Per row:
-//   1. Pass 1 over the logits, tile by tile (4096 ids, the race tiles), software-prefetching the
-//   next tile: convert
-//      to float32 into a row buffer z; raw statistics when raw logprobs are asked for; the sparse
-//      stage A-C edits (CSR bias, penalties on the tokens that occurred, allowed-mask words that
-//      are not all ones, EOS ids); temperature; then, while the tile is in L1, its max, finite
-//      count, sum of exp(z - tile max) (and, for typical, the entropy sum), and the 16 lane maxima.
-//   2. Truncation: every rule is a value threshold on z (typical: a band |z - c0| <= s*); no sort
-//   of the
-//      vocabulary.
-//      - top-k <= 112 / mirostat v1: a "head" of the top values, collected by a streaming filter
-//      whose threshold
-//        starts at the k-th largest lane maximum (a lower bound of the k-th largest value), so only
-//        about k elements are ever buffered. Larger k: the same filter over the row.
-//      - top-p after top-k: an exact walk over the head. top-p over the full vocabulary and
-//      typical: pass 1 keeps
-//        exp(z - tile max) and an exact set E (per tile, the elements at or above its smallest lane
-//        maximum); E plus a 1-in-64 subsample estimate the boundary; one pass computes exact masses
-//        above four thresholds placed around the estimate (± 1.5 and ± 4 standard errors) and
-//        compresses the candidates of the inner bracket; a few multi-threshold levels over the
-//        candidates resolve the boundary exactly (ties kept together). A wrong guess only costs a
-//        second, cheaper collection pass.
-//   3. Kept tile weights (from the head or the bracket pass when available, else a masked exp
-//   pass), the tile
-//      race with Philox stream 1, the token race inside the winning tile with stream 0 (16-lane
+// sample_row runs the stages of a row in the order of docs/semantics.md §2, each a function on the row's RowState:
+//   1. pass1_tile, tile by tile (4096 ids, the race tiles), software-prefetching the next tile: the input converted to
+//      float32 into the row buffer z; raw statistics when raw logprobs are asked for; the sparse stage A-C edits (CSR
+//      bias, penalties on the tokens that occurred, allowed-mask words that are not all ones, EOS ids); temperature
+//      (§3 A-D); then, while the tile is in L1, its max, finite count, sum of exp(z - tile max) (and, for typical, the
+//      entropy sum), and the 16 lane maxima. scan_head then collects the head, the top values of the row.
+//   2. Truncation (§3 E: apply_top_k, apply_top_p, apply_min_p, apply_typical, apply_mirostat_v1 / _v2): every rule
+//      is a value threshold on z (typical: a band |z - c0| <= s*); no sort of the vocabulary.
+//      - top-k <= 112 / Mirostat v1: the head, collected by a streaming filter whose threshold starts at the k-th
+//        largest lane maximum (a lower bound of the k-th largest value), so only about k elements are ever buffered.
+//        Larger k: the same filter over the row.
+//      - top-p after top-k: an exact walk over the head. top-p over the full vocabulary and typical: pass 1 keeps
+//        exp(z - tile max) and an exact set E (per tile, the elements at or above its smallest lane maximum); E plus a
+//        1-in-64 subsample estimate the boundary; one pass computes exact masses above four thresholds placed around
+//        the estimate (± 1.5 and ± 4 standard errors) and compresses the candidates of the inner bracket; a few
+//        multi-threshold levels over the candidates resolve the boundary exactly (ties kept together). A wrong guess
+//        only costs a second, cheaper collection pass (MassSelect, select.h).
+//   3. kept_tile_weights (from the head or the bracket pass when available, else a masked exp pass), then the draw
+//      (§3 F): race_tiles with Philox stream 1, and the token race inside the winning tile with stream 0 (16-lane
 //      Philox, noise only for 64-id blocks holding kept tokens that can still win).
-//   4. Logprobs (raw / processed / final), top-N and rank; the mirostat mu update; or the sampling
-//   distribution.
+//   4. Outputs: the kept mask or the sampling distribution instead of the draw; or the token, the Mirostat mu update
+//      and the logprobs (raw / processed / final, §6), top-N and rank.
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
 
+#include "fastsampler/layout.h"
 #include "fastsampler/philox.h"
 #include "fastsampler/select.h"
 #include "fastsampler/simd.h"
 
 namespace fastsampler {
 
-// Parameter columns (match fastsampler/_batch.py).
-enum FCol {
-  F_TEMPERATURE = 0,
-  F_TOP_P,
-  F_MIN_P,
-  F_TYPICAL_P,
-  F_FREQ,
-  F_PRES,
-  F_REP,
-  F_MIRO_TAU,
-  F_MIRO_ETA,
-  NF
-};
-enum ICol {
-  I_TOP_K = 0,
-  I_MIN_KEEP,
-  I_MIRO_MODE,
-  I_MIN_TOKENS,
-  I_IGNORE_EOS,
-  I_LOGPROBS,
-  I_TOP_LOGPROBS,
-  I_LOGPROBS_MODE,
-  NI
-};
-enum LogprobsMode { MODE_RAW = 0, MODE_PROCESSED = 1, MODE_FINAL = 2 };
-
-constexpr int64_t kTile = 4096;
-constexpr int64_t kHead =
-    128;  // top values collected during pass 1 (top-k, top-p, mirostat v1 fast paths)
+constexpr int64_t kHead = 128;  // top values collected during pass 1 (top-k, top-p, mirostat v1 fast paths)
 
 struct BatchArgs {
   // logits (B, V) with row stride (elements); columns >= vocab are padding
@@ -107,33 +75,35 @@ struct BatchArgs {
   float* mu_out = nullptr;
   // output (sampling_probs): (B, V) float32; when set, the draw is skipped
   float* probs = nullptr;
-  // output (kept_mask): (B, V), 1 exactly on the kept set S (docs/semantics.md §3 E), 0 elsewhere
-  // (greedy rows: the argmax only; invalid rows and padding columns: 0); when set, the draw is
-  // skipped
+  // output (kept_mask): (B, V), 1 exactly on the kept set S (docs/semantics.md §3 E), 0 elsewhere (greedy rows: the
+  // argmax only; invalid rows and padding columns: 0); when set, the draw is skipped
   uint8_t* kept = nullptr;
 };
 
-// Bytes held by the Scratch of every thread (all element types), for
-// fastsampler._C.scratch_bytes().
+// Bytes held by the Scratch of every thread (all element types), for fastsampler._C.scratch_bytes().
 inline std::atomic<int64_t>& scratch_bytes_counter() {
   static std::atomic<int64_t> bytes{0};
   return bytes;
 }
 
-// A thread keeps its Scratch between batches, so steady-state decoding allocates nothing, unless it
-// holds more than this when a batch ends; then it frees it. A row of V ids needs about 64 bytes per
-// id (12 float32 row buffers: 48; the selection buffer of a k-th value: up to 16 when min_keep
-// reaches V; tile arrays: under 1), so 80 bytes per id at V = 2^18 = 262144 (20 MiB) keeps the
-// buffers of every current vocabulary (Llama 3: 128256, Gemma: 262144) while a one-off call on a
-// larger row does not pin its memory (V = 2^24 needs about 1 GiB). See docs/cpu.md.
+// A thread keeps its Scratch between batches, so steady-state decoding allocates nothing, unless it holds more than
+// this when a batch ends; then it frees it. A row of V ids needs about 64 bytes per id (12 float32 row buffers: 48; the
+// selection buffer of a k-th value: up to 16 when min_keep reaches V; tile arrays: under 1), so 80 bytes per id at V =
+// 2^18 = 262144 (20 MiB) keeps the buffers of every current vocabulary (Llama 3: 128256, Gemma: 262144) while a one-off
+// call on a larger row does not pin its memory (V = 2^24 needs about 1 GiB). See docs/cpu.md.
 constexpr int64_t kScratchCapBytes = int64_t{80} << 18;
 
-// Per-thread scratch, grown on demand (to the exact size a row needs) and kept between calls while
-// it stays within kScratchCapBytes; its size is reported to scratch_bytes_counter().
+// Per-thread scratch, grown on demand (to the exact size a row needs) and kept between calls while it stays within
+// kScratchCapBytes; its size is reported to scratch_bytes_counter().
 struct Scratch {
-  std::vector<float> z, e, ck, cw, tk, tw, ci, ck2, cw2, ek, ew, ei;
-  std::vector<float> tile_max, tile_sum, lane_max, raw_lane_max, tile_r;
-  std::vector<double> tile_w;
+  std::vector<float> z;         // the row after stages A-D (docs/semantics.md §3 A-D)
+  std::vector<float> tile_exp;  // exp(z - tile max), kept by pass 1 for a mass selection
+  // mass_select's buffers (see MassBuffers)
+  std::vector<float> cand_key, cand_w, cand_id, resolve_key, resolve_w, tmp_key, tmp_w, exact_key, exact_w, exact_id;
+  std::vector<float> tile_max, tile_sum;      // per tile: max of z, sum of exp(z - tile max)
+  std::vector<float> lane_max, raw_lane_max;  // per tile: the 16 lane maxima of z and of the input
+  std::vector<float> tile_exact_lo;           // per tile: its smallest finite lane maximum (the exact set's bound)
+  std::vector<double> tile_w;                 // kept tile weights, then tile entropy sums or bracket masses
   TopSel sel, sel_raw, head;
   int64_t counted = 0;  // bytes this Scratch has added to scratch_bytes_counter()
 
@@ -142,26 +112,24 @@ struct Scratch {
   Scratch& operator=(const Scratch&) = delete;
   ~Scratch() { scratch_bytes_counter().fetch_sub(counted, std::memory_order_relaxed); }
 
-  // Every buffer is checked on its own: after a failed allocation (bad_alloc, reported as a failed
-  // row) the next call still finds each one large enough or grows it.
+  // Every buffer is checked on its own: after a failed allocation (bad_alloc, reported as a failed row) the next call
+  // still finds each one large enough or grows it.
   void ensure(int64_t vp, int64_t ntiles) {
     const size_t need = static_cast<size_t>(vp + 2 * simd::kLanes);
-    for (std::vector<float>* v : {&z, &ck, &cw, &tk, &tw, &ci, &ck2, &cw2, &e, &ek, &ew, &ei})
-      grow(*v, need);
+    const auto bufs = float_buffers(*this);
+    for (int i = 0; i < kRowBuffers; ++i) grow(*bufs[i], need);
     const size_t nt = static_cast<size_t>(ntiles);
     grow(tile_max, nt);
     grow(tile_sum, nt);
     grow(lane_max, nt * simd::kLanes);
-    grow(tile_r, nt);
+    grow(tile_exact_lo, nt);
     grow(raw_lane_max, nt * simd::kLanes);
     grow(tile_w, nt * 5);  // kept tile weights + 4 rows of threshold masses (mass_select)
   }
   // Bytes allocated by the buffers.
   int64_t bytes() const {
     size_t b = 0;
-    for (const std::vector<float>* v : {&z, &e, &ck, &cw, &tk, &tw, &ci, &ck2, &cw2, &ek, &ew, &ei,
-                                        &tile_max, &tile_sum, &lane_max, &raw_lane_max, &tile_r})
-      b += v->capacity() * sizeof(float);
+    for (const std::vector<float>* v : float_buffers(*this)) b += v->capacity() * sizeof(float);
     b += tile_w.capacity() * sizeof(double);
     b += (sel.buf.capacity() + sel_raw.buf.capacity() + head.buf.capacity()) * sizeof(Entry);
     return static_cast<int64_t>(b);
@@ -177,16 +145,26 @@ struct Scratch {
   // At the end of a batch, on the owning thread: frees everything when above kScratchCapBytes.
   void trim() {
     if (bytes() > kScratchCapBytes) {
-      for (std::vector<float>* v : {&z, &e, &ck, &cw, &tk, &tw, &ci, &ck2, &cw2, &ek, &ew, &ei,
-                                    &tile_max, &tile_sum, &lane_max, &raw_lane_max, &tile_r})
-        std::vector<float>().swap(*v);
+      for (std::vector<float>* v : float_buffers(*this)) std::vector<float>().swap(*v);
       std::vector<double>().swap(tile_w);
       for (TopSel* t : {&sel, &sel_raw, &head}) std::vector<Entry>().swap(t->buf);
     }
     sync();
   }
 
+  MassBuffers mass_buffers() {
+    return {cand_key.data(), cand_w.data(),    cand_id.data(), resolve_key.data(), resolve_w.data(), tmp_key.data(),
+            tmp_w.data(),    exact_key.data(), exact_w.data(), exact_id.data(),    tile_w.data()};
+  }
+
  private:
+  static constexpr int kRowBuffers = 12;  // the first float buffers: a row's length each
+  template <class Self>
+  static auto float_buffers(Self& s) -> std::array<decltype(&s.z), 17> {
+    return {&s.z,         &s.tile_exp, &s.cand_key, &s.cand_w,       &s.cand_id,      &s.resolve_key,
+            &s.resolve_w, &s.tmp_key,  &s.tmp_w,    &s.exact_key,    &s.exact_w,      &s.exact_id,
+            &s.tile_max,  &s.tile_sum, &s.lane_max, &s.raw_lane_max, &s.tile_exact_lo};
+  }
   // exactly n elements (no geometric growth, which could overshoot the cap); contents are scratch
   template <class Vec>
   static void grow(Vec& v, size_t n) {
@@ -200,8 +178,6 @@ struct Scratch {
 namespace detail {
 
 using namespace simd;
-
-inline int64_t round16(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
 // Kept-set predicate: z >= lo (finite), and for typical |z - c0| <= s.
 struct Keep {
@@ -218,6 +194,7 @@ struct Keep {
     return !band || std::fabs(z - c0) <= s;
   }
   bool truncates() const { return lo > -kInf || band; }
+  bool operator==(const Keep& o) const { return lo == o.lo && band == o.band && c0 == o.c0 && s == o.s; }
 };
 
 // Count of z >= lo (finite) over [0, n16).
@@ -239,9 +216,9 @@ inline float kth_largest(Scratch& s, const float* z, int64_t n16, int64_t k, int
     s.sel.finish();
     return s.sel.buf[k - 1].v;
   }
-  // from the bottom: the (nfinite - k + 1)-th smallest; negate into the candidate buffer on the fly
+  // from the bottom: the (nfinite - k + 1)-th smallest; negate into a scratch row on the fly
   const int64_t k2 = nfinite - k + 1;
-  float* neg = s.tk.data();
+  float* neg = s.tmp_key.data();
   for (int64_t i = 0; i < n16; i += kLanes) {
     vf v = load(z + i);
     // -inf (masked) must stay out: map to -inf after negation
@@ -253,369 +230,15 @@ inline float kth_largest(Scratch& s, const float* z, int64_t n16, int64_t k, int
   return -s.sel.buf[k2 - 1].v;
 }
 
-// A value t with #{v >= t} >= k (as high as 16 bisection steps get it), or -inf when fewer than k
-// values are finite. n is a multiple of 16. Used to seed streaming top-k filters from lane maxima,
-// branch-free.
-inline float lower_bound_kth(const float* v, int64_t n, int64_t k) {
-  vf mn = set1(kInf), mx = set1(-kInf);
-  int64_t nfin = 0;
-  for (int64_t i = 0; i < n; i += kLanes) {
-    vf a = load(v + i);
-    const mask_t f = gt(a, set1(-kInf));
-    nfin += popcount(f);
-    mn = select(f, vmin(mn, a), mn);
-    mx = vmax(mx, a);
-  }
-  if (nfin < k) return -kInf;
-  float lo = -hmax(set1(0.0f) - mn), hi = hmax(mx);
-  for (int it = 0; it < 16 && lo < hi; ++it) {
-    const float mid = lo + 0.5f * (hi - lo);
-    if (!(mid > lo)) break;
-    int64_t c = 0;
-    for (int64_t i = 0; i < n; i += kLanes) c += popcount(ge(load(v + i), set1(mid)));
-    if (c >= k)
-      lo = mid;
-    else
-      hi = mid;
-  }
-  return lo;
-}
-
-// tw[tile of id[j]] += w[j] for the candidates with key[j] >= v; ids ascending (collected in
-// order), branch-free.
-inline void add_tile_weights(double* tw, const float* key, const float* w, const float* id,
-                             int64_t n, float v) {
-  const vf vv = set1(v);
-  for (int64_t j = 0; j < n;) {
-    const int64_t t = static_cast<int64_t>(id[j]) / kTile;
-    const float lim = static_cast<float>((t + 1) * kTile);
-    int64_t e = j + 1;  // id[j] is in tile t: the walk always advances
-    while (e < n && id[e] < lim) ++e;
-    vf acc = set1(0.0f);
-    int64_t q = j;
-    for (; q + kLanes <= e; q += kLanes) acc = mask_add(acc, ge(load(key + q), vv), load(w + q));
-    double sum = hsum(acc);
-    for (; q < e; ++q) sum += key[q] >= v ? w[q] : 0.0f;
-    tw[t] += sum;
-    j = e;
-  }
-}
-
-// Mass selection on keys derived from z: the largest key value v with mass(key >= v) >= frac *
-// total mass, over the elements selected by `pred`; weights exp(z - M). keyf maps a vector of z to
-// keys; kmax bounds the keys above. Writes the total mass of the selected elements to *total. When
-// *have_tw is set on return, s.tile_w holds the per-tile masses of {pred, key >= result} (weights
-// exp(z - M)).
-template <class KeyF, class PredF>
-float mass_select(Scratch& s, const float* z, int64_t n16, float M, KeyF keyf, PredF pred,
-                  float kmax, int64_t nsel, double frac, double* total, bool* have_tw,
-                  bool key_is_z = false, double known_total = -1.0, const float* ebuf = nullptr,
-                  const float* tmax = nullptr, int64_t n_exact = -1,
-                  const float* tile_r = nullptr) {
-  float* ck = s.ck.data();
-  float* cw = s.cw.data();
-  const vf vM = set1(M);
-  *have_tw = false;
-  if (nsel <= 8192) {
-    int64_t m = 0;
-    double tot = 0.0;
-    for (int64_t i = 0; i < n16; i += kLanes) {
-      vf v = load(z + i);
-      mask_t sel = pred(v);
-      if (!sel) continue;
-      vf w = maskz(sel, vexp(v - vM));
-      tot += hsum(w);
-      compress(ck + m, sel, keyf(v));
-      m += compress(cw + m, sel, w);
-    }
-    *total = tot;
-    return resolve_mass_desc(ck, cw, m, 0.0, frac * tot, s.tk.data(), s.tw.data());
-  }
-  if (n16 >= 64 * kLanes) {
-    // 1. a subsample: one element in 64 (with the threshold of its tile when pass 1 collected an
-    // exact set)
-    float* zs = ck;
-    float* rs = s.tw.data();
-    int64_t ns = 0;
-    for (int64_t i = 0; i + 64 <= n16; i += 64) {
-      rs[ns] = tile_r ? tile_r[i / kTile] : kInf;
-      zs[ns++] = z[i + (((i >> 6) * 7) & 63)];
-    }
-    for (int64_t i = ns; i < round16(ns); ++i) {
-      zs[i] = -kInf;
-      rs[i] = kInf;
-    }
-    alignas(64) static const float kIota[kLanes] = {0, 1, 2,  3,  4,  5,  6,  7,
-                                                    8, 9, 10, 11, 12, 13, 14, 15};
-    const vf iota = load(kIota);
-    // 2. the exact set E of heavy elements, so the sample only has to estimate the light rest.
-    // Either pass 1
-    //    collected it (every element at or above its tile's smallest lane maximum: about the top 1%
-    //    of each tile, gathered while the tile was in L1), or a pass collects every selected
-    //    element >= T2, T2 about the 32nd largest sampled value. Rmax: every element >= Rmax is in
-    //    E.
-    float* ek = s.ek.data();
-    float* ew = s.ew.data();
-    float* ei = s.ei.data();
-    int64_t ne = 0;
-    float Rmax = kInf;
-    if (n_exact >= 0) {
-      ne = n_exact;
-      Rmax = -kInf;
-      const int64_t ntl = (n16 + kTile - 1) / kTile;
-      for (int64_t t = 0; t < ntl; ++t)
-        if (tile_r[t] < kInf) Rmax = std::max(Rmax, tile_r[t]);  // +inf: a tile with nothing finite
-    } else {
-      float* zsel = s.tk.data();
-      for (int64_t i = 0; i < round16(ns); i += kLanes) {
-        vf v = load(zs + i);
-        store(zsel + i, select(pred(v), v, set1(-kInf)));
-      }
-      float T2 = lower_bound_kth(zsel, round16(ns), 32);
-      if (T2 > -kInf) {
-        const vf vT2 = set1(T2);
-        for (int64_t i = 0; i < n16; i += kLanes) {
-          vf v = load(z + i);
-          const mask_t me =
-              pred(v) & ge(v, vT2);  // branch-free: the pattern is unpredictable on new rows
-          compress(ek + ne, me, v);
-          ne += compress(ei + ne, me, iota + set1(static_cast<float>(i)));
-        }
-        Rmax = T2;
-        for (int64_t i = 0; i < ns; ++i) rs[i] = T2;
-      }
-    }
-    double emass = 0.0;
-    for (int64_t i = ne; i < round16(ne); ++i) ek[i] = -kInf;
-    for (int64_t i = 0; i < ne; i += kLanes) {
-      vf v = load(ek + i);
-      vf w = maskz(pred(v) & gt(v, set1(-kInf)),
-                   vexp(v - vM));  // E from pass 1 ignores pred: weight 0 then
-      store(ew + i, w);
-      emass += hsum(w);
-      store(ek + i, keyf(v));
-    }
-    if (key_is_z && known_total > 0.0 && ne > 0 && emass >= frac * known_total) {
-      // the boundary may lie in E: resolve there, no further pass, when E holds everything above it
-      const double target = frac * known_total;
-      std::copy(ek, ek + ne, s.ck2.data());
-      std::copy(ew, ew + ne, s.cw2.data());
-      const float v =
-          resolve_mass_desc(s.ck2.data(), s.cw2.data(), ne, 0.0, target, s.tk.data(), s.cw.data());
-      if (v >= Rmax) {
-        double* tw = s.tile_w.data();
-        const int64_t ntl = (n16 + kTile - 1) / kTile;
-        for (int64_t t = 0; t < ntl; ++t) tw[t] = 0.0;
-        add_tile_weights(tw, ek, ew, ei, ne, v);
-        *total = known_total;
-        *have_tw = true;
-        return v;
-      }
-    }
-    // 3. the estimate: E exactly (weight 1/32) and the sampled elements below T2 (weight 1)
-    float* sk = s.ck2.data();
-    float* sw = s.cw2.data();
-    int64_t m = 0;
-    double stot = 0.0, stot2 = 0.0;
-    const vf inv32 = set1(1.0f / 64.0f);
-    for (int64_t i = 0; i < ns; i += kLanes) {
-      vf v = load(zs + i);
-      mask_t sel = pred(v) & gt(v, set1(-kInf)) & lt(v, load(rs + i));
-      if (!sel) continue;
-      vf w = maskz(sel, vexp(v - vM));
-      stot += hsum(w);
-      stot2 += hsum(w * w);  // Poisson sampling variance (E is exact)
-      compress(sk + m, sel, keyf(v));
-      m += compress(sw + m, sel, w);
-    }
-    for (int64_t i = 0; i < ne; i += kLanes) {
-      const mask_t sel = static_cast<mask_t>(ne - i >= kLanes ? kAll : ((1u << (ne - i)) - 1u));
-      vf w = maskz(sel, load(ew + i)) * inv32;
-      stot += hsum(w);
-      compress(sk + m, sel, load(ek + i));
-      m += compress(sw + m, sel, w);
-    }
-    // 2. exact masses at four thresholds placed at frac -4, -1.5, +1.5, +4 standard errors of the
-    // sample's mass
-    //    fraction (Poisson sampling of the non-head part), candidates inside the inner bracket
-    if (m >= 64 && stot > 0.0) {
-      const double se = std::max(1e-3, std::sqrt(stot2) / stot);
-      constexpr int NT = 4;
-      const double cs[NT] = {-4.0, -1.5, 1.5, 4.0};
-      float th[NT];
-      for (int j = 0; j < NT; ++j) {
-        const double f = cs[j] < 0 ? std::max(frac + cs[j] * se, 0.25 * frac)
-                                   : std::min(frac + cs[j] * se, frac + 0.75 * (1.0 - frac));
-        if (f <= 0.0) {
-          th[j] = kInf;
-        } else if (f >= 1.0) {
-          th[j] = -kInf;
-        } else {
-          std::copy(sk, sk + m, ck);
-          std::copy(sw, sw + m, cw);
-          th[j] = resolve_mass_desc(ck, cw, m, 0.0, f * stot, s.tk.data(), s.tw.data());
-        }
-        if (j > 0) th[j] = std::min(th[j], th[j - 1]);
-      }
-      // keep the brackets non-empty when one heavy element spans several quantiles: move the outer
-      // thresholds to the neighbouring distinct sample keys
-      for (int64_t i = m; i < round16(m); ++i) sk[i] = -kInf;
-      auto next_above = [&](float t) {
-        vf best = set1(kInf);
-        for (int64_t i = 0; i < m; i += kLanes) {
-          vf kv = load(sk + i);
-          best = select(gt(kv, set1(t)), vmin(best, kv), best);
-        }
-        return -hmax(set1(0.0f) - best);
-      };
-      auto next_below = [&](float t) {
-        vf best = set1(-kInf);
-        for (int64_t i = 0; i < m; i += kLanes) {
-          vf kv = load(sk + i);
-          best = select(lt(kv, set1(t)), vmax(best, kv), best);
-        }
-        return hmax(best);
-      };
-      if (th[1] <= th[2] && th[2] < kInf) th[1] = next_above(th[2]);
-      if (th[0] <= th[1] && th[1] < kInf) th[0] = next_above(th[1]);
-      if (th[3] >= th[2] && th[2] > -kInf) th[3] = next_below(th[2]);
-      const int64_t ntl = (n16 + kTile - 1) / kTile;
-      double* tmass = s.tile_w.data() + ntl;  // (NT, ntl) per-tile masses of key >= th[j]
-      float* ci = s.ci.data();
-      vf vth[NT];
-      for (int j = 0; j < NT; ++j) vth[j] = set1(th[j]);
-      double mj[NT] = {0, 0, 0, 0}, tot = 0.0;
-      int64_t nc = 0;
-      for (int64_t i0 = 0, t = 0; i0 < n16; i0 += kTile, ++t) {
-        const int64_t i1 = std::min(n16, i0 + kTile);
-        vf acc[NT] = {set1(0.0f), set1(0.0f), set1(0.0f), set1(0.0f)};
-        vf a_t = set1(0.0f);
-        // weights from pass 1's exp(z - m_t) when kept, scaled to exp(z - M)
-        const vf tsc = set1(ebuf && tmax[t] > -kInf ? std::exp(tmax[t] - M) : 0.0f);
-        for (int64_t i = i0; i < i1; i += kLanes) {
-          vf v = load(z + i);
-          mask_t sel = pred(v);
-          if (!sel) continue;
-          vf w = maskz(sel, ebuf ? load(ebuf + i) * tsc : vexp(v - vM));
-          vf kv = keyf(v);
-          a_t = a_t + w;
-          mask_t mk[NT];
-          for (int j = 0; j < NT; ++j) {
-            mk[j] = ge(kv, vth[j]) & sel;
-            acc[j] = mask_add(acc[j], mk[j], w);
-          }
-          const mask_t mc = mk[2] & ~mk[1];  // branch-free compress
-          compress(ck + nc, mc, kv);
-          compress(ci + nc, mc, iota + set1(static_cast<float>(i)));
-          nc += compress(cw + nc, mc, w);
-        }
-        for (int j = 0; j < NT; ++j) {
-          tmass[j * ntl + t] = hsum(acc[j]);
-          mj[j] += tmass[j * ntl + t];
-        }
-        tot += hsum(a_t);
-      }
-      const double target = frac * tot;
-      int b = NT;
-      for (int j = 0; j < NT; ++j) {
-        if (mj[j] >= target) {
-          b = j;
-          break;
-        }
-      }
-      const float bl = b < NT ? th[b] : -kInf;
-      const float bh = b > 0 ? th[b - 1] : kInf;
-      if (b != 2) {  // outside the inner bracket: collect the right one
-        nc = 0;
-        const vf vbl = set1(bl), vbh = set1(bh);
-        for (int64_t i = 0; i < n16; i += kLanes) {
-          vf v = load(z + i);
-          mask_t sel = pred(v);
-          if (!sel) continue;
-          vf kv = keyf(v);
-          const mask_t mc = sel & ge(kv, vbl) & lt(kv, vbh);
-          compress(ck + nc, mc, kv);
-          compress(ci + nc, mc, iota + set1(static_cast<float>(i)));
-          nc += compress(cw + nc, mc,
-                         v);  // z for now; the weights are computed on the compacted array
-        }
-        for (int64_t i = 0; i < nc; i += kLanes) store(cw + i, vexp(load(cw + i) - vM));
-      }
-      const double above = b > 0 ? mj[b - 1] : 0.0;
-      std::copy(ck, ck + nc, s.ck2.data());
-      std::copy(cw, cw + nc, s.cw2.data());
-      const float v = nc > 0 ? resolve_mass_desc(s.ck2.data(), s.cw2.data(), nc, above, target,
-                                                 s.tk.data(), s.tw.data())
-                             : bh;
-      double* tw = s.tile_w.data();
-      tmass = s.tile_w.data() + ntl;
-      for (int64_t t = 0; t < ntl; ++t) tw[t] = b > 0 ? tmass[(b - 1) * ntl + t] : 0.0;
-      add_tile_weights(tw, ck, cw, ci, nc, v);
-      *total = tot;
-      *have_tw = nc > 0;
-      if (nc > 0) return v;
-    }
-  }
-  constexpr int K = 15;
-  constexpr float kDelta = 0.5f;
-  float t[K];
-  for (int j = 0; j < K; ++j) t[j] = kmax - (j + 1) * kDelta;
-  double macc[K] = {0};
-  double tot = 0.0;
-  for (int64_t i0 = 0; i0 < n16; i0 += kTile) {
-    const int64_t i1 = std::min(n16, i0 + kTile);
-    vf acc[K];
-    for (int j = 0; j < K; ++j) acc[j] = set1(0.0f);
-    vf vt = set1(0.0f);
-    for (int64_t i = i0; i < i1; i += kLanes) {
-      vf v = load(z + i);
-      mask_t sel = pred(v);
-      if (!sel) continue;
-      vf w = maskz(sel, vexp(v - vM));
-      vf kv = keyf(v);
-      vt = vt + w;
-      for (int j = 0; j < K; ++j) acc[j] = mask_add(acc[j], ge(kv, set1(t[j])), w);
-    }
-    for (int j = 0; j < K; ++j) macc[j] += hsum(acc[j]);
-    tot += hsum(vt);
-  }
-  *total = tot;
-  const double target = frac * tot;
-  int b = K;
-  for (int j = 0; j < K; ++j) {
-    if (macc[j] >= target) {
-      b = j;
-      break;
-    }
-  }
-  const float bl = b < K ? t[b] : -kInf;
-  const float bh = b > 0 ? t[b - 1] : kInf;
-  const double above = b > 0 ? macc[b - 1] : 0.0;
-  int64_t m = 0;
-  for (int64_t i = 0; i < n16; i += kLanes) {
-    vf v = load(z + i);
-    mask_t sel = pred(v);
-    if (!sel) continue;
-    vf kv = keyf(v);
-    sel &= ge(kv, set1(bl)) & lt(kv, set1(bh));
-    if (!sel) continue;
-    vf w = vexp(v - vM);
-    compress(ck + m, sel, kv);
-    m += compress(cw + m, sel, w);
-  }
-  return resolve_mass_desc(ck, cw, m, above, target, s.tk.data(), s.tw.data());
-}
-
-// max(count, 0) as float32 for the n <= 16 output counts at p (lanes from n on: 0); counts rows
-// hold at least vocab_size entries, so nothing past the row is read
+// max(count, 0) as float32 for the n <= 16 output counts at p (lanes from n on: 0); counts rows hold at least
+// vocab_size entries, so nothing past the row is read
 template <typename C>
 inline vf counts16(const C* p, int64_t n) {
   alignas(64) float buf[kLanes];
   if (n == kLanes) {
     for (int j = 0; j < kLanes; ++j) buf[j] = static_cast<float>(std::max<int32_t>(p[j], 0));
   } else {
-    for (int j = 0; j < kLanes; ++j)
-      buf[j] = j < n ? static_cast<float>(std::max<int32_t>(p[j], 0)) : 0.0f;
+    for (int j = 0; j < kLanes; ++j) buf[j] = j < n ? static_cast<float>(std::max<int32_t>(p[j], 0)) : 0.0f;
   }
   return load(buf);
 }
@@ -627,1076 +250,1370 @@ inline vf load_tail(const T* p, int64_t n) {  // n < 16 valid elements, the rest
   return load(buf);
 }
 
-}  // namespace detail
+// One row: its parameters, statistics, thresholds and kept weights, read and written by the stages of sample_row in
+// the order of docs/semantics.md §2. Stages copy what their hot loops read into locals: z's float stores could
+// otherwise alias the float fields here.
+struct RowState {
+  RowState(const BatchArgs& args, int64_t row, Scratch& scratch) : a(args), r(row), s(scratch) {}
+  const BatchArgs& a;
+  const int64_t r;
+  Scratch& s;
+  const void* x = nullptr;  // the input row, of the element type sample_row is instantiated for
+  int64_t vs = 0;           // vocab_size: the columns read
+  int64_t vp = 0;           // vs rounded up to whole vectors (z's padding lanes are -inf)
+  int64_t ntiles = 0;
+  float* z = nullptr;
+  const float* fp = nullptr;    // the row's float parameters (FCol)
+  const int32_t* ip = nullptr;  // the row's int parameters (ICol)
 
-// Run one row. Thread-safe given a per-thread Scratch.
-template <typename T>
-void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
-  using namespace simd;
-  using namespace detail;
-  const T* x = static_cast<const T*>(a.logits) + r * a.row_stride;
-  const int64_t vs = a.vocab;
-  const int64_t vp = round16(vs);
-  const int64_t ntiles = (vs + kTile - 1) / kTile;
-  s.ensure(vp, ntiles);
-  float* z = s.z.data();
+  // parameters and state (docs/semantics.md §3)
+  bool greedy = false;
+  float scale = 1.0f;  // 1 / temperature; 1 for greedy rows
+  bool kept_mode = false;
+  bool probs_mode = false;  // a (B, V) output (probabilities or the kept mask) instead of the draw
+  bool want_lp = false;
+  int lp_mode = MODE_RAW;
+  int64_t ntop_row = 0;
+  bool need_raw = false;  // raw logprobs: statistics of the input itself
+  int miro = 0;
+  float mu_in = 0.0f;
+  float rep = 1.0f, freq = 0.0f, pres = 0.0f;
+  bool penal = false;  // some penalty applies and the history to apply it to is given
+  bool ban_eos = false;
+  const int32_t* allowed = nullptr;  // the row's allowed-mask words, or null
+  const int32_t* prompt = nullptr;   // the row's prompt-mask words, or null
+  const int32_t* cnt32 = nullptr;    // the row's output counts (one of the two), or null
+  const int16_t* cnt16 = nullptr;
+  int64_t bias_next = 0, bias_end = 0;  // the row's logit-bias entries (CSR) not applied yet
+  int64_t min_keep = 1;
 
-  const float* fp = a.fparams + r * NF;
-  const int32_t* ip = a.iparams + r * NI;
-  const float temp = fp[F_TEMPERATURE];
-  const bool greedy = temp == 0.0f;
-  const float scale = greedy ? 1.0f : 1.0f / temp;
-  const bool kept_mode = a.kept != nullptr;
-  const bool probs_mode = a.probs != nullptr || kept_mode;  // a (B, V) output instead of the draw
-  const bool want_lp = !probs_mode && ip[I_LOGPROBS] != 0;
-  const int lp_mode = ip[I_LOGPROBS_MODE];
-  const int64_t ntop_row =
-      want_lp ? std::min<int64_t>(std::max(ip[I_TOP_LOGPROBS], 0), a.n_top) : 0;
-  const bool need_raw = want_lp && lp_mode == MODE_RAW;
-  const int miro = ip[I_MIRO_MODE];
-  const float mu_in = a.mu_in[r];
-  const float rep = fp[F_REP], freq = fp[F_FREQ], pres = fp[F_PRES];
-  const bool penal =
-      (rep != 1.0f || freq != 0.0f || pres != 0.0f) && (a.prompt != nullptr || a.counts != nullptr);
-  const bool ban_eos =
-      a.n_eos > 0 && (ip[I_IGNORE_EOS] != 0 || a.steps[r] < static_cast<int64_t>(ip[I_MIN_TOKENS]));
-  const int32_t* allowed = a.allowed ? a.allowed + r * a.allowed_stride : nullptr;
-  const int32_t* prompt = a.prompt ? a.prompt + r * a.prompt_stride : nullptr;
-  const int32_t* cnt32 = (a.counts && a.counts_bytes == 4)
-                             ? static_cast<const int32_t*>(a.counts) + r * a.counts_stride
-                             : nullptr;
-  const int16_t* cnt16 = (a.counts && a.counts_bytes == 2)
-                             ? static_cast<const int16_t*>(a.counts) + r * a.counts_stride
-                             : nullptr;
-  int64_t bptr = a.bias_indptr ? a.bias_indptr[r] : 0;
-  const int64_t bend = a.bias_indptr ? a.bias_indptr[r + 1] : 0;
+  // how pass 1 runs, decided before it
+  int64_t head_k = 0;             // the head's size
+  bool use_head = false;          // collect the head (top values) after pass 1
+  bool fuse_entropy = false;      // typical without an earlier rule: the entropy sums come with pass 1
+  bool store_e = false;           // keep exp(z - tile max) and the exact set E for a full-row mass selection
+  bool edits = false;             // some stage A-C edit applies to the row
+  bool raw_is_z = false;          // the raw statistics equal z's (no edits, temperature 1 or greedy)
+  bool raw_pass = false;          // raw statistics from the input in the conversion sweep
+  bool single_tile_draw = false;  // one tile and nothing reads the kept mass: the draw needs no weights
+  bool skip_exp = false;          // pass 1 leaves the tile sums out (computed later only if needed)
 
-
-  // -------------------------------------------------------------------------------------------
-  // pass 1
-  bool bad = false;
+  // statistics
+  bool bad = false;  // a NaN or +inf in the input or in z (docs/semantics.md §5)
   int64_t nfinite = 0;
-  double raw_sum = 0.0;
+  double raw_sum = 0.0;  // sum of exp(x - raw_max) over the input
   float raw_max = -kInf;
-  // the head (top values, collected during pass 1) serves top-k up to kHead and mirostat v1's top
-  // 100
-  const int64_t head_k =
-      miro == 1
-          ? 112
-          : (ip[I_TOP_K] > 0 ? std::max<int64_t>(ip[I_TOP_K], std::max(ip[I_MIN_KEEP], 1)) + 16
-                             : 0);
-  const bool use_head = !greedy && head_k > 0 && head_k <= kHead;
-  if (use_head) s.head.reset(head_k);
-  float* tmax = s.tile_max.data();
-  float* tsum = s.tile_sum.data();
-  // typical without an earlier rule: the entropy sums come with pass 1
-  const bool fuse_entropy = !greedy && miro == 0 && fp[F_TYPICAL_P] < 1.0f && ip[I_TOP_K] <= 0 &&
-                            fp[F_TOP_P] >= 1.0f && fp[F_MIN_P] <= 0.0f;
-  double* tent = s.tile_w.data() + ntiles;
-  // rows whose top-p / typical goes through the full-row mass selection keep exp(z - tile max) from
-  // pass 1
-  const bool store_e =
-      fuse_entropy || (!greedy && miro == 0 && fp[F_TOP_P] < 1.0f && ip[I_TOP_K] <= 0);
-  float* ebuf = s.e.data();
-  float* tile_r = s.tile_r.data();
-  int64_t n_exact = 0;
-  alignas(64) static const float kIota16[kLanes] = {0, 1, 2,  3,  4,  5,  6,  7,
-                                                    8, 9, 10, 11, 12, 13, 14, 15};
-  const vf iota16 = load(kIota16);
-  const vf vscale = set1(scale);
-  const bool edits =
-      (a.bias_indptr && a.bias_indptr[r] < a.bias_indptr[r + 1]) || penal || allowed || ban_eos;
-  // raw statistics equal z's when nothing edits the row and the temperature is 1 (or greedy)
-  const bool raw_is_z = !edits && scale == 1.0f;
-  const bool raw_pass = need_raw && !raw_is_z;
-  // The softmax statistics (tile sums, S) are needed by processed logprobs (or raw ones that
-  // equal them), mirostat, typical, untruncated draws and full-row top-p. Greedy rows never need
-  // them otherwise; top-k rows served by the head compute them lazily, only if top-k turns out not
-  // to truncate.
-  const bool lp_needs_stats =
-      want_lp && (lp_mode == MODE_PROCESSED || (lp_mode == MODE_RAW && raw_is_z));
-  // A row of one tile whose draw needs no weights: the tile race has a single entrant, and nothing
-  // else reads the kept mass (Mirostat's update, final logprobs, the probabilities).
-  const bool single_tile_draw =
-      ntiles == 1 && !probs_mode && miro == 0 && !(want_lp && lp_mode == MODE_FINAL);
-  const bool skip_exp =
-      !lp_needs_stats &&
-      ((greedy && !probs_mode) ||
-       (use_head && ip[I_TOP_K] > 0 && miro == 0 && fp[F_TYPICAL_P] >= 1.0f) ||
-       (single_tile_draw && !store_e && !fuse_entropy));
-  for (int64_t t = 0; t < ntiles; ++t) {
-    const int64_t i0 = t * kTile;
-    const int64_t i1 = std::min(vs, i0 + kTile);
-    const int64_t e16 = std::min(vp, i0 + kTile);  // end of the tile's vectors in z
-    vf mx = set1(-kInf);
-    mask_t badz = 0;
-    int64_t nf = 0;
-    const vf ninf = set1(-kInf);
-    const char* pf = reinterpret_cast<const char*>(x + std::min(i0 + kTile, vs - 1));
-    const char* pf_end = reinterpret_cast<const char*>(x + std::min(i0 + 2 * kTile, vs));
-    if (!edits) {
-      // no stage A-C edits on this row: convert, scale and take the statistics in one sweep
-      vf rmx = set1(-kInf);
-      mask_t badm = 0;
-      int64_t i = i0;
-      for (; i < e16; i += kLanes) {
-        if (pf < pf_end) {
-          __builtin_prefetch(pf);
-          pf += 64;
-        }
-        vf u = i + kLanes <= i1 ? load(x + i) : load_tail(x + i, i1 - i);
-        badm |= unord(u, u) | eq(u, set1(kInf));
-        rmx = vmax(rmx, u);
-        vf v = u * vscale;
-        badz |= eq(v, set1(kInf));
-        store(z + i, v);
-        mx = vmax(mx, v);
-        nf += popcount(gt(v, ninf));
-      }
-      if (badm || badz) bad = true;
-      if (need_raw) store(s.raw_lane_max.data() + t * kLanes, rmx);
-      const float rm = hmax(rmx);
-      if (raw_pass && rm > -kInf && !bad) {  // raw statistics from the input (still in L1)
-        vf acc = set1(0.0f), acc1 = set1(0.0f);
-        const vf vrm = set1(rm);
-        int64_t j = i0;
-        for (; j + 2 * kLanes <= i1; j += 2 * kLanes) {
-          acc = acc + vexp(load(x + j) - vrm);
-          acc1 = acc1 + vexp(load(x + j + kLanes) - vrm);
-        }
-        for (; j < e16; j += kLanes)
-          acc = acc + vexp((j + kLanes <= i1 ? load(x + j) : load_tail(x + j, i1 - j)) - vrm);
-        const double ts = hsum(acc + acc1);
-        if (rm > raw_max) {
-          raw_sum = raw_sum * std::exp(static_cast<double>(raw_max) - rm) + ts;
-          raw_max = rm;
-        } else {
-          raw_sum += ts * std::exp(static_cast<double>(rm) - raw_max);
-        }
-      }
-    } else {
-      // convert
-      mask_t badm = 0;
-      {
-        int64_t i = i0;
-        for (; i + kLanes <= i1; i += kLanes) {
-          vf v = load(x + i);
-          badm |= unord(v, v) | eq(v, set1(kInf));
-          store(z + i, v);
-        }
-        if (i < i1) {
-          vf v = load_tail(x + i, i1 - i);
-          badm |= unord(v, v) | eq(v, set1(kInf));
-          store(z + i, v);
-        }
-      }
-      if (badm) bad = true;
-      if (need_raw) {  // statistics of the input itself (z holds it until the edits)
-        vf rmx = set1(-kInf), rmx1 = set1(-kInf);
-        int64_t i = i0;
-        for (; i + 2 * kLanes <= e16; i += 2 * kLanes) {
-          rmx = vmax(rmx, load(z + i));
-          rmx1 = vmax(rmx1, load(z + i + kLanes));
-        }
-        for (; i < e16; i += kLanes) rmx = vmax(rmx, load(z + i));
-        rmx = vmax(rmx, rmx1);
-        store(s.raw_lane_max.data() + t * kLanes, rmx);
-        const float rm = hmax(rmx);
-        if (rm > -kInf) {
-          vf acc = set1(0.0f), acc1 = set1(0.0f);
-          const vf vrm = set1(rm);
-          int64_t j = i0;
-          for (; j + 2 * kLanes <= e16; j += 2 * kLanes) {
-            acc = acc + vexp(load(z + j) - vrm);
-            acc1 = acc1 + vexp(load(z + j + kLanes) - vrm);
-          }
-          for (; j < e16; j += kLanes) acc = acc + vexp(load(z + j) - vrm);
-          const double ts = hsum(acc + acc1);
-          if (rm > raw_max) {
-            raw_sum = raw_sum * std::exp(static_cast<double>(raw_max) - rm) + ts;
-            raw_max = rm;
-          } else {
-            raw_sum += ts * std::exp(static_cast<double>(rm) - raw_max);
-          }
-        }
-      }
-      // stage A: bias
-      while (bptr < bend && a.bias_ids[bptr] < i1) {
-        const int32_t id = a.bias_ids[bptr];
-        z[id] += a.bias_vals[bptr];
-        ++bptr;
-      }
-      // stages B, C: penalties on the tokens that occurred
-      if (penal) {
-        const int64_t w0 = i0 >> 5, w1 = (i1 + 31) >> 5;
-        for (int64_t wd = w0; wd < w1; ++wd) {
-          uint32_t bits = prompt ? static_cast<uint32_t>(prompt[wd]) : 0u;
-          uint32_t cbits = 0;
-          const int64_t base = wd << 5;
-          const int64_t lim = std::min<int64_t>(32, i1 - base);
-          // a token counts as generated when its count is > 0: a negative count is treated as 0
-          // (docs/semantics.md §3 B, C). Counts rows hold at least vocab_size entries: a full word
-          // is in bounds.
-          if (lim == 32) {
-            if (cnt32)
-              cbits = positive32(cnt32 + base);
-            else if (cnt16)
-              cbits = positive32(cnt16 + base);
-          } else if (cnt32) {
-            for (int64_t j = 0; j < lim; ++j)
-              cbits |= static_cast<uint32_t>(cnt32[base + j] > 0) << j;
-          } else if (cnt16) {
-            for (int64_t j = 0; j < lim; ++j)
-              cbits |= static_cast<uint32_t>(cnt16[base + j] > 0) << j;
-          }
-          bits |= cbits;
-          if (lim < 32) bits &= (1u << lim) - 1u;
-          // 16 ids at a time, the same float32 operations as one id at a time: the rows of a long
-          // generation have most of the vocabulary penalised, where a loop over ids mispredicts
-          for (int h = 0; h < 2; ++h) {
-            const mask_t pm = (bits >> (16 * h)) & kAll;
-            if (!pm) continue;
-            const mask_t cm = (cbits >> (16 * h)) & kAll;
-            const int64_t b16 = base + 16 * h;  // z has 2 vectors of room beyond the row
-            vf l = load(z + b16);
-            if (rep != 1.0f) {
-              const vf vr = set1(rep);
-              l = select(pm, select(gt(l, set1(0.0f)), l / vr, l * vr), l);
-            }
-            if (cm) {  // count > 0 here; max(count, 0) in any case (§3 C)
-              const int64_t n = std::min<int64_t>(kLanes, i1 - b16);
-              const vf c = cnt32 ? counts16(cnt32 + b16, n) : counts16(cnt16 + b16, n);
-              l = select(cm, l - fmadd(c, set1(freq), set1(pres)), l);
-            }
-            store(z + b16, l);
-          }
-        }
-      }
-      // stage A: allowed mask, EOS
-      if (allowed) {
-        const int64_t w0 = i0 >> 5, w1 = (i1 + 31) >> 5;
-        for (int64_t wd = w0; wd < w1; ++wd) {
-          uint32_t off = ~static_cast<uint32_t>(allowed[wd]);
-          while (off) {
-            const int j = __builtin_ctz(off);
-            off &= off - 1;
-            const int64_t id = (wd << 5) + j;
-            if (id < i1) z[id] = -kInf;
-          }
-        }
-      }
-      if (ban_eos) {
-        for (int64_t e = 0; e < a.n_eos; ++e) {
-          const int64_t id = a.eos[e];
-          if (id >= i0 && id < i1) z[id] = -kInf;
-        }
-      }
-      // stage D and tile statistics
-      const char* pc = nullptr;  // the next tile's output counts, when the penalties read them
-      const char* pc_end = nullptr;
-      if (penal && (cnt32 || cnt16)) {
-        const char* c0 =
-            cnt32 ? reinterpret_cast<const char*>(cnt32) : reinterpret_cast<const char*>(cnt16);
-        pc = c0 + std::min(i0 + kTile, vs) * a.counts_bytes;
-        pc_end = c0 + std::min(i0 + 2 * kTile, vs) * a.counts_bytes;
-      }
-      if (scale != 1.0f) {
-        for (int64_t i = i0; i < e16; i += kLanes) {
-          if (pf < pf_end) {
-            __builtin_prefetch(pf);
-            pf += 64;
-          }
-          if (pc < pc_end) {
-            __builtin_prefetch(pc);
-            pc += 64;
-          }
-          vf v = load(z + i) * vscale;
-          badz |= unord(v, v) | eq(v, set1(kInf));
-          store(z + i, v);
-          mx = vmax(mx, v);
-          nf += popcount(gt(v, ninf));
-        }
-      } else {
-        for (int64_t i = i0; i < e16; i += kLanes) {
-          if (pf < pf_end) {
-            __builtin_prefetch(pf);
-            pf += 64;
-          }
-          if (pc < pc_end) {
-            __builtin_prefetch(pc);
-            pc += 64;
-          }
-          vf v = load(z + i);
-          badz |= unord(v, v) | eq(v, set1(kInf));
-          mx = vmax(mx, v);
-          nf += popcount(gt(v, ninf));
-        }
-      }
-    }  // edits
-    if (badz) bad = true;
-    nfinite += nf;
-    store(s.lane_max.data() + t * kLanes,
-          mx);  // 16 maxima of distinct elements: seeds the head's filter
-    if (store_e && !bad) {
-      // the exact set for the mass selection: this tile's elements >= its smallest finite lane
-      // maximum
-      const float rt = -hmax(select(gt(mx, ninf), set1(0.0f) - mx, ninf));
-      tile_r[t] = rt;
-      if (rt < kInf) {
-        const vf vr = set1(rt);
-        for (int64_t i = i0; i < e16; i += kLanes) {
-          vf v = load(z + i);
-          const mask_t me = ge(v, vr);
-          compress(s.ek.data() + n_exact, me, v);
-          n_exact += compress(s.ei.data() + n_exact, me, iota16 + set1(static_cast<float>(i)));
-        }
-      }
-    }
-    const float m = hmax(mx);
-    tmax[t] = m;
-    if (m > -kInf && !bad && !skip_exp) {
-      const vf vm = set1(m);
-      vf acc0 = set1(0.0f), acc1 = set1(0.0f);
-      int64_t i = i0;
-      if (fuse_entropy) {  // also sum exp(z - m) (z - m) for the entropy (typical)
-        // a term whose weight is 0 contributes 0 (0 ln 0 = 0, docs/semantics.md §3 E item 4): its
-        // z - m may be -inf (a finite z more than FLT_MAX below m), and 0 * -inf would be NaN
-        vf accb = set1(0.0f);
-        for (; i < e16; i += kLanes) {
-          vf d = load(z + i) - vm;
-          vf e = vexp(d);
-          store(ebuf + i, e);
-          acc0 = acc0 + e;
-          accb = mask_add(accb, gt(e, set1(0.0f)), e * d);
-        }
-        tent[t] = hsum(accb);
-      } else if (store_e) {  // keep exp(z - m_t) for the mass selection
-        for (; i < e16; i += kLanes) {
-          vf e = vexp(load(z + i) - vm);
-          store(ebuf + i, e);
-          acc0 = acc0 + e;
-        }
-      }
-      for (; i + 2 * kLanes <= e16; i += 2 * kLanes) {
-        acc0 = acc0 + vexp(load(z + i) - vm);
-        acc1 = acc1 + vexp(load(z + i + kLanes) - vm);
-      }
-      for (; i < e16; i += kLanes) acc0 = acc0 + vexp(load(z + i) - vm);
-      tsum[t] = hsum(acc0 + acc1);
-    } else {
-      tsum[t] = 0.0f;
-      if (fuse_entropy) tent[t] = 0.0;
-    }
-  }
-  // padding lanes of the last vector are -inf (load_tail); nothing else beyond vs is read
+  float M = -kInf;          // max of z
+  double S = 0.0;           // sum of exp(z - M)
+  bool have_stats = false;  // the tile sums and S are computed
+  int64_t n_exact = 0;      // size of the exact set E (store_e)
+  float* tmax = nullptr;    // per tile: max of z
+  float* tsum = nullptr;    // per tile: sum of exp(z - tmax)
+  double* tent = nullptr;   // per tile: sum of exp(z - tmax) (z - tmax) (fuse_entropy)
+  float* ebuf = nullptr;    // exp(z - tmax) per element (store_e)
+  float* tile_r = nullptr;  // per tile: every element >= it is in E (store_e)
 
-  float M = -kInf;
-  for (int64_t t = 0; t < ntiles; ++t) M = std::max(M, tmax[t]);
-  if (use_head && !bad && M > -kInf) {
-    // the head_k-th largest of the per-tile lane maxima (maxima of distinct elements) is a lower
-    // bound of the head_k-th largest value: start the filter there, so only about head_k elements
-    // ever enter the buffer
-    const int64_t nl = ntiles * kLanes;
-    float seed;
-    if (nl >= 2 * head_k) {
-      seed = lower_bound_kth(s.lane_max.data(), nl, head_k);
-    } else {
-      // short rows have too few tile lane maxima for a useful bound (with as many maxima as
-      // head_k, their smallest lets most of the row through the filter): take lane maxima of
-      // smaller groups of vectors instead, at least 4 head_k of them, so that only about
-      // 1.2 head_k elements pass (1.4 head_k with 2 head_k maxima)
-      alignas(64) float gmax[2 * (4 * kHead / kLanes + 1) * kLanes];
-      const int64_t nvec = vp / kLanes;
-      const int64_t want = (4 * head_k + kLanes - 1) / kLanes;
-      const int64_t gv = std::max<int64_t>(1, nvec / want);
-      int64_t ng = 0;
-      for (int64_t g0 = 0; g0 < nvec; g0 += gv, ++ng) {
-        vf m = set1(-kInf);
-        for (int64_t q = g0; q < std::min(nvec, g0 + gv); ++q) m = vmax(m, load(z + q * kLanes));
-        store(gmax + ng * kLanes, m);
-      }
-      seed = lower_bound_kth(gmax, ng * kLanes, head_k);
-    }
-    if (seed > -kInf) s.head.tau = std::nextafter(seed, -kInf);
-    s.head.scan(z, vp, 0, [](int64_t) { return kAll; });
-  }
-  const bool invalid = bad || !(M > -kInf);
-  const int64_t ntop_out = a.n_top;
-  auto write_invalid = [&]() {
-    if (kept_mode) {
-      std::fill(a.kept + r * a.V, a.kept + (r + 1) * a.V, uint8_t{0});
-      return;
-    }
-    if (probs_mode) {
-      std::fill(a.probs + r * a.V, a.probs + (r + 1) * a.V, 0.0f);
-      return;
-    }
-    a.tokens[r] = -1;
-    a.valid[r] = 0;
-    a.logprobs[r] = std::numeric_limits<float>::quiet_NaN();
-    a.ranks[r] = -1;
-    for (int64_t j = 0; j < ntop_out; ++j) {
-      a.top_ids[r * ntop_out + j] = -1;
-      a.top_lps[r * ntop_out + j] = std::numeric_limits<float>::quiet_NaN();
-    }
-    a.mu_out[r] = mu_in;
-  };
-  if (invalid) {
-    write_invalid();
-    return;
-  }
-  double S = 0.0;
-  bool have_stats = !skip_exp;
-  auto ensure_stats = [&]() {
-    if (have_stats) return;
-    have_stats = true;
-    for (int64_t t = 0; t < ntiles; ++t) {
-      const float m = tmax[t];
-      tsum[t] = 0.0f;
-      if (!(m > -kInf)) continue;
-      const int64_t i0 = t * kTile, e16 = std::min(vp, i0 + kTile);
-      vf acc = set1(0.0f);
-      for (int64_t i = i0; i < e16; i += kLanes) acc = acc + vexp(load(z + i) - set1(m));
-      tsum[t] = hsum(acc);
-    }
-    S = 0.0;
-    for (int64_t t = 0; t < ntiles; ++t)
-      if (tmax[t] > -kInf)
-        S += static_cast<double>(tsum[t]) * std::exp(static_cast<double>(tmax[t]) - M);
-  };
-  for (int64_t t = 0; t < ntiles; ++t)
-    if (tmax[t] > -kInf)
-      S += static_cast<double>(tsum[t]) * std::exp(static_cast<double>(tmax[t]) - M);
-  if (need_raw && raw_is_z) {
-    raw_max = M;
-    raw_sum = S;
-  }
-
-  // -------------------------------------------------------------------------------------------
-  // truncation
-  Keep keep;
-  int64_t token = -1;
-  double S_kept = S;  // mass of the kept set, relative to shift
-  float shift = M;    // weights exp(z - shift)
-  double* tw = s.tile_w.data();
-  bool kept_in_head = false;
-  bool have_tw =
-      false;     // tw already holds the kept tile weights of tw_keep (from a mass selection)
-  Keep tw_keep;  // the kept set is the first nkept_head entries of the head
+  // truncation (docs/semantics.md §3 E)
+  Keep keep;          // the kept set S
+  int64_t nsurv = 0;  // survivors of the rules so far, when nsurv_known
+  bool nsurv_known = true;
+  int64_t nh = 0;  // the head: its first nh entries, value desc, id asc, complete above hlast (or all: hall)
+  const Entry* hd = nullptr;
+  float hlast = -kInf;
+  bool hall = false;
+  bool have_tw = false;  // tw holds the kept tile weights of tw_keep (from a mass selection)
+  Keep tw_keep;
+  bool kept_in_head = false;  // the kept set is the first nkept_head entries of the head
   int64_t nkept_head = 0;
-  const int64_t min_keep = std::max(ip[I_MIN_KEEP], 1);
-  if (greedy) {
-    // the first tile holding M, then its first element equal to M (bounded walks: M is one of them)
-    int64_t tb = 0;
-    while (tb + 1 < ntiles && tmax[tb] != M) ++tb;
-    const int64_t iend = std::min(vs, tb * kTile + kTile) - 1;
-    int64_t i = tb * kTile;
-    while (i < iend && z[i] != M) ++i;
-    token = i;
+
+  // kept weights and the draw (docs/semantics.md §3 F)
+  double S_kept = 0.0;   // mass of the kept set, relative to shift
+  float shift = -kInf;   // weights are exp(z - shift)
+  double* tw = nullptr;  // kept tile weights
+  int64_t token = -1;
+};
+
+// ------------------------------------------------------------------------------------------------------------------
+// The row's parameters, and how pass 1 runs
+
+template <typename T>
+inline void read_params(RowState& st) {
+  const BatchArgs& a = st.a;
+  const int64_t r = st.r;
+  st.x = static_cast<const T*>(a.logits) + r * a.row_stride;
+  st.vs = a.vocab;
+  st.vp = round16(st.vs);
+  st.ntiles = (st.vs + kTile - 1) / kTile;
+  st.s.ensure(st.vp, st.ntiles);
+  st.z = st.s.z.data();
+  st.fp = a.fparams + r * NF;
+  st.ip = a.iparams + r * NI;
+  const float* fp = st.fp;
+  const int32_t* ip = st.ip;
+  const float temp = fp[F_TEMPERATURE];
+  st.greedy = temp == 0.0f;
+  st.scale = st.greedy ? 1.0f : 1.0f / temp;
+  st.kept_mode = a.kept != nullptr;
+  st.probs_mode = a.probs != nullptr || st.kept_mode;
+  st.want_lp = !st.probs_mode && ip[I_LOGPROBS] != 0;
+  st.lp_mode = ip[I_LOGPROBS_MODE];
+  st.ntop_row = st.want_lp ? std::min<int64_t>(std::max(ip[I_TOP_LOGPROBS], 0), a.n_top) : 0;
+  st.need_raw = st.want_lp && st.lp_mode == MODE_RAW;
+  st.miro = ip[I_MIRO_MODE];
+  st.mu_in = a.mu_in[r];
+  st.rep = fp[F_REP];
+  st.freq = fp[F_FREQ];
+  st.pres = fp[F_PRES];
+  st.penal = (st.rep != 1.0f || st.freq != 0.0f || st.pres != 0.0f) && (a.prompt != nullptr || a.counts != nullptr);
+  st.ban_eos = a.n_eos > 0 && (ip[I_IGNORE_EOS] != 0 || a.steps[r] < static_cast<int64_t>(ip[I_MIN_TOKENS]));
+  st.allowed = a.allowed ? a.allowed + r * a.allowed_stride : nullptr;
+  st.prompt = a.prompt ? a.prompt + r * a.prompt_stride : nullptr;
+  if (a.counts && a.counts_bytes == 4) st.cnt32 = static_cast<const int32_t*>(a.counts) + r * a.counts_stride;
+  if (a.counts && a.counts_bytes == 2) st.cnt16 = static_cast<const int16_t*>(a.counts) + r * a.counts_stride;
+  st.bias_next = a.bias_indptr ? a.bias_indptr[r] : 0;
+  st.bias_end = a.bias_indptr ? a.bias_indptr[r + 1] : 0;
+  st.min_keep = std::max(ip[I_MIN_KEEP], 1);
+}
+
+inline void plan_pass1(RowState& st) {
+  const float* fp = st.fp;
+  const int32_t* ip = st.ip;
+  const int32_t top_k = ip[I_TOP_K];
+  // the head serves top-k up to kHead and Mirostat v1's top kMirostatM
+  st.head_k = st.miro == 1 ? round16(kMirostatM) : (top_k > 0 ? std::max<int64_t>(top_k, st.min_keep) + 16 : 0);
+  st.use_head = !st.greedy && st.head_k > 0 && st.head_k <= kHead;
+  if (st.use_head) st.s.head.reset(st.head_k);
+  st.fuse_entropy =
+      !st.greedy && st.miro == 0 && fp[F_TYPICAL_P] < 1.0f && top_k <= 0 && fp[F_TOP_P] >= 1.0f && fp[F_MIN_P] <= 0.0f;
+  // rows whose top-p / typical goes through the full-row mass selection keep exp(z - tile max) from pass 1
+  st.store_e = st.fuse_entropy || (!st.greedy && st.miro == 0 && fp[F_TOP_P] < 1.0f && top_k <= 0);
+  st.edits = st.bias_next < st.bias_end || st.penal || st.allowed || st.ban_eos;
+  st.raw_is_z = !st.edits && st.scale == 1.0f;
+  st.raw_pass = st.need_raw && !st.raw_is_z;
+  // The softmax statistics (tile sums, S) are needed by processed logprobs (or raw ones that equal them), mirostat,
+  // typical, untruncated draws and full-row top-p. Greedy rows never need them otherwise; top-k rows served by the head
+  // compute them lazily, only if top-k turns out not to truncate.
+  const bool lp_needs_stats = st.want_lp && (st.lp_mode == MODE_PROCESSED || (st.lp_mode == MODE_RAW && st.raw_is_z));
+  // A row of one tile whose draw needs no weights: the tile race has a single entrant, and nothing else reads the kept
+  // mass (Mirostat's update, final logprobs, the probabilities).
+  st.single_tile_draw = st.ntiles == 1 && !st.probs_mode && st.miro == 0 && !(st.want_lp && st.lp_mode == MODE_FINAL);
+  st.skip_exp = !lp_needs_stats && ((st.greedy && !st.probs_mode) ||
+                                    (st.use_head && top_k > 0 && st.miro == 0 && fp[F_TYPICAL_P] >= 1.0f) ||
+                                    (st.single_tile_draw && !st.store_e && !st.fuse_entropy));
+  st.tmax = st.s.tile_max.data();
+  st.tsum = st.s.tile_sum.data();
+  st.tent = st.s.tile_w.data() + st.ntiles;
+  st.ebuf = st.s.tile_exp.data();
+  st.tile_r = st.s.tile_exact_lo.data();
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Pass 1: stages A-D and the tile statistics, one tile at a time (docs/semantics.md §3 A-D)
+
+// Software prefetch of the next tile (of the input, or of the output counts): one cache line per vector step. Passed by
+// value: a cursor behind a reference would be reloaded after every vector store in the loop (intrinsic stores may
+// alias anything).
+struct Prefetch {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  inline void step() {
+    if (p < end) {
+      __builtin_prefetch(p);
+      p += 64;
+    }
+  }
+};
+
+// What a tile's sweep over z gathers: lane maxima, a NaN / +inf flag, the finite count.
+struct TileStats {
+  vf mx = set1(-kInf);
+  mask_t badz = 0;
+  int64_t nf = 0;
+};
+
+// Folds a tile's raw statistics (maximum rm, sum of exp(x - rm)) into the row's.
+inline void merge_raw(RowState& st, float rm, double ts) {
+  if (rm > st.raw_max) {
+    st.raw_sum = st.raw_sum * std::exp(static_cast<double>(st.raw_max) - rm) + ts;
+    st.raw_max = rm;
   } else {
-    int64_t nsurv = nfinite;
-    int64_t nh = 0;
-    const Entry* hd = nullptr;
-    float hlast = -kInf;
-    bool hall = false;
-    // every element with a value >= v is in the head
-    auto head_covers = [&](float v) { return use_head && (hall || v > hlast); };
-    bool nsurv_known = true;
-    auto ensure_nsurv = [&]() {
-      if (!nsurv_known) {
-        nsurv = count_ge(z, vp, keep.lo);
-        nsurv_known = true;
-      }
-    };
-    auto raise_lo = [&](float thr) {
-      if (thr > keep.lo) {
-        keep.lo = thr;
-        nsurv_known = false;
-      }
-    };
-    // the head: the top kHead values (value desc, id asc) of pass 1, complete above its last value
-    if (use_head) {
-      s.head.finish();
-      nh = s.head.n;
-      hd = s.head.buf.data();
-      hlast = nh ? hd[nh - 1].v : -kInf;
-      hall = nh < head_k;
-    }
-    auto kth = [&](int64_t k) -> float {
-      return (use_head && k <= nh) ? hd[k - 1].v : kth_largest(s, z, vp, k, nfinite);
-    };
-    if (miro == 0) {
-      const int32_t top_k = ip[I_TOP_K];
-      if (top_k > 0) {
-        const int64_t k = std::max<int64_t>(top_k, min_keep);
-        if (k < nfinite) raise_lo(kth(k));
-      }
-      const float top_p = fp[F_TOP_P];
-      if (top_p < 1.0f) {
-        const float lo = keep.lo;
-        bool done = false;
-        float thr = lo;
-        const bool bounded = lo > -kInf;
-        if (use_head && (!bounded || head_covers(lo))) {
-          // walk the head in order; exact while the tie groups walked are complete
-          int64_t ns = nh;
-          if (!bounded) ensure_stats();
-          double tot = S;
-          if (bounded) {
-            ns = 0;
-            tot = 0.0;
-            while (ns < nh && hd[ns].v >= lo) tot += std::exp(static_cast<double>(hd[ns++].v) - M);
-          }
-          const double target = static_cast<double>(top_p) * tot;
-          double cum = 0.0;
-          for (int64_t i = 0; i < ns;) {
-            const float v = hd[i].v;
-            int64_t j = i;
-            const double w = std::exp(static_cast<double>(v) - M);
-            do {  // hd[i] itself, then its ties: the walk always advances
-              cum += w;
-              ++j;
-            } while (j < ns && hd[j].v == v);
-            if (!bounded && !head_covers(v)) break;  // this group may continue beyond the head
-            thr = v;
-            if (cum >= target) {
-              done = true;
-              break;
-            }
-            i = j;
-          }
-          if (bounded && !done)
-            done = true;  // never reached (rounding): keep every survivor (thr = last)
-          if (done) {
-            nsurv = bounded ? ns : nfinite;
-            nsurv_known = true;
-          }
-        }
-        bool htw = false;
-        if (!done) {
-          ensure_nsurv();
-          ensure_stats();
-          double tot = 0.0;
-          thr = mass_select(
-              s, z, vp, M, [](vf v) { return v; },
-              [lo](vf v) { return gt(v, set1(-kInf)) & ge(v, set1(lo)); }, M, nsurv,
-              static_cast<double>(top_p), &tot, &htw, true, lo > -kInf ? -1.0 : S,
-              store_e ? ebuf : nullptr, tmax, store_e ? n_exact : -1, store_e ? tile_r : nullptr);
-        }
-        const int64_t mk = std::min(min_keep, nsurv);
-        if (mk > 1) {
-          const float k2 = kth(mk);
-          if (k2 < thr) {
-            thr = k2;
-            htw = false;
-          }
-        }
-        raise_lo(thr);
-        if (htw) tw_keep = keep;
-        have_tw = htw;
-      }
-      const float min_p = fp[F_MIN_P];
-      if (min_p > 0.0f) {
-        float thr =
-            static_cast<float>(static_cast<double>(M) + std::log(static_cast<double>(min_p)));
-        if (min_keep > 1) {
-          ensure_nsurv();
-          const int64_t mk = std::min(min_keep, nsurv);
-          if (mk > 1) thr = std::min(thr, kth(mk));
-        }
-        raise_lo(thr);
-      }
-      const float typ = fp[F_TYPICAL_P];
-      if (typ < 1.0f) {
-        ensure_nsurv();
-        const float lo = keep.lo;
-        // entropy of q over the survivors
-        const vf vM = set1(M), vlo = set1(lo), ninf = set1(-kInf);
-        double sw = 0.0, swz = 0.0;
-        if (fuse_entropy && !(lo > -kInf)) {
-          // A = sum_t e^{m_t - M} (B_t + (m_t - M) s_t) with B_t = sum exp(z - m_t)(z - m_t)
-          for (int64_t t = 0; t < ntiles; ++t) {
-            if (!(tmax[t] > -kInf)) continue;
-            const double sc = std::exp(static_cast<double>(tmax[t]) - M);
-            sw += sc * tsum[t];
-            swz += sc * (tent[t] + (static_cast<double>(tmax[t]) - M) * tsum[t]);
-          }
-        }
-        for (int64_t i0 = 0; i0 < vp && !(fuse_entropy && !(lo > -kInf)); i0 += kTile) {
-          const int64_t i1 = std::min(vp, i0 + kTile);
-          vf a0 = set1(0.0f), a1 = set1(0.0f);
-          for (int64_t i = i0; i < i1; i += kLanes) {
-            vf v = load(z + i);
-            mask_t sel = gt(v, ninf) & ge(v, vlo);
-            if (!sel) continue;
-            vf d = v - vM;
-            vf w = vexp(d);
-            a0 = mask_add(a0, sel, w);
-            // q = 0 contributes 0 to H (0 ln 0 = 0, docs/semantics.md §3 E item 4); d = z - M may
-            // be -inf for a finite z (z - M below -FLT_MAX), and 0 * -inf would make H NaN
-            a1 = mask_add(a1, sel & gt(w, set1(0.0f)), w * d);
-          }
-          sw += hsum(a0);
-          swz += hsum(a1);
-        }
-        const double H = std::log(sw) - swz / sw;
-        const float c0 = static_cast<float>(static_cast<double>(M) + std::log(sw) - H);
-        const vf vc0 = set1(c0);
-        double tot = 0.0;
-        bool htw = false;
-        float v = mass_select(
-            s, z, vp, M, [vc0](vf u) { return set1(0.0f) - vabs(u - vc0); },
-            [lo](vf u) { return gt(u, set1(-kInf)) & ge(u, set1(lo)); }, 0.0f, nsurv,
-            static_cast<double>(typ), &tot, &htw, false, -1.0, store_e ? ebuf : nullptr, tmax,
-            store_e ? n_exact : -1, store_e ? tile_r : nullptr);
-        float sstar = -v;
-        const int64_t mk = std::min(min_keep, nsurv);
-        if (mk > 1) {
-          // mk-th smallest |z - c0| among the survivors
-          float* key = s.tk.data();
-          for (int64_t i = 0; i < vp; i += kLanes) {
-            vf u = load(z + i);
-            mask_t sel = gt(u, ninf) & ge(u, vlo);
-            store(key + i, select(sel, set1(0.0f) - vabs(u - vc0), ninf));
-          }
-          s.sel.reset(mk);
-          s.sel.scan(key, vp, 0, [](int64_t) { return kAll; });
-          s.sel.finish();
-          // a survivor whose |z - c0| overflows to +inf (key -inf) never enters the selection:
-          // fewer than mk entries means the mk-th smallest score is +inf (keep every survivor)
-          const float s2 = s.sel.n >= mk ? -s.sel.buf[mk - 1].v : kInf;
-          if (s2 > sstar) {
-            sstar = s2;
-            htw = false;
-          }
-        }
-        keep.band = true;
-        keep.c0 = c0;
-        keep.s = sstar;
-        if (htw) tw_keep = keep;
-        have_tw = htw;
-      }
-    } else if (miro == 2) {
-      // keep ln q = (z - M) - ln S >= -mu ln 2: the shift is added last, so ln S survives a large M
-      float thr =
-          static_cast<float>(M + (std::log(S) - static_cast<double>(mu_in) * 0.69314718055994530942));
-      if (!(thr <= M)) thr = M;  // none kept (or NaN mu): keep the argmax
-      raise_lo(thr);
-    } else {                                              // mirostat v1
-      const int64_t m = std::min<int64_t>(100, nfinite);  // nh >= m
-      double kf = std::numeric_limits<double>::quiet_NaN();
-      if (m >= 2) {
-        double sum_tb = 0.0, sum_tt = 0.0;
-        for (int64_t i = 0; i + 1 < m; ++i) {
-          const double ti = std::log((i + 2.0) / (i + 1.0));
-          const double bi = static_cast<double>(hd[i].v) - static_cast<double>(hd[i + 1].v);
-          sum_tb += ti * bi;
-          sum_tt += ti * ti;
-        }
-        const double sh = sum_tb / sum_tt;
-        const double eps = sh - 1.0;
-        const double N = static_cast<double>(vs);
-        const double two_mu = std::pow(2.0, static_cast<double>(mu_in));
-        const double base = std::fabs(eps) < 1e-6 ? two_mu / std::log(N)
-                                                  : (eps * two_mu) / (1.0 - std::pow(N, -eps));
-        if (sh != 0.0)
-          kf = (base < 0.0) ? std::numeric_limits<double>::quiet_NaN() : std::pow(base, 1.0 / sh);
-        else
-          kf = base > 1.0 ? std::numeric_limits<double>::infinity() : (base == 1.0 ? 1.0 : 0.0);
-      }
-      const double N = static_cast<double>(vs);
-      if (!std::isfinite(kf)) kf = N;
-      kf = std::floor(kf);
-      kf = std::min(std::max(kf, 1.0), N);
-      const int64_t k = static_cast<int64_t>(kf);
-      if (k < nfinite) raise_lo(kth(k));
-    }
+    st.raw_sum += ts * std::exp(static_cast<double>(rm) - st.raw_max);
+  }
+}
 
-    // kept tile weights
-    kept_in_head = !keep.band && keep.lo > -kInf && head_covers(keep.lo);
-    if (have_tw && keep.lo == tw_keep.lo && keep.band == tw_keep.band && keep.c0 == tw_keep.c0 &&
-        keep.s == tw_keep.s && !kept_in_head) {
-      S_kept = 0.0;
-      for (int64_t t = 0; t < ntiles; ++t) S_kept += tw[t];
-      if (!(S_kept > 0.0)) have_tw = false;
-    } else {
-      have_tw = false;
-    }
-    if (kept_mode) {
-      // the kept mask needs no weights
-    } else if (have_tw) {
-      // from the mass selection
-    } else if (kept_in_head) {
-      for (int64_t t = 0; t < ntiles; ++t) tw[t] = 0.0;
-      S_kept = 0.0;
-      for (int64_t i = 0; i < nh && hd[i].v >= keep.lo; ++i) {
-        const double w = std::exp(static_cast<double>(hd[i].v) - M);
-        tw[hd[i].id / kTile] += w;
-        S_kept += w;
-        nkept_head = i + 1;
-      }
-    } else if (keep.truncates()) {
-      for (int attempt = 0; attempt < 2; ++attempt) {
-        const vf vsh = set1(shift);
-        S_kept = 0.0;
-        for (int64_t t = 0; t < ntiles; ++t) {
-          tw[t] = 0.0;
-          if (!(tmax[t] >= keep.lo)) continue;
-          const int64_t i0 = t * kTile, e16 = std::min(vp, i0 + kTile);
-          vf acc = set1(0.0f);
-          for (int64_t i = i0; i < e16; i += kLanes) {
-            vf v = load(z + i);
-            mask_t km = keep.mask(v);
-            if (!km) continue;
-            acc = mask_add(acc, km, vexp(v - vsh));
-          }
-          tw[t] = hsum(acc);
-          S_kept += tw[t];
-        }
-        if (S_kept > 0.0 || attempt == 1) break;
-        // every kept weight underflowed relative to M: shift by the kept maximum
-        float mk = -kInf;
-        for (int64_t i = 0; i < vp; ++i)
-          if (keep.test(z[i])) mk = std::max(mk, z[i]);
-        shift = mk;
-      }
-    } else if (single_tile_draw && !have_stats) {
-      tw[0] = 1.0;  // any positive weight: the only tile wins the race
-    } else {
-      ensure_stats();
-      S_kept = S;
-      for (int64_t t = 0; t < ntiles; ++t)
-        tw[t] = tmax[t] > -kInf
-                    ? static_cast<double>(tsum[t]) * std::exp(static_cast<double>(tmax[t]) - M)
-                    : 0.0;
-    }
+// Sum of exp(x - rm) over a tile of the input (still in L1) or of z; lanes from i1 on are -inf.
+template <typename T>
+inline double raw_tile_sum(const T* x, int64_t i0, int64_t i1, int64_t e16, float rm) {
+  vf acc = set1(0.0f), acc1 = set1(0.0f);
+  const vf vrm = set1(rm);
+  int64_t j = i0;
+  for (; j + 2 * kLanes <= i1; j += 2 * kLanes) {
+    acc = acc + vexp(load(x + j) - vrm);
+    acc1 = acc1 + vexp(load(x + j + kLanes) - vrm);
+  }
+  for (; j < e16; j += kLanes) acc = acc + vexp((j + kLanes <= i1 ? load(x + j) : load_tail(x + j, i1 - j)) - vrm);
+  return hsum(acc + acc1);
+}
 
-    // race
-    if (!probs_mode) {
-      const uint64_t seed = static_cast<uint64_t>(a.seeds[r]);
-      const PhiloxKey key{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
-      const uint32_t step = static_cast<uint32_t>(a.steps[r]);
-      const uint32_t seq = static_cast<uint32_t>(a.seqs[r]);
-      int64_t tbest = ntiles == 1 && tw[0] > 0.0 ? 0 : -1;  // a single tile needs no race
-      double sbest = -std::numeric_limits<double>::infinity();
-      for (int64_t t = 0; t < ntiles && ntiles > 1; ++t) {
-        if (!(tw[t] > 0.0)) continue;
-        const double sc = std::log(tw[t]) - std::log(exp_noise(philox_word(key, t, step, seq, 1)));
-        if (tbest < 0 || sc > sbest) {
-          sbest = sc;
-          tbest = t;
-        }
+// A row with no stage A-C edits: convert, scale and take the statistics in one sweep.
+template <typename T>
+inline void convert_scale_tile(RowState& st, const T* x, int64_t t, int64_t i0, int64_t i1, int64_t e16, Prefetch pf,
+                               TileStats& ts) {
+  float* z = st.z;
+  const vf vscale = set1(st.scale), ninf = set1(-kInf);
+  vf rmx = set1(-kInf), mx = ts.mx;
+  mask_t badm = 0, badz = 0;
+  int64_t nf = 0;
+  for (int64_t i = i0; i < e16; i += kLanes) {
+    pf.step();
+    vf u = i + kLanes <= i1 ? load(x + i) : load_tail(x + i, i1 - i);
+    badm |= unord(u, u) | eq(u, set1(kInf));
+    rmx = vmax(rmx, u);
+    vf v = u * vscale;
+    badz |= eq(v, set1(kInf));
+    store(z + i, v);
+    mx = vmax(mx, v);
+    nf += popcount(gt(v, ninf));
+  }
+  ts.mx = mx;
+  ts.badz = badz;
+  ts.nf = nf;
+  if (badm || badz) st.bad = true;
+  if (st.need_raw) store(st.s.raw_lane_max.data() + t * kLanes, rmx);
+  const float rm = hmax(rmx);
+  if (st.raw_pass && rm > -kInf && !st.bad) merge_raw(st, rm, raw_tile_sum(x, i0, i1, e16, rm));
+}
+
+// The input into z as float32 (lanes from i1 on: -inf), before the edits.
+template <typename T>
+inline void convert_tile(RowState& st, const T* x, int64_t i0, int64_t i1) {
+  float* z = st.z;
+  mask_t badm = 0;
+  int64_t i = i0;
+  for (; i + kLanes <= i1; i += kLanes) {
+    vf v = load(x + i);
+    badm |= unord(v, v) | eq(v, set1(kInf));
+    store(z + i, v);
+  }
+  if (i < i1) {
+    vf v = load_tail(x + i, i1 - i);
+    badm |= unord(v, v) | eq(v, set1(kInf));
+    store(z + i, v);
+  }
+  if (badm) st.bad = true;
+}
+
+// Raw statistics of the input, which z holds until the edits.
+inline void raw_stats_of_z(RowState& st, int64_t t, int64_t i0, int64_t e16) {
+  const float* z = st.z;
+  vf rmx = set1(-kInf), rmx1 = set1(-kInf);
+  int64_t i = i0;
+  for (; i + 2 * kLanes <= e16; i += 2 * kLanes) {
+    rmx = vmax(rmx, load(z + i));
+    rmx1 = vmax(rmx1, load(z + i + kLanes));
+  }
+  for (; i < e16; i += kLanes) rmx = vmax(rmx, load(z + i));
+  rmx = vmax(rmx, rmx1);
+  store(st.s.raw_lane_max.data() + t * kLanes, rmx);
+  const float rm = hmax(rmx);
+  if (rm > -kInf) merge_raw(st, rm, raw_tile_sum(z, i0, e16, e16, rm));
+}
+
+// Stage A: the logit bias of the tile's ids (docs/semantics.md §3 A).
+inline void apply_bias(RowState& st, int64_t i1) {
+  const int32_t* ids = st.a.bias_ids;
+  const float* vals = st.a.bias_vals;
+  float* z = st.z;
+  int64_t b = st.bias_next;
+  while (b < st.bias_end && ids[b] < i1) {
+    z[ids[b]] += vals[b];
+    ++b;
+  }
+  st.bias_next = b;
+}
+
+// Stages B, C: repetition, frequency and presence penalties on the tile's tokens that occurred (docs/semantics.md §3 B,
+// C), 32 ids (one prompt-mask word) at a time.
+inline void apply_penalties(RowState& st, int64_t i0, int64_t i1) {
+  float* z = st.z;
+  const int32_t* prompt = st.prompt;
+  const int32_t* cnt32 = st.cnt32;
+  const int16_t* cnt16 = st.cnt16;
+  const float rep = st.rep, freq = st.freq, pres = st.pres;
+  const int64_t w0 = i0 >> 5, w1 = (i1 + 31) >> 5;
+  for (int64_t wd = w0; wd < w1; ++wd) {
+    uint32_t bits = prompt ? static_cast<uint32_t>(prompt[wd]) : 0u;
+    uint32_t cbits = 0;
+    const int64_t base = wd << 5;
+    const int64_t lim = std::min<int64_t>(32, i1 - base);
+    // a token counts as generated when its count is > 0: a negative count is treated as 0 (docs/semantics.md §3 B,
+    // C). Counts rows hold at least vocab_size entries: a full word is in bounds.
+    if (lim == 32) {
+      if (cnt32)
+        cbits = positive32(cnt32 + base);
+      else if (cnt16)
+        cbits = positive32(cnt16 + base);
+    } else if (cnt32) {
+      for (int64_t j = 0; j < lim; ++j) cbits |= static_cast<uint32_t>(cnt32[base + j] > 0) << j;
+    } else if (cnt16) {
+      for (int64_t j = 0; j < lim; ++j) cbits |= static_cast<uint32_t>(cnt16[base + j] > 0) << j;
+    }
+    bits |= cbits;
+    if (lim < 32) bits &= (1u << lim) - 1u;
+    // 16 ids at a time, the same float32 operations as one id at a time: the rows of a long generation have most of
+    // the vocabulary penalised, where a loop over ids mispredicts
+    for (int h = 0; h < 2; ++h) {
+      const mask_t pm = (bits >> (16 * h)) & kAll;
+      if (!pm) continue;
+      const mask_t cm = (cbits >> (16 * h)) & kAll;
+      const int64_t b16 = base + 16 * h;  // z has 2 vectors of room beyond the row
+      vf l = load(z + b16);
+      if (rep != 1.0f) {
+        const vf vr = set1(rep);
+        l = select(pm, select(gt(l, set1(0.0f)), l / vr, l * vr), l);
       }
-      if (tbest < 0) {  // cannot happen for a valid row; defensive
-        write_invalid();
-        return;
+      if (cm) {  // count > 0 here; max(count, 0) in any case (§3 C)
+        const int64_t n = std::min<int64_t>(kLanes, i1 - b16);
+        const vf c = cnt32 ? counts16(cnt32 + b16, n) : counts16(cnt16 + b16, n);
+        l = select(cm, l - fmadd(c, set1(freq), set1(pres)), l);
       }
-      const int64_t i0 = tbest * kTile, e16 = std::min(vp, i0 + kTile);
-      if (kept_in_head) {
-        // the words of the kept head entries in the winning tile, 16 counters at a time; the head
-        // is in value order, so the best score comes early and neg_log_noise_bound (no logarithm)
-        // rules out most of the rest: a token whose bound is below the best score cannot win
-        int32_t hid[kHead];  // positions in the head
-        uint32_t hw[kHead];  // their words
-        int64_t nr = 0;
-        for (int64_t i = 0; i < nkept_head; ++i)
-          if (hd[i].id / kTile == tbest) hid[nr++] = static_cast<int32_t>(i);
-        alignas(64) uint32_t c0s[kLanes], sel[kLanes];
-        alignas(64) uint32_t wv[4][kLanes];
-        for (int64_t j0 = 0; j0 < nr; j0 += kLanes) {
-          const int64_t n = std::min<int64_t>(kLanes, nr - j0);
-          for (int64_t l = 0; l < kLanes; ++l) {
-            const uint32_t id = l < n ? static_cast<uint32_t>(hd[hid[j0 + l]].id) : 0u;
-            c0s[l] = id >> 2;
-            sel[l] = id & 3u;
-          }
-          vu words[4];
-          philox16(key, uload(c0s), step, seq, 0, words);
-          for (int w = 0; w < 4; ++w) ustore(wv[w], words[w]);
-          for (int64_t l = 0; l < n; ++l) hw[j0 + l] = wv[sel[l]][l];
-        }
-        double best = -std::numeric_limits<double>::infinity();
-        for (int64_t j = 0; j < nr; ++j) {
-          const Entry& h = hd[hid[j]];
-          const double v = static_cast<double>(h.v);
-          if (token >= 0 && v + neg_log_noise_bound(hw[j]) < best) continue;
-          const double sc = v - std::log(exp_noise(hw[j]));
-          if (token < 0 || sc > best || (sc == best && h.id < token)) {
-            best = sc;
-            token = h.id;
-          }
-        }
-      }
-      // Per-lane running best (score, id); ties go to the lower id. -ln E <= 22.87 for every
-      // 32-bit word, so a 64-id block whose kept maximum is below (best so far - 24) cannot win
-      // and gets no Philox: starting with the block that holds the tile's kept maximum, peaked
-      // rows skip most of the tile. In the other blocks neg_log_noise_bound16 bounds each token's
-      // score from its word without a logarithm; only blocks where a kept token's bound reaches
-      // the best score so far get the exact noise, a few blocks per row (a token passes with
-      // probability about e^(z - best), about one in the whole row beyond the first block).
-      vf bsc = set1(-kInf), bid = set1(-1.0f);
-      alignas(64) static const float kIota[kLanes] = {0, 1, 2,  3,  4,  5,  6,  7,
-                                                      8, 9, 10, 11, 12, 13, 14, 15};
-      const vf iota = load(kIota);
-      constexpr float kNoiseMax = 24.0f;
-      float best_lb = -kInf;  // a score some kept token already reached
-      int64_t first = -1;     // the block holding the tile's kept maximum
-      if (!kept_in_head) {
-        float tmk = tmax[tbest];  // the tile's kept maximum: its maximum when nothing is cut
-        if (keep.truncates()) {
-          vf mxk = set1(-kInf);
-          for (int64_t i = i0; i < e16; i += kLanes) {
-            vf v = load(z + i);
-            mxk = vmax(mxk, select(keep.mask(v), v, set1(-kInf)));
-          }
-          tmk = hmax(mxk);
-        }
-        for (int64_t i = i0; i < e16 && first < 0; i += kLanes) {
-          vf v = load(z + i);
-          if (eq(v, set1(tmk)) & keep.mask(v)) first = i0 + (i - i0) / 64 * 64;
-        }
-      }
-      auto race_block = [&](int64_t b0) {
-        const int64_t b1 = std::min(e16, b0 + 64);
-        const int nq = static_cast<int>((b1 - b0) / kLanes);
-        mask_t km[4] = {0, 0, 0, 0};
-        vf zq[4];
-        vf bm = set1(-kInf);
-        for (int q = 0; q < nq; ++q) {
-          zq[q] = load(z + b0 + q * kLanes);
-          km[q] = keep.mask(zq[q]);
-          bm = vmax(bm, select(km[q], zq[q], set1(-kInf)));
-        }
-        const float blk_max = hmax(bm);
-        if (!(blk_max > -kInf) || blk_max + kNoiseMax < best_lb) return;
-        vu words[4];
-        philox16(key, uiota(static_cast<uint32_t>(b0 >> 2)), step, seq, 0, words);
-        vf wq[4], idq[4];
-        if (best_lb > -kInf) {
-          for (int w = 0; w < 4; ++w) wq[w] = neg_log_noise_bound16(words[w]);
-          transpose4x16(wq, idq);
-          mask_t cand = 0;
-          for (int q = 0; q < nq; ++q) cand |= ge(zq[q] + idq[q], set1(best_lb)) & km[q];
-          if (!cand) return;
-        }
-        for (int w = 0; w < 4; ++w) wq[w] = neg_log_noise16(words[w]);
-        transpose4x16(wq, idq);
-        for (int q = 0; q < nq; ++q) {
-          if (!km[q]) continue;
-          vf sc = zq[q] + idq[q];
-          vf ids = iota + set1(static_cast<float>(b0 + q * kLanes));
-          const mask_t up = (gt(sc, bsc) | (eq(sc, bsc) & lt(ids, bid))) & km[q];
-          bsc = select(up, sc, bsc);
-          bid = select(up, ids, bid);
-        }
-        best_lb = std::max(best_lb, hmax(bsc));
-      };
-      if (first >= 0) race_block(first);
-      for (int64_t b0 = i0; b0 < e16 && !kept_in_head; b0 += 64)
-        if (b0 != first) race_block(b0);
-      if (!kept_in_head) {
-        alignas(64) float sv[kLanes], iv[kLanes];
-        store(sv, bsc);
-        store(iv, bid);
-        float bestv = -kInf;
-        for (int l = 0; l < kLanes; ++l) {
-          if (iv[l] < 0.0f) continue;
-          const int64_t id = static_cast<int64_t>(iv[l]);
-          if (token < 0 || sv[l] > bestv || (sv[l] == bestv && id < token)) {
-            bestv = sv[l];
-            token = id;
-          }
-        }
-      }
-      if (token < 0) {
-        write_invalid();
-        return;
+      store(z + b16, l);
+    }
+  }
+}
+
+// Stage A: the allowed mask (only words that are not all ones cost anything) and the EOS ban (docs/semantics.md §3 A).
+inline void apply_masks(RowState& st, int64_t i0, int64_t i1) {
+  float* z = st.z;
+  if (const int32_t* allowed = st.allowed) {
+    const int64_t w0 = i0 >> 5, w1 = (i1 + 31) >> 5;
+    for (int64_t wd = w0; wd < w1; ++wd) {
+      uint32_t off = ~static_cast<uint32_t>(allowed[wd]);
+      while (off) {
+        const int j = __builtin_ctz(off);
+        off &= off - 1;
+        const int64_t id = (wd << 5) + j;
+        if (id < i1) z[id] = -kInf;
       }
     }
   }
-
-  // -------------------------------------------------------------------------------------------
-  // outputs
-  if (kept_mode) {
-    // the kept set itself, not derived from probabilities (a kept token may have probability 0 in
-    // float32, e.g. z = -200 next to z = 0)
-    uint8_t* km_out = a.kept + r * a.V;
-    std::fill(km_out, km_out + a.V, uint8_t{0});
-    if (greedy) {
-      km_out[token] = 1;
-      return;
+  if (st.ban_eos) {
+    for (int64_t e = 0; e < st.a.n_eos; ++e) {
+      const int64_t id = st.a.eos[e];
+      if (id >= i0 && id < i1) z[id] = -kInf;
     }
-    for (int64_t i = 0; i < vs; i += kLanes) {
-      const mask_t km = keep.mask(load(z + i));
-      const int64_t n = std::min<int64_t>(kLanes, vs - i);
-      for (int64_t j = 0; j < n; ++j) km_out[i + j] = static_cast<uint8_t>((km >> j) & 1u);
-    }
-    return;
   }
-  if (probs_mode) {
-    float* pr = a.probs + r * a.V;
-    std::fill(pr, pr + a.V, 0.0f);
-    if (greedy) {
-      pr[token] = 1.0f;
-      return;
+}
+
+// Stage D and the tile statistics, after the edits (docs/semantics.md §3 D). Prefetches the next tile's input and,
+// when the penalties read them, its output counts.
+inline void temperature_tile(RowState& st, int64_t i0, int64_t e16, Prefetch pf, TileStats& ts) {
+  Prefetch pc;
+  if (st.penal && (st.cnt32 || st.cnt16)) {
+    const char* c0 = st.cnt32 ? reinterpret_cast<const char*>(st.cnt32) : reinterpret_cast<const char*>(st.cnt16);
+    pc.p = c0 + std::min(i0 + kTile, st.vs) * st.a.counts_bytes;
+    pc.end = c0 + std::min(i0 + 2 * kTile, st.vs) * st.a.counts_bytes;
+  }
+  float* z = st.z;
+  const vf vscale = set1(st.scale), ninf = set1(-kInf);
+  vf mx = ts.mx;
+  mask_t badz = 0;
+  int64_t nf = 0;
+  if (st.scale != 1.0f) {
+    for (int64_t i = i0; i < e16; i += kLanes) {
+      pf.step();
+      pc.step();
+      vf v = load(z + i) * vscale;
+      badz |= unord(v, v) | eq(v, set1(kInf));
+      store(z + i, v);
+      mx = vmax(mx, v);
+      nf += popcount(gt(v, ninf));
     }
-    const float inv = static_cast<float>(1.0 / S_kept);
-    const vf vsh = set1(shift), vinv = set1(inv);
-    alignas(64) float buf[kLanes];
-    for (int64_t i = 0; i < vp; i += kLanes) {
+  } else {
+    for (int64_t i = i0; i < e16; i += kLanes) {
+      pf.step();
+      pc.step();
       vf v = load(z + i);
-      mask_t km = keep.mask(v);
-      if (!km) continue;
-      vf p = maskz(km, vexp(v - vsh) * vinv);
-      if (i + kLanes <= vs) {
-        store(pr + i, p);
-      } else {
-        store(buf, p);
-        for (int64_t j = i; j < vs; ++j) pr[j] = buf[j - i];
-      }
+      badz |= unord(v, v) | eq(v, set1(kInf));
+      mx = vmax(mx, v);
+      nf += popcount(gt(v, ninf));
     }
-    return;
+  }
+  ts.mx = mx;
+  ts.badz = badz;
+  ts.nf = nf;
+}
+
+// The exact set for a mass selection: this tile's elements >= its smallest finite lane maximum.
+inline void collect_exact_tile(RowState& st, int64_t t, int64_t i0, int64_t e16, vf mx) {
+  const vf ninf = set1(-kInf);
+  const float rt = -hmax(select(gt(mx, ninf), set1(0.0f) - mx, ninf));
+  st.tile_r[t] = rt;
+  if (!(rt < kInf)) return;
+  const float* z = st.z;
+  float* ek = st.s.exact_key.data();
+  float* ei = st.s.exact_id.data();
+  const vf vr = set1(rt), iota = lane_iota();
+  int64_t n = st.n_exact;
+  for (int64_t i = i0; i < e16; i += kLanes) {
+    vf v = load(z + i);
+    const mask_t me = ge(v, vr);
+    compress(ek + n, me, v);
+    n += compress(ei + n, me, iota + set1(static_cast<float>(i)));
+  }
+  st.n_exact = n;
+}
+
+// Sum of exp(z - m) over the tile (m its maximum), keeping exp(z - m) for a mass selection and the entropy sum for
+// typical when asked to.
+inline float tile_exp_sum(RowState& st, int64_t t, int64_t i0, int64_t e16, float m) {
+  const float* z = st.z;
+  float* ebuf = st.ebuf;
+  const vf vm = set1(m);
+  vf acc0 = set1(0.0f), acc1 = set1(0.0f);
+  int64_t i = i0;
+  if (st.fuse_entropy) {  // also sum exp(z - m) (z - m) for the entropy (typical)
+    // a term whose weight is 0 contributes 0 (0 ln 0 = 0, docs/semantics.md §3 E item 4): its z - m may be -inf (a
+    // finite z more than FLT_MAX below m), and 0 * -inf would be NaN
+    vf accb = set1(0.0f);
+    for (; i < e16; i += kLanes) {
+      vf d = load(z + i) - vm;
+      vf e = vexp(d);
+      store(ebuf + i, e);
+      acc0 = acc0 + e;
+      accb = mask_add(accb, gt(e, set1(0.0f)), e * d);
+    }
+    st.tent[t] = hsum(accb);
+  } else if (st.store_e) {  // keep exp(z - m_t) for the mass selection
+    for (; i < e16; i += kLanes) {
+      vf e = vexp(load(z + i) - vm);
+      store(ebuf + i, e);
+      acc0 = acc0 + e;
+    }
+  }
+  for (; i + 2 * kLanes <= e16; i += 2 * kLanes) {
+    acc0 = acc0 + vexp(load(z + i) - vm);
+    acc1 = acc1 + vexp(load(z + i + kLanes) - vm);
+  }
+  for (; i < e16; i += kLanes) acc0 = acc0 + vexp(load(z + i) - vm);
+  return hsum(acc0 + acc1);
+}
+
+// One tile of pass 1: stages A-D into z, then, while the tile is in L1, its statistics.
+template <typename T>
+inline void pass1_tile(RowState& st, int64_t t) {
+  const T* x = static_cast<const T*>(st.x);
+  const int64_t i0 = t * kTile;
+  const int64_t i1 = std::min(st.vs, i0 + kTile);
+  const int64_t e16 = std::min(st.vp, i0 + kTile);  // end of the tile's vectors in z
+  Prefetch pf{reinterpret_cast<const char*>(x + std::min(i0 + kTile, st.vs - 1)),
+              reinterpret_cast<const char*>(x + std::min(i0 + 2 * kTile, st.vs))};
+  TileStats ts;
+  if (!st.edits) {
+    convert_scale_tile(st, x, t, i0, i1, e16, pf, ts);
+  } else {
+    convert_tile(st, x, i0, i1);
+    if (st.need_raw) raw_stats_of_z(st, t, i0, e16);
+    apply_bias(st, i1);
+    if (st.penal) apply_penalties(st, i0, i1);
+    apply_masks(st, i0, i1);
+    temperature_tile(st, i0, e16, pf, ts);
+  }
+  if (ts.badz) st.bad = true;
+  st.nfinite += ts.nf;
+  store(st.s.lane_max.data() + t * kLanes, ts.mx);  // 16 maxima of distinct elements: seeds the head's filter
+  if (st.store_e && !st.bad) collect_exact_tile(st, t, i0, e16, ts.mx);
+  const float m = hmax(ts.mx);
+  st.tmax[t] = m;
+  if (m > -kInf && !st.bad && !st.skip_exp) {
+    st.tsum[t] = tile_exp_sum(st, t, i0, e16, m);
+  } else {
+    st.tsum[t] = 0.0f;
+    if (st.fuse_entropy) st.tent[t] = 0.0;
+  }
+}
+
+// The head: the top head_k values of z through a streaming filter over the row. The head_k-th largest of the per-tile
+// lane maxima (maxima of distinct elements) is a lower bound of the head_k-th largest value: the filter starts there,
+// so only about head_k elements ever enter the buffer.
+inline void scan_head(RowState& st) {
+  const int64_t head_k = st.head_k;
+  const int64_t nl = st.ntiles * kLanes;
+  float seed;
+  if (nl >= 2 * head_k) {
+    seed = lower_bound_kth(st.s.lane_max.data(), nl, head_k);
+  } else {
+    // short rows have too few tile lane maxima for a useful bound (with as many maxima as head_k, their smallest lets
+    // most of the row through the filter): take lane maxima of smaller groups of vectors instead, at least 4 head_k
+    // of them, so that only about 1.2 head_k elements pass (1.4 head_k with 2 head_k maxima)
+    alignas(64) float gmax[2 * (4 * kHead / kLanes + 1) * kLanes];
+    const float* z = st.z;
+    const int64_t nvec = st.vp / kLanes;
+    const int64_t want = (4 * head_k + kLanes - 1) / kLanes;
+    const int64_t gv = std::max<int64_t>(1, nvec / want);
+    int64_t ng = 0;
+    for (int64_t g0 = 0; g0 < nvec; g0 += gv, ++ng) {
+      vf m = set1(-kInf);
+      for (int64_t q = g0; q < std::min(nvec, g0 + gv); ++q) m = vmax(m, load(z + q * kLanes));
+      store(gmax + ng * kLanes, m);
+    }
+    seed = lower_bound_kth(gmax, ng * kLanes, head_k);
+  }
+  if (seed > -kInf) st.s.head.tau = std::nextafter(seed, -kInf);
+  st.s.head.scan(st.z, st.vp, 0, [](int64_t) { return kAll; });
+}
+
+// S = sum of exp(z - M) from the tile sums.
+inline double row_mass(const RowState& st) {
+  double S = 0.0;
+  for (int64_t t = 0; t < st.ntiles; ++t)
+    if (st.tmax[t] > -kInf) S += static_cast<double>(st.tsum[t]) * std::exp(static_cast<double>(st.tmax[t]) - st.M);
+  return S;
+}
+
+// The tile sums and S, for rows whose pass 1 left them out.
+inline void ensure_stats(RowState& st) {
+  if (st.have_stats) return;
+  st.have_stats = true;
+  const float* z = st.z;
+  for (int64_t t = 0; t < st.ntiles; ++t) {
+    const float m = st.tmax[t];
+    st.tsum[t] = 0.0f;
+    if (!(m > -kInf)) continue;
+    const int64_t i0 = t * kTile, e16 = std::min(st.vp, i0 + kTile);
+    vf acc = set1(0.0f);
+    for (int64_t i = i0; i < e16; i += kLanes) acc = acc + vexp(load(z + i) - set1(m));
+    st.tsum[t] = hsum(acc);
+  }
+  st.S = row_mass(st);
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Truncation: every rule raises a value threshold on z, or (typical) sets a band (docs/semantics.md §3 E, §4)
+
+// Every element with a value >= v is in the head.
+inline bool head_covers(const RowState& st, float v) { return st.use_head && (st.hall || v > st.hlast); }
+
+inline void ensure_nsurv(RowState& st) {
+  if (!st.nsurv_known) {
+    st.nsurv = count_ge(st.z, st.vp, st.keep.lo);
+    st.nsurv_known = true;
+  }
+}
+
+inline void raise_lo(RowState& st, float thr) {
+  if (thr > st.keep.lo) {
+    st.keep.lo = thr;
+    st.nsurv_known = false;
+  }
+}
+
+// The k-th largest value with multiplicity, from the head when it holds it.
+inline float kth(RowState& st, int64_t k) {
+  return (st.use_head && k <= st.nh) ? st.hd[k - 1].v : kth_largest(st.s, st.z, st.vp, k, st.nfinite);
+}
+
+inline MassBuffers mass_buffers(RowState& st) { return st.s.mass_buffers(); }
+
+// What pass 1 kept for a full-row mass selection.
+inline MassPrior mass_prior(const RowState& st, double known_total) {
+  MassPrior p;
+  p.known_total = known_total;
+  p.tile_exp = st.store_e ? st.ebuf : nullptr;
+  p.tile_max = st.tmax;
+  p.n_exact = st.store_e ? st.n_exact : -1;
+  p.tile_exact_lo = st.store_e ? st.tile_r : nullptr;
+  return p;
+}
+
+// The head: the top kHead values (value desc, id asc) of pass 1, complete above its last value.
+inline void start_truncation(RowState& st) {
+  st.nsurv = st.nfinite;
+  if (!st.use_head) return;
+  st.s.head.finish();
+  st.nh = st.s.head.n;
+  st.hd = st.s.head.buf.data();
+  st.hlast = st.nh ? st.hd[st.nh - 1].v : -kInf;
+  st.hall = st.nh < st.head_k;
+}
+
+// top-k: keep z >= the max(k, min_keep)-th largest value.
+inline void apply_top_k(RowState& st, int32_t top_k) {
+  const int64_t k = std::max<int64_t>(top_k, st.min_keep);
+  if (k < st.nfinite) raise_lo(st, kth(st, k));
+}
+
+// top-p by walking the head in order: exact while the tie groups walked are complete. Returns whether it found the
+// cut (then *thr is it); a survivor set bounded by top-k always lies in the head.
+inline bool top_p_in_head(RowState& st, float top_p, float* thr) {
+  const float lo = st.keep.lo;
+  const bool bounded = lo > -kInf;
+  const Entry* hd = st.hd;
+  const int64_t nh = st.nh;
+  int64_t ns = nh;
+  if (!bounded) ensure_stats(st);
+  double tot = st.S;
+  if (bounded) {
+    ns = 0;
+    tot = 0.0;
+    while (ns < nh && hd[ns].v >= lo) tot += std::exp(static_cast<double>(hd[ns++].v) - st.M);
+  }
+  const double target = static_cast<double>(top_p) * tot;
+  double cum = 0.0;
+  bool done = false;
+  for (int64_t i = 0; i < ns;) {
+    const float v = hd[i].v;
+    int64_t j = i;
+    const double w = std::exp(static_cast<double>(v) - st.M);
+    do {  // hd[i] itself, then its ties: the walk always advances
+      cum += w;
+      ++j;
+    } while (j < ns && hd[j].v == v);
+    if (!bounded && !head_covers(st, v)) break;  // this group may continue beyond the head
+    *thr = v;
+    if (cum >= target) {
+      done = true;
+      break;
+    }
+    i = j;
+  }
+  if (bounded && !done) done = true;  // never reached (rounding): keep every survivor (thr = last)
+  if (done) {
+    st.nsurv = bounded ? ns : st.nfinite;
+    st.nsurv_known = true;
+  }
+  return done;
+}
+
+// top-p: from the head when it can, else a mass selection over the survivors; then lowered to keep min_keep.
+inline void apply_top_p(RowState& st, float top_p) {
+  const float lo = st.keep.lo;
+  float thr = lo;
+  bool done = false;
+  if (st.use_head && (!(lo > -kInf) || head_covers(st, lo))) done = top_p_in_head(st, top_p, &thr);
+  bool htw = false;
+  if (!done) {
+    ensure_nsurv(st);
+    ensure_stats(st);
+    MassSelect sel(
+        mass_buffers(st), st.z, st.vp, st.M, [](vf v) { return v; },
+        [lo](vf v) { return gt(v, set1(-kInf)) & ge(v, set1(lo)); });
+    thr = sel.run(st.M, st.nsurv, static_cast<double>(top_p), true, mass_prior(st, lo > -kInf ? -1.0 : st.S));
+    htw = sel.have_tw;
+  }
+  const int64_t mk = std::min(st.min_keep, st.nsurv);
+  if (mk > 1) {
+    const float k2 = kth(st, mk);
+    if (k2 < thr) {
+      thr = k2;
+      htw = false;
+    }
+  }
+  raise_lo(st, thr);
+  if (htw) st.tw_keep = st.keep;
+  st.have_tw = htw;
+}
+
+// min-p: keep z >= M + ln(min_p), lowered to keep min_keep.
+inline void apply_min_p(RowState& st, float min_p) {
+  float thr = static_cast<float>(static_cast<double>(st.M) + std::log(static_cast<double>(min_p)));
+  if (st.min_keep > 1) {
+    ensure_nsurv(st);
+    const int64_t mk = std::min(st.min_keep, st.nsurv);
+    if (mk > 1) thr = std::min(thr, kth(st, mk));
+  }
+  raise_lo(st, thr);
+}
+
+// Sums of q and of q (z - M) (unnormalised, q = exp(z - M)) over the survivors z >= lo, for the entropy.
+inline void survivor_entropy_sums(const RowState& st, float lo, double* sw_out, double* swz_out) {
+  double sw = 0.0, swz = 0.0;
+  if (st.fuse_entropy && !(lo > -kInf)) {
+    // from pass 1: A = sum_t e^{m_t - M} (B_t + (m_t - M) s_t) with B_t = sum exp(z - m_t)(z - m_t)
+    for (int64_t t = 0; t < st.ntiles; ++t) {
+      if (!(st.tmax[t] > -kInf)) continue;
+      const double sc = std::exp(static_cast<double>(st.tmax[t]) - st.M);
+      sw += sc * st.tsum[t];
+      swz += sc * (st.tent[t] + (static_cast<double>(st.tmax[t]) - st.M) * st.tsum[t]);
+    }
+  } else {
+    const float* z = st.z;
+    const vf vM = set1(st.M), vlo = set1(lo), ninf = set1(-kInf);
+    for (int64_t i0 = 0; i0 < st.vp; i0 += kTile) {
+      const int64_t i1 = std::min(st.vp, i0 + kTile);
+      vf a0 = set1(0.0f), a1 = set1(0.0f);
+      for (int64_t i = i0; i < i1; i += kLanes) {
+        vf v = load(z + i);
+        mask_t sel = gt(v, ninf) & ge(v, vlo);
+        if (!sel) continue;
+        vf d = v - vM;
+        vf w = vexp(d);
+        a0 = mask_add(a0, sel, w);
+        // q = 0 contributes 0 to H (0 ln 0 = 0, docs/semantics.md §3 E item 4); d = z - M may be -inf for a finite z
+        // (z - M below -FLT_MAX), and 0 * -inf would make H NaN
+        a1 = mask_add(a1, sel & gt(w, set1(0.0f)), w * d);
+      }
+      sw += hsum(a0);
+      swz += hsum(a1);
+    }
+  }
+  *sw_out = sw;
+  *swz_out = swz;
+}
+
+// The mk-th smallest typical score |z - c0| among the survivors z >= lo.
+inline float typical_kth_score(RowState& st, int64_t mk, float lo, float c0) {
+  const float* z = st.z;
+  float* key = st.s.tmp_key.data();
+  const vf vlo = set1(lo), vc0 = set1(c0), ninf = set1(-kInf);
+  for (int64_t i = 0; i < st.vp; i += kLanes) {
+    vf u = load(z + i);
+    mask_t sel = gt(u, ninf) & ge(u, vlo);
+    store(key + i, select(sel, set1(0.0f) - vabs(u - vc0), ninf));
+  }
+  TopSel& sel = st.s.sel;
+  sel.reset(mk);
+  sel.scan(key, st.vp, 0, [](int64_t) { return kAll; });
+  sel.finish();
+  // a survivor whose |z - c0| overflows to +inf (key -inf) never enters the selection: fewer than mk entries means the
+  // mk-th smallest score is +inf (keep every survivor)
+  return sel.n >= mk ? -sel.buf[mk - 1].v : kInf;
+}
+
+// typical-p: the band |z - c0| <= s* around c0 = M + ln(sw) - H (the score -ln q - H is |z - c0| up to the sign),
+// s* from a mass selection on the keys -|z - c0|, raised to keep min_keep.
+inline void apply_typical(RowState& st, float typ) {
+  ensure_nsurv(st);
+  const float lo = st.keep.lo;
+  double sw = 0.0, swz = 0.0;
+  survivor_entropy_sums(st, lo, &sw, &swz);
+  const double H = std::log(sw) - swz / sw;
+  const float c0 = static_cast<float>(static_cast<double>(st.M) + std::log(sw) - H);
+  const vf vc0 = set1(c0);
+  MassSelect sel(
+      mass_buffers(st), st.z, st.vp, st.M, [vc0](vf u) { return set1(0.0f) - vabs(u - vc0); },
+      [lo](vf u) { return gt(u, set1(-kInf)) & ge(u, set1(lo)); });
+  float sstar = -sel.run(0.0f, st.nsurv, static_cast<double>(typ), false, mass_prior(st, -1.0));
+  bool htw = sel.have_tw;
+  const int64_t mk = std::min(st.min_keep, st.nsurv);
+  if (mk > 1) {
+    const float s2 = typical_kth_score(st, mk, lo, c0);
+    if (s2 > sstar) {
+      sstar = s2;
+      htw = false;
+    }
+  }
+  st.keep.band = true;
+  st.keep.c0 = c0;
+  st.keep.s = sstar;
+  if (htw) st.tw_keep = st.keep;
+  st.have_tw = htw;
+}
+
+// Mirostat v2: keep ln q = (z - M) - ln S >= -mu ln 2; the shift is added last, so ln S survives a large M.
+inline void apply_mirostat_v2(RowState& st) {
+  constexpr double kLn2 = 0.69314718055994530942;
+  float thr = static_cast<float>(st.M + (std::log(st.S) - static_cast<double>(st.mu_in) * kLn2));
+  if (!(thr <= st.M)) thr = st.M;  // none kept (or NaN mu): keep the argmax
+  raise_lo(st, thr);
+}
+
+// Mirostat v1's k (docs/semantics.md §3 E) from the Zipf exponent of the head's top min(kMirostatM, n) values.
+inline int64_t mirostat_v1_k(const RowState& st) {
+  const int64_t m = std::min<int64_t>(kMirostatM, st.nfinite);  // nh >= m
+  const Entry* hd = st.hd;
+  const double N = static_cast<double>(st.vs);
+  double kf = std::numeric_limits<double>::quiet_NaN();
+  if (m >= 2) {
+    double sum_tb = 0.0, sum_tt = 0.0;
+    for (int64_t i = 0; i + 1 < m; ++i) {
+      const double ti = std::log((i + 2.0) / (i + 1.0));
+      const double bi = static_cast<double>(hd[i].v) - static_cast<double>(hd[i + 1].v);
+      sum_tb += ti * bi;
+      sum_tt += ti * ti;
+    }
+    const double sh = sum_tb / sum_tt;
+    const double eps = sh - 1.0;
+    const double two_mu = std::pow(2.0, static_cast<double>(st.mu_in));
+    const double base = std::fabs(eps) < 1e-6 ? two_mu / std::log(N) : (eps * two_mu) / (1.0 - std::pow(N, -eps));
+    if (sh != 0.0)
+      kf = (base < 0.0) ? std::numeric_limits<double>::quiet_NaN() : std::pow(base, 1.0 / sh);
+    else
+      kf = base > 1.0 ? std::numeric_limits<double>::infinity() : (base == 1.0 ? 1.0 : 0.0);
+  }
+  if (!std::isfinite(kf)) kf = N;
+  kf = std::floor(kf);
+  kf = std::min(std::max(kf, 1.0), N);
+  return static_cast<int64_t>(kf);
+}
+
+inline void apply_mirostat_v1(RowState& st) {
+  const int64_t k = mirostat_v1_k(st);
+  if (k < st.nfinite) raise_lo(st, kth(st, k));
+}
+
+// The four rules in their fixed order, or Mirostat instead of them (docs/semantics.md §3 E).
+inline void truncate(RowState& st) {
+  start_truncation(st);
+  if (st.miro == 0) {
+    const float* fp = st.fp;
+    if (st.ip[I_TOP_K] > 0) apply_top_k(st, st.ip[I_TOP_K]);
+    if (fp[F_TOP_P] < 1.0f) apply_top_p(st, fp[F_TOP_P]);
+    if (fp[F_MIN_P] > 0.0f) apply_min_p(st, fp[F_MIN_P]);
+    if (fp[F_TYPICAL_P] < 1.0f) apply_typical(st, fp[F_TYPICAL_P]);
+  } else if (st.miro == 2) {
+    apply_mirostat_v2(st);
+  } else {
+    apply_mirostat_v1(st);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Kept tile weights: W_t of docs/semantics.md §3 F, relative to exp(shift), and S_kept = sum W_t
+
+// From the head, when it holds the whole kept set.
+inline void kept_weights_from_head(RowState& st) {
+  double* tw = st.tw;
+  for (int64_t t = 0; t < st.ntiles; ++t) tw[t] = 0.0;
+  st.S_kept = 0.0;
+  for (int64_t i = 0; i < st.nh && st.hd[i].v >= st.keep.lo; ++i) {
+    const double w = std::exp(static_cast<double>(st.hd[i].v) - st.M);
+    tw[st.hd[i].id / kTile] += w;
+    st.S_kept += w;
+    st.nkept_head = i + 1;
+  }
+}
+
+// A masked exp pass over the tiles that can hold kept tokens; when every kept weight underflows relative to M, again
+// shifted by the kept maximum.
+inline void kept_weights_pass(RowState& st) {
+  const float* z = st.z;
+  double* tw = st.tw;
+  const Keep keep = st.keep;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    const vf vsh = set1(st.shift);
+    double S_kept = 0.0;
+    for (int64_t t = 0; t < st.ntiles; ++t) {
+      tw[t] = 0.0;
+      if (!(st.tmax[t] >= keep.lo)) continue;
+      const int64_t i0 = t * kTile, e16 = std::min(st.vp, i0 + kTile);
+      vf acc = set1(0.0f);
+      for (int64_t i = i0; i < e16; i += kLanes) {
+        vf v = load(z + i);
+        mask_t km = keep.mask(v);
+        if (!km) continue;
+        acc = mask_add(acc, km, vexp(v - vsh));
+      }
+      tw[t] = hsum(acc);
+      S_kept += tw[t];
+    }
+    st.S_kept = S_kept;
+    if (S_kept > 0.0 || attempt == 1) break;
+    float mk = -kInf;
+    for (int64_t i = 0; i < st.vp; ++i)
+      if (keep.test(z[i])) mk = std::max(mk, z[i]);
+    st.shift = mk;
+  }
+}
+
+inline void kept_tile_weights(RowState& st) {
+  st.kept_in_head = !st.keep.band && st.keep.lo > -kInf && head_covers(st, st.keep.lo);
+  if (st.have_tw && st.keep == st.tw_keep && !st.kept_in_head) {  // from the mass selection
+    st.S_kept = 0.0;
+    for (int64_t t = 0; t < st.ntiles; ++t) st.S_kept += st.tw[t];
+    if (!(st.S_kept > 0.0)) st.have_tw = false;
+  } else {
+    st.have_tw = false;
+  }
+  if (st.kept_mode || st.have_tw) return;  // the kept mask needs no weights
+  if (st.kept_in_head) {
+    kept_weights_from_head(st);
+  } else if (st.keep.truncates()) {
+    kept_weights_pass(st);
+  } else if (st.single_tile_draw && !st.have_stats) {
+    st.tw[0] = 1.0;  // any positive weight: the only tile wins the race
+  } else {
+    ensure_stats(st);
+    st.S_kept = st.S;
+    for (int64_t t = 0; t < st.ntiles; ++t)
+      st.tw[t] =
+          st.tmax[t] > -kInf ? static_cast<double>(st.tsum[t]) * std::exp(static_cast<double>(st.tmax[t]) - st.M) : 0.0;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// The draw: a two-level exponential race (docs/semantics.md §3 F, §7)
+
+struct RaceKey {
+  PhiloxKey key;
+  uint32_t step, seq;
+};
+
+// The winning tile (Philox stream 1), or -1 when no tile has weight (not for a valid row).
+inline int64_t race_tiles(const RowState& st, const RaceKey& rk) {
+  const double* tw = st.tw;
+  int64_t tbest = st.ntiles == 1 && tw[0] > 0.0 ? 0 : -1;  // a single tile needs no race
+  double sbest = -std::numeric_limits<double>::infinity();
+  for (int64_t t = 0; t < st.ntiles && st.ntiles > 1; ++t) {
+    if (!(tw[t] > 0.0)) continue;
+    const double sc = std::log(tw[t]) - std::log(exp_noise(philox_word(rk.key, t, rk.step, rk.seq, 1)));
+    if (tbest < 0 || sc > sbest) {
+      sbest = sc;
+      tbest = t;
+    }
+  }
+  return tbest;
+}
+
+// The token race among the kept head entries in the winning tile: their words 16 counters at a time; the head is in
+// value order, so the best score comes early and neg_log_noise_bound (no logarithm) rules out most of the rest: a token
+// whose bound is below the best score cannot win.
+inline void race_head(RowState& st, const RaceKey& rk, int64_t tbest) {
+  const Entry* hd = st.hd;
+  int32_t hid[kHead];  // positions in the head
+  uint32_t hw[kHead];  // their words
+  int64_t nr = 0;
+  for (int64_t i = 0; i < st.nkept_head; ++i)
+    if (hd[i].id / kTile == tbest) hid[nr++] = static_cast<int32_t>(i);
+  alignas(64) uint32_t c0s[kLanes], sel[kLanes];
+  alignas(64) uint32_t wv[4][kLanes];
+  for (int64_t j0 = 0; j0 < nr; j0 += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, nr - j0);
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const uint32_t id = l < n ? static_cast<uint32_t>(hd[hid[j0 + l]].id) : 0u;
+      c0s[l] = id >> 2;
+      sel[l] = id & 3u;
+    }
+    vu words[4];
+    philox16(rk.key, uload(c0s), rk.step, rk.seq, 0, words);
+    for (int w = 0; w < 4; ++w) ustore(wv[w], words[w]);
+    for (int64_t l = 0; l < n; ++l) hw[j0 + l] = wv[sel[l]][l];
+  }
+  int64_t token = -1;
+  double best = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < nr; ++j) {
+    const Entry& h = hd[hid[j]];
+    const double v = static_cast<double>(h.v);
+    if (token >= 0 && v + neg_log_noise_bound(hw[j]) < best) continue;
+    const double sc = v - std::log(exp_noise(hw[j]));
+    if (token < 0 || sc > best || (sc == best && h.id < token)) {
+      best = sc;
+      token = h.id;
+    }
+  }
+  st.token = token;
+}
+
+// The token race inside a tile, 64 ids (16 Philox counters) a block. Per-lane running best (score, id); ties go to the
+// lower id. -ln E <= 22.87 for every 32-bit word, so a block whose kept maximum is below (best so far - 24) cannot win
+// and gets no Philox: starting with the block that holds the tile's kept maximum, peaked rows skip most of the tile. In
+// the other blocks neg_log_noise_bound16 bounds each token's score from its word without a logarithm; only blocks where
+// a kept token's bound reaches the best score so far get the exact noise, a few blocks per row (a token passes with
+// probability about e^(z - best), about one in the whole row beyond the first block).
+struct TokenRace {
+  static constexpr float kNoiseMax = 24.0f;
+  const float* z;
+  Keep keep;
+  RaceKey rk;
+  int64_t e16;  // the tile's end in z
+  vf bsc = set1(-kInf), bid = set1(-1.0f);
+  vf iota = lane_iota();
+  float best_lb = -kInf;  // a score some kept token already reached
+
+  inline void block(int64_t b0) {
+    const int64_t b1 = std::min(e16, b0 + 64);
+    const int nq = static_cast<int>((b1 - b0) / kLanes);
+    mask_t km[4] = {0, 0, 0, 0};
+    vf zq[4];
+    vf bm = set1(-kInf);
+    for (int q = 0; q < nq; ++q) {
+      zq[q] = load(z + b0 + q * kLanes);
+      km[q] = keep.mask(zq[q]);
+      bm = vmax(bm, select(km[q], zq[q], set1(-kInf)));
+    }
+    const float blk_max = hmax(bm);
+    if (!(blk_max > -kInf) || blk_max + kNoiseMax < best_lb) return;
+    vu words[4];
+    philox16(rk.key, uiota(static_cast<uint32_t>(b0 >> 2)), rk.step, rk.seq, 0, words);
+    vf wq[4], idq[4];
+    if (best_lb > -kInf) {
+      for (int w = 0; w < 4; ++w) wq[w] = neg_log_noise_bound16(words[w]);
+      transpose4x16(wq, idq);
+      mask_t cand = 0;
+      for (int q = 0; q < nq; ++q) cand |= ge(zq[q] + idq[q], set1(best_lb)) & km[q];
+      if (!cand) return;
+    }
+    for (int w = 0; w < 4; ++w) wq[w] = neg_log_noise16(words[w]);
+    transpose4x16(wq, idq);
+    for (int q = 0; q < nq; ++q) {
+      if (!km[q]) continue;
+      vf sc = zq[q] + idq[q];
+      vf ids = iota + set1(static_cast<float>(b0 + q * kLanes));
+      const mask_t up = (gt(sc, bsc) | (eq(sc, bsc) & lt(ids, bid))) & km[q];
+      bsc = select(up, sc, bsc);
+      bid = select(up, ids, bid);
+    }
+    best_lb = std::max(best_lb, hmax(bsc));
   }
 
-  a.tokens[r] = token;
+  // the winner over the lanes (ties: the lower id), or -1
+  int64_t winner() const {
+    alignas(64) float sv[kLanes], iv[kLanes];
+    store(sv, bsc);
+    store(iv, bid);
+    int64_t token = -1;
+    float bestv = -kInf;
+    for (int l = 0; l < kLanes; ++l) {
+      if (iv[l] < 0.0f) continue;
+      const int64_t id = static_cast<int64_t>(iv[l]);
+      if (token < 0 || sv[l] > bestv || (sv[l] == bestv && id < token)) {
+        bestv = sv[l];
+        token = id;
+      }
+    }
+    return token;
+  }
+};
+
+// The first 64-id block of [i0, e16) holding the kept maximum of the tile (tmk: its maximum when nothing is cut).
+inline int64_t kept_max_block(const RowState& st, int64_t i0, int64_t e16, float tmk) {
+  const float* z = st.z;
+  const Keep keep = st.keep;
+  if (keep.truncates()) {
+    vf mxk = set1(-kInf);
+    for (int64_t i = i0; i < e16; i += kLanes) {
+      vf v = load(z + i);
+      mxk = vmax(mxk, select(keep.mask(v), v, set1(-kInf)));
+    }
+    tmk = hmax(mxk);
+  }
+  for (int64_t i = i0; i < e16; i += kLanes) {
+    vf v = load(z + i);
+    if (eq(v, set1(tmk)) & keep.mask(v)) return i0 + (i - i0) / 64 * 64;
+  }
+  return -1;
+}
+
+inline void race_tile(RowState& st, const RaceKey& rk, int64_t tbest) {
+  const int64_t i0 = tbest * kTile, e16 = std::min(st.vp, i0 + kTile);
+  const int64_t first = kept_max_block(st, i0, e16, st.tmax[tbest]);
+  TokenRace race{st.z, st.keep, rk, e16};
+  if (first >= 0) race.block(first);
+  for (int64_t b0 = i0; b0 < e16; b0 += 64)
+    if (b0 != first) race.block(b0);
+  st.token = race.winner();
+}
+
+// The token of a sampled row; false when no kept token could be drawn (not for a valid row; defensive).
+inline bool draw(RowState& st) {
+  const uint64_t seed = static_cast<uint64_t>(st.a.seeds[st.r]);
+  const RaceKey rk{{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)},
+                   static_cast<uint32_t>(st.a.steps[st.r]),
+                   static_cast<uint32_t>(st.a.seqs[st.r])};
+  const int64_t tbest = race_tiles(st, rk);
+  if (tbest < 0) return false;
+  if (st.kept_in_head)
+    race_head(st, rk, tbest);
+  else
+    race_tile(st, rk, tbest);
+  return st.token >= 0;
+}
+
+// Greedy (docs/semantics.md §3 D): the first tile holding M, then its first element equal to M (bounded walks: M is
+// one of them).
+inline int64_t greedy_token(const RowState& st) {
+  int64_t tb = 0;
+  while (tb + 1 < st.ntiles && st.tmax[tb] != st.M) ++tb;
+  const int64_t iend = std::min(st.vs, tb * kTile + kTile) - 1;
+  int64_t i = tb * kTile;
+  while (i < iend && st.z[i] != st.M) ++i;
+  return i;
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Outputs
+
+inline void write_invalid(const RowState& st) {
+  const BatchArgs& a = st.a;
+  const int64_t r = st.r;
+  if (st.kept_mode) {
+    std::fill(a.kept + r * a.V, a.kept + (r + 1) * a.V, uint8_t{0});
+    return;
+  }
+  if (st.probs_mode) {
+    std::fill(a.probs + r * a.V, a.probs + (r + 1) * a.V, 0.0f);
+    return;
+  }
+  a.tokens[r] = -1;
+  a.valid[r] = 0;
+  a.logprobs[r] = std::numeric_limits<float>::quiet_NaN();
+  a.ranks[r] = -1;
+  for (int64_t j = 0; j < a.n_top; ++j) {
+    a.top_ids[r * a.n_top + j] = -1;
+    a.top_lps[r * a.n_top + j] = std::numeric_limits<float>::quiet_NaN();
+  }
+  a.mu_out[r] = st.mu_in;
+}
+
+// The kept set itself, not derived from probabilities (a kept token may have probability 0 in float32, e.g. z = -200
+// next to z = 0).
+inline void write_kept_mask(const RowState& st) {
+  uint8_t* km_out = st.a.kept + st.r * st.a.V;
+  std::fill(km_out, km_out + st.a.V, uint8_t{0});
+  if (st.greedy) {
+    km_out[st.token] = 1;
+    return;
+  }
+  for (int64_t i = 0; i < st.vs; i += kLanes) {
+    const mask_t km = st.keep.mask(load(st.z + i));
+    const int64_t n = std::min<int64_t>(kLanes, st.vs - i);
+    for (int64_t j = 0; j < n; ++j) km_out[i + j] = static_cast<uint8_t>((km >> j) & 1u);
+  }
+}
+
+// The distribution drawn from: exp(z - shift) / S_kept on the kept set.
+inline void write_probs(const RowState& st) {
+  float* pr = st.a.probs + st.r * st.a.V;
+  std::fill(pr, pr + st.a.V, 0.0f);
+  if (st.greedy) {
+    pr[st.token] = 1.0f;
+    return;
+  }
+  const float* z = st.z;
+  const Keep keep = st.keep;
+  const float inv = static_cast<float>(1.0 / st.S_kept);
+  const vf vsh = set1(st.shift), vinv = set1(inv);
+  alignas(64) float buf[kLanes];
+  for (int64_t i = 0; i < st.vp; i += kLanes) {
+    vf v = load(z + i);
+    mask_t km = keep.mask(v);
+    if (!km) continue;
+    vf p = maskz(km, vexp(v - vsh) * vinv);
+    if (i + kLanes <= st.vs) {
+      store(pr + i, p);
+    } else {
+      store(buf, p);
+      for (int64_t j = i; j < st.vs; ++j) pr[j] = buf[j - i];
+    }
+  }
+}
+
+// mu <- mu - eta (-log2 q'[token] - tau) (docs/semantics.md §3 E, Update).
+inline float updated_mu(const RowState& st) {
+  if (st.miro == 0 || st.greedy) return st.mu_in;
+  const double qx = std::exp(static_cast<double>(st.z[st.token]) - st.shift) / st.S_kept;
+  const double surprise = -std::log2(qx);
+  return static_cast<float>(static_cast<double>(st.mu_in) - st.fp[F_MIRO_ETA] * (surprise - st.fp[F_MIRO_TAU]));
+}
+
+// log-softmax as (v - max) - ln(sum): the shift first, so ln(sum) is not absorbed by a large max
+// (docs/semantics.md §6)
+inline float lp_of(float v, double m, double log_sum) {
+  return static_cast<float>((static_cast<double>(v) - m) - log_sum);
+}
+
+// The row's top-N outputs.
+struct TopOut {
+  int64_t* ids;
+  float* lps;
+  int64_t n;  // the row's top_logprobs
+};
+
+inline TopOut top_out(const RowState& st) {
+  return {st.a.top_ids + st.r * st.a.n_top, st.a.top_lps + st.r * st.a.n_top, st.ntop_row};
+}
+
+// Entries from `have` on: the lowest ids whose logprob is -inf.
+template <class IsNegInf>
+inline void pad_neg_inf(const RowState& st, const TopOut& top, int64_t have, IsNegInf is_neg_inf) {
+  int64_t j = have;
+  for (int64_t t = 0; t < st.vs && j < top.n; ++t) {
+    if (is_neg_inf(t)) {
+      top.ids[j] = t;
+      top.lps[j] = -kInf;
+      ++j;
+    }
+  }
+}
+
+// The top-N of a selection made by sel (value desc, id asc) as logprobs; then the -inf padding.
+template <class IsNegInf>
+inline void write_top(const RowState& st, const TopOut& top, const TopSel& sel, double m, double log_sum,
+                      IsNegInf is_neg_inf) {
+  const int64_t have = std::min<int64_t>(sel.n, top.n);
+  for (int64_t j = 0; j < have; ++j) {
+    top.ids[j] = sel.buf[j].id;
+    top.lps[j] = lp_of(sel.buf[j].v, m, log_sum);
+  }
+  if (have < top.n) pad_neg_inf(st, top, have, is_neg_inf);
+}
+
+// Raw logprobs (the input's log-softmax, docs/semantics.md §6): one pass over the input gives the rank, and the raw
+// top-N through a filter seeded with the N-th largest raw lane maximum (a lower bound of the N-th largest value).
+template <typename T>
+inline void logprobs_raw(RowState& st, const TopOut& top) {
+  const T* x = static_cast<const T*>(st.x);
+  const int64_t vs = st.vs;
+  const double log_raw = std::log(st.raw_sum);
+  const float xt = to_float(x[st.token]);
+  st.a.logprobs[st.r] = lp_of(xt, st.raw_max, log_raw);
+  TopSel& sr = st.s.sel_raw;
+  if (top.n > 0) {
+    sr.reset(top.n);
+    const float seed = lower_bound_kth(st.s.raw_lane_max.data(), st.ntiles * kLanes, top.n);
+    if (seed > -kInf) sr.tau = std::nextafter(seed, -kInf);
+  }
+  int64_t c = 0;
+  const vf vx = set1(xt);
+  int64_t i = 0;
+  for (; i + kLanes <= vs; i += kLanes) {
+    const vf v = load(x + i);
+    c += popcount(gt(v, vx));
+    if (top.n > 0) {
+      mask_t m = gt(v, set1(sr.tau));
+      while (m) {
+        const int l = ctz(m);
+        m &= m - 1;
+        const float val = to_float(x[i + l]);
+        if (val > sr.tau) sr.push(val, static_cast<int32_t>(i + l));
+      }
+    }
+  }
+  for (; i < vs; ++i) {
+    const float val = to_float(x[i]);
+    c += val > xt;
+    if (top.n > 0 && val > sr.tau) sr.push(val, static_cast<int32_t>(i));
+  }
+  st.a.ranks[st.r] = 1 + c;
+  if (top.n > 0) {
+    sr.finish();
+    write_top(st, top, sr, st.raw_max, log_raw, [&](int64_t t) { return !(to_float(x[t]) > -kInf); });
+  }
+}
+
+// Greedy rows' final logprobs: the argmax has logprob 0, the rest -inf.
+inline void logprobs_greedy_final(RowState& st, const TopOut& top) {
+  st.a.logprobs[st.r] = 0.0f;
+  st.a.ranks[st.r] = 1;
+  if (top.n > 0) {
+    top.ids[0] = st.token;
+    top.lps[0] = 0.0f;
+    pad_neg_inf(st, top, 1, [&](int64_t t) { return t != st.token; });
+  }
+}
+
+// Processed logprobs: the log-softmax of z (greedy rows: of l).
+inline void logprobs_processed(RowState& st, const TopOut& top) {
+  const float* z = st.z;
+  const float zt = z[st.token];
+  const double log_s = std::log(st.S);
+  st.a.logprobs[st.r] = lp_of(zt, st.M, log_s);
+  int64_t c = 0;
+  const vf vx = set1(zt);
+  for (int64_t i = 0; i < st.vp; i += kLanes) c += popcount(gt(load(z + i), vx));
+  st.a.ranks[st.r] = 1 + c;
+  if (top.n > 0) {
+    TopSel& sel = st.s.sel;
+    sel.reset(top.n);
+    sel.scan(z, st.vp, 0, [](int64_t) { return kAll; });
+    sel.finish();
+    write_top(st, top, sel, st.M, log_s, [&](int64_t t) { return !(z[t] > -kInf); });
+  }
+}
+
+// Final logprobs: z - logsumexp(z over S) on the kept set, -inf elsewhere.
+inline void logprobs_final(RowState& st, const TopOut& top) {
+  const float* z = st.z;
+  const Keep keep = st.keep;
+  const double log_sk = std::log(st.S_kept);
+  const float zt = z[st.token];
+  st.a.logprobs[st.r] = lp_of(zt, static_cast<double>(st.shift), log_sk);
+  int64_t c = 0;
+  const vf vx = set1(zt);
+  for (int64_t i = 0; i < st.vp; i += kLanes) {
+    vf v = load(z + i);
+    c += popcount(gt(v, vx) & keep.mask(v));
+  }
+  st.a.ranks[st.r] = 1 + c;
+  if (top.n > 0) {
+    TopSel& sel = st.s.sel;
+    sel.reset(top.n);
+    sel.scan(z, st.vp, 0, [&](int64_t i) { return keep.mask(load(z + i)); });
+    sel.finish();
+    write_top(st, top, sel, static_cast<double>(st.shift), log_sk, [&](int64_t t) { return !keep.test(z[t]); });
+  }
+}
+
+// The token, the Mirostat update and the logprobs of a drawn (or greedy) row (docs/semantics.md §6).
+template <typename T>
+inline void write_sample(RowState& st) {
+  const BatchArgs& a = st.a;
+  const int64_t r = st.r;
+  a.tokens[r] = st.token;
   a.valid[r] = 1;
-  // mirostat update
-  if (miro != 0 && !greedy) {
-    const double qx = std::exp(static_cast<double>(z[token]) - shift) / S_kept;
-    const double surprise = -std::log2(qx);
-    a.mu_out[r] = static_cast<float>(static_cast<double>(mu_in) -
-                                     fp[F_MIRO_ETA] * (surprise - fp[F_MIRO_TAU]));
-  } else {
-    a.mu_out[r] = mu_in;
-  }
+  a.mu_out[r] = updated_mu(st);
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  int64_t* tid = a.top_ids + r * ntop_out;
-  float* tlp = a.top_lps + r * ntop_out;
-  for (int64_t j = 0; j < ntop_out; ++j) {
-    tid[j] = -1;
-    tlp[j] = nan;
+  for (int64_t j = 0; j < a.n_top; ++j) {
+    a.top_ids[r * a.n_top + j] = -1;
+    a.top_lps[r * a.n_top + j] = nan;
   }
-  if (!want_lp) {
+  if (!st.want_lp) {
     a.logprobs[r] = nan;
     a.ranks[r] = -1;
     return;
   }
-  // fill entries after `have` with the lowest ids whose logprob is -inf
-  auto pad_neg_inf = [&](int64_t have, auto is_neg_inf) {
-    int64_t j = have;
-    for (int64_t t = 0; t < vs && j < ntop_row; ++t) {
-      if (is_neg_inf(t)) {
-        tid[j] = t;
-        tlp[j] = -kInf;
-        ++j;
-      }
-    }
-  };
-  // log-softmax as (v - max) - ln(sum): the shift first, so ln(sum) is not absorbed by a large max
-  // (docs/semantics.md §6)
-  auto lp_of = [](float v, double m, double log_sum) {
-    return static_cast<float>((static_cast<double>(v) - m) - log_sum);
-  };
-  if (lp_mode == MODE_RAW) {
-    const double log_raw = std::log(raw_sum);
-    const float xt = to_float(x[token]);
-    a.logprobs[r] = lp_of(xt, raw_max, log_raw);
-    // one pass over the input: the rank, and the raw top-N through a filter seeded with the N-th
-    // largest raw lane maximum (a lower bound of the N-th largest value)
-    int64_t c = 0;
-    TopSel& sr = s.sel_raw;
-    if (ntop_row > 0) {
-      sr.reset(ntop_row);
-      const float seed = lower_bound_kth(s.raw_lane_max.data(), ntiles * kLanes, ntop_row);
-      if (seed > -kInf) sr.tau = std::nextafter(seed, -kInf);
-    }
-    {
-      const vf vx = set1(xt);
-      int64_t i = 0;
-      for (; i + kLanes <= vs; i += kLanes) {
-        const vf v = load(x + i);
-        c += popcount(gt(v, vx));
-        if (ntop_row > 0) {
-          mask_t m = gt(v, set1(sr.tau));
-          while (m) {
-            const int l = ctz(m);
-            m &= m - 1;
-            const float val = to_float(x[i + l]);
-            if (val > sr.tau) sr.push(val, static_cast<int32_t>(i + l));
-          }
-        }
-      }
-      for (; i < vs; ++i) {
-        const float val = to_float(x[i]);
-        c += val > xt;
-        if (ntop_row > 0 && val > sr.tau) sr.push(val, static_cast<int32_t>(i));
-      }
-    }
-    a.ranks[r] = 1 + c;
-    if (ntop_row > 0) {
-      s.sel_raw.finish();
-      const int64_t have = std::min<int64_t>(s.sel_raw.n, ntop_row);
-      for (int64_t j = 0; j < have; ++j) {
-        tid[j] = s.sel_raw.buf[j].id;
-        tlp[j] = lp_of(s.sel_raw.buf[j].v, raw_max, log_raw);
-      }
-      if (have < ntop_row) pad_neg_inf(have, [&](int64_t t) { return !(to_float(x[t]) > -kInf); });
-    }
+  const TopOut top = top_out(st);
+  if (st.lp_mode == MODE_RAW)
+    logprobs_raw<T>(st, top);
+  else if (st.greedy && st.lp_mode == MODE_FINAL)
+    logprobs_greedy_final(st, top);
+  else if (st.lp_mode == MODE_PROCESSED || st.greedy)
+    logprobs_processed(st, top);
+  else
+    logprobs_final(st, top);
+}
+
+}  // namespace detail
+
+// Run one row through the stages of docs/semantics.md §2. Thread-safe given a per-thread Scratch.
+template <typename T>
+void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
+  using namespace detail;
+  RowState st(a, r, s);
+  read_params<T>(st);
+  plan_pass1(st);
+  for (int64_t t = 0; t < st.ntiles; ++t) pass1_tile<T>(st, t);  // stages A-D and the statistics
+  for (int64_t t = 0; t < st.ntiles; ++t) st.M = std::max(st.M, st.tmax[t]);
+  if (st.use_head && !st.bad && st.M > -kInf) scan_head(st);
+  if (st.bad || !(st.M > -kInf)) {  // docs/semantics.md §5
+    write_invalid(st);
     return;
   }
-  if (lp_mode == MODE_PROCESSED || greedy) {
-    if (lp_mode == MODE_FINAL) {  // greedy, final: the argmax has logprob 0, the rest -inf
-      a.logprobs[r] = 0.0f;
-      a.ranks[r] = 1;
-      if (ntop_row > 0) {
-        tid[0] = token;
-        tlp[0] = 0.0f;
-        pad_neg_inf(1, [&](int64_t t) { return t != token; });
-      }
+  st.have_stats = !st.skip_exp;
+  st.S = row_mass(st);
+  if (st.need_raw && st.raw_is_z) {
+    st.raw_max = st.M;
+    st.raw_sum = st.S;
+  }
+  st.S_kept = st.S;
+  st.shift = st.M;
+  st.tw = s.tile_w.data();
+  if (st.greedy) {
+    st.token = greedy_token(st);
+  } else {
+    truncate(st);
+    kept_tile_weights(st);
+    if (!st.probs_mode && !draw(st)) {
+      write_invalid(st);
       return;
     }
-    const float zt = z[token];
-    const double log_s = std::log(S);
-    a.logprobs[r] = lp_of(zt, M, log_s);
-    int64_t c = 0;
-    const vf vx = set1(zt);
-    for (int64_t i = 0; i < vp; i += kLanes) c += popcount(gt(load(z + i), vx));
-    a.ranks[r] = 1 + c;
-    if (ntop_row > 0) {
-      s.sel.reset(ntop_row);
-      s.sel.scan(z, vp, 0, [](int64_t) { return kAll; });
-      s.sel.finish();
-      const int64_t have = std::min<int64_t>(s.sel.n, ntop_row);
-      for (int64_t j = 0; j < have; ++j) {
-        tid[j] = s.sel.buf[j].id;
-        tlp[j] = lp_of(s.sel.buf[j].v, M, log_s);
-      }
-      if (have < ntop_row) pad_neg_inf(have, [&](int64_t t) { return !(z[t] > -kInf); });
-    }
-    return;
   }
-  // final
-  const double log_sk = std::log(S_kept);
-  const float zt = z[token];
-  a.logprobs[r] = lp_of(zt, static_cast<double>(shift), log_sk);
-  int64_t c = 0;
-  const vf vx = set1(zt);
-  for (int64_t i = 0; i < vp; i += kLanes) {
-    vf v = load(z + i);
-    c += popcount(gt(v, vx) & keep.mask(v));
-  }
-  a.ranks[r] = 1 + c;
-  if (ntop_row > 0) {
-    s.sel.reset(ntop_row);
-    s.sel.scan(z, vp, 0, [&](int64_t i) { return keep.mask(load(z + i)); });
-    s.sel.finish();
-    const int64_t have = std::min<int64_t>(s.sel.n, ntop_row);
-    for (int64_t j = 0; j < have; ++j) {
-      tid[j] = s.sel.buf[j].id;
-      tlp[j] = lp_of(s.sel.buf[j].v, static_cast<double>(shift), log_sk);
-    }
-    if (have < ntop_row) pad_neg_inf(have, [&](int64_t t) { return !keep.test(z[t]); });
-  }
+  if (st.kept_mode)
+    write_kept_mask(st);
+  else if (st.probs_mode)
+    write_probs(st);
+  else
+    write_sample<T>(st);
 }
 
 }  // namespace fastsampler

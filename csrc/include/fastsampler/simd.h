@@ -1,8 +1,6 @@
-// Sixteen-lane float / uint32 vectors for the CPU kernels: AVX-512 intrinsics when the compiler
-// targets AVX-512
-// (-march=native on such a machine), a portable array-of-16 path otherwise (which compilers
-// vectorise for AVX2 / NEON where they can). Also the fast exp / log used by the kernels
-// (Cephes-style polynomials, ~1e-7 relative error).
+// Sixteen-lane float / uint32 vectors for the CPU kernels: AVX-512 intrinsics when the compiler targets AVX-512
+// (-march=native on such a machine), a portable array-of-16 path otherwise (which compilers vectorise for AVX2 / NEON
+// where they can). Also the fast exp / log used by the kernels (Cephes-style polynomials, ~1e-7 relative error).
 //
 // Framework-free: no pybind11 / torch headers.
 #pragma once
@@ -12,8 +10,8 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
-    defined(__AVX512VL__) && !defined(FASTSAMPLER_NO_SIMD)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
+    !defined(FASTSAMPLER_NO_SIMD)
 #include <immintrin.h>
 #define FASTSAMPLER_AVX512 1
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(FASTSAMPLER_NO_SIMD)
@@ -127,14 +125,11 @@ FS_INLINE mask_t lt(vf a, vf b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ
 FS_INLINE mask_t eq(vf a, vf b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ); }
 FS_INLINE mask_t unord(vf a, vf b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_UNORD_Q); }
 // m ? a : b
-FS_INLINE vf select(mask_t m, vf a, vf b) {
-  return {_mm512_mask_blend_ps(static_cast<__mmask16>(m), b.v, a.v)};
-}
+FS_INLINE vf select(mask_t m, vf a, vf b) { return {_mm512_mask_blend_ps(static_cast<__mmask16>(m), b.v, a.v)}; }
 FS_INLINE vf maskz(mask_t m, vf a) { return {_mm512_maskz_mov_ps(static_cast<__mmask16>(m), a.v)}; }
 FS_INLINE float hmax(vf a) { return _mm512_reduce_max_ps(a.v); }
 FS_INLINE float hsum(vf a) { return _mm512_reduce_add_ps(a.v); }
-// Writes the selected lanes contiguously at dst; dst must have room for 16 floats. Returns the
-// count.
+// Writes the selected lanes contiguously at dst; dst must have room for 16 floats. Returns the count.
 FS_INLINE int compress(float* dst, mask_t m, vf a) {
   _mm512_storeu_ps(dst, _mm512_maskz_compress_ps(static_cast<__mmask16>(m), a.v));
   return popcount(m);
@@ -190,9 +185,8 @@ FS_INLINE vf vlog(vf x) {
 // ------------------------------------------------------------------ uint32 lanes (Philox)
 FS_INLINE vu uset1(uint32_t x) { return {_mm512_set1_epi32(static_cast<int>(x))}; }
 FS_INLINE vu uiota(uint32_t base) {
-  return {
-      _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(base)),
-                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15))};
+  return {_mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(base)),
+                           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15))};
 }
 FS_INLINE vu uxor(vu a, vu b) { return {_mm512_xor_si512(a.v, b.v)}; }
 // (hi, lo) of the 64-bit products a * b per lane, a a constant
@@ -208,32 +202,28 @@ FS_INLINE vu uload(const uint32_t* p) { return {_mm512_loadu_si512(p)}; }
 // Lanes r >= 2^31
 FS_INLINE mask_t uhigh(vu r) { return _mm512_movepi32_mask(r.v); }
 FS_INLINE vu unot(vu a) { return {_mm512_xor_si512(a.v, _mm512_set1_epi32(-1))}; }
-FS_INLINE vu uselect(mask_t m, vu a, vu b) {
-  return {_mm512_mask_blend_epi32(static_cast<__mmask16>(m), b.v, a.v)};
-}
+FS_INLINE vu uselect(mask_t m, vu a, vu b) { return {_mm512_mask_blend_epi32(static_cast<__mmask16>(m), b.v, a.v)}; }
 // float(2 * a + 1) * 2^-33 for a < 2^31
 FS_INLINE vf uniform_half(vu a) {
   __m512i t = _mm512_add_epi32(_mm512_slli_epi32(a.v, 1), _mm512_set1_epi32(1));
   return {_mm512_mul_ps(_mm512_cvtepu32_ps(t), _mm512_set1_ps(1.16415321826934814453125e-10f))};
 }
-// The exponent of float(a) (a rounded to nearest): floor(log2 a) for a >= 1 except where the
-// rounding reaches the next power of two (then at most 2^-23 above log2 a); -inf for a = 0.
+// The exponent of float(a) (a rounded to nearest): floor(log2 a) for a >= 1 except where the rounding reaches the next
+// power of two (then at most 2^-23 above log2 a); -inf for a = 0.
 FS_INLINE vf ulog2(vu a) { return {_mm512_getexp_ps(_mm512_cvtepu32_ps(a.v))}; }
-// out[q] lane m = in[m & 3] lane (4 q + m / 4): four vectors of Philox words (lane l of word j is
-// variate 4 l + j) into id order, in registers.
+// out[q] lane m = in[m & 3] lane (4 q + m / 4): four vectors of Philox words (lane l of word j is variate 4 l + j) into
+// id order, in registers.
 FS_INLINE void transpose4x16(const vf in[4], vf out[4]) {
   // pairs (in[0], in[1]) and (in[2], in[3]), interleaved per variate: lanes 4 h .. 4 h + 7
   const __m512i i01lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i i01hi =
-      _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512i i01hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   const __m512 a0 = _mm512_permutex2var_ps(in[0].v, i01lo, in[1].v);
   const __m512 a1 = _mm512_permutex2var_ps(in[0].v, i01hi, in[1].v);
   const __m512 b0 = _mm512_permutex2var_ps(in[2].v, i01lo, in[3].v);
   const __m512 b1 = _mm512_permutex2var_ps(in[2].v, i01hi, in[3].v);
   // two (word 0, word 1) pairs from a, then two (word 2, word 3) pairs from b, per variate
   const __m512i ilo = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
-  const __m512i ihi =
-      _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
+  const __m512i ihi = _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
   out[0].v = _mm512_permutex2var_ps(a0, ilo, b0);
   out[1].v = _mm512_permutex2var_ps(a0, ihi, b0);
   out[2].v = _mm512_permutex2var_ps(a1, ilo, b1);
@@ -265,13 +255,11 @@ struct vu {
 };
 
 FS_INLINE mask_t mbits(__m256 lo, __m256 hi) {
-  return static_cast<mask_t>(_mm256_movemask_ps(lo)) |
-         (static_cast<mask_t>(_mm256_movemask_ps(hi)) << 8);
+  return static_cast<mask_t>(_mm256_movemask_ps(lo)) | (static_cast<mask_t>(_mm256_movemask_ps(hi)) << 8);
 }
 FS_INLINE __m256 mvec(uint32_t m8) {  // 8 mask bits -> lane mask
   const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  return _mm256_castsi256_ps(
-      _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m8)), sel), sel));
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(m8)), sel), sel));
 }
 FS_INLINE vf load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 FS_INLINE __m256 bf16x8(const uint16_t* p) {
@@ -297,31 +285,19 @@ FS_INLINE void store(float* p, vf a) {
   _mm256_storeu_ps(p + 8, a.hi);
 }
 FS_INLINE vf set1(float x) { return {_mm256_set1_ps(x), _mm256_set1_ps(x)}; }
-FS_INLINE vf operator+(vf a, vf b) {
-  return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)};
-}
-FS_INLINE vf operator-(vf a, vf b) {
-  return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)};
-}
-FS_INLINE vf operator*(vf a, vf b) {
-  return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)};
-}
-FS_INLINE vf operator/(vf a, vf b) {
-  return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)};
-}
+FS_INLINE vf operator+(vf a, vf b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+FS_INLINE vf operator-(vf a, vf b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
+FS_INLINE vf operator*(vf a, vf b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+FS_INLINE vf operator/(vf a, vf b) { return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; }
 FS_INLINE vf vmax(vf a, vf b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
 FS_INLINE vf vmin(vf a, vf b) { return {_mm256_min_ps(a.lo, b.lo), _mm256_min_ps(a.hi, b.hi)}; }
 FS_INLINE vf vabs(vf a) {
   const __m256 m = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   return {_mm256_and_ps(a.lo, m), _mm256_and_ps(a.hi, m)};
 }
-FS_INLINE vf fmadd(vf a, vf b, vf c) {
-  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
-}
-#define FS_CMP2(NAME, IMM)                                                        \
-  FS_INLINE mask_t NAME(vf a, vf b) {                                             \
-    return mbits(_mm256_cmp_ps(a.lo, b.lo, IMM), _mm256_cmp_ps(a.hi, b.hi, IMM)); \
-  }
+FS_INLINE vf fmadd(vf a, vf b, vf c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+#define FS_CMP2(NAME, IMM) \
+  FS_INLINE mask_t NAME(vf a, vf b) { return mbits(_mm256_cmp_ps(a.lo, b.lo, IMM), _mm256_cmp_ps(a.hi, b.hi, IMM)); }
 FS_CMP2(gt, _CMP_GT_OQ)
 FS_CMP2(ge, _CMP_GE_OQ)
 FS_CMP2(le, _CMP_LE_OQ)
@@ -330,8 +306,7 @@ FS_CMP2(eq, _CMP_EQ_OQ)
 FS_CMP2(unord, _CMP_UNORD_Q)
 #undef FS_CMP2
 FS_INLINE vf select(mask_t m, vf a, vf b) {
-  return {_mm256_blendv_ps(b.lo, a.lo, mvec(m & 0xFFu)),
-          _mm256_blendv_ps(b.hi, a.hi, mvec((m >> 8) & 0xFFu))};
+  return {_mm256_blendv_ps(b.lo, a.lo, mvec(m & 0xFFu)), _mm256_blendv_ps(b.hi, a.hi, mvec((m >> 8) & 0xFFu))};
 }
 FS_INLINE vf maskz(mask_t m, vf a) {
   return {_mm256_and_ps(a.lo, mvec(m & 0xFFu)), _mm256_and_ps(a.hi, mvec((m >> 8) & 0xFFu))};
@@ -387,10 +362,9 @@ FS_INLINE __m256 exp8(__m256 x) {
 FS_INLINE __m256 log8(__m256 x) {
   __m256i bits = _mm256_castps_si256(x);
   __m256 e = _mm256_cvtepi32_ps(
-      _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(0xFF)),
-                       _mm256_set1_epi32(127)));
-  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(
-      _mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)), _mm256_set1_epi32(0x3F800000)));
+      _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(0xFF)), _mm256_set1_epi32(127)));
+  __m256 m = _mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)), _mm256_set1_epi32(0x3F800000)));
   const __m256 big = _mm256_cmp_ps(m, _mm256_set1_ps(1.41421356237f), _CMP_GT_OQ);
   m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
   e = _mm256_add_ps(e, _mm256_and_ps(big, _mm256_set1_ps(1.0f)));
@@ -419,13 +393,10 @@ FS_INLINE vu uset1(uint32_t x) {
   return {v, v};
 }
 FS_INLINE vu uiota(uint32_t base) {
-  __m256i b = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(base)),
-                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i b = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(base)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   return {b, _mm256_add_epi32(b, _mm256_set1_epi32(8))};
 }
-FS_INLINE vu uxor(vu a, vu b) {
-  return {_mm256_xor_si256(a.lo, b.lo), _mm256_xor_si256(a.hi, b.hi)};
-}
+FS_INLINE vu uxor(vu a, vu b) { return {_mm256_xor_si256(a.lo, b.lo), _mm256_xor_si256(a.hi, b.hi)}; }
 FS_INLINE void mulhilo8(__m256i av, __m256i b, __m256i& hi, __m256i& lo) {
   __m256i pe = _mm256_mul_epu32(b, av);
   __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(b, 32), av);
@@ -451,26 +422,21 @@ FS_INLINE vu unot(vu a) {
   return {_mm256_xor_si256(a.lo, o), _mm256_xor_si256(a.hi, o)};
 }
 FS_INLINE vu uselect(mask_t m, vu a, vu b) {
-  return {_mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(b.lo), _mm256_castsi256_ps(a.lo),
-                                               mvec(m & 0xFFu))),
-          _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(b.hi), _mm256_castsi256_ps(a.hi),
-                                               mvec((m >> 8) & 0xFFu)))};
+  return {_mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(b.lo), _mm256_castsi256_ps(a.lo), mvec(m & 0xFFu))),
+          _mm256_castps_si256(
+              _mm256_blendv_ps(_mm256_castsi256_ps(b.hi), _mm256_castsi256_ps(a.hi), mvec((m >> 8) & 0xFFu)))};
 }
 // (a + 0.5) 2^-32 for a < 2^31 (a converted as a signed int: exact sign, 24-bit rounding)
 FS_INLINE vf uniform_half(vu a) {
-  const __m256 s = _mm256_set1_ps(2.3283064365386962890625e-10f),
-               h = _mm256_set1_ps(1.16415321826934814453125e-10f);
-  return {_mm256_fmadd_ps(_mm256_cvtepi32_ps(a.lo), s, h),
-          _mm256_fmadd_ps(_mm256_cvtepi32_ps(a.hi), s, h)};
+  const __m256 s = _mm256_set1_ps(2.3283064365386962890625e-10f), h = _mm256_set1_ps(1.16415321826934814453125e-10f);
+  return {_mm256_fmadd_ps(_mm256_cvtepi32_ps(a.lo), s, h), _mm256_fmadd_ps(_mm256_cvtepi32_ps(a.hi), s, h)};
 }
-// The exponent of float(a) for a < 2^31 (converted as a signed int, rounded to nearest):
-// floor(log2 a) for a >= 1 except where the rounding reaches the next power of two (then at most
-// 2^-23 above log2 a); -127 for a = 0.
+// The exponent of float(a) for a < 2^31 (converted as a signed int, rounded to nearest): floor(log2 a) for a >= 1
+// except where the rounding reaches the next power of two (then at most 2^-23 above log2 a); -127 for a = 0.
 FS_INLINE __m256 ulog2_8(__m256i a) {
   const __m256i bits = _mm256_castps_si256(_mm256_cvtepi32_ps(a));
-  return _mm256_cvtepi32_ps(_mm256_sub_epi32(
-      _mm256_and_si256(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(0xFF)),
-      _mm256_set1_epi32(127)));
+  return _mm256_cvtepi32_ps(
+      _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(0xFF)), _mm256_set1_epi32(127)));
 }
 FS_INLINE vf ulog2(vu a) { return {ulog2_8(a.lo), ulog2_8(a.hi)}; }
 // out[q] lane m = in[m & 3] lane (4 q + m / 4) (through memory on this path)
@@ -499,8 +465,7 @@ FS_INLINE uint32_t positive32(const int16_t* p) {
   const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
   // 16-bit lanes of all ones / zeros, packed to bytes: (a0-7, b0-7, a8-15, b8-15) per 128-bit half
   const __m256i g = _mm256_packs_epi16(_mm256_cmpgt_epi16(a, zero), _mm256_cmpgt_epi16(b, zero));
-  return static_cast<uint32_t>(
-      _mm256_movemask_epi8(_mm256_permute4x64_epi64(g, _MM_SHUFFLE(3, 1, 2, 0))));
+  return static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_permute4x64_epi64(g, _MM_SHUFFLE(3, 1, 2, 0))));
 }
 
 #else
@@ -588,12 +553,11 @@ FS_INLINE int compress(float* dst, mask_t m, vf a) {
     if ((m >> i) & 1) dst[n++] = a.v[i];
   return n;
 }
-// Same Cephes polynomials as the AVX-512 path, written lane by lane without calls so that compilers
-// vectorise them (AVX2 / NEON); the exponent is applied with integer bit arithmetic.
+// Same Cephes polynomials as the AVX-512 path, written lane by lane without calls so that compilers vectorise them
+// (AVX2 / NEON); the exponent is applied with integer bit arithmetic.
 FS_INLINE float exp_lane(float x) {
   const bool under = x < -87.3365447504f;
-  float xc =
-      x < -87.3365447504f ? -87.3365447504f : (x > 88.3762626647949f ? 88.3762626647949f : x);
+  float xc = x < -87.3365447504f ? -87.3365447504f : (x > 88.3762626647949f ? 88.3762626647949f : x);
   const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
@@ -607,8 +571,7 @@ FS_INLINE float exp_lane(float x) {
   // 2^n as two factors (n may be 128 near the top of the range)
   const int32_t ni = static_cast<int32_t>(n);
   const int32_t n1 = ni >> 1, n2 = ni - n1;
-  const uint32_t b1 = static_cast<uint32_t>(n1 + 127) << 23, b2 = static_cast<uint32_t>(n2 + 127)
-                                                                  << 23;
+  const uint32_t b1 = static_cast<uint32_t>(n1 + 127) << 23, b2 = static_cast<uint32_t>(n2 + 127) << 23;
   float f1, f2;
   std::memcpy(&f1, &b1, 4);
   std::memcpy(&f2, &b2, 4);
@@ -696,15 +659,13 @@ FS_INLINE vu uselect(mask_t m, vu a, vu b) {
 }
 FS_INLINE vf uniform_half(vu a) {
   vf r;
-  for (int i = 0; i < kLanes; ++i)
-    r.v[i] = static_cast<float>(2u * a.v[i] + 1u) * 1.16415321826934814453125e-10f;
+  for (int i = 0; i < kLanes; ++i) r.v[i] = static_cast<float>(2u * a.v[i] + 1u) * 1.16415321826934814453125e-10f;
   return r;
 }
 // floor(log2 a) for a >= 1; -1 for a = 0
 FS_INLINE vf ulog2(vu a) {
   vf r;
-  for (int i = 0; i < kLanes; ++i)
-    r.v[i] = a.v[i] ? static_cast<float>(31 - __builtin_clz(a.v[i])) : -1.0f;
+  for (int i = 0; i < kLanes; ++i) r.v[i] = a.v[i] ? static_cast<float>(31 - __builtin_clz(a.v[i])) : -1.0f;
   return r;
 }
 // out[q] lane m = in[m & 3] lane (4 q + m / 4)
