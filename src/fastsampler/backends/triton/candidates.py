@@ -48,7 +48,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...layout import F_MIN_P, F_TEMPERATURE, F_TOP_P, I_MIN_KEEP, I_MIRO_MODE, I_TOP_K, NF, NI
+from .columns import F_MIN_P, F_TEMPERATURE, F_TOP_P, I_MIN_KEEP, I_MIRO_MODE, I_TOP_K, NF, NI
 from .mirostat import BM, mirostat_k, mirostat_v1_threshold
 from .penalties import (
     NRF,
@@ -73,14 +73,6 @@ from .select import float_key, key_float, radix_select
 GROUP = 128  # ids per group maximum, at most (the bound's resolution: larger groups, fewer maxima, a looser bound)
 CAP = 512  # default candidate slots per row (chosen by the cost model, docs/benchmarks.md)
 
-_NF: tl.constexpr = tl.constexpr(NF)
-_NI: tl.constexpr = tl.constexpr(NI)
-_F_TEMPERATURE: tl.constexpr = tl.constexpr(F_TEMPERATURE)
-_F_TOP_P: tl.constexpr = tl.constexpr(F_TOP_P)
-_F_MIN_P: tl.constexpr = tl.constexpr(F_MIN_P)
-_I_TOP_K: tl.constexpr = tl.constexpr(I_TOP_K)
-_I_MIN_KEEP: tl.constexpr = tl.constexpr(I_MIN_KEEP)
-_I_MIRO_MODE: tl.constexpr = tl.constexpr(I_MIRO_MODE)
 _BM: tl.constexpr = tl.constexpr(BM)
 _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
@@ -233,18 +225,18 @@ def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
     row = tl.program_id(0).to(tl.int64)
     srow = slot_row(row, slot_ptr, SLOTS)
     rf = rowf_ptr + row * _NRF
-    temp = tl.load(fparams_ptr + srow * _NF + _F_TEMPERATURE)
+    temp = tl.load(fparams_ptr + srow * NF + F_TEMPERATURE)
     samp = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0)
     nf = tl.load(rowi_ptr + row * _NRI + _RI_NFIN)
     m = tl.load(rf + _RF_M)
-    k = tl.load(iparams_ptr + srow * _NI + _I_TOP_K)
-    mk = tl.load(iparams_ptr + srow * _NI + _I_MIN_KEEP)
-    p = tl.load(fparams_ptr + srow * _NF + _F_TOP_P)
-    mp = tl.load(fparams_ptr + srow * _NF + _F_MIN_P)
+    k = tl.load(iparams_ptr + srow * NI + I_TOP_K)
+    mk = tl.load(iparams_ptr + srow * NI + I_MIN_KEEP)
+    p = tl.load(fparams_ptr + srow * NF + F_TOP_P)
+    mp = tl.load(fparams_ptr + srow * NF + F_MIN_P)
     miro1 = samp & (nf < 0)  # false (a count is never negative), typed like samp; Mirostat v1 rows below
     mu = tl.load(mu_ptr + srow)
     if MIRO1:
-        miro1 = samp & (tl.load(iparams_ptr + srow * _NI + _I_MIRO_MODE) == 1)
+        miro1 = samp & (tl.load(iparams_ptr + srow * NI + I_MIRO_MODE) == 1)
     keff = tl.where(k > 0, tl.maximum(k, mk), 0)
     cnt = tl.load(rowi_ptr + row * _NRI + _RI_CCOUNT)
     # a candidate row (top-k active, or Mirostat v1) whose candidates all fit; Mirostat v1 may still need the

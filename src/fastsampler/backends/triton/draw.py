@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...layout import (
+from .columns import (
     F_MIRO_ETA,
     F_MIRO_TAU,
     F_TEMPERATURE,
@@ -57,16 +57,6 @@ from .penalties import (
 from .philox import neg_log_exp_noise, philox_quads, philox_word, seed_key
 from .stats import LN2, P_M, P_S, PF, stats_combine
 
-_NF: tl.constexpr = tl.constexpr(NF)
-_NI: tl.constexpr = tl.constexpr(NI)
-_F_TEMPERATURE: tl.constexpr = tl.constexpr(F_TEMPERATURE)
-_F_MIRO_ETA: tl.constexpr = tl.constexpr(F_MIRO_ETA)
-_F_MIRO_TAU: tl.constexpr = tl.constexpr(F_MIRO_TAU)
-_I_LOGPROBS: tl.constexpr = tl.constexpr(I_LOGPROBS)
-_I_LOGPROBS_MODE: tl.constexpr = tl.constexpr(I_LOGPROBS_MODE)
-_I_MIRO_MODE: tl.constexpr = tl.constexpr(I_MIRO_MODE)
-_MODE_RAW: tl.constexpr = tl.constexpr(MODE_RAW)
-_MODE_FINAL: tl.constexpr = tl.constexpr(MODE_FINAL)
 _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
 _RF_M: tl.constexpr = tl.constexpr(RF_M)
@@ -202,20 +192,20 @@ def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
     # outputs
     tl.store(tokens_ptr + row, tok.to(tl.int64))
     tl.store(valid_ptr + row, valid.to(tl.int8))
-    temp = tl.load(fparams_ptr + srow * _NF + _F_TEMPERATURE)
+    temp = tl.load(fparams_ptr + srow * NF + F_TEMPERATURE)
     greedy = temp == 0.0
     lp = float("nan")
     if LOGPROBS:
-        lp_on = (tl.load(iparams_ptr + srow * _NI + _I_LOGPROBS) != 0) & valid
-        mode = tl.load(iparams_ptr + srow * _NI + _I_LOGPROBS_MODE)
+        lp_on = (tl.load(iparams_ptr + srow * NI + I_LOGPROBS) != 0) & valid
+        mode = tl.load(iparams_ptr + srow * NI + I_LOGPROBS_MODE)
         m_raw = tl.load(rowf_ptr + row * _NRF + _RF_M_RAW)
         ls_raw = tl.load(rowf_ptr + row * _NRF + _RF_LS_RAW)
         # lp = (x - m) - ln s with (m, ln s) the mode's log-normaliser; x - (m + ln s) would lose ln s once |x| is
         # above ~1e8 in float32 (docs/semantics.md §6)
-        m_mode = tl.where(mode == _MODE_RAW, m_raw, tl.where(mode == _MODE_FINAL, mk, m))
-        ls_mode = tl.where(mode == _MODE_RAW, ls_raw, tl.where(mode == _MODE_FINAL, ls_kept, ls))
-        vx = tl.where(mode == _MODE_RAW, rawx, zx)
-        lpv = tl.where((mode == _MODE_FINAL) & greedy, 0.0, (vx - m_mode) - ls_mode)
+        m_mode = tl.where(mode == MODE_RAW, m_raw, tl.where(mode == MODE_FINAL, mk, m))
+        ls_mode = tl.where(mode == MODE_RAW, ls_raw, tl.where(mode == MODE_FINAL, ls_kept, ls))
+        vx = tl.where(mode == MODE_RAW, rawx, zx)
+        lpv = tl.where((mode == MODE_FINAL) & greedy, 0.0, (vx - m_mode) - ls_mode)
         lp = tl.where(lp_on, lpv, float("nan"))
     else:
         tl.store(ranks_ptr + row, -1)
@@ -226,10 +216,10 @@ def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
     mu_in = tl.load(mu_ptr + srow)
     mu_out = mu_in
     if MIRO:
-        mode_m = tl.load(iparams_ptr + srow * _NI + _I_MIRO_MODE)
+        mode_m = tl.load(iparams_ptr + srow * NI + I_MIRO_MODE)
         upd = valid & (temp > 0.0) & (mode_m != 0)
-        eta = tl.load(fparams_ptr + srow * _NF + _F_MIRO_ETA)
-        tau = tl.load(fparams_ptr + srow * _NF + _F_MIRO_TAU)
+        eta = tl.load(fparams_ptr + srow * NF + F_MIRO_ETA)
+        tau = tl.load(fparams_ptr + srow * NF + F_MIRO_TAU)
         # -log2 q'[x] with ln q'[x] = (z_x - m) - ln s over the kept set (docs/semantics.md §3 E, update)
         surprise = -((zx - mk) - ls_kept) / _LN2
         mu_out = tl.where(upd, mu_in - eta * (surprise - tau), mu_in)

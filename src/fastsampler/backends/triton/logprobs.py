@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...layout import F_TEMPERATURE, I_LOGPROBS, I_LOGPROBS_MODE, I_TOP_LOGPROBS, MODE_FINAL, MODE_RAW, NF, NI
 from .candidates import kth_largest
+from .columns import F_TEMPERATURE, I_LOGPROBS, I_LOGPROBS_MODE, I_TOP_LOGPROBS, MODE_FINAL, MODE_RAW, NF, NI
 from .penalties import (
     NRF,
     NRI,
@@ -53,17 +53,9 @@ from .select import float_key, key_float, radix_select, select_value
 LP_GROUPS = 256  # groups a row may read on the candidate path (else the whole row is read)
 LP_CAP = 256  # values a row may gather for its top-N on the candidate path
 
-_NF: tl.constexpr = tl.constexpr(NF)
 _LP_GROUPS: tl.constexpr = tl.constexpr(LP_GROUPS)
 _LP_CAP: tl.constexpr = tl.constexpr(LP_CAP)
 _ID_MASK: tl.constexpr = tl.constexpr(0xFFFFFF)  # ids < 2^24 (docs/semantics.md §8): id ^ mask, the low key bits
-_NI: tl.constexpr = tl.constexpr(NI)
-_F_TEMPERATURE: tl.constexpr = tl.constexpr(F_TEMPERATURE)
-_I_LOGPROBS: tl.constexpr = tl.constexpr(I_LOGPROBS)
-_I_LOGPROBS_MODE: tl.constexpr = tl.constexpr(I_LOGPROBS_MODE)
-_I_TOP_LOGPROBS: tl.constexpr = tl.constexpr(I_TOP_LOGPROBS)
-_MODE_RAW: tl.constexpr = tl.constexpr(MODE_RAW)
-_MODE_FINAL: tl.constexpr = tl.constexpr(MODE_FINAL)
 _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
 _RF_M: tl.constexpr = tl.constexpr(RF_M)
@@ -105,19 +97,19 @@ def _logprobs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, e
     row = tl.program_id(0).to(tl.int64)
     srow = slot_row(row, slot_ptr, SLOTS)
     valid = tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0
-    lp_on = (tl.load(iparams_ptr + srow * _NI + _I_LOGPROBS) != 0) & valid
-    mode = tl.load(iparams_ptr + srow * _NI + _I_LOGPROBS_MODE)
-    ntop = tl.where(lp_on, tl.load(iparams_ptr + srow * _NI + _I_TOP_LOGPROBS), 0)
+    lp_on = (tl.load(iparams_ptr + srow * NI + I_LOGPROBS) != 0) & valid
+    mode = tl.load(iparams_ptr + srow * NI + I_LOGPROBS_MODE)
+    ntop = tl.where(lp_on, tl.load(iparams_ptr + srow * NI + I_TOP_LOGPROBS), 0)
     rf = rowf_ptr + row * _NRF
-    vx = tl.where(mode == _MODE_RAW, tl.load(rf + _RF_RAWX), tl.load(rf + _RF_ZX))
+    vx = tl.where(mode == MODE_RAW, tl.load(rf + _RF_RAWX), tl.load(rf + _RF_ZX))
     kx = float_key(vx)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
                                                     stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
-    m_mode = tl.where(mode == _MODE_RAW, tl.load(rf + _RF_M_RAW),
-                      tl.where(mode == _MODE_FINAL, tl.load(rf + _RF_M_KEPT), tl.load(rf + _RF_M)))
-    ls_mode = tl.where(mode == _MODE_RAW, tl.load(rf + _RF_LS_RAW),
-                       tl.where(mode == _MODE_FINAL, tl.load(rf + _RF_LS_KEPT), tl.load(rf + _RF_LS)))
-    final_greedy = (mode == _MODE_FINAL) & (tl.load(fparams_ptr + srow * _NF + _F_TEMPERATURE) == 0.0)
+    m_mode = tl.where(mode == MODE_RAW, tl.load(rf + _RF_M_RAW),
+                      tl.where(mode == MODE_FINAL, tl.load(rf + _RF_M_KEPT), tl.load(rf + _RF_M)))
+    ls_mode = tl.where(mode == MODE_RAW, tl.load(rf + _RF_LS_RAW),
+                       tl.where(mode == MODE_FINAL, tl.load(rf + _RF_LS_KEPT), tl.load(rf + _RF_LS)))
+    final_greedy = (mode == MODE_FINAL) & (tl.load(fparams_ptr + srow * NF + F_TEMPERATURE) == 0.0)
     done = lp_on & (ntop < 0)  # false, typed like lp_on: set where the group maxima finish the row
     if CAND:
         done = _from_groups(row, srow, lp_on, mode, ntop, vx, kx, m_mode, ls_mode, final_greedy,
@@ -238,7 +230,7 @@ def _from_groups(row, srow, lp_on, mode, ntop, vx, kx, m_mode, ls_mode, final_gr
     most ``LP_GROUPS`` groups qualify and at most ``LP_CAP`` values reach the bound."""
     gp = gmax_ptr + row * NG
     if RAW_GROUP:
-        gp = gp + tl.where(mode == _MODE_RAW, tl.num_programs(0) * NG, 0)
+        gp = gp + tl.where(mode == MODE_RAW, tl.num_programs(0) * NG, 0)
     bound = kth_largest(gp, NG, ntop, lp_on & (ntop > 0), GBLOCK)
     # the groups to read, listed in the row's scratch (ascending)
     glist = lps_ptr + row * (_LP_GROUPS + 2 * _LP_CAP)

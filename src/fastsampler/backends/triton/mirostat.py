@@ -13,16 +13,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...layout import F_TEMPERATURE, I_MIRO_MODE, MIROSTAT_M, NF, NI
+from ...layout import MIROSTAT_M
+from .columns import F_TEMPERATURE, I_MIRO_MODE, NF, NI
 from .penalties import NRF, NRI, RF_M, RF_ZLO, RI_NFIN, RI_VALID, block_z, row_scalars, slot_row
 from .select import float_key, radix_select
 
 BM = 1 << (MIROSTAT_M - 1).bit_length()  # power of two >= MIROSTAT_M: the gathered values in one block
 
-_NF: tl.constexpr = tl.constexpr(NF)
-_NI: tl.constexpr = tl.constexpr(NI)
-_F_TEMPERATURE: tl.constexpr = tl.constexpr(F_TEMPERATURE)
-_I_MIRO_MODE: tl.constexpr = tl.constexpr(I_MIRO_MODE)
 _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
 _RF_M: tl.constexpr = tl.constexpr(RF_M)
@@ -149,8 +146,8 @@ def _mirostat_v1_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr
                         BLOCK: tl.constexpr):  # ids per step of the gather pass
     row = tl.program_id(0).to(tl.int64)
     srow = slot_row(row, slot_ptr, SLOTS)
-    temp = tl.load(fparams_ptr + srow * _NF + _F_TEMPERATURE)
-    mode = tl.load(iparams_ptr + srow * _NI + _I_MIRO_MODE)
+    temp = tl.load(fparams_ptr + srow * NF + F_TEMPERATURE)
+    mode = tl.load(iparams_ptr + srow * NI + I_MIRO_MODE)
     act = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0) & (mode == 1)
     nfin = tl.load(rowi_ptr + row * _NRI + _RI_NFIN)
     m = tl.load(rowf_ptr + row * _NRF + _RF_M)

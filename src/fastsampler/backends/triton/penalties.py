@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...layout import F_FREQ, F_PRES, F_REP, F_TEMPERATURE, I_IGNORE_EOS, I_MIN_TOKENS, NF, NI
+from .columns import F_FREQ, F_PRES, F_REP, F_TEMPERATURE, I_IGNORE_EOS, I_MIN_TOKENS, NF, NI
 
 # rowf columns. A log-normaliser is kept as a pair (max ``m``, ``ln s`` with ``s = sum exp(x - m)``) and a log-
 # probability is formed as ``(x - m) - ln s``, never as ``x - (m + ln s)``: in float32, ``m + ln s`` drops ``ln s``
@@ -48,14 +48,6 @@ P_AMAX, P_NFIN, P_BAD = range(3)
 
 EB = 8  # CSR logit-bias entries read at a time (independent loads, matched one by one)
 
-_NF: tl.constexpr = tl.constexpr(NF)
-_NI: tl.constexpr = tl.constexpr(NI)
-_F_TEMPERATURE: tl.constexpr = tl.constexpr(F_TEMPERATURE)
-_F_FREQ: tl.constexpr = tl.constexpr(F_FREQ)
-_F_PRES: tl.constexpr = tl.constexpr(F_PRES)
-_F_REP: tl.constexpr = tl.constexpr(F_REP)
-_I_MIN_TOKENS: tl.constexpr = tl.constexpr(I_MIN_TOKENS)
-_I_IGNORE_EOS: tl.constexpr = tl.constexpr(I_IGNORE_EOS)
 _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
 _RF_ZLO: tl.constexpr = tl.constexpr(RF_ZLO)
@@ -90,16 +82,16 @@ def row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
     ``BIAS_TABLE`` in the slot's row of the ``(S, K)`` tables (row stride ``stride_bt``; ``bias_indptr_ptr`` then
     holds the per-slot lengths).
     """
-    t = tl.load(fparams_ptr + srow * _NF + _F_TEMPERATURE)
+    t = tl.load(fparams_ptr + srow * NF + F_TEMPERATURE)
     t = tl.where(t > 0.0, t, 1.0)
-    rep = tl.load(fparams_ptr + srow * _NF + _F_REP)
-    freq = tl.load(fparams_ptr + srow * _NF + _F_FREQ)
-    pres = tl.load(fparams_ptr + srow * _NF + _F_PRES)
+    rep = tl.load(fparams_ptr + srow * NF + F_REP)
+    freq = tl.load(fparams_ptr + srow * NF + F_FREQ)
+    pres = tl.load(fparams_ptr + srow * NF + F_PRES)
     ban = row * 0
     if HAS_EOS:
         step = tl.load(steps_ptr + srow) & 0xFFFFFFFF
-        mt = tl.load(iparams_ptr + srow * _NI + _I_MIN_TOKENS).to(tl.int64)
-        ign = tl.load(iparams_ptr + srow * _NI + _I_IGNORE_EOS)
+        mt = tl.load(iparams_ptr + srow * NI + I_MIN_TOKENS).to(tl.int64)
+        ign = tl.load(iparams_ptr + srow * NI + I_IGNORE_EOS)
         ban = ((step < mt) | (ign != 0)).to(tl.int64)
     blo = row * 0
     bhi = row * 0

@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...layout import F_MIN_P, F_TEMPERATURE, F_TOP_P, F_TYPICAL_P, I_MIN_KEEP, I_TOP_K, NF, NI
+from .columns import F_MIN_P, F_TEMPERATURE, F_TOP_P, F_TYPICAL_P, I_MIN_KEEP, I_TOP_K, NF, NI
 from .penalties import (
     NRF,
     NRI,
@@ -56,14 +56,6 @@ from .penalties import (
 KIND_Z, KIND_NEG_S, KIND_LP = 0, 1, 2
 STAGE_TOP_K, STAGE_MIN_KEEP, STAGE_TOP_P = 0, 1, 2
 
-_NF: tl.constexpr = tl.constexpr(NF)
-_NI: tl.constexpr = tl.constexpr(NI)
-_F_TEMPERATURE: tl.constexpr = tl.constexpr(F_TEMPERATURE)
-_F_TOP_P: tl.constexpr = tl.constexpr(F_TOP_P)
-_F_MIN_P: tl.constexpr = tl.constexpr(F_MIN_P)
-_F_TYPICAL_P: tl.constexpr = tl.constexpr(F_TYPICAL_P)
-_I_TOP_K: tl.constexpr = tl.constexpr(I_TOP_K)
-_I_MIN_KEEP: tl.constexpr = tl.constexpr(I_MIN_KEEP)
 _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
 _RF_M: tl.constexpr = tl.constexpr(RF_M)
@@ -214,17 +206,17 @@ def _select_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
                    BLOCK: tl.constexpr):  # ids per loop step (the one-hot histogram block is BLOCK x 2^DIGIT_BITS)
     row = tl.program_id(0).to(tl.int64)
     srow = slot_row(row, slot_ptr, SLOTS)
-    temp = tl.load(fparams_ptr + srow * _NF + _F_TEMPERATURE)
+    temp = tl.load(fparams_ptr + srow * NF + F_TEMPERATURE)
     samp = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0)
     nfin = tl.load(rowi_ptr + row * _NRI + _RI_NFIN)
     m = tl.load(rowf_ptr + row * _NRF + _RF_M)
-    mk = tl.load(iparams_ptr + srow * _NI + _I_MIN_KEEP)
+    mk = tl.load(iparams_ptr + srow * NI + I_MIN_KEEP)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
                                                     stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     rf = rowf_ptr + row * _NRF
     if STAGE == 0:
         # top-k: keep z >= the k'-th largest, k' = max(k, min_keep); off when k <= 0 or k' >= survivors (§3 E 1)
-        k = tl.load(iparams_ptr + srow * _NI + _I_TOP_K)
+        k = tl.load(iparams_ptr + srow * NI + I_TOP_K)
         keff = tl.where(k > 0, tl.maximum(k, mk), 0)
         act = samp & (k > 0) & (keff < nfin)
         thr = radix_select(row, srow, keff.to(tl.float32), act, float("-inf"), m, 0.0, 0.0, 0,
@@ -251,13 +243,13 @@ def _select_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
         tl.store(rf + _RF_MK, thr_mk)
         if FOLD_MINP:
             # min-p: keep z >= max z + ln min_p, lowered to the min_keep-th largest (§3 E 3)
-            mp = tl.load(fparams_ptr + srow * _NF + _F_MIN_P)
+            mp = tl.load(fparams_ptr + srow * NF + F_MIN_P)
             zlo = tl.load(rf + _RF_ZLO)
             thr_p = m + tl.log(tl.where(mp > 0.0, mp, 1.0))
             tl.store(rf + _RF_ZLO, tl.where(samp & (mp > 0.0), tl.maximum(zlo, tl.minimum(thr_p, thr_mk)), zlo))
     else:
         # top-p over the top-k survivors: keep z >= the value where the cumulative mass first reaches p (§3 E 2)
-        p = tl.load(fparams_ptr + srow * _NF + _F_TOP_P)
+        p = tl.load(fparams_ptr + srow * NF + F_TOP_P)
         act = samp & (p < 1.0)
         lo = tl.load(rf + _RF_DOM_LO)
         thr = radix_select(row, srow, p, act, lo, m, 0.0, 0.0, 0,
@@ -287,8 +279,8 @@ def _typical_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
                     BT: tl.constexpr):  # power of two >= NC: all chunk partials in one block
     row = tl.program_id(0).to(tl.int64)
     srow = slot_row(row, slot_ptr, SLOTS)
-    temp = tl.load(fparams_ptr + srow * _NF + _F_TEMPERATURE)
-    tp = tl.load(fparams_ptr + srow * _NF + _F_TYPICAL_P)
+    temp = tl.load(fparams_ptr + srow * NF + F_TEMPERATURE)
+    tp = tl.load(fparams_ptr + srow * NF + F_TYPICAL_P)
     act = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0) & (tp < 1.0)
     rf = rowf_ptr + row * _NRF
     # the survivors' max m_s and hc = sum q (m_s - z) from the chunk partials of stats._entropy_kernel
@@ -326,7 +318,7 @@ def _typical_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
                           1, True, DIGIT_BITS, BLOCK)
     sthr = s_sel
     if TYP_MK:
-        mk = tl.load(iparams_ptr + srow * _NI + _I_MIN_KEEP)
+        mk = tl.load(iparams_ptr + srow * NI + I_MIN_KEEP)
         act_mk = act & (mk > 1)
         s_mk = -radix_select(row, srow, mk.to(tl.float32), act_mk, zlo, m, safe, hc, 0,
                              logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,

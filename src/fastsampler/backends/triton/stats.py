@@ -27,8 +27,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...layout import F_MIN_P, F_TEMPERATURE, F_TYPICAL_P, I_MIN_KEEP, I_MIRO_MODE, I_TOP_K, NF, NI
 from .candidates import kth_largest
+from .columns import F_MIN_P, F_TEMPERATURE, F_TYPICAL_P, I_MIN_KEEP, I_MIRO_MODE, I_TOP_K, NF, NI
 from .penalties import (
     NRF,
     NRI,
@@ -69,14 +69,6 @@ from .penalties import (
 
 LN2 = 0.6931471805599453
 
-_NF: tl.constexpr = tl.constexpr(NF)
-_NI: tl.constexpr = tl.constexpr(NI)
-_F_TEMPERATURE: tl.constexpr = tl.constexpr(F_TEMPERATURE)
-_F_MIN_P: tl.constexpr = tl.constexpr(F_MIN_P)
-_F_TYPICAL_P: tl.constexpr = tl.constexpr(F_TYPICAL_P)
-_I_MIRO_MODE: tl.constexpr = tl.constexpr(I_MIRO_MODE)
-_I_TOP_K: tl.constexpr = tl.constexpr(I_TOP_K)
-_I_MIN_KEEP: tl.constexpr = tl.constexpr(I_MIN_KEEP)
 _RF_BOUND: tl.constexpr = tl.constexpr(RF_BOUND)
 _RI_CCOUNT: tl.constexpr = tl.constexpr(RI_CCOUNT)
 _PF: tl.constexpr = tl.constexpr(PF)
@@ -209,7 +201,7 @@ def stats_combine(row, srow, part_f_ptr, part_i_ptr, fparams_ptr, rowf_ptr, rowi
     m_raw, ls_raw = combine_lse(rmt, rst)
     amax = tl.min(tl.where(mt == m, at, _BIG), 0)
     valid = (bad == 0) & (nf > 0)
-    temp = tl.load(fparams_ptr + srow * _NF + _F_TEMPERATURE)
+    temp = tl.load(fparams_ptr + srow * NF + F_TEMPERATURE)
     gid = tl.where(valid & (temp == 0.0), amax, -1)
     rf = rowf_ptr + row * _NRF
     tl.store(rf + _RF_M, m)
@@ -246,11 +238,11 @@ def _combine_kernel(part_f_ptr, part_i_ptr, fparams_ptr, iparams_ptr, mu_ptr, sl
                                                 NC, BT)
     zlo = float("-inf")
     if MINP:
-        mp = tl.load(fparams_ptr + srow * _NF + _F_MIN_P)
+        mp = tl.load(fparams_ptr + srow * NF + F_MIN_P)
         # keep z >= max z + ln min_p (min(thr, m) = thr: ln min_p <= 0)
         zlo = tl.where(samp & (mp > 0.0), m + tl.log(tl.where(mp > 0.0, mp, 1.0)), zlo)
     if MIRO2:
-        mode = tl.load(iparams_ptr + srow * _NI + _I_MIRO_MODE)
+        mode = tl.load(iparams_ptr + srow * NI + I_MIRO_MODE)
         mu = tl.load(mu_ptr + srow)
         # keep ln q = (z - m) - ln s >= -mu ln 2, i.e. z >= m + (ln s - mu ln 2); no token qualifies -> the max
         zlo = tl.where(samp & (mode == 2), tl.minimum(m + (ls - mu * _LN2), m), zlo)
@@ -258,11 +250,11 @@ def _combine_kernel(part_f_ptr, part_i_ptr, fparams_ptr, iparams_ptr, mu_ptr, sl
     if CAND:
         # a row with an active top-k (k' = max(k, min_keep) below the finite count) or Mirostat v1 is a candidate
         # row: its bound is the k'-th largest group maximum, a lower bound on its k'-th largest z (candidates.py)
-        k = tl.load(iparams_ptr + srow * _NI + _I_TOP_K)
-        keff = tl.maximum(k, tl.load(iparams_ptr + srow * _NI + _I_MIN_KEEP))
+        k = tl.load(iparams_ptr + srow * NI + I_TOP_K)
+        keff = tl.maximum(k, tl.load(iparams_ptr + srow * NI + I_MIN_KEEP))
         cand = samp & (k > 0) & (keff < nf)
         # Mirostat v1 (no top-k: validation) needs its row's 100 largest z
-        miro1 = samp & (tl.load(iparams_ptr + srow * _NI + _I_MIRO_MODE) == 1)
+        miro1 = samp & (tl.load(iparams_ptr + srow * NI + I_MIRO_MODE) == 1)
         keff = tl.where(miro1, tl.minimum(nf, 100), keff)
         cand = cand | miro1
         bound = kth_largest(gmax_ptr + row * NG, NG, keff, cand, GBLOCK)
@@ -285,8 +277,8 @@ def _entropy_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
     srow = slot_row(row, slot_ptr, SLOTS)
     chunk = tl.program_id(1)
     base = chunk * CHUNK
-    temp = tl.load(fparams_ptr + srow * _NF + _F_TEMPERATURE)
-    tp = tl.load(fparams_ptr + srow * _NF + _F_TYPICAL_P)
+    temp = tl.load(fparams_ptr + srow * NF + F_TEMPERATURE)
+    tp = tl.load(fparams_ptr + srow * NF + F_TYPICAL_P)
     active = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0) & (tp < 1.0)
     n = tl.where(active, tl.minimum(CHUNK, VC - base), 0)
     zlo = tl.load(rowf_ptr + row * _NRF + _RF_ZLO)
@@ -340,7 +332,7 @@ def _kept_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_p
     srow = slot_row(row, slot_ptr, SLOTS)
     chunk = tl.program_id(1)
     base = chunk * CHUNK
-    temp = tl.load(fparams_ptr + srow * _NF + _F_TEMPERATURE)
+    temp = tl.load(fparams_ptr + srow * NF + F_TEMPERATURE)
     active = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0)  # greedy / invalid rows: no draw
     n = tl.where(active, tl.minimum(CHUNK, VC - base), 0)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
