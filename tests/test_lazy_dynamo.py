@@ -18,7 +18,8 @@ _CODE = textwrap.dedent(
     import torch
 
     import fastsampler
-    from fastsampler import Sampler, SamplingParams, cpu
+    from fastsampler import Sampler, SamplingParams
+    from fastsampler.backends import cpu
 
     backends = ["auto", "reference"] + (["cpu"] if cpu.is_available()[0] else [])
     x = torch.randn(3, 40)
