@@ -118,7 +118,6 @@ def _record(out: Path) -> None:
     from fastsampler.bench.record import record_launches
     from fastsampler.bench.sass import spec_of
 
-    specs = []
     with record_launches() as launches:
         for vocab in VOCABS:
             for dtype in DTYPES:
@@ -150,9 +149,9 @@ def _logits_dtype(spec: dict) -> str:
 
 
 def _representatives(specs: list[dict]) -> list[dict]:
-    """One specialisation per kernel, constexprs and launch options (the integer classes of its first launch): the
-    logits dtype is one not yet compiled for that kernel where the launches offer one, else rotates, so every kernel
-    compiles in every logits dtype it was launched with."""
+    """One specialisation per kernel, constexprs and launch options (with the integer classes of its first launch in
+    the chosen logits dtype). The logits dtype is one not yet compiled for that kernel where the launches offer one,
+    else the dtypes take turns, so every kernel compiles in every logits dtype it was launched with."""
     groups: dict[str, dict[str, dict]] = {}
     for s in specs:
         key = json.dumps([s["module"], s["qualname"], s["constexprs"], s["options"]], sort_keys=True, default=repr)
