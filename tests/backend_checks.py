@@ -1,17 +1,23 @@
-"""Exact comparison of a backend against the numpy reference (docs/semantics.md §8), shared by every backend's tests.
+"""Helpers shared by every backend's tests: which backends run here, and exact comparison against the numpy
+reference (docs/semantics.md §8).
 
 Tokens must be equal on every row that is not a near-tie; near-tie rows (reference.diagnose) are reported through a
 warning and in the returned report, never silently dropped. Logprobs, top logprobs, ranks, mirostat mu and
-sampling_probs must agree within 1e-5 where the token agrees.
+sampling_probs must agree within 1e-5 where the token agrees. `check_exact` is the form tests call: near-ties are
+printed (visible with ``-s`` and in a failure's captured output) instead of warned.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 import fastsampler
@@ -19,6 +25,58 @@ from fastsampler import reference
 from fastsampler.backends.reference import pipeline
 
 ATOL = 1e-5
+BACKENDS = ("reference", "cpu", "triton")
+# backends whose logprobs do not depend on the batch to the last bit (docs/semantics.md §8 promises the same token on
+# every backend; the Triton backend also combines its chunk partials in a fixed order, see its module docstring)
+BITWISE_BATCH_INVARIANT = ("triton",)
+
+
+def triton_available() -> bool:
+    """Whether triton imports (without importing it: the interpreter flag must be set first, see conftest)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreted(backend: str) -> bool:
+    """Whether ``backend`` runs its kernels in the Triton interpreter here (triton on a machine without CUDA)."""
+    return backend == "triton" and not torch.cuda.is_available()
+
+
+# a Triton test too large for the interpreter in ``make test``: ``slow`` on a machine without CUDA, a no-op mark on CUDA
+slow_in_interpreter = pytest.mark.slow if not torch.cuda.is_available() else pytest.mark.usefixtures()
+
+
+def unavailable(backend: str) -> str:
+    """Why ``backend`` cannot run here, or "" when it can."""
+    if backend == "triton" and not triton_available():
+        return "triton is not installed"
+    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device and TRITON_INTERPRET is not set"
+    if backend not in fastsampler.available_backends():
+        return f"the {backend} backend is not available here (see fastsampler.available_backends())"
+    return ""
+
+
+def backend_params(*, slow_interpreted: bool = False) -> list:
+    """``pytest.param`` per backend of `BACKENDS`: skipped with the reason when it cannot run here; the Triton
+    interpreter marked ``interpreter`` (and ``slow`` with ``slow_interpreted``: a case too large to run there in
+    ``make test``)."""
+    out = []
+    for name in BACKENDS:
+        marks = []
+        reason = unavailable(name)
+        if reason:
+            marks.append(pytest.mark.skip(reason=reason))
+        if name == "triton":
+            marks.append(pytest.mark.interpreter)
+            if slow_interpreted and interpreted(name):
+                marks.append(pytest.mark.slow)
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
+def backend_device(backend: str) -> torch.device:
+    """Where ``backend`` takes its logits: CUDA for triton when present, else the CPU."""
+    return torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
 
 
 class NearTieWarning(UserWarning):
@@ -146,3 +204,91 @@ def check_against_reference(
         raise AssertionError(f"backend {backend!r} disagrees with the reference:\n" + "\n".join(errors)
                              + f"\n{report}")
     return report
+
+
+def check_exact(backend: str, logits: Any, params: Any, **kwargs: Any) -> Report:
+    """`check_against_reference`, with the near-tie rows printed rather than warned; every row is either compared
+    exactly or reported as a near-tie."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NearTieWarning)
+        rep = check_against_reference(backend, logits, params, **kwargs)
+    for w in caught:
+        if issubclass(w.category, NearTieWarning):
+            print(f"near-tie report: {w.message}")  # visible with -s / in the captured output of a failure
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    assert rep.compared + len(rep.near_ties) == rep.rows, rep
+    return rep
+
+
+def check_batch(backend: str, batch: dict, dtype: torch.dtype = torch.float32) -> Report:
+    """`check_exact` of a batch drawn by `tests.strategies.batches` (numpy logits, cast to ``dtype`` on the backend's
+    device)."""
+    b = dict(batch)
+    logits = torch.from_numpy(b.pop("logits")).to(dtype=dtype, device=backend_device(backend))
+    return check_exact(backend, logits, b.pop("params"), **b)
+
+
+def _invariance_requests() -> dict[str, tuple[Any, list]]:
+    SP = fastsampler.SamplingParams
+    return {  # target request, the other rows of its batches
+        # the radix selects (typical-p: no candidate engine)
+        "selects": (SP(seed=77, top_k=30, top_p=0.9, typical_p=0.95, logprobs=True, top_logprobs=4),
+                    [SP(seed=1, mirostat_mode=1), SP(seed=2, temperature=0.0), SP(seed=3, min_p=0.2, min_keep=4)]),
+        # the candidate engine (Triton), next to rows on its exact fallback (top-p alone) and greedy rows
+        "candidates": (SP(seed=77, top_k=30, top_p=0.9, min_p=0.02, logprobs=True, top_logprobs=4),
+                       [SP(seed=1, top_p=0.8), SP(seed=2, temperature=0.0), SP(seed=3, top_k=5, min_keep=4)]),
+    }
+
+
+# requests whose outputs must not depend on the batch around them (`assert_batch_invariant`)
+INVARIANCE = _invariance_requests()
+
+
+def assert_same_floats(backend: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal to the bit on `BITWISE_BATCH_INVARIANT` backends, else within `ATOL` (NaN equal to NaN)."""
+    if backend in BITWISE_BATCH_INVARIANT:
+        assert torch.equal(got, want), (got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=0, atol=ATOL, equal_nan=True)
+
+
+def assert_batch_invariant(backend: str, target: Any, others: list, device: Any, vocab: int = 4097) -> None:
+    """One request (``target``) alone and at several positions in batches of other requests of different sizes:
+    token, top logprob ids and rank identical, logprobs and top logprobs as `assert_same_floats`."""
+    row = torch.from_numpy((np.random.default_rng(13).standard_normal((1, vocab)) * 2.0).astype(np.float32))
+    row = row.to(device)
+    alone = fastsampler.sample(row, target, backend=backend, steps=[5])
+    for size, pos in [(2, 0), (3, 2), (6, 3)]:
+        fill = np.random.default_rng(100 + size).standard_normal((size, vocab)) * 2.0
+        batch = torch.from_numpy(fill.astype(np.float32)).to(device)
+        batch[pos] = row[0]
+        params = [others[i % len(others)] for i in range(size)]
+        params[pos] = target
+        steps = [11] * size
+        steps[pos] = 5
+        out = fastsampler.sample(batch, params, backend=backend, steps=steps)
+        assert int(out.tokens[pos]) == int(alone.tokens[0])
+        assert_same_floats(backend, out.logprobs[pos:pos + 1], alone.logprobs)
+        assert torch.equal(out.top_logprob_ids[pos:pos + 1], alone.top_logprob_ids)
+        assert_same_floats(backend, out.top_logprobs[pos:pos + 1], alone.top_logprobs)
+        assert int(out.ranks[pos]) == int(alone.ranks[0])
+
+
+def mixed_params(vocab: int, seed: int) -> list[fastsampler.SamplingParams]:
+    """Eight requests that together use every feature (truncation rules, Mirostat, penalties, bias, bans, logprobs
+    modes), seeded from ``seed``."""
+    SP = fastsampler.SamplingParams
+    return [
+        SP(seed=seed, logprobs=True, top_logprobs=5),
+        SP(seed=seed + 1, top_k=50, top_p=0.9, min_p=0.05, logprobs=True, top_logprobs=3, logprobs_mode="final"),
+        SP(seed=seed + 2, top_p=0.9, logprobs=True, logprobs_mode="processed", top_logprobs=2),
+        SP(seed=seed + 3, typical_p=0.9, min_keep=3, logprobs=True),
+        SP(seed=seed + 4, mirostat_mode=1, mirostat_target=4.0, logprobs=True, logprobs_mode="final"),
+        SP(seed=seed + 5, mirostat_mode=2, mirostat_target=6.0, mirostat_lr=0.3),
+        SP(seed=seed + 6, temperature=0.0, repetition_penalty=1.3, logprobs=True, top_logprobs=4,
+           logprobs_mode="final"),
+        SP(seed=seed + 7, temperature=0.7, top_k=5000, top_p=0.97, repetition_penalty=1.1, frequency_penalty=0.2,
+           presence_penalty=0.3, logit_bias={3: 5.0, vocab - 1: -math.inf}, banned_token_ids=[1, 2], min_tokens=4,
+           logprobs=True, top_logprobs=20),
+    ]

@@ -1,4 +1,5 @@
-"""Shared fixtures: hypothesis profiles, the device under test, and the Triton interpreter switch.
+"""Shared fixtures: hypothesis profiles, the device under test, and the Triton interpreter switch (helpers shared by
+the tests are modules of this package: `tests.backend_checks`, `tests.strategies`).
 
 Triton kernels run natively on CUDA when a GPU is present, otherwise under ``TRITON_INTERPRET=1`` on the CPU. The
 interpreter flag must be set before triton is imported, so it is set here, at collection time.
@@ -7,17 +8,13 @@ interpreter flag must be set before triton is imported, so it is set here, at co
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers (backend_checks, strategies)
-
-from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile("dev", max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile(
@@ -32,10 +29,3 @@ def device() -> torch.device:
     """CUDA when present, else CPU (Triton kernels then run in the interpreter)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

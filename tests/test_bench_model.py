@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import triton_available
+from tests.backend_checks import triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 

@@ -1,46 +1,27 @@
-"""The C++ CPU backend (``backend="cpu"``, `backends.cpu._C`): exact against the reference, statistical, properties,
-batch invariance, thread control and error handling.
+"""What only the C++ CPU backend (``backend="cpu"``, `backends.cpu._C`) has: its Philox and noise kernels against the
+reference, thread control (results do not depend on the thread count, concurrent callers), automatic dispatch to it,
+and the binding's own argument checks.
 
-Shapes, and the code path each exercises:
-- V = 1: a single token (every rule degenerates; greedy and sampling must agree).
-- V = 7, 111: one partial 16-lane vector / several vectors with a tail (masked tail lanes).
-- V = 4097: two race tiles, the second holding one token.
-- V = 32001: eight tiles, the last partial; large candidate sets in the mass selection (top-p / typical).
-- V = 128256 (a few rows): the benchmark vocabulary; the multi-threshold mass selection over the full row.
+Exact tokens, invalid rows, batch invariance, dtypes, chi-square, properties and API errors are in
+``test_conformance.py``, which runs them on every backend.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import fastsampler
-from backend_checks import NearTieWarning, check_against_reference
 from fastsampler import SamplingParams
 from fastsampler.backends import cpu as fcpu
 from fastsampler.backends.reference import token_noise
 from fastsampler.backends.reference.philox import exp_noise
-from strategies import as_f32, batches
+from tests.backend_checks import mixed_params
 
 pytestmark = pytest.mark.skipif(not fcpu.is_available()[0], reason=fcpu.is_available()[1])
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _check(b: dict, dtype: torch.dtype = torch.float32):
-    b = dict(b)
-    logits = torch.from_numpy(b.pop("logits")).to(dtype)
-    params = b.pop("params")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NearTieWarning)
-        return check_against_reference("cpu", logits, params, **b)
-
 
 # ------------------------------------------------------------------------------------------------ randomness
 def test_philox_known_answers():
@@ -91,104 +72,14 @@ def test_noise_bound_covers_noise():
     # the vector path takes the exponent of float(~r), which rounds up to the next power of two for a few words
     assert np.all(bound32[hi].astype(np.float64) - noise32[hi] <= math.log(4 * math.log(2)) + 2e-3)
 
-
-
-# ------------------------------------------------------------------------------------------------ exact
-@settings(max_examples=40)
-@given(batches(6, [1, 7, 111, 4097]))
-def test_exact_small_vocab(b):
-    _check(b)
-
-
-@settings(max_examples=8)
-@given(batches(3, [32001]))
-def test_exact_32001(b):
-    _check(b)
-
-
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-@settings(max_examples=15)
-@given(b=batches(4, [7, 111, 4097]))
-def test_exact_half_precision(dtype, b):
-    """fp16 / bf16 are read as they are and upcast in registers; the reference sees the same values."""
-    _check(b, DTYPES[dtype])
-
-
-def _mixed_params(vocab: int, seed: int) -> list[SamplingParams]:
-    return [
-        SamplingParams(seed=seed, logprobs=True, top_logprobs=5),
-        SamplingParams(seed=seed + 1, top_k=50, top_p=0.9, min_p=0.05, logprobs=True, top_logprobs=3,
-                       logprobs_mode="final"),
-        SamplingParams(seed=seed + 2, top_p=0.9, logprobs=True, logprobs_mode="processed", top_logprobs=2),
-        SamplingParams(seed=seed + 3, typical_p=0.9, min_keep=3, logprobs=True),
-        SamplingParams(seed=seed + 4, mirostat_mode=1, mirostat_target=4.0, logprobs=True, logprobs_mode="final"),
-        SamplingParams(seed=seed + 5, mirostat_mode=2, mirostat_target=6.0, mirostat_lr=0.3),
-        SamplingParams(seed=seed + 6, temperature=0.0, repetition_penalty=1.3, logprobs=True, top_logprobs=4,
-                       logprobs_mode="final"),
-        SamplingParams(seed=seed + 7, temperature=0.7, top_k=5000, top_p=0.97, repetition_penalty=1.1,
-                       frequency_penalty=0.2, presence_penalty=0.3, logit_bias={3: 5.0, vocab - 1: -math.inf},
-                       banned_token_ids=[1, 2], min_tokens=4, logprobs=True, top_logprobs=20),
-    ]
-
-
-@pytest.mark.large
-@pytest.mark.parametrize("scale", [1.0, 3.0])
-def test_exact_benchmark_vocab(scale):
-    """V = 128256, every feature, history for the penalties: the full-row selection paths."""
-    vocab = 128256
-    rng = np.random.default_rng(7)
-    params = _mixed_params(vocab, 11)
-    logits = (rng.standard_normal((len(params), vocab)) * scale).astype(np.float32)
-    hist = [rng.integers(0, vocab, size=256).tolist() for _ in params]
-    _check({"logits": logits, "params": params, "output_token_ids": hist, "prompt_token_ids": hist,
-            "eos_token_ids": [0, 5], "steps": np.arange(len(params)) * 3})
-
-
-@pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_exact_mass_selection_paths(scale, dtype):
-    """Full-row top-p / typical (V = 20000 > 8192 survivors): masked tiles, peaked rows (boundary inside the exact
-    set), wide brackets (p near 1), tie-heavy bf16 rows, min_keep, and top-p before typical."""
-    vocab = 20000
-    rng = np.random.default_rng(int(scale * 10))
-    x = (rng.standard_normal((8, vocab)) * scale).astype(np.float32)
-    x[3, 4096:12288] = -np.inf  # two whole tiles masked
-    allowed = list(range(4096, 4096 + 6000))
-    params = [
-        SamplingParams(seed=1, top_p=0.9, logprobs=True, top_logprobs=3, logprobs_mode="final"),
-        SamplingParams(seed=2, top_p=0.999, logprobs=True),
-        SamplingParams(seed=3, typical_p=0.9, logprobs=True, logprobs_mode="processed"),
-        SamplingParams(seed=4, top_p=0.8, typical_p=0.7, min_keep=50),
-        SamplingParams(seed=5, top_p=0.3, allowed_token_ids=allowed),
-        SamplingParams(seed=6, typical_p=0.2, temperature=0.5, banned_token_ids=list(range(0, 9000))),
-        SamplingParams(seed=7, top_p=0.95, min_p=0.01, min_keep=300),
-        SamplingParams(seed=8, typical_p=0.99, logprobs=True, logprobs_mode="final", top_logprobs=5),
-    ]
-    _check({"logits": x, "params": params}, DTYPES[dtype])
-
-
-def test_strided_and_padded_logits():
-    """Row-strided views (a vocabulary slice of a wider buffer) and padding columns beyond vocab_size."""
-    rng = np.random.default_rng(3)
-    wide = torch.from_numpy((rng.standard_normal((4, 5000)) * 2).astype(np.float32))
-    view = wide[:, :4500]
-    assert not view.is_contiguous()
-    params = [SamplingParams(seed=i, top_p=0.8, logprobs=True, top_logprobs=2) for i in range(4)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NearTieWarning)
-        check_against_reference("cpu", view, params, vocab_size=4321)
-    # transposed (vocabulary axis strided) is copied, not misread
-    t = torch.from_numpy(rng.standard_normal((300, 3)).astype(np.float32)).t()
-    got = fastsampler.sample(t, SamplingParams(temperature=0.0), backend="cpu").tokens
-    assert got.tolist() == t.argmax(dim=1).tolist()
-
-
 # ------------------------------------------------------------------------------------------------ invariance
-def test_batch_invariance_and_threads():
-    """A row's result does not depend on its batch position, the batch size or the thread count."""
+def test_thread_count_invariance():
+    """A row's result does not depend on the thread count: a permuted batch at 1, 2 and 3 threads and single rows at 3
+    against the whole batch at the default count (position and batch-size invariance on every backend:
+    test_conformance.py)."""
     vocab = 9000
     rng = np.random.default_rng(5)
-    params = _mixed_params(vocab, 100) * 2
+    params = mixed_params(vocab, 100) * 2
     logits = torch.from_numpy((rng.standard_normal((len(params), vocab)) * 2).astype(np.float32))
     steps = torch.arange(len(params), dtype=torch.int64)
     full = fastsampler.sample(logits, params, backend="cpu", steps=steps)
@@ -237,101 +128,6 @@ def test_concurrent_callers():
         torch.testing.assert_close(out.logprobs, want.logprobs, rtol=0, atol=0)
 
 
-def test_invalid_rows_isolated():
-    vocab = 300
-    rng = np.random.default_rng(2)
-    x = (rng.standard_normal((6, vocab)) * 2).astype(np.float32)
-    x[1, 17] = np.nan
-    x[2, 250] = np.inf
-    x[3] = -np.inf
-    x[4, 0] = np.nan
-    params = [SamplingParams(seed=i, logprobs=True, top_logprobs=3, mirostat_mode=2 if i == 1 else 0)
-              for i in range(6)]
-    ban_all = SamplingParams(seed=9, allowed_token_ids=[5], banned_token_ids=[5], logprobs=True)
-    params[5] = ban_all  # nothing finite after the masks
-    mu = torch.full((6,), 7.5)
-    out = fastsampler.sample(torch.from_numpy(x), params, backend="cpu", mirostat_mu=mu, vocab_size=vocab)
-    ref = fastsampler.sample(torch.from_numpy(x), params, backend="reference", mirostat_mu=mu, vocab_size=vocab)
-    assert out.valid.tolist() == [True, False, False, False, False, False]
-    assert out.tokens.tolist()[1:] == [-1] * 5
-    assert out.tokens[0].item() == ref.tokens[0].item()
-    assert torch.isnan(out.logprobs[1:]).all() and (out.ranks[1:] == -1).all()
-    assert (out.top_logprob_ids[1:] == -1).all() and torch.isnan(out.top_logprobs[1:]).all()
-    assert out.mirostat_mu.tolist() == [7.5] * 6  # passed through (row 0 is not a mirostat row)
-    probs = fastsampler.sampling_probs(torch.from_numpy(x), params, backend="cpu", vocab_size=vocab)
-    assert (probs[1:] == 0).all() and abs(float(probs[0].sum()) - 1) < 1e-5
-    # padding columns beyond vocab_size are never read for validity
-    y = x[:1].copy()
-    y[0, 299] = np.nan
-    assert fastsampler.sample(torch.from_numpy(y), params[0], backend="cpu", vocab_size=299).valid.item()
-
-
-# ------------------------------------------------------------------------------------------------ statistics
-@pytest.mark.parametrize("params", [
-    SamplingParams(top_p=0.8),
-    SamplingParams(typical_p=0.6),
-    SamplingParams(mirostat_mode=2, mirostat_target=3.0),
-    SamplingParams(mirostat_mode=1, mirostat_target=3.0),
-    SamplingParams(top_k=12, min_p=0.02, temperature=0.7),
-], ids=["top_p", "typical", "mirostat_v2", "mirostat_v1", "topk_minp"])
-def test_chi_square(params):
-    """Many draws of one distribution (varying step): goodness of fit against the reference probabilities."""
-    from scipy.stats import chisquare
-
-    vocab, n = 40, 20000
-    rng = np.random.default_rng(11)
-    row = (rng.standard_normal(vocab) * 1.5).astype(np.float32)
-    logits = torch.from_numpy(np.repeat(row[None], n, axis=0))
-    p = params.replace(seed=2024)
-    out = fastsampler.sample(logits, p, backend="cpu", steps=torch.arange(n))
-    want = fastsampler.reference.sampling_probs(row[None], p)[0]
-    got_probs = fastsampler.sampling_probs(logits[:1], p, backend="cpu")[0].double().numpy()
-    np.testing.assert_allclose(got_probs, want, atol=1e-5)
-    counts = np.bincount(out.tokens.numpy(), minlength=vocab)
-    assert counts[want == 0].sum() == 0, "a token outside the kept set was drawn"
-    kept = want > 0
-    if kept.sum() > 1:
-        stat = chisquare(counts[kept], want[kept] / want[kept].sum() * n)
-        assert stat.pvalue > 1e-4, f"chi-square p = {stat.pvalue:.3g}"
-
-
-# ------------------------------------------------------------------------------------------------ properties
-@settings(max_examples=25)
-@given(st.integers(0, 2**32 - 1), st.sampled_from([1, 7, 111, 4097]), st.floats(0.1, 3.0).map(as_f32))
-def test_properties(seed, vocab, scale):
-    rng = np.random.default_rng(seed)
-    x = torch.from_numpy((rng.standard_normal((1, vocab)) * scale).astype(np.float32))
-    # greedy = argmax (lowest id on ties)
-    g = fastsampler.sample(x, SamplingParams(temperature=0.0), backend="cpu").tokens.item()
-    assert g == int(torch.argmax(x[0]))
-    # renormalised probabilities sum to 1 and are never empty; monotone in k / p / min_p
-    prev = None
-    for k in (1, 3, 10, 50):
-        p = fastsampler.sampling_probs(x, SamplingParams(top_k=k), backend="cpu")[0]
-        assert abs(float(p.sum()) - 1) < 1e-5 and (p > 0).sum() >= min(k, vocab)
-        if prev is not None:
-            assert bool(((prev > 0) <= (p > 0)).all())
-        prev = p
-    prev = None
-    for top_p in (0.1, 0.5, 0.9, 1.0):
-        p = fastsampler.sampling_probs(x, SamplingParams(top_p=top_p), backend="cpu")[0]
-        assert abs(float(p.sum()) - 1) < 1e-5 and (p > 0).any()
-        if prev is not None:
-            assert bool(((prev > 0) <= (p > 0)).all())
-        prev = p
-    # kept sets are permutation-equivariant
-    perm = torch.from_numpy(rng.permutation(vocab))
-    sp = SamplingParams(top_p=0.7, min_p=0.01)
-    a = fastsampler.sampling_probs(x, sp, backend="cpu")[0]
-    b = fastsampler.sampling_probs(x[:, perm], sp, backend="cpu")[0]
-    assert torch.equal(a[perm] > 0, b > 0)
-    # T -> 0 approaches greedy
-    t = fastsampler.sampling_probs(x, SamplingParams(temperature=1e-4), backend="cpu")[0]
-    gaps = torch.sort(x[0], descending=True).values
-    if vocab == 1 or float(gaps[0] - gaps[1]) > 1e-2:
-        assert int(torch.argmax(t)) == g and float(t[g]) > 0.999
-
-
 def test_numpy_and_auto_dispatch():
     x = np.random.default_rng(0).standard_normal((3, 50)).astype(np.float32)
     out = fastsampler.sample(x, SamplingParams(seed=1, logprobs=True))
@@ -348,16 +144,6 @@ def test_numpy_and_auto_dispatch():
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-def test_empty_batch_and_single_token():
-    out = fastsampler.sample(torch.zeros(0, 10), SamplingParams(), backend="cpu")
-    assert out.tokens.shape == (0,) and out.top_logprob_ids.shape == (0, 0)
-    assert fastsampler.sampling_probs(torch.zeros(0, 10), [], backend="cpu").shape == (0, 10)
-    one = fastsampler.sample(torch.tensor([[3.0]]), SamplingParams(seed=1, top_p=0.5, logprobs=True, top_logprobs=2),
-                             backend="cpu")
-    assert one.tokens.tolist() == [0] and one.ranks.tolist() == [1]
-    assert one.top_logprob_ids.tolist() == [[0, -1]]
-
-
 def _raw_args(b=2, v=10):
     from fastsampler.backends.cpu import _C
 
@@ -412,12 +198,3 @@ def test_binding_rejects_bad_params():
         fcpu.set_num_threads(-1)
     with pytest.raises(TypeError, match="num_threads"):
         fcpu.set_num_threads(1.5)
-
-
-def test_api_errors_name_the_argument():
-    with pytest.raises(ValueError, match="logit_bias of row 0 holds token id 99"):
-        fastsampler.sample(torch.zeros(1, 10), SamplingParams(logit_bias={99: 1.0}), backend="cpu")
-    with pytest.raises(TypeError, match="float16, bfloat16, float32"):
-        fastsampler.sample(torch.zeros(1, 10, dtype=torch.int32), SamplingParams(), backend="cpu")
-    with pytest.raises(ValueError, match="does not support"):
-        fastsampler.sample(torch.zeros(1, 10, dtype=torch.float64), SamplingParams(), backend="cpu")

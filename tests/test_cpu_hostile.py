@@ -24,11 +24,11 @@ import pytest
 import torch
 
 import fastsampler
-from backend_checks import NearTieWarning, check_against_reference
 from fastsampler import SamplingParams
 from fastsampler._batch import pack_batch
 from fastsampler.backends import cpu as fcpu
 from fastsampler.backends.reference import pipeline
+from tests.backend_checks import NearTieWarning, check_against_reference
 
 pytestmark = pytest.mark.skipif(
     not fcpu.is_available()[0], reason=f"the C++ CPU backend (backends.cpu._C) is unavailable: {fcpu.is_available()[1]}"

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from fastsampler import SamplingParams, reference
-from strategies import as_f32, batches, logits_rows, sampling_params
+from tests.strategies import as_f32, batches, logits_rows, sampling_params
 
 
 def _kept(x: np.ndarray, params: object, **kw: object) -> np.ndarray:

@@ -22,7 +22,7 @@ from fastsampler import Sampler, SamplingParams, reference
 from fastsampler._api import available_backends
 from fastsampler._batch import ids_to_bitmask
 from fastsampler.sampler import COUNT_MAX
-from strategies import logits_rows, sampling_params
+from tests.strategies import logits_rows, sampling_params
 
 BACKENDS = available_backends()
 HOST_BACKENDS = [b for b in BACKENDS if b != "triton"]  # state on the CPU

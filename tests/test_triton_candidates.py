@@ -15,18 +15,15 @@ Checks, under ``TRITON_INTERPRET=1`` on the CPU (natively on CUDA):
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
 
 import fastsampler
-from backend_checks import NearTieWarning, check_against_reference
-from conftest import triton_available
 from fastsampler import SamplingParams as SP
 from fastsampler import reference
 from fastsampler._batch import pack_batch
+from tests.backend_checks import check_exact, slow_in_interpreter, triton_available
 
 pytestmark = [
     pytest.mark.interpreter,
@@ -39,17 +36,6 @@ pytestmark = [
 def _logits(b, v, seed, scale=2.0, dtype=torch.float32, device="cpu"):
     g = np.random.default_rng(seed)
     return torch.from_numpy((g.standard_normal((b, v)) * scale).astype(np.float32)).to(dtype=dtype, device=device)
-
-
-def _check(logits, params, **kw):
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always", NearTieWarning)
-        rep = check_against_reference("triton", logits, params, **kw)
-    for x in w:
-        if issubclass(x.category, NearTieWarning):
-            print(f"near-tie report: {x.message}")
-    assert rep.compared + len(rep.near_ties) == rep.rows
-    return rep
 
 
 def _paths(logits, params, **kw):
@@ -125,7 +111,7 @@ def test_hostile_rows_exact(device, monkeypatch, cap):
     assert counts[2] == 300 and counts[4] == 10 and counts[3] == v
     fits = [r for r in cand_rows if counts[r] <= size]
     assert fits == ([1, 4, 6] if cap else [0, 1, 2, 4, 6]), counts  # the others take the exact fallback
-    _check(x, params, **kw)
+    check_exact("triton", x, params, **kw)
 
 
 def test_superset_property(device):
@@ -145,7 +131,7 @@ def test_superset_property(device):
         want = set(np.nonzero(kept[r])[0].tolist())
         assert want <= buf, f"row {r}: kept ids missing from the buffer: {sorted(want - buf)[:10]}"
         assert len(buf) == counts[r]  # each id once
-    _check(x, params)
+    check_exact("triton", x, params)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -157,7 +143,7 @@ def test_half_precision(device, dtype):
     x = _logits(3, v, seed=5, scale=3.0, dtype=dtype, device=device)
     counts, _, size = _paths(x, params)
     assert all(0 <= c <= size for c in counts)
-    _check(x, params, steps=[1, 2, 3])
+    check_exact("triton", x, params, steps=[1, 2, 3])
 
 
 def test_logprobs_from_groups(device):
@@ -186,7 +172,7 @@ def test_logprobs_from_groups(device):
     kw = dict(output_token_ids=[[1, 2], [5, 5, 9, int(np.argmax(x[1]))], [], [], [], [], [], [], [3]])
     paths = _lp_paths(torch.from_numpy(x).to(device), params, **kw)
     assert paths == [True, True, True, False, False, True, False, True, True], paths
-    _check(torch.from_numpy(x).to(device), params, **kw)
+    check_exact("triton", torch.from_numpy(x).to(device), params, **kw)
 
 
 def _mirostat_k(row: np.ndarray, mu: float) -> int:
@@ -221,9 +207,10 @@ def test_mirostat_v1(device, monkeypatch, cap):
         assert all(0 <= c <= size for c in counts[:4]) and counts[4] == v, counts
         # row 0: k inside the buffer; row 1: k past it (the fallback's k-th select); row 2: every finite z kept
         assert ks[0] <= counts[0] < ks[1] < v <= ks[2], (ks, counts)
-    _check(torch.from_numpy(x).to(device), params, mirostat_mu=mu)
+    check_exact("triton", torch.from_numpy(x).to(device), params, mirostat_mu=mu)
 
 
+@slow_in_interpreter
 def test_draws_chi_square(device, monkeypatch):
     """Draws of one top-k + top-p + min-p distribution on the candidate path fit the reference probabilities; ids
     outside the kept set are never drawn. (The fallback draws through the same finishing kernel; its tokens are
@@ -268,6 +255,7 @@ def test_buffer_size_env(monkeypatch):
 
 
 @pytest.mark.large
+@slow_in_interpreter
 def test_llama3_vocab(device, monkeypatch):
     """V = 128256 with the CUDA chunking: top-k + top-p + min-p rows with penalties and logprobs; ``top_k = 500``
     gathers more candidates than the default buffer holds (about 690 on these rows) and takes the exact fallback."""
@@ -279,4 +267,4 @@ def test_llama3_vocab(device, monkeypatch):
     x = _logits(3, v, seed=9, scale=3.0, device=device)
     counts, _, size = _paths(x, params)
     assert 0 <= counts[0] <= size and 0 <= counts[2] <= size and counts[1] > size, counts
-    _check(x, params, steps=[5, 6, 7], output_token_ids=[[1, 2], [3, 4, 5, 128255], []])
+    check_exact("triton", x, params, steps=[5, 6, 7], output_token_ids=[[1, 2], [3, 4, 5, 128255], []])

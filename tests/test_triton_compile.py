@@ -1,21 +1,48 @@
-"""Every Triton kernel compiles for a CUDA target (sm_90), offline, in the specialisations the backend launches.
+"""Every Triton kernel specialisation the CUDA path launches compiles for a CUDA target (sm_90), offline.
 
 The interpreter (``TRITON_INTERPRET=1``) runs kernels as numpy code and accepts programs the compiler rejects (loop
--carried types, scalar / block mixes, constexpr branches), so CI compiles them too, without a GPU: source -> TTIR ->
-TTGIR -> LLVM IR -> PTX (-> cubin when the bundled ptxas runs here). Skipped when the CUDA backend is missing.
+-carried types, scalar / block mixes, constexpr branches), so CI compiles them too, without a GPU.
+
+The specialisations are not written out by hand: they are recorded from the backend itself. A subprocess under the
+interpreter runs `CALLS` (``fastsampler.sample``, ``sampling_probs``, the mask ops, `Sampler` steps with a list and a
+tensor of slots, the kernels' test helpers) for each vocabulary of `VOCABS` and each logits dtype, in record-only
+mode with the CUDA launch configuration (`fastsampler.bench.record.record_launches`: ``CHUNK`` 1024, ``DIGIT_BITS``
+4 and the block sizes ``backend._Ctx`` picks on a CUDA device). The launches are reduced to one compilation per
+kernel, constexprs and launch options (`_representatives`: the logits dtype rotates among those recorded, and every
+kernel compiles in every dtype at least once), then compiled with `fastsampler.bench.sass.compile_launches` in a
+subprocess without the interpreter: source -> TTIR -> TTGIR -> LLVM IR -> PTX -> cubin (the ptxas shipped with
+triton), disassembled with its cuobjdump. Compiled kernels are cached on disk, keyed by each kernel's Triton cache key
+(a hash of its source and of every jit function it calls), the specialisation and the triton version: a second run
+with unchanged kernels compiles nothing. The cache is ``$FASTSAMPLER_COMPILE_CACHE``, by default
+``~/.cache/fastsampler/sm90``.
+
+Skipped when triton's CUDA backend (or its cuobjdump) is missing. Marked ``slow``: about two seconds per
+specialisation when the cache is cold (``make test-all`` runs it).
 """
 
 from __future__ import annotations
 
+import collections
 import importlib
+import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
+# the benchmark vocabulary (Llama 3): 126 programs of 1024 ids per row; another vocabulary changes only the block
+# constexprs sized by it (BT, BT_TILES, GBLOCK)
+VOCABS = (128256,)
+DTYPES = ("float32", "bfloat16", "float16")
+BATCH = 3
+SLOT_LIST_CALLS = ("full", "candidates_logprobs", "greedy")  # also a list of slots, and a token bitmask
 
-def _triton_available() -> bool:  # not conftest's: importing conftest would switch this process to the interpreter
+
+def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -23,146 +50,162 @@ def _triton_available() -> bool:  # not conftest's: importing conftest would swi
     return True
 
 
-pytestmark = [pytest.mark.skipif(not _triton_available(), reason="triton is not installed")]
-
-_PTR = {  # argument name -> pointee type
-    "logits_ptr": "fp32", "counts_ptr": "i32", "prompt_ptr": "i32", "allowed_ptr": "i32", "eos_ptr": "i32",
-    "bias_indptr_ptr": "i32", "bias_ids_ptr": "i32", "bias_vals_ptr": "fp32", "fparams_ptr": "fp32",
-    "iparams_ptr": "i32", "steps_ptr": "i64", "seeds_ptr": "i64", "seqs_ptr": "i64", "mu_ptr": "fp32",
-    "rowf_ptr": "fp32", "rowi_ptr": "i32", "part_f_ptr": "fp32", "part_i_ptr": "i32", "top_ptr": "fp32",
-    "gt_val_ptr": "fp32", "gt_id_ptr": "i32", "tokens_ptr": "i64", "valid_ptr": "i8", "logprobs_ptr": "fp32",
-    "ranks_ptr": "i64", "top_ids_ptr": "i64", "top_lps_ptr": "fp32", "mu_out_ptr": "fp32", "ctr_ptr": "i64",
-    "key_ptr": "i64", "word_ptr": "i64", "slot_ptr": "i64", "tbm_ptr": "i32", "gmax_ptr": "fp32", "cid_ptr": "i32",
-    "cz_ptr": "fp32",
-    "lps_ptr": "i32", "lpsf_ptr": "fp32",
-}
-_OUT = {"probs._probs_kernel": "fp32", "probs._kept_mask_kernel": "i8",
-        "philox._philox_block_kernel": "i64", "philox._noise_kernel": "fp32"}
-
-ZFLAGS = dict(HAS_BIAS=True, HAS_COUNTS=True, HAS_PROMPT=True, HAS_ALLOWED=True, HAS_EOS=True, SLOTS=False,
-              HAS_TBM=False, BIAS_TABLE=False)
-NOZ = dict(HAS_BIAS=False, HAS_COUNTS=False, HAS_PROMPT=False, HAS_ALLOWED=False, HAS_EOS=False, SLOTS=False,
-           HAS_TBM=False, BIAS_TABLE=False)
-# a Sampler step with a tensor of slots: state read through the slot index, token bitmask, per-slot bias tables
-SLOTZ = dict(ZFLAGS, SLOTS=True, HAS_TBM=True, BIAS_TABLE=True)
-SLOTNOZ = dict(NOZ, SLOTS=True)
-CASES = [  # every kernel, in the specialisations backend.py launches (CUDA knobs: CHUNK 1024, DIGIT_BITS 4)
-    ("stats._stats_kernel", dict(ZFLAGS, NEED_RAW=True, ARGMAX=True, LSE=True, GROUP=0, RAW_GROUP=False, BLOCK=1024,
-                                 CHUNK=1024)),
-    ("stats._stats_kernel", dict(NOZ, NEED_RAW=False, ARGMAX=False, LSE=True, GROUP=128, RAW_GROUP=False,
-                                 BLOCK=1024, CHUNK=1024)),
-    ("stats._stats_kernel", dict(ZFLAGS, NEED_RAW=True, ARGMAX=True, LSE=True, GROUP=128, RAW_GROUP=True,
-                                 BLOCK=1024, CHUNK=1024)),
-    ("stats._stats_kernel", dict(ZFLAGS, NEED_RAW=False, ARGMAX=True, LSE=False, GROUP=0, RAW_GROUP=False,
-                                 BLOCK=1024, CHUNK=4096)),
-    ("stats._combine_kernel", dict(SLOTS=False, MINP=True, MIRO2=True, CAND=False, GBLOCK=16, BT=128)),
-    ("stats._combine_kernel", dict(SLOTS=False, MINP=False, MIRO2=False, CAND=True, GBLOCK=1024, BT=2)),
-    ("stats._combine_kernel", dict(SLOTS=True, MINP=True, MIRO2=True, CAND=False, GBLOCK=16, BT=128)),
-    ("candidates._compact_kernel", dict(ZFLAGS, CAP=512, GROUP=128, CBLOCK=128, CHUNK=1024)),
-    ("candidates._compact_kernel", dict(NOZ, CAP=512, GROUP=128, CBLOCK=128, CHUNK=1024)),
-    ("candidates._trunc_kernel", dict(ZFLAGS, MIRO1=True, CAP=512, TILE=4096, SPLIT=4, S2=4, BT_TILES=32, DIGIT_BITS=4,
-                                      SBLOCK=256, BLOCK=1024)),
-    ("stats._entropy_kernel", dict(ZFLAGS, BLOCK=1024, CHUNK=1024)),
-    ("stats._kept_kernel", dict(ZFLAGS, HAS_TYP=True, BLOCK=1024, CHUNK=1024)),
-    ("stats._kept_kernel", dict(NOZ, HAS_TYP=False, BLOCK=1024, CHUNK=1024)),
-    ("select._select_kernel", dict(ZFLAGS, STAGE=0, FOLD_MINP=False, DIGIT_BITS=4, BLOCK=256)),
-    ("select._select_kernel", dict(ZFLAGS, STAGE=1, FOLD_MINP=True, DIGIT_BITS=4, BLOCK=256)),
-    ("select._select_kernel", dict(NOZ, STAGE=2, FOLD_MINP=False, DIGIT_BITS=4, BLOCK=256)),
-    ("select._select_kernel", dict(ZFLAGS, STAGE=2, FOLD_MINP=False, DIGIT_BITS=8, BLOCK=16)),
-    ("select._select_kernel", dict(ZFLAGS, STAGE=0, FOLD_MINP=False, DIGIT_BITS=2, BLOCK=1024)),
-    ("select._typical_kernel", dict(ZFLAGS, TYP_MK=True, DIGIT_BITS=4, BLOCK=256, BT=128)),
-    ("select._typical_kernel", dict(NOZ, TYP_MK=False, DIGIT_BITS=4, BLOCK=256, BT=128)),
-    ("mirostat._mirostat_v1_kernel", dict(ZFLAGS, DIGIT_BITS=4, SBLOCK=256, BLOCK=1024)),
-    ("draw._finish_kernel", dict(ZFLAGS, STATS=True, LOGPROBS=True, MIRO=True, UPDATE=False, LAST=True, HAS_TYP=False,
-                                 RACE=True, SPLIT=4, TILE=4096, BLOCK=1024, BT=128, BT_TILES=32, BN=32)),
-    ("draw._finish_kernel", dict(NOZ, STATS=True, LOGPROBS=False, MIRO=False, UPDATE=False, LAST=True, HAS_TYP=False,
-                                 RACE=True, SPLIT=4, TILE=4096, BLOCK=1024, BT=128, BT_TILES=32, BN=2)),
-    ("draw._finish_kernel", dict(ZFLAGS, STATS=False, LOGPROBS=True, MIRO=True, UPDATE=False, LAST=False, HAS_TYP=True,
-                                 RACE=True, SPLIT=1, TILE=4096, BLOCK=1024, BT=2, BT_TILES=2, BN=2)),
-    ("draw._finish_kernel", dict(NOZ, STATS=True, LOGPROBS=False, MIRO=False, UPDATE=False, LAST=True, HAS_TYP=False,
-                                 RACE=False, SPLIT=4, TILE=4096, BLOCK=1024, BT=128, BT_TILES=32, BN=2)),  # greedy
-    ("logprobs._logprobs_kernel", dict(ZFLAGS, HAS_TYP=True, DIGIT_BITS=4, SBLOCK=256, BLOCK=1024, K=32,
-                                       UPDATE=False, CAND=False, RAW_GROUP=False, GROUP=128, GB=8, GBLOCK=1024)),
-    ("logprobs._logprobs_kernel", dict(NOZ, HAS_TYP=False, DIGIT_BITS=4, SBLOCK=256, BLOCK=1024, K=2,
-                                       UPDATE=False, CAND=False, RAW_GROUP=False, GROUP=128, GB=8, GBLOCK=1024)),
-    ("logprobs._logprobs_kernel", dict(ZFLAGS, HAS_TYP=False, DIGIT_BITS=4, SBLOCK=256, BLOCK=1024, K=8,
-                                       UPDATE=False, CAND=True, RAW_GROUP=True, GROUP=128, GB=8, GBLOCK=1024)),
-    ("stats._stats_kernel", dict(SLOTZ, NEED_RAW=True, ARGMAX=True, GROUP=0, RAW_GROUP=False, BLOCK=1024,
-                                 CHUNK=1024)),
-    ("stats._kept_kernel", dict(SLOTZ, HAS_TYP=True, BLOCK=1024, CHUNK=1024)),
-    ("select._select_kernel", dict(SLOTZ, STAGE=0, FOLD_MINP=False, DIGIT_BITS=4, BLOCK=256)),
-    ("select._typical_kernel", dict(SLOTZ, TYP_MK=True, DIGIT_BITS=4, BLOCK=256, BT=128)),
-    ("mirostat._mirostat_v1_kernel", dict(SLOTZ, DIGIT_BITS=4, SBLOCK=256, BLOCK=1024)),
-    ("stats._entropy_kernel", dict(SLOTZ, BLOCK=1024, CHUNK=1024)),
-    ("draw._finish_kernel", dict(SLOTNOZ, STATS=True, LOGPROBS=False, MIRO=False, UPDATE=True, LAST=True, HAS_TYP=False,
-                                 RACE=True, SPLIT=4, TILE=4096, BLOCK=1024, BT=128, BT_TILES=32, BN=2)),
-    ("draw._finish_kernel", dict(SLOTZ, STATS=False, LOGPROBS=True, MIRO=True, UPDATE=True, LAST=False, HAS_TYP=True,
-                                 RACE=True, SPLIT=1, TILE=4096, BLOCK=1024, BT=2, BT_TILES=2, BN=2)),
-    ("logprobs._logprobs_kernel", dict(SLOTZ, HAS_TYP=False, DIGIT_BITS=4, SBLOCK=256, BLOCK=1024, K=32,
-                                       UPDATE=True, CAND=True, RAW_GROUP=True, GROUP=128, GB=8, GBLOCK=1024)),
-    ("probs._probs_kernel", dict(ZFLAGS, HAS_TYP=True, BLOCK=1024, CHUNK=1024)),
-    ("probs._kept_mask_kernel", dict(ZFLAGS, HAS_TYP=True, BLOCK=1024, CHUNK=1024)),
-    ("philox._philox_block_kernel", dict(BLOCK=64)),
-    ("philox._noise_kernel", dict(BLOCK=64)),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not _triton_available(), reason="triton is not installed")]
 
 
-def _compile(name: str, constexprs: dict, logits_dtype: str) -> str:
-    """Compile one kernel for sm_90; returns "" on success, else the error (run without TRITON_INTERPRET)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def _calls():
+    """(name, params of every row, extra keyword arguments): the batches whose launches are recorded; together they
+    set every specialisation flag of the backend (each truncation path, logprobs widths, penalties, masks, EOS)."""
+    from fastsampler import SamplingParams as SP
 
-    mod_name, fn_name = name.split(".")
-    kernel = getattr(importlib.import_module(f"fastsampler.backends.triton.{mod_name}"), fn_name)
-    sig = {}
-    for arg in kernel.arg_names:
-        if arg in constexprs:
-            sig[arg] = "constexpr"
-        elif arg == "logits_ptr":
-            sig[arg] = "*" + logits_dtype
-        elif arg == "out_ptr":
-            sig[arg] = "*" + _OUT[name]
-        elif arg.endswith("_ptr"):
-            sig[arg] = "*" + _PTR[arg]
-        else:
-            sig[arg] = "i32"
+    penalties = dict(temperature=0.8, repetition_penalty=1.1, frequency_penalty=0.2, presence_penalty=0.2,
+                     logit_bias={3: 1.0, 7: -2.0}, banned_token_ids=[4], min_tokens=2)
+    full = dict(penalties, top_k=50, top_p=0.9, min_p=0.05)
+    history = dict(output_token_ids=[[1, 2]] * BATCH, prompt_token_ids=[[5]] * BATCH, eos_token_ids=[0, 2])
+    return [
+        ("plain", SP(), {}),
+        ("greedy", SP(temperature=0.0), {}),
+        ("candidates", SP(top_k=50, top_p=0.9, min_p=0.05), {}),
+        ("candidates_min_keep", SP(top_k=50, min_keep=60), {}),
+        ("candidates_logprobs", SP(top_k=50, top_p=0.9, logprobs=True, top_logprobs=5), {}),
+        ("mirostat_v1", SP(mirostat_mode=1), {}),
+        ("mirostat_v1_logprobs", SP(mirostat_mode=1, logprobs=True, logprobs_mode="processed"), {}),
+        ("top_p", SP(top_p=0.9), {}),
+        ("min_p", SP(min_p=0.05), {}),
+        ("min_keep_top_p_min_p", SP(top_p=0.9, min_p=0.05, min_keep=3), {}),
+        ("typical", SP(typical_p=0.9), {}),
+        ("typical_min_keep", SP(typical_p=0.9, min_keep=4, top_k=40), {}),
+        ("mirostat_v2", SP(mirostat_mode=2), {}),
+        ("both_mirostats", [SP(mirostat_mode=1), SP(mirostat_mode=2), SP(mirostat_mode=1)], {}),
+        ("logprobs_raw", SP(logprobs=True, top_logprobs=20), {}),
+        ("logprobs_final", SP(top_p=0.9, typical_p=0.95, logprobs=True, logprobs_mode="final", top_logprobs=2), {}),
+        ("logprobs_widths", [SP(logprobs=True, top_logprobs=1), SP(logprobs=True, top_logprobs=3),
+                             SP(logprobs=True, top_logprobs=8)], {}),
+        ("logprobs_width_16", SP(logprobs=True, top_logprobs=16), {}),
+        ("greedy_logprobs", SP(temperature=0.0, logprobs=True, top_logprobs=4), {}),
+        ("allowed", SP(allowed_token_ids=list(range(100)), top_k=10), {}),
+        ("full", SP(**full, logprobs=True, top_logprobs=5), history),
+        ("full_typical", SP(**penalties, typical_p=0.9, logprobs=True, logprobs_mode="final"), history),
+        ("full_mirostat", SP(**penalties, mirostat_mode=2), history),
+    ]
+
+
+def _kernels() -> set[str]:
+    """Every ``*_kernel`` jit function of the Triton backend's modules (``module.name``, module relative)."""
+    import pkgutil
+
+    import fastsampler.backends.triton as pkg
+
+    names = set()
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for name, obj in vars(mod).items():
+            # a JITFunction, or an InterpretedFunction under the interpreter: both wrap the Python function as ``fn``
+            fn = getattr(obj, "fn", None)
+            if name.endswith("_kernel") and callable(fn) and getattr(fn, "__module__", "") == mod.__name__:
+                names.add(f"{info.name}.{name}")
+    return names
+
+
+def _record(out: Path) -> None:
+    """Record the launches of every call of `_calls` (CUDA launch configuration, record-only) and write their compile
+    specialisations, with the backend's kernel list, to ``out`` as JSON. Runs under the interpreter."""
+    import torch
+
+    import fastsampler
+    from fastsampler import ops
+    from fastsampler.backends.triton.philox import philox4x32, philox_words
+    from fastsampler.bench.record import record_launches
+    from fastsampler.bench.sass import spec_of
+
+    with record_launches() as launches:
+        for vocab in VOCABS:
+            for dtype in DTYPES:
+                x = torch.randn(BATCH, vocab).to(getattr(torch, dtype))
+                for name, p, kw in _calls():
+                    params = p if isinstance(p, list) else [p] * BATCH
+                    fastsampler.sample(x, params, backend="triton", **kw)
+                    fastsampler.sampling_probs(x, params, backend="triton", **kw)
+                    sampler = fastsampler.Sampler(vocab_size=vocab, max_slots=BATCH, device="cpu", backend="triton")
+                    slots = [sampler.add(q, prompt_token_ids=kw.get("prompt_token_ids", [[]])[0])[0] for q in params]
+                    sampler.sample(x, torch.tensor(slots))  # a tensor of slots: the CUDA-graph step
+                    if name in SLOT_LIST_CALLS:
+                        sampler.sample(x, slots)  # a list of slots
+                        words = (vocab + 31) // 32
+                        sampler.sample(x, torch.tensor(slots), token_bitmask=torch.full((BATCH, words), -1,
+                                                                                       dtype=torch.int32))
+                ops.top_k_mask_logits(x, 50, backend="triton")
+                ops.top_p_mask_logits(x, 0.9, min_keep=2, backend="triton")
+                ops.min_p_mask_logits(x, 0.05, backend="triton")
+                ops.typical_mask_logits(x, 0.9, backend="triton")
+        philox4x32(torch.zeros((4, 4), dtype=torch.int64), torch.zeros((4, 2), dtype=torch.int64))
+        philox_words(torch.arange(64, dtype=torch.int64))
+    specs = [spec_of(x) for x in launches if x.kind == "triton"]
+    out.write_text(json.dumps({"specs": specs, "kernels": sorted(_kernels())}, default=repr), encoding="utf-8")
+
+
+def _logits_dtype(spec: dict) -> str:
+    return next((a["dtype"] for a in spec["args"] if a["name"] == "logits_ptr"), "")
+
+
+def _representatives(specs: list[dict]) -> list[dict]:
+    """One specialisation per kernel, constexprs and launch options (with the integer classes of its first launch in
+    the chosen logits dtype). The logits dtype is one not yet compiled for that kernel where the launches offer one,
+    else the dtypes take turns, so every kernel compiles in every logits dtype it was launched with."""
+    groups: dict[str, dict[str, dict]] = {}
+    for s in specs:
+        key = json.dumps([s["module"], s["qualname"], s["constexprs"], s["options"]], sort_keys=True, default=repr)
+        groups.setdefault(key, {}).setdefault(_logits_dtype(s), s)
+    chosen, seen = [], set()
+    turn: collections.Counter = collections.Counter()
+    for by_dtype in groups.values():
+        kernel = next(iter(by_dtype.values()))["qualname"]
+        dtypes = sorted(by_dtype)
+        dt = next((d for d in dtypes if (kernel, d) not in seen), dtypes[turn[kernel] % len(dtypes)])
+        turn[kernel] += 1
+        seen.add((kernel, dt))
+        chosen.append(by_dtype[dt])
+    missing = {(s["qualname"], _logits_dtype(s)) for s in specs} - seen
+    for kernel, dt in sorted(missing):  # a dtype every group of the kernel offered only after another
+        chosen.append(next(s for s in specs if s["qualname"] == kernel and _logits_dtype(s) == dt))
+    return chosen
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("FASTSAMPLER_COMPILE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fastsampler" / "sm90"
+
+
+def test_launched_kernels_compile_for_cuda(tmp_path):
+    """Record the specialisations the CUDA path launches, then compile each one for sm_90 (cached)."""
     try:
-        # the row passes run one warp per program on CUDA (backend._Ctx.ROW_WARPS)
-        options = {"num_warps": 1} if constexprs.get("CHUNK") else {}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32), options=options)
-    except Exception as e:  # noqa: BLE001 - reported to the parent process
-        return f"{type(e).__name__}: {e}"
-    return "" if "ptx" in compiled.asm else "no PTX produced"
-
-
-def _main() -> int:
-    failures = 0
-    for name, constexprs in CASES:
-        for dt in ("fp32", "bf16", "fp16"):
-            err = _compile(name, constexprs, dt)
-            print(f"{'FAIL' if err else 'ok'} {name} {dt} {constexprs} {err[-3000:]}", flush=True)
-            failures += bool(err)
-    return failures
-
-
-def test_kernels_compile_for_cuda():
-    """Compile every kernel specialisation in a subprocess without TRITON_INTERPRET (about a minute on a CPU)."""
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
+        from fastsampler.bench.sass import compile_launches, spec_id
     except ImportError as e:  # pragma: no cover - triton layout change
-        pytest.skip(f"triton compiler API unavailable: {e}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    if "No module named 'triton.backends.nvidia'" in proc.stderr:
-        pytest.skip("the CUDA backend of triton is not installed")
-    bad = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
-    assert proc.returncode == 0 and not bad, "\n".join(bad) or proc.stderr[-3000:]
-
+        pytest.skip(f"the compile helpers are unavailable: {e}")
+    out = tmp_path / "specs.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "tests.test_triton_compile", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recorded = json.loads(out.read_text(encoding="utf-8"))
+    specs = recorded["specs"]
+    launched = {s["module"].rsplit(".", 1)[-1] + "." + s["qualname"] for s in specs}
+    assert launched == set(recorded["kernels"]), (
+        f"kernels never launched by the recorded calls: {sorted(set(recorded['kernels']) - launched)}")
+    todo = _representatives(specs)
+    # two compile workers (each compiles its share in a subprocess without TRITON_INTERPRET)
+    workers = max(1, min(2, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(lambda share: compile_launches(share, _cache_dir()), [todo[i::workers]
+                                                                                  for i in range(workers)]))
+    results = {sid: r for part in parts for sid, r in part.items()}
+    assert len(results) == len(todo)
+    if all(r.get("unavailable") for r in results.values()):
+        pytest.skip(next(iter(results.values()))["error"])
+    by_id = {spec_id(s): s for s in todo}
+    bad = [f"{by_id[sid]['qualname']} {_logits_dtype(by_id[sid])} {by_id[sid]['constexprs']}: {r.get('error', '')}"
+           for sid, r in results.items() if not r.get("ok")]
+    assert not bad, f"{len(bad)} of {len(todo)} specialisations failed to compile:\n" + "\n".join(bad)
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(__file__))
-    sys.exit(_main())
+    _record(Path(sys.argv[1]))

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import fastsampler
-from conftest import triton_available
 from fastsampler import SamplingParams as SP
 from fastsampler import reference
+from tests.backend_checks import triton_available
 
 pytestmark = [
     pytest.mark.interpreter,

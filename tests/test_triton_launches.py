@@ -21,9 +21,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastsampler
-from conftest import triton_available
 from fastsampler import SamplingParams as SP
 from fastsampler import _custom_ops
+from tests.backend_checks import triton_available
 
 pytestmark = [
     pytest.mark.interpreter,
@@ -207,7 +207,7 @@ def test_slot_indexed_step_matches(device):
     Triton step (tensor slots: the kernels read and update the state in place) gives exactly the tokens, validity,
     ranks, top ids, counts and steps of the reference backend's Sampler (logprobs and mu within the backends'
     tolerance, tests/backend_checks.py), and bit for bit the outputs and state of the row-indexed Triton step."""
-    from backend_checks import ATOL
+    from tests.backend_checks import ATOL
 
     v = 300
     slot_t, ref, rows = (_mixed_sampler(device, b, v) for b in ("triton", "reference", "triton"))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import triton_available
 from fastsampler.backends.reference import exp_noise, philox4x32
+from tests.backend_checks import triton_available
 
 pytestmark = [pytest.mark.interpreter, pytest.mark.skipif(not triton_available(), reason="triton is not installed")]
 

@@ -40,8 +40,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["CUDA_KNOBS", "ArgInfo", "TritonLaunch", "TorchOp", "StepRecord", "record_step", "ensure_interpreter",
-           "launch_signature", "KERNEL_PACKAGE"]
+__all__ = ["CUDA_KNOBS", "ArgInfo", "TritonLaunch", "TorchOp", "StepRecord", "record_step", "record_launches",
+           "ensure_interpreter", "launch_signature", "KERNEL_PACKAGE"]
 
 # The CUDA launch settings of the Triton backend, forced while recording (read per call by the backend).
 CUDA_KNOBS: dict[str, str] = {"FASTSAMPLER_TRITON_CHUNK": "1024", "FASTSAMPLER_TRITON_DIGIT_BITS": "4"}
@@ -529,6 +529,23 @@ def _case_rows(scenario: str, batch: int, dtype_name: str, vocab: int, seed: int
     else:
         prompts = [[] for _ in range(batch)]
     return inp, params, prompts
+
+
+@contextlib.contextmanager
+def record_launches(*, execute: bool = False) -> Iterator[list[TritonLaunch | TorchOp]]:
+    """Record the device work of any calls made inside the block, with the CUDA launch settings.
+
+    The same recording as `record_step` (`CUDA_KNOBS`, the CUDA block policy, Triton launches and kernel-launching
+    torch ops), around arbitrary calls on CPU tensors: ``fastsampler.sample``, ``sampling_probs``, a `Sampler`
+    step, the kernels' test helpers. Yields the list the launches are appended to, in launch order.
+
+    >>> with record_launches() as launches:  # doctest: +SKIP
+    ...     fastsampler.sample(torch.randn(2, 4096), SamplingParams(top_p=0.9), backend="triton")
+    """
+    ensure_interpreter()
+    status: list[str] = []
+    with _env(CUDA_KNOBS), _cuda_block_policy(status), _recording(execute, None) as rec:
+        yield rec.launches
 
 
 def record_step(scenario: str, batch: int, dtype_name: str, vocab: int, *, execute: bool = False,
