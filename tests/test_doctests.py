@@ -9,6 +9,7 @@ import pytest
 
 MODULES = [
     "fastsampler._api",
+    "fastsampler.backends",
     "fastsampler.ops",
     "fastsampler.params",
     "fastsampler.backends.reference.philox",

@@ -305,7 +305,7 @@ def test_sampler_shared_between_threads_loses_no_update() -> None:
         try:
             for _ in range(steps):
                 s.sample(x, slots)
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:  # reported below
             errors.append(e)
 
     threads = [threading.Thread(target=work) for _ in range(nthreads)]

@@ -12,4 +12,4 @@ def test_readme_python_blocks_run() -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "README has no python example"
     ns: dict = {}
-    exec(compile("\n".join(blocks), str(README), "exec"), ns)  # noqa: S102 - the examples share one namespace
+    exec(compile("\n".join(blocks), str(README), "exec"), ns)  # the examples share one namespace
