@@ -6,6 +6,8 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers of `make test-all` (auto: one per core)
+TEST_WORKERS ?= auto
 
 .PHONY: setup test test-all bench lint sanitize clean
 
@@ -23,9 +25,9 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# every test, the slow tier included (CI)
+# every test, the slow tier included (CI), over every core (pytest-xdist)
 test-all: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m fastsampler.bench $(BENCH_ARGS)

@@ -56,10 +56,11 @@ def unavailable(backend: str) -> str:
     return ""
 
 
-def backend_params(*, slow_interpreted: bool = False) -> list:
+def backend_params(*, slow_interpreted: bool = False, skip_interpreted: str = "") -> list:
     """``pytest.param`` per backend of `BACKENDS`: skipped with the reason when it cannot run here; the Triton
-    interpreter marked ``interpreter`` (and ``slow`` with ``slow_interpreted``: a case too large to run there in
-    ``make test``)."""
+    interpreter marked ``interpreter``, and ``slow`` with ``slow_interpreted`` (a case too large to run there in
+    ``make test``) or skipped with ``skip_interpreted``, the reason (a case that takes minutes there: it runs natively
+    on CUDA, and on the other backends everywhere)."""
     out = []
     for name in BACKENDS:
         marks = []
@@ -70,6 +71,8 @@ def backend_params(*, slow_interpreted: bool = False) -> list:
             marks.append(pytest.mark.interpreter)
             if slow_interpreted and interpreted(name):
                 marks.append(pytest.mark.slow)
+            if skip_interpreted and interpreted(name):
+                marks.append(pytest.mark.skip(reason=f"Triton interpreter: {skip_interpreted}; runs natively on CUDA"))
         out.append(pytest.param(name, marks=marks, id=name))
     return out
 
