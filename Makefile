@@ -50,4 +50,4 @@ sanitize: setup
 	PYTHON=$(PY) tools/sanitize.sh $(SANITIZE_TESTS)
 
 clean:
-	rm -rf build dist src/*.egg-info src/fastsampler/*.so $(VENV)
+	rm -rf build dist src/*.egg-info src/fastsampler/backends/cpu/*.so $(VENV)
