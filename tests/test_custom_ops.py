@@ -15,16 +15,15 @@ import fastsampler
 from fastsampler import Sampler, SamplingParams
 from fastsampler._api import available_backends
 from fastsampler._batch import ids_to_bitmask, pack_batch
-from fastsampler._custom_ops import flags_to_int, int_to_flags, sample_packed
+from fastsampler._custom_ops import sample_packed
+from fastsampler.layout import flags_to_int, int_to_flags
 
 BACKENDS = available_backends()
 V = 50
 
 
 def _op_args(batch, backend: str = "reference") -> tuple:
-    return (batch.logits, batch.fparams, batch.iparams, batch.seeds, batch.steps, batch.seqs, batch.mirostat_mu,
-            batch.allowed_mask, batch.prompt_mask, batch.output_counts, batch.bias_indptr, batch.bias_ids,
-            batch.bias_vals, batch.eos_ids, batch.vocab_size, batch.n_top, flags_to_int(batch.flags), backend)
+    return (*batch.op_args(), backend)
 
 
 def _dev(backend: str) -> torch.device:

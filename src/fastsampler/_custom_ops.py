@@ -35,10 +35,9 @@ import torch
 
 from . import backends
 from ._batch import PackedBatch, advance_state
-from .layout import flags_to_int, int_to_flags
 from .output import SampleOutput
 
-__all__ = ["sample_packed", "run_backend", "use_op", "flags_to_int", "int_to_flags"]
+__all__ = ["sample_packed", "run_backend", "use_op"]
 
 _OUT_DTYPES = (torch.int64, torch.bool, torch.float32, torch.int64, torch.float32, torch.int64, torch.float32)
 _len_dispatch_stack = torch._C._len_torch_dispatch_stack

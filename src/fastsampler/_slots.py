@@ -123,10 +123,10 @@ class SlotTables:
         self.bias_len: torch.Tensor | None = None  # (S,) int32
 
     @torch.inference_mode(False)
-    def write(self, slots: Sequence[int], req: PackedRequest, seed_bits: int, prompt: np.ndarray) -> bool:
+    def write(self, slots: Sequence[int], req: PackedRequest, seed_bits: int, prompt: np.ndarray) -> None:
         """Fill ``slots`` for a new request (sample ``seq = i`` in ``slots[i]``): its packed rows, seed bit
-        pattern, step 0, initial ``mu``, prompt bitmask, zero counts, allowed row and logit bias. Returns True when
-        a lazily allocated table was (re)allocated."""
+        pattern, step 0, initial ``mu``, prompt bitmask, zero counts, allowed row and logit bias (allocating the
+        lazily allocated tables it needs)."""
         dev, v = self.device, self.vocab
         idx = torch.tensor(list(slots), dtype=torch.int64, device=dev)
         self.fparams[idx] = torch.from_numpy(req.f).to(dev)
@@ -137,23 +137,21 @@ class SlotTables:
         self.mu[idx] = float(req.mu)
         self.prompt[idx] = torch.from_numpy(ids_to_bitmask([prompt], v)).to(dev)
         self.counts[idx] = 0
-        grew = False
         if req.restricted:
-            grew = self.reserve(allowed_mask=True)
+            self.reserve(allowed_mask=True)
             assert self.allowed is not None
             self.allowed[idx] = torch.from_numpy(req.allowed_row(v)).to(dev)
         elif self.allowed is not None:
             self.allowed[idx] = -1
         nb = req.bias_ids.size
         if nb:
-            grew |= self.grow_bias(nb)
+            self.grow_bias(nb)
             assert self.bias_ids is not None and self.bias_vals is not None and self.bias_len is not None
             self.bias_ids[idx, :nb] = torch.from_numpy(req.bias_ids).to(dev)
             self.bias_vals[idx, :nb] = torch.from_numpy(req.bias_vals).to(dev)
             self.bias_len[idx] = nb
         elif self.bias_len is not None:
             self.bias_len[idx] = 0
-        return grew
 
     @torch.inference_mode(False)
     def reserve(self, *, allowed_mask: bool = False, logit_bias_entries: int = 0) -> bool:
