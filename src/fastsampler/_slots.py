@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._batch import PackedRequest, advance_state, bias_tables_to_csr, ids_to_bitmask, mask_words, to_device
+from ._batch import PackedRequest, advance_state, bias_tables_to_csr, mask_words, to_device
 from .layout import NF, NI, combine_bits
 from .params import SamplingParams
 
@@ -123,24 +123,29 @@ class SlotTables:
         self.bias_len: torch.Tensor | None = None  # (S,) int32
 
     @torch.inference_mode(False)
-    def write(self, slots: Sequence[int], req: PackedRequest, seed_bits: int, prompt: np.ndarray) -> None:
-        """Fill ``slots`` for a new request (sample ``seq = i`` in ``slots[i]``): its packed rows, seed bit
-        pattern, step 0, initial ``mu``, prompt bitmask, zero counts, allowed row and logit bias (allocating the
-        lazily allocated tables it needs)."""
-        dev, v = self.device, self.vocab
+    def write(self, slots: Sequence[int], req: PackedRequest, seed_bits: int, prompt_mask: np.ndarray, *,
+              first_seq: int = 0, step: int = 0, mu: float | None = None, counts: np.ndarray | None = None) -> None:
+        """Fill ``slots`` for a request (sample ``seq = first_seq + i`` in ``slots[i]``): its packed rows, seed bit
+        pattern, ``step``, Mirostat ``mu`` (default: the request's initial ``mu``), prompt bitmask (``(W,)``
+        int32), output counts (``(V,)`` int16; default zero), allowed row and logit bias (allocating the lazily
+        allocated tables it needs)."""
+        dev = self.device
         idx = torch.tensor(list(slots), dtype=torch.int64, device=dev)
         self.fparams[idx] = torch.from_numpy(req.f).to(dev)
         self.iparams[idx] = torch.from_numpy(req.i).to(dev)
         self.seeds[idx] = seed_bits
-        self.steps[idx] = 0
-        self.seqs[idx] = torch.arange(len(slots), dtype=torch.int64, device=dev)
-        self.mu[idx] = float(req.mu)
-        self.prompt[idx] = torch.from_numpy(ids_to_bitmask([prompt], v)).to(dev)
-        self.counts[idx] = 0
+        self.steps[idx] = step
+        self.seqs[idx] = torch.arange(first_seq, first_seq + len(slots), dtype=torch.int64, device=dev)
+        self.mu[idx] = float(req.mu) if mu is None else mu
+        self.prompt[idx] = torch.from_numpy(prompt_mask).to(dev)
+        if counts is None:
+            self.counts[idx] = 0
+        else:
+            self.counts[idx] = torch.from_numpy(counts).to(dev)
         if req.restricted:
             self.reserve(allowed_mask=True)
             assert self.allowed is not None
-            self.allowed[idx] = torch.from_numpy(req.allowed_row(v)).to(dev)
+            self.allowed[idx] = torch.from_numpy(req.allowed_row(self.vocab)).to(dev)
         elif self.allowed is not None:
             self.allowed[idx] = -1
         nb = req.bias_ids.size
@@ -181,6 +186,12 @@ class SlotTables:
             self.bias_len = torch.zeros(self.slots, dtype=torch.int32, device=self.device)
         self.bias_ids, self.bias_vals = ids, vals
         return True
+
+    def read(self, slot: int) -> tuple[int, int, float, np.ndarray, np.ndarray]:
+        """Host copies of what a step changes or a request brought, for ``slot``: (seq, step, ``mu``, output counts
+        ``(V,)`` int16, prompt bitmask ``(W,)`` int32). Reads the device (synchronises)."""
+        return (int(self.seqs[slot].item()), int(self.steps[slot].item()), float(self.mu[slot].item()),
+                self.counts[slot].cpu().numpy().copy(), self.prompt[slot].cpu().numpy().copy())
 
     def advance(self, slots_t: torch.Tensor, steps: torch.Tensor, out: Any) -> None:
         """The state update after a step, on the device (`fastsampler._batch.advance_state`)."""

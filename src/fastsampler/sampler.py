@@ -10,7 +10,9 @@ layout, its memory cost and what a step costs on the host.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -22,6 +24,8 @@ from . import backends
 from ._batch import (
     PackedBatch,
     check_ids,
+    check_int,
+    ids_to_bitmask,
     mask_words,
     pack_request,
     random_seed,
@@ -239,9 +243,20 @@ class Sampler:
     # ------------------------------------------------------------------ add / remove
     @_locked
     def add(
-        self, params: SamplingParams, prompt_token_ids: Sequence[int] | np.ndarray | torch.Tensor | None = ()
+        self,
+        params: SamplingParams,
+        prompt_token_ids: Sequence[int] | np.ndarray | torch.Tensor | None = (),
+        *,
+        output_token_ids: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+        step: int | None = None,
+        mirostat_mu: float | None = None,
     ) -> list[int]:
         """Add a request; returns its ``params.n`` slots (sample ``seq = i`` in slot ``slots[i]``).
+
+        A request that was preempted and is added again continues exactly where it stopped when it brings back what
+        it had: its tokens so far (``output_token_ids``: the penalty counts), ``step`` and ``mirostat_mu``, and its
+        seed (``params.seed``, or `seed_of` of the old slot in ``params.replace(seed=...)``). `export` / `restore`
+        move one slot's whole state instead.
 
         Parameters
         ----------
@@ -250,6 +265,14 @@ class Sampler:
             samples and reported by `seed_of`.
         prompt_token_ids : sequence of int, default ()
             The prompt, for the repetition penalty (host work O(len(prompt)) once, here).
+        output_token_ids : sequence of int, optional
+            Tokens the request already generated (each sample starts with these counts, saturating at
+            `COUNT_MAX`).
+        step : int, optional
+            Tokens generated so far: the Philox counter of the next draw and the ``min_tokens`` clock (default
+            ``len(output_token_ids)``, else 0).
+        mirostat_mu : float, optional
+            Mirostat state to continue from (default ``2 * mirostat_target``); only for a Mirostat request.
 
         Returns
         -------
@@ -287,13 +310,89 @@ class Sampler:
             check_ids("params.banned_token_ids", None, params.banned_token_ids, v)
         check_ids("params.logit_bias", None, params.logit_bias.keys(), v)
 
+        counts = None
+        if output_token_ids is not None:
+            out = _prompt_array(output_token_ids, "output_token_ids")
+            if out.size and (out.min() < 0 or out.max() >= v):
+                bad = int(out[(out < 0) | (out >= v)][0])
+                raise ValueError(f"output_token_ids holds token id {bad}, outside the vocabulary [0, {v})")
+            counts = np.minimum(np.bincount(out, minlength=v), _COUNT_MAX).astype(np.int16)
+        if step is None:
+            step = 0 if output_token_ids is None else int(out.size)
+        else:
+            step = check_int("step", step, 0, (1 << 63) - 1)
+        if mirostat_mu is not None:
+            if not params.mirostat_mode:
+                raise ValueError("mirostat_mu is the state of a Mirostat request; this request has mirostat_mode=0")
+            if isinstance(mirostat_mu, (bool, np.bool_)) or not isinstance(mirostat_mu, (int, float, np.floating,
+                                                                                          np.integer)):
+                raise TypeError(f"mirostat_mu must be a float, got {mirostat_mu!r}")
+            if math.isnan(mirostat_mu):
+                raise ValueError("mirostat_mu must not be NaN")
+
         seed = params.seed if params.seed is not None else random_seed()
         req = pack_request(params)
         slots = self._book.take(n)
-        self._tables.write(slots, req, seed_to_int64(seed), prompt)
+        self._tables.write(slots, req, seed_to_int64(seed), ids_to_bitmask([prompt], v)[0], step=step,
+                           mu=None if mirostat_mu is None else float(mirostat_mu), counts=counts)
         self._book.fill(slots, params, seed, req)
         self._slot_sets.clear()
         return slots
+
+    @_locked
+    def export(self, slot: int) -> SlotState:
+        """Everything ``slot`` holds, copied to the host (reads the device): `restore` puts it back into a free slot
+        of this or another `Sampler` with the same vocabulary, and the request continues as if it had never left.
+
+        >>> import torch, fastsampler
+        >>> s = fastsampler.Sampler(vocab_size=8, max_slots=1, backend="reference")
+        >>> slot = s.add(fastsampler.SamplingParams(seed=5, presence_penalty=1.0))[0]
+        >>> _ = s.sample(torch.zeros(1, 8), [slot])
+        >>> state = s.export(slot); s.remove(slot)
+        >>> t = fastsampler.Sampler(vocab_size=8, max_slots=2, backend="reference")
+        >>> new = t.restore(state); t.step_of(new), t.seed_of(new), int(t.output_counts_of(new).sum())
+        (1, 5, 1)
+        """
+        i = self._check_slot(slot)
+        params = self._book.params[i]
+        assert params is not None
+        seq, step, mu, counts, prompt_mask = self._tables.read(i)
+        return SlotState(params=params, seed=self._book.seeds[i], seq=seq, step=step, mirostat_mu=mu,
+                         output_counts=counts, prompt_mask=prompt_mask)
+
+    @_locked
+    def restore(self, state: SlotState) -> int:
+        """Put a slot exported by `export` back into the lowest free slot; returns it.
+
+        Raises
+        ------
+        TypeError
+            When ``state`` is not a `SlotState`.
+        ValueError
+            When no slot is free, or the state was exported by a `Sampler` of another vocabulary size.
+        """
+        if not isinstance(state, SlotState):
+            raise TypeError(f"state must be a SlotState (from Sampler.export), got {type(state).__name__}")
+        v, w = self._vocab, self._words
+        if state.output_counts.shape != (v,) or state.prompt_mask.shape != (w,):
+            raise ValueError(f"state holds counts for a vocabulary of {state.output_counts.shape[0]} tokens; this "
+                             f"Sampler has vocab_size={v}")
+        if not self._book.num_free:
+            raise ValueError(f"Sampler is full: all max_slots={self._slots} slots are in use; remove finished "
+                             f"requests first")
+        p = state.params
+        for name, ids in (("allowed_token_ids", p.allowed_token_ids), ("banned_token_ids", p.banned_token_ids),
+                          ("logit_bias", p.logit_bias.keys())):
+            if ids is not None:
+                check_ids(f"params.{name}", None, ids, v)
+        req = pack_request(p)
+        slots = self._book.take(1)
+        self._tables.write(slots, req, seed_to_int64(state.seed), state.prompt_mask.astype(np.int32, copy=False),
+                           first_seq=state.seq, step=state.step, mu=state.mirostat_mu,
+                           counts=state.output_counts.astype(np.int16, copy=False))
+        self._book.fill(slots, p, state.seed, req)
+        self._slot_sets.clear()
+        return slots[0]
 
     @_locked
     @torch.inference_mode(False)
@@ -672,6 +771,37 @@ class Sampler:
         return tb[:, :wl].contiguous()
 
 
+@dataclasses.dataclass(frozen=True)
+class SlotState:
+    """One slot's whole state on the host (`Sampler.export`, `Sampler.restore`): picklable, device-free.
+
+    Attributes
+    ----------
+    params : SamplingParams
+        The request's parameters.
+    seed : int
+        Its uint64 seed (the random one `Sampler.add` drew when ``params.seed`` was None).
+    seq : int
+        The sample index within the request.
+    step : int
+        Tokens generated so far.
+    mirostat_mu : float
+        Mirostat state (NaN without Mirostat).
+    output_counts : np.ndarray
+        ``(V,)`` int16 counts of the generated tokens.
+    prompt_mask : np.ndarray
+        ``(ceil(V / 32),)`` int32 prompt bitmask.
+    """
+
+    params: SamplingParams
+    seed: int
+    seq: int
+    step: int
+    mirostat_mu: float
+    output_counts: np.ndarray
+    prompt_mask: np.ndarray
+
+
 def _empty_output(logits: torch.Tensor, n_top: int) -> SampleOutput:
     """The result of a step without rows (an idle engine step): empty tensors on the logits' device."""
     e = logits.new_empty
@@ -755,23 +885,24 @@ class _HostRows:
         self.eos = ss.eos.numpy()
 
 
-def _prompt_array(prompt_token_ids: Any) -> np.ndarray:
-    """The prompt as a 1-D int64 array; floats (which would be truncated) and bools are refused."""
+def _prompt_array(prompt_token_ids: Any, name: str = "prompt_token_ids") -> np.ndarray:
+    """Token ids (a prompt, or ``name``) as a 1-D int64 array; floats (which would be truncated) and bools are
+    refused."""
     if prompt_token_ids is None:
         return np.zeros(0, dtype=np.int64)
     if isinstance(prompt_token_ids, torch.Tensor):
         if prompt_token_ids.dtype.is_floating_point or prompt_token_ids.dtype.is_complex or \
                 prompt_token_ids.dtype == torch.bool:
-            raise TypeError(f"prompt_token_ids must hold integer token ids, got a {prompt_token_ids.dtype} tensor")
+            raise TypeError(f"{name} must hold integer token ids, got a {prompt_token_ids.dtype} tensor")
         return prompt_token_ids.detach().to("cpu", torch.int64).reshape(-1).numpy()
     if isinstance(prompt_token_ids, (int, np.integer, str, bytes)) or not isinstance(prompt_token_ids, Iterable):
-        raise TypeError(f"prompt_token_ids must be a sequence of ints, got {prompt_token_ids!r}")
+        raise TypeError(f"{name} must be a sequence of ints, got {prompt_token_ids!r}")
     arr = np.asarray(prompt_token_ids if isinstance(prompt_token_ids, np.ndarray) else list(prompt_token_ids))
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
     if arr.dtype.kind not in "iu":
         bad = next((t for t in arr.reshape(-1).tolist() if not isinstance(t, int) or isinstance(t, bool)), arr.dtype)
-        raise TypeError(f"prompt_token_ids must hold integer token ids, got {bad!r} (dtype {arr.dtype})")
+        raise TypeError(f"{name} must hold integer token ids, got {bad!r} (dtype {arr.dtype})")
     if arr.dtype.kind == "u" and arr.size and int(arr.max()) >= 1 << 63:
-        raise ValueError(f"prompt_token_ids holds token id {int(arr.max())}, outside the int64 range")
+        raise ValueError(f"{name} holds token id {int(arr.max())}, outside the int64 range")
     return arr.astype(np.int64).reshape(-1)
