@@ -152,3 +152,17 @@ def test_restore_is_checked() -> None:
                     output_counts=np.zeros(64, np.int16), prompt_mask=np.zeros(2, np.int32))
     with pytest.raises(ValueError, match="banned_token_ids"):
         Sampler(64, 1, backend="reference").restore(st2)
+
+
+def test_an_eos_rule_without_eos_ids_is_refused() -> None:
+    s = Sampler(V, 2, backend="reference")
+    with pytest.raises(ValueError, match=r"params.min_tokens=2 bans the EOS ids, but this Sampler has none"):
+        s.add(SamplingParams(min_tokens=2))
+    with pytest.raises(ValueError, match=r"params.ignore_eos=True bans the EOS ids"):
+        s.add(SamplingParams(ignore_eos=True))
+    assert s.num_active == 0
+    ok = _sampler("reference")
+    slot = ok.add(SamplingParams(min_tokens=2))[0]
+    state = ok.export(slot)
+    with pytest.raises(ValueError, match="bans the EOS ids"):
+        s.restore(state)

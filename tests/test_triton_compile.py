@@ -126,7 +126,8 @@ def _record(out: Path) -> None:
                     params = p if isinstance(p, list) else [p] * BATCH
                     fastsampler.sample(x, params, backend="triton", **kw)
                     fastsampler.sampling_probs(x, params, backend="triton", **kw)
-                    sampler = fastsampler.Sampler(vocab_size=vocab, max_slots=BATCH, device="cpu", backend="triton")
+                    sampler = fastsampler.Sampler(vocab_size=vocab, max_slots=BATCH, device="cpu", backend="triton",
+                                                  eos_token_ids=[0, 2])
                     slots = [sampler.add(q, prompt_token_ids=kw.get("prompt_token_ids", [[]])[0])[0] for q in params]
                     sampler.sample(x, torch.tensor(slots))  # a tensor of slots: the CUDA-graph step
                     if name in SLOT_LIST_CALLS:

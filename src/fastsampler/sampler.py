@@ -282,7 +282,8 @@ class Sampler:
         Raises
         ------
         ValueError
-            When fewer than ``params.n`` slots are free, or a token id is outside ``[0, vocab_size)``.
+            When fewer than ``params.n`` slots are free, a token id is outside ``[0, vocab_size)``, or the request
+            sets ``min_tokens`` / ``ignore_eos`` while the Sampler has no ``eos_token_ids`` (they would do nothing).
 
         Examples
         --------
@@ -309,6 +310,7 @@ class Sampler:
         if params.banned_token_ids is not None:
             check_ids("params.banned_token_ids", None, params.banned_token_ids, v)
         check_ids("params.logit_bias", None, params.logit_bias.keys(), v)
+        self._check_eos_rule(params)
 
         counts = None
         if output_token_ids is not None:
@@ -338,6 +340,13 @@ class Sampler:
         self._book.fill(slots, params, seed, req)
         self._slot_sets.clear()
         return slots
+
+    def _check_eos_rule(self, params: SamplingParams) -> None:
+        """``min_tokens`` / ``ignore_eos`` ban the EOS ids: without any they would silently do nothing."""
+        if (params.min_tokens > 0 or params.ignore_eos) and not self._eos_host:
+            rule = f"min_tokens={params.min_tokens}" if params.min_tokens > 0 else "ignore_eos=True"
+            raise ValueError(f"params.{rule} bans the EOS ids, but this Sampler has none: pass eos_token_ids to "
+                             f"Sampler(...), or leave min_tokens and ignore_eos at their defaults")
 
     @_locked
     def export(self, slot: int) -> SlotState:
@@ -385,6 +394,7 @@ class Sampler:
                           ("logit_bias", p.logit_bias.keys())):
             if ids is not None:
                 check_ids(f"params.{name}", None, ids, v)
+        self._check_eos_rule(p)
         req = pack_request(p)
         slots = self._book.take(1)
         self._tables.write(slots, req, seed_to_int64(state.seed), state.prompt_mask.astype(np.int32, copy=False),
