@@ -300,24 +300,12 @@ class Sampler:
                 f"Sampler is full: the request needs n={n} slots, {self._book.num_free} of max_slots={self._slots} are "
                 f"free; remove finished requests first"
             )
-        prompt = _prompt_array(prompt_token_ids)
         v = self._vocab
-        if prompt.size and (prompt.min() < 0 or prompt.max() >= v):
-            bad = int(prompt[(prompt < 0) | (prompt >= v)][0])
-            raise ValueError(f"prompt_token_ids holds token id {bad}, outside the vocabulary [0, {v})")
-        if params.allowed_token_ids is not None:
-            check_ids("params.allowed_token_ids", None, params.allowed_token_ids, v)
-        if params.banned_token_ids is not None:
-            check_ids("params.banned_token_ids", None, params.banned_token_ids, v)
-        check_ids("params.logit_bias", None, params.logit_bias.keys(), v)
-        self._check_eos_rule(params)
-
+        prompt = _token_array(prompt_token_ids, "prompt_token_ids", v)
+        self._check_request(params)
         counts = None
         if output_token_ids is not None:
-            out = _prompt_array(output_token_ids, "output_token_ids")
-            if out.size and (out.min() < 0 or out.max() >= v):
-                bad = int(out[(out < 0) | (out >= v)][0])
-                raise ValueError(f"output_token_ids holds token id {bad}, outside the vocabulary [0, {v})")
+            out = _token_array(output_token_ids, "output_token_ids", v)
             counts = np.minimum(np.bincount(out, minlength=v), _COUNT_MAX).astype(np.int16)
         if step is None:
             step = 0 if output_token_ids is None else int(out.size)
@@ -341,8 +329,14 @@ class Sampler:
         self._slot_sets.clear()
         return slots
 
-    def _check_eos_rule(self, params: SamplingParams) -> None:
-        """``min_tokens`` / ``ignore_eos`` ban the EOS ids: without any they would silently do nothing."""
+    def _check_request(self, params: SamplingParams) -> None:
+        """What `SamplingParams` could not check alone: its token ids against the vocabulary, and EOS ids for
+        ``min_tokens`` / ``ignore_eos`` (which ban them: without any they would silently do nothing)."""
+        v = self._vocab
+        for name, ids in (("allowed_token_ids", params.allowed_token_ids), ("banned_token_ids",
+                          params.banned_token_ids), ("logit_bias", params.logit_bias.keys())):
+            if ids is not None:
+                check_ids(f"params.{name}", None, ids, v)
         if (params.min_tokens > 0 or params.ignore_eos) and not self._eos_host:
             rule = f"min_tokens={params.min_tokens}" if params.min_tokens > 0 else "ignore_eos=True"
             raise ValueError(f"params.{rule} bans the EOS ids, but this Sampler has none: pass eos_token_ids to "
@@ -378,7 +372,8 @@ class Sampler:
         TypeError
             When ``state`` is not a `SlotState`.
         ValueError
-            When no slot is free, or the state was exported by a `Sampler` of another vocabulary size.
+            When no slot is free, the state was exported by a `Sampler` of another vocabulary size, or its params
+            do not fit this one (token ids, ``min_tokens`` / ``ignore_eos`` without EOS ids), as in `add`.
         """
         if not isinstance(state, SlotState):
             raise TypeError(f"state must be a SlotState (from Sampler.export), got {type(state).__name__}")
@@ -390,11 +385,7 @@ class Sampler:
             raise ValueError(f"Sampler is full: all max_slots={self._slots} slots are in use; remove finished "
                              f"requests first")
         p = state.params
-        for name, ids in (("allowed_token_ids", p.allowed_token_ids), ("banned_token_ids", p.banned_token_ids),
-                          ("logit_bias", p.logit_bias.keys())):
-            if ids is not None:
-                check_ids(f"params.{name}", None, ids, v)
-        self._check_eos_rule(p)
+        self._check_request(p)
         req = pack_request(p)
         slots = self._book.take(1)
         self._tables.write(slots, req, seed_to_int64(state.seed), state.prompt_mask.astype(np.int32, copy=False),
@@ -895,19 +886,18 @@ class _HostRows:
         self.eos = ss.eos.numpy()
 
 
-def _prompt_array(prompt_token_ids: Any, name: str = "prompt_token_ids") -> np.ndarray:
-    """Token ids (a prompt, or ``name``) as a 1-D int64 array; floats (which would be truncated) and bools are
+def _id_array(ids: Any, name: str) -> np.ndarray:
+    """Token ids (``name``, for the errors) as a 1-D int64 array; floats (which would be truncated) and bools are
     refused."""
-    if prompt_token_ids is None:
+    if ids is None:
         return np.zeros(0, dtype=np.int64)
-    if isinstance(prompt_token_ids, torch.Tensor):
-        if prompt_token_ids.dtype.is_floating_point or prompt_token_ids.dtype.is_complex or \
-                prompt_token_ids.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integer token ids, got a {prompt_token_ids.dtype} tensor")
-        return prompt_token_ids.detach().to("cpu", torch.int64).reshape(-1).numpy()
-    if isinstance(prompt_token_ids, (int, np.integer, str, bytes)) or not isinstance(prompt_token_ids, Iterable):
-        raise TypeError(f"{name} must be a sequence of ints, got {prompt_token_ids!r}")
-    arr = np.asarray(prompt_token_ids if isinstance(prompt_token_ids, np.ndarray) else list(prompt_token_ids))
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer token ids, got a {ids.dtype} tensor")
+        return ids.detach().to("cpu", torch.int64).reshape(-1).numpy()
+    if isinstance(ids, (int, np.integer, str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(f"{name} must be a sequence of ints, got {ids!r}")
+    arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids))
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
     if arr.dtype.kind not in "iu":
@@ -916,3 +906,12 @@ def _prompt_array(prompt_token_ids: Any, name: str = "prompt_token_ids") -> np.n
     if arr.dtype.kind == "u" and arr.size and int(arr.max()) >= 1 << 63:
         raise ValueError(f"{name} holds token id {int(arr.max())}, outside the int64 range")
     return arr.astype(np.int64).reshape(-1)
+
+
+def _token_array(ids: Any, name: str, vocab: int) -> np.ndarray:
+    """`_id_array`, every id checked against ``[0, vocab)``."""
+    arr = _id_array(ids, name)
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+        bad = int(arr[(arr < 0) | (arr >= vocab)][0])
+        raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab})")
+    return arr
