@@ -67,6 +67,7 @@ def test_the_public_modules_do_not_import_each_other_in_a_circle() -> None:
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
+@pytest.mark.filterwarnings("ignore::fastsampler.SeedWithoutStepsWarning")  # one seeded draw at step 0, on purpose
 def test_pack_batch_of_the_layer_is_the_one_the_api_uses() -> None:
     x = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
     b = backends.pack_batch(x, [SamplingParams(temperature=0.0), SamplingParams(top_k=2, seed=3)])

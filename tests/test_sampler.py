@@ -368,7 +368,7 @@ def test_errors() -> None:
     with pytest.raises(TypeError, match="logits must be float16, bfloat16, float32 or float64, got torch.int64"):
         s.sample(torch.zeros(2, V, dtype=torch.int64), a)
     with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
-        s.sample(np.zeros((2, V), np.float32), a)  # type: ignore[arg-type]
+        s.sample(np.zeros((2, V), np.float32).tolist(), a)  # type: ignore[arg-type]  (numpy arrays are taken)
     with pytest.raises(ValueError, match="logits must be on the sampler's device cpu, got meta"):
         s.sample(torch.zeros(2, V, device="meta"), a)
     with pytest.raises(TypeError, match="token_bitmask must be int32"):

@@ -7,7 +7,7 @@ parameters, with exactly defined, batch-invariant and backend-independent result
 from __future__ import annotations
 
 from . import backends, reference
-from ._api import available_backends, sample, sampling_probs
+from ._api import SeedWithoutStepsWarning, available_backends, sample, sampling_probs
 from .output import SampleOutput
 from .params import SamplingParams
 from .sampler import Sampler
@@ -18,6 +18,7 @@ __all__ = [
     "SampleOutput",
     "Sampler",
     "SamplingParams",
+    "SeedWithoutStepsWarning",
     "available_backends",
     "backends",
     "reference",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -9,13 +10,13 @@ import numpy as np
 import torch
 
 from . import backends
-from ._batch import StepInputs, pack_batch, pack_host
+from ._batch import ParamBatch, StepInputs, pack_batch, pack_host, param_batch
 from ._custom_ops import sample_packed as _sample_packed_op
 from ._custom_ops import use_op
 from .output import SampleOutput
 from .params import SamplingParams
 
-__all__ = ["sample", "sampling_probs", "available_backends", "resolve_backend"]
+__all__ = ["sample", "sampling_probs", "available_backends", "resolve_backend", "SeedWithoutStepsWarning"]
 
 Backend = Literal["auto", "triton", "cpu", "reference"]
 
@@ -32,6 +33,47 @@ def available_backends() -> list[str]:
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend that will run for logits on ``device`` of ``dtype`` (``auto`` picks the fastest available)."""
     return backends.resolve(backend, device, dtype)
+
+
+class SeedWithoutStepsWarning(UserWarning):
+    """`fastsampler.sample` was given a fixed seed (``params.seed`` or ``seeds``) for some row but no ``steps``.
+
+    The noise of a row depends only on (seed, step, seq) (docs/semantics.md §7): without ``steps`` every call draws
+    at step 0, so a loop that calls `fastsampler.sample` with the same seeded params each step draws the same noise
+    every step (and, for peaked logits, the same token). Pass ``steps`` (the tokens generated so far by each row), or
+    let `fastsampler.Sampler` count them. Shown once per call site by Python's default warning filter; silence it
+    with ``warnings.filterwarnings("ignore", category=fastsampler.SeedWithoutStepsWarning)`` where one draw at step 0
+    is what is meant.
+    """
+
+
+_SEED_WARNING = (
+    "fastsampler.sample got a fixed seed (params.seed or seeds) but no steps: every call draws at step 0, so "
+    "calling it in a loop repeats the same random noise each step. Pass steps (the tokens generated so far by each "
+    "row), or use fastsampler.Sampler, which counts them"
+)
+# ParamBatch id -> (that ParamBatch, whether some row has a seed): a list of params is scanned once, not per call
+_SEEDED: dict[int, tuple[ParamBatch, bool]] = {}
+
+
+def _has_seeded_row(params: Any, b: int) -> bool:
+    """Whether some row of ``params`` has ``params.seed`` set, from the `ParamBatch` that packing cached (a hit: no
+    repacking); a list of params is scanned once and remembered."""
+    if b == 0:
+        return False
+    if isinstance(params, SamplingParams):
+        return params.seed is not None
+    pb = param_batch(params, b)
+    if pb.seeds is not None:  # every row seeded
+        return True
+    hit = _SEEDED.get(id(pb))
+    if hit is not None and hit[0] is pb:
+        return hit[1]
+    seeded = any(e.seed is not None for e in pb.rows)
+    if len(_SEEDED) >= 64:
+        _SEEDED.clear()
+    _SEEDED[id(pb)] = (pb, seeded)
+    return seeded
 
 
 def _as_torch(logits: Any) -> tuple[torch.Tensor, bool]:
@@ -130,6 +172,12 @@ def sample(
     SampleOutput
         Torch tensors on the logits' device (numpy arrays for numpy input).
 
+    Warns
+    -----
+    SeedWithoutStepsWarning
+        When some row has a fixed seed (``params.seed`` or ``seeds``) and ``steps`` is None: every such call draws
+        at step 0, so a loop repeats its noise. Pass ``steps``, or use `fastsampler.Sampler`.
+
     Examples
     --------
     >>> import torch, fastsampler
@@ -142,6 +190,8 @@ def sample(
                     mirostat_mu=mirostat_mu, vocab_size=vocab_size, seeds=seeds, prompt_mask=prompt_mask,
                     output_counts=output_counts, token_bitmask=token_bitmask, eos_token_ids=eos_token_ids)
     name, mod, t, was_numpy = _prepare(logits, params, backend, kw)
+    if not isinstance(params, (SamplingParams, list, tuple)):
+        params = list(params)  # an iterator: read once here (packing and the seed check below both read it)
     if "host_batch" in mod.CAPABILITIES.features and not use_op(t):
         out = mod.sample_host(pack_host(t, params, **kw))  # numpy in, numpy to the kernels: no tensor round trip
     else:
@@ -149,6 +199,10 @@ def sample(
         # torch.compile / CUDA graphs can hold the step)
         batch = pack_batch(t, params, **kw)
         out = _sample_packed_op(name, batch)
+    # a seeded row without steps draws at step 0 on every call (checked after packing: the params are cached then)
+    if steps is None and not torch.compiler.is_compiling() and (
+            seeds is not None or _has_seeded_row(params, t.shape[0])):
+        warnings.warn(_SEED_WARNING, SeedWithoutStepsWarning, stacklevel=2)
     return _to_numpy_output(out) if was_numpy else out
 
 

@@ -116,6 +116,20 @@ def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
     return v
 
 
+def _logprobs_hint(value: Any) -> str:
+    """The error for a ``logprobs`` that is not a bool: an integer count (OpenAI completions / vLLM spell the top-N
+    width ``logprobs=N``) gets the two fields it maps to."""
+    got = f"logprobs must be a bool, got {value!r} of type {type(value).__name__}"
+    if _is_int(value) and int(value) > 0:
+        n = int(value)
+        if n > MAX_TOP_LOGPROBS:
+            return (f"{got} (logprobs is a bool; for the top N tokens pass logprobs=True, top_logprobs=N, N at most "
+                    f"{MAX_TOP_LOGPROBS})")
+        tokens = "token" if n == 1 else "tokens"
+        return f"{got} (logprobs is a bool; for the top {n} {tokens} pass logprobs=True, top_logprobs={n})"
+    return f"{got} (True returns the sampled token's logprob; for the top N tokens add top_logprobs=N)"
+
+
 def _check_ids(name: str, value: Any) -> tuple[int, ...] | None:
     if value is None:
         return None
@@ -222,7 +236,7 @@ class SamplingParams:
                                           lo_open=True, hi_open=True))
         s("mirostat_lr", _check_float("mirostat_lr", self.mirostat_lr, 0.0, 1.0, lo_open=True))
         if not isinstance(self.logprobs, bool):
-            raise TypeError(f"logprobs must be a bool, got {self.logprobs!r}")
+            raise TypeError(_logprobs_hint(self.logprobs))
         s("top_logprobs", _check_int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS))
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")

@@ -137,8 +137,16 @@ class Sampler:
         if backend != "auto":
             backends.load(backend)  # raise now, with the install command, not at the first step
         dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                why = "torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+                raise ValueError(f"device={str(dev)!r} needs CUDA, which is not available here ({why}); use "
+                                 f"device='cpu'")
+            if dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
+            elif dev.index >= torch.cuda.device_count():
+                raise ValueError(f"device={str(dev)!r} does not exist: {torch.cuda.device_count()} CUDA device(s) "
+                                 f"are visible")
         self._vocab = int(vocab_size)
         self._slots = int(max_slots)
         self._device = dev
@@ -475,12 +483,22 @@ class Sampler:
 
     # ------------------------------------------------------------------ sample
     def _resolve_backends(self) -> None:
-        """Pick the backend for every logits dtype now: `sample` then only reads a dict (traceable by dynamo)."""
+        """Pick the backend for every logits dtype now: `sample` then only reads a dict (traceable by dynamo).
+
+        Raises ``ValueError`` (as `fastsampler.sample` does for logits a backend cannot run) when the backend runs no
+        logits dtype on the device, e.g. ``backend="triton"`` on the CPU outside the Triton interpreter."""
         for dt in _LOGIT_DTYPES:
             name = backends.resolve(self._backend, self._device, dt)
             mod = backends.load(name)
             if mod.supports(self._device, dt):
                 self._resolved[dt] = name
+        if not self._resolved:
+            runs = " or ".join(backends.load(self._backend).CAPABILITIES.devices)
+            if self._backend == "triton":
+                runs = "CUDA, or the CPU under the Triton interpreter (TRITON_INTERPRET=1, set before triton is " \
+                       "imported)"
+            raise ValueError(f"backend={self._backend!r} does not support device {self._device} (it runs on {runs}); "
+                             f"pick another backend, or backend='auto'")
 
     def backend_for(self, dtype: torch.dtype = torch.float32) -> str:
         """The backend that `sample` runs for logits of ``dtype`` (``auto`` resolved).
@@ -490,10 +508,32 @@ class Sampler:
         'reference'
         """
         name = self._resolved.get(dtype)
-        if name is None:
-            raise TypeError(f"backend={self._backend!r} does not support logits of dtype {dtype} on device "
-                            f"{self._device}")
+        if name is None:  # (a ValueError, as in `fastsampler.sample`)
+            raise ValueError(f"backend={self._backend!r} does not support logits of dtype {dtype} on device "
+                             f"{self._device}")
         return name
+
+    def __repr__(self) -> str:
+        backend = repr(self._backend)
+        if self._backend == "auto":
+            backend += f" ({self._resolved.get(torch.float32, '?')} for float32)"
+        eos = self._eos_host
+        eos_s = repr(eos) if len(eos) <= 8 else f"({', '.join(map(str, eos[:8]))}, ... {len(eos)} ids)"
+        return (f"Sampler(vocab_size={self._vocab}, max_slots={self._slots}, device={str(self._device)!r}, "
+                f"backend={backend}, active={self.num_active}, eos_token_ids={eos_s})")
+
+    def _numpy_logits(self, logits: Any) -> torch.Tensor:
+        """Numpy logits on a CPU sampler as a tensor that shares their memory (``torch.from_numpy``, no copy for a
+        C-contiguous array); anything else that is not a tensor is refused."""
+        if not isinstance(logits, np.ndarray):
+            raise TypeError(f"logits must be a torch.Tensor (or a numpy array on a CPU sampler), got "
+                            f"{type(logits).__name__}")
+        if self._device.type != "cpu":
+            raise TypeError(f"logits must be a torch.Tensor on the sampler's device {self._device}, got a numpy "
+                            f"array (numpy logits are taken by a CPU sampler only: move them to the device first)")
+        if logits.dtype not in (np.float16, np.float32, np.float64):
+            raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(logits))
 
     def _check_logits(self, logits: Any, b: int) -> None:
         if not isinstance(logits, torch.Tensor):
@@ -527,8 +567,10 @@ class Sampler:
 
         Parameters
         ----------
-        logits : (batch_size, V') torch.Tensor
+        logits : (batch_size, V') torch.Tensor or numpy array
             float32, float16 or bfloat16 (float64: reference backend) on the sampler's device, ``V' >= vocab_size``.
+            A CPU sampler also takes a float16 / float32 / float64 numpy array (used without a copy through
+            ``torch.from_numpy``) and then returns numpy arrays.
         slots : sequence of batch_size ints, or (batch_size,) integer tensor
             Distinct slots in use. With a sequence they are checked, and the host-known flags and the top-logprob
             width ``N`` are those of these slots; for a list or tuple (the fast path) that happens on the first
@@ -543,7 +585,7 @@ class Sampler:
         Returns
         -------
         SampleOutput
-            Torch tensors on the sampler's device.
+            Torch tensors on the sampler's device (numpy arrays for numpy logits).
 
         Raises
         ------
@@ -560,6 +602,11 @@ class Sampler:
         >>> out.tokens.tolist(), out.top_logprob_ids.tolist(), s.output_counts_of(slots[0]).tolist()
         ([1], [[1, 2]], [0, 1, 0, 0])
         """
+        if not isinstance(logits, torch.Tensor):  # numpy logits (CPU sampler): numpy outputs
+            x = self._numpy_logits(logits)
+            listed = type(slots) is list or type(slots) is tuple
+            out = (self._sample_listed if listed else self._sample_general)(x, slots, token_bitmask)
+            return out.numpy()
         if (type(slots) is list or type(slots) is tuple) and not use_op(logits):
             return self._sample_listed(logits, slots, token_bitmask)
         return self._sample_general(logits, slots, token_bitmask)
