@@ -101,15 +101,15 @@ def _candidates(scenario: str, batch: int, vocab: int, backend: str, device: tor
     for k in range(16):  # some generated tokens (penalties), Mirostat-free warm state
         sampler.sample(logits[k % len(logits)], slots)
 
-    kw: dict[str, Any] = {"backend": backend}
+    # an engine passes the step of every row (a seeded row without it would repeat its noise every call)
+    kw: dict[str, Any] = {"backend": backend, "steps": torch.full((batch,), 16, dtype=torch.int64, device=device)}
     if scenario == "full":
         outputs = [rng.integers(0, vocab, 16).tolist() for _ in range(batch)]
         counts = np.zeros((batch, vocab), dtype=np.int16)
         for r, ids in enumerate(outputs):
             np.add.at(counts[r], ids, 1)
         kw.update(prompt_mask=torch.from_numpy(ids_to_bitmask(prompts, vocab)).to(device),
-                  output_counts=torch.from_numpy(counts).to(device),
-                  steps=torch.full((batch,), 16, dtype=torch.int64, device=device))
+                  output_counts=torch.from_numpy(counts).to(device))
     one = plist[0]
 
     def sampler_step(i: int) -> object:

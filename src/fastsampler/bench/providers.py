@@ -120,8 +120,11 @@ class FastsamplerProvider(Provider):
         seeds = torch.full((inp.batch,), inp.seed, dtype=torch.int64, device=inp.device)
         state = inp.state_kwargs()
         if self.api:
+            steps0 = torch.zeros(inp.batch, dtype=torch.int64, device=inp.device)
+
             def run(i: int) -> torch.Tensor:
-                return _api.sample(inp.buffers[i], inp.params, seeds=seeds, backend=self.backend, **state).tokens
+                return _api.sample(inp.buffers[i], inp.params, seeds=seeds, steps=steps0, backend=self.backend,
+                                   **state).tokens
 
             def draw(step: int) -> torch.Tensor:
                 steps = torch.full((inp.batch,), step, dtype=torch.int64, device=inp.device)
