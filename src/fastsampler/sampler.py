@@ -694,33 +694,68 @@ class Sampler:
     def _sample_general(self, logits: torch.Tensor, slots: Sequence[int] | torch.Tensor,
                         token_bitmask: torch.Tensor | None) -> SampleOutput:
         """Any slots (a tensor: no host synchronisation), traceable by dynamo: gathers every row each step."""
+        rows, slots_t, (bits, n_top, n_bias, restricted) = self._resolve_slots(logits, slots)
+        name = self.backend_for(logits.dtype)
+        if slots_t.shape[0] == 0:  # nothing to sample (an idle engine step); no backend call
+            return _empty_output(logits, n_top)
+        if rows is None and name == "triton":
+            flags, wl = int_to_flags(bits), mask_words(logits.shape[1])
+            return self._sample_slot_indexed(logits, slots_t, token_bitmask, flags, n_top, n_bias, restricted, wl)
+        batch = self._row_batch(logits, rows, slots_t, (bits, n_top, n_bias, restricted), token_bitmask)
+        out = sample_packed(name, batch)
+        self._advance(slots_t, batch.steps, out)
+        return out
+
+    @_locked
+    def sampling_probs(self, logits: torch.Tensor, slots: Sequence[int] | torch.Tensor, *,
+                       token_bitmask: torch.Tensor | None = None) -> torch.Tensor:
+        """The distribution `sample` would draw row ``r``'s token from, for slot ``slots[r]``, ``(B, V')`` float32;
+        nothing advances. Zero outside the kept set, one-hot for greedy rows, all zero for invalid rows (as
+        `fastsampler.sampling_probs`). Arguments as in `sample` (numpy logits give a numpy array).
+
+        >>> import torch, fastsampler
+        >>> s = fastsampler.Sampler(vocab_size=3, max_slots=1, backend="reference")
+        >>> slot = s.add(fastsampler.SamplingParams(top_k=2))[0]
+        >>> [round(p, 3) for p in s.sampling_probs(torch.tensor([[0.0, 0.0, -1.0]]), [slot])[0].tolist()]
+        [0.5, 0.5, 0.0]
+        >>> s.step_of(slot)
+        0
+        """
+        if not isinstance(logits, torch.Tensor):
+            return self.sampling_probs(self._numpy_logits(logits), slots, token_bitmask=token_bitmask).numpy()
+        rows, slots_t, agg = self._resolve_slots(logits, slots)
+        name = self.backend_for(logits.dtype)
+        if slots_t.shape[0] == 0:
+            return logits.new_zeros(logits.shape, dtype=torch.float32)
+        batch = self._row_batch(logits, rows, slots_t, agg, token_bitmask)
+        return backends.load(name).sampling_probs_packed(batch).to(logits.device)
+
+    def _resolve_slots(self, logits: torch.Tensor, slots: Sequence[int] | torch.Tensor
+                       ) -> tuple[list[int] | None, torch.Tensor, tuple[int, int, int, bool]]:
+        """Check ``slots`` and ``logits``: (the slots as a list, or None for a tensor of slots, which is not read
+        back; the slots as an int64 tensor on the device; the host aggregate: flag bits, top-logprob width,
+        logit-bias width, restricted ids — over the slots, or over every slot in use for a tensor)."""
         dev = self._device
         if isinstance(slots, torch.Tensor):
             if slots.dim() != 1 or slots.dtype.is_floating_point or slots.dtype == torch.bool:
                 raise TypeError(f"slots must be a 1-D integer tensor, got {slots.dtype} of shape {tuple(slots.shape)}")
             b = slots.shape[0]
             self._check_logits(logits, b)
-            slots_t = slots.to(device=dev, dtype=torch.int64, non_blocking=True)
-            bits, n_top, n_bias, restricted = self._book.live
-            rows = None
-        else:
-            if isinstance(slots, (int, np.integer)):
-                raise TypeError(f"slots must be a sequence of ints or a tensor, got {slots!r}")
-            rows = [self._check_slot(s) for s in slots]
-            b = len(rows)
-            if len(set(rows)) != b:
-                raise ValueError(f"slots must be distinct within a batch, got {rows}")
-            self._check_logits(logits, b)
-            bits, n_top, n_bias, restricted = self._book.aggregate(rows)
-            slots_t = torch.tensor(rows, dtype=torch.int64, device=dev)
-        name = self.backend_for(logits.dtype)
-        if b == 0:  # nothing to sample (an idle engine step); no backend call
-            return _empty_output(logits, n_top)
-        flags = int_to_flags(bits)
-        wl = mask_words(logits.shape[1])
-        if rows is None and name == "triton":
-            return self._sample_slot_indexed(logits, slots_t, token_bitmask, flags, n_top, n_bias, restricted, wl)
+            return None, slots.to(device=dev, dtype=torch.int64, non_blocking=True), self._book.live
+        if isinstance(slots, (int, np.integer)):
+            raise TypeError(f"slots must be a sequence of ints or a tensor, got {slots!r}")
+        rows = [self._check_slot(s) for s in slots]
+        b = len(rows)
+        if len(set(rows)) != b:
+            raise ValueError(f"slots must be distinct within a batch, got {rows}")
+        self._check_logits(logits, b)
+        return rows, torch.tensor(rows, dtype=torch.int64, device=dev), self._book.aggregate(rows)
 
+    def _row_batch(self, logits: torch.Tensor, rows: list[int] | None, slots_t: torch.Tensor,
+                   agg: tuple[int, int, int, bool], token_bitmask: torch.Tensor | None) -> PackedBatch:
+        """The row-indexed batch of ``slots_t``: every table's rows gathered (`_resolve_slots` gives the rest)."""
+        bits, n_top, n_bias, restricted = agg
+        b, flags, wl = slots_t.shape[0], int_to_flags(bits), mask_words(logits.shape[1])
         allowed = None
         if restricted and self._tables.allowed is not None:
             allowed = self._pad_words(self._tables.allowed.index_select(0, slots_t), wl, -1)
@@ -737,14 +772,13 @@ class Sampler:
                 bias_indptr, bias_ids, bias_vals = self._tables.bias_csr(slots_t, n_bias)
             else:
                 bias_indptr, bias_ids, bias_vals = self._book.bias_csr(rows, self._device)
-        steps = self._tables.steps.index_select(0, slots_t)
-        batch = PackedBatch(
+        return PackedBatch(
             logits=logits,
             vocab_size=self._vocab,
             fparams=self._tables.fparams.index_select(0, slots_t),
             iparams=self._tables.iparams.index_select(0, slots_t),
             seeds=self._tables.seeds.index_select(0, slots_t),
-            steps=steps,
+            steps=self._tables.steps.index_select(0, slots_t),
             seqs=self._tables.seqs.index_select(0, slots_t),
             mirostat_mu=self._tables.mu.index_select(0, slots_t),
             allowed_mask=allowed,
@@ -757,9 +791,6 @@ class Sampler:
             n_top=n_top,
             flags=flags,
         )
-        out = sample_packed(name, batch)
-        self._advance(slots_t, steps, out)
-        return out
 
     def _sample_slot_indexed(self, logits: torch.Tensor, slots_t: torch.Tensor, token_bitmask: torch.Tensor | None,
                              flags: Any, n_top: int, n_bias: int, restricted: bool, wl: int) -> SampleOutput:
