@@ -96,6 +96,17 @@ class Report:
         return f"{self.compared}/{self.rows} rows compared exactly, {len(self.near_ties)} near-tie(s): {self.near_ties}"
 
 
+def random_logits(b: int, v: int, seed: int, scale: float = 2.0, ties: bool = False, dtype: torch.dtype = torch.float32,
+                  device: Any = "cpu") -> torch.Tensor:
+    """``(b, v)`` standard-normal logits times ``scale`` from ``seed`` (``ties``: rounded to halves, so many values
+    repeat), in ``dtype`` on ``device``."""
+    g = np.random.default_rng(seed)
+    x = (g.standard_normal((b, v)) * scale).astype(np.float32)
+    if ties:
+        x = np.round(x * 2) / 2
+    return torch.from_numpy(x).to(dtype=dtype, device=device)
+
+
 def _np(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().float().numpy() if x.dtype == torch.bfloat16 else x.detach().cpu().numpy()

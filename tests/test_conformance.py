@@ -40,6 +40,7 @@ from tests.backend_checks import (
     check_exact,
     interpreted,
     mixed_params,
+    random_logits,
 )
 from tests.strategies import as_f32, batches
 
@@ -57,12 +58,6 @@ BACKENDS_NOT_INTERPRETED = backend_params(skip_interpreted="minutes per case, be
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _logits(b, v, seed, scale=2.0, ties=False, dtype=torch.float32, device="cpu"):
-    g = np.random.default_rng(seed)
-    x = (g.standard_normal((b, v)) * scale).astype(np.float32)
-    if ties:
-        x = np.round(x * 2) / 2
-    return torch.from_numpy(x).to(dtype=dtype, device=device)
 
 
 # ------------------------------------------------------------------------------------------------ exact: random
@@ -132,7 +127,7 @@ def test_exact_features(backend, feature, ties, v):
     params = FEATURES[feature]
     params = params(v) if callable(params) else params
     b = len(params)
-    logits = _logits(b, v, seed=hash((feature, ties, v)) % 2**32, ties=ties, device=backend_device(backend))
+    logits = random_logits(b, v, seed=hash((feature, ties, v)) % 2**32, ties=ties, device=backend_device(backend))
     kw = {"steps": np.arange(b) * 7919 + 1, "seqs": np.arange(b) % 3}
     if feature == "penalties_bias_masks":
         kw.update(prompt_token_ids=[[0, 1, 5, 6], [2, 3], [], [0, 4]], output_token_ids=[[5, 5, 6], [], [1, 1], [0, 0]],
@@ -163,7 +158,7 @@ def test_exact_large_vocab(backend, dtype):
     params = [SP(seed=31, top_k=50, top_p=0.9, min_p=0.05, logprobs=True, top_logprobs=5),
               SP(seed=32, typical_p=0.9, logprobs=True, logprobs_mode="final", top_logprobs=3),
               SP(seed=33, mirostat_mode=1), SP(seed=34, mirostat_mode=2, logprobs=True)]
-    logits = _logits(len(params), v, seed=9, scale=3.0, dtype=dtype, device=backend_device(backend))
+    logits = random_logits(len(params), v, seed=9, scale=3.0, dtype=dtype, device=backend_device(backend))
     check_exact(backend, logits, params, steps=[5, 6, 7, 8], output_token_ids=[[1, 2], [3], [], [31999]],
                 prompt_token_ids=[[5], [], [7, 8], []])
 
@@ -213,7 +208,7 @@ def test_exact_padded_vocab_and_eos_state(backend):
     """vocab_size < logits.shape[1]: padding columns never read for validity nor sampled; device-side state."""
     dev = backend_device(backend)
     v, vocab = 4200, 4097
-    logits = _logits(3, v, seed=5, device=dev)
+    logits = random_logits(3, v, seed=5, device=dev)
     logits[:, vocab:] = float("nan")  # padding is never read for validity
     logits[1, vocab:] = 1e4
     params = [SP(seed=1, top_p=0.8, logprobs=True, top_logprobs=4), SP(seed=2, min_tokens=3, logprobs=True),
@@ -231,7 +226,7 @@ def test_exact_half_precision_inputs(backend, dtype):
     """fp16 / bf16 logits are read as they are; the reference sees the same values upcast."""
     params = [SP(seed=51, top_k=20, top_p=0.9, logprobs=True, top_logprobs=3), SP(seed=52, typical_p=0.7),
               SP(seed=53, mirostat_mode=2), SP(seed=54, temperature=0.0, logprobs=True, top_logprobs=2)]
-    logits = _logits(4, 4097, seed=12, scale=3.0, dtype=dtype, device=backend_device(backend))
+    logits = random_logits(4, 4097, seed=12, scale=3.0, dtype=dtype, device=backend_device(backend))
     check_exact(backend, logits, params, steps=[1, 2, 3, 4])
 
 
@@ -283,7 +278,7 @@ def test_invalid_rows_are_isolated(backend):
     v = 111
     good = SP(seed=5, top_p=0.9, logprobs=True, top_logprobs=3)
     mu_p = SP(seed=6, mirostat_mode=2, logprobs=True, top_logprobs=2)
-    x = _logits(6, v, seed=14, device=backend_device(backend))
+    x = random_logits(6, v, seed=14, device=backend_device(backend))
     x[1, 17] = float("nan")
     x[2, 3] = float("inf")
     x[3] = float("-inf")
@@ -345,7 +340,7 @@ def _wide_row() -> np.ndarray:
 
 def _narrow_row() -> np.ndarray:
     """12 ids, N(0, 1) logits, id 5 masked (-inf): never drawn."""
-    row = _logits(1, 12, seed=15, scale=1.0)[0].numpy().copy()
+    row = random_logits(1, 12, seed=15, scale=1.0)[0].numpy().copy()
     row[5] = -np.inf
     return row
 

@@ -17,7 +17,14 @@ import torch
 import fastsampler
 from fastsampler import SamplingParams as SP
 from fastsampler import reference
-from tests.backend_checks import INVARIANCE, assert_batch_invariant, check_exact, slow_in_interpreter, triton_available
+from tests.backend_checks import (
+    INVARIANCE,
+    assert_batch_invariant,
+    check_exact,
+    random_logits,
+    slow_in_interpreter,
+    triton_available,
+)
 
 pytestmark = [
     pytest.mark.interpreter,
@@ -27,12 +34,6 @@ pytestmark = [
 ]
 
 
-def _logits(b, v, seed, scale=2.0, ties=False, dtype=torch.float32, device="cpu"):
-    g = np.random.default_rng(seed)
-    x = (g.standard_normal((b, v)) * scale).astype(np.float32)
-    if ties:
-        x = np.round(x * 2) / 2
-    return torch.from_numpy(x).to(dtype=dtype, device=device)
 
 
 # ------------------------------------------------------------------------------------------------------- exact
@@ -53,7 +54,7 @@ def test_exact_sparse_logit_bias(device, monkeypatch, slots):
               SP(seed=84, logit_bias={**dense, **sparse}, mirostat_mode=1, logprobs=True, logprobs_mode="final",
                  top_logprobs=2),
               SP(seed=85, temperature=0.0, logit_bias={2999: 100.0})]
-    logits = _logits(len(params), v, seed=17, scale=2.0, device=device)
+    logits = random_logits(len(params), v, seed=17, scale=2.0, device=device)
     if not slots:
         check_exact("triton", logits, params, steps=[1, 2, 3, 4, 5])
         return
@@ -74,7 +75,7 @@ def test_exact_other_digit_widths(device, monkeypatch, bits):
     monkeypatch.setenv("FASTSAMPLER_TRITON_DIGIT_BITS", str(bits))
     params = [SP(seed=41, top_k=7, top_p=0.7, logprobs=True, top_logprobs=3), SP(seed=42, typical_p=0.6, min_keep=3),
               SP(seed=43, mirostat_mode=1)]
-    check_exact("triton", _logits(3, 1000, seed=11, ties=True, device=device), params)
+    check_exact("triton", random_logits(3, 1000, seed=11, ties=True, device=device), params)
 
 
 @pytest.mark.parametrize("chunk", [1024, pytest.param(256, marks=[pytest.mark.large, slow_in_interpreter])])
@@ -86,7 +87,7 @@ def test_exact_row_split(device, monkeypatch, chunk):
               SP(seed=62, typical_p=0.7, min_keep=2, logprobs=True, logprobs_mode="final", top_logprobs=2),
               SP(seed=63, mirostat_mode=1, logprobs=True, logprobs_mode="processed"),
               SP(seed=64, temperature=0.0, repetition_penalty=1.5, logprobs=True), SP(seed=65)]
-    check_exact("triton", _logits(len(params), 4097 + 2048, seed=16, scale=2.5, device=device), params,
+    check_exact("triton", random_logits(len(params), 4097 + 2048, seed=16, scale=2.5, device=device), params,
                 steps=[3, 1, 4, 1, 5], output_token_ids=[[1], [2, 2], [], [6000], [4096]])
 
 
@@ -112,7 +113,7 @@ def test_no_host_sync_and_cuda_graph_capture():
     params = [SP(seed=1, top_k=50, top_p=0.9, min_p=0.05, logprobs=True, top_logprobs=5, logit_bias={3: 2.0}),
               SP(seed=2, typical_p=0.9, repetition_penalty=1.2), SP(seed=3, mirostat_mode=1),
               SP(seed=4, mirostat_mode=2, logprobs=True, logprobs_mode="final"), SP(seed=5, temperature=0.0)]
-    logits = _logits(len(params), v, seed=21, scale=3.0, device="cuda")
+    logits = random_logits(len(params), v, seed=21, scale=3.0, device="cuda")
     batch = pack_batch(logits, params, steps=[1, 2, 3, 4, 5], output_token_ids=[[1], [2], [], [4], [5]],
                        eos_token_ids=[0])
     side = torch.cuda.Stream()

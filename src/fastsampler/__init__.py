@@ -6,11 +6,17 @@ parameters, with exactly defined, batch-invariant and backend-independent result
 
 from __future__ import annotations
 
-from . import backends, reference
+import sys
+
+from . import backends
 from ._api import SeedWithoutStepsWarning, available_backends, sample, sampling_probs
+from .backends import reference
 from .output import SampleOutput
 from .params import SamplingParams
 from .sampler import Sampler
+
+# ``fastsampler.reference`` is the public name of the numpy reference: the same module, importable under both names
+sys.modules[f"{__name__}.reference"] = reference
 
 __version__ = "0.1.0"  # the one place the version is written (pyproject.toml reads it)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ import fastsampler
 from fastsampler import SamplingParams
 from fastsampler.backends import cpu as fcpu
 from fastsampler.backends import pack_batch
+from fastsampler.bench import report
 
 LOGIT_SCALE = 3.0
 HISTORY = 256
@@ -127,15 +127,7 @@ def main() -> None:
     ok, why = fcpu.is_available()
     if not ok:
         raise SystemExit(why)
-    cpu_name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu_name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu_name = report.cpu_name()
     build = fcpu.build_info()
     print(f"# device: {cpu_name} ({os.cpu_count()} cpus, simd={build['simd']}, openmp={build['openmp']}), "
           f"V={args.vocab}, dtype={args.dtype}, logits randn*{LOGIT_SCALE}")

@@ -69,6 +69,11 @@ def cpu_model() -> str:
     >>> isinstance(cpu_model(), str)
     True
     """
+    return f"{cpu_name()} ({os.cpu_count()} cpus)"
+
+
+def cpu_name() -> str:
+    """The CPU model from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
@@ -78,7 +83,7 @@ def cpu_model() -> str:
                     break
     except OSError:
         pass
-    return f"{name} ({os.cpu_count()} cpus)"
+    return name
 
 
 def _device_name(device: torch.device) -> str:
