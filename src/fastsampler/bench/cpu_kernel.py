@@ -95,7 +95,8 @@ def make_case(name: str, spec: dict, batch: int, vocab: int, dtype: torch.dtype,
         ids = rng.choice(vocab, size=spec["bias"], replace=False)
         bias = {int(i): float(v) for i, v in zip(ids, rng.uniform(-3, 3, size=len(ids)), strict=True)}
     params = spec["params"](bias)
-    kw: dict = {"seeds": torch.arange(batch, dtype=torch.int64) + 12345}
+    # seeds with the steps an engine passes (without steps a seeded row repeats its noise every call)
+    kw: dict = {"seeds": torch.arange(batch, dtype=torch.int64) + 12345, "steps": torch.zeros(batch, dtype=torch.int64)}
     if spec.get("history"):
         hist = rng.integers(0, vocab, size=(batch, spec["history"]))
         counts = np.zeros((batch, vocab), dtype=np.int32)
