@@ -337,10 +337,20 @@ int resolve_threads(int num_threads) {
 py::tuple sample(py::object logits, const std::string& dtype, int64_t vocab, py::object fparams, py::object iparams,
                  py::object seeds, py::object steps, py::object seqs, py::object mu, py::object allowed,
                  py::object prompt, py::object counts, py::object bias_indptr, py::object bias_ids,
-                 py::object bias_vals, py::object eos, int64_t n_top, int num_threads) {
+                 py::object bias_vals, py::object eos, int64_t n_top, int num_threads, py::object forced) {
   Inputs in = parse(logits, dtype, vocab, fparams, iparams, seeds, steps, seqs, mu, allowed, prompt, counts,
                     bias_indptr, bias_ids, bias_vals, eos, n_top);
   const int64_t B = in.args.B;
+  if (!forced.is_none()) {  // the rows' tokens are given: no draw, the outputs are those of these tokens
+    auto fa = check(forced, "forced_tokens", 'i', 8, "int64", {B});
+    const int64_t* f = static_cast<const int64_t*>(fa.data());
+    for (int64_t r = 0; r < B; ++r)
+      if (f[r] < 0 || f[r] >= vocab)
+        fail("forced_tokens holds token id " + std::to_string(f[r]) + ", outside the vocabulary [0, " +
+             std::to_string(vocab) + ")");
+    in.args.forced = f;
+    in.keep.push_back(fa);
+  }
   py::array_t<int64_t> tokens(B), ranks(B);
   py::array_t<bool> valid(B);
   py::array_t<float> lps(B), mu_out(B);
@@ -445,8 +455,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("allowed_mask") = py::none(), py::arg("prompt_mask") = py::none(),
         py::arg("output_counts") = py::none(), py::arg("bias_indptr") = py::none(), py::arg("bias_ids") = py::none(),
         py::arg("bias_vals") = py::none(), py::arg("eos_ids"), py::arg("n_top") = 0, py::arg("num_threads") = 0,
-        "Sample one token per row. Returns (tokens, valid, logprobs, top_ids, top_logprobs, ranks, "
-        "mirostat_mu).");
+        py::arg("forced_tokens") = py::none(),
+        "Sample one token per row (or take forced_tokens, int64 (B,), as the rows' tokens: no draw). Returns "
+        "(tokens, valid, logprobs, top_ids, top_logprobs, ranks, mirostat_mu).");
   m.def("sampling_probs", &sampling_probs, py::arg("logits"), py::arg("dtype"), py::arg("vocab_size"),
         py::arg("fparams"), py::arg("iparams"), py::arg("seeds"), py::arg("steps"), py::arg("seqs"),
         py::arg("mirostat_mu"), py::arg("allowed_mask") = py::none(), py::arg("prompt_mask") = py::none(),

@@ -10,8 +10,9 @@ import sys
 
 from . import backends
 from ._api import SeedWithoutStepsWarning, available_backends, sample, sampling_probs
+from ._score import score
 from .backends import reference
-from .output import SampleOutput
+from .output import SampleOutput, ScoreOutput, VerifyOutput
 from .params import SamplingParams
 from .sampler import Sampler
 
@@ -23,6 +24,8 @@ __version__ = "0.1.0"  # the one place the version is written (pyproject.toml re
 __all__ = [
     "SampleOutput",
     "Sampler",
+    "ScoreOutput",
+    "VerifyOutput",
     "SamplingParams",
     "SeedWithoutStepsWarning",
     "available_backends",
@@ -30,5 +33,6 @@ __all__ = [
     "reference",
     "sample",
     "sampling_probs",
+    "score",
     "__version__",
 ]

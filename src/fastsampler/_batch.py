@@ -36,6 +36,11 @@ Packed form (all torch tensors on the logits' device, ``B`` rows, ``V = logits.s
     a device tensor uses the max over all its slots); entries beyond a row's own ``top_logprobs`` are -1 / NaN.
 ``flags``
     Host-known booleans from the params (no device data is read to compute them), used to specialise kernels.
+``forced_tokens`` (B,) int64 or None
+    Row-indexed form only: the rows' tokens are given, in ``[0, vocab_size)``, and not drawn. A valid row returns
+    its forced token with that token's logprob, rank and Mirostat update (top-N as usual); an invalid row still
+    returns -1. Final-mode logprobs and the Mirostat update are defined for kept tokens only (a greedy row's kept
+    token is its argmax). Used by `fastsampler.score` and `fastsampler.Sampler.verify`; `sample_packed` only.
 
 Slot-indexed form (a `Sampler`'s step on the Triton backend; `PackedBatch.gathered` turns it into the form above for
 the other backends):
@@ -116,6 +121,7 @@ class PackedBatch:
     bias_table_vals: torch.Tensor | None = None
     bias_table_len: torch.Tensor | None = None
     update_state: bool = False
+    forced_tokens: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

@@ -1,11 +1,12 @@
-"""The one result type returned by every backend."""
+"""The result types: `SampleOutput` (a step, every backend), `ScoreOutput` (`fastsampler.score`) and `VerifyOutput`
+(`fastsampler.Sampler.verify`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SampleOutput"]
+__all__ = ["SampleOutput", "ScoreOutput", "VerifyOutput"]
 
 
 @dataclass
@@ -58,3 +59,87 @@ class SampleOutput:
             return np.asarray(x)
 
         return SampleOutput(*(conv(x) for x in self))
+
+
+def _to_numpy(x: Any) -> Any:
+    import numpy as np
+
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+@dataclass
+class ScoreOutput:
+    """Result of `fastsampler.score` for ``T`` positions (torch tensors on the logits' device, numpy arrays for numpy
+    input).
+
+    Attributes
+    ----------
+    logprobs : (T,) float32
+        Logprob of the given token in the chosen mode (docs/semantics.md §6); NaN for an invalid row (§5).
+    ranks : (T,) int64
+        ``1 +`` the number of ids with a strictly greater logprob; ``-1`` for an invalid row.
+    valid : (T,) bool
+        False for an invalid row.
+    top_logprob_ids : (T, N) int64
+        The ``top_n`` best ids, ordered by (logprob desc, id asc); ``-1`` for an invalid row.
+    top_logprobs : (T, N) float32
+        Their logprobs (NaN padding).
+    extra_logprobs : (T, K) float32
+        Logprobs of the extra ids, in the order given; NaN where a row had fewer than ``K`` ids and for invalid rows.
+    """
+
+    logprobs: Any
+    ranks: Any
+    valid: Any
+    top_logprob_ids: Any
+    top_logprobs: Any
+    extra_logprobs: Any
+
+    def numpy(self) -> ScoreOutput:
+        """A copy with every field as a numpy array."""
+        return ScoreOutput(*(_to_numpy(getattr(self, f)) for f in self.__dataclass_fields__))
+
+
+@dataclass
+class VerifyOutput:
+    """Result of `fastsampler.Sampler.verify` for ``B`` requests with ``K`` draft tokens each (torch tensors on the
+    sampler's device, numpy arrays for numpy logits).
+
+    Row ``b`` emitted ``tokens[b, :num_tokens[b]]``: its ``num_accepted[b]`` accepted drafts, then (unless the row
+    turned invalid) one more token -- the sample at the first rejected position, or the bonus token after ``K``
+    accepted drafts. The slot advanced by exactly the emitted tokens.
+
+    Attributes
+    ----------
+    tokens : (B, K + 1) int64
+        The emitted tokens, ``-1`` after the last.
+    num_tokens : (B,) int64
+        How many were emitted (``0 .. K + 1``; ``num_accepted + 1`` unless the row turned invalid).
+    num_accepted : (B,) int64
+        How many drafts were accepted (``0 .. K``).
+    logprobs : (B, K + 1) float32
+        Each emitted token's logprob in the request's ``logprobs_mode`` (NaN where not asked for or not emitted).
+    ranks : (B, K + 1) int64
+        Their ranks (``-1`` where not asked for or not emitted).
+    top_logprob_ids : (B, K + 1, N) int64
+        The top-N ids at each emitted position (``-1`` padding).
+    top_logprobs : (B, K + 1, N) float32
+        Their logprobs (NaN padding).
+    mirostat_mu : (B,) float32
+        Each slot's Mirostat ``mu`` after the emitted tokens (NaN without Mirostat).
+    """
+
+    tokens: Any
+    num_tokens: Any
+    num_accepted: Any
+    logprobs: Any
+    ranks: Any
+    top_logprob_ids: Any
+    top_logprobs: Any
+    mirostat_mu: Any
+
+    def numpy(self) -> VerifyOutput:
+        """A copy with every field as a numpy array."""
+        return VerifyOutput(*(_to_numpy(getattr(self, f)) for f in self.__dataclass_fields__))

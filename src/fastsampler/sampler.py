@@ -37,7 +37,7 @@ from ._slots import SlotBook, SlotTables
 from .graphs import GraphedStep
 from .layout import COUNT_MAX as _COUNT_MAX
 from .layout import MAX_COLUMNS, int_to_flags
-from .output import SampleOutput
+from .output import SampleOutput, ScoreOutput, VerifyOutput
 from .params import SamplingParams
 
 __all__ = ["Sampler", "COUNT_MAX"]
@@ -730,6 +730,148 @@ class Sampler:
         batch = self._row_batch(logits, rows, slots_t, agg, token_bitmask)
         return backends.load(name).sampling_probs_packed(batch).to(logits.device)
 
+    @_locked
+    def verify(self, logits: Any, draft_tokens: Any, slots: Sequence[int] | torch.Tensor, *,
+               draft_probs: torch.Tensor | None = None, method: str | None = None) -> VerifyOutput:
+        """Verify ``K`` draft tokens per slot against the target model's logits, and advance each slot by the tokens
+        it emits (speculative decoding, docs/semantics.md §11).
+
+        Row ``b`` is slot ``slots[b]``; ``logits[b, j]`` are the target's logits after the slot's tokens so far and
+        its first ``j`` drafts. Positions run in order: position ``j`` is scored on the slot's state after the
+        tokens emitted before it (step, penalty counts, Mirostat ``mu``), exactly as a step at ``step + j``.
+
+        - ``method="match"`` (the default without ``draft_probs``): position ``j`` draws a token as `sample` would,
+          and the draft is accepted while it equals it. The tokens are those of non-speculative decoding, token for
+          token.
+        - ``method="rejection"`` (the default with ``draft_probs``): the draft ``d`` is accepted when
+          ``u * q[d] < p[d]`` (``p`` = `sampling_probs` of the position, ``q`` = ``draft_probs``, one-hot at ``d``
+          when None), else the token is drawn from ``max(0, p - q)`` normalised; ``u`` and that draw use the
+          reserved Philox streams 2 and 3 of docs/semantics.md §7, so results are reproducible and batch-invariant.
+          The emitted tokens follow the target's distribution whatever the draft.
+
+        A row stops at its first rejected position (whose token it still emits), after ``K`` accepted drafts plus
+        one bonus token from position ``K``, or at an invalid position (nothing emitted there). Steps, counts and
+        ``mu`` advance by the emitted tokens only. Positions run as up to ``2 (K + 1)`` backend calls without a
+        host synchronisation (a CPU sampler stops early once every row has stopped).
+
+        Parameters
+        ----------
+        logits : (B, K + 1, V') torch.Tensor or numpy array
+            On the sampler's device, ``V' >= vocab_size`` (numpy on a CPU sampler: numpy outputs).
+        draft_tokens : (B, K) ints (tensor, array or nested sequence)
+            In ``[0, vocab_size)`` (a device tensor is read back once to check them).
+        slots : sequence of B ints, or (B,) integer tensor
+            Distinct slots in use, as in `sample`.
+        draft_probs : (B, K, >= vocab_size) float tensor, optional
+            The draft model's distribution at each position (non-negative; rows need not be normalised).
+        method : {'match', 'rejection'}, optional
+
+        Returns
+        -------
+        VerifyOutput
+
+        Examples
+        --------
+        >>> import torch, fastsampler
+        >>> s = fastsampler.Sampler(vocab_size=4, max_slots=1, backend="reference")
+        >>> slot = s.add(fastsampler.SamplingParams(temperature=0.0))[0]
+        >>> logits = torch.tensor([[[0.0, 5.0, 0.0, 0.0], [0.0, 0.0, 5.0, 0.0], [5.0, 0.0, 0.0, 0.0]]])
+        >>> out = s.verify(logits, [[1, 3]], [slot])
+        >>> out.tokens.tolist(), out.num_accepted.tolist(), s.step_of(slot)
+        ([[1, 2, -1]], [1], 2)
+        """
+        from ._speculative import accept_or_recover
+
+        if not isinstance(logits, torch.Tensor):
+            x = self._numpy_logits(logits)
+            return self.verify(x, draft_tokens, slots, draft_probs=draft_probs, method=method).numpy()
+        if logits.dim() != 3:
+            raise ValueError(f"logits must have shape (batch_size, K + 1, >= {self._vocab}), got "
+                             f"{tuple(logits.shape)}")
+        method = method or ("match" if draft_probs is None else "rejection")
+        if method not in ("match", "rejection"):
+            raise ValueError(f"method must be 'match' or 'rejection', got {method!r}")
+        if method == "match" and draft_probs is not None:
+            raise ValueError("method='match' accepts drafts equal to the target's own draw and takes no draft_probs; "
+                             "use method='rejection' with draft_probs")
+        b, k1 = logits.shape[0], logits.shape[1]
+        k = k1 - 1
+        if k < 0:
+            raise ValueError("logits must have K + 1 >= 1 positions per row")
+        rows, slots_t, agg = self._resolve_slots(logits[:, 0], slots)
+        name = self.backend_for(logits.dtype)
+        dev = self._device
+        drafts = _draft_tensor(draft_tokens, b, k, self._vocab, dev)
+        q_all = None
+        if draft_probs is not None:
+            if not isinstance(draft_probs, torch.Tensor) or not draft_probs.dtype.is_floating_point:
+                raise TypeError("draft_probs must be a floating-point torch.Tensor")
+            if draft_probs.dim() != 3 or draft_probs.shape[:2] != (b, k) or draft_probs.shape[2] < self._vocab:
+                raise ValueError(f"draft_probs must have shape ({b}, {k}, >= {self._vocab}), got "
+                                 f"{tuple(draft_probs.shape)}")
+            q_all = draft_probs.to(dev)
+            if dev.type == "cpu" and bool(((q_all[..., :self._vocab] < 0) | q_all.isnan()).any()):
+                raise ValueError("draft_probs must be non-negative probabilities")
+        n_top = agg[1]
+        i64, f32 = torch.int64, torch.float32
+        tokens = torch.full((b, k1), -1, dtype=i64, device=dev)
+        lps = torch.full((b, k1), float("nan"), dtype=f32, device=dev)
+        ranks = torch.full((b, k1), -1, dtype=i64, device=dev)
+        top_ids = torch.full((b, k1, n_top), -1, dtype=i64, device=dev)
+        top_lps = torch.full((b, k1, n_top), float("nan"), dtype=f32, device=dev)
+        n_tok = torch.zeros(b, dtype=i64, device=dev)
+        n_acc = torch.zeros(b, dtype=i64, device=dev)
+        active = torch.ones(b, dtype=torch.bool, device=dev)
+        mod = backends.load(name)
+        for j in range(k1 if b else 0):
+            batch = self._row_batch(logits[:, j], rows, slots_t, agg, None)
+            if j < k and method == "rejection":
+                p = mod.sampling_probs_packed(batch)
+                q = None if q_all is None else q_all[:, j]
+                tok, acc = accept_or_recover(p, drafts[:, j], q, batch.seeds, batch.steps, batch.seqs, self._vocab)
+                # (a row without mass is invalid: its forced token is never used)
+                out = run_backend(name, dataclasses.replace(batch, forced_tokens=tok.clamp(min=0)))
+            else:
+                out = run_backend(name, batch)
+                acc = out.tokens == drafts[:, j] if j < k else torch.zeros_like(active)
+            emit = active & out.valid
+            tokens[:, j] = torch.where(emit, out.tokens, -1)
+            lps[:, j] = torch.where(emit, out.logprobs, float("nan"))
+            ranks[:, j] = torch.where(emit, out.ranks, -1)
+            top_ids[:, j] = torch.where(emit[:, None], out.top_logprob_ids, -1)
+            top_lps[:, j] = torch.where(emit[:, None], out.top_logprobs, float("nan"))
+            n_tok += emit.to(i64)
+            active = emit & acc
+            n_acc += active.to(i64)
+            mu = torch.where(emit, out.mirostat_mu.to(f32), batch.mirostat_mu)
+            self._tables.advance(slots_t, batch.steps, dataclasses.replace(out, valid=emit, mirostat_mu=mu))
+            if dev.type == "cpu" and not bool(active.any()):
+                break
+        return VerifyOutput(tokens=tokens, num_tokens=n_tok, num_accepted=n_acc, logprobs=lps, ranks=ranks,
+                            top_logprob_ids=top_ids, top_logprobs=top_lps,
+                            mirostat_mu=self._tables.mu.index_select(0, slots_t))
+
+    def score(self, logits: Any, token_ids: Any, *, top_n: int = 0, extra_token_ids: Any = None) -> ScoreOutput:
+        """Raw logprobs of given tokens (echo / prompt logprobs): `fastsampler.score` on this Sampler's device,
+        backend and vocabulary. Row ``t`` of ``logits`` scores ``token_ids[t]``; for a request's prompt ``p`` with
+        prefill logits ``L``, ``score(L[:-1], p[1:])``. Reads no slot and changes nothing.
+
+        >>> import torch, fastsampler
+        >>> s = fastsampler.Sampler(vocab_size=3, max_slots=1, backend="reference")
+        >>> out = s.score(torch.tensor([[0.0, 0.0, 0.0]]), [1], top_n=1)
+        >>> round(out.logprobs[0].item(), 4), out.ranks.tolist()
+        (-1.0986, [1])
+        """
+        from ._score import score
+
+        if isinstance(logits, torch.Tensor):
+            self._check_logits(logits, logits.shape[0] if logits.dim() == 2 else -1)
+        else:
+            logits = self._numpy_logits(logits)
+            return self.score(logits, token_ids, top_n=top_n, extra_token_ids=extra_token_ids).numpy()
+        return score(logits, token_ids, top_n=top_n, extra_token_ids=extra_token_ids, vocab_size=self._vocab,
+                     backend=self.backend_for(logits.dtype))
+
     def _resolve_slots(self, logits: torch.Tensor, slots: Sequence[int] | torch.Tensor
                        ) -> tuple[list[int] | None, torch.Tensor, tuple[int, int, int, bool]]:
         """Check ``slots`` and ``logits``: (the slots as a list, or None for a tensor of slots, which is not read
@@ -993,3 +1135,31 @@ def _token_array(ids: Any, name: str, vocab: int) -> np.ndarray:
         bad = int(arr[(arr < 0) | (arr >= vocab)][0])
         raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab})")
     return arr
+
+
+def _draft_tensor(drafts: Any, b: int, k: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """Draft tokens as a ``(b, k)`` int64 tensor on ``device``, every id checked in ``[0, vocab)`` (a device tensor
+    is read back once for the check)."""
+    if isinstance(drafts, torch.Tensor):
+        if drafts.dtype.is_floating_point or drafts.dtype.is_complex or drafts.dtype == torch.bool:
+            raise TypeError(f"draft_tokens must hold integer token ids, got a {drafts.dtype} tensor")
+        out = drafts.to(device=device, dtype=torch.int64)
+    else:
+        rows = [_id_array(r, "draft_tokens") for r in drafts] if not isinstance(drafts, np.ndarray) else None
+        arr = np.asarray(drafts) if rows is None else (np.stack(rows) if rows and len({r.size for r in rows}) == 1
+                                                       else None)
+        if arr is None and rows is not None and rows:
+            raise ValueError(f"draft_tokens must hold K = {k} ids for every row, got rows of {[r.size for r in rows]}")
+        arr = np.zeros((0, k), dtype=np.int64) if arr is None else arr
+        if arr.size and arr.dtype.kind not in "iu":
+            raise TypeError(f"draft_tokens must hold integer token ids, got dtype {arr.dtype}")
+        out = torch.from_numpy(arr.astype(np.int64)).to(device)
+    if out.numel() == 0 and b * k == 0:
+        return out.reshape(b, k)
+    if tuple(out.shape) != (b, k):
+        raise ValueError(f"draft_tokens must have shape ({b}, {k}) (K = logits.shape[1] - 1 per row), got "
+                         f"{tuple(out.shape)}")
+    bad = (out < 0) | (out >= vocab)
+    if bool(bad.any()):
+        raise ValueError(f"draft_tokens holds token id {int(out[bad][0])}, outside the vocabulary [0, {vocab})")
+    return out

@@ -65,6 +65,10 @@ struct BatchArgs {
   const int32_t* eos = nullptr;
   int64_t n_eos = 0;
   int64_t n_top = 0;
+  // (B,) token ids in [0, vocab) or null: the rows' tokens are these (no draw, no argmax) and the outputs -- logprob,
+  // rank, top-N, Mirostat update -- are theirs (scoring, speculative verification); final-mode logprobs are defined
+  // for kept tokens only
+  const int64_t* forced = nullptr;
   // outputs (sample)
   int64_t* tokens = nullptr;
   uint8_t* valid = nullptr;
@@ -1599,11 +1603,13 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
   st.shift = st.M;
   st.tw = s.tile_w.data();
   if (st.greedy) {
-    st.token = greedy_token(st);
+    st.token = a.forced ? a.forced[r] : greedy_token(st);
   } else {
     truncate(st);
     kept_tile_weights(st);
-    if (!st.probs_mode && !draw(st)) {
+    if (a.forced && !st.probs_mode) {
+      st.token = a.forced[r];
+    } else if (!st.probs_mode && !draw(st)) {
       write_invalid(st);
       return;
     }

@@ -176,11 +176,12 @@ def _args(batch: PackedBatch) -> tuple[Any, ...]:
     return (logits, name, int(batch.vocab_size), *(_np(t) for t in batch.arrays()))
 
 
-def sample_arrays(args: tuple[Any, ...], n_top: int) -> tuple[np.ndarray, ...]:
+def sample_arrays(args: tuple[Any, ...], n_top: int, forced: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     """``_C.sample`` on the positional arguments of `_args` (numpy arrays, up to ``eos_ids``); numpy arrays out
-    (tokens, valid, logprobs, top ids, top logprobs, ranks, mu), the threads chosen by `threads_for`."""
+    (tokens, valid, logprobs, top ids, top logprobs, ranks, mu), the threads chosen by `threads_for`. ``forced``:
+    int64 ``(B,)`` tokens to take instead of drawing (`PackedBatch.forced_tokens`)."""
     logits = args[0]
-    return _require().sample(*args, n_top, threads_for(logits.shape[0], logits.shape[1]))
+    return _require().sample(*args, n_top, threads_for(logits.shape[0], logits.shape[1]), forced)
 
 
 def advance_arrays(steps: np.ndarray, mu: np.ndarray, counts: np.ndarray, slots: np.ndarray, tokens: np.ndarray,
@@ -199,7 +200,8 @@ def _output(res: tuple[np.ndarray, ...]) -> SampleOutput:
 
 def sample_packed(batch: PackedBatch) -> SampleOutput:
     """Sample a packed batch; torch CPU tensors out (see `fastsampler.SampleOutput`)."""
-    return _output(sample_arrays(_args(batch), int(batch.n_top)))
+    forced = None if batch.forced_tokens is None else _np(batch.forced_tokens.to(torch.int64).contiguous())
+    return _output(sample_arrays(_args(batch), int(batch.n_top), forced))
 
 
 def sample_host(batch: HostBatch) -> SampleOutput:

@@ -1,4 +1,4 @@
-"""The numpy reference: the definition of fastsampler's semantics (docs/semantics.md §2–§8), float64 inside.
+"""The numpy reference: the definition of fastsampler's semantics (docs/semantics.md §2–§8, §11), float64 inside.
 
 Every backend is tested against these functions, token for token except at near-ties (see `diagnose`).
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .philox import exp_noise, philox4x32, tile_noise, token_noise
 from .pipeline import BOUNDARY_TOL, RACE_TIE_TOL, diagnose, mirostat_v1_k, process_logits, sample, sampling_probs
+from .speculative import verify
 
 __all__ = [
     "BOUNDARY_TOL",
@@ -20,4 +21,5 @@ __all__ = [
     "sampling_probs",
     "tile_noise",
     "token_noise",
+    "verify",
 ]

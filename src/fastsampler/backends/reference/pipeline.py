@@ -69,6 +69,7 @@ class _Row:
     prompt: np.ndarray | None = None  # (vocab,) bool
     counts: np.ndarray | None = None  # (vocab,) int64
     eos: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    forced: int = -1  # >= 0: the row's token is this one, not drawn (PackedBatch.forced_tokens)
 
 
 @dataclass
@@ -331,17 +332,17 @@ def _run_row(row: _Row) -> _RowResult:
         _check_f32_collapse(l, "logits after penalties", res.reasons)
         _check_f32_collapse(z, "logits after temperature", res.reasons)
     if greedy:
-        token = int(np.argmax(z))  # first maximum: lowest id
+        token = int(np.argmax(z)) if row.forced < 0 else row.forced  # first maximum: lowest id
         zs = np.sort(z[np.isfinite(z)])[::-1]
         if zs.size > 1 and zs[0] != zs[1] and _rel_close(zs[0], zs[1]):
             res.reasons.append(f"greedy: top two values {zs[0]:.9g} and {zs[1]:.9g} differ by rounding")
         keep = np.zeros(vocab, dtype=bool)
-        keep[token] = True
+        keep[int(np.argmax(z))] = True
         probs = keep.astype(np.float64)
         final_lp = np.where(keep, 0.0, -np.inf)
     else:
         keep = _truncate(z, p, row.mu, vocab, res.reasons)
-        token = _race(z, keep, row, res.reasons)
+        token = _race(z, keep, row, res.reasons) if row.forced < 0 else row.forced
         zk = np.where(keep, z, -np.inf)
         final_lp = _log_softmax(zk)
         probs = np.exp(final_lp)
@@ -448,6 +449,8 @@ def rows_from_packed(batch: Any) -> list[_Row]:
     indptr = None if batch.bias_indptr is None else _to_numpy(batch.bias_indptr)
     bids = None if batch.bias_ids is None else _to_numpy(batch.bias_ids)
     bvals = None if batch.bias_vals is None else _to_numpy(batch.bias_vals).astype(np.float64)
+    forced = getattr(batch, "forced_tokens", None)
+    forced = np.full(b, -1, dtype=np.int64) if forced is None else _to_numpy(forced).astype(np.int64)
     rows = []
     for r in range(b):
         p = _row_params(f[r], i[r])
@@ -459,7 +462,7 @@ def rows_from_packed(batch: Any) -> list[_Row]:
                          seq=int(seqs[r]), mu=float(mus[r]), bias=bias,
                          allowed=None if allowed is None else allowed[r],
                          prompt=None if prompt is None else prompt[r],
-                         counts=None if counts is None else counts[r], eos=eos))
+                         counts=None if counts is None else counts[r], eos=eos, forced=int(forced[r])))
     return rows
 
 

@@ -251,6 +251,12 @@ class _Ctx:
         self.has_allowed = batch.allowed_mask is not None
         self.allowed = batch.allowed_mask.contiguous() if self.has_allowed else dummy_i
         self.has_typ = fl.any_typical
+        # given tokens (PackedBatch.forced_tokens, row-indexed): the finishing kernel takes them instead of drawing
+        self.forced = None
+        if batch.forced_tokens is not None:
+            if self.slot_mode:
+                raise ValueError("forced_tokens needs a row-indexed batch (gathered() first)")
+            self.forced = batch.forced_tokens.to(device=dev, dtype=torch.int64).contiguous()
 
     # ids per loop step, from the device type (read when launching: a cost model may switch ``interp`` off to get
     # the CUDA sizes on the CPU)

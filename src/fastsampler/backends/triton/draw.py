@@ -81,7 +81,7 @@ _BIG: tl.constexpr = tl.constexpr(2147483647)
 def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
                    bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, seeds_ptr, seqs_ptr, mu_ptr, rowf_ptr,
                    rowi_ptr, part_f_ptr, part_i_ptr, tokens_ptr, valid_ptr, logprobs_ptr, ranks_ptr, top_ids_ptr,
-                   top_lps_ptr, mu_out_ptr,
+                   top_lps_ptr, mu_out_ptr, forced_ptr,
                    stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
                    V, VC, E, NC, NT, N,
                    HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
@@ -96,6 +96,7 @@ def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
                    LAST: tl.constexpr,  # no logprobs kernel follows: this is the step's last read of the state
                    HAS_TYP: tl.constexpr,  # some row uses typical-p: the kept test includes s <= s_thr
                    RACE: tl.constexpr,  # some row samples: run the token race over the winning tile
+                   FORCED: tl.constexpr,  # the rows' tokens are given (forced_ptr): no race, no argmax
                    SPLIT: tl.constexpr,  # chunks per tile (TILE / CHUNK)
                    TILE: tl.constexpr,  # ids per tile of the draw (docs/semantics.md §3 F)
                    BLOCK: tl.constexpr,  # ids per step of the token race, as (BLOCK / 4, 4) Philox quads
@@ -171,7 +172,11 @@ def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
             tok = tl.where(better, bi, tok)
             rbest = tl.where(better, bs, rbest)
     tok = tl.where(tok == _BIG, -1, tok)
-    tok = tl.where(valid, tl.where(gid >= 0, gid, tok), -1)
+    if FORCED:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
+        tok = tl.load(forced_ptr + row)
+    else:
+        tok = tl.where(gid >= 0, gid, tok)
+    tok = tl.where(valid, tok, -1)
     tl.store(rowi_ptr + row * _NRI + _RI_TOKEN, tok)
     # the drawn token's z and raw logit
     x0 = tl.where(tok >= 0, tok, 0)
@@ -235,11 +240,14 @@ def finish(ctx, out) -> None:
     logprobs, mu), from the chunk partials the last row pass left."""
     tokens, valid, logprobs, ranks, top_ids, top_lps, mu_out = out
     n = int(top_ids.shape[1])
+    forced = ctx.forced is not None
     _finish_kernel[(ctx.B,)](*ctx.zargs(), ctx.seeds, ctx.seqs, ctx.mu, ctx.rowf, ctx.rowi, ctx.part_f, ctx.part_i,
-                             tokens, valid, logprobs, ranks, top_ids, top_lps, mu_out, *ctx.zstrides(),
+                             tokens, valid, logprobs, ranks, top_ids, top_lps, mu_out,
+                             ctx.forced if forced else ctx.rowi, *ctx.zstrides(),
                              *ctx.zsizes(), ctx.NT, n, **ctx.zflags(), STATS=not ctx.truncation,
                              LOGPROBS=ctx.flags.any_logprobs, MIRO=ctx.flags.any_mirostat,
                              UPDATE=ctx.update, LAST=not ctx.flags.any_logprobs,
-                             HAS_TYP=ctx.has_typ, RACE=not ctx.flags.all_greedy, SPLIT=ctx.TILE // ctx.CHUNK,
+                             HAS_TYP=ctx.has_typ, RACE=not ctx.flags.all_greedy and not forced, FORCED=forced,
+                             SPLIT=ctx.TILE // ctx.CHUNK,
                              TILE=ctx.TILE, BLOCK=ctx.BLOCK2, BT=ctx.BT, BT_TILES=ctx.BT_TILES,
                              BN=max(2, 1 << max(n - 1, 0).bit_length()))
