@@ -63,8 +63,10 @@ def test_match_gives_the_tokens_of_stepwise_decoding(backend: str) -> None:
     dev = backend_device(backend)
     rng = np.random.default_rng(0)
     pos = [0] * B
-    while min(pos) < n:
-        rows = [b for b in range(B) if pos[b] < n]
+    done = [False] * B  # the request ended (EOS)
+    ended = 0
+    while any(pos[b] < n and not done[b] for b in range(B)):
+        rows = [b for b in range(B) if pos[b] < n and not done[b]]
         logits = torch.stack([torch.stack([_logits_at(pos[b] + j)[b] for j in range(k + 1)]) for b in rows])
         drafts = np.stack([truth[b, pos[b]:pos[b] + k] for b in rows]).copy()
         wrong = rng.integers(0, k + 1, len(rows))  # the first wrong draft per row (k: all right)
@@ -72,14 +74,21 @@ def test_match_gives_the_tokens_of_stepwise_decoding(backend: str) -> None:
             if wrong[i] < k:
                 drafts[i, wrong[i]] = (drafts[i, wrong[i]] + 1) % V
         out = s.verify(logits.to(dev), drafts, [slots[b] for b in rows])
-        nt = out.num_tokens.cpu().numpy()
-        np.testing.assert_array_equal(out.num_accepted.cpu().numpy(), np.minimum(wrong, k))
-        np.testing.assert_array_equal(nt, np.minimum(wrong, k) + 1)
+        nt, na = out.num_tokens.cpu().numpy(), out.num_accepted.cpu().numpy()
+        stopped = out.stopped.cpu().numpy()
         for i, b in enumerate(rows):
             got = out.tokens[i, :nt[i]].cpu().tolist()
             assert got == truth[b, pos[b]:pos[b] + nt[i]].tolist(), (b, got)
             assert (out.tokens[i, nt[i]:] == -1).all()
+            # the row ends at its first wrong draft (emitting the target's token there), or at an EOS
+            eos_at = [j for j, tok in enumerate(truth[b, pos[b]:pos[b] + k + 1]) if tok == EOS]
+            end = min([int(min(wrong[i], k))] + eos_at)
+            assert nt[i] == end + 1 and stopped[i] == (end in eos_at), (b, nt[i], end, eos_at)
+            assert na[i] == end + int(end < min(wrong[i], k))  # an EOS draft that was right is accepted
             pos[b] += int(nt[i])
+            done[b] = bool(stopped[i])
+            ended += int(stopped[i])
+    assert ended  # (the case covers a request that ends on EOS inside a verification)
     # every slot holds exactly the state of the step-by-step run after as many tokens
     for b in range(B):
         st, want = s.export(slots[b]), states[pos[b]][b]

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import backends
-from ._batch import ParamBatch, StepInputs, pack_batch, pack_host, param_batch
+from ._batch import ParamBatch, StepInputs, pack_batch, pack_host, param_batch, stopped_rows
 from ._custom_ops import sample_packed as _sample_packed_op
 from ._custom_ops import use_op
 from .output import SampleOutput
@@ -199,6 +199,7 @@ def sample(
         # torch.compile / CUDA graphs can hold the step)
         batch = pack_batch(t, params, **kw)
         out = _sample_packed_op(name, batch)
+    out.stopped = stopped_rows(out.tokens, params, eos_token_ids)  # None unless some row has stop ids
     # a seeded row without steps draws at step 0 on every call (checked after packing: the params are cached then)
     if steps is None and not torch.compiler.is_compiling() and (
             seeds is not None or _has_seeded_row(params, t.shape[0])):

@@ -75,6 +75,7 @@ import torch
 
 from .layout import (
     COUNT_MAX,
+    I_MIN_TOKENS,
     LOGPROBS_MODES,
     MAX_COLUMNS,
     NF,
@@ -89,6 +90,8 @@ from .params import SamplingParams
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
+
+NO_TOKEN = -2  # pads id tables that are compared with sampled tokens (an invalid row's token is -1)
 
 # the array fields of a packed batch, in the order of every positional form (the custom op's arguments, the C++
 # extension's, `HostBatch`): `PackedBatch.arrays` / `PackedBatch.op_args` / `PackedBatch.from_op_args` use it
@@ -371,11 +374,15 @@ class PackedRequest:
     bias_ids, bias_vals : np.ndarray
         The logit bias, int32 ids ascending and their float32 values.
     max_id : int
-        The largest token id the params name (allowed, banned, logit bias); -1 when none.
+        The largest token id the params name (allowed, banned, logit bias, stop ids); -1 when none.
+    stop_ids : np.ndarray
+        ``params.stop_token_ids``, int64 ascending (empty when None).
+    stop_ban : bool
+        The stop ids are banned at first (``min_tokens > 0``).
     """
 
     __slots__ = ("f", "i", "bits", "seed", "mu", "n_top", "restricted", "bias_ids", "bias_vals", "max_id", "_ids",
-                 "_allowed")
+                 "_allowed", "stop_ids", "stop_ban", "ignore_eos")
 
     def __init__(self, p: SamplingParams) -> None:
         self.f = np.array((p.temperature, p.top_p, p.min_p, p.typical_p, p.frequency_penalty, p.presence_penalty,
@@ -392,9 +399,18 @@ class PackedRequest:
         self.bias_ids = np.fromiter(p.logit_bias.keys(), dtype=np.int32, count=nb)
         self.bias_vals = np.fromiter(p.logit_bias.values(), dtype=np.float32, count=nb)
         self.max_id = max(-1, *(max(ids, default=-1) for ids in (p.allowed_token_ids or (), p.banned_token_ids or (),
-                                                                  p.logit_bias.keys())))
+                                                                  p.logit_bias.keys(), p.stop_token_ids or ())))
         self._ids = (p.allowed_token_ids, p.banned_token_ids)  # for the allowed rows, built per width
         self._allowed: dict[int, np.ndarray] = {}
+        self.stop_ids = np.array(p.stop_token_ids or (), dtype=np.int64)
+        self.stop_ban = bool(self.stop_ids.size) and p.min_tokens > 0
+        self.ignore_eos = p.ignore_eos
+
+    def stop_set(self, eos: Sequence[int]) -> np.ndarray:
+        """The ids that end the request: its stop ids, and ``eos`` unless ``ignore_eos`` (int64, unsorted)."""
+        if self.ignore_eos or not len(eos):
+            return self.stop_ids
+        return np.concatenate((self.stop_ids, np.asarray(eos, dtype=np.int64)))
 
     def allowed_row(self, v: int) -> np.ndarray:
         """The ``(ceil(v / 32),)`` int32 allowed bitmask over ``v`` columns (all ones when nothing is restricted).
@@ -451,7 +467,8 @@ class ParamBatch:
     them once. The arrays are read-only (shared between calls); `pack_batch` hands out copies.
     """
 
-    __slots__ = ("params", "rows", "f", "i", "bits", "n_top", "seeds", "mu", "restricted", "max_id", "bias", "single")
+    __slots__ = ("params", "rows", "f", "i", "bits", "n_top", "seeds", "mu", "restricted", "max_id", "bias", "single",
+                 "stops", "stop_ban")
 
     def __init__(self, params: SamplingParams | tuple[SamplingParams, ...], rows: list[PackedRequest], single: bool,
                  readonly: bool = True) -> None:
@@ -470,6 +487,8 @@ class ParamBatch:
         self.mu = _readonly(np.array([e.mu for e in rows], dtype=np.float32))
         self.restricted = any(e.restricted for e in uniq)
         self.max_id = max((e.max_id for e in uniq), default=-1)
+        self.stops = any(e.stop_ids.size for e in uniq)  # some row has stop ids: outputs report `stopped`
+        self.stop_ban = any(e.stop_ban for e in uniq)  # some row bans its stop ids before min_tokens
         self.bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         if any(e.bias_ids.size for e in uniq):
             indptr = np.zeros(b + 1, dtype=np.int32)
@@ -485,6 +504,20 @@ class ParamBatch:
 
     def plist(self) -> list[SamplingParams]:
         return [self.params] * len(self.rows) if self.single else list(self.params)  # type: ignore[arg-type]
+
+    def stop_masks(self, v: int) -> np.ndarray:
+        """``(B, ceil(v / 32))`` int32: the bits of each row's stop ids where it bans them (``min_tokens > 0``),
+        zero elsewhere."""
+        return ids_to_bitmask([e.stop_ids.tolist() if e.stop_ban else () for e in self.rows], v)
+
+    def stop_table(self, eos: Sequence[int]) -> np.ndarray:
+        """``(B, L)`` int64: each row's `PackedRequest.stop_set` padded with `NO_TOKEN` (never a token, not even an
+        invalid row's -1)."""
+        sets = [e.stop_set(eos) for e in self.rows]
+        out = np.full((len(sets), max((x.size for x in sets), default=0)), NO_TOKEN, dtype=np.int64)
+        for r, x in enumerate(sets):
+            out[r, :x.size] = x
+        return out
 
 
 def _set_readonly(a: np.ndarray) -> np.ndarray:
@@ -707,6 +740,11 @@ def _pack(
             tb = torch.nn.functional.pad(tb, (0, w - tb.shape[1]), value=-1)
         tb = tb[:, :w]
         allowed = tb.contiguous() if allowed is None else (to_device(allowed, dev) & tb)
+    if pb.stops and bad_ids:
+        for r, p in enumerate(pb.plist()):
+            check_ids("stop_token_ids", r, p.stop_token_ids or (), vocab)
+    if pb.stop_ban:  # stop ids banned while step < min_tokens (docs/semantics.md §3 A): folded into the allowed mask
+        allowed = _ban_stop_ids(allowed, pb.stop_masks(v), steps_v, pb.i[:, I_MIN_TOKENS], dev)
 
     # penalty state
     prompt: Any = None
@@ -774,6 +812,44 @@ def _pack(
     else:  # every field a tensor on the logits' device
         fields = [to_device(x, dev) if isinstance(x, np.ndarray) else x for x in fields]
     return fields, vocab, pb.n_top, int_to_flags(pb.bits if b else 0)
+
+
+def _ban_stop_ids(allowed: Any, ban: np.ndarray, steps: Any, min_tokens: np.ndarray, dev: torch.device) -> Any:
+    """``allowed`` (None, a host array or a tensor) with the ``ban`` bits cleared on rows whose step is below their
+    ``min_tokens``: on the host for host steps, else on the device (no read-back)."""
+    if isinstance(steps, np.ndarray):
+        ban = np.where((steps < min_tokens)[:, None], ban, 0).astype(np.int32)
+        if not ban.any():
+            return allowed
+        if isinstance(allowed, torch.Tensor):
+            return allowed & to_device(~ban, dev)
+        return (np.full(ban.shape, -1, dtype=np.int32) if allowed is None else allowed) & ~ban
+    cond = steps < torch.from_numpy(np.ascontiguousarray(min_tokens, dtype=np.int64)).to(dev)
+    keep = torch.where(cond[:, None], ~to_device(ban, dev), -1)
+    if allowed is None:
+        return keep
+    return (to_device(allowed, dev) if isinstance(allowed, np.ndarray) else allowed) & keep
+
+
+def stopped_rows(tokens: Any, params: SamplingParams | Sequence[SamplingParams], eos: Any) -> Any:
+    """`SampleOutput.stopped` of a batch: None unless some row has stop ids, else whether each row's token is one
+    of its stop ids or, unless it ignores EOS, an EOS id (numpy or torch, as ``tokens``; no read-back)."""
+    if isinstance(params, SamplingParams) and params.stop_token_ids is None:  # (the common case: no lookup)
+        return None
+    b = int(tokens.shape[0])
+    pb = param_batch(params, b)
+    if not pb.stops:
+        return None
+    table = pb.stop_table(())
+    use_eos = np.array([not e.ignore_eos for e in pb.rows], dtype=bool)
+    if isinstance(tokens, torch.Tensor):
+        dev = tokens.device
+        e = eos.to(dev) if isinstance(eos, torch.Tensor) else to_device(np.asarray(eos, dtype=np.int64), dev)
+        hit_eos = (tokens[:, None] == e.to(torch.int64)[None, :]).any(1) & to_device(use_eos, dev)
+        return (tokens[:, None] == to_device(table, dev)).any(1) | hit_eos
+    t = np.asarray(tokens)
+    e = np.asarray(eos.cpu() if isinstance(eos, torch.Tensor) else eos, dtype=np.int64).reshape(-1)
+    return (t[:, None] == table).any(1) | ((t[:, None] == e[None, :]).any(1) & use_eos)
 
 
 def pack_batch(

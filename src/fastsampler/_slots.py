@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._batch import PackedRequest, advance_state, bias_tables_to_csr, mask_words, to_device
-from .layout import NF, NI, combine_bits
+from ._batch import NO_TOKEN, PackedRequest, advance_state, bias_tables_to_csr, ids_to_bitmask, mask_words, to_device
+from .layout import I_IGNORE_EOS, NF, NI, combine_bits
 from .params import SamplingParams
 
 __all__ = ["SlotBook", "SlotTables"]
@@ -26,7 +26,8 @@ class SlotBook:
     width, logit bias and whether it restricts ids. Nothing here touches the device.
 
     Attributes (lists indexed by slot): ``params`` (None = free), ``seeds`` (uint64), ``bits``, ``n_top``,
-    ``n_bias``, ``restricted``, ``bias`` (ids, values); ``live``: `aggregate` over the slots in use.
+    ``n_bias``, ``restricted``, ``bias`` (ids, values), ``stops`` (has stop ids), ``stop_ban`` (bans them before
+    ``min_tokens``); ``live`` and ``live_stop``: `aggregate` and `stop_info` over the slots in use.
     """
 
     def __init__(self, slots: int) -> None:
@@ -38,8 +39,11 @@ class SlotBook:
         self.n_bias = [0] * slots
         self.restricted = [False] * slots
         self.bias: list[tuple[np.ndarray, np.ndarray]] = [_NO_BIAS] * slots
+        self.stops = [False] * slots
+        self.stop_ban = [False] * slots
         self.free = list(range(slots))  # a heap: `take` returns the lowest free slots
         self.live: tuple[int, int, int, bool] = (0, 0, 0, False)
+        self.live_stop: tuple[bool, bool] = (False, False)
 
     @property
     def num_free(self) -> int:
@@ -59,6 +63,8 @@ class SlotBook:
             self.n_bias[s] = req.bias_ids.size
             self.bias[s] = (req.bias_ids, req.bias_vals)
             self.restricted[s] = req.restricted
+            self.stops[s] = bool(req.stop_ids.size)
+            self.stop_ban[s] = req.stop_ban
         self.update_live()
 
     def release(self, slots: Sequence[int]) -> None:
@@ -82,9 +88,15 @@ class SlotBook:
         return (combine_bits([self.bits[s] for s in rows]), max((self.n_top[s] for s in rows), default=0),
                 max((self.n_bias[s] for s in rows), default=0), any(self.restricted[s] for s in rows))
 
+    def stop_info(self, rows: Sequence[int]) -> tuple[bool, bool]:
+        """(some row has stop ids, some row bans them before its ``min_tokens``)."""
+        return any(self.stops[s] for s in rows), any(self.stop_ban[s] for s in rows)
+
     def update_live(self) -> None:
-        """Recompute `live`, the aggregate over the slots in use (a `Sampler`'s ``capture_key``)."""
-        self.live = self.aggregate([i for i, p in enumerate(self.params) if p is not None])
+        """Recompute `live` and `live_stop`, over the slots in use (a `Sampler`'s ``capture_key``)."""
+        rows = [i for i, p in enumerate(self.params) if p is not None]
+        self.live = self.aggregate(rows)
+        self.live_stop = self.stop_info(rows)
 
     def bias_csr(self, rows: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The logit bias of ``rows`` in CSR form from the host copies: O(total bias entries)."""
@@ -121,6 +133,10 @@ class SlotTables:
         self.bias_ids: torch.Tensor | None = None  # (S, K) int32, K = the largest logit bias so far
         self.bias_vals: torch.Tensor | None = None  # (S, K) float32
         self.bias_len: torch.Tensor | None = None  # (S,) int32
+        # once some request has stop ids: per slot, the bits of its stop ids when it bans them before min_tokens,
+        # and the ids that end it (the EOS ids unless ignore_eos, then its stop ids; padded with NO_TOKEN)
+        self.stop_mask: torch.Tensor | None = None  # (S, W) int32
+        self.stop_ids: torch.Tensor | None = None  # (S, E + L) int64
 
     @torch.inference_mode(False)
     def write(self, slots: Sequence[int], req: PackedRequest, seed_bits: int, prompt_mask: np.ndarray, *,
@@ -157,6 +173,37 @@ class SlotTables:
             self.bias_len[idx] = nb
         elif self.bias_len is not None:
             self.bias_len[idx] = 0
+        ns = req.stop_ids.size
+        if ns:
+            self.grow_stops(ns)
+        if self.stop_ids is not None and self.stop_mask is not None:
+            e = self.eos.numel()
+            row = np.full(self.stop_ids.shape[1], NO_TOKEN, dtype=np.int64)
+            if not req.ignore_eos:
+                row[:e] = self.eos.cpu().numpy()
+            row[e:e + ns] = req.stop_ids
+            self.stop_ids[idx] = torch.from_numpy(row).to(dev)
+            self.stop_mask[idx] = torch.from_numpy(
+                ids_to_bitmask([req.stop_ids.tolist() if req.stop_ban else ()], self.vocab)[0]).to(dev)
+
+    @torch.inference_mode(False)
+    def grow_stops(self, n: int) -> bool:
+        """Make room for ``n`` stop ids per slot (allocating the stop tables at the first request with any; the slots
+        filled before end on the EOS ids, unless they ignore EOS)."""
+        e = self.eos.numel()
+        cur = -1 if self.stop_ids is None else self.stop_ids.shape[1] - e
+        if n <= cur:
+            return False
+        k = max(n, 2 * cur)
+        ids = torch.full((self.slots, e + k), NO_TOKEN, dtype=torch.int64, device=self.device)
+        if self.stop_ids is None:
+            self.stop_mask = torch.zeros(self.slots, self.words, dtype=torch.int32, device=self.device)
+            ign = self.iparams[:, I_IGNORE_EOS, None] != 0
+            ids[:, :e] = torch.where(ign, NO_TOKEN, self.eos.to(torch.int64)[None, :])
+        else:
+            ids[:, :self.stop_ids.shape[1]] = self.stop_ids
+        self.stop_ids = ids
+        return True
 
     @torch.inference_mode(False)
     def reserve(self, *, allowed_mask: bool = False, logit_bias_entries: int = 0) -> bool:

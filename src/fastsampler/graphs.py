@@ -79,7 +79,8 @@ class GraphedStep:
         s = self.sampler
         ptr = lambda t: 0 if t is None else t.data_ptr()  # reallocated state needs a new graph
         t = s._tables
-        return (s.capture_key, ptr(t.allowed), ptr(t.bias_ids), ptr(t.bias_vals), ptr(t.bias_len))
+        return (s.capture_key, ptr(t.allowed), ptr(t.bias_ids), ptr(t.bias_vals), ptr(t.bias_len), ptr(t.stop_mask),
+                ptr(t.stop_ids))
 
     def _capture(self) -> None:
         s = self.sampler

@@ -9,6 +9,15 @@ from typing import Any
 __all__ = ["SampleOutput", "ScoreOutput", "VerifyOutput"]
 
 
+def _to_numpy(x: Any) -> Any:
+    """A numpy array of ``x`` (a host copy for a torch tensor)."""
+    import numpy as np
+
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
 @dataclass
 class SampleOutput:
     """Result of one sampling step for a batch of ``B`` rows.
@@ -35,6 +44,9 @@ class SampleOutput:
     mirostat_mu : (B,) float
         Mirostat ``mu`` after this step's update for mirostat rows; other rows (and invalid or greedy rows) pass the
         input value through (NaN when none was given).
+    stopped : (B,) bool or None
+        Only when some row of the batch has ``stop_token_ids`` (else None): True where the token ends its request,
+        i.e. is one of the row's ``stop_token_ids`` or, unless ``ignore_eos``, an EOS id.
     """
 
     tokens: Any
@@ -44,29 +56,16 @@ class SampleOutput:
     top_logprobs: Any
     ranks: Any
     mirostat_mu: Any
+    stopped: Any = None
 
-    def __iter__(self):  # allows ``tokens, valid, *_ = out``
+    def __iter__(self):  # allows ``tokens, valid, *_ = out`` (the seven per-row results; not ``stopped``)
         yield from (self.tokens, self.valid, self.logprobs, self.top_logprob_ids, self.top_logprobs, self.ranks,
                     self.mirostat_mu)
 
     def numpy(self) -> SampleOutput:
         """A copy with every field as a numpy array (host copy for torch tensors)."""
-        import numpy as np
-
-        def conv(x: Any) -> Any:
-            if hasattr(x, "detach"):
-                return x.detach().cpu().numpy()
-            return np.asarray(x)
-
-        return SampleOutput(*(conv(x) for x in self))
-
-
-def _to_numpy(x: Any) -> Any:
-    import numpy as np
-
-    if hasattr(x, "detach"):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
+        return SampleOutput(*(_to_numpy(x) for x in self), stopped=None if self.stopped is None else
+                            _to_numpy(self.stopped))
 
 
 @dataclass
@@ -98,7 +97,7 @@ class ScoreOutput:
     extra_logprobs: Any
 
     def numpy(self) -> ScoreOutput:
-        """A copy with every field as a numpy array."""
+        """A copy with every field as a numpy array (host copies of tensors)."""
         return ScoreOutput(*(_to_numpy(getattr(self, f)) for f in self.__dataclass_fields__))
 
 
@@ -108,15 +107,16 @@ class VerifyOutput:
     sampler's device, numpy arrays for numpy logits).
 
     Row ``b`` emitted ``tokens[b, :num_tokens[b]]``: its ``num_accepted[b]`` accepted drafts, then (unless the row
-    turned invalid) one more token -- the sample at the first rejected position, or the bonus token after ``K``
-    accepted drafts. The slot advanced by exactly the emitted tokens.
+    turned invalid, or an accepted draft ended the request) one more token -- the sample at the first rejected
+    position, or the bonus token after ``K`` accepted drafts. The slot advanced by exactly the emitted tokens.
 
     Attributes
     ----------
     tokens : (B, K + 1) int64
         The emitted tokens, ``-1`` after the last.
     num_tokens : (B,) int64
-        How many were emitted (``0 .. K + 1``; ``num_accepted + 1`` unless the row turned invalid).
+        How many were emitted (``0 .. K + 1``; ``num_accepted + 1`` unless the row turned invalid or stopped on an
+        accepted draft).
     num_accepted : (B,) int64
         How many drafts were accepted (``0 .. K``).
     logprobs : (B, K + 1) float32
@@ -129,6 +129,9 @@ class VerifyOutput:
         Their logprobs (NaN padding).
     mirostat_mu : (B,) float32
         Each slot's Mirostat ``mu`` after the emitted tokens (NaN without Mirostat).
+    stopped : (B,) bool
+        The row's last emitted token ends its request (one of its ``stop_token_ids``, or an EOS id unless
+        ``ignore_eos``); its later drafts were not verified.
     """
 
     tokens: Any
@@ -139,7 +142,9 @@ class VerifyOutput:
     top_logprob_ids: Any
     top_logprobs: Any
     mirostat_mu: Any
+    stopped: Any = None
 
     def numpy(self) -> VerifyOutput:
         """A copy with every field as a numpy array."""
-        return VerifyOutput(*(_to_numpy(getattr(self, f)) for f in self.__dataclass_fields__))
+        return VerifyOutput(*(None if getattr(self, f) is None else _to_numpy(getattr(self, f))
+                              for f in self.__dataclass_fields__))

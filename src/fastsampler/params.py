@@ -185,13 +185,17 @@ class SamplingParams:
     min_keep : int, default 1
         Every truncation rule keeps at least this many tokens.
     min_tokens : int, default 0
-        EOS ids are banned while fewer than this many tokens have been generated.
+        EOS ids and ``stop_token_ids`` are banned while fewer than this many tokens have been generated.
     ignore_eos : bool, default False
         EOS ids are always banned.
     allowed_token_ids, banned_token_ids : sequence of int or None
         Only the allowed ids may be sampled / the banned ids never are. Stored sorted and de-duplicated.
     n : int, default 1
         Number of samples of the request (used by `Sampler.add`).
+    stop_token_ids : sequence of int or None
+        Ids that end the request besides the EOS ids: banned while fewer than ``min_tokens`` tokens have been
+        generated, and reported in `SampleOutput.stopped` when sampled (``ignore_eos`` does not ban them). Stored
+        sorted and de-duplicated.
     """
 
     temperature: float = 1.0
@@ -216,6 +220,7 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] | None = None
     banned_token_ids: tuple[int, ...] | None = None
     n: int = 1
+    stop_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         s = lambda name, v: object.__setattr__(self, name, v)  # frozen dataclass normalisation
@@ -255,6 +260,7 @@ class SamplingParams:
         if self.allowed_token_ids is not None and len(self.allowed_token_ids) == 0:
             raise ValueError("allowed_token_ids must not be empty (no token could ever be sampled), got []")
         s("n", _check_int("n", self.n, 1, 1 << 16))
+        s("stop_token_ids", _check_ids("stop_token_ids", self.stop_token_ids))
         s("logit_bias", self._checked_bias(self.logit_bias))
         if self.top_logprobs > 0 and not self.logprobs:
             raise ValueError(f"top_logprobs={self.top_logprobs} needs logprobs=True, got logprobs=False")

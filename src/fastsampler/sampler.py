@@ -36,7 +36,7 @@ from ._custom_ops import run_backend, sample_packed, use_op
 from ._slots import SlotBook, SlotTables
 from .graphs import GraphedStep
 from .layout import COUNT_MAX as _COUNT_MAX
-from .layout import MAX_COLUMNS, int_to_flags
+from .layout import I_IGNORE_EOS, I_MIN_TOKENS, MAX_COLUMNS, int_to_flags
 from .output import SampleOutput, ScoreOutput, VerifyOutput
 from .params import SamplingParams
 
@@ -342,7 +342,8 @@ class Sampler:
         ``min_tokens`` / ``ignore_eos`` (which ban them: without any they would silently do nothing)."""
         v = self._vocab
         for name, ids in (("allowed_token_ids", params.allowed_token_ids), ("banned_token_ids",
-                          params.banned_token_ids), ("logit_bias", params.logit_bias.keys())):
+                          params.banned_token_ids), ("logit_bias", params.logit_bias.keys()),
+                          ("stop_token_ids", params.stop_token_ids)):
             if ids is not None:
                 check_ids(f"params.{name}", None, ids, v)
         if (params.min_tokens > 0 or params.ignore_eos) and not self._eos_host:
@@ -420,14 +421,14 @@ class Sampler:
             self._slot_sets.clear()
 
     @property
-    def capture_key(self) -> tuple[int, int, int, bool]:
+    def capture_key(self) -> tuple[int, int, int, bool, bool, bool]:
         """What a step with a tensor of slots decides on the host: (flag bits, top-logprob width, bias width,
-        restricted ids), all over the slots in use.
+        restricted ids, stop ids, stop ids banned before ``min_tokens``), all over the slots in use.
 
         A CUDA graph captured around `sample` replays the decisions of its capture; when this key changes (a
         request with a feature the live set did not use joins), capture again (or keep one graph per key).
         """
-        return self._book.live
+        return self._book.live + self._book.live_stop
 
     def graphed(self, batch_size: int, *, width: int | None = None, dtype: torch.dtype = torch.float32,
                 bitmask: bool = False) -> GraphedStep:
@@ -655,6 +656,9 @@ class Sampler:
         else:
             steps, mu = self._tables.steps.index_select(0, ss.index), self._tables.mu.index_select(0, ss.index)
             counts = self._tables.counts.index_select(0, ss.index) if ss.flags.any_penalty else None
+        if ss.stop_mask is not None:  # stop ids banned while step < min_tokens
+            keep = _stop_keep(ss.stop_mask, ss.iparams, steps, wl)
+            allowed = keep if allowed is None else allowed & keep
         indptr, ids, vals = ss.bias if ss.bias is not None else (None, None, None)
         batch = PackedBatch(logits=logits, vocab_size=self._vocab, fparams=ss.fparams, iparams=ss.iparams,
                             seeds=ss.seeds, steps=steps, seqs=ss.seqs, mirostat_mu=mu, allowed_mask=allowed,
@@ -662,6 +666,8 @@ class Sampler:
                             bias_vals=vals, eos_ids=self._tables.eos, n_top=ss.n_top, flags=ss.flags)
         out = run_backend(name, batch)
         self._advance(ss.index, steps, out)
+        if ss.stop_ids is not None:
+            out.stopped = (out.tokens[:, None] == ss.stop_ids).any(1)
         return out
 
     def _sample_host(self, logits: torch.Tensor, ss: _SlotSet, wl: int,
@@ -682,13 +688,19 @@ class Sampler:
         else:
             steps, mu = steps_all[h.index], mu_all[h.index]
             counts = counts_all[h.index] if ss.flags.any_penalty else None
+        if h.stop_mask is not None:  # stop ids banned while step < min_tokens
+            keep = np.where((steps < h.min_tokens)[:, None], ~h.stop_mask, np.int32(-1))
+            if keep.shape[1] < wl:
+                keep = np.pad(keep, ((0, 0), (0, wl - keep.shape[1])), constant_values=-1)
+            allowed = keep if allowed is None else allowed & keep
         tokens, valid, lps, top_ids, top_lps, ranks, mu_out = cpu.sample_arrays(
             (x, dtype_name, self._vocab, h.f, h.i, h.seeds, steps, h.seqs, mu, allowed, h.prompt, counts,
              h.bias_indptr, h.bias_ids, h.bias_vals, h.eos), ss.n_top)
         # state updates (slots are distinct): steps += valid, mu = returned mu, counts[token] += 1 up to COUNT_MAX
         cpu.advance_arrays(steps_all, mu_all, counts_all, h.index, tokens, valid, mu_out)
         f = torch.from_numpy
-        return SampleOutput(f(tokens), f(valid), f(lps), f(top_ids), f(top_lps), f(ranks), f(mu_out))
+        stopped = None if h.stop_ids is None else f((tokens[:, None] == h.stop_ids).any(1))
+        return SampleOutput(f(tokens), f(valid), f(lps), f(top_ids), f(top_lps), f(ranks), f(mu_out), stopped)
 
     # ------------------------------------------------------------------ the general path
     def _sample_general(self, logits: torch.Tensor, slots: Sequence[int] | torch.Tensor,
@@ -698,13 +710,48 @@ class Sampler:
         name = self.backend_for(logits.dtype)
         if slots_t.shape[0] == 0:  # nothing to sample (an idle engine step); no backend call
             return _empty_output(logits, n_top)
+        stops, ban = self._book.stop_info(rows) if rows is not None else self._book.live_stop
+        if ban:
+            token_bitmask = self._stop_bitmask(slots_t, logits.shape[1], token_bitmask)
         if rows is None and name == "triton":
             flags, wl = int_to_flags(bits), mask_words(logits.shape[1])
-            return self._sample_slot_indexed(logits, slots_t, token_bitmask, flags, n_top, n_bias, restricted, wl)
-        batch = self._row_batch(logits, rows, slots_t, (bits, n_top, n_bias, restricted), token_bitmask)
-        out = sample_packed(name, batch)
-        self._advance(slots_t, batch.steps, out)
+            out = self._sample_slot_indexed(logits, slots_t, token_bitmask, flags, n_top, n_bias, restricted, wl)
+        else:
+            batch = self._row_batch(logits, rows, slots_t, (bits, n_top, n_bias, restricted), token_bitmask)
+            out = sample_packed(name, batch)
+            self._advance(slots_t, batch.steps, out)
+        if stops:
+            out.stopped = self._stopped(out.tokens, slots_t)
         return out
+
+    def _stop_bitmask(self, slots_t: torch.Tensor, width: int, token_bitmask: torch.Tensor | None,
+                      steps: torch.Tensor | None = None) -> torch.Tensor:
+        """``token_bitmask`` (all ones when None) AND-ed with the stop-id ban of ``slots_t``: each slot's stop ids
+        are banned while its step is below its ``min_tokens`` (docs/semantics.md §3 A); ``(B, ceil(width / 32))``
+        int32, on the device, no read-back. ``steps``: the slots' steps (default: read from the table)."""
+        t = self._tables
+        assert t.stop_mask is not None
+        b, wl = slots_t.shape[0], mask_words(width)
+        if steps is None:
+            steps = t.steps.index_select(0, slots_t)
+        keep = _stop_keep(t.stop_mask.index_select(0, slots_t), t.iparams.index_select(0, slots_t), steps, wl)
+        return keep if token_bitmask is None else keep & self._check_bitmask(token_bitmask, b, wl)
+
+    def _ends(self, tokens: torch.Tensor, slots_t: torch.Tensor) -> torch.Tensor:
+        """Whether each token ends its slot's request (its stop ids; the EOS ids unless it ignores EOS), whether or
+        not any slot has stop ids."""
+        t = self._tables
+        if t.stop_ids is not None:
+            return self._stopped(tokens, slots_t)
+        if not t.eos.numel():
+            return torch.zeros_like(tokens, dtype=torch.bool)
+        use = t.iparams.index_select(0, slots_t)[:, I_IGNORE_EOS] == 0
+        return (tokens[:, None] == t.eos.to(torch.int64)[None, :]).any(1) & use
+
+    def _stopped(self, tokens: torch.Tensor, slots_t: torch.Tensor) -> torch.Tensor:
+        """`SampleOutput.stopped`: whether each token ends its slot's request (stop ids, EOS unless ignored)."""
+        assert self._tables.stop_ids is not None
+        return (tokens[:, None] == self._tables.stop_ids.index_select(0, slots_t)).any(1)
 
     @_locked
     def sampling_probs(self, logits: torch.Tensor, slots: Sequence[int] | torch.Tensor, *,
@@ -727,6 +774,8 @@ class Sampler:
         name = self.backend_for(logits.dtype)
         if slots_t.shape[0] == 0:
             return logits.new_zeros(logits.shape, dtype=torch.float32)
+        if (self._book.stop_info(rows) if rows is not None else self._book.live_stop)[1]:
+            token_bitmask = self._stop_bitmask(slots_t, logits.shape[1], token_bitmask)
         batch = self._row_batch(logits, rows, slots_t, agg, token_bitmask)
         return backends.load(name).sampling_probs_packed(batch).to(logits.device)
 
@@ -750,9 +799,10 @@ class Sampler:
           The emitted tokens follow the target's distribution whatever the draft.
 
         A row stops at its first rejected position (whose token it still emits), after ``K`` accepted drafts plus
-        one bonus token from position ``K``, or at an invalid position (nothing emitted there). Steps, counts and
-        ``mu`` advance by the emitted tokens only. Positions run as up to ``2 (K + 1)`` backend calls without a
-        host synchronisation (a CPU sampler stops early once every row has stopped).
+        one bonus token from position ``K``, at an emitted token that ends its request (one of its
+        ``stop_token_ids``, or an EOS id unless ``ignore_eos``), or at an invalid position (nothing emitted there).
+        Steps, counts and ``mu`` advance by the emitted tokens only. Positions run as up to ``2 (K + 1)`` backend
+        calls without a host synchronisation (a CPU sampler stops early once every row has stopped).
 
         Parameters
         ----------
@@ -823,8 +873,11 @@ class Sampler:
         n_acc = torch.zeros(b, dtype=i64, device=dev)
         active = torch.ones(b, dtype=torch.bool, device=dev)
         mod = backends.load(name)
+        ban = (self._book.stop_info(rows) if rows is not None else self._book.live_stop)[1]
+        stopped = torch.zeros(b, dtype=torch.bool, device=dev)
         for j in range(k1 if b else 0):
-            batch = self._row_batch(logits[:, j], rows, slots_t, agg, None)
+            tb = self._stop_bitmask(slots_t, logits.shape[2], None) if ban else None
+            batch = self._row_batch(logits[:, j], rows, slots_t, agg, tb)
             if j < k and method == "rejection":
                 p = mod.sampling_probs_packed(batch)
                 q = None if q_all is None else q_all[:, j]
@@ -843,13 +896,16 @@ class Sampler:
             n_tok += emit.to(i64)
             active = emit & acc
             n_acc += active.to(i64)
+            ends = emit & self._ends(out.tokens, slots_t)  # a token that ends the request ends its drafts too
+            stopped |= ends
+            active &= ~ends
             mu = torch.where(emit, out.mirostat_mu.to(f32), batch.mirostat_mu)
             self._tables.advance(slots_t, batch.steps, dataclasses.replace(out, valid=emit, mirostat_mu=mu))
             if dev.type == "cpu" and not bool(active.any()):
                 break
         return VerifyOutput(tokens=tokens, num_tokens=n_tok, num_accepted=n_acc, logprobs=lps, ranks=ranks,
                             top_logprob_ids=top_ids, top_logprobs=top_lps,
-                            mirostat_mu=self._tables.mu.index_select(0, slots_t))
+                            mirostat_mu=self._tables.mu.index_select(0, slots_t), stopped=stopped)
 
     def score(self, logits: Any, token_ids: Any, *, top_n: int = 0, extra_token_ids: Any = None) -> ScoreOutput:
         """Raw logprobs of given tokens (echo / prompt logprobs): `fastsampler.score` on this Sampler's device,
@@ -1040,7 +1096,7 @@ class _SlotSet:
     """
 
     __slots__ = ("b", "index", "span", "flags", "n_top", "n_bias", "fparams", "iparams", "seeds", "seqs", "bias",
-                 "eos", "_allowed", "_prompt", "_masks", "_host")
+                 "eos", "_allowed", "_prompt", "_masks", "_host", "stop_mask", "stop_ids")
 
     def __init__(self, s: Sampler, rows: list[int]) -> None:
         self.b = len(rows)
@@ -1060,6 +1116,9 @@ class _SlotSet:
         self._prompt = take(s._tables.prompt) if self.flags.any_penalty else None
         self.bias = s._book.bias_csr(rows, s._device) if self.n_bias and rows else None
         self.eos = s._tables.eos
+        stops, ban = s._book.stop_info(rows)
+        self.stop_mask = take(t.stop_mask) if ban and t.stop_mask is not None else None  # (B, W) ban bits
+        self.stop_ids = take(t.stop_ids) if stops and t.stop_ids is not None else None  # (B, E + L) ending ids
         self._masks: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._host: dict[int, _HostRows] = {}
 
@@ -1085,7 +1144,7 @@ class _HostRows:
     """Numpy views of a CPU `_SlotSet`'s tensors: the arguments of ``_C.sample`` that stay fixed."""
 
     __slots__ = ("index", "f", "i", "seeds", "seqs", "allowed", "prompt", "bias_indptr", "bias_ids", "bias_vals",
-                 "eos", "steps", "mu", "counts")
+                 "eos", "steps", "mu", "counts", "stop_mask", "stop_ids", "min_tokens")
 
     def __init__(self, ss: _SlotSet, wl: int, vocab: int, state: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
         allowed, prompt = ss.masks(wl)
@@ -1104,6 +1163,16 @@ class _HostRows:
         self.bias_indptr, self.bias_ids, self.bias_vals = (None, None, None) if ss.bias is None else tuple(
             t.numpy() for t in ss.bias)
         self.eos = ss.eos.numpy()
+        self.stop_mask = None if ss.stop_mask is None else ss.stop_mask.numpy()
+        self.stop_ids = None if ss.stop_ids is None else ss.stop_ids.numpy()
+        self.min_tokens = self.i[:, I_MIN_TOKENS].astype(np.int64)
+
+
+def _stop_keep(stop_mask: torch.Tensor, iparams: torch.Tensor, steps: torch.Tensor, wl: int) -> torch.Tensor:
+    """``(B, wl)`` int32 allowed bits from the rows' stop-id ban bits ``(B, W)``: cleared while a row's step is
+    below its ``min_tokens`` (``iparams`` rows), all ones after (and in the padding words)."""
+    keep = torch.where((steps < iparams[:, I_MIN_TOKENS].to(torch.int64))[:, None], ~stop_mask, -1)
+    return Sampler._pad_words(keep, wl, -1)
 
 
 def _id_array(ids: Any, name: str) -> np.ndarray:

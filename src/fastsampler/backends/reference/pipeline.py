@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._batch import bitmask_to_bool, pack_batch
+from ..._batch import bitmask_to_bool, pack_batch, stopped_rows
 from ...layout import (
     F_FREQ,
     F_MIN_P,
@@ -591,9 +591,12 @@ def sample(
     >>> sample(np.array([[0.0, 3.0, 1.0]]), SamplingParams(temperature=0.0)).tokens.tolist()
     [1]
     """
+    if not isinstance(params, (SamplingParams, list, tuple)):
+        params = list(params)  # an iterator: read twice below
     rows = _rows_from_args(logits, params, prompt_token_ids=prompt_token_ids, output_token_ids=output_token_ids,
                            steps=steps, seqs=seqs, mirostat_mu=mirostat_mu, vocab_size=vocab_size, **state)
     out, _ = sample_rows(rows, rows[0].x.size if rows else 0)
+    out.stopped = stopped_rows(out.tokens, params, state.get("eos_token_ids", ()))
     return out
 
 

@@ -75,6 +75,7 @@ def verify(
     vocab_size: int | None = None,
 ) -> VerifyOutput:
     """Verify ``K`` draft tokens per row against the target's logits at ``K + 1`` positions (docs/semantics.md §11).
+    A row also stops after a token that ends it (one of its ``stop_token_ids``, or an EOS id unless ``ignore_eos``).
 
     Parameters
     ----------
@@ -125,8 +126,11 @@ def verify(
     n_tok = np.zeros(b, dtype=np.int64)
     n_acc = np.zeros(b, dtype=np.int64)
     mu_out = np.full(b, np.nan, dtype=np.float32)
+    stopped = np.zeros(b, dtype=bool)
+    eos = [int(e) for e in eos_token_ids]
     for r in range(b):
         p = plist[r]
+        ending = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(eos))
         seed = seeds_l[r] if seeds_l[r] is not None else (p.seed if p.seed is not None else random_seed())
         seed &= 0xFFFFFFFFFFFFFFFF
         hist = list(outs[r] or [])
@@ -159,8 +163,12 @@ def verify(
             step += 1
             mu = float(np.float32(res.mu)) if not math.isnan(res.mu) else None
             mu_out[r] = np.float32(res.mu)
+            if acc:
+                n_acc[r] += 1
+            if tok in ending:  # the request ends here: its later drafts are not verified
+                stopped[r] = True
+                break
             if not acc:
                 break
-            n_acc[r] += 1
     return VerifyOutput(tokens=tokens, num_tokens=n_tok, num_accepted=n_acc, logprobs=lps, ranks=ranks,
-                        top_logprob_ids=top_ids, top_logprobs=top_lps, mirostat_mu=mu_out)
+                        top_logprob_ids=top_ids, top_logprobs=top_lps, mirostat_mu=mu_out, stopped=stopped)
