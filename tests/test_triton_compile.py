@@ -4,17 +4,17 @@ The interpreter (``TRITON_INTERPRET=1``) runs kernels as numpy code and accepts 
 -carried types, scalar / block mixes, constexpr branches), so CI compiles them too, without a GPU.
 
 The specialisations are not written out by hand: they are recorded from the backend itself. A subprocess under the
-interpreter runs `CALLS` (``fastsampler.sample``, ``sampling_probs``, the mask ops, `Sampler` steps with a list and a
-tensor of slots, the kernels' test helpers) for each vocabulary of `VOCABS` and each logits dtype, in record-only
-mode with the CUDA launch configuration (`fastsampler.bench.record.record_launches`: ``CHUNK`` 1024, ``DIGIT_BITS``
-4 and the block sizes ``backend._Ctx`` picks on a CUDA device). The launches are reduced to one compilation per
-kernel, constexprs and launch options (`_representatives`: the logits dtype rotates among those recorded, and every
-kernel compiles in every dtype at least once), then compiled with `fastsampler.bench.sass.compile_launches` in a
-subprocess without the interpreter: source -> TTIR -> TTGIR -> LLVM IR -> PTX -> cubin (the ptxas shipped with
-triton), disassembled with its cuobjdump. Compiled kernels are cached on disk, keyed by each kernel's Triton cache key
-(a hash of its source and of every jit function it calls), the specialisation and the triton version: a second run
-with unchanged kernels compiles nothing. The cache is ``$FASTSAMPLER_COMPILE_CACHE``, by default
-``~/.cache/fastsampler/sm90``.
+interpreter runs `CALLS` (``fastsampler.sample``, ``sampling_probs``, ``score``, the mask ops, `Sampler` steps with a
+list and a tensor of slots and its ``verify``, the kernels' test helpers) for each vocabulary of `VOCABS` and each
+logits dtype, in record-only mode with the CUDA launch configuration (`fastsampler.bench.record.record_launches`:
+``CHUNK`` 1024, ``DIGIT_BITS`` 4 and the block sizes ``backend._Ctx`` picks on a CUDA device). The launches are reduced
+to one compilation per kernel, constexprs and launch options (`_representatives`: the logits dtype rotates among those
+recorded, and every kernel compiles in every dtype at least once), then compiled with
+`fastsampler.bench.sass.compile_launches` in a subprocess without the interpreter: source -> TTIR -> TTGIR -> LLVM IR ->
+PTX -> cubin (the ptxas shipped with triton), disassembled with its cuobjdump. Compiled kernels are cached on disk,
+keyed by each kernel's Triton cache key (a hash of its source and of every jit function it calls), the specialisation
+and the triton version: a second run with unchanged kernels compiles nothing. The cache is
+``$FASTSAMPLER_COMPILE_CACHE``, by default ``~/.cache/fastsampler/sm90``.
 
 Skipped when triton's CUDA backend (or its cuobjdump) is missing. Marked ``slow``: about two seconds per
 specialisation when the cache is cold (``make test-all`` runs it).
@@ -135,6 +135,16 @@ def _record(out: Path) -> None:
                         words = (vocab + 31) // 32
                         sampler.sample(x, torch.tensor(slots), token_bitmask=torch.full((BATCH, words), -1,
                                                                                        dtype=torch.int32))
+                        # speculative verification: match (ordinary steps) and rejection (forced tokens)
+                        y = torch.stack([x, x], 1)
+                        sampler.verify(y, [[1]] * BATCH, slots)
+                        sampler.verify(y, [[1]] * BATCH, slots, draft_probs=torch.full((BATCH, 1, vocab), 1 / vocab))
+                # scoring: forced tokens, raw (greedy rows) and processed (stages A-D)
+                fastsampler.score(x, [1] * BATCH, top_n=2, extra_token_ids=[[3]] * BATCH, backend="triton")
+                full_p = next(q for n, q, _ in _calls() if n == "full")
+                fastsampler.score(x, [1] * BATCH, logprobs_mode="processed", params=full_p, backend="triton",
+                                  prompt_token_ids=[[5]] * BATCH, output_token_ids=[[1, 2]] * BATCH,
+                                  eos_token_ids=[0, 2])
                 ops.top_k_mask_logits(x, 50, backend="triton")
                 ops.top_p_mask_logits(x, 0.9, min_keep=2, backend="triton")
                 ops.min_p_mask_logits(x, 0.05, backend="triton")

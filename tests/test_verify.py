@@ -201,6 +201,20 @@ def test_rejection_follows_the_target_distribution(with_q: bool) -> None:
     assert abs(out.num_accepted.float().mean().item() - rate) < 4 * np.sqrt(rate * (1 - rate) / n)
 
 
+def test_torch_uniforms_equal_the_reference() -> None:
+    from fastsampler._speculative import verify_uniforms
+    from fastsampler.backends.reference.speculative import verify_uniforms as ref_uniforms
+
+    seeds = [0, 1, 2**63 - 1, 2**64 - 1, 12345678901234567]
+    steps, seqs = [0, 7, 2**32 + 3, 5, 2**40], [0, 1, 2, 2**33, 9]
+    got = verify_uniforms(torch.tensor([s - 2**64 if s >= 2**63 else s for s in seeds]), torch.tensor(steps),
+                          torch.tensor(seqs))
+    for i in range(len(seeds)):
+        want = ref_uniforms(seeds[i], steps[i], seqs[i])
+        assert (got[0][i].item(), got[1][i].item()) == want
+        assert 0 < want[0] < 1 and 0 < want[1] < 1
+
+
 def test_torch_philox_equals_the_reference() -> None:
     rng = np.random.default_rng(1)
     key = rng.integers(0, 2**32, (50, 2), dtype=np.uint64)

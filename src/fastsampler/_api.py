@@ -193,13 +193,15 @@ def sample(
     if not isinstance(params, (SamplingParams, list, tuple)):
         params = list(params)  # an iterator: read once here (packing and the seed check below both read it)
     if "host_batch" in mod.CAPABILITIES.features and not use_op(t):
-        out = mod.sample_host(pack_host(t, params, **kw))  # numpy in, numpy to the kernels: no tensor round trip
+        hb = pack_host(t, params, **kw)
+        out, stops = mod.sample_host(hb), hb.stops  # numpy in, numpy to the kernels: no tensor round trip
     else:
         # the backend directly, or while tracing through the torch custom op fastsampler::sample_packed (so that
         # torch.compile / CUDA graphs can hold the step)
         batch = pack_batch(t, params, **kw)
-        out = _sample_packed_op(name, batch)
-    out.stopped = stopped_rows(out.tokens, params, eos_token_ids)  # None unless some row has stop ids
+        out, stops = _sample_packed_op(name, batch), batch.stops
+    if stops:  # some row has stop ids: report the rows whose token ends their request
+        out.stopped = stopped_rows(out.tokens, params, eos_token_ids)
     # a seeded row without steps draws at step 0 on every call (checked after packing: the params are cached then)
     if steps is None and not torch.compiler.is_compiling() and (
             seeds is not None or _has_seeded_row(params, t.shape[0])):

@@ -36,6 +36,8 @@ Packed form (all torch tensors on the logits' device, ``B`` rows, ``V = logits.s
     a device tensor uses the max over all its slots); entries beyond a row's own ``top_logprobs`` are -1 / NaN.
 ``flags``
     Host-known booleans from the params (no device data is read to compute them), used to specialise kernels.
+``stops``
+    Some row has ``stop_token_ids`` (host-known): the caller reports `SampleOutput.stopped` (`stopped_rows`).
 ``forced_tokens`` (B,) int64 or None
     Row-indexed form only: the rows' tokens are given, in ``[0, vocab_size)``, and not drawn. A valid row returns
     its forced token with that token's logprob, rank and Mirostat update (top-N as usual); an invalid row still
@@ -125,6 +127,7 @@ class PackedBatch:
     bias_table_len: torch.Tensor | None = None
     update_state: bool = False
     forced_tokens: torch.Tensor | None = None
+    stops: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -639,6 +642,7 @@ class HostBatch(NamedTuple):
     eos_ids: np.ndarray
     n_top: int
     flags: BatchFlags
+    stops: bool = False
 
     def arrays(self) -> tuple[np.ndarray | None, ...]:
         """The array fields in `ARRAY_FIELDS` order (the C++ extension's positional arguments)."""
@@ -675,10 +679,10 @@ _STEP_INPUTS = frozenset(StepInputs.__annotations__)
 
 def _pack(
     logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams], host: bool, inputs: StepInputs, fn: str
-) -> tuple[list[Any], int, int, BatchFlags]:
+) -> tuple[list[Any], int, int, BatchFlags, bool]:
     """The packing of `pack_batch` / `pack_host` (``fn``, for the error of an unknown keyword): the 13 array fields
-    of a packed batch (`ARRAY_FIELDS`), the vocabulary size, ``n_top`` and the flags. Fields are numpy arrays
-    (``host``) or tensors on the logits' device."""
+    of a packed batch (`ARRAY_FIELDS`), the vocabulary size, ``n_top``, the flags and whether some row has stop ids.
+    Fields are numpy arrays (``host``) or tensors on the logits' device."""
     unknown = sorted(inputs.keys() - _STEP_INPUTS)
     if unknown:
         raise TypeError(f"{fn}() got an unexpected keyword argument {unknown[0]!r}")
@@ -811,7 +815,7 @@ def _pack(
         fields = [x if x is None or isinstance(x, np.ndarray) else _host_array(x) for x in fields]
     else:  # every field a tensor on the logits' device
         fields = [to_device(x, dev) if isinstance(x, np.ndarray) else x for x in fields]
-    return fields, vocab, pb.n_top, int_to_flags(pb.bits if b else 0)
+    return fields, vocab, pb.n_top, int_to_flags(pb.bits if b else 0), pb.stops
 
 
 def _ban_stop_ids(allowed: Any, ban: np.ndarray, steps: Any, min_tokens: np.ndarray, dev: torch.device) -> Any:
@@ -862,9 +866,9 @@ def pack_batch(
     logit bias) is computed once per params object and list of them (`param_batch`). Host arrays become tensors
     without a copy on the CPU, and through pinned memory with asynchronous copies on CUDA (`to_device`).
     """
-    fields, vocab, n_top, flags = _pack(logits, params, False, inputs, "pack_batch")
+    fields, vocab, n_top, flags, stops = _pack(logits, params, False, inputs, "pack_batch")
     return PackedBatch(logits=logits, vocab_size=vocab, **dict(zip(ARRAY_FIELDS, fields, strict=True)), n_top=n_top,
-                       flags=flags)
+                       flags=flags, stops=stops)
 
 
 def pack_host(
@@ -883,6 +887,6 @@ def pack_host(
     """
     if logits.device.type != "cpu":
         raise ValueError(f"pack_host packs CPU logits, got logits on {logits.device}")
-    fields, vocab, n_top, flags = _pack(logits, params, True, inputs, "pack_host")
+    fields, vocab, n_top, flags, stops = _pack(logits, params, True, inputs, "pack_host")
     return HostBatch(logits=logits, vocab_size=vocab, **dict(zip(ARRAY_FIELDS, fields, strict=True)), n_top=n_top,
-                     flags=flags)
+                     flags=flags, stops=stops)

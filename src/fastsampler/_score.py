@@ -167,7 +167,8 @@ def score(
         bias, masks, penalties and temperature (§3 A–D) of ``params`` (one, or one per row) and the state keywords
         ``prompt_token_ids``, ``output_token_ids``, ``steps``, ``prompt_mask``, ``output_counts``,
         ``token_bitmask``, ``eos_token_ids`` (as in `fastsampler.sample`); truncation does not change these
-        logprobs and is not run.
+        logprobs and is not run. The state is packed as `fastsampler.sample` packs it (``output_token_ids`` become
+        a ``(T, V)`` count table: for penalties over a long prompt, pass ``output_counts`` / ``prompt_mask``).
     vocab_size : int, optional
         Real vocabulary size (default ``V'``).
     backend : {'auto', 'triton', 'cpu', 'reference'}

@@ -1,5 +1,5 @@
 """Speculative verification (docs/semantics.md §11): the rejection rule of one draft position, on torch tensors of
-any device, with the random numbers of §7's reserved streams.
+any device, with the random numbers of §7's reserved stream 2.
 
 `fastsampler.Sampler.verify` runs the positions one after another; at a position a backend gives the target
 distribution ``p`` (`sampling_probs_packed`) and this module decides, per row, the draft's acceptance and otherwise the
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .layout import STREAM_ACCEPT, STREAM_RESIDUAL
+from .layout import STREAM_VERIFY
 
-__all__ = ["philox4x32", "stream_words", "exp_noise", "accept_or_recover"]
+__all__ = ["philox4x32", "verify_uniforms", "accept_or_recover"]
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
@@ -41,32 +41,18 @@ def philox4x32(key: tuple[torch.Tensor, torch.Tensor], ctr: tuple[torch.Tensor, 
     return c0, c1, c2, c3
 
 
-def stream_words(seeds: torch.Tensor, steps: torch.Tensor, seqs: torch.Tensor, stream: int, n: int) -> torch.Tensor:
-    """``(B, n)`` int64: word ``j`` of each row's stream ``stream`` at its ``(seed, step, seq)``, ``j = 0 .. n-1``
-    (counter ``(j >> 2, step, seq, stream)``, word ``j & 3``)."""
-    dev = seeds.device
-    k0 = (seeds & _MASK)[:, None]
-    k1 = ((seeds >> 32) & _MASK)[:, None]
-    c1 = (steps & _MASK)[:, None]
-    c2 = (seqs & _MASK)[:, None]
-    quads = (n + 3) // 4
-    c0 = torch.arange(quads, device=dev, dtype=torch.int64)[None, :]
-    c3 = torch.full_like(c0, stream)
-    words = torch.stack(philox4x32((k0, k1), (c0, c1, c2, c3)), dim=-1)  # (B, quads, 4)
-    return words.reshape(seeds.shape[0], quads * 4)[:, :n]
+def verify_uniforms(seeds: torch.Tensor, steps: torch.Tensor, seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two uniforms of a verification position, float64 in ``(0, 1)``: ``(r + 0.5) 2^-32`` for words 0
+    (acceptance) and 1 (residual draw) of Philox4x32-10 at counter ``(0, step, seq, 2)`` (docs/semantics.md §11);
+    the arguments broadcast (e.g. ``(B, 1)`` seeds and ``(B, K)`` steps: every position of every row at once)."""
+    key = (seeds & _MASK, (seeds >> 32) & _MASK)
+    zero = torch.zeros_like(steps)
+    w0, w1, _, _ = philox4x32(key, (zero, steps & _MASK, seqs & _MASK, torch.full_like(steps, STREAM_VERIFY)))
+    return (w0.to(torch.float64) + 0.5) * 2.0 ** -32, (w1.to(torch.float64) + 0.5) * 2.0 ** -32
 
 
-def exp_noise(words: torch.Tensor) -> torch.Tensor:
-    """The exponential variate of docs/semantics.md §7 for uint32 words (int64 tensor), float64."""
-    scale = 2.0 ** -32
-    low = words < (1 << 31)
-    a = -torch.log((words.to(torch.float64) + 0.5) * scale)
-    b = -torch.log1p(-((_MASK - words).to(torch.float64) + 0.5) * scale)
-    return torch.where(low, a, b)
-
-
-def accept_or_recover(p: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None, seeds: torch.Tensor,
-                      steps: torch.Tensor, seqs: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+def accept_or_recover(p: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None,
+                      uniforms: tuple[torch.Tensor, torch.Tensor], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One draft position of the rejection rule (docs/semantics.md §11) for every row.
 
     Parameters
@@ -77,32 +63,33 @@ def accept_or_recover(p: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | No
         The drafted tokens.
     q : (B, >= vocab) float or None
         The draft distribution; None: one-hot at the draft (a draft without probabilities).
-    seeds, steps, seqs : (B,) int64
-        Each row's seed bit pattern, the step of this position, and its seq.
+    uniforms : ((B,), (B,)) float64
+        The position's two uniforms per row (`verify_uniforms` at the step of this position).
 
     Returns
     -------
     (token, accepted) : (B,) int64 and (B,) bool
-        ``accepted``: ``u * q[d] < p[d]`` with ``u`` from stream 2; the token is then the draft, else the residual
-        draw from ``max(0, p - q)`` (``p`` itself when that is all zero) by an exponential race with stream-3 noise
-        (ties to the lowest id); -1 when ``p`` has no mass.
+        ``accepted``: ``u * q[d] < p[d]``; the token is then the draft, else the residual draw from
+        ``max(0, p - q)`` (``p`` itself when that is all zero) by inversion of its cumulative sum (float64) with
+        the second uniform; -1 when ``p`` has no mass. The difference ``p - q`` is taken in ``p``'s dtype.
     """
-    pv = p[:, :vocab].to(torch.float64)
+    pv = p[:, :vocab]
     d = draft[:, None]
-    p_d = pv.gather(1, d)[:, 0]
-    if q is None:
-        q_d = torch.ones_like(p_d)
-        resid = pv.scatter(1, d, 0.0)
-    else:
-        qv = q[:, :vocab].to(torch.float64)
-        q_d = qv.gather(1, d)[:, 0]
-        resid = (pv - qv).clamp(min=0.0)
-    u = (stream_words(seeds, steps, seqs, STREAM_ACCEPT, 1)[:, 0].to(torch.float64) + 0.5) * 2.0 ** -32
+    p_d = pv.gather(1, d)[:, 0].to(torch.float64)
+    qv = None if q is None else q[:, :vocab].to(pv.dtype)
+    q_d = torch.ones_like(p_d) if qv is None else qv.gather(1, d)[:, 0].to(torch.float64)
+    u, v = uniforms
     accepted = u * q_d < p_d
-    empty = ~(resid.sum(1, keepdim=True) > 0)
-    resid = torch.where(empty, pv, resid)
-    noise = exp_noise(stream_words(seeds, steps, seqs, STREAM_RESIDUAL, vocab))
-    live = resid > 0
-    score = torch.where(live, torch.log(torch.where(live, resid, 1.0)) - torch.log(noise), float("-inf"))
-    rec = torch.where(live.any(1), score.argmax(1), -1)  # argmax: the first maximum, the lowest id
+    on_cpu = p.device.type == "cpu"  # (reading a flag back costs nothing there: skip the work no row needs)
+    if on_cpu and bool(accepted.all()):
+        return draft.clone(), accepted
+    resid = pv.scatter(1, d, 0.0) if qv is None else (pv - qv).clamp_(min=0.0)
+    cum = torch.cumsum(resid, 1, dtype=torch.float64)
+    empty = ~(cum[:, -1] > 0)  # nothing left of p beyond q: draw from p itself
+    if not on_cpu or bool(empty.any()):
+        cum = torch.where(empty[:, None], torch.cumsum(pv, 1, dtype=torch.float64), cum)
+    total = cum[:, -1]
+    # the first id whose cumulative mass exceeds v * total: an id of positive residual mass
+    rec = torch.searchsorted(cum, (v * total)[:, None].contiguous(), right=True)[:, 0].clamp(max=vocab - 1)
+    rec = torch.where(total > 0, rec, -1)
     return torch.where(accepted, draft, rec), accepted

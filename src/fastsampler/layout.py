@@ -16,7 +16,7 @@ __all__ = [
     "F_TEMPERATURE", "F_TOP_P", "F_MIN_P", "F_TYPICAL_P", "F_FREQ", "F_PRES", "F_REP", "F_MIRO_TAU", "F_MIRO_ETA", "NF",
     "I_TOP_K", "I_MIN_KEEP", "I_MIRO_MODE", "I_MIN_TOKENS", "I_IGNORE_EOS", "I_LOGPROBS", "I_TOP_LOGPROBS",
     "I_LOGPROBS_MODE", "NI", "MODE_RAW", "MODE_PROCESSED", "MODE_FINAL", "LOGPROBS_MODES", "TILE", "STREAM_TOKEN",
-    "STREAM_TILE", "STREAM_ACCEPT", "STREAM_RESIDUAL", "MIROSTAT_M", "MAX_TOP_LOGPROBS", "COUNT_MAX", "MAX_COLUMNS",
+    "STREAM_TILE", "STREAM_VERIFY", "MIROSTAT_M", "MAX_TOP_LOGPROBS", "COUNT_MAX", "MAX_COLUMNS",
     "BatchFlags", "FLAG_NAMES",
     "ALL_GREEDY_BIT", "flags_to_int", "int_to_flags", "combine_bits", "EXTENSION_KEYS", "check_extension_layout",
 ]
@@ -33,12 +33,11 @@ LOGPROBS_MODES = ("raw", "processed", "final")
 MODE_RAW, MODE_PROCESSED, MODE_FINAL = 0, 1, 2
 
 # the random-number definition (docs/semantics.md §7): ids per tile of the two-level race, and the Philox streams
-# (token noise, tile noise; speculative verification's acceptance uniform and residual-draw noise, §11)
+# (token noise, tile noise; speculative verification's two uniforms, §11)
 TILE = 4096
 STREAM_TOKEN = 0
 STREAM_TILE = 1
-STREAM_ACCEPT = 2
-STREAM_RESIDUAL = 3
+STREAM_VERIFY = 2
 
 MIROSTAT_M = 100  # Mirostat v1 estimates the Zipf exponent from the 100 most probable tokens (docs/semantics.md §3)
 MAX_TOP_LOGPROBS = 20  # the largest `SamplingParams.top_logprobs`

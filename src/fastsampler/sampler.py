@@ -795,7 +795,7 @@ class Sampler:
         - ``method="rejection"`` (the default with ``draft_probs``): the draft ``d`` is accepted when
           ``u * q[d] < p[d]`` (``p`` = `sampling_probs` of the position, ``q`` = ``draft_probs``, one-hot at ``d``
           when None), else the token is drawn from ``max(0, p - q)`` normalised; ``u`` and that draw use the
-          reserved Philox streams 2 and 3 of docs/semantics.md §7, so results are reproducible and batch-invariant.
+          reserved Philox stream 2 of docs/semantics.md §7, so results are reproducible and batch-invariant.
           The emitted tokens follow the target's distribution whatever the draft.
 
         A row stops at its first rejected position (whose token it still emits), after ``K`` accepted drafts plus
@@ -830,7 +830,7 @@ class Sampler:
         >>> out.tokens.tolist(), out.num_accepted.tolist(), s.step_of(slot)
         ([[1, 2, -1]], [1], 2)
         """
-        from ._speculative import accept_or_recover
+        from ._speculative import accept_or_recover, verify_uniforms
 
         if not isinstance(logits, torch.Tensor):
             x = self._numpy_logits(logits)
@@ -860,7 +860,7 @@ class Sampler:
                 raise ValueError(f"draft_probs must have shape ({b}, {k}, >= {self._vocab}), got "
                                  f"{tuple(draft_probs.shape)}")
             q_all = draft_probs.to(dev)
-            if dev.type == "cpu" and bool(((q_all[..., :self._vocab] < 0) | q_all.isnan()).any()):
+            if dev.type == "cpu" and q_all.numel() and not bool(q_all[..., :self._vocab].min() >= 0):  # (NaN too)
                 raise ValueError("draft_probs must be non-negative probabilities")
         n_top = agg[1]
         i64, f32 = torch.int64, torch.float32
@@ -875,13 +875,19 @@ class Sampler:
         mod = backends.load(name)
         ban = (self._book.stop_info(rows) if rows is not None else self._book.live_stop)[1]
         stopped = torch.zeros(b, dtype=torch.bool, device=dev)
+        if method == "rejection" and b and k:  # every position's uniforms at once (a row at position j is at step + j)
+            t = self._tables
+            pos = torch.arange(k, dtype=i64, device=dev)[None, :]
+            u_all, v_all = verify_uniforms(t.seeds.index_select(0, slots_t)[:, None],
+                                           t.steps.index_select(0, slots_t)[:, None] + pos,
+                                           t.seqs.index_select(0, slots_t)[:, None])
         for j in range(k1 if b else 0):
             tb = self._stop_bitmask(slots_t, logits.shape[2], None) if ban else None
             batch = self._row_batch(logits[:, j], rows, slots_t, agg, tb)
             if j < k and method == "rejection":
                 p = mod.sampling_probs_packed(batch)
                 q = None if q_all is None else q_all[:, j]
-                tok, acc = accept_or_recover(p, drafts[:, j], q, batch.seeds, batch.steps, batch.seqs, self._vocab)
+                tok, acc = accept_or_recover(p, drafts[:, j], q, (u_all[:, j], v_all[:, j]), self._vocab)
                 # (a row without mass is invalid: its forced token is never used)
                 out = run_backend(name, dataclasses.replace(batch, forced_tokens=tok.clamp(min=0)))
             else:

@@ -11,13 +11,23 @@ import numpy as np
 import torch
 
 from ..._batch import normalize_params, random_seed, seed_to_int64
-from ...layout import STREAM_ACCEPT, STREAM_RESIDUAL
+from ...layout import STREAM_VERIFY
 from ...output import VerifyOutput
 from ...params import SamplingParams
-from .philox import _words, exp_noise
+from .philox import philox4x32
 from .pipeline import _collect, _rows_from_args, _run_row
 
-__all__ = ["verify", "accept_or_recover"]
+__all__ = ["verify", "accept_or_recover", "verify_uniforms"]
+
+
+def verify_uniforms(seed: int, step: int, seq: int) -> tuple[float, float]:
+    """The acceptance and residual uniforms of a verification position: ``(r + 0.5) 2^-32`` for words 0 and 1 of
+    Philox4x32-10 at counter ``(0, step, seq, 2)`` (docs/semantics.md §11)."""
+    seed &= 0xFFFFFFFFFFFFFFFF
+    key = np.array([seed & 0xFFFFFFFF, seed >> 32], dtype=np.uint64)
+    ctr = np.array([0, step & 0xFFFFFFFF, seq & 0xFFFFFFFF, STREAM_VERIFY], dtype=np.uint64)
+    w = philox4x32(key, ctr)
+    return (float(w[0]) + 0.5) * 2.0**-32, (float(w[1]) + 0.5) * 2.0**-32
 
 
 def accept_or_recover(p: np.ndarray, draft: int, q: np.ndarray | None, seed: int, step: int, seq: int
@@ -25,12 +35,11 @@ def accept_or_recover(p: np.ndarray, draft: int, q: np.ndarray | None, seed: int
     """One draft position of the rejection rule for one row: ``(token, accepted)`` (docs/semantics.md §11).
 
     ``p``: the target distribution over the vocabulary; ``q``: the draft's (None: one-hot at ``draft``). Accept when
-    ``u * q[d] < p[d]`` (``u`` from stream 2); else draw from ``max(0, p - q)`` (``p`` when that is all zero) by an
-    exponential race with stream-3 noise; ``-1`` when there is no mass at all.
+    ``u * q[d] < p[d]``; else the first id whose cumulative mass in ``max(0, p - q)`` (``p`` when that is all zero)
+    exceeds ``v`` times the total; ``-1`` when there is no mass at all.
     """
-    vocab = p.size
     q_d = 1.0 if q is None else float(q[draft])
-    u = (float(_words(seed, step, seq, STREAM_ACCEPT, np.zeros(1, dtype=np.uint64))[0]) + 0.5) * 2.0**-32
+    u, v = verify_uniforms(seed, step, seq)
     if u * q_d < p[draft]:
         return draft, True
     if q is None:
@@ -38,15 +47,12 @@ def accept_or_recover(p: np.ndarray, draft: int, q: np.ndarray | None, seed: int
         resid[draft] = 0.0
     else:
         resid = np.maximum(p - q, 0.0)
-    if not resid.sum() > 0:
-        resid = p
-    live = resid > 0
-    if not live.any():
+    cum = np.cumsum(resid)
+    if not cum[-1] > 0:
+        cum = np.cumsum(p)
+    if not cum[-1] > 0:
         return -1, False
-    e = exp_noise(_words(seed, step, seq, STREAM_RESIDUAL, np.arange(vocab, dtype=np.uint64)))
-    with np.errstate(divide="ignore"):
-        score = np.where(live, np.log(np.where(live, resid, 1.0)) - np.log(e), -np.inf)
-    return int(np.argmax(score)), False
+    return int(min(np.searchsorted(cum, v * cum[-1], side="right"), p.size - 1)), False
 
 
 def _per_row(value: Any, b: int, name: str) -> list[Any]:
