@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU check for a lent CUDA machine (Python 3.12, torch and triton preinstalled, no internet), in one command:
 #   1. environment report;  2. offline install of this checkout;  3. the test suite on the GPU (time-limited);
-#   4. the benchmark (time-limited, ~4 minutes);  5. stage results, then the benchmark summary, printed last.
+#   4. the benchmark (time-limited, ~4 minutes), then score / verify timings (bench.engine_ops, 1 minute at most);
+#   5. stage results, then the benchmark summary, printed last.
 # Each stage's failure is reported and the later stages still run. Everything lands in $OUT (default ./gpu_check_out):
-#   setup.log tests.log bench.log results.csv table.txt summary.txt summary.md latency_vs_batch.png  (8 files)
+#   setup.log tests.log bench.log engine_ops.log results.csv table.txt summary.txt summary.md latency_vs_batch.png
 #
 # Usage:  bash tools/gpu_check.sh
 # Knobs (environment):
@@ -13,6 +14,7 @@
 #   BENCH_BUDGET=210      the benchmark starts no new case after this many seconds (the rest: "skipped")
 #   BENCH_TIMEOUT=300     hard limit of the benchmark stage (results written so far survive a kill)
 #   BENCH_ARGS=...        extra arguments for python -m fastsampler.bench (e.g. "--scenarios plain,full")
+#   ENGINE_TIMEOUT=60     hard limit of the engine_ops stage
 # pybind11 (build requirement of the C++ CPU extension) ships in the GPU image; where it does not, put a pybind11
 # wheel in wheels/ (git-ignored: `pip download pybind11 -d wheels --no-deps` on a machine with network) and carry
 # that folder: it is installed from there with --no-index. If the build still fails, the pure-Python package is used
@@ -115,6 +117,17 @@ case $rc in
   *) record bench "FAILED (rc=$rc): $(tail -1 "$BENCH_LOG")" ;;
 esac
 
+# 4b. engine operations: score and speculative verification against their baselines (short, time-limited) -----------
+ENGINE_LOG=$OUTDIR/engine_ops.log
+timeout -k 10 "${ENGINE_TIMEOUT:-60}" "$PY" -m fastsampler.bench.engine_ops --vocab 128256 --tokens 2048 --batch 64 \
+  --reps 10 >"$ENGINE_LOG" 2>&1
+erc=$?
+case $erc in
+  0) record engine_ops "ok (engine_ops.log)" ;;
+  124 | 137) record engine_ops "TIMED OUT after ${ENGINE_TIMEOUT:-60}s (engine_ops.log)" ;;
+  *) record engine_ops "FAILED (rc=$erc): $(tail -1 "$ENGINE_LOG")" ;;
+esac
+
 # 5. report: stages, failing tests, then the summary last ------------------------------------------------------------
 echo
 echo "== gpu_check stages (logs in $OUTDIR)"
@@ -126,6 +139,10 @@ fi
 if [ $rc -ne 0 ] && [ -s "$BENCH_LOG" ]; then
   echo "== bench.log (last 15 lines)"
   tail -15 "$BENCH_LOG" | cut -c1-200
+fi
+if [ -s "$ENGINE_LOG" ]; then
+  echo "== engine_ops"
+  cut -c1-200 "$ENGINE_LOG" | tail -8
 fi
 echo
 if [ -s "$OUTDIR/summary.txt" ]; then
