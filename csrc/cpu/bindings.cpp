@@ -20,6 +20,7 @@
 #include <omp.h>
 #endif
 
+#include "fastsampler/history.h"
 #include "fastsampler/philox.h"
 #include "fastsampler/pool.h"
 #include "fastsampler/sampler.h"
@@ -448,6 +449,50 @@ void advance_state(py::object steps_o, py::object mu_o, py::object counts_o, py:
 
 }  // namespace
 
+// The history rules' allowed-token bitmask of each row (fastsampler/history.h): ring (S, L) int32, total (S,) int64,
+// ngram (S,) int64, bad (S, P, M) int64 or None, rows (B,) int64 slots; returns (B, words) int32.
+py::array_t<int32_t> history_keep(py::object ring_o, py::object total_o, py::object ngram_o, py::object bad_o,
+                                  py::object rows_o, int64_t words) {
+  auto ring = check(ring_o, "ring", 'i', 4, "int32", {-1, -1});
+  const int64_t S = ring.shape(0), L = ring.shape(1);
+  auto total = check(total_o, "total", 'i', 8, "int64", {S});
+  auto ngram = check(ngram_o, "ngram", 'i', 8, "int64", {S});
+  auto rows = check(rows_o, "rows", 'i', 8, "int64", {-1});
+  if (words < 0) fail("words must be >= 0, got " + std::to_string(words));
+  fs::HistoryArgs a;
+  a.ring = static_cast<const int32_t*>(ring.data());
+  a.L = L;
+  a.total = static_cast<const int64_t*>(total.data());
+  a.ngram = static_cast<const int64_t*>(ngram.data());
+  a.rows = static_cast<const int64_t*>(rows.data());
+  a.B = rows.shape(0);
+  a.W = words;
+  py::array bad;
+  if (!bad_o.is_none()) {
+    bad = check(bad_o, "bad", 'i', 8, "int64", {S, -1, -1});
+    a.bad = static_cast<const int64_t*>(bad.data());
+    a.P = bad.shape(1);
+    a.M = bad.shape(2);
+    if (a.P > 0 && a.M < 1) fail("bad must have at least one column");
+  }
+  for (int64_t r = 0; r < a.B; ++r)
+    if (a.rows[r] < 0 || a.rows[r] >= S)
+      fail("rows holds " + std::to_string(a.rows[r]) + ", outside [0, " + std::to_string(S) + ")");
+  for (int64_t s = 0; s < S; ++s)
+    if (a.total[s] < 0) fail("total must be >= 0, got " + std::to_string(a.total[s]));
+  if (L == 0)
+    for (int64_t r = 0; r < a.B; ++r)
+      if (a.total[a.rows[r]] > 0) fail("a history ring of length 0 cannot hold tokens");
+  py::array_t<int32_t> out({a.B, words});
+  a.out = out.mutable_data();
+  std::vector<int64_t> h(static_cast<size_t>(std::max<int64_t>(L, 1)));
+  {
+    py::gil_scoped_release release;
+    for (int64_t r = 0; r < a.B; ++r) fs::history_keep_row(a, r, h);
+  }
+  return out;
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastsampler C++ CPU kernels (see fastsampler.cpu for the backend built on them)";
   m.def("sample", &sample, py::arg("logits"), py::arg("dtype"), py::arg("vocab_size"), py::arg("fparams"),
@@ -475,6 +520,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("tokens"), py::arg("valid"), py::arg("mu_out"),
         "A Sampler step's state update in place: steps[s] += valid, mu[s] = mu_out, counts[s, "
         "token] += 1 (int16, saturating at 32767) for valid rows, s = slots[r].");
+  m.def("history_keep", &history_keep, py::arg("ring"), py::arg("total"), py::arg("ngram"), py::arg("bad"),
+        py::arg("rows"), py::arg("words"),
+        "The allowed-token bitmask (B, words) int32 of the history rules (no_repeat_ngram_size, bad_words_ids) of "
+        "rows[r]'s ring (token j at ring[s, j % L], total[s] written).");
   m.def(
       "scratch_bytes", []() { return fs::scratch_bytes_counter().load(); },
       "Bytes held right now by the per-thread scratch buffers of every thread (all input types). "

@@ -75,6 +75,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 import numpy as np
 import torch
 
+from ._history import bad_words_table, histories, ring_keep
 from .layout import (
     COUNT_MAX,
     I_MIN_TOKENS,
@@ -382,10 +383,14 @@ class PackedRequest:
         ``params.stop_token_ids``, int64 ascending (empty when None).
     stop_ban : bool
         The stop ids are banned at first (``min_tokens > 0``).
+    ngram, bad_words : int, tuple of tuples
+        ``params.no_repeat_ngram_size`` and ``params.bad_words_ids`` (empty when None).
+    history_rules : bool
+        Some history rule applies (`fastsampler._history`).
     """
 
     __slots__ = ("f", "i", "bits", "seed", "mu", "n_top", "restricted", "bias_ids", "bias_vals", "max_id", "_ids",
-                 "_allowed", "stop_ids", "stop_ban", "ignore_eos")
+                 "_allowed", "stop_ids", "stop_ban", "ignore_eos", "ngram", "bad_words", "history_rules")
 
     def __init__(self, p: SamplingParams) -> None:
         self.f = np.array((p.temperature, p.top_p, p.min_p, p.typical_p, p.frequency_penalty, p.presence_penalty,
@@ -402,12 +407,16 @@ class PackedRequest:
         self.bias_ids = np.fromiter(p.logit_bias.keys(), dtype=np.int32, count=nb)
         self.bias_vals = np.fromiter(p.logit_bias.values(), dtype=np.float32, count=nb)
         self.max_id = max(-1, *(max(ids, default=-1) for ids in (p.allowed_token_ids or (), p.banned_token_ids or (),
-                                                                  p.logit_bias.keys(), p.stop_token_ids or ())))
+                                                                  p.logit_bias.keys(), p.stop_token_ids or (),
+                                                                  *(p.bad_words_ids or ()))))
         self._ids = (p.allowed_token_ids, p.banned_token_ids)  # for the allowed rows, built per width
         self._allowed: dict[int, np.ndarray] = {}
         self.stop_ids = np.array(p.stop_token_ids or (), dtype=np.int64)
         self.stop_ban = bool(self.stop_ids.size) and p.min_tokens > 0
         self.ignore_eos = p.ignore_eos
+        self.ngram = p.no_repeat_ngram_size
+        self.bad_words = p.bad_words_ids or ()
+        self.history_rules = self.ngram > 0 or bool(self.bad_words)
 
     def stop_set(self, eos: Sequence[int]) -> np.ndarray:
         """The ids that end the request: its stop ids, and ``eos`` unless ``ignore_eos`` (int64, unsorted)."""
@@ -471,7 +480,7 @@ class ParamBatch:
     """
 
     __slots__ = ("params", "rows", "f", "i", "bits", "n_top", "seeds", "mu", "restricted", "max_id", "bias", "single",
-                 "stops", "stop_ban")
+                 "stops", "stop_ban", "history_rules")
 
     def __init__(self, params: SamplingParams | tuple[SamplingParams, ...], rows: list[PackedRequest], single: bool,
                  readonly: bool = True) -> None:
@@ -492,6 +501,7 @@ class ParamBatch:
         self.max_id = max((e.max_id for e in uniq), default=-1)
         self.stops = any(e.stop_ids.size for e in uniq)  # some row has stop ids: outputs report `stopped`
         self.stop_ban = any(e.stop_ban for e in uniq)  # some row bans its stop ids before min_tokens
+        self.history_rules = any(e.history_rules for e in uniq)  # some row bans tokens from its history
         self.bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         if any(e.bias_ids.size for e in uniq):
             indptr = np.zeros(b + 1, dtype=np.int32)
@@ -507,6 +517,17 @@ class ParamBatch:
 
     def plist(self) -> list[SamplingParams]:
         return [self.params] * len(self.rows) if self.single else list(self.params)  # type: ignore[arg-type]
+
+    def history_args(self) -> tuple[np.ndarray, list[int], np.ndarray | None]:
+        """The rows' history rules as `fastsampler._history.history_keep` takes them: ``no_repeat_ngram_size`` per
+        row, the distinct sizes, and the ``(B, P, M)`` bad-words table (None when no row has bad words)."""
+        ngram = np.array([e.ngram for e in self.rows], dtype=np.int64)
+        p = max((len(e.bad_words) for e in self.rows), default=0)
+        bad = None
+        if p:
+            m = max(len(w) for e in self.rows for w in e.bad_words)
+            bad = np.stack([bad_words_table(e.bad_words, p, m) for e in self.rows])
+        return ngram, sorted({int(n) for n in ngram if n > 0}), bad
 
     def stop_masks(self, v: int) -> np.ndarray:
         """``(B, ceil(v / 32))`` int32: the bits of each row's stop ids where it bans them (``min_tokens > 0``),
@@ -749,7 +770,6 @@ def _pack(
             check_ids("stop_token_ids", r, p.stop_token_ids or (), vocab)
     if pb.stop_ban:  # stop ids banned while step < min_tokens (docs/semantics.md §3 A): folded into the allowed mask
         allowed = _ban_stop_ids(allowed, pb.stop_masks(v), steps_v, pb.i[:, I_MIN_TOKENS], dev)
-
     # penalty state
     prompt: Any = None
     if prompt_mask is None and prompt_token_ids is not None:
@@ -781,6 +801,31 @@ def _pack(
             raise ValueError(f"output_counts must be int16 or int32 of shape ({b}, >= {vocab}), got "
                              f"{counts.dtype} {tuple(counts.shape)}")
         counts = counts.to(dev)
+
+    if pb.history_rules:  # n-gram / bad-word bans from the rows' histories (§3 A), folded into the allowed mask
+        if bad_ids:
+            for r, p in enumerate(pb.plist()):
+                for seq in p.bad_words_ids or ():
+                    check_ids("bad_words_ids", r, seq, vocab)
+        for given, name, alt in ((prompt_mask, "prompt_mask", "prompt_token_ids"),
+                                 (output_counts, "output_counts", "output_token_ids")):
+            seqs = inputs.get(alt)
+            if given is not None and seqs is None:
+                raise ValueError(f"no_repeat_ngram_size / bad_words_ids read the token history in order: pass "
+                                 f"{alt} (sequences), not only {name}")
+            if given is not None:  # (not checked above, where the tensor won)
+                if len(seqs) != b:
+                    raise ValueError(f"{alt} must hold batch_size={b} sequences, got {len(seqs)}")
+                for r, ids in enumerate(seqs):
+                    check_ids(alt, r, ids, vocab)
+        ngram, sizes, bad = pb.history_args()
+        ring, total = histories(prompt_token_ids, output_token_ids, b)
+        keep = ring_keep(torch.from_numpy(ring), torch.from_numpy(total), torch.from_numpy(ngram), sizes,
+                         None if bad is None else torch.from_numpy(bad), torch.arange(b), w)
+        if isinstance(allowed, torch.Tensor):
+            allowed = allowed & keep.to(dev)
+        else:
+            allowed = keep.numpy() if allowed is None else allowed & keep.numpy()
 
     # logit bias, CSR (ids sorted within a row: SamplingParams keeps logit_bias sorted)
     bias_indptr = bias_ids = bias_vals = None

@@ -7,18 +7,36 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from ._batch import NO_TOKEN, PackedRequest, advance_state, bias_tables_to_csr, ids_to_bitmask, mask_words, to_device
+from ._history import bad_words_table, ordered_history
 from .layout import I_IGNORE_EOS, NF, NI, combine_bits
 from .params import SamplingParams
 
-__all__ = ["SlotBook", "SlotTables"]
+__all__ = ["RuleInfo", "SlotBook", "SlotTables"]
 
 _NO_BIAS = (np.zeros(0, np.int32), np.zeros(0, np.float32))
+
+
+class RuleInfo(NamedTuple):
+    """What a batch's per-step bans need, known on the host: some row bans its stop ids before ``min_tokens``, the
+    distinct ``no_repeat_ngram_size`` values > 0, and some row has bad words."""
+
+    stop_ban: bool = False
+    ngram_sizes: tuple[int, ...] = ()
+    bad_words: bool = False
+
+    @property
+    def any(self) -> bool:
+        return self.stop_ban or bool(self.ngram_sizes) or self.bad_words
+
+    @property
+    def history(self) -> bool:
+        return bool(self.ngram_sizes) or self.bad_words
 
 
 class SlotBook:
@@ -41,9 +59,12 @@ class SlotBook:
         self.bias: list[tuple[np.ndarray, np.ndarray]] = [_NO_BIAS] * slots
         self.stops = [False] * slots
         self.stop_ban = [False] * slots
+        self.ngram = [0] * slots
+        self.bad_words = [False] * slots
         self.free = list(range(slots))  # a heap: `take` returns the lowest free slots
         self.live: tuple[int, int, int, bool] = (0, 0, 0, False)
         self.live_stop: tuple[bool, bool] = (False, False)
+        self.live_rules: RuleInfo = RuleInfo()
 
     @property
     def num_free(self) -> int:
@@ -65,6 +86,8 @@ class SlotBook:
             self.restricted[s] = req.restricted
             self.stops[s] = bool(req.stop_ids.size)
             self.stop_ban[s] = req.stop_ban
+            self.ngram[s] = req.ngram
+            self.bad_words[s] = bool(req.bad_words)
         self.update_live()
 
     def release(self, slots: Sequence[int]) -> None:
@@ -92,11 +115,17 @@ class SlotBook:
         """(some row has stop ids, some row bans them before its ``min_tokens``)."""
         return any(self.stops[s] for s in rows), any(self.stop_ban[s] for s in rows)
 
+    def rule_info(self, rows: Sequence[int]) -> RuleInfo:
+        """The per-step masks ``rows`` need (`RuleInfo`)."""
+        sizes = tuple(sorted({self.ngram[s] for s in rows if self.ngram[s] > 0}))
+        return RuleInfo(any(self.stop_ban[s] for s in rows), sizes, any(self.bad_words[s] for s in rows))
+
     def update_live(self) -> None:
-        """Recompute `live` and `live_stop`, over the slots in use (a `Sampler`'s ``capture_key``)."""
+        """Recompute `live`, `live_stop` and `live_rules`, over the slots in use (a `Sampler`'s ``capture_key``)."""
         rows = [i for i, p in enumerate(self.params) if p is not None]
         self.live = self.aggregate(rows)
         self.live_stop = self.stop_info(rows)
+        self.live_rules = self.rule_info(rows)
 
     def bias_csr(self, rows: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The logit bias of ``rows`` in CSR form from the host copies: O(total bias entries)."""
@@ -117,8 +146,9 @@ class SlotTables:
     (a captured CUDA graph or a cached gather of the old tensors is then stale).
     """
 
-    def __init__(self, slots: int, vocab: int, device: torch.device, eos: Sequence[int]) -> None:
+    def __init__(self, slots: int, vocab: int, device: torch.device, eos: Sequence[int], history_len: int = 0) -> None:
         self.slots, self.vocab, self.words, self.device = slots, vocab, mask_words(vocab), device
+        self.history_len = history_len
         kw: dict[str, Any] = dict(device=device)
         self.eos = torch.tensor(list(eos), dtype=torch.int32, **kw)
         self.fparams = torch.zeros(slots, NF, dtype=torch.float32, **kw)
@@ -137,14 +167,23 @@ class SlotTables:
         # and the ids that end it (the EOS ids unless ignore_eos, then its stop ids; padded with NO_TOKEN)
         self.stop_mask: torch.Tensor | None = None  # (S, W) int32
         self.stop_ids: torch.Tensor | None = None  # (S, E + L) int64
+        # the history rules (fastsampler._history): each slot's last history_len tokens in a ring buffer (token j of
+        # prompt + output at column j % history_len; hist_total counts them), its no_repeat_ngram_size, and once
+        # some request has bad words its (P, M) bad-words table
+        self.hist = torch.zeros(slots, history_len, dtype=torch.int32, **kw) if history_len else None
+        self.hist_total = torch.zeros(slots, dtype=torch.int64, **kw)
+        self.ngram = torch.zeros(slots, dtype=torch.int64, **kw)
+        self.bad: torch.Tensor | None = None  # (S, P, M) int64
 
     @torch.inference_mode(False)
     def write(self, slots: Sequence[int], req: PackedRequest, seed_bits: int, prompt_mask: np.ndarray, *,
-              first_seq: int = 0, step: int = 0, mu: float | None = None, counts: np.ndarray | None = None) -> None:
+              first_seq: int = 0, step: int = 0, mu: float | None = None, counts: np.ndarray | None = None,
+              history: np.ndarray | None = None, history_total: int | None = None) -> None:
         """Fill ``slots`` for a request (sample ``seq = first_seq + i`` in ``slots[i]``): its packed rows, seed bit
         pattern, ``step``, Mirostat ``mu`` (default: the request's initial ``mu``), prompt bitmask (``(W,)``
-        int32), output counts (``(V,)`` int16; default zero), allowed row and logit bias (allocating the lazily
-        allocated tables it needs)."""
+        int32), output counts (``(V,)`` int16; default zero), allowed row, logit bias, history rules and history
+        (the last tokens of prompt + output, oldest first, of ``history_total`` in all; default their number),
+        allocating the lazily allocated tables it needs."""
         dev = self.device
         idx = torch.tensor(list(slots), dtype=torch.int64, device=dev)
         self.fparams[idx] = torch.from_numpy(req.f).to(dev)
@@ -173,6 +212,21 @@ class SlotTables:
             self.bias_len[idx] = nb
         elif self.bias_len is not None:
             self.bias_len[idx] = 0
+        self.ngram[idx] = req.ngram
+        if req.bad_words:
+            self.grow_bad(len(req.bad_words), max(len(w) for w in req.bad_words))
+        if self.bad is not None:
+            p, m = self.bad.shape[1:]
+            self.bad[idx] = torch.from_numpy(bad_words_table(req.bad_words, p, m)).to(dev)
+        if self.hist is not None:
+            h = np.zeros(0, dtype=np.int64) if history is None else np.asarray(history, dtype=np.int64)
+            total = h.size if history_total is None else int(history_total)
+            length = self.history_len
+            keep = h[max(0, h.size - length):]
+            row = np.zeros(length, dtype=np.int32)
+            row[(total - keep.size + np.arange(keep.size)) % length] = keep
+            self.hist[idx] = torch.from_numpy(row).to(dev)
+            self.hist_total[idx] = total
         ns = req.stop_ids.size
         if ns:
             self.grow_stops(ns)
@@ -185,6 +239,31 @@ class SlotTables:
             self.stop_ids[idx] = torch.from_numpy(row).to(dev)
             self.stop_mask[idx] = torch.from_numpy(
                 ids_to_bitmask([req.stop_ids.tolist() if req.stop_ban else ()], self.vocab)[0]).to(dev)
+
+    @torch.inference_mode(False)
+    def grow_bad(self, p: int, m: int) -> bool:
+        """Make room for ``p`` bad words of up to ``m`` tokens per slot (rewriting the rows written so far)."""
+        cur_p, cur_m = (0, 0) if self.bad is None else self.bad.shape[1:]
+        if p <= cur_p and m <= cur_m:
+            return False
+        p, m = max(p, cur_p), max(m, cur_m)
+        new = torch.from_numpy(bad_words_table((), p, m)).to(self.device).expand(self.slots, p, m).clone()
+        if self.bad is not None:  # old rows, right-aligned in the wider table
+            new[:, :cur_p, m - cur_m:] = self.bad
+        self.bad = new
+        return True
+
+    def advance_history(self, slots_t: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
+        """Append each valid row's token to its slot's history ring (slots distinct)."""
+        if self.hist is None:
+            return
+        length = self.history_len
+        total = self.hist_total.index_select(0, slots_t)
+        pos = slots_t * length + total % length
+        flat = self.hist.view(-1)
+        old = flat.index_select(0, pos)
+        flat.index_copy_(0, pos, torch.where(valid, tokens.to(torch.int32), old))
+        self.hist_total.index_copy_(0, slots_t, total + valid.to(torch.int64))
 
     @torch.inference_mode(False)
     def grow_stops(self, n: int) -> bool:
@@ -234,15 +313,22 @@ class SlotTables:
         self.bias_ids, self.bias_vals = ids, vals
         return True
 
-    def read(self, slot: int) -> tuple[int, int, float, np.ndarray, np.ndarray]:
+    def read(self, slot: int) -> tuple[int, int, float, np.ndarray, np.ndarray, np.ndarray, int]:
         """Host copies of what a step changes or a request brought, for ``slot``: (seq, step, ``mu``, output counts
-        ``(V,)`` int16, prompt bitmask ``(W,)`` int32). Reads the device (synchronises)."""
+        ``(V,)`` int16, prompt bitmask ``(W,)`` int32, history (its last tokens, oldest first), history length in
+        all). Reads the device (synchronises)."""
+        hist, total = np.zeros(0, dtype=np.int64), int(self.hist_total[slot].item())
+        if self.hist is not None:
+            idx = torch.tensor([slot], device=self.device)
+            seq = ordered_history(self.hist.index_select(0, idx), self.hist_total.index_select(0, idx))[0]
+            hist = seq[seq >= 0].cpu().numpy().copy()
         return (int(self.seqs[slot].item()), int(self.steps[slot].item()), float(self.mu[slot].item()),
-                self.counts[slot].cpu().numpy().copy(), self.prompt[slot].cpu().numpy().copy())
+                self.counts[slot].cpu().numpy().copy(), self.prompt[slot].cpu().numpy().copy(), hist, total)
 
     def advance(self, slots_t: torch.Tensor, steps: torch.Tensor, out: Any) -> None:
-        """The state update after a step, on the device (`fastsampler._batch.advance_state`)."""
+        """The state update after a step, on the device (`fastsampler._batch.advance_state`, and the history)."""
         advance_state(self.steps, self.mu, self.counts, slots_t, steps, out)
+        self.advance_history(slots_t, out.tokens, out.valid)
 
     def bias_csr(self, slots_t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The logit bias of ``slots_t`` in CSR form, built on the device (no host sync), ``k`` entries per row."""

@@ -80,11 +80,13 @@ class GraphedStep:
         ptr = lambda t: 0 if t is None else t.data_ptr()  # reallocated state needs a new graph
         t = s._tables
         return (s.capture_key, ptr(t.allowed), ptr(t.bias_ids), ptr(t.bias_vals), ptr(t.bias_len), ptr(t.stop_mask),
-                ptr(t.stop_ids))
+                ptr(t.stop_ids), ptr(t.bad))
 
     def _capture(self) -> None:
         s = self.sampler
-        saved = (s._tables.steps.clone(), s._tables.counts.clone(), s._tables.mu.clone())
+        t = s._tables
+        state = [x for x in (t.steps, t.counts, t.mu, t.hist, t.hist_total) if x is not None]
+        saved = [x.clone() for x in state]
         kw = {} if self._bitmask is None else {"token_bitmask": self._bitmask}
         side = torch.cuda.Stream(device=s.device)
         side.wait_stream(torch.cuda.current_stream(s.device))
@@ -96,9 +98,8 @@ class GraphedStep:
         with torch.cuda.graph(graph):
             out = s.sample(self._logits, self._slots, **kw)
         # the warm-up steps advanced the slots: put every slot's state back as it was
-        s._tables.steps.copy_(saved[0])
-        s._tables.counts.copy_(saved[1])
-        s._tables.mu.copy_(saved[2])
+        for x, y in zip(state, saved, strict=True):
+            x.copy_(y)
         self._graph, self._out, self._key = graph, out, self._state_key()
         self.captures += 1
 

@@ -145,6 +145,31 @@ def _check_ids(name: str, value: Any) -> tuple[int, ...] | None:
     return tuple(sorted(set(out)))
 
 
+MAX_HISTORY_RULE = 1024  # the longest n-gram / bad word (a history rule reads at most this many tokens back)
+
+
+def _check_bad_words(value: Any) -> tuple[tuple[int, ...], ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"bad_words_ids must be a sequence of token-id sequences, got {value!r}")
+    out = []
+    for i, seq in enumerate(value):
+        if isinstance(seq, (str, bytes, int)) or not isinstance(seq, Iterable):
+            raise TypeError(f"bad_words_ids[{i}] must be a sequence of token ids, got {seq!r}")
+        ids = []
+        for j, t in enumerate(seq):
+            if not _is_int(t):
+                raise TypeError(f"bad_words_ids[{i}][{j}] must be an integer token id, got {t!r}")
+            if int(t) < 0:
+                raise ValueError(f"bad_words_ids[{i}][{j}] must be a non-negative token id, got {int(t)}")
+            ids.append(int(t))
+        if not 1 <= len(ids) <= MAX_HISTORY_RULE:
+            raise ValueError(f"bad_words_ids[{i}] must hold 1 to {MAX_HISTORY_RULE} token ids, got {len(ids)}")
+        out.append(tuple(ids))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Sampling parameters of one request (OpenAI-style names).
@@ -196,6 +221,12 @@ class SamplingParams:
         Ids that end the request besides the EOS ids: banned while fewer than ``min_tokens`` tokens have been
         generated, and reported in `SampleOutput.stopped` when sampled (``ignore_eos`` does not ban them). Stored
         sorted and de-duplicated.
+    no_repeat_ngram_size : int, default 0
+        ``n >= 1``: ban every token that would complete an n-gram already in the history (prompt, then generated
+        tokens), as Hugging Face's ``no_repeat_ngram_size``; ``0`` disables it. At most 1024.
+    bad_words_ids : sequence of token-id sequences or None
+        Ban the last token of each sequence when the history ends with the rest of it (a one-token sequence is
+        always banned), as Hugging Face's ``bad_words_ids`` and vLLM's ``bad_words``. At most 1024 tokens each.
     """
 
     temperature: float = 1.0
@@ -221,6 +252,8 @@ class SamplingParams:
     banned_token_ids: tuple[int, ...] | None = None
     n: int = 1
     stop_token_ids: tuple[int, ...] | None = None
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         s = lambda name, v: object.__setattr__(self, name, v)  # frozen dataclass normalisation
@@ -261,6 +294,8 @@ class SamplingParams:
             raise ValueError("allowed_token_ids must not be empty (no token could ever be sampled), got []")
         s("n", _check_int("n", self.n, 1, 1 << 16))
         s("stop_token_ids", _check_ids("stop_token_ids", self.stop_token_ids))
+        s("no_repeat_ngram_size", _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, MAX_HISTORY_RULE))
+        s("bad_words_ids", _check_bad_words(self.bad_words_ids))
         s("logit_bias", self._checked_bias(self.logit_bias))
         if self.top_logprobs > 0 and not self.logprobs:
             raise ValueError(f"top_logprobs={self.top_logprobs} needs logprobs=True, got logprobs=False")
@@ -317,7 +352,7 @@ class SamplingParams:
             if f.name == "logit_bias":
                 v = dict(v)
             elif isinstance(v, tuple):
-                v = list(v)
+                v = [list(x) if isinstance(x, tuple) else x for x in v]
             out[f.name] = v
         return out
 
@@ -325,9 +360,10 @@ class SamplingParams:
     def from_generation_config(cls, config: Mapping[str, Any] | str | os.PathLike, **overrides: Any) -> SamplingParams:
         """Build params from a Hugging Face ``generation_config.json`` (a dict, a file, or a model folder).
 
-        Fields read: ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``typical_p``, ``repetition_penalty`` and
-        ``do_sample`` (``False`` means greedy: ``temperature=0``). Missing or ``null`` entries keep the defaults;
-        ``overrides`` win over the file.
+        Fields read: ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``typical_p``, ``repetition_penalty``,
+        ``no_repeat_ngram_size``, ``bad_words_ids`` and ``do_sample`` (``False`` means greedy: ``temperature=0``;
+        the repetition penalty and the two history rules still apply, as in Hugging Face). Missing or ``null``
+        entries keep the defaults; ``overrides`` win over the file.
 
         >>> SamplingParams.from_generation_config({"do_sample": True, "temperature": 0.6, "top_p": 0.9}).top_p
         0.9
@@ -343,7 +379,8 @@ class SamplingParams:
             if not isinstance(config, Mapping):
                 raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
         kw: dict[str, Any] = {}
-        for name in ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty"):
+        for name in ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
+                     "no_repeat_ngram_size", "bad_words_ids"):
             if config.get(name) is not None:
                 kw[name] = config[name]
         if "top_k" in kw and int(kw["top_k"]) == 0:
@@ -352,7 +389,7 @@ class SamplingParams:
             kw["min_p"] = float(kw["min_p"])
         if config.get("do_sample") is False:
             # HF ignores the warpers when do_sample is false: greedy decoding.
-            kw = {k: v for k, v in kw.items() if k == "repetition_penalty"}
+            kw = {k: v for k, v in kw.items() if k in ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids")}
             kw["temperature"] = 0.0
         kw.update(overrides)
         return cls(**kw)

@@ -33,7 +33,8 @@ from ._batch import (
     to_device,
 )
 from ._custom_ops import run_backend, sample_packed, use_op
-from ._slots import SlotBook, SlotTables
+from ._history import ring_keep
+from ._slots import RuleInfo, SlotBook, SlotTables
 from .graphs import GraphedStep
 from .layout import COUNT_MAX as _COUNT_MAX
 from .layout import I_IGNORE_EOS, I_MIN_TOKENS, MAX_COLUMNS, int_to_flags
@@ -47,6 +48,7 @@ COUNT_MAX = _COUNT_MAX
 
 _LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_SLOT_SETS = 8  # cached slot lists per Sampler (all dropped by add / remove / reset / reserve)
+_MAX_HISTORY = 1 << 20  # the longest history a Sampler keeps per slot
 
 
 def _locked(method: Any) -> Any:
@@ -97,6 +99,10 @@ class Sampler:
         EOS ids, banned while a slot's step is below its ``min_tokens``, and always when ``ignore_eos``.
     backend : {'auto', 'triton', 'cpu', 'reference'}, default "auto"
         As in `fastsampler.sample`; ``auto`` picks per logits dtype.
+    history_len : int, default 0
+        Tokens of history kept per slot (the last ``history_len`` of prompt + output, in a ring buffer of
+        ``4 * history_len`` bytes per slot) for the history rules ``no_repeat_ngram_size`` and ``bad_words_ids``,
+        which then look at those tokens only. 0: no history; a request that uses a history rule is refused.
 
     Examples
     --------
@@ -123,7 +129,9 @@ class Sampler:
         *,
         eos_token_ids: Sequence[int] = (),
         backend: str = "auto",
+        history_len: int = 0,
     ) -> None:
+        history_len = check_int("history_len", history_len, 0, _MAX_HISTORY)
         for name, val in (("vocab_size", vocab_size), ("max_slots", max_slots)):
             if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
                 raise TypeError(f"{name} must be an integer >= 1, got {val!r} of type {type(val).__name__}")
@@ -162,7 +170,7 @@ class Sampler:
         self._lock = threading.RLock()
         self._words = mask_words(self._vocab)
         self._book = SlotBook(self._slots)  # which slots are in use, and what the host knows of each
-        self._tables = SlotTables(self._slots, self._vocab, dev, eos)  # the per-slot tables on the device
+        self._tables = SlotTables(self._slots, self._vocab, dev, eos, history_len)  # the per-slot tables on the device
         # per-step fast path: what a list of slots gathers once (see `_SlotSet`), and numpy views of the state that
         # changes every step (CPU only: updated in place through them, no torch op per update)
         self._slot_sets: dict[tuple[int, ...], _SlotSet] = {}
@@ -186,6 +194,11 @@ class Sampler:
     def device(self) -> torch.device:
         """The device that holds the state."""
         return self._device
+
+    @property
+    def history_len(self) -> int:
+        """Tokens of history kept per slot for the history rules (0: none)."""
+        return self._tables.history_len
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -331,8 +344,9 @@ class Sampler:
         seed = params.seed if params.seed is not None else random_seed()
         req = pack_request(params)
         slots = self._book.take(n)
+        history = prompt if output_token_ids is None else np.concatenate((prompt, out))
         self._tables.write(slots, req, seed_to_int64(seed), ids_to_bitmask([prompt], v)[0], step=step,
-                           mu=None if mirostat_mu is None else float(mirostat_mu), counts=counts)
+                           mu=None if mirostat_mu is None else float(mirostat_mu), counts=counts, history=history)
         self._book.fill(slots, params, seed, req)
         self._slot_sets.clear()
         return slots
@@ -350,6 +364,15 @@ class Sampler:
             rule = f"min_tokens={params.min_tokens}" if params.min_tokens > 0 else "ignore_eos=True"
             raise ValueError(f"params.{rule} bans the EOS ids, but this Sampler has none: pass eos_token_ids to "
                              f"Sampler(...), or leave min_tokens and ignore_eos at their defaults")
+        for seq in params.bad_words_ids or ():
+            check_ids("params.bad_words_ids", None, seq, v)
+        # the history rules read the last history_len tokens: each needs at least as many as it looks back
+        need = max([params.no_repeat_ngram_size] + [len(w) - 1 for w in params.bad_words_ids or ()])
+        if need > self._tables.history_len:
+            rule = (f"no_repeat_ngram_size={params.no_repeat_ngram_size}" if params.no_repeat_ngram_size >= need
+                    else f"a bad word of {need + 1} tokens")
+            raise ValueError(f"params.{rule} reads {need} tokens of history, but this Sampler keeps "
+                             f"history_len={self._tables.history_len}: pass history_len >= {need} to Sampler(...)")
 
     @_locked
     def export(self, slot: int) -> SlotState:
@@ -368,9 +391,9 @@ class Sampler:
         i = self._check_slot(slot)
         params = self._book.params[i]
         assert params is not None
-        seq, step, mu, counts, prompt_mask = self._tables.read(i)
+        seq, step, mu, counts, prompt_mask, history, total = self._tables.read(i)
         return SlotState(params=params, seed=self._book.seeds[i], seq=seq, step=step, mirostat_mu=mu,
-                         output_counts=counts, prompt_mask=prompt_mask)
+                         output_counts=counts, prompt_mask=prompt_mask, history=history, history_total=total)
 
     @_locked
     def restore(self, state: SlotState) -> int:
@@ -399,7 +422,8 @@ class Sampler:
         slots = self._book.take(1)
         self._tables.write(slots, req, seed_to_int64(state.seed), state.prompt_mask.astype(np.int32, copy=False),
                            first_seq=state.seq, step=state.step, mu=state.mirostat_mu,
-                           counts=state.output_counts.astype(np.int16, copy=False))
+                           counts=state.output_counts.astype(np.int16, copy=False), history=state.history,
+                           history_total=state.history_total)
         self._book.fill(slots, p, state.seed, req)
         self._slot_sets.clear()
         return slots[0]
@@ -421,14 +445,15 @@ class Sampler:
             self._slot_sets.clear()
 
     @property
-    def capture_key(self) -> tuple[int, int, int, bool, bool, bool]:
+    def capture_key(self) -> tuple[Any, ...]:
         """What a step with a tensor of slots decides on the host: (flag bits, top-logprob width, bias width,
-        restricted ids, stop ids, stop ids banned before ``min_tokens``), all over the slots in use.
+        restricted ids, stop ids, stop ids banned before ``min_tokens``, the history rules' `RuleInfo`), all over the
+        slots in use.
 
         A CUDA graph captured around `sample` replays the decisions of its capture; when this key changes (a
         request with a feature the live set did not use joins), capture again (or keep one graph per key).
         """
-        return self._book.live + self._book.live_stop
+        return (*self._book.live, *self._book.live_stop, self._book.live_rules)
 
     def graphed(self, batch_size: int, *, width: int | None = None, dtype: torch.dtype = torch.float32,
                 bitmask: bool = False) -> GraphedStep:
@@ -656,8 +681,8 @@ class Sampler:
         else:
             steps, mu = self._tables.steps.index_select(0, ss.index), self._tables.mu.index_select(0, ss.index)
             counts = self._tables.counts.index_select(0, ss.index) if ss.flags.any_penalty else None
-        if ss.stop_mask is not None:  # stop ids banned while step < min_tokens
-            keep = _stop_keep(ss.stop_mask, ss.iparams, steps, wl)
+        if ss.rules.any:  # per-step bans: stop ids before min_tokens, history rules
+            keep = self._rule_bitmask(ss.index, ss.rules, logits.shape[1], None, steps)
             allowed = keep if allowed is None else allowed & keep
         indptr, ids, vals = ss.bias if ss.bias is not None else (None, None, None)
         batch = PackedBatch(logits=logits, vocab_size=self._vocab, fparams=ss.fparams, iparams=ss.iparams,
@@ -688,16 +713,17 @@ class Sampler:
         else:
             steps, mu = steps_all[h.index], mu_all[h.index]
             counts = counts_all[h.index] if ss.flags.any_penalty else None
-        if h.stop_mask is not None:  # stop ids banned while step < min_tokens
-            keep = np.where((steps < h.min_tokens)[:, None], ~h.stop_mask, np.int32(-1))
-            if keep.shape[1] < wl:
-                keep = np.pad(keep, ((0, 0), (0, wl - keep.shape[1])), constant_values=-1)
-            allowed = keep if allowed is None else allowed & keep
+        if ss.rules.any:  # per-step bans: stop ids before min_tokens, history rules
+            keep = self._rule_bitmask(ss.index, ss.rules, logits.shape[1], None, torch.from_numpy(steps))
+            assert keep is not None
+            allowed = keep.numpy() if allowed is None else allowed & keep.numpy()
         tokens, valid, lps, top_ids, top_lps, ranks, mu_out = cpu.sample_arrays(
             (x, dtype_name, self._vocab, h.f, h.i, h.seeds, steps, h.seqs, mu, allowed, h.prompt, counts,
              h.bias_indptr, h.bias_ids, h.bias_vals, h.eos), ss.n_top)
         # state updates (slots are distinct): steps += valid, mu = returned mu, counts[token] += 1 up to COUNT_MAX
         cpu.advance_arrays(steps_all, mu_all, counts_all, h.index, tokens, valid, mu_out)
+        if self._tables.hist is not None:
+            self._tables.advance_history(ss.index, torch.from_numpy(tokens), torch.from_numpy(valid))
         f = torch.from_numpy
         stopped = None if h.stop_ids is None else f((tokens[:, None] == h.stop_ids).any(1))
         return SampleOutput(f(tokens), f(valid), f(lps), f(top_ids), f(top_lps), f(ranks), f(mu_out), stopped)
@@ -710,12 +736,12 @@ class Sampler:
         name = self.backend_for(logits.dtype)
         if slots_t.shape[0] == 0:  # nothing to sample (an idle engine step); no backend call
             return _empty_output(logits, n_top)
-        stops, ban = self._book.stop_info(rows) if rows is not None else self._book.live_stop
-        if ban:
-            token_bitmask = self._stop_bitmask(slots_t, logits.shape[1], token_bitmask)
+        stops = (self._book.stop_info(rows) if rows is not None else self._book.live_stop)[0]
+        token_bitmask = self._rule_bitmask(slots_t, self._rules(rows), logits.shape[1], token_bitmask)
         if rows is None and name == "triton":
             flags, wl = int_to_flags(bits), mask_words(logits.shape[1])
             out = self._sample_slot_indexed(logits, slots_t, token_bitmask, flags, n_top, n_bias, restricted, wl)
+            self._tables.advance_history(slots_t, out.tokens, out.valid)  # (the kernels updated the rest)
         else:
             batch = self._row_batch(logits, rows, slots_t, (bits, n_top, n_bias, restricted), token_bitmask)
             out = sample_packed(name, batch)
@@ -724,17 +750,33 @@ class Sampler:
             out.stopped = self._stopped(out.tokens, slots_t)
         return out
 
-    def _stop_bitmask(self, slots_t: torch.Tensor, width: int, token_bitmask: torch.Tensor | None,
-                      steps: torch.Tensor | None = None) -> torch.Tensor:
-        """``token_bitmask`` (all ones when None) AND-ed with the stop-id ban of ``slots_t``: each slot's stop ids
-        are banned while its step is below its ``min_tokens`` (docs/semantics.md §3 A); ``(B, ceil(width / 32))``
-        int32, on the device, no read-back. ``steps``: the slots' steps (default: read from the table)."""
+    def _rules(self, rows: list[int] | None) -> RuleInfo:
+        """The per-step bans of ``rows`` (None: a tensor of slots, so every slot in use)."""
+        return self._book.rule_info(rows) if rows is not None else self._book.live_rules
+
+    def _rule_bitmask(self, slots_t: torch.Tensor, info: RuleInfo, width: int, token_bitmask: torch.Tensor | None,
+                      steps: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``token_bitmask`` AND-ed with the per-step bans of ``slots_t`` (docs/semantics.md §3 A): stop ids while a
+        slot's step is below its ``min_tokens``, and the history rules (`fastsampler._history`) on its history ring;
+        ``(B, ceil(width / 32))`` int32 on the device, no read-back; ``token_bitmask`` itself when nothing is banned.
+        ``steps``: the slots' steps (default: read from the table)."""
+        if not info.any:
+            return token_bitmask
         t = self._tables
-        assert t.stop_mask is not None
         b, wl = slots_t.shape[0], mask_words(width)
-        if steps is None:
-            steps = t.steps.index_select(0, slots_t)
-        keep = _stop_keep(t.stop_mask.index_select(0, slots_t), t.iparams.index_select(0, slots_t), steps, wl)
+        keep = None
+        if info.stop_ban:
+            assert t.stop_mask is not None
+            if steps is None:
+                steps = t.steps.index_select(0, slots_t)
+            keep = _stop_keep(t.stop_mask.index_select(0, slots_t), t.iparams.index_select(0, slots_t), steps, wl)
+        if info.history:
+            assert t.hist is not None
+            bad = t.bad if info.bad_words else None
+            hk = self._pad_words(ring_keep(t.hist, t.hist_total, t.ngram, info.ngram_sizes, bad, slots_t, t.words),
+                                 wl, -1)
+            keep = hk if keep is None else keep & hk
+        assert keep is not None
         return keep if token_bitmask is None else keep & self._check_bitmask(token_bitmask, b, wl)
 
     def _ends(self, tokens: torch.Tensor, slots_t: torch.Tensor) -> torch.Tensor:
@@ -774,8 +816,7 @@ class Sampler:
         name = self.backend_for(logits.dtype)
         if slots_t.shape[0] == 0:
             return logits.new_zeros(logits.shape, dtype=torch.float32)
-        if (self._book.stop_info(rows) if rows is not None else self._book.live_stop)[1]:
-            token_bitmask = self._stop_bitmask(slots_t, logits.shape[1], token_bitmask)
+        token_bitmask = self._rule_bitmask(slots_t, self._rules(rows), logits.shape[1], token_bitmask)
         batch = self._row_batch(logits, rows, slots_t, agg, token_bitmask)
         return backends.load(name).sampling_probs_packed(batch).to(logits.device)
 
@@ -873,7 +914,7 @@ class Sampler:
         n_acc = torch.zeros(b, dtype=i64, device=dev)
         active = torch.ones(b, dtype=torch.bool, device=dev)
         mod = backends.load(name)
-        ban = (self._book.stop_info(rows) if rows is not None else self._book.live_stop)[1]
+        rules = self._rules(rows)
         stopped = torch.zeros(b, dtype=torch.bool, device=dev)
         if method == "rejection" and b and k:  # every position's uniforms at once (a row at position j is at step + j)
             t = self._tables
@@ -882,7 +923,7 @@ class Sampler:
                                            t.steps.index_select(0, slots_t)[:, None] + pos,
                                            t.seqs.index_select(0, slots_t)[:, None])
         for j in range(k1 if b else 0):
-            tb = self._stop_bitmask(slots_t, logits.shape[2], None) if ban else None
+            tb = self._rule_bitmask(slots_t, rules, logits.shape[2], None)  # (the history grew with the last token)
             batch = self._row_batch(logits[:, j], rows, slots_t, agg, tb)
             if j < k and method == "rejection":
                 p = mod.sampling_probs_packed(batch)
@@ -1074,6 +1115,10 @@ class SlotState:
         ``(V,)`` int16 counts of the generated tokens.
     prompt_mask : np.ndarray
         ``(ceil(V / 32),)`` int32 prompt bitmask.
+    history : np.ndarray
+        The last tokens of prompt + output the slot kept (its Sampler's ``history_len``), oldest first, int64.
+    history_total : int
+        How many tokens of prompt + output the history has seen in all.
     """
 
     params: SamplingParams
@@ -1083,6 +1128,8 @@ class SlotState:
     mirostat_mu: float
     output_counts: np.ndarray
     prompt_mask: np.ndarray
+    history: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    history_total: int = 0
 
 
 def _empty_output(logits: torch.Tensor, n_top: int) -> SampleOutput:
@@ -1102,7 +1149,7 @@ class _SlotSet:
     """
 
     __slots__ = ("b", "index", "span", "flags", "n_top", "n_bias", "fparams", "iparams", "seeds", "seqs", "bias",
-                 "eos", "_allowed", "_prompt", "_masks", "_host", "stop_mask", "stop_ids")
+                 "eos", "_allowed", "_prompt", "_masks", "_host", "rules", "stop_ids")
 
     def __init__(self, s: Sampler, rows: list[int]) -> None:
         self.b = len(rows)
@@ -1122,8 +1169,8 @@ class _SlotSet:
         self._prompt = take(s._tables.prompt) if self.flags.any_penalty else None
         self.bias = s._book.bias_csr(rows, s._device) if self.n_bias and rows else None
         self.eos = s._tables.eos
-        stops, ban = s._book.stop_info(rows)
-        self.stop_mask = take(t.stop_mask) if ban and t.stop_mask is not None else None  # (B, W) ban bits
+        stops = s._book.stop_info(rows)[0]
+        self.rules = s._book.rule_info(rows)  # the per-step bans (`Sampler._rule_bitmask`)
         self.stop_ids = take(t.stop_ids) if stops and t.stop_ids is not None else None  # (B, E + L) ending ids
         self._masks: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._host: dict[int, _HostRows] = {}
@@ -1150,7 +1197,7 @@ class _HostRows:
     """Numpy views of a CPU `_SlotSet`'s tensors: the arguments of ``_C.sample`` that stay fixed."""
 
     __slots__ = ("index", "f", "i", "seeds", "seqs", "allowed", "prompt", "bias_indptr", "bias_ids", "bias_vals",
-                 "eos", "steps", "mu", "counts", "stop_mask", "stop_ids", "min_tokens")
+                 "eos", "steps", "mu", "counts", "stop_ids")
 
     def __init__(self, ss: _SlotSet, wl: int, vocab: int, state: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
         allowed, prompt = ss.masks(wl)
@@ -1169,9 +1216,7 @@ class _HostRows:
         self.bias_indptr, self.bias_ids, self.bias_vals = (None, None, None) if ss.bias is None else tuple(
             t.numpy() for t in ss.bias)
         self.eos = ss.eos.numpy()
-        self.stop_mask = None if ss.stop_mask is None else ss.stop_mask.numpy()
         self.stop_ids = None if ss.stop_ids is None else ss.stop_ids.numpy()
-        self.min_tokens = self.i[:, I_MIN_TOKENS].astype(np.int64)
 
 
 def _stop_keep(stop_mask: torch.Tensor, iparams: torch.Tensor, steps: torch.Tensor, wl: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from .. import Capabilities
 
 __all__ = ["CAPABILITIES", "is_available", "supports", "sample_packed", "sampling_probs_packed", "kept_mask_packed",
            "set_num_threads", "get_num_threads", "scratch_bytes", "threads_for", "sample_arrays", "sample_host",
-           "advance_arrays", "logits_array", "build_info",
+           "advance_arrays", "logits_array", "build_info", "history_keep",
            "SINGLE_THREAD_BELOW"]
 
 SINGLE_THREAD_BELOW = 16384
@@ -190,6 +190,14 @@ def advance_arrays(steps: np.ndarray, mu: np.ndarray, counts: np.ndarray, slots:
     ``steps[s] += valid[r]``, ``mu[s] = mu_out[r]`` and, for valid rows, ``counts[s, tokens[r]] += 1`` (int16,
     saturating at 32767), with ``s = slots[r]`` (distinct)."""
     _require().advance_state(steps, mu, counts, slots, tokens, valid, mu_out)
+
+
+def history_keep(ring: Any, total: Any, ngram: Any, bad: Any, rows: Any, words: int) -> np.ndarray:
+    """The history rules' allowed-token bitmask ``(len(rows), words)`` int32 (`fastsampler._history.ring_keep`) of
+    the history rings ``ring`` (``(S, L)`` int32; ``total``, ``ngram`` ``(S,)`` int64; ``bad`` ``(S, P, M)`` int64
+    or None), rows ``rows`` (int64 slots); numpy arrays or CPU tensors."""
+    arr = lambda x: None if x is None else (_np(x) if isinstance(x, torch.Tensor) else np.asarray(x))
+    return _require().history_keep(arr(ring), arr(total), arr(ngram), arr(bad), arr(rows), int(words))
 
 
 def _output(res: tuple[np.ndarray, ...]) -> SampleOutput:
