@@ -241,3 +241,58 @@ def test_torch_and_cpp_bans_agree(seed: int) -> None:
         p = SamplingParams(no_repeat_ngram_size=int(ngram[slot]), bad_words_ids=words[slot] or None)
         allowed = {i for i in range(v) if (int(want[r, i >> 5]) >> (i & 31)) & 1}
         assert allowed == set(range(v)) - banned(p, h)
+
+
+WINDOWED = [
+    SamplingParams(seed=7, frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.3, penalty_last_n=3),
+    SamplingParams(seed=8, temperature=0.0, frequency_penalty=2.0, penalty_last_n=0),
+    SamplingParams(seed=9, frequency_penalty=1.0, penalty_last_n=5, no_repeat_ngram_size=3),
+    SamplingParams(seed=10, frequency_penalty=1.0),  # the whole output
+]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("how", ["list", "tensor"])
+def test_penalty_window(backend: str, how: str) -> None:
+    """penalty_last_n: the penalties count the last n generated tokens; a Sampler (its counts updated as tokens
+    leave the window) draws the tokens of the functional API given the whole output, and an exported slot
+    continues on another Sampler."""
+    dev = backend_device(backend)
+    s = Sampler(V, len(WINDOWED), device=dev, backend=backend, history_len=8)
+    prompts = [[0, 1], [2], [], [0]]
+    slots = [s.add(p, prompt_token_ids=pr, output_token_ids=[0, 0, 1])[0] for p, pr in zip(WINDOWED, prompts,
+                                                                                          strict=True)]
+    outs = [[0, 0, 1] for _ in WINDOWED]
+    for step in range(12):
+        if step == 6:  # move every slot to a new Sampler
+            t = Sampler(V, len(WINDOWED), device=dev, backend=backend, history_len=8)
+            slots = [t.restore(s.export(x)) for x in slots]
+            s = t
+        x = _logits(step)
+        want = fastsampler.sample(x.to(dev), WINDOWED, prompt_token_ids=prompts, output_token_ids=outs,
+                                  steps=[len(o) for o in outs], backend=backend).tokens.cpu().tolist()
+        got = s.sample(x.to(dev), torch.tensor(slots, device=dev) if how == "tensor" else slots)
+        assert got.tokens.cpu().tolist() == want, step
+        for r, tok in enumerate(want):
+            outs[r].append(tok)
+        for r, slot in enumerate(slots):  # the counts are those of the window
+            n = WINDOWED[r].penalty_last_n
+            window = outs[r] if n < 0 else outs[r][max(0, len(outs[r]) - n):] if n else []
+            assert s.output_counts_of(slot).cpu().tolist() == np.bincount(window, minlength=V).tolist()
+
+
+def test_penalty_window_errors() -> None:
+    with pytest.raises(ValueError, match="penalty_last_n"):
+        SamplingParams(penalty_last_n=-2)
+    with pytest.raises(ValueError, match="history_len > 4"):
+        Sampler(V, 1, history_len=4).add(SamplingParams(frequency_penalty=1.0, penalty_last_n=4))
+    Sampler(V, 1).add(SamplingParams(penalty_last_n=4))  # no penalty: the window changes nothing, needs no history
+    with pytest.raises(ValueError, match="pass output_token_ids"):
+        fastsampler.sample(torch.zeros(1, V), SamplingParams(presence_penalty=1.0, penalty_last_n=2), steps=[0],
+                           output_counts=torch.zeros(1, V, dtype=torch.int32))
+    # the reference counts the window too
+    p = SamplingParams(temperature=0.0, frequency_penalty=2.0, penalty_last_n=1)
+    x = np.zeros((1, V))
+    x[0, 3], x[0, 4] = 1.0, 0.5
+    assert reference.sample(x, p, output_token_ids=[[3, 4]]).tokens.tolist() == [3]  # only the last 4 counts
+    assert reference.sample(x, p.replace(penalty_last_n=-1), output_token_ids=[[3, 4]]).tokens.tolist() == [0]

@@ -387,10 +387,12 @@ class PackedRequest:
         ``params.no_repeat_ngram_size`` and ``params.bad_words_ids`` (empty when None).
     history_rules : bool
         Some history rule applies (`fastsampler._history`).
+    window : int
+        The generated tokens the penalties count (``params.penalty_last_n``; -1, all, also when no penalty is on).
     """
 
     __slots__ = ("f", "i", "bits", "seed", "mu", "n_top", "restricted", "bias_ids", "bias_vals", "max_id", "_ids",
-                 "_allowed", "stop_ids", "stop_ban", "ignore_eos", "ngram", "bad_words", "history_rules")
+                 "_allowed", "stop_ids", "stop_ban", "ignore_eos", "ngram", "bad_words", "history_rules", "window")
 
     def __init__(self, p: SamplingParams) -> None:
         self.f = np.array((p.temperature, p.top_p, p.min_p, p.typical_p, p.frequency_penalty, p.presence_penalty,
@@ -417,6 +419,9 @@ class PackedRequest:
         self.ngram = p.no_repeat_ngram_size
         self.bad_words = p.bad_words_ids or ()
         self.history_rules = self.ngram > 0 or bool(self.bad_words)
+        # the penalties' window over generated tokens (-1: all of them); only where some penalty counts them
+        penal = p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+        self.window = p.penalty_last_n if penal else -1
 
     def stop_set(self, eos: Sequence[int]) -> np.ndarray:
         """The ids that end the request: its stop ids, and ``eos`` unless ``ignore_eos`` (int64, unsorted)."""
@@ -480,7 +485,7 @@ class ParamBatch:
     """
 
     __slots__ = ("params", "rows", "f", "i", "bits", "n_top", "seeds", "mu", "restricted", "max_id", "bias", "single",
-                 "stops", "stop_ban", "history_rules")
+                 "stops", "stop_ban", "history_rules", "windowed")
 
     def __init__(self, params: SamplingParams | tuple[SamplingParams, ...], rows: list[PackedRequest], single: bool,
                  readonly: bool = True) -> None:
@@ -502,6 +507,7 @@ class ParamBatch:
         self.stops = any(e.stop_ids.size for e in uniq)  # some row has stop ids: outputs report `stopped`
         self.stop_ban = any(e.stop_ban for e in uniq)  # some row bans its stop ids before min_tokens
         self.history_rules = any(e.history_rules for e in uniq)  # some row bans tokens from its history
+        self.windowed = any(e.window >= 0 for e in uniq)  # some row's penalties count its last tokens only
         self.bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         if any(e.bias_ids.size for e in uniq):
             indptr = np.zeros(b + 1, dtype=np.int32)
@@ -791,9 +797,15 @@ def _pack(
         counts = np.zeros((b, v), dtype=np.int32)
         for r, ids in enumerate(output_token_ids):
             check_ids("output_token_ids", r, ids, vocab)
+            n = pb.rows[r].window
+            if n >= 0:  # penalty_last_n: the last n generated tokens only
+                ids = list(ids)[max(0, len(ids) - n):] if n else []
             if len(ids):
                 np.add.at(counts[r], np.asarray(ids, dtype=np.int64), 1)
     elif output_counts is not None:
+        if pb.windowed:
+            raise ValueError("penalty_last_n counts the last generated tokens in order: pass output_token_ids "
+                             "(sequences), not output_counts")
         counts = _as_state_tensor(output_counts, "output_counts")
         if counts.dtype not in (torch.int16, torch.int32) or counts.dim() != 2 or (
             counts.shape[0] != b or counts.shape[1] < vocab

@@ -174,16 +174,21 @@ class SlotTables:
         self.hist_total = torch.zeros(slots, dtype=torch.int64, **kw)
         self.ngram = torch.zeros(slots, dtype=torch.int64, **kw)
         self.bad: torch.Tensor | None = None  # (S, P, M) int64
+        # penalty_last_n: each slot's window (-1: all generated tokens) and where its generated tokens start in the
+        # history (the prompt's length); `windowed` once some slot counts a window (the step then updates counts)
+        self.window = torch.full((slots,), -1, dtype=torch.int64, **kw)
+        self.hist_start = torch.zeros(slots, dtype=torch.int64, **kw)
+        self.windowed = False
 
     @torch.inference_mode(False)
     def write(self, slots: Sequence[int], req: PackedRequest, seed_bits: int, prompt_mask: np.ndarray, *,
               first_seq: int = 0, step: int = 0, mu: float | None = None, counts: np.ndarray | None = None,
-              history: np.ndarray | None = None, history_total: int | None = None) -> None:
+              history: np.ndarray | None = None, history_total: int | None = None, history_start: int = 0) -> None:
         """Fill ``slots`` for a request (sample ``seq = first_seq + i`` in ``slots[i]``): its packed rows, seed bit
         pattern, ``step``, Mirostat ``mu`` (default: the request's initial ``mu``), prompt bitmask (``(W,)``
         int32), output counts (``(V,)`` int16; default zero), allowed row, logit bias, history rules and history
-        (the last tokens of prompt + output, oldest first, of ``history_total`` in all; default their number),
-        allocating the lazily allocated tables it needs."""
+        (the last tokens of prompt + output, oldest first, of ``history_total`` in all, default their number; the
+        output starts at token ``history_start``), allocating the lazily allocated tables it needs."""
         dev = self.device
         idx = torch.tensor(list(slots), dtype=torch.int64, device=dev)
         self.fparams[idx] = torch.from_numpy(req.f).to(dev)
@@ -213,6 +218,9 @@ class SlotTables:
         elif self.bias_len is not None:
             self.bias_len[idx] = 0
         self.ngram[idx] = req.ngram
+        self.window[idx] = req.window
+        self.hist_start[idx] = history_start
+        self.windowed |= req.window >= 0
         if req.bad_words:
             self.grow_bad(len(req.bad_words), max(len(w) for w in req.bad_words))
         if self.bad is not None:
@@ -254,7 +262,9 @@ class SlotTables:
         return True
 
     def advance_history(self, slots_t: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
-        """Append each valid row's token to its slot's history ring (slots distinct)."""
+        """Append each valid row's token to its slot's history ring (slots distinct); then, for a slot whose
+        penalties count only its last ``n`` generated tokens, take the token that left that window out of its
+        counts (the counts already hold the new token)."""
         if self.hist is None:
             return
         length = self.history_len
@@ -263,7 +273,18 @@ class SlotTables:
         flat = self.hist.view(-1)
         old = flat.index_select(0, pos)
         flat.index_copy_(0, pos, torch.where(valid, tokens.to(torch.int32), old))
-        self.hist_total.index_copy_(0, slots_t, total + valid.to(torch.int64))
+        after = total + valid.to(torch.int64)
+        self.hist_total.index_copy_(0, slots_t, after)
+        if not self.windowed:
+            return
+        n = self.window.index_select(0, slots_t)
+        leave = valid & (n >= 0) & (after - self.hist_start.index_select(0, slots_t) > n)
+        # generated token g - 1 - n left the window: history token after - 1 - n (still in the ring: n < length)
+        gone = flat.index_select(0, slots_t * length + (after - 1 - n) % length).to(torch.int64)
+        cflat = self.counts.view(-1)
+        cpos = slots_t * self.counts.shape[1] + torch.where(leave, gone, 0)
+        cur = cflat.index_select(0, cpos)
+        cflat.index_copy_(0, cpos, torch.where(leave & (cur > 0), cur - 1, cur))
 
     @torch.inference_mode(False)
     def grow_stops(self, n: int) -> bool:
@@ -313,17 +334,18 @@ class SlotTables:
         self.bias_ids, self.bias_vals = ids, vals
         return True
 
-    def read(self, slot: int) -> tuple[int, int, float, np.ndarray, np.ndarray, np.ndarray, int]:
+    def read(self, slot: int) -> tuple[int, int, float, np.ndarray, np.ndarray, np.ndarray, int, int]:
         """Host copies of what a step changes or a request brought, for ``slot``: (seq, step, ``mu``, output counts
         ``(V,)`` int16, prompt bitmask ``(W,)`` int32, history (its last tokens, oldest first), history length in
-        all). Reads the device (synchronises)."""
+        all, where the output starts in it). Reads the device (synchronises)."""
         hist, total = np.zeros(0, dtype=np.int64), int(self.hist_total[slot].item())
         if self.hist is not None:
             idx = torch.tensor([slot], device=self.device)
             seq = ordered_history(self.hist.index_select(0, idx), self.hist_total.index_select(0, idx))[0]
             hist = seq[seq >= 0].cpu().numpy().copy()
         return (int(self.seqs[slot].item()), int(self.steps[slot].item()), float(self.mu[slot].item()),
-                self.counts[slot].cpu().numpy().copy(), self.prompt[slot].cpu().numpy().copy(), hist, total)
+                self.counts[slot].cpu().numpy().copy(), self.prompt[slot].cpu().numpy().copy(), hist, total,
+                int(self.hist_start[slot].item()))
 
     def advance(self, slots_t: torch.Tensor, steps: torch.Tensor, out: Any) -> None:
         """The state update after a step, on the device (`fastsampler._batch.advance_state`, and the history)."""

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .layout import LOGPROBS_MODES, MAX_TOP_LOGPROBS
+from .layout import COUNT_MAX, LOGPROBS_MODES, MAX_TOP_LOGPROBS
 
 __all__ = ["SamplingParams", "LOGPROBS_MODES", "MAX_TOP_LOGPROBS"]
 
@@ -227,6 +227,10 @@ class SamplingParams:
     bad_words_ids : sequence of token-id sequences or None
         Ban the last token of each sequence when the history ends with the rest of it (a one-token sequence is
         always banned), as Hugging Face's ``bad_words_ids`` and vLLM's ``bad_words``. At most 1024 tokens each.
+    penalty_last_n : int, default -1
+        The generated tokens the frequency, presence and repetition penalties count: ``-1`` all of them, ``0``
+        none, ``n >= 1`` the last ``n`` (llama.cpp's ``penalty_last_n``, over generated tokens only; the prompt
+        still counts for the repetition penalty). At most 32767.
     """
 
     temperature: float = 1.0
@@ -254,6 +258,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | None = None
     no_repeat_ngram_size: int = 0
     bad_words_ids: tuple[tuple[int, ...], ...] | None = None
+    penalty_last_n: int = -1
 
     def __post_init__(self) -> None:
         s = lambda name, v: object.__setattr__(self, name, v)  # frozen dataclass normalisation
@@ -296,6 +301,7 @@ class SamplingParams:
         s("stop_token_ids", _check_ids("stop_token_ids", self.stop_token_ids))
         s("no_repeat_ngram_size", _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, MAX_HISTORY_RULE))
         s("bad_words_ids", _check_bad_words(self.bad_words_ids))
+        s("penalty_last_n", _check_int("penalty_last_n", self.penalty_last_n, -1, COUNT_MAX))
         s("logit_bias", self._checked_bias(self.logit_bias))
         if self.top_logprobs > 0 and not self.logprobs:
             raise ValueError(f"top_logprobs={self.top_logprobs} needs logprobs=True, got logprobs=False")

@@ -254,7 +254,8 @@ class Sampler:
         return float(self._tables.mu[self._check_slot(slot)].item())
 
     def output_counts_of(self, slot: int) -> torch.Tensor:
-        """A copy of ``slot``'s output counts, ``(V,)`` int16 on the device."""
+        """A copy of ``slot``'s output counts, ``(V,)`` int16 on the device (of its last ``penalty_last_n`` generated
+        tokens when it has a penalty window)."""
         return self._tables.counts[self._check_slot(slot)].clone()
 
     def prompt_mask_of(self, slot: int) -> torch.Tensor:
@@ -327,7 +328,9 @@ class Sampler:
         counts = None
         if output_token_ids is not None:
             out = _token_array(output_token_ids, "output_token_ids", v)
-            counts = np.minimum(np.bincount(out, minlength=v), _COUNT_MAX).astype(np.int16)
+            win = pack_request(params).window  # penalty_last_n: the last n generated tokens count
+            counted = out if win < 0 else out[max(0, out.size - win):] if win else out[:0]
+            counts = np.minimum(np.bincount(counted, minlength=v), _COUNT_MAX).astype(np.int16)
         if step is None:
             step = 0 if output_token_ids is None else int(out.size)
         else:
@@ -346,7 +349,8 @@ class Sampler:
         slots = self._book.take(n)
         history = prompt if output_token_ids is None else np.concatenate((prompt, out))
         self._tables.write(slots, req, seed_to_int64(seed), ids_to_bitmask([prompt], v)[0], step=step,
-                           mu=None if mirostat_mu is None else float(mirostat_mu), counts=counts, history=history)
+                           mu=None if mirostat_mu is None else float(mirostat_mu), counts=counts, history=history,
+                           history_start=prompt.size)
         self._book.fill(slots, params, seed, req)
         self._slot_sets.clear()
         return slots
@@ -373,6 +377,11 @@ class Sampler:
                     else f"a bad word of {need + 1} tokens")
             raise ValueError(f"params.{rule} reads {need} tokens of history, but this Sampler keeps "
                              f"history_len={self._tables.history_len}: pass history_len >= {need} to Sampler(...)")
+        win = pack_request(params).window
+        if win >= 0 and win >= self._tables.history_len:
+            raise ValueError(f"params.penalty_last_n={win} takes tokens out of the penalty counts once they leave "
+                             f"the window, read from the history: pass history_len > {win} to Sampler(...) (this one "
+                             f"keeps {self._tables.history_len})")
 
     @_locked
     def export(self, slot: int) -> SlotState:
@@ -391,9 +400,10 @@ class Sampler:
         i = self._check_slot(slot)
         params = self._book.params[i]
         assert params is not None
-        seq, step, mu, counts, prompt_mask, history, total = self._tables.read(i)
+        seq, step, mu, counts, prompt_mask, history, total, start = self._tables.read(i)
         return SlotState(params=params, seed=self._book.seeds[i], seq=seq, step=step, mirostat_mu=mu,
-                         output_counts=counts, prompt_mask=prompt_mask, history=history, history_total=total)
+                         output_counts=counts, prompt_mask=prompt_mask, history=history, history_total=total,
+                         history_start=start)
 
     @_locked
     def restore(self, state: SlotState) -> int:
@@ -423,7 +433,7 @@ class Sampler:
         self._tables.write(slots, req, seed_to_int64(state.seed), state.prompt_mask.astype(np.int32, copy=False),
                            first_seq=state.seq, step=state.step, mu=state.mirostat_mu,
                            counts=state.output_counts.astype(np.int16, copy=False), history=state.history,
-                           history_total=state.history_total)
+                           history_total=state.history_total, history_start=state.history_start)
         self._book.fill(slots, p, state.seed, req)
         self._slot_sets.clear()
         return slots[0]
@@ -1119,6 +1129,8 @@ class SlotState:
         The last tokens of prompt + output the slot kept (its Sampler's ``history_len``), oldest first, int64.
     history_total : int
         How many tokens of prompt + output the history has seen in all.
+    history_start : int
+        Where the output starts in that count (the prompt's length).
     """
 
     params: SamplingParams
@@ -1130,6 +1142,7 @@ class SlotState:
     prompt_mask: np.ndarray
     history: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     history_total: int = 0
+    history_start: int = 0
 
 
 def _empty_output(logits: torch.Tensor, n_top: int) -> SampleOutput:

@@ -9,7 +9,9 @@ Usage::
 ``score``: `fastsampler.score` of ``T`` prompt positions (raw mode, top-5 and 8 extra ids per position) next to the
 plain torch way, which builds the ``(T, V)`` log-softmax (``torch.log_softmax``, then gather, rank by comparison,
 ``topk``). ``verify``: one `Sampler.verify` of ``K`` drafts for ``B`` requests (match and rejection methods, top-p
-0.9) next to what it replaces, ``K + 1`` ordinary `Sampler.sample` steps. Medians of ``--reps`` calls after a
+0.9) next to what it replaces, ``K + 1`` ordinary `Sampler.sample` steps. ``history``: a step of requests with a
+long history (top-k 50, top-p 0.9, frequency penalty) with and without the history rules (n-gram 3, three bad words,
+a penalty window of 256), through a `Sampler` and through `fastsampler.sample`. Medians of ``--reps`` calls after a
 warm-up, in ms; logits are ``randn * 3``.
 """
 
@@ -81,6 +83,21 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, float]]:
     steps = [y[:, j].contiguous() for j in range(k + 1)]
     rows.append((f"verify B={b} K={k}", f"{k + 1} x Sampler.sample", _median_ms(
         lambda: [s.sample(z, slots) for z in steps], args.reps, sync)))
+    # history rules: a step of B = --history-batch requests with --history tokens each, with and without the rules
+    hb, hn = args.history_batch, args.history
+    xh = (torch.randn(hb, v, generator=g) * 3).to(dev)
+    hist = [torch.randint(0, v, (hn,), generator=g).tolist() for _ in range(hb)]
+    plain = SamplingParams(top_k=50, top_p=0.9, frequency_penalty=0.2, seed=1)
+    rules = plain.replace(no_repeat_ngram_size=3, bad_words_ids=[[5, 6, 7], [8, 9], [10]], penalty_last_n=256)
+    case = f"history B={hb} H={hn}"
+    for name, p in (("without rules", plain), ("n-gram 3 + 3 bad words + window 256", rules)):
+        hs = Sampler(v, hb, device=dev, backend=args.backend, history_len=hn)
+        hslots = [hs.add(p, output_token_ids=h)[0] for h in hist]
+        rows.append((case, f"Sampler.sample {name}", _median_ms(
+            lambda hs=hs, hslots=hslots: hs.sample(xh, hslots), args.reps, sync)))
+        rows.append((case, f"sample() {name}", _median_ms(
+            lambda p=p: fastsampler.sample(xh, p, output_token_ids=hist, steps=[hn] * hb, backend=args.backend),
+            args.reps, sync)))
     return rows
 
 
@@ -90,6 +107,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512, help="prompt positions to score")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--k", type=int, default=4, help="draft tokens per request")
+    ap.add_argument("--history", type=int, default=1024, help="tokens of history per request (history rules)")
+    ap.add_argument("--history-batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--device", default=None)
@@ -101,9 +120,9 @@ def main() -> None:
     name = report.cpu_name() if dev.type == "cpu" else torch.cuda.get_device_name(dev)
     print(f"device={dev} ({name}) simd={simd} threads={torch.get_num_threads()} V={args.vocab} float32 "
           f"backend={args.backend} torch={torch.__version__}")
-    print(f"{'case':<18} {'call':<28} {'median ms':>10}")
+    print(f"{'case':<22} {'call':<52} {'median ms':>10}")
     for case, call, ms in run(args):
-        print(f"{case:<18} {call:<28} {ms:>10.2f}")
+        print(f"{case:<22} {call:<52} {ms:>10.2f}")
 
 
 if __name__ == "__main__":
