@@ -45,7 +45,8 @@ class SlotBook:
 
     Attributes (lists indexed by slot): ``params`` (None = free), ``seeds`` (uint64), ``bits``, ``n_top``,
     ``n_bias``, ``restricted``, ``bias`` (ids, values), ``stops`` (has stop ids), ``stop_ban`` (bans them before
-    ``min_tokens``); ``live`` and ``live_stop``: `aggregate` and `stop_info` over the slots in use.
+    ``min_tokens``), ``ngram`` (``no_repeat_ngram_size``), ``bad_words`` (has some); ``live``, ``live_stop`` and
+    ``live_rules``: `aggregate`, `stop_info` and `rule_info` over the slots in use.
     """
 
     def __init__(self, slots: int) -> None:
