@@ -71,14 +71,21 @@ def draft_tokens(draft: MarkovModel, last: torch.Tensor, k: int, g: torch.Genera
     return torch.stack(toks, 1), torch.stack(probs, 1)
 
 
-def run(args: argparse.Namespace) -> dict[int, list[int]]:
+def setup(args: argparse.Namespace) -> tuple[torch.device, MarkovModel, MarkovModel, Sampler, list[int],
+                                              dict[int, int]]:
+    """The device, the target and draft models, a Sampler holding every request (prompt: one token), their slots
+    and each slot's last token."""
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     target, draft = make_models(args.vocab, dev, args.seed)
     sampler = Sampler(args.vocab, len(REQUESTS), device=dev, backend=args.backend, eos_token_ids=[EOS])
     prompts = [[1 + i] for i in range(len(REQUESTS))]
     slots = [sampler.add(p, prompt_token_ids=pr)[0] for p, pr in zip(REQUESTS, prompts, strict=True)]
+    return dev, target, draft, sampler, slots, {s: pr[-1] for s, pr in zip(slots, prompts, strict=True)}
+
+
+def run(args: argparse.Namespace) -> dict[int, list[int]]:
+    dev, target, draft, sampler, slots, last = setup(args)
     out_tokens: dict[int, list[int]] = {s: [] for s in slots}
-    last = {s: pr[-1] for s, pr in zip(slots, prompts, strict=True)}
     running = list(slots)
     g = torch.Generator().manual_seed(args.seed + 1)
     passes = row_passes = accepted = drafted = 0
@@ -113,13 +120,8 @@ def run(args: argparse.Namespace) -> dict[int, list[int]]:
 
 def stepwise(args: argparse.Namespace, lengths: dict[int, int]) -> dict[int, list[int]]:
     """Ordinary decoding, one token per step, as many tokens per request as the speculative run emitted."""
-    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    target, _ = make_models(args.vocab, dev, args.seed)
-    sampler = Sampler(args.vocab, len(REQUESTS), device=dev, backend=args.backend, eos_token_ids=[EOS])
-    prompts = [[1 + i] for i in range(len(REQUESTS))]
-    slots = [sampler.add(p, prompt_token_ids=pr)[0] for p, pr in zip(REQUESTS, prompts, strict=True)]
+    dev, target, _, sampler, slots, last = setup(args)
     toks: dict[int, list[int]] = {s: [] for s in slots}
-    last = {s: pr[-1] for s, pr in zip(slots, prompts, strict=True)}
     running = [s for s in slots if lengths[s]]
     while running:
         out = sampler.sample(target.logits(torch.tensor([last[s] for s in running], device=dev)), running)

@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import secrets
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
@@ -310,6 +310,37 @@ def check_int(name: str, value: Any, lo: int, hi: int | None = None, rng: str | 
     if v < lo or (hi is not None and v > hi):
         raise ValueError(f"{name} must be an integer {rng}, got {v}")
     return v
+
+
+def id_array(ids: Any, name: str) -> np.ndarray:
+    """Token ids (``name``, for the errors) as a 1-D int64 array; floats (which would be truncated) and bools are
+    refused."""
+    if ids is None:
+        return np.zeros(0, dtype=np.int64)
+    if isinstance(ids, torch.Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer token ids, got a {ids.dtype} tensor")
+        return ids.detach().to("cpu", torch.int64).reshape(-1).numpy()
+    if isinstance(ids, (int, np.integer, str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(f"{name} must be a sequence of ints, got {ids!r}")
+    arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids))
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        bad = next((t for t in arr.reshape(-1).tolist() if not isinstance(t, int) or isinstance(t, bool)), arr.dtype)
+        raise TypeError(f"{name} must hold integer token ids, got {bad!r} (dtype {arr.dtype})")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) >= 1 << 63:
+        raise ValueError(f"{name} holds token id {int(arr.max())}, outside the int64 range")
+    return arr.astype(np.int64).reshape(-1)
+
+
+def token_array(ids: Any, name: str, vocab: int) -> np.ndarray:
+    """`id_array`, every id checked against ``[0, vocab)``."""
+    arr = id_array(ids, name)
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+        bad = int(arr[(arr < 0) | (arr >= vocab)][0])
+        raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab})")
+    return arr
 
 
 def check_ids(name: str, row: int | None, ids: Sequence[int], vocab: int) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ._api import _LOGIT_DTYPES, _as_torch, _backend_of
-from ._batch import PackedBatch, pack_batch
+from ._batch import PackedBatch, pack_batch, token_array
 from ._custom_ops import run_backend
 from .layout import (
     F_FREQ,
@@ -46,18 +46,13 @@ def _token_tensor(ids: Any, t: int, vocab: int, device: torch.device) -> torch.T
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise TypeError(f"token_ids must hold integer token ids, got a {ids.dtype} tensor")
         out = ids.to(device=device, dtype=torch.int64).reshape(-1)
+        bad = (out < 0) | (out >= vocab)
+        if out.numel() and bool(bad.any()):
+            raise ValueError(f"token_ids holds token id {int(out[bad][0])}, outside the vocabulary [0, {vocab})")
     else:
-        if isinstance(ids, (int, np.integer, str, bytes)) or not isinstance(ids, Iterable):
-            raise TypeError(f"token_ids must be a sequence of ints or an integer tensor, got {ids!r}")
-        arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids))
-        if arr.size and arr.dtype.kind not in "iu":
-            raise TypeError(f"token_ids must hold integer token ids, got dtype {arr.dtype}")
-        out = torch.from_numpy(arr.astype(np.int64).reshape(-1)).to(device)
+        out = torch.from_numpy(token_array(ids, "token_ids", vocab)).to(device)
     if out.numel() != t:
         raise ValueError(f"token_ids must hold one id per row of logits ({t}), got {out.numel()}")
-    bad = (out < 0) | (out >= vocab)
-    if t and bool(bad.any()):
-        raise ValueError(f"token_ids holds token id {int(out[bad][0])}, outside the vocabulary [0, {vocab})")
     return out
 
 
@@ -69,26 +64,19 @@ def _extra_tensor(extra: Any, t: int, vocab: int, device: torch.device) -> torch
                              f"{extra.dtype} of shape {tuple(extra.shape)}")
         out = extra.to(device=device, dtype=torch.int64)
         bad = (out < 0) | (out >= vocab)
-    else:
-        if isinstance(extra, (str, bytes)) or not isinstance(extra, Iterable):
-            raise TypeError(f"extra_token_ids must be T sequences of ints or a (T, K) integer tensor, got {extra!r}")
-        rows = [list(r.tolist() if isinstance(r, (np.ndarray, torch.Tensor)) else r) for r in extra]
-        if len(rows) != t:
-            raise ValueError(f"extra_token_ids must hold one sequence per row of logits ({t}), got {len(rows)}")
-        k = max((len(r) for r in rows), default=0)
-        arr = np.full((t, k), -1, dtype=np.int64)
-        for i, r in enumerate(rows):
-            for j, e in enumerate(r):
-                if isinstance(e, (bool, np.bool_)) or not isinstance(e, (int, np.integer)):
-                    raise TypeError(f"extra_token_ids of row {i} holds {e!r}; token ids must be integers")
-                if not 0 <= int(e) < vocab:
-                    raise ValueError(f"extra_token_ids of row {i} holds token id {int(e)}, outside the vocabulary "
-                                     f"[0, {vocab})")
-                arr[i, j] = int(e)
-        return torch.from_numpy(arr).to(device)
-    if out.numel() and bool(bad.any()):
-        raise ValueError(f"extra_token_ids holds token id {int(out[bad][0])}, outside the vocabulary [0, {vocab})")
-    return out
+        if out.numel() and bool(bad.any()):
+            raise ValueError(f"extra_token_ids holds token id {int(out[bad][0])}, outside the vocabulary "
+                             f"[0, {vocab})")
+        return out
+    if isinstance(extra, (str, bytes)) or not isinstance(extra, Iterable):
+        raise TypeError(f"extra_token_ids must be T sequences of ints or a (T, K) integer tensor, got {extra!r}")
+    rows = [token_array(r, f"extra_token_ids of row {i}", vocab) for i, r in enumerate(extra)]
+    if len(rows) != t:
+        raise ValueError(f"extra_token_ids must hold one sequence per row of logits ({t}), got {len(rows)}")
+    arr = np.full((t, max((r.size for r in rows), default=0)), -1, dtype=np.int64)
+    for i, r in enumerate(rows):
+        arr[i, :r.size] = r
+    return torch.from_numpy(arr).to(device)
 
 
 def processed_values(batch: PackedBatch, ids: torch.Tensor) -> torch.Tensor:

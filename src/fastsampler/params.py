@@ -130,10 +130,9 @@ def _logprobs_hint(value: Any) -> str:
     return f"{got} (True returns the sampled token's logprob; for the top N tokens add top_logprobs=N)"
 
 
-def _check_ids(name: str, value: Any) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+def _id_list(name: str, value: Any) -> list[int]:
+    """``value`` as a list of non-negative int token ids, in order (errors name ``name`` and the position)."""
+    if isinstance(value, (str, bytes, int)) or not isinstance(value, Iterable):
         raise TypeError(f"{name} must be a sequence of non-negative token ids, got {value!r}")
     out = []
     for i, t in enumerate(value):
@@ -142,7 +141,11 @@ def _check_ids(name: str, value: Any) -> tuple[int, ...] | None:
         if int(t) < 0:
             raise ValueError(f"{name}[{i}] must be a non-negative token id, got {int(t)}")
         out.append(int(t))
-    return tuple(sorted(set(out)))
+    return out
+
+
+def _check_ids(name: str, value: Any) -> tuple[int, ...] | None:
+    return None if value is None else tuple(sorted(set(_id_list(name, value))))
 
 
 MAX_HISTORY_RULE = 1024  # the longest n-gram / bad word (a history rule reads at most this many tokens back)
@@ -155,15 +158,7 @@ def _check_bad_words(value: Any) -> tuple[tuple[int, ...], ...] | None:
         raise TypeError(f"bad_words_ids must be a sequence of token-id sequences, got {value!r}")
     out = []
     for i, seq in enumerate(value):
-        if isinstance(seq, (str, bytes, int)) or not isinstance(seq, Iterable):
-            raise TypeError(f"bad_words_ids[{i}] must be a sequence of token ids, got {seq!r}")
-        ids = []
-        for j, t in enumerate(seq):
-            if not _is_int(t):
-                raise TypeError(f"bad_words_ids[{i}][{j}] must be an integer token id, got {t!r}")
-            if int(t) < 0:
-                raise ValueError(f"bad_words_ids[{i}][{j}] must be a non-negative token id, got {int(t)}")
-            ids.append(int(t))
+        ids = _id_list(f"bad_words_ids[{i}]", seq)
         if not 1 <= len(ids) <= MAX_HISTORY_RULE:
             raise ValueError(f"bad_words_ids[{i}] must hold 1 to {MAX_HISTORY_RULE} token ids, got {len(ids)}")
         out.append(tuple(ids))

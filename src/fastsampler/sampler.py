@@ -25,12 +25,14 @@ from ._batch import (
     PackedBatch,
     check_ids,
     check_int,
+    id_array,
     ids_to_bitmask,
     mask_words,
     pack_request,
     random_seed,
     seed_to_int64,
     to_device,
+    token_array,
 )
 from ._custom_ops import run_backend, sample_packed, use_op
 from ._history import ring_keep
@@ -323,11 +325,11 @@ class Sampler:
                 f"free; remove finished requests first"
             )
         v = self._vocab
-        prompt = _token_array(prompt_token_ids, "prompt_token_ids", v)
+        prompt = token_array(prompt_token_ids, "prompt_token_ids", v)
         self._check_request(params)
         counts = None
         if output_token_ids is not None:
-            out = _token_array(output_token_ids, "output_token_ids", v)
+            out = token_array(output_token_ids, "output_token_ids", v)
             win = pack_request(params).window  # penalty_last_n: the last n generated tokens count
             counted = out if win < 0 else out[max(0, out.size - win):] if win else out[:0]
             counts = np.minimum(np.bincount(counted, minlength=v), _COUNT_MAX).astype(np.int16)
@@ -1239,37 +1241,6 @@ def _stop_keep(stop_mask: torch.Tensor, iparams: torch.Tensor, steps: torch.Tens
     return Sampler._pad_words(keep, wl, -1)
 
 
-def _id_array(ids: Any, name: str) -> np.ndarray:
-    """Token ids (``name``, for the errors) as a 1-D int64 array; floats (which would be truncated) and bools are
-    refused."""
-    if ids is None:
-        return np.zeros(0, dtype=np.int64)
-    if isinstance(ids, torch.Tensor):
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integer token ids, got a {ids.dtype} tensor")
-        return ids.detach().to("cpu", torch.int64).reshape(-1).numpy()
-    if isinstance(ids, (int, np.integer, str, bytes)) or not isinstance(ids, Iterable):
-        raise TypeError(f"{name} must be a sequence of ints, got {ids!r}")
-    arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids))
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if arr.dtype.kind not in "iu":
-        bad = next((t for t in arr.reshape(-1).tolist() if not isinstance(t, int) or isinstance(t, bool)), arr.dtype)
-        raise TypeError(f"{name} must hold integer token ids, got {bad!r} (dtype {arr.dtype})")
-    if arr.dtype.kind == "u" and arr.size and int(arr.max()) >= 1 << 63:
-        raise ValueError(f"{name} holds token id {int(arr.max())}, outside the int64 range")
-    return arr.astype(np.int64).reshape(-1)
-
-
-def _token_array(ids: Any, name: str, vocab: int) -> np.ndarray:
-    """`_id_array`, every id checked against ``[0, vocab)``."""
-    arr = _id_array(ids, name)
-    if arr.size and (arr.min() < 0 or arr.max() >= vocab):
-        bad = int(arr[(arr < 0) | (arr >= vocab)][0])
-        raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab})")
-    return arr
-
-
 def _draft_tensor(drafts: Any, b: int, k: int, vocab: int, device: torch.device) -> torch.Tensor:
     """Draft tokens as a ``(b, k)`` int64 tensor on ``device``, every id checked in ``[0, vocab)`` (a device tensor
     is read back once for the check)."""
@@ -1278,7 +1249,7 @@ def _draft_tensor(drafts: Any, b: int, k: int, vocab: int, device: torch.device)
             raise TypeError(f"draft_tokens must hold integer token ids, got a {drafts.dtype} tensor")
         out = drafts.to(device=device, dtype=torch.int64)
     else:
-        rows = [_id_array(r, "draft_tokens") for r in drafts] if not isinstance(drafts, np.ndarray) else None
+        rows = [id_array(r, "draft_tokens") for r in drafts] if not isinstance(drafts, np.ndarray) else None
         arr = np.asarray(drafts) if rows is None else (np.stack(rows) if rows and len({r.size for r in rows}) == 1
                                                        else None)
         if arr is None and rows is not None and rows:
