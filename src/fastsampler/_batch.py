@@ -414,6 +414,8 @@ class PackedRequest:
         ``params.stop_token_ids``, int64 ascending (empty when None).
     stop_ban : bool
         The stop ids are banned at first (``min_tokens > 0``).
+    ignore_eos : bool
+        ``params.ignore_eos`` (an EOS id then does not end the request).
     ngram, bad_words : int, tuple of tuples
         ``params.no_repeat_ngram_size`` and ``params.bad_words_ids`` (empty when None).
     history_rules : bool
@@ -453,12 +455,6 @@ class PackedRequest:
         # the penalties' window over generated tokens (-1: all of them); only where some penalty counts them
         penal = p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
         self.window = p.penalty_last_n if penal else -1
-
-    def stop_set(self, eos: Sequence[int]) -> np.ndarray:
-        """The ids that end the request: its stop ids, and ``eos`` unless ``ignore_eos`` (int64, unsorted)."""
-        if self.ignore_eos or not len(eos):
-            return self.stop_ids
-        return np.concatenate((self.stop_ids, np.asarray(eos, dtype=np.int64)))
 
     def allowed_row(self, v: int) -> np.ndarray:
         """The ``(ceil(v / 32),)`` int32 allowed bitmask over ``v`` columns (all ones when nothing is restricted).
@@ -571,13 +567,13 @@ class ParamBatch:
         zero elsewhere."""
         return ids_to_bitmask([e.stop_ids.tolist() if e.stop_ban else () for e in self.rows], v)
 
-    def stop_table(self, eos: Sequence[int]) -> np.ndarray:
-        """``(B, L)`` int64: each row's `PackedRequest.stop_set` padded with `NO_TOKEN` (never a token, not even an
-        invalid row's -1)."""
-        sets = [e.stop_set(eos) for e in self.rows]
-        out = np.full((len(sets), max((x.size for x in sets), default=0)), NO_TOKEN, dtype=np.int64)
-        for r, x in enumerate(sets):
-            out[r, :x.size] = x
+    def stop_table(self) -> np.ndarray:
+        """``(B, L)`` int64: each row's stop ids padded with `NO_TOKEN` (never a token, not even an invalid row's
+        -1)."""
+        out = np.full((len(self.rows), max((e.stop_ids.size for e in self.rows), default=0)), NO_TOKEN,
+                      dtype=np.int64)
+        for r, e in enumerate(self.rows):
+            out[r, :e.stop_ids.size] = e.stop_ids
         return out
 
 
@@ -932,7 +928,7 @@ def stopped_rows(tokens: Any, params: SamplingParams | Sequence[SamplingParams],
     pb = param_batch(params, b)
     if not pb.stops:
         return None
-    table = pb.stop_table(())
+    table = pb.stop_table()
     use_eos = np.array([not e.ignore_eos for e in pb.rows], dtype=bool)
     if isinstance(tokens, torch.Tensor):
         dev = tokens.device
