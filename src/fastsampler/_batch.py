@@ -343,6 +343,21 @@ def token_array(ids: Any, name: str, vocab: int) -> np.ndarray:
     return arr
 
 
+def _checked_row(name: str, row: int, ids: Any, vocab: int) -> np.ndarray:
+    """One row of token ids as an int64 array, checked in ``[0, vocab)`` (`check_ids` names a bad one)."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    arr = np.asarray(ids)
+    if arr.size and arr.ndim == 1 and arr.dtype.kind in "iu" and int(arr.min()) >= 0 and int(arr.max()) < vocab:
+        return arr.astype(np.int64, copy=False)
+    check_ids(name, row, ids, vocab)  # raises, naming the first id that is not an integer in [0, vocab)
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.ndim != 1:
+        raise TypeError(f"{name} of row {row} must be a flat sequence of token ids, got shape {arr.shape}")
+    return arr.astype(np.int64)
+
+
 def check_ids(name: str, row: int | None, ids: Sequence[int], vocab: int) -> None:
     """Raise naming the row (``None``: no row) and the first id that is not an integer in ``[0, vocab)``."""
     where = name if row is None else f"{name} of row {row}"
@@ -821,14 +836,15 @@ def _pack(
     if output_counts is None and output_token_ids is not None:
         if len(output_token_ids) != b:
             raise ValueError(f"output_token_ids must hold batch_size={b} sequences, got {len(output_token_ids)}")
-        counts = np.zeros((b, v), dtype=np.int32)
+        # the rows as checked int64 arrays, converted once (the history rules read them again below)
+        output_token_ids = [_checked_row("output_token_ids", r, ids, vocab) for r, ids in enumerate(output_token_ids)]
+        counted = []
         for r, ids in enumerate(output_token_ids):
-            check_ids("output_token_ids", r, ids, vocab)
-            n = pb.rows[r].window
-            if n >= 0:  # penalty_last_n: the last n generated tokens only
-                ids = list(ids)[max(0, len(ids) - n):] if n else []
-            if len(ids):
-                np.add.at(counts[r], np.asarray(ids, dtype=np.int64), 1)
+            n = pb.rows[r].window  # penalty_last_n: the last n generated tokens only
+            counted.append(ids if n < 0 else ids[max(0, ids.size - n):] if n else ids[:0])
+        counts = np.zeros((b, v), dtype=np.int32)
+        flat = np.concatenate([ids + r * v for r, ids in enumerate(counted)]) if b else np.zeros(0, dtype=np.int64)
+        np.add.at(counts.reshape(-1), flat, 1)
     elif output_counts is not None:
         if pb.windowed:
             raise ValueError("penalty_last_n counts the last generated tokens in order: pass output_token_ids "

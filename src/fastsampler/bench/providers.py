@@ -76,6 +76,12 @@ class Provider:
     is_baseline = False
     max_elements: int | None = None  # cases with B * V above this are n/a (slow providers on the CPU)
 
+    @staticmethod
+    def _no_history_rules(inp: CaseInputs) -> None:
+        """A baseline without the history rules (n-gram, bad words, penalty window) does not apply to them."""
+        if inp.scenario.history_rules:
+            raise NotApplicable("no n-gram, bad-word or penalty-window rules")
+
     def _check_size(self, inp: CaseInputs) -> None:
         if self.max_elements and inp.batch * inp.vocab > self.max_elements:
             raise NotApplicable(f"capped: B*V > {self.max_elements} on {inp.device.type} (too slow; see "
@@ -231,6 +237,7 @@ class TorchSortProvider(Provider):
 
     def prepare(self, inp: CaseInputs) -> Prepared:
         p = inp.params
+        self._no_history_rules(inp)
         if p.mirostat_mode:
             raise NotApplicable("no Mirostat in the sort-based path")
         if p.typical_p < 1.0:
@@ -323,6 +330,7 @@ class TorchWarpersProvider(Provider):
 
     def prepare(self, inp: CaseInputs) -> Prepared:
         p = inp.params
+        self._no_history_rules(inp)
         if p.mirostat_mode == 1:
             raise NotApplicable("Mirostat v1 is not written for the warpers composition")
         self._check_size(inp)
@@ -468,7 +476,7 @@ class NumpyReferenceProvider(Provider):
         import numpy as np
 
         arrays = [b.float().cpu().numpy() for b in inp.buffers]
-        state = {} if inp.output_counts is None else {"output_counts": inp.output_counts.cpu().numpy()}
+        state = {k: v.cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in inp.state_kwargs().items()}
         seeds = np.full(inp.batch, inp.seed, dtype=np.int64)
 
         def call(x: np.ndarray, step: int = 0) -> torch.Tensor:

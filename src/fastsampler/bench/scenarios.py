@@ -26,6 +26,7 @@ __all__ = ["Scenario", "SCENARIOS", "DEFAULT_SCENARIOS", "MODEL_SCENARIOS", "Cas
 
 LOGIT_SCALE = 3.0
 HISTORY_TOKENS = 256  # prior generated tokens per row in the "full" scenario
+EXTENDED_HISTORY = 1024  # prior generated tokens per row in the "extended" scenario
 BIAS_ENTRIES = 8  # logit-bias entries per row in the "full" scenario
 TOP_LOGPROBS = 5
 
@@ -44,6 +45,13 @@ class Scenario:
 
     def params(self, bias: dict[int, float] | None = None) -> SamplingParams:
         return self.make_params(bias or {})
+
+    @property
+    def history_rules(self) -> bool:
+        """The params read the history in order (n-gram, bad words, penalty window): the state is passed as token
+        sequences (``output_token_ids``), and providers without these rules do not apply."""
+        p = self.params()
+        return p.no_repeat_ngram_size > 0 or bool(p.bad_words_ids) or p.penalty_last_n >= 0
 
     @property
     def greedy(self) -> bool:
@@ -68,6 +76,18 @@ SCENARIOS: dict[str, Scenario] = {
                 presence_penalty=0.2, logit_bias=b, logprobs=True, top_logprobs=TOP_LOGPROBS,
             ),
             history=HISTORY_TOKENS,
+            bias_entries=BIAS_ENTRIES,
+        ),
+        Scenario(
+            "extended",
+            f"the full scenario over {EXTENDED_HISTORY} generated tokens, plus no-repeat 3-grams, 3 bad words (1 to 3 "
+            f"tokens) and a penalty window of the last 256 tokens",
+            lambda b: SamplingParams(
+                temperature=0.8, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1, frequency_penalty=0.2,
+                presence_penalty=0.2, logit_bias=b, logprobs=True, top_logprobs=TOP_LOGPROBS,
+                no_repeat_ngram_size=3, bad_words_ids=[[5, 6, 7], [8, 9], [10]], penalty_last_n=256,
+            ),
+            history=EXTENDED_HISTORY,
             bias_entries=BIAS_ENTRIES,
         ),
         Scenario("typical", "typical-p 0.9", lambda b: SamplingParams(typical_p=0.9)),
@@ -104,6 +124,7 @@ class CaseInputs:
     output_counts: torch.Tensor | None = None  # (batch, vocab) int32 counts of history_ids
     bias_ids: torch.Tensor | None = None  # (batch, n) int64
     bias_vals: torch.Tensor | None = None  # (batch, n) float32
+    history_lists: list[list[int]] | None = None  # history_ids as host lists (scenarios with history rules)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -116,7 +137,10 @@ class CaseInputs:
         return self.batch * self.vocab * self.buffers[0].element_size()
 
     def state_kwargs(self) -> dict:
-        """Penalty state in the form `fastsampler.sample` takes from an engine that keeps it on the device."""
+        """Penalty state in the form `fastsampler.sample` takes from an engine that keeps it on the device (the
+        token sequences where the history rules read them in order)."""
+        if self.history_lists is not None:
+            return {"output_token_ids": self.history_lists}
         return {} if self.output_counts is None else {"output_counts": self.output_counts}
 
 
@@ -172,6 +196,8 @@ def make_inputs(
         hist = _history(scenario, vocab, seed, batch)
         inp.history_ids = hist.to(device)
         inp.output_counts = _counts(hist, vocab).to(device)
+        if scenario.history_rules:
+            inp.history_lists = hist.tolist()
     if params.logit_bias:
         ids_t = torch.tensor(list(params.logit_bias), dtype=torch.int64)
         vals_t = torch.tensor(list(params.logit_bias.values()), dtype=torch.float32)
@@ -219,10 +245,19 @@ class CheckInputs:
     params: SamplingParams
     output_counts: torch.Tensor | None
     seed: int
+    history: list[list[int]] | None = None  # the generated tokens in order (scenarios with history rules)
+
+    def state_kwargs(self) -> dict:
+        """The penalty state as `fastsampler.reference` takes it."""
+        if self.history is not None:
+            return {"output_token_ids": self.history}
+        return {} if self.output_counts is None else {"output_counts": self.output_counts.numpy()}
 
 
 def check_inputs(scenario: Scenario, dtype_name: str, vocab: int, rows: int, *, seed: int = 1234) -> CheckInputs:
     """The rows the validity check compares, exactly as `make_inputs` puts them in buffer 0 at any batch size."""
     logits = _fixed_rows(seed, vocab, rows).to(DTYPES[dtype_name]).float()
-    counts = _counts(_history(scenario, vocab, seed, rows), vocab) if scenario.history else None
-    return CheckInputs(logits, scenario.params(_bias(scenario, vocab, seed)), counts, seed)
+    hist = _history(scenario, vocab, seed, rows) if scenario.history else None
+    counts = None if hist is None else _counts(hist, vocab)
+    lists = hist.tolist() if hist is not None and scenario.history_rules else None
+    return CheckInputs(logits, scenario.params(_bias(scenario, vocab, seed)), counts, seed, lists)

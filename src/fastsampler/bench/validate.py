@@ -48,8 +48,7 @@ def reference_probs(chk: CheckInputs) -> np.ndarray:
     from ..backends import reference
 
     seeds = np.full(chk.logits.shape[0], chk.seed, dtype=np.int64)
-    state = {} if chk.output_counts is None else {"output_counts": chk.output_counts.numpy()}
-    return np.asarray(reference.sampling_probs(chk.logits.numpy(), chk.params, seeds=seeds, **state),
+    return np.asarray(reference.sampling_probs(chk.logits.numpy(), chk.params, seeds=seeds, **chk.state_kwargs()),
                       dtype=np.float64)
 
 
