@@ -22,6 +22,7 @@ import torch
 
 import fastsampler
 from fastsampler import reference
+from fastsampler._batch import stopped_rows
 from fastsampler.backends.reference import pipeline
 
 ATOL = 1e-5
@@ -168,6 +169,12 @@ def check_against_reference(
     same = (out.tokens == ref.tokens) & ~near
     report.compared = int(same.sum())
 
+    ref_stopped = stopped_rows(ref.tokens, plist, kwargs.get("eos_token_ids", ()))
+    if (out.stopped is None) != (ref_stopped is None):
+        errors.append(f"stopped: got {out.stopped}, reference {ref_stopped} (None exactly when no row has stop ids)")
+    elif ref_stopped is not None and (np.asarray(out.stopped) != ref_stopped)[same].any():
+        errors.append(_mismatch("stopped", np.asarray(out.stopped), ref_stopped,
+                                (np.asarray(out.stopped) != ref_stopped) & same, "same token"))
     if same.any():
         lp_bad = ~_close(out.logprobs, ref.logprobs, atol) & same
         if lp_bad.any():

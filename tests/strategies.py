@@ -20,8 +20,10 @@ def as_f32(v: float) -> float:
 
 @st.composite
 def sampling_params(draw: Any, vocab: int, *, allow_mirostat: bool = True, allow_masks: bool = True,
-                    logprobs: bool | None = None) -> SamplingParams:
-    """A valid SamplingParams for a vocabulary of ``vocab`` ids, with a seed, mixing features at random."""
+                    logprobs: bool | None = None, history_rules: bool = False) -> SamplingParams:
+    """A valid SamplingParams for a vocabulary of ``vocab`` ids, with a seed, mixing features at random;
+    ``history_rules``: also stop ids, no-repeat n-grams (up to 3), bad words (up to 3 tokens) and a penalty window
+    (up to 5 tokens), for callers that pass the history as token sequences (a `Sampler`: ``history_len >= 6``)."""
     kw: dict[str, Any] = {"seed": draw(st.integers(0, U64))}
     kw["temperature"] = draw(st.one_of(st.just(0.0), st.just(1.0), st.floats(0.25, 2.0).map(as_f32)))
     mirostat = allow_mirostat and draw(st.integers(0, 5)) == 0
@@ -54,6 +56,13 @@ def sampling_params(draw: Any, vocab: int, *, allow_mirostat: bool = True, allow
     if draw(st.integers(0, 4)) == 0:
         kw["min_tokens"] = draw(st.integers(0, 3))
         kw["ignore_eos"] = draw(st.booleans())
+    if history_rules and draw(st.integers(0, 3)) == 0:
+        small = st.integers(0, min(vocab - 1, 7))  # a few ids: histories repeat them
+        kw["stop_token_ids"] = draw(st.lists(small, min_size=1, max_size=2))
+        kw["no_repeat_ngram_size"] = draw(st.integers(0, 3))
+        kw["bad_words_ids"] = draw(st.one_of(st.none(), st.lists(st.lists(small, min_size=1, max_size=3),
+                                                                  max_size=3)))
+        kw["penalty_last_n"] = draw(st.integers(-1, 5))
     want_lp = draw(st.booleans()) if logprobs is None else logprobs
     if want_lp:
         kw["logprobs"] = True
@@ -90,11 +99,11 @@ def batches(draw: Any, max_b: int, vocab_sizes: list[int], *, allow_mirostat: bo
     if padded and width > 2 and draw(st.integers(0, 3)) == 0:
         vocab = draw(st.integers(1, width))
     b = draw(st.integers(1, max_b))
-    params = [draw(sampling_params(vocab, allow_mirostat=allow_mirostat)) for _ in range(b)]
+    params = [draw(sampling_params(vocab, allow_mirostat=allow_mirostat, history_rules=True)) for _ in range(b)]
     out: dict[str, Any] = {"logits": draw(logits_rows(b, width, specials=specials)), "params": params}
     if vocab != width:
         out["vocab_size"] = vocab
-    ids = st.lists(st.integers(0, vocab - 1), max_size=12)
+    ids = st.lists(st.integers(0, min(vocab - 1, 9)) | st.integers(0, vocab - 1), max_size=12)  # repeats likely
     if draw(st.booleans()):
         out["prompt_token_ids"] = [draw(ids) for _ in range(b)]
         out["output_token_ids"] = [draw(ids) for _ in range(b)]

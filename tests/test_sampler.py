@@ -440,12 +440,13 @@ def test_random_request_mixes_match_reference(backend: str) -> None:
 
     @given(st.data())
     def run(data: st.DataObject) -> None:
-        reqs = data.draw(st.lists(sampling_params(vocab), min_size=1, max_size=4), label="requests")
+        reqs = data.draw(st.lists(sampling_params(vocab, history_rules=True), min_size=1, max_size=4),
+                         label="requests")
         prompts = [data.draw(st.lists(st.integers(0, vocab - 1), max_size=6)) for _ in reqs]
         eos_rule = any(p.min_tokens > 0 or p.ignore_eos for p in reqs)  # needs EOS ids in a Sampler
         eos = data.draw(st.lists(st.integers(0, vocab - 1), min_size=int(eos_rule), max_size=2, unique=True),
                         label="eos")
-        s = Sampler(vocab, 4, _dev(backend), eos_token_ids=eos, backend=backend)
+        s = Sampler(vocab, 4, _dev(backend), eos_token_ids=eos, backend=backend, history_len=16)
         slots = [s.add(p.replace(n=1), pr)[0] for p, pr in zip(reqs, prompts, strict=True)]
         order = data.draw(st.permutations(slots), label="row order")
         plist = [_f32(reqs[slots.index(x)]) for x in order]
