@@ -39,6 +39,8 @@ def sampling_params(draw: Any, vocab: int, *, allow_mirostat: bool = True, allow
         if draw(st.booleans()):
             kw["min_p"] = draw(st.one_of(st.just(0.0), st.floats(0.001, 0.5).map(as_f32)))
         if draw(st.integers(0, 3)) == 0:
+            kw["epsilon_cutoff"] = draw(st.one_of(st.floats(1e-4, 0.5).map(as_f32), st.just(0.99)))
+        if draw(st.integers(0, 3)) == 0:
             kw["typical_p"] = draw(st.floats(0.2, 0.99).map(as_f32))
         if draw(st.integers(0, 3)) == 0:
             kw["min_keep"] = draw(st.integers(1, 5))

@@ -101,6 +101,12 @@ FEATURES = {
                                                                   top_logprobs=7, top_k=10, temperature=0.8),
                  SP(seed=17, logprobs=True, logprobs_mode="final", top_logprobs=20, top_p=0.5),
                  SP(seed=18, logprobs=True)],
+    # epsilon joins min-p's stage: alone, with min-p, min_keep, the candidate engine (top-k), top-p and typical-p,
+    # and above every probability (the maximum stays)
+    "epsilon": [SP(seed=19, epsilon_cutoff=0.01), SP(seed=20, epsilon_cutoff=0.02, min_p=0.05),
+                SP(seed=21, epsilon_cutoff=0.2, min_keep=5), SP(seed=22, epsilon_cutoff=0.01, top_k=50),
+                SP(seed=23, epsilon_cutoff=0.001, top_p=0.9, logprobs=True, logprobs_mode="final", top_logprobs=3),
+                SP(seed=24, epsilon_cutoff=0.02, typical_p=0.9), SP(seed=25, epsilon_cutoff=0.9)],
 }
 
 

@@ -148,7 +148,7 @@ def _raw_args(b=2, v=10):
     from fastsampler.backends.cpu import _C
 
     args = dict(logits=np.zeros((b, v), np.float32), dtype="float32", vocab_size=v,
-                fparams=np.tile(np.array([1, 1, 0, 1, 0, 0, 1, 5, 0.1], np.float32), (b, 1)),
+                fparams=np.tile(np.array([1, 1, 0, 1, 0, 0, 1, 5, 0.1, 0], np.float32), (b, 1)),  # the F_* columns
                 iparams=np.tile(np.array([0, 1, 0, 0, 0, 0, 0, 0], np.int32), (b, 1)),
                 seeds=np.zeros(b, np.int64), steps=np.zeros(b, np.int64), seqs=np.zeros(b, np.int64),
                 mirostat_mu=np.full(b, np.nan, np.float32), eos_ids=np.zeros(0, np.int32))

@@ -542,6 +542,7 @@ PYBIND11_MODULE(_C, m) {
       {"F_REP", fs::F_REP},
       {"F_MIRO_TAU", fs::F_MIRO_TAU},
       {"F_MIRO_ETA", fs::F_MIRO_ETA},
+      {"F_EPSILON", fs::F_EPSILON},
       {"NF", fs::NF},
       {"I_TOP_K", fs::I_TOP_K},
       {"I_MIN_KEEP", fs::I_MIN_KEEP},

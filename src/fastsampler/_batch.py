@@ -6,7 +6,7 @@ Packed form (all torch tensors on the logits' device, ``B`` rows, ``V = logits.s
 
 ``fparams`` (B, NF) float32
     Columns ``F_*`` below: temperature, top_p, min_p, typical_p, frequency / presence / repetition penalty,
-    mirostat tau (bits) and eta.
+    mirostat tau (bits) and eta, epsilon_cutoff.
 ``iparams`` (B, NI) int32
     Columns ``I_*`` below: top_k, min_keep, mirostat mode, min_tokens, ignore_eos, logprobs (0/1), top_logprobs,
     logprobs mode (0 raw, 1 processed, 2 final).
@@ -378,7 +378,7 @@ def request_flags(p: SamplingParams) -> BatchFlags:
         all_greedy=greedy,
         any_top_k=p.top_k > 0,
         any_top_p=p.top_p < 1.0,
-        any_min_p=p.min_p > 0.0,
+        any_min_p=p.min_p > 0.0 or p.epsilon_cutoff > 0.0,  # (epsilon is a threshold of the min-p stage)
         any_typical=p.typical_p < 1.0,
         any_min_keep=p.min_keep > 1,
         any_mirostat=p.mirostat_mode != 0,
@@ -444,7 +444,7 @@ class PackedRequest:
 
     def __init__(self, p: SamplingParams) -> None:
         self.f = np.array((p.temperature, p.top_p, p.min_p, p.typical_p, p.frequency_penalty, p.presence_penalty,
-                           p.repetition_penalty, p.mirostat_target, p.mirostat_lr), dtype=np.float32)
+                           p.repetition_penalty, p.mirostat_target, p.mirostat_lr, p.epsilon_cutoff), dtype=np.float32)
         self.i = np.array((p.top_k, p.min_keep, p.mirostat_mode, p.min_tokens, int(p.ignore_eos), int(p.logprobs),
                            p.top_logprobs, LOGPROBS_MODES.index(p.logprobs_mode)), dtype=np.int32)
         assert self.f.shape == (NF,) and self.i.shape == (NI,)
@@ -983,7 +983,7 @@ def pack_host(
     >>> from fastsampler.params import SamplingParams
     >>> hb = pack_host(torch.zeros(2, 40), SamplingParams(seed=3, top_k=5))
     >>> hb.fparams.shape, hb.seeds.tolist(), hb.flags.any_top_k
-    ((2, 9), [3, 3], True)
+    ((2, 10), [3, 3], True)
     """
     if logits.device.type != "cpu":
         raise ValueError(f"pack_host packs CPU logits, got logits on {logits.device}")

@@ -13,17 +13,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 __all__ = [
-    "F_TEMPERATURE", "F_TOP_P", "F_MIN_P", "F_TYPICAL_P", "F_FREQ", "F_PRES", "F_REP", "F_MIRO_TAU", "F_MIRO_ETA", "NF",
-    "I_TOP_K", "I_MIN_KEEP", "I_MIRO_MODE", "I_MIN_TOKENS", "I_IGNORE_EOS", "I_LOGPROBS", "I_TOP_LOGPROBS",
-    "I_LOGPROBS_MODE", "NI", "MODE_RAW", "MODE_PROCESSED", "MODE_FINAL", "LOGPROBS_MODES", "TILE", "STREAM_TOKEN",
-    "STREAM_TILE", "STREAM_VERIFY", "MIROSTAT_M", "MAX_TOP_LOGPROBS", "COUNT_MAX", "MAX_COLUMNS",
-    "BatchFlags", "FLAG_NAMES",
-    "ALL_GREEDY_BIT", "flags_to_int", "int_to_flags", "combine_bits", "EXTENSION_KEYS", "check_extension_layout",
+    "F_TEMPERATURE", "F_TOP_P", "F_MIN_P", "F_TYPICAL_P", "F_FREQ", "F_PRES", "F_REP", "F_MIRO_TAU", "F_MIRO_ETA",
+    "F_EPSILON", "NF", "I_TOP_K", "I_MIN_KEEP", "I_MIRO_MODE", "I_MIN_TOKENS", "I_IGNORE_EOS", "I_LOGPROBS",
+    "I_TOP_LOGPROBS", "I_LOGPROBS_MODE", "NI", "MODE_RAW", "MODE_PROCESSED", "MODE_FINAL", "LOGPROBS_MODES", "TILE",
+    "STREAM_TOKEN", "STREAM_TILE", "STREAM_VERIFY", "MIROSTAT_M", "MAX_TOP_LOGPROBS", "COUNT_MAX", "MAX_COLUMNS",
+    "BatchFlags", "FLAG_NAMES", "ALL_GREEDY_BIT", "flags_to_int", "int_to_flags", "combine_bits", "EXTENSION_KEYS",
+    "check_extension_layout",
 ]
 
 # float parameter columns of ``fparams`` (B, NF) float32
-F_TEMPERATURE, F_TOP_P, F_MIN_P, F_TYPICAL_P, F_FREQ, F_PRES, F_REP, F_MIRO_TAU, F_MIRO_ETA = range(9)
-NF = 9
+F_TEMPERATURE, F_TOP_P, F_MIN_P, F_TYPICAL_P, F_FREQ, F_PRES, F_REP, F_MIRO_TAU, F_MIRO_ETA, F_EPSILON = range(10)
+NF = 10
 # int parameter columns of ``iparams`` (B, NI) int32
 I_TOP_K, I_MIN_KEEP, I_MIRO_MODE, I_MIN_TOKENS, I_IGNORE_EOS, I_LOGPROBS, I_TOP_LOGPROBS, I_LOGPROBS_MODE = range(8)
 NI = 8
@@ -105,10 +105,10 @@ def combine_bits(bits: Sequence[int]) -> int:
 
 # the numbers the C++ extension exports as ``_C.LAYOUT`` and must agree on
 EXTENSION_KEYS: tuple[str, ...] = (
-    "F_TEMPERATURE", "F_TOP_P", "F_MIN_P", "F_TYPICAL_P", "F_FREQ", "F_PRES", "F_REP", "F_MIRO_TAU", "F_MIRO_ETA", "NF",
-    "I_TOP_K", "I_MIN_KEEP", "I_MIRO_MODE", "I_MIN_TOKENS", "I_IGNORE_EOS", "I_LOGPROBS", "I_TOP_LOGPROBS",
-    "I_LOGPROBS_MODE", "NI", "MODE_RAW", "MODE_PROCESSED", "MODE_FINAL", "TILE", "MIROSTAT_M", "MAX_TOP_LOGPROBS",
-    "COUNT_MAX",
+    "F_TEMPERATURE", "F_TOP_P", "F_MIN_P", "F_TYPICAL_P", "F_FREQ", "F_PRES", "F_REP", "F_MIRO_TAU", "F_MIRO_ETA",
+    "F_EPSILON", "NF", "I_TOP_K", "I_MIN_KEEP", "I_MIRO_MODE", "I_MIN_TOKENS", "I_IGNORE_EOS", "I_LOGPROBS",
+    "I_TOP_LOGPROBS", "I_LOGPROBS_MODE", "NI", "MODE_RAW", "MODE_PROCESSED", "MODE_FINAL", "TILE", "MIROSTAT_M",
+    "MAX_TOP_LOGPROBS", "COUNT_MAX",
 )
 
 

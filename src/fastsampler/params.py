@@ -179,6 +179,9 @@ class SamplingParams:
         Nucleus mass in ``(0, 1]``; ``1`` disables it.
     min_p : float, default 0.0
         In ``[0, 1]``: keep tokens with probability ``>= min_p * p_max``; ``0`` disables it.
+    epsilon_cutoff : float, default 0.0
+        In ``[0, 1)``: keep tokens with probability ``>= epsilon_cutoff`` in the whole distribution (Hugging Face's
+        epsilon sampling), at min-p's place in the rules; ``0`` disables it.
     typical_p : float, default 1.0
         Locally typical mass in ``(0, 1]``; ``1`` disables it.
     frequency_penalty, presence_penalty : float, default 0.0
@@ -254,6 +257,7 @@ class SamplingParams:
     no_repeat_ngram_size: int = 0
     bad_words_ids: tuple[tuple[int, ...], ...] | None = None
     penalty_last_n: int = -1
+    epsilon_cutoff: float = 0.0
 
     def __post_init__(self) -> None:
         s = lambda name, v: object.__setattr__(self, name, v)  # frozen dataclass normalisation
@@ -264,6 +268,7 @@ class SamplingParams:
         s("top_k", _check_int("top_k", self.top_k, -(1 << 31), (1 << 31) - 1))
         s("top_p", _check_float("top_p", self.top_p, 0.0, 1.0, lo_open=True))
         s("min_p", _check_float("min_p", self.min_p, 0.0, 1.0))
+        s("epsilon_cutoff", _check_float("epsilon_cutoff", self.epsilon_cutoff, 0.0, 1.0, hi_open=True))
         s("typical_p", _check_float("typical_p", self.typical_p, 0.0, 1.0, lo_open=True))
         s("frequency_penalty", _check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0))
         s("presence_penalty", _check_float("presence_penalty", self.presence_penalty, -2.0, 2.0))
@@ -303,7 +308,8 @@ class SamplingParams:
         if self.mirostat_mode != 0:
             clash = [
                 f"{name}={getattr(self, name)!r}"
-                for name, off in (("top_k", None), ("top_p", 1.0), ("min_p", 0.0), ("typical_p", 1.0))
+                for name, off in (("top_k", None), ("top_p", 1.0), ("min_p", 0.0), ("typical_p", 1.0),
+                                  ("epsilon_cutoff", 0.0))
                 if (self.top_k > 0 if name == "top_k" else getattr(self, name) != off)
             ]
             if clash:
@@ -361,10 +367,10 @@ class SamplingParams:
     def from_generation_config(cls, config: Mapping[str, Any] | str | os.PathLike, **overrides: Any) -> SamplingParams:
         """Build params from a Hugging Face ``generation_config.json`` (a dict, a file, or a model folder).
 
-        Fields read: ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``typical_p``, ``repetition_penalty``,
-        ``no_repeat_ngram_size``, ``bad_words_ids`` and ``do_sample`` (``False`` means greedy: ``temperature=0``;
-        the repetition penalty and the two history rules still apply, as in Hugging Face). Missing or ``null``
-        entries keep the defaults; ``overrides`` win over the file.
+        Fields read: ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``typical_p``, ``epsilon_cutoff``,
+        ``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids`` and ``do_sample`` (``False`` means
+        greedy: ``temperature=0``; the repetition penalty and the two history rules still apply, as in Hugging
+        Face). Missing or ``null`` entries keep the defaults; ``overrides`` win over the file.
 
         >>> SamplingParams.from_generation_config({"do_sample": True, "temperature": 0.6, "top_p": 0.9}).top_p
         0.9
@@ -381,7 +387,7 @@ class SamplingParams:
                 raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
         kw: dict[str, Any] = {}
         for name in ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
-                     "no_repeat_ngram_size", "bad_words_ids"):
+                     "no_repeat_ngram_size", "bad_words_ids", "epsilon_cutoff"):
             if config.get(name) is not None:
                 kw[name] = config[name]
         if "top_k" in kw and int(kw["top_k"]) == 0:
@@ -390,7 +396,8 @@ class SamplingParams:
             kw["min_p"] = float(kw["min_p"])
         if config.get("do_sample") is False:
             # HF ignores the warpers when do_sample is false: greedy decoding.
-            kw = {k: v for k, v in kw.items() if k in ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids")}
+            kw = {k: v for k, v in kw.items()
+                  if k in ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids")}
             kw["temperature"] = 0.0
         kw.update(overrides)
         return cls(**kw)

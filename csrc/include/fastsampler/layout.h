@@ -8,7 +8,19 @@
 
 namespace fastsampler {
 
-enum FCol { F_TEMPERATURE = 0, F_TOP_P, F_MIN_P, F_TYPICAL_P, F_FREQ, F_PRES, F_REP, F_MIRO_TAU, F_MIRO_ETA, NF };
+enum FCol {
+  F_TEMPERATURE = 0,
+  F_TOP_P,
+  F_MIN_P,
+  F_TYPICAL_P,
+  F_FREQ,
+  F_PRES,
+  F_REP,
+  F_MIRO_TAU,
+  F_MIRO_ETA,
+  F_EPSILON,
+  NF
+};
 enum ICol {
   I_TOP_K = 0,
   I_MIN_KEEP,

@@ -387,8 +387,8 @@ inline void plan_pass1(RowState& st) {
   st.head_k = st.miro == 1 ? round16(kMirostatM) : (top_k > 0 ? std::max<int64_t>(top_k, st.min_keep) + 16 : 0);
   st.use_head = !st.greedy && st.head_k > 0 && st.head_k <= kHead;
   if (st.use_head) st.s.head.reset(st.head_k);
-  st.fuse_entropy =
-      !st.greedy && st.miro == 0 && fp[F_TYPICAL_P] < 1.0f && top_k <= 0 && fp[F_TOP_P] >= 1.0f && fp[F_MIN_P] <= 0.0f;
+  st.fuse_entropy = !st.greedy && st.miro == 0 && fp[F_TYPICAL_P] < 1.0f && top_k <= 0 && fp[F_TOP_P] >= 1.0f &&
+                    fp[F_MIN_P] <= 0.0f && fp[F_EPSILON] <= 0.0f;
   // rows whose top-p / typical goes through the full-row mass selection keep exp(z - tile max) from pass 1
   st.store_e = st.fuse_entropy || (!st.greedy && st.miro == 0 && fp[F_TOP_P] < 1.0f && top_k <= 0);
   st.edits = st.bias_next < st.bias_end || st.penal || st.allowed || st.ban_eos;
@@ -918,9 +918,17 @@ inline void apply_top_p(RowState& st, float top_p) {
   st.have_tw = htw;
 }
 
-// min-p: keep z >= M + ln(min_p), lowered to keep min_keep.
-inline void apply_min_p(RowState& st, float min_p) {
-  float thr = static_cast<float>(static_cast<double>(st.M) + std::log(static_cast<double>(min_p)));
+// min-p and epsilon: keep z >= M + ln(min_p) and z >= M + ln(epsilon) + ln S (q >= epsilon in the whole
+// distribution), lowered to keep min_keep.
+inline void apply_min_p(RowState& st, float min_p, float epsilon) {
+  double t = -std::numeric_limits<double>::infinity();
+  if (min_p > 0.0f) t = static_cast<double>(st.M) + std::log(static_cast<double>(min_p));
+  if (epsilon > 0.0f) {
+    ensure_stats(st);  // S: the whole row's mass relative to M
+    t = std::max(t, static_cast<double>(st.M) + std::log(static_cast<double>(epsilon)) + std::log(st.S));
+    t = std::min(t, static_cast<double>(st.M));  // the maximum is always kept (epsilon may exceed every q)
+  }
+  float thr = static_cast<float>(t);
   if (st.min_keep > 1) {
     ensure_nsurv(st);
     const int64_t mk = std::min(st.min_keep, st.nsurv);
@@ -1063,7 +1071,7 @@ inline void truncate(RowState& st) {
     const float* fp = st.fp;
     if (st.ip[I_TOP_K] > 0) apply_top_k(st, st.ip[I_TOP_K]);
     if (fp[F_TOP_P] < 1.0f) apply_top_p(st, fp[F_TOP_P]);
-    if (fp[F_MIN_P] > 0.0f) apply_min_p(st, fp[F_MIN_P]);
+    if (fp[F_MIN_P] > 0.0f || fp[F_EPSILON] > 0.0f) apply_min_p(st, fp[F_MIN_P], fp[F_EPSILON]);
     if (fp[F_TYPICAL_P] < 1.0f) apply_typical(st, fp[F_TYPICAL_P]);
   } else if (st.miro == 2) {
     apply_mirostat_v2(st);

@@ -17,6 +17,7 @@ import torch
 
 from ..._batch import bitmask_to_bool, pack_batch, stopped_rows
 from ...layout import (
+    F_EPSILON,
     F_FREQ,
     F_MIN_P,
     F_MIRO_ETA,
@@ -173,6 +174,8 @@ def _truncate(z: np.ndarray, p: Any, mu: float, vocab: int, reasons: list[str]) 
     """Kept set (bool mask) after top-k, top-p, min-p, typical-p or mirostat, on finite ``z``."""
     keep = np.isfinite(z)
     mk = int(p.min_keep)
+    # epsilon's threshold is on the whole distribution (before any rule): its log-normaliser over every finite z
+    ln_s = math.log(np.exp(z[keep] - z[keep].max()).sum()) if p.epsilon_cutoff > 0.0 else 0.0
     if p.mirostat_mode == 2:
         lq = np.where(keep, _log_softmax(np.where(keep, z, -np.inf)), -np.inf)
         cut = -mu * LN2
@@ -205,15 +208,19 @@ def _truncate(z: np.ndarray, p: Any, mu: float, vocab: int, reasons: list[str]) 
         _check_cum_boundary(cum, c, float(p.top_p), "top_p", reasons)
         _check_value_gap(z[idx][order], c, "top_p", reasons)
         keep &= z >= z[idx][order][c]
-    # 3. min-p
-    if p.min_p > 0.0:
+    # 3. min-p, and epsilon: thresholds on the whole distribution (q >= min_p * max q, q >= epsilon_cutoff)
+    if p.min_p > 0.0 or p.epsilon_cutoff > 0.0:
         zk = z[keep]
-        thr = zk.max() + math.log(float(p.min_p))
+        thr = -math.inf
+        if p.min_p > 0.0:
+            thr = zk.max() + math.log(float(p.min_p))
+        if p.epsilon_cutoff > 0.0:  # (the maximum always survives: it is the whole row's maximum)
+            thr = max(thr, zk.max() + math.log(float(p.epsilon_cutoff)) + ln_s)
         if int((zk >= thr).sum()) < mk:
             thr = min(thr, _kth_largest(zk, min(mk, zk.size)))
         near = np.abs(zk - thr) <= BOUNDARY_TOL * max(1.0, abs(thr))
         if near.any() and not np.all(zk[near] == thr):
-            reasons.append(f"min_p: a value is within rounding of the threshold {thr:.9g}")
+            reasons.append(f"min_p / epsilon: a value is within rounding of the threshold {thr:.9g}")
         keep &= z >= thr
     # 4. typical-p
     if p.typical_p < 1.0:
@@ -423,7 +430,7 @@ def _row_params(f: np.ndarray, i: np.ndarray) -> SimpleNamespace:
     return SimpleNamespace(
         temperature=f[F_TEMPERATURE], top_p=f[F_TOP_P], min_p=f[F_MIN_P], typical_p=f[F_TYPICAL_P],
         frequency_penalty=f[F_FREQ], presence_penalty=f[F_PRES], repetition_penalty=f[F_REP],
-        mirostat_target=f[F_MIRO_TAU], mirostat_lr=f[F_MIRO_ETA], top_k=int(i[I_TOP_K]),
+        mirostat_target=f[F_MIRO_TAU], mirostat_lr=f[F_MIRO_ETA], epsilon_cutoff=f[F_EPSILON], top_k=int(i[I_TOP_K]),
         min_keep=int(i[I_MIN_KEEP]), mirostat_mode=int(i[I_MIRO_MODE]),
         min_tokens=int(i[I_MIN_TOKENS]), ignore_eos=bool(i[I_IGNORE_EOS]),
         logprobs=bool(i[I_LOGPROBS]), top_logprobs=int(i[I_TOP_LOGPROBS]),

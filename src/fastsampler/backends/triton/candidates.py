@@ -48,7 +48,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .columns import F_MIN_P, F_TEMPERATURE, F_TOP_P, I_MIN_KEEP, I_MIRO_MODE, I_TOP_K, NF, NI
+from .columns import F_TEMPERATURE, F_TOP_P, I_MIN_KEEP, I_MIRO_MODE, I_TOP_K, NF, NI
 from .mirostat import BM, mirostat_k, mirostat_v1_threshold
 from .penalties import (
     NRF,
@@ -57,6 +57,7 @@ from .penalties import (
     P_S,
     PF,
     RF_BOUND,
+    RF_LS,
     RF_M,
     RF_ZLO,
     RI_CCOUNT,
@@ -64,6 +65,7 @@ from .penalties import (
     RI_VALID,
     bias_lower_bound,
     block_z,
+    minp_threshold,
     online_lse,
     row_scalars,
     slot_row,
@@ -77,6 +79,7 @@ _BM: tl.constexpr = tl.constexpr(BM)
 _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
 _RF_M: tl.constexpr = tl.constexpr(RF_M)
+_RF_LS: tl.constexpr = tl.constexpr(RF_LS)
 _RF_ZLO: tl.constexpr = tl.constexpr(RF_ZLO)
 _RF_BOUND: tl.constexpr = tl.constexpr(RF_BOUND)
 _RI_VALID: tl.constexpr = tl.constexpr(RI_VALID)
@@ -232,7 +235,6 @@ def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
     k = tl.load(iparams_ptr + srow * NI + I_TOP_K)
     mk = tl.load(iparams_ptr + srow * NI + I_MIN_KEEP)
     p = tl.load(fparams_ptr + srow * NF + F_TOP_P)
-    mp = tl.load(fparams_ptr + srow * NF + F_MIN_P)
     miro1 = samp & (nf < 0)  # false (a count is never negative), typed like samp; Mirostat v1 rows below
     mu = tl.load(mu_ptr + srow)
     if MIRO1:
@@ -244,7 +246,8 @@ def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
     fast = (cnt >= 0) & (cnt <= CAP)
     ok = fast
     tiles = fast  # store the kept tile weights (not when every finite z is kept: the stats partials are those)
-    thr_minp = m + tl.log(tl.where(mp > 0.0, mp, 1.0))  # min-p: keep z >= max z + ln min_p (§3 E item 3)
+    # min-p / epsilon: keep z >= max z + ln min_p, z >= max z + ln epsilon + ln s (§3 E item 3)
+    mpa, thr_minp = minp_threshold(fparams_ptr, srow, m, tl.load(rf + _RF_LS))
     tt = tl.arange(0, BT_TILES)
     if fast:
         # the candidates' z sorted descending (empty slots -inf, last). Every threshold below is a value at a
@@ -268,7 +271,7 @@ def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
         thr_p = tl.where(p < 1.0, tl.max(tl.where(j == c, zs, float("-inf")), 0), float("-inf"))
         # min-p, lowered to the min_keep-th largest z (position min_keep - 1 <= k' - 1)
         thr_mk = tl.max(tl.where(j == mk - 1, zs, float("-inf")), 0)
-        thr_mp = tl.where(mp > 0.0, tl.minimum(thr_minp, thr_mk), float("-inf"))
+        thr_mp = tl.where(mpa, tl.minimum(thr_minp, thr_mk), float("-inf"))
         zlo = tl.maximum(tl.maximum(thr_k, thr_p), thr_mp)
         if MIRO1:
             # Mirostat v1: k from the 100 largest z (positions 0 .. 99 of the sorted buffer, which holds at least
@@ -294,7 +297,7 @@ def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
             _store_tiles(part_f_ptr, row, NC, tt, mt, st, SPLIT, S2)
         if ok:
             tl.store(rf + _RF_ZLO, zlo)
-    slow = samp & ((k > 0) | (p < 1.0) | (mp > 0.0) | miro1) & ((fast & ok) == 0)
+    slow = samp & ((k > 0) | (p < 1.0) | mpa | miro1) & ((fast & ok) == 0)
     if slow:
         # the exact fallback: radix selects over the whole row (select.py), as §3 E defines each rule
         t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr,
@@ -309,7 +312,7 @@ def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
                              False, 0, False, DIGIT_BITS, SBLOCK)
         lo_k = tl.where(act_k, thr_k, float("-inf"))
         # the min_keep-th largest z over all finite z: top-p and min-p keep at least that many
-        act_mk = rules & (mk > 1) & ((p < 1.0) | (mp > 0.0))
+        act_mk = rules & (mk > 1) & ((p < 1.0) | mpa)
         thr_mk = radix_select(row, srow, mk.to(tl.float32), act_mk, float("-inf"), m, 0.0, 0.0, 0,
                               logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
                               bias_vals_ptr, rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m,
@@ -325,7 +328,7 @@ def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
                              HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
                              False, 0, True, DIGIT_BITS, SBLOCK)
         zlo = tl.where(act_p, tl.maximum(lo_k, tl.minimum(thr_p, thr_mk)), lo_k)
-        zlo = tl.where(rules & (mp > 0.0), tl.maximum(zlo, tl.minimum(thr_minp, thr_mk)), zlo)
+        zlo = tl.where(rules & mpa, tl.maximum(zlo, tl.minimum(thr_minp, thr_mk)), zlo)
         if MIRO1:
             thr1, act1 = mirostat_v1_threshold(row, srow, miro1, nf, m, mu,
                                                logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .columns import F_FREQ, F_PRES, F_REP, F_TEMPERATURE, I_IGNORE_EOS, I_MIN_TOKENS, NF, NI
+from .columns import F_EPSILON, F_FREQ, F_MIN_P, F_PRES, F_REP, F_TEMPERATURE, I_IGNORE_EOS, I_MIN_TOKENS, NF, NI
 
 # rowf columns. A log-normaliser is kept as a pair (max ``m``, ``ln s`` with ``s = sum exp(x - m)``) and a log-
 # probability is formed as ``(x - m) - ln s``, never as ``x - (m + ln s)``: in float32, ``m + ln s`` drops ``ln s``
@@ -68,6 +68,19 @@ def slot_row(row, slot_ptr, SLOTS: tl.constexpr):
         return tl.load(slot_ptr + row).to(tl.int64)
     else:
         return row
+
+
+@triton.jit
+def minp_threshold(fparams_ptr, srow, m, ls):
+    """The min-p stage of docs/semantics.md §3 E item 3 before min_keep: (active, threshold). min-p keeps
+    ``z >= m + ln min_p``, epsilon ``z >= m + ln epsilon + ln s`` (``q >= epsilon`` in the whole distribution; ``m``,
+    ``ln s``: the row's log-normaliser); both together keep the larger threshold, at most ``m`` (the maximum is
+    always kept: epsilon may exceed every probability)."""
+    mp = tl.load(fparams_ptr + srow * NF + F_MIN_P)
+    eps = tl.load(fparams_ptr + srow * NF + F_EPSILON)
+    t_mp = tl.where(mp > 0.0, m + tl.log(tl.where(mp > 0.0, mp, 1.0)), float("-inf"))
+    t_eps = tl.where(eps > 0.0, m + tl.log(tl.where(eps > 0.0, eps, 1.0)) + ls, float("-inf"))
+    return (mp > 0.0) | (eps > 0.0), tl.minimum(tl.maximum(t_mp, t_eps), m)
 
 
 @triton.jit

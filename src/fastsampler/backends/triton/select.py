@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .columns import F_MIN_P, F_TEMPERATURE, F_TOP_P, F_TYPICAL_P, I_MIN_KEEP, I_TOP_K, NF, NI
+from .columns import F_TEMPERATURE, F_TOP_P, F_TYPICAL_P, I_MIN_KEEP, I_TOP_K, NF, NI
 from .penalties import (
     NRF,
     NRI,
@@ -39,6 +39,7 @@ from .penalties import (
     PF,
     RF_DOM_LO,
     RF_HC,
+    RF_LS,
     RF_M,
     RF_MK,
     RF_MS,
@@ -48,6 +49,7 @@ from .penalties import (
     RI_VALID,
     block_z,
     kept_mask,
+    minp_threshold,
     row_scalars,
     slot_row,
     typical_s,
@@ -59,6 +61,7 @@ STAGE_TOP_K, STAGE_MIN_KEEP, STAGE_TOP_P = 0, 1, 2
 _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
 _RF_M: tl.constexpr = tl.constexpr(RF_M)
+_RF_LS: tl.constexpr = tl.constexpr(RF_LS)
 _RF_ZLO: tl.constexpr = tl.constexpr(RF_ZLO)
 _RF_DOM_LO: tl.constexpr = tl.constexpr(RF_DOM_LO)
 _RF_MK: tl.constexpr = tl.constexpr(RF_MK)
@@ -242,11 +245,10 @@ def _select_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
         thr_mk = tl.where(act, thr, m)
         tl.store(rf + _RF_MK, thr_mk)
         if FOLD_MINP:
-            # min-p: keep z >= max z + ln min_p, lowered to the min_keep-th largest (§3 E 3)
-            mp = tl.load(fparams_ptr + srow * NF + F_MIN_P)
+            # min-p / epsilon: keep z >= their threshold, lowered to the min_keep-th largest (§3 E 3)
+            act_mp, thr_p = minp_threshold(fparams_ptr, srow, m, tl.load(rf + _RF_LS))
             zlo = tl.load(rf + _RF_ZLO)
-            thr_p = m + tl.log(tl.where(mp > 0.0, mp, 1.0))
-            tl.store(rf + _RF_ZLO, tl.where(samp & (mp > 0.0), tl.maximum(zlo, tl.minimum(thr_p, thr_mk)), zlo))
+            tl.store(rf + _RF_ZLO, tl.where(samp & act_mp, tl.maximum(zlo, tl.minimum(thr_p, thr_mk)), zlo))
     else:
         # top-p over the top-k survivors: keep z >= the value where the cumulative mass first reaches p (§3 E 2)
         p = tl.load(fparams_ptr + srow * NF + F_TOP_P)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .candidates import kth_largest
-from .columns import F_MIN_P, F_TEMPERATURE, F_TYPICAL_P, I_MIN_KEEP, I_MIRO_MODE, I_TOP_K, NF, NI
+from .columns import F_TEMPERATURE, F_TYPICAL_P, I_MIN_KEEP, I_MIRO_MODE, I_TOP_K, NF, NI
 from .penalties import (
     NRF,
     NRI,
@@ -62,6 +62,7 @@ from .penalties import (
     bias_lower_bound,
     block_z,
     kept_mask,
+    minp_threshold,
     online_lse,
     row_scalars,
     slot_row,
@@ -238,9 +239,9 @@ def _combine_kernel(part_f_ptr, part_i_ptr, fparams_ptr, iparams_ptr, mu_ptr, sl
                                                 NC, BT)
     zlo = float("-inf")
     if MINP:
-        mp = tl.load(fparams_ptr + srow * NF + F_MIN_P)
-        # keep z >= max z + ln min_p (min(thr, m) = thr: ln min_p <= 0)
-        zlo = tl.where(samp & (mp > 0.0), m + tl.log(tl.where(mp > 0.0, mp, 1.0)), zlo)
+        # min-p / epsilon: keep z >= max z + ln min_p, z >= max z + ln epsilon + ln s (both <= max z)
+        act_mp, thr_mp = minp_threshold(fparams_ptr, srow, m, ls)
+        zlo = tl.where(samp & act_mp, thr_mp, zlo)
     if MIRO2:
         mode = tl.load(iparams_ptr + srow * NI + I_MIRO_MODE)
         mu = tl.load(mu_ptr + srow)
