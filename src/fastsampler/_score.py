@@ -33,7 +33,8 @@ from .params import SamplingParams
 __all__ = ["score"]
 
 # the stage E settings a processed score strips (its logprobs do not depend on them, docs/semantics.md §6)
-_NO_TRUNCATION = dict(top_k=-1, top_p=1.0, min_p=0.0, typical_p=1.0, min_keep=1, mirostat_mode=0, seed=0, n=1)
+_NO_TRUNCATION = dict(top_k=-1, top_p=1.0, min_p=0.0, epsilon_cutoff=0.0, typical_p=1.0, min_keep=1, mirostat_mode=0,
+                      seed=0, n=1)
 # the state keywords a processed score reads (the rest of `fastsampler.sample`'s concern the draw)
 _PROCESSED_STATE = ("prompt_token_ids", "output_token_ids", "steps", "prompt_mask", "output_counts",
                     "token_bitmask", "eos_token_ids")
