@@ -297,13 +297,13 @@ def assert_batch_invariant(backend: str, target: Any, others: list, device: Any,
 
 
 def mixed_params(vocab: int, seed: int) -> list[fastsampler.SamplingParams]:
-    """Eight requests that together use every feature (truncation rules, Mirostat, penalties, bias, bans, logprobs
-    modes), seeded from ``seed``."""
+    """Eight requests that together use every feature (truncation rules and epsilon, Mirostat, penalties, bias, bans,
+    logprobs modes), seeded from ``seed``."""
     SP = fastsampler.SamplingParams
     return [
         SP(seed=seed, logprobs=True, top_logprobs=5),
         SP(seed=seed + 1, top_k=50, top_p=0.9, min_p=0.05, logprobs=True, top_logprobs=3, logprobs_mode="final"),
-        SP(seed=seed + 2, top_p=0.9, logprobs=True, logprobs_mode="processed", top_logprobs=2),
+        SP(seed=seed + 2, top_p=0.9, epsilon_cutoff=0.002, logprobs=True, logprobs_mode="processed", top_logprobs=2),
         SP(seed=seed + 3, typical_p=0.9, min_keep=3, logprobs=True),
         SP(seed=seed + 4, mirostat_mode=1, mirostat_target=4.0, logprobs=True, logprobs_mode="final"),
         SP(seed=seed + 5, mirostat_mode=2, mirostat_target=6.0, mirostat_lr=0.3),

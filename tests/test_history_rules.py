@@ -296,3 +296,24 @@ def test_penalty_window_errors() -> None:
     x[0, 3], x[0, 4] = 1.0, 0.5
     assert reference.sample(x, p, output_token_ids=[[3, 4]]).tokens.tolist() == [3]  # only the last 4 counts
     assert reference.sample(x, p.replace(penalty_last_n=-1), output_token_ids=[[3, 4]]).tokens.tolist() == [0]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_history_rules_are_batch_invariant(backend: str) -> None:
+    """A row with history rules gives the same outputs alone, and at any position of a batch of other rows."""
+    dev = backend_device(backend)
+    rng = np.random.default_rng(9)
+    x = torch.from_numpy((rng.standard_normal((5, V)) * 2).astype(np.float32)).to(dev)
+    target = SamplingParams(seed=3, no_repeat_ngram_size=2, bad_words_ids=[[1, 2], [4]], frequency_penalty=0.7,
+                            penalty_last_n=3, logprobs=True, top_logprobs=3)
+    hist = [0, 1, 2, 0, 1, 3, 3]
+    alone = fastsampler.sample(x[:1], target, output_token_ids=[hist], steps=[7], backend=backend).numpy()
+    for pos in (0, 2, 4):
+        params = MIXED + [target] if pos == 4 else MIXED[:pos] + [target] + MIXED[pos:]
+        outs = [[5, 5, 6]] * 5
+        outs = outs[:pos] + [hist] + outs[pos + 1:]
+        xs = torch.cat([x[1:pos + 1], x[:1], x[pos + 1:]]) if pos else x
+        got = fastsampler.sample(xs, params[:5], output_token_ids=outs, steps=[7] * 5, backend=backend).numpy()
+        assert got.tokens[pos] == alone.tokens[0]
+        np.testing.assert_allclose(got.logprobs[pos], alone.logprobs[0], atol=1e-6)
+        np.testing.assert_array_equal(got.top_logprob_ids[pos], alone.top_logprob_ids[0])
