@@ -85,8 +85,8 @@ class Sampler:
     update is lost; to sample batches in parallel, give each thread its own `Sampler`.
 
     Memory per slot: ``2 V`` bytes of counts plus ``V / 8`` bytes of prompt bitmask (plus ``V / 8`` for the allowed
-    mask once some request restricts ids, and 8 bytes per logit-bias entry of the largest bias), and 96 bytes of
-    scalars and packed parameters; for ``V = 128256`` that is 266 KiB per slot.
+    mask once some request restricts ids, 8 bytes per logit-bias entry of the largest bias, and ``4 * history_len``
+    bytes of history), and 132 bytes of scalars and packed parameters; for ``V = 128256`` that is 266 KiB per slot.
 
     Parameters
     ----------
