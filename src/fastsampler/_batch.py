@@ -358,6 +358,19 @@ def _checked_row(name: str, row: int, ids: Any, vocab: int) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def id_tensor(ids: torch.Tensor, name: str, vocab: int, device: torch.device) -> torch.Tensor:
+    """An integer tensor of token ids (``name``, for the errors) as int64 on ``device``, every id checked in
+    ``[0, vocab)``: float, complex and bool tensors are refused, and a device tensor is read back once for the
+    check."""
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got a {ids.dtype} tensor")
+    out = ids.to(device=device, dtype=torch.int64)
+    bad = (out < 0) | (out >= vocab)
+    if out.numel() and bool(bad.any()):
+        raise ValueError(f"{name} holds token id {int(out[bad][0])}, outside the vocabulary [0, {vocab})")
+    return out
+
+
 def check_ids(name: str, row: int | None, ids: Sequence[int], vocab: int) -> None:
     """Raise naming the row (``None``: no row) and the first id that is not an integer in ``[0, vocab)``."""
     where = name if row is None else f"{name} of row {row}"

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ._api import _LOGIT_DTYPES, _as_torch, _backend_of
-from ._batch import PackedBatch, pack_batch, token_array
+from ._batch import PackedBatch, id_tensor, pack_batch, token_array
 from ._custom_ops import run_backend
 from .layout import (
     F_FREQ,
@@ -44,12 +44,7 @@ def _token_tensor(ids: Any, t: int, vocab: int, device: torch.device) -> torch.T
     """The ``T`` token ids as an int64 tensor on ``device``, every one checked in ``[0, vocab)`` (a device tensor is
     read back once for the check)."""
     if isinstance(ids, torch.Tensor):
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise TypeError(f"token_ids must hold integer token ids, got a {ids.dtype} tensor")
-        out = ids.to(device=device, dtype=torch.int64).reshape(-1)
-        bad = (out < 0) | (out >= vocab)
-        if out.numel() and bool(bad.any()):
-            raise ValueError(f"token_ids holds token id {int(out[bad][0])}, outside the vocabulary [0, {vocab})")
+        out = id_tensor(ids, "token_ids", vocab, device).reshape(-1)
     else:
         out = torch.from_numpy(token_array(ids, "token_ids", vocab)).to(device)
     if out.numel() != t:
@@ -60,15 +55,9 @@ def _token_tensor(ids: Any, t: int, vocab: int, device: torch.device) -> torch.T
 def _extra_tensor(extra: Any, t: int, vocab: int, device: torch.device) -> torch.Tensor:
     """Extra ids as a ``(T, K)`` int64 tensor, ``-1`` padding the shorter rows of a ragged list."""
     if isinstance(extra, torch.Tensor):
-        if extra.dim() != 2 or extra.shape[0] != t or extra.dtype.is_floating_point or extra.dtype == torch.bool:
-            raise ValueError(f"extra_token_ids as a tensor must be an integer tensor of shape ({t}, K), got "
-                             f"{extra.dtype} of shape {tuple(extra.shape)}")
-        out = extra.to(device=device, dtype=torch.int64)
-        bad = (out < 0) | (out >= vocab)
-        if out.numel() and bool(bad.any()):
-            raise ValueError(f"extra_token_ids holds token id {int(out[bad][0])}, outside the vocabulary "
-                             f"[0, {vocab})")
-        return out
+        if extra.dim() != 2 or extra.shape[0] != t:
+            raise ValueError(f"extra_token_ids as a tensor must have shape ({t}, K), got {tuple(extra.shape)}")
+        return id_tensor(extra, "extra_token_ids", vocab, device)
     if isinstance(extra, (str, bytes)) or not isinstance(extra, Iterable):
         raise TypeError(f"extra_token_ids must be T sequences of ints or a (T, K) integer tensor, got {extra!r}")
     rows = [token_array(r, f"extra_token_ids of row {i}", vocab) for i, r in enumerate(extra)]

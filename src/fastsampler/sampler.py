@@ -26,6 +26,7 @@ from ._batch import (
     check_ids,
     check_int,
     id_array,
+    id_tensor,
     ids_to_bitmask,
     mask_words,
     pack_request,
@@ -1245,9 +1246,7 @@ def _draft_tensor(drafts: Any, b: int, k: int, vocab: int, device: torch.device)
     """Draft tokens as a ``(b, k)`` int64 tensor on ``device``, every id checked in ``[0, vocab)`` (a device tensor
     is read back once for the check)."""
     if isinstance(drafts, torch.Tensor):
-        if drafts.dtype.is_floating_point or drafts.dtype.is_complex or drafts.dtype == torch.bool:
-            raise TypeError(f"draft_tokens must hold integer token ids, got a {drafts.dtype} tensor")
-        out = drafts.to(device=device, dtype=torch.int64)
+        out = id_tensor(drafts, "draft_tokens", vocab, device)
     else:
         rows = [id_array(r, "draft_tokens") for r in drafts] if not isinstance(drafts, np.ndarray) else None
         arr = np.asarray(drafts) if rows is None else (np.stack(rows) if rows and len({r.size for r in rows}) == 1
@@ -1263,7 +1262,4 @@ def _draft_tensor(drafts: Any, b: int, k: int, vocab: int, device: torch.device)
     if tuple(out.shape) != (b, k):
         raise ValueError(f"draft_tokens must have shape ({b}, {k}) (K = logits.shape[1] - 1 per row), got "
                          f"{tuple(out.shape)}")
-    bad = (out < 0) | (out >= vocab)
-    if bool(bad.any()):
-        raise ValueError(f"draft_tokens holds token id {int(out[bad][0])}, outside the vocabulary [0, {vocab})")
-    return out
+    return out if isinstance(drafts, torch.Tensor) else id_tensor(out, "draft_tokens", vocab, device)
