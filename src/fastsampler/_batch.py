@@ -540,7 +540,7 @@ class ParamBatch:
     """
 
     __slots__ = ("params", "rows", "f", "i", "bits", "n_top", "seeds", "mu", "restricted", "max_id", "bias", "single",
-                 "stops", "stop_ban", "history_rules", "windowed")
+                 "stops", "stop_ban", "history_rules", "windowed", "_history_args")
 
     def __init__(self, params: SamplingParams | tuple[SamplingParams, ...], rows: list[PackedRequest], single: bool,
                  readonly: bool = True) -> None:
@@ -563,6 +563,7 @@ class ParamBatch:
         self.stop_ban = any(e.stop_ban for e in uniq)  # some row bans its stop ids before min_tokens
         self.history_rules = any(e.history_rules for e in uniq)  # some row bans tokens from its history
         self.windowed = any(e.window >= 0 for e in uniq)  # some row's penalties count its last tokens only
+        self._history_args: tuple[np.ndarray, list[int], np.ndarray | None] | None = None
         self.bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         if any(e.bias_ids.size for e in uniq):
             indptr = np.zeros(b + 1, dtype=np.int32)
@@ -581,7 +582,13 @@ class ParamBatch:
 
     def history_args(self) -> tuple[np.ndarray, list[int], np.ndarray | None]:
         """The rows' history rules as `fastsampler._history.history_keep` takes them: ``no_repeat_ngram_size`` per
-        row, the distinct sizes, and the ``(B, P, M)`` bad-words table (None when no row has bad words)."""
+        row, the distinct sizes, and the ``(B, P, M)`` bad-words table (None when no row has bad words); built once
+        per `ParamBatch` (it depends on the params alone). Read-only."""
+        if self._history_args is None:
+            self._history_args = self._build_history_args()
+        return self._history_args
+
+    def _build_history_args(self) -> tuple[np.ndarray, list[int], np.ndarray | None]:
         ngram = np.array([e.ngram for e in self.rows], dtype=np.int64)
         p = max((len(e.bad_words) for e in self.rows), default=0)
         bad = None
