@@ -147,9 +147,10 @@ def test_numpy_and_auto_dispatch():
 def _raw_args(b=2, v=10):
     from fastsampler.backends.cpu import _C
 
-    args = dict(logits=np.zeros((b, v), np.float32), dtype="float32", vocab_size=v,
-                fparams=np.tile(np.array([1, 1, 0, 1, 0, 0, 1, 5, 0.1, 0], np.float32), (b, 1)),  # the F_* columns
-                iparams=np.tile(np.array([0, 1, 0, 0, 0, 0, 0, 0], np.int32), (b, 1)),
+    from fastsampler._batch import pack_param_rows
+
+    f, i = pack_param_rows([SamplingParams()] * b)  # the F_* / I_* columns of the default params
+    args = dict(logits=np.zeros((b, v), np.float32), dtype="float32", vocab_size=v, fparams=f, iparams=i,
                 seeds=np.zeros(b, np.int64), steps=np.zeros(b, np.int64), seqs=np.zeros(b, np.int64),
                 mirostat_mu=np.full(b, np.nan, np.float32), eos_ids=np.zeros(0, np.int32))
     return _C, args
@@ -176,6 +177,15 @@ def _raw_args(b=2, v=10):
     (dict(bias_indptr=np.array([0, 2, 2], np.int32), bias_ids=np.array([3, 1], np.int32),
           bias_vals=np.array([1.0, 2.0], np.float32)), "sorted ascending"),
     (dict(bias_indptr=np.array([0, 1, 2], np.int32)), "given together"),
+    (dict(dry_ids=np.zeros((2, 1), np.int32)), "dry_ids and dry_vals must be given together"),
+    (dict(dry_ids=np.array([[10], [1]], np.int32), dry_vals=np.ones((2, 1), np.float32)),
+     "dry_ids of row 0 holds token id 10"),
+    (dict(dry_ids=np.array([[3, 1], [1, 2]], np.int32), dry_vals=np.ones((2, 2), np.float32)), "ascending"),
+    (dict(dry_ids=np.array([[1], [2]], np.int32), dry_vals=np.array([[1.0], [-1.0]], np.float32)),
+     "dry_vals of row 1 must be finite and >= 0"),
+    (dict(dry_ids=np.array([[2**31 - 1], [2]], np.int32), dry_vals=np.ones((2, 1), np.float32)),
+     "must be 0 at unused entries"),
+    (dict(dry_ids=np.zeros((2, 1), np.int64), dry_vals=np.ones((2, 1), np.float32)), "dry_ids must be int32"),
     (dict(logits=[[0.0] * 10] * 2), "logits must be a numpy array"),
 ])
 def test_binding_rejects_bad_input(change, match):

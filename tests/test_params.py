@@ -296,8 +296,8 @@ def test_allowed_empty_is_an_error_banned_empty_is_not():
     ],
 )
 def test_mirostat_excludes_truncation(mode, kw, clash):
-    msg = (f"mirostat_mode={mode} replaces truncation and cannot be combined with {clash}; leave top_k, top_p, min_p "
-           "and typical_p at their defaults")
+    msg = (f"mirostat_mode={mode} replaces truncation and cannot be combined with {clash}; leave top_k, top_p, min_p, "
+           "typical_p, epsilon_cutoff, eta_cutoff, top_n_sigma and xtc_probability at their defaults")
     with pytest.raises(ValueError, match=_m(msg)):
         SamplingParams(mirostat_mode=mode, **kw)
 

@@ -333,12 +333,12 @@ def test_state_layout_and_lazy_allocation() -> None:
     assert s.prompt_mask_of(x[0]).tolist() == [1, 2, 0, 1 << 3]
     s.add(SamplingParams(banned_token_ids=[0]))
     assert s._tables.allowed is not None and s._tables.allowed.shape == (3, 4)
-    # memory per slot, as documented: 2 V (counts) + V / 8 (prompt bitmask) + 132 bytes of scalars and parameters,
+    # memory per slot, as documented: 2 V (counts) + V / 8 (prompt bitmask) + 156 bytes of scalars and parameters,
     # plus V / 8 for the allowed mask and 8 bytes per logit-bias entry once used
     t = s._tables
     core = [t.fparams, t.iparams, t.seeds, t.steps, t.seqs, t.mu, t.prompt, t.counts, t.hist_total, t.ngram, t.window,
             t.hist_start]
-    assert sum(t.numel() * t.element_size() for t in core) / 3 == 2 * 100 + 4 * 4 + 132
+    assert sum(t.numel() * t.element_size() for t in core) / 3 == 2 * 100 + 4 * 4 + 156
 
 
 # ------------------------------------------------------------------------------------------------------ errors

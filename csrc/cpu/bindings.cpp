@@ -115,7 +115,7 @@ struct Inputs {
 Inputs parse(py::object logits_o, const std::string& dtype, int64_t vocab, py::object fparams, py::object iparams,
              py::object seeds, py::object steps, py::object seqs, py::object mu, py::object allowed, py::object prompt,
              py::object counts, py::object bias_indptr, py::object bias_ids, py::object bias_vals, py::object eos,
-             int64_t n_top) {
+             py::object dry_ids, py::object dry_vals, int64_t n_top) {
   Inputs in;
   fs::BatchArgs& a = in.args;
   py::array lg = as_array(logits_o, "logits");
@@ -257,6 +257,35 @@ Inputs parse(py::object logits_o, const std::string& dtype, int64_t vocab, py::o
   a.eos = e;
   a.n_eos = ea.shape(0);
   in.keep.push_back(ea);
+  if (dry_ids.is_none() != dry_vals.is_none()) fail("dry_ids and dry_vals must be given together");
+  if (!dry_ids.is_none()) {  // DRY penalties (docs/semantics.md §3 C): per row, ids ascending, then padding
+    auto di = check(dry_ids, "dry_ids", 'i', 4, "int32", {B, -1});
+    const int64_t K = di.shape(1);
+    auto dv = check(dry_vals, "dry_vals", 'f', 4, "float32", {B, K});
+    const int32_t* ids = static_cast<const int32_t*>(di.data());
+    const float* vals = static_cast<const float*>(dv.data());
+    for (int64_t r = 0; r < B; ++r) {
+      for (int64_t j = 0; j < K; ++j) {
+        const int32_t t = ids[r * K + j];
+        const float v = vals[r * K + j];
+        if (t == fs::kDryPad) {
+          if (v != 0.0f) fail("dry_vals of row " + std::to_string(r) + " must be 0 at unused entries");
+          continue;
+        }
+        if (t < 0 || t >= vocab)
+          fail("dry_ids of row " + std::to_string(r) + " holds token id " + std::to_string(t) +
+               ", outside the vocabulary [0, " + std::to_string(vocab) + ")");
+        if (j > 0 && t <= ids[r * K + j - 1])
+          fail("dry_ids of row " + std::to_string(r) + " must be ascending without repeats, padding last");
+        if (!(v >= 0.0f) || std::isinf(v))
+          fail("dry_vals of row " + std::to_string(r) + " must be finite and >= 0");
+      }
+    }
+    a.dry_ids = ids;
+    a.dry_vals = vals;
+    a.dry_k = K;
+    in.keep.insert(in.keep.end(), {di, dv});
+  }
   return in;
 }
 
@@ -338,9 +367,10 @@ int resolve_threads(int num_threads) {
 py::tuple sample(py::object logits, const std::string& dtype, int64_t vocab, py::object fparams, py::object iparams,
                  py::object seeds, py::object steps, py::object seqs, py::object mu, py::object allowed,
                  py::object prompt, py::object counts, py::object bias_indptr, py::object bias_ids,
-                 py::object bias_vals, py::object eos, int64_t n_top, int num_threads, py::object forced) {
+                 py::object bias_vals, py::object eos, py::object dry_ids, py::object dry_vals, int64_t n_top,
+                 int num_threads, py::object forced) {
   Inputs in = parse(logits, dtype, vocab, fparams, iparams, seeds, steps, seqs, mu, allowed, prompt, counts,
-                    bias_indptr, bias_ids, bias_vals, eos, n_top);
+                    bias_indptr, bias_ids, bias_vals, eos, dry_ids, dry_vals, n_top);
   const int64_t B = in.args.B;
   if (!forced.is_none()) {  // the rows' tokens are given: no draw, the outputs are those of these tokens
     auto fa = check(forced, "forced_tokens", 'i', 8, "int64", {B});
@@ -377,9 +407,9 @@ py::array_t<float> sampling_probs(py::object logits, const std::string& dtype, i
                                   py::object iparams, py::object seeds, py::object steps, py::object seqs,
                                   py::object mu, py::object allowed, py::object prompt, py::object counts,
                                   py::object bias_indptr, py::object bias_ids, py::object bias_vals, py::object eos,
-                                  int num_threads) {
+                                  py::object dry_ids, py::object dry_vals, int num_threads) {
   Inputs in = parse(logits, dtype, vocab, fparams, iparams, seeds, steps, seqs, mu, allowed, prompt, counts,
-                    bias_indptr, bias_ids, bias_vals, eos, fs::kMaxTopLogprobs);
+                    bias_indptr, bias_ids, bias_vals, eos, dry_ids, dry_vals, fs::kMaxTopLogprobs);
   const int64_t B = in.args.B, V = in.args.V;
   py::array_t<float> probs({B, V});
   in.args.probs = probs.mutable_data();
@@ -394,9 +424,10 @@ py::array_t<float> sampling_probs(py::object logits, const std::string& dtype, i
 py::array_t<bool> kept_mask(py::object logits, const std::string& dtype, int64_t vocab, py::object fparams,
                             py::object iparams, py::object seeds, py::object steps, py::object seqs, py::object mu,
                             py::object allowed, py::object prompt, py::object counts, py::object bias_indptr,
-                            py::object bias_ids, py::object bias_vals, py::object eos, int num_threads) {
+                            py::object bias_ids, py::object bias_vals, py::object eos, py::object dry_ids,
+                            py::object dry_vals, int num_threads) {
   Inputs in = parse(logits, dtype, vocab, fparams, iparams, seeds, steps, seqs, mu, allowed, prompt, counts,
-                    bias_indptr, bias_ids, bias_vals, eos, fs::kMaxTopLogprobs);
+                    bias_indptr, bias_ids, bias_vals, eos, dry_ids, dry_vals, fs::kMaxTopLogprobs);
   const int64_t B = in.args.B, V = in.args.V;
   py::array_t<bool> kept({B, V});
   in.args.kept = reinterpret_cast<uint8_t*>(kept.mutable_data());
@@ -499,7 +530,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("iparams"), py::arg("seeds"), py::arg("steps"), py::arg("seqs"), py::arg("mirostat_mu"),
         py::arg("allowed_mask") = py::none(), py::arg("prompt_mask") = py::none(),
         py::arg("output_counts") = py::none(), py::arg("bias_indptr") = py::none(), py::arg("bias_ids") = py::none(),
-        py::arg("bias_vals") = py::none(), py::arg("eos_ids"), py::arg("n_top") = 0, py::arg("num_threads") = 0,
+        py::arg("bias_vals") = py::none(), py::arg("eos_ids"), py::arg("dry_ids") = py::none(),
+        py::arg("dry_vals") = py::none(), py::arg("n_top") = 0, py::arg("num_threads") = 0,
         py::arg("forced_tokens") = py::none(),
         "Sample one token per row (or take forced_tokens, int64 (B,), as the rows' tokens: no draw). Returns "
         "(tokens, valid, logprobs, top_ids, top_logprobs, ranks, mirostat_mu).");
@@ -507,13 +539,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("fparams"), py::arg("iparams"), py::arg("seeds"), py::arg("steps"), py::arg("seqs"),
         py::arg("mirostat_mu"), py::arg("allowed_mask") = py::none(), py::arg("prompt_mask") = py::none(),
         py::arg("output_counts") = py::none(), py::arg("bias_indptr") = py::none(), py::arg("bias_ids") = py::none(),
-        py::arg("bias_vals") = py::none(), py::arg("eos_ids"), py::arg("num_threads") = 0,
+        py::arg("bias_vals") = py::none(), py::arg("eos_ids"), py::arg("dry_ids") = py::none(),
+        py::arg("dry_vals") = py::none(), py::arg("num_threads") = 0,
         "The (B, V) float32 distribution each row's token is drawn from.");
   m.def("kept_mask", &kept_mask, py::arg("logits"), py::arg("dtype"), py::arg("vocab_size"), py::arg("fparams"),
         py::arg("iparams"), py::arg("seeds"), py::arg("steps"), py::arg("seqs"), py::arg("mirostat_mu"),
         py::arg("allowed_mask") = py::none(), py::arg("prompt_mask") = py::none(),
         py::arg("output_counts") = py::none(), py::arg("bias_indptr") = py::none(), py::arg("bias_ids") = py::none(),
-        py::arg("bias_vals") = py::none(), py::arg("eos_ids"), py::arg("num_threads") = 0,
+        py::arg("bias_vals") = py::none(), py::arg("eos_ids"), py::arg("dry_ids") = py::none(),
+        py::arg("dry_vals") = py::none(), py::arg("num_threads") = 0,
         "The (B, V) bool kept set S of each row after truncation (greedy rows: the argmax; invalid "
         "rows and padding columns: False), exact even where a kept probability underflows.");
   m.def("advance_state", &advance_state, py::arg("steps"), py::arg("mu"), py::arg("counts"), py::arg("slots"),
@@ -543,6 +577,12 @@ PYBIND11_MODULE(_C, m) {
       {"F_MIRO_TAU", fs::F_MIRO_TAU},
       {"F_MIRO_ETA", fs::F_MIRO_ETA},
       {"F_EPSILON", fs::F_EPSILON},
+      {"F_ETA", fs::F_ETA},
+      {"F_NSIGMA", fs::F_NSIGMA},
+      {"F_XTC_P", fs::F_XTC_P},
+      {"F_XTC_T", fs::F_XTC_T},
+      {"F_DYN_RANGE", fs::F_DYN_RANGE},
+      {"F_DYN_EXP", fs::F_DYN_EXP},
       {"NF", fs::NF},
       {"I_TOP_K", fs::I_TOP_K},
       {"I_MIN_KEEP", fs::I_MIN_KEEP},
@@ -560,6 +600,7 @@ PYBIND11_MODULE(_C, m) {
       {"MIROSTAT_M", fs::kMirostatM},
       {"MAX_TOP_LOGPROBS", fs::kMaxTopLogprobs},
       {"COUNT_MAX", fs::kCountMax},
+      {"STREAM_XTC", fs::kStreamXtc},
   };
   for (const auto& [name, value] : entries) layout[name] = value;
   m.attr("LAYOUT") = layout;

@@ -6,7 +6,8 @@ Packed form (all torch tensors on the logits' device, ``B`` rows, ``V = logits.s
 
 ``fparams`` (B, NF) float32
     Columns ``F_*`` below: temperature, top_p, min_p, typical_p, frequency / presence / repetition penalty,
-    mirostat tau (bits) and eta, epsilon_cutoff.
+    mirostat tau (bits) and eta, epsilon_cutoff, eta_cutoff, top_n_sigma, XTC's effective probability (0 when its
+    threshold is above 0.5) and threshold, dynatemp_range and dynatemp_exponent.
 ``iparams`` (B, NI) int32
     Columns ``I_*`` below: top_k, min_keep, mirostat mode, min_tokens, ignore_eos, logprobs (0/1), top_logprobs,
     logprobs mode (0 raw, 1 processed, 2 final).
@@ -29,6 +30,10 @@ Packed form (all torch tensors on the logits' device, ``B`` rows, ``V = logits.s
     0.0 changes nothing.
 ``eos_ids`` (E,) int32
     EOS ids, banned where ``step < min_tokens`` or ``ignore_eos``.
+``dry_ids`` (B, K) int32, ``dry_vals`` (B, K) float32, or both None
+    DRY penalties (docs/semantics.md §3 C), row-indexed in every form: row ``r`` subtracts ``dry_vals[r, j]`` from
+    the logit of ``dry_ids[r, j]`` after the frequency and presence penalties. Ids are unique and ascending within a
+    row; unused entries hold `DRY_PAD` (larger than every id) with value 0.0.
 ``vocab_size``
     Columns ``>= vocab_size`` are padding and never sampled.
 ``n_top``
@@ -75,7 +80,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 import numpy as np
 import torch
 
-from ._history import bad_words_table, histories, ring_keep
+from ._history import bad_words_table, breakers_table, dry_table, histories, ring_keep
 from .layout import (
     COUNT_MAX,
     I_MIN_TOKENS,
@@ -99,7 +104,8 @@ NO_TOKEN = -2  # pads id tables that are compared with sampled tokens (an invali
 # the array fields of a packed batch, in the order of every positional form (the custom op's arguments, the C++
 # extension's, `HostBatch`): `PackedBatch.arrays` / `PackedBatch.op_args` / `PackedBatch.from_op_args` use it
 ARRAY_FIELDS = ("fparams", "iparams", "seeds", "steps", "seqs", "mirostat_mu", "allowed_mask", "prompt_mask",
-                "output_counts", "bias_indptr", "bias_ids", "bias_vals", "eos_ids")
+                "output_counts", "bias_indptr", "bias_ids", "bias_vals", "eos_ids", "dry_ids", "dry_vals")
+DRY_PAD = (1 << 31) - 1  # the id of an unused DRY table entry (docs: `PackedBatch.dry_ids`)
 
 
 @dataclass
@@ -129,6 +135,8 @@ class PackedBatch:
     update_state: bool = False
     forced_tokens: torch.Tensor | None = None
     stops: bool = False
+    dry_ids: torch.Tensor | None = None
+    dry_vals: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -191,7 +199,7 @@ class PackedBatch:
             seeds=take(self.seeds), steps=take(self.steps), seqs=take(self.seqs), mirostat_mu=take(self.mirostat_mu),
             allowed_mask=allowed, prompt_mask=take(self.prompt_mask, 0), output_counts=take(self.output_counts),
             bias_indptr=indptr, bias_ids=ids, bias_vals=vals, eos_ids=self.eos_ids, n_top=self.n_top,
-            flags=self.flags,
+            flags=self.flags, dry_ids=self.dry_ids, dry_vals=self.dry_vals,
         )
 
 
@@ -391,7 +399,8 @@ def request_flags(p: SamplingParams) -> BatchFlags:
         all_greedy=greedy,
         any_top_k=p.top_k > 0,
         any_top_p=p.top_p < 1.0,
-        any_min_p=p.min_p > 0.0 or p.epsilon_cutoff > 0.0,  # (epsilon is a threshold of the min-p stage)
+        # (epsilon, eta and top-n-sigma are thresholds of the min-p stage)
+        any_min_p=p.min_p > 0.0 or p.epsilon_cutoff > 0.0 or p.eta_cutoff > 0.0 or p.top_n_sigma > 0.0,
         any_typical=p.typical_p < 1.0,
         any_min_keep=p.min_keep > 1,
         any_mirostat=p.mirostat_mode != 0,
@@ -400,6 +409,11 @@ def request_flags(p: SamplingParams) -> BatchFlags:
         any_eos_rule=p.min_tokens > 0 or p.ignore_eos,
         any_mirostat_v1=p.mirostat_mode == 1,
         any_mirostat_v2=p.mirostat_mode == 2,
+        any_eta=p.eta_cutoff > 0.0,
+        any_nsigma=p.top_n_sigma > 0.0,
+        any_xtc=p.xtc_active and not greedy,
+        any_dynatemp=p.dynatemp_range > 0.0,
+        any_dry=p.dry_active,
     )
 
 
@@ -450,14 +464,21 @@ class PackedRequest:
         Some history rule applies (`fastsampler._history`).
     window : int
         The generated tokens the penalties count (``params.penalty_last_n``; -1, all, also when no penalty is on).
+    dry : bool
+        DRY applies (`SamplingParams.dry_active`).
+    dry_f, dry_i, breakers : tuple
+        ``(dry_multiplier, dry_base)``, ``(dry_allowed_length, dry_penalty_last_n)`` and the sequence breakers.
     """
 
     __slots__ = ("f", "i", "bits", "seed", "mu", "n_top", "restricted", "bias_ids", "bias_vals", "max_id", "_ids",
-                 "_allowed", "stop_ids", "stop_ban", "ignore_eos", "ngram", "bad_words", "history_rules", "window")
+                 "_allowed", "stop_ids", "stop_ban", "ignore_eos", "ngram", "bad_words", "history_rules", "window",
+                 "dry", "dry_f", "dry_i", "breakers")
 
     def __init__(self, p: SamplingParams) -> None:
         self.f = np.array((p.temperature, p.top_p, p.min_p, p.typical_p, p.frequency_penalty, p.presence_penalty,
-                           p.repetition_penalty, p.mirostat_target, p.mirostat_lr, p.epsilon_cutoff), dtype=np.float32)
+                           p.repetition_penalty, p.mirostat_target, p.mirostat_lr, p.epsilon_cutoff, p.eta_cutoff,
+                           p.top_n_sigma, p.xtc_probability if p.xtc_active else 0.0, p.xtc_threshold,
+                           p.dynatemp_range, p.dynatemp_exponent), dtype=np.float32)
         self.i = np.array((p.top_k, p.min_keep, p.mirostat_mode, p.min_tokens, int(p.ignore_eos), int(p.logprobs),
                            p.top_logprobs, LOGPROBS_MODES.index(p.logprobs_mode)), dtype=np.int32)
         assert self.f.shape == (NF,) and self.i.shape == (NI,)
@@ -483,6 +504,11 @@ class PackedRequest:
         # the penalties' window over generated tokens (-1: all of them); only where some penalty counts them
         penal = p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
         self.window = p.penalty_last_n if penal else -1
+        # DRY (§3 C): its float (multiplier, base) and int (allowed length, window) parameters and breakers
+        self.dry = p.dry_active
+        self.dry_f = (p.dry_multiplier, p.dry_base)
+        self.dry_i = (p.dry_allowed_length, p.dry_penalty_last_n)
+        self.breakers = p.dry_sequence_breakers or ()
 
     def allowed_row(self, v: int) -> np.ndarray:
         """The ``(ceil(v / 32),)`` int32 allowed bitmask over ``v`` columns (all ones when nothing is restricted).
@@ -540,7 +566,7 @@ class ParamBatch:
     """
 
     __slots__ = ("params", "rows", "f", "i", "bits", "n_top", "seeds", "mu", "restricted", "max_id", "bias", "single",
-                 "stops", "stop_ban", "history_rules", "windowed", "_history_args")
+                 "stops", "stop_ban", "history_rules", "windowed", "_history_args", "dry", "_dry_args")
 
     def __init__(self, params: SamplingParams | tuple[SamplingParams, ...], rows: list[PackedRequest], single: bool,
                  readonly: bool = True) -> None:
@@ -564,6 +590,8 @@ class ParamBatch:
         self.history_rules = any(e.history_rules for e in uniq)  # some row bans tokens from its history
         self.windowed = any(e.window >= 0 for e in uniq)  # some row's penalties count its last tokens only
         self._history_args: tuple[np.ndarray, list[int], np.ndarray | None] | None = None
+        self.dry = any(e.dry for e in uniq)  # some row has DRY penalties
+        self._dry_args: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
         self.bias: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         if any(e.bias_ids.size for e in uniq):
             indptr = np.zeros(b + 1, dtype=np.int32)
@@ -596,6 +624,24 @@ class ParamBatch:
             m = max(len(w) for e in self.rows for w in e.bad_words)
             bad = np.stack([bad_words_table(e.bad_words, p, m) for e in self.rows])
         return ngram, sorted({int(n) for n in ngram if n > 0}), bad
+
+    def dry_args(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The rows' DRY parameters as `fastsampler._history.dry_table` takes them, built once per `ParamBatch`:
+        ``(B, 2)`` float64 (multiplier, base; multiplier 0 on rows without DRY), ``(B, 2)`` int64 (allowed length,
+        window) and the ``(B, P, M)`` breakers table (`breakers_table`; None when no row has breakers). Read-only."""
+        if self._dry_args is None:
+            fd = np.array([e.dry_f if e.dry else (0.0, 1.0) for e in self.rows], dtype=np.float64).reshape(-1, 2)
+            idry = np.array([e.dry_i for e in self.rows], dtype=np.int64).reshape(-1, 2)
+            p = max((len(e.breakers) for e in self.rows if e.dry), default=0)
+            brk = None
+            if p:
+                m = max(len(w) for e in self.rows for w in e.breakers)
+                brk = np.stack([breakers_table(e.breakers if e.dry else (), p, m) for e in self.rows])
+            for a in (fd, idry, brk):
+                if a is not None:
+                    a.flags.writeable = False
+            self._dry_args = (fd, idry, brk)
+        return self._dry_args
 
     def stop_masks(self, v: int) -> np.ndarray:
         """``(B, ceil(v / 32))`` int32: the bits of each row's stop ids where it bans them (``min_tokens > 0``),
@@ -729,6 +775,8 @@ class HostBatch(NamedTuple):
     bias_ids: np.ndarray | None
     bias_vals: np.ndarray | None
     eos_ids: np.ndarray
+    dry_ids: np.ndarray | None
+    dry_vals: np.ndarray | None
     n_top: int
     flags: BatchFlags
     stops: bool = False
@@ -769,7 +817,7 @@ _STEP_INPUTS = frozenset(StepInputs.__annotations__)
 def _pack(
     logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams], host: bool, inputs: StepInputs, fn: str
 ) -> tuple[list[Any], int, int, BatchFlags, bool]:
-    """The packing of `pack_batch` / `pack_host` (``fn``, for the error of an unknown keyword): the 13 array fields
+    """The packing of `pack_batch` / `pack_host` (``fn``, for the error of an unknown keyword): the 15 array fields
     of a packed batch (`ARRAY_FIELDS`), the vocabulary size, ``n_top``, the flags and whether some row has stop ids.
     Fields are numpy arrays (``host``) or tensors on the logits' device."""
     unknown = sorted(inputs.keys() - _STEP_INPUTS)
@@ -902,6 +950,30 @@ def _pack(
         else:
             allowed = keep.numpy() if allowed is None else allowed & keep.numpy()
 
+    dry_ids = dry_vals = None
+    if pb.dry:  # DRY penalties from the rows' histories (§3 C), a sparse (B, K) table
+        if prompt_token_ids is None and output_token_ids is None:
+            raise ValueError("dry_multiplier reads the token history in order: pass prompt_token_ids and / or "
+                             "output_token_ids (sequences)")
+        for alt in ("prompt_token_ids", "output_token_ids"):
+            seqs = inputs.get(alt)
+            if seqs is not None and len(seqs) != b:
+                raise ValueError(f"{alt} must hold batch_size={b} sequences, got {len(seqs)}")
+        if prompt_mask is not None and prompt_token_ids is not None:  # (not checked above, where the mask won)
+            for r, ids in enumerate(prompt_token_ids):
+                check_ids("prompt_token_ids", r, ids, vocab)
+        if bad_ids:
+            for r, p in enumerate(pb.plist()):
+                for seq in p.dry_sequence_breakers or ():
+                    check_ids("dry_sequence_breakers", r, seq, vocab)
+        fd, idry, brk = pb.dry_args()
+        ring, total = histories(prompt_token_ids, output_token_ids, b)
+        ids_t, vals_t = dry_table(torch.from_numpy(ring), torch.from_numpy(total), torch.arange(b),
+                                  torch.from_numpy(fd), torch.from_numpy(idry),
+                                  None if brk is None else torch.from_numpy(brk))
+        if ids_t.shape[1]:
+            dry_ids, dry_vals = ids_t.numpy(), vals_t.numpy()
+
     # logit bias, CSR (ids sorted within a row: SamplingParams keeps logit_bias sorted)
     bias_indptr = bias_ids = bias_vals = None
     if pb.bias is not None:
@@ -930,7 +1002,7 @@ def _pack(
         eos = np.array([int(t) for t in eos_list], dtype=np.int32)
 
     fields = [own(pb.f), own(pb.i), seeds_v, steps_v, seqs_v, mu_v, allowed, prompt, counts, bias_indptr, bias_ids,
-              bias_vals, eos]
+              bias_vals, eos, dry_ids, dry_vals]
     if host:  # every field a numpy array (tensors here are on the CPU: views)
         fields = [x if x is None or isinstance(x, np.ndarray) else _host_array(x) for x in fields]
     else:  # every field a tensor on the logits' device
@@ -1003,7 +1075,7 @@ def pack_host(
     >>> from fastsampler.params import SamplingParams
     >>> hb = pack_host(torch.zeros(2, 40), SamplingParams(seed=3, top_k=5))
     >>> hb.fparams.shape, hb.seeds.tolist(), hb.flags.any_top_k
-    ((2, 10), [3, 3], True)
+    ((2, 16), [3, 3], True)
     """
     if logits.device.type != "cpu":
         raise ValueError(f"pack_host packs CPU logits, got logits on {logits.device}")

@@ -68,14 +68,16 @@ def _sample_packed_op(
     bias_ids: Optional[torch.Tensor],
     bias_vals: Optional[torch.Tensor],
     eos_ids: torch.Tensor,
+    dry_ids: Optional[torch.Tensor],
+    dry_vals: Optional[torch.Tensor],
     vocab_size: int,
     n_top: int,
     flags: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     batch = PackedBatch.from_op_args(logits, fparams, iparams, seeds, steps, seqs, mirostat_mu, allowed_mask,
-                                     prompt_mask, output_counts, bias_indptr, bias_ids, bias_vals, eos_ids, vocab_size,
-                                     n_top, flags)
+                                     prompt_mask, output_counts, bias_indptr, bias_ids, bias_vals, eos_ids, dry_ids,
+                                     dry_vals, vocab_size, n_top, flags)
     return tuple(_finish(_backend_module(backend).sample_packed(batch), batch))
 
 
@@ -95,7 +97,7 @@ def _finish(out: SampleOutput, batch: PackedBatch) -> list[torch.Tensor]:
 
 @_sample_packed_op.register_fake
 def _(logits, fparams, iparams, seeds, steps, seqs, mirostat_mu, allowed_mask, prompt_mask, output_counts,
-      bias_indptr, bias_ids, bias_vals, eos_ids, vocab_size, n_top, flags, backend):
+      bias_indptr, bias_ids, bias_vals, eos_ids, dry_ids, dry_vals, vocab_size, n_top, flags, backend):
     b = logits.shape[0]
     return (
         logits.new_empty((b,), dtype=torch.int64),

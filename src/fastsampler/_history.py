@@ -1,5 +1,5 @@
-"""History rules of stage A (docs/semantics.md §3 A): ``no_repeat_ngram_size`` and ``bad_words_ids`` ban tokens
-from a request's token history (prompt, then generated tokens).
+"""History rules (docs/semantics.md §3 A, C): ``no_repeat_ngram_size`` and ``bad_words_ids`` ban tokens from a
+request's token history (prompt, then generated tokens); DRY penalises the tokens that would extend a repeat of it.
 
 Both become a ban bitmask that is AND-ed into the allowed mask the backends read, so no kernel changes and every
 backend applies them alike. The bans are computed with torch on the history alone: the cost grows with the history
@@ -15,13 +15,16 @@ oldest first and right-aligned (a row with fewer than ``L`` tokens padded on the
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["WILD", "bad_words_table", "history_keep", "histories", "ordered_history", "ring_keep"]
+__all__ = ["WILD", "bad_words_table", "breakers_table", "dry_table", "dry_penalty", "history_keep", "histories",
+           "ordered_history", "ring_keep"]
 
 WILD = -3  # a bad word's prefix position that matches anything (prefixes shorter than the table are right-aligned)
 _LITTLE_ENDIAN = sys.byteorder == "little"
@@ -133,3 +136,140 @@ def ring_keep(ring: torch.Tensor, total: torch.Tensor, ngram: torch.Tensor, ngra
     seq = ordered_history(ring.index_select(0, rows), total.index_select(0, rows))
     return history_keep(seq, ngram.index_select(0, rows), ngram_sizes,
                         None if bad is None else bad.index_select(0, rows), words)
+
+
+# ------------------------------------------------------------------------------------------------------------- DRY
+DRY_FLOAT_MAX_LOG = 88.7228391  # DRY's exponent clamp: floor(this / ln base) when base > 1.000001 (§3 C)
+DRY_PAD = (1 << 31) - 1  # fastsampler._batch.DRY_PAD: an unused entry of a DRY table
+
+
+def breakers_table(breakers: Sequence[Sequence[int]], p: int, m: int) -> np.ndarray:
+    """One request's DRY sequence breakers as a ``(p, m)`` int64 table, each left-aligned and padded with -1."""
+    out = np.full((p, m), _NONE, dtype=np.int64)
+    for i, s in enumerate(breakers):
+        out[i, :len(s)] = s
+    return out
+
+
+def dry_penalty(length: Any, multiplier: Any, base: Any, allowed: Any) -> Any:
+    """``multiplier * base^e`` with ``e = length - allowed`` clamped to ``floor(88.7228391 / ln base)`` when
+    ``base > 1.000001`` (docs/semantics.md §3 C, DRY step 4), float64; numpy or torch operands."""
+    lib = torch if isinstance(length, torch.Tensor) else np
+    e = (length - allowed).to(torch.float64) if lib is torch else np.asarray(length - allowed, dtype=np.float64)
+    big = base > 1.000001
+    emax = lib.floor(DRY_FLOAT_MAX_LOG / lib.log(lib.where(big, base, 2.0)))
+    e = lib.where(big, lib.minimum(e, emax), e)
+    return multiplier * base ** e
+
+
+def dry_table(ring: torch.Tensor, total: torch.Tensor, rows: torch.Tensor, fd: torch.Tensor, idry: torch.Tensor,
+              breakers: torch.Tensor | None, kmax: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DRY penalties of the rows ``rows`` of history rings (docs/semantics.md §3 C) as a sparse table:
+    ``(len(rows), K)`` int32 ids (unique and ascending per row, unused entries `DRY_PAD`) and float32 penalties
+    (0 there). ``fd`` ``(S, 2)`` float64 (multiplier, base; multiplier 0: no DRY), ``idry`` ``(S, 2)`` int64
+    (allowed length, window ``dry_penalty_last_n``), ``breakers`` ``(S, P, M)`` int64 (`breakers_table`) or None,
+    all indexed by slot like ``ring`` / ``total``; ``kmax``: `dry_table_torch`'s bound, host-known (required when
+    ``fd`` is on a device).
+
+    On CPU tensors the C++ extension computes it (one O(n) pass per row); elsewhere torch on the device, with a
+    table of ``K = L - 1`` entries per row (no read-back). Costs grow with the history, never with the vocabulary.
+    """
+    if ring.device.type == "cpu":
+        from .backends import cpu
+
+        if cpu.is_available()[0] and hasattr(cpu, "dry_edits"):
+            ids, vals = cpu.dry_edits(ring, total, rows, fd, idry, breakers)
+            return torch.from_numpy(ids), torch.from_numpy(vals)
+    seq = ordered_history(ring.index_select(0, rows), total.index_select(0, rows))
+    if kmax is None:
+        kmax = dry_kmax(fd.cpu().numpy(), idry.cpu().numpy(), ring.shape[1])  # (host tensors: no sync)
+    out = dry_table_torch(seq, fd.index_select(0, rows), idry.index_select(0, rows),
+                          None if breakers is None else breakers.index_select(0, rows), kmax)
+    if ring.device.type == "cpu":  # (no sync to avoid on the host: trim the unused columns)
+        k = int((out[0] != DRY_PAD).sum(1).max()) if out[0].numel() else 0
+        out = (out[0][:, :k].contiguous(), out[1][:, :k].contiguous())
+    return out
+
+
+def dry_kmax(fd: Any, idry: Any, length: int) -> int:
+    """The longest repeat length that can change a DRY penalty of these rows (host values): the allowed length for
+    ``base == 1``, plus the exponent clamp for ``base > 1.000001``, the whole history otherwise."""
+    fd, idry = np.asarray(fd, dtype=np.float64).reshape(-1, 2), np.asarray(idry, dtype=np.int64).reshape(-1, 2)
+    k = 0
+    for (mult, base), (allowed, _) in zip(fd, idry, strict=True):
+        if mult <= 0:
+            continue
+        if base == 1.0:
+            k = max(k, int(allowed))
+        elif base > 1.000001:
+            k = max(k, int(allowed) + int(math.floor(DRY_FLOAT_MAX_LOG / math.log(base))))
+        else:
+            k = length
+    return min(k, length)
+
+
+def dry_table_torch(seq: torch.Tensor, fd: torch.Tensor, idry: torch.Tensor, breakers: torch.Tensor | None,
+                    kmax: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`dry_table` on right-aligned histories ``seq`` ``(B, L)`` (-1 padding) and per-row parameters, with torch:
+    ``(B, L - 1)`` tables. Repeat lengths are counted up to ``kmax`` (host-known, `dry_kmax` of the parameters by
+    default: the longest that can change a penalty), so the work is ``O(L * kmax)`` per row."""
+    b, length = seq.shape
+    dev = seq.device
+    mult, base = fd[:, 0], fd[:, 1]
+    allowed, last_n = idry[:, 0], idry[:, 1]
+    have = (seq >= 0).sum(1)
+    n = torch.where(last_n < 0, have, torch.minimum(have, last_n))  # the window's length
+    n = torch.where(mult > 0, n, 0)
+    pos = torch.arange(length, device=dev)
+    start = length - n  # the window is seq[:, start:]
+    in_win = pos[None, :] >= start[:, None]
+    # 1. the breaker limit rho: the newest breaker head whose whole sequence occurs (the longest at that head)
+    rho = n.clone()
+    single = torch.zeros(b, length, dtype=torch.bool, device=dev)  # token at pos is a one-token breaker
+    if breakers is not None and breakers.shape[1]:
+        m = breakers.shape[2]
+        blen = (breakers >= 0).sum(2)  # (B, P)
+        padded = torch.nn.functional.pad(seq, (0, m), value=-2)
+        hit = (blen > 0)[:, :, None] & in_win[:, None, :]
+        for t in range(m):
+            tok = padded[:, t:t + length]  # token t after each position
+            hit = hit & ((breakers[:, :, t:t + 1] < 0) | (tok[:, None, :] == breakers[:, :, t:t + 1]))
+        hit = hit & (pos[None, None, :] + blen[:, :, None] - 1 <= length - 1)
+        mlen = torch.where(hit, blen[:, :, None], -1).amax(1)  # (B, L): the longest breaker at each head
+        j = torch.where(mlen >= 0, pos[None, :], -1).amax(1)  # the newest head with an occurrence
+        found = j >= 0
+        at = mlen.gather(1, j.clamp(min=0)[:, None])[:, 0]
+        rho = torch.where(found, (length - 1 - j) - (at - 1), rho)
+        single = ((blen == 1)[:, :, None] & (seq[:, None, :] == breakers[:, :, 0:1])).any(1)
+    # 2. repeat lengths: how long the history's suffix also ends at each position, counted up to kmax (a length
+    # beyond the allowed length plus the exponent clamp gives the same penalty)
+    if kmax is None:
+        kmax = dry_kmax(fd, idry, length)
+    lens = torch.zeros(b, length, dtype=torch.int64, device=dev)
+    alive = in_win.clone()
+    on_host = seq.device.type == "cpu"
+    for k in range(min(kmax, length)):
+        shifted = torch.nn.functional.pad(seq, (k, 0), value=-2)[:, :length]  # seq[j - k]
+        tail = seq[:, length - 1 - k:length - k]  # seq[L - 1 - k]
+        alive = alive & (shifted == tail) & (pos[None, :] - k >= start[:, None])
+        lens += alive
+        if on_host and not bool(alive.any()):  # (no read-back on a device: the loop runs kmax times)
+            break
+    lens = torch.minimum(lens, rho[:, None])
+    # 3. candidates: the token after each position whose repeat reaches the allowed length
+    cand = in_win & (pos[None, :] <= length - 2) & (lens >= allowed[:, None]) & (rho >= allowed)[:, None] & (
+        n > allowed)[:, None]
+    nxt = torch.nn.functional.pad(seq, (0, 1), value=-1)[:, 1:]
+    nxt_single = torch.nn.functional.pad(single, (0, 1), value=False)[:, 1:]
+    cand = cand & ~nxt_single
+    key = torch.where(cand, (nxt << 20) + lens.clamp(max=(1 << 20) - 1), (1 << 62))
+    key, _ = key.sort(1)
+    tok = key >> 20
+    last_of = torch.ones_like(key, dtype=torch.bool)
+    last_of[:, :-1] = tok[:, 1:] != tok[:, :-1]
+    take = last_of & (key < (1 << 62))
+    pen = dry_penalty(key & ((1 << 20) - 1), mult[:, None], base[:, None], allowed[:, None])
+    ids = torch.where(take, tok, DRY_PAD)
+    ids, order = ids[:, :length - 1].sort(1)
+    vals = torch.where(take, pen, 0.0)[:, :length - 1].gather(1, order).to(torch.float32)
+    return ids.to(torch.int32), vals

@@ -14,16 +14,19 @@ from dataclasses import dataclass
 
 __all__ = [
     "F_TEMPERATURE", "F_TOP_P", "F_MIN_P", "F_TYPICAL_P", "F_FREQ", "F_PRES", "F_REP", "F_MIRO_TAU", "F_MIRO_ETA",
-    "F_EPSILON", "NF", "I_TOP_K", "I_MIN_KEEP", "I_MIRO_MODE", "I_MIN_TOKENS", "I_IGNORE_EOS", "I_LOGPROBS",
-    "I_TOP_LOGPROBS", "I_LOGPROBS_MODE", "NI", "MODE_RAW", "MODE_PROCESSED", "MODE_FINAL", "LOGPROBS_MODES", "TILE",
-    "STREAM_TOKEN", "STREAM_TILE", "STREAM_VERIFY", "MIROSTAT_M", "MAX_TOP_LOGPROBS", "COUNT_MAX", "MAX_COLUMNS",
-    "BatchFlags", "FLAG_NAMES", "ALL_GREEDY_BIT", "flags_to_int", "int_to_flags", "combine_bits", "EXTENSION_KEYS",
+    "F_EPSILON", "F_ETA", "F_NSIGMA", "F_XTC_P", "F_XTC_T", "F_DYN_RANGE", "F_DYN_EXP", "NF", "I_TOP_K", "I_MIN_KEEP",
+    "I_MIRO_MODE", "I_MIN_TOKENS", "I_IGNORE_EOS", "I_LOGPROBS", "I_TOP_LOGPROBS", "I_LOGPROBS_MODE", "NI",
+    "MODE_RAW", "MODE_PROCESSED", "MODE_FINAL", "LOGPROBS_MODES", "TILE", "STREAM_TOKEN", "STREAM_TILE",
+    "STREAM_VERIFY", "STREAM_XTC", "MIROSTAT_M", "MAX_TOP_LOGPROBS", "COUNT_MAX", "MAX_COLUMNS", "BatchFlags",
+    "FLAG_NAMES", "ALL_GREEDY_BIT", "flags_to_int", "int_to_flags", "combine_bits", "EXTENSION_KEYS",
     "check_extension_layout",
 ]
 
-# float parameter columns of ``fparams`` (B, NF) float32
-F_TEMPERATURE, F_TOP_P, F_MIN_P, F_TYPICAL_P, F_FREQ, F_PRES, F_REP, F_MIRO_TAU, F_MIRO_ETA, F_EPSILON = range(10)
-NF = 10
+# float parameter columns of ``fparams`` (B, NF) float32. F_XTC_P is XTC's effective probability: 0 when the
+# request's xtc_threshold is above 0.5 (XTC off), so a kernel tests F_XTC_P > 0 alone.
+(F_TEMPERATURE, F_TOP_P, F_MIN_P, F_TYPICAL_P, F_FREQ, F_PRES, F_REP, F_MIRO_TAU, F_MIRO_ETA, F_EPSILON, F_ETA,
+ F_NSIGMA, F_XTC_P, F_XTC_T, F_DYN_RANGE, F_DYN_EXP) = range(16)
+NF = 16
 # int parameter columns of ``iparams`` (B, NI) int32
 I_TOP_K, I_MIN_KEEP, I_MIRO_MODE, I_MIN_TOKENS, I_IGNORE_EOS, I_LOGPROBS, I_TOP_LOGPROBS, I_LOGPROBS_MODE = range(8)
 NI = 8
@@ -33,11 +36,12 @@ LOGPROBS_MODES = ("raw", "processed", "final")
 MODE_RAW, MODE_PROCESSED, MODE_FINAL = 0, 1, 2
 
 # the random-number definition (docs/semantics.md §7): ids per tile of the two-level race, and the Philox streams
-# (token noise, tile noise; speculative verification's two uniforms, §11)
+# (token noise, tile noise; speculative verification's two uniforms, §11; XTC's coin, §3 E)
 TILE = 4096
 STREAM_TOKEN = 0
 STREAM_TILE = 1
 STREAM_VERIFY = 2
+STREAM_XTC = 3
 
 MIROSTAT_M = 100  # Mirostat v1 estimates the Zipf exponent from the 100 most probable tokens (docs/semantics.md §3)
 MAX_TOP_LOGPROBS = 20  # the largest `SamplingParams.top_logprobs`
@@ -67,10 +71,18 @@ class BatchFlags:
     any_eos_rule: bool = False  # some row bans EOS (min_tokens > 0 or ignore_eos)
     any_mirostat_v1: bool = False  # some row uses Mirostat v1 (mirostat_mode == 1)
     any_mirostat_v2: bool = False  # some row uses Mirostat v2 (mirostat_mode == 2)
+    # (any_min_p covers every threshold of the min-p stage: min-p, epsilon, eta, top-n-sigma; these two say which
+    # whole-row statistics beyond the log-normaliser it needs)
+    any_eta: bool = False  # some row uses eta_cutoff (the entropy of z)
+    any_nsigma: bool = False  # some row uses top_n_sigma (the mean and standard deviation of the finite z)
+    any_xtc: bool = False  # some row may apply XTC (F_XTC_P > 0)
+    any_dynatemp: bool = False  # some row uses dynamic temperature (F_DYN_RANGE > 0)
+    any_dry: bool = False  # some row has DRY penalties (PackedBatch.dry_ids / dry_vals)
 
     @property
     def any_truncation(self) -> bool:
-        return self.any_top_k or self.any_top_p or self.any_min_p or self.any_typical or self.any_mirostat
+        return (self.any_top_k or self.any_top_p or self.any_min_p or self.any_typical or self.any_mirostat
+                or self.any_xtc)
 
 
 FLAG_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(BatchFlags))
@@ -106,9 +118,9 @@ def combine_bits(bits: Sequence[int]) -> int:
 # the numbers the C++ extension exports as ``_C.LAYOUT`` and must agree on
 EXTENSION_KEYS: tuple[str, ...] = (
     "F_TEMPERATURE", "F_TOP_P", "F_MIN_P", "F_TYPICAL_P", "F_FREQ", "F_PRES", "F_REP", "F_MIRO_TAU", "F_MIRO_ETA",
-    "F_EPSILON", "NF", "I_TOP_K", "I_MIN_KEEP", "I_MIRO_MODE", "I_MIN_TOKENS", "I_IGNORE_EOS", "I_LOGPROBS",
-    "I_TOP_LOGPROBS", "I_LOGPROBS_MODE", "NI", "MODE_RAW", "MODE_PROCESSED", "MODE_FINAL", "TILE", "MIROSTAT_M",
-    "MAX_TOP_LOGPROBS", "COUNT_MAX",
+    "F_EPSILON", "F_ETA", "F_NSIGMA", "F_XTC_P", "F_XTC_T", "F_DYN_RANGE", "F_DYN_EXP", "NF", "I_TOP_K", "I_MIN_KEEP",
+    "I_MIRO_MODE", "I_MIN_TOKENS", "I_IGNORE_EOS", "I_LOGPROBS", "I_TOP_LOGPROBS", "I_LOGPROBS_MODE", "NI",
+    "MODE_RAW", "MODE_PROCESSED", "MODE_FINAL", "TILE", "MIROSTAT_M", "MAX_TOP_LOGPROBS", "COUNT_MAX", "STREAM_XTC",
 )
 
 

@@ -30,6 +30,16 @@ class FrozenDict(dict):
 
     __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _readonly  # type: ignore
 
+    @property
+    def xtc_active(self) -> bool:
+        """True when XTC can act: ``xtc_probability > 0`` and ``xtc_threshold <= 0.5``."""
+        return self.xtc_probability > 0.0 and self.xtc_threshold <= 0.5
+
+    @property
+    def dry_active(self) -> bool:
+        """True when DRY applies: ``dry_multiplier > 0`` and ``dry_penalty_last_n != 0``."""
+        return self.dry_multiplier > 0.0 and self.dry_penalty_last_n != 0
+
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(tuple(sorted(self.items())))
 
@@ -149,18 +159,20 @@ def _check_ids(name: str, value: Any) -> tuple[int, ...] | None:
 
 
 MAX_HISTORY_RULE = 1024  # the longest n-gram / bad word (a history rule reads at most this many tokens back)
+MAX_BREAKER = 32  # the longest DRY sequence breaker, in tokens
 
 
-def _check_bad_words(value: Any) -> tuple[tuple[int, ...], ...] | None:
+def _check_sequences(name: str, value: Any, longest: int) -> tuple[tuple[int, ...], ...] | None:
+    """A sequence of token-id sequences of 1 to ``longest`` ids each (bad words, DRY breakers), or None."""
     if value is None:
         return None
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TypeError(f"bad_words_ids must be a sequence of token-id sequences, got {value!r}")
+        raise TypeError(f"{name} must be a sequence of token-id sequences, got {value!r}")
     out = []
     for i, seq in enumerate(value):
-        ids = _id_list(f"bad_words_ids[{i}]", seq)
-        if not 1 <= len(ids) <= MAX_HISTORY_RULE:
-            raise ValueError(f"bad_words_ids[{i}] must hold 1 to {MAX_HISTORY_RULE} token ids, got {len(ids)}")
+        ids = _id_list(f"{name}[{i}]", seq)
+        if not 1 <= len(ids) <= longest:
+            raise ValueError(f"{name}[{i}] must hold 1 to {longest} token ids, got {len(ids)}")
         out.append(tuple(ids))
     return tuple(out)
 
@@ -229,6 +241,27 @@ class SamplingParams:
         The generated tokens the frequency, presence and repetition penalties count: ``-1`` all of them, ``0``
         none, ``n >= 1`` the last ``n`` (llama.cpp's ``penalty_last_n``, over generated tokens only; the prompt
         still counts for the repetition penalty). At most 32767.
+    eta_cutoff : float, default 0.0
+        In ``[0, 1)``: keep tokens with probability ``>= min(eta, sqrt(eta) * exp(-H))`` in the whole distribution
+        (``H`` its entropy; Hugging Face's eta sampling), at min-p's place in the rules; ``0`` disables it.
+    top_n_sigma : float, default 0.0
+        ``>= 0``: keep tokens whose logit is at least ``max - top_n_sigma * sigma`` (``sigma`` the standard deviation
+        of the finite logits; llama.cpp's top-n-sigma), at min-p's place in the rules; ``0`` disables it.
+    xtc_probability, xtc_threshold : float, default 0.0 and 0.1
+        Exclude Top Choices (llama.cpp's XTC): with chance ``xtc_probability`` per step, drop every kept token with
+        probability ``>= xtc_threshold`` except the least likely of them. Both in ``[0, 1]``; off when the probability
+        is 0 or the threshold above 0.5.
+    dynatemp_range, dynatemp_exponent : float, default 0.0 and 1.0
+        Dynamic temperature (llama.cpp's ``temp_ext``): ``T = T_min + (T_max - T_min) (H / ln n)^exponent`` with
+        ``T_min, T_max = max(0, temperature - range), temperature + range`` and ``H`` the entropy of the ``n``
+        finite logits. Both ``>= 0``; a range of ``0`` disables it; needs ``temperature > 0``.
+    dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n : default 0.0, 1.75, 2, -1
+        DRY (llama.cpp's "don't repeat yourself"): a token that would extend a repeat of ``L >= allowed_length``
+        tokens of the last ``dry_penalty_last_n`` history tokens (``-1``: all of them, ``0``: off) loses
+        ``multiplier * base^(L - allowed_length)`` from its logit. ``multiplier >= 0`` (``0``: off), ``base >= 1``,
+        ``allowed_length`` in ``[0, 1024]``.
+    dry_sequence_breakers : sequence of token-id sequences or None
+        A repeat never extends across one of them (1 to 32 tokens each); a one-token breaker is never penalised.
     """
 
     temperature: float = 1.0
@@ -258,6 +291,17 @@ class SamplingParams:
     bad_words_ids: tuple[tuple[int, ...], ...] | None = None
     penalty_last_n: int = -1
     epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
+    top_n_sigma: float = 0.0
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    dynatemp_range: float = 0.0
+    dynatemp_exponent: float = 1.0
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    dry_sequence_breakers: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         s = lambda name, v: object.__setattr__(self, name, v)  # frozen dataclass normalisation
@@ -300,22 +344,40 @@ class SamplingParams:
         s("n", _check_int("n", self.n, 1, 1 << 16))
         s("stop_token_ids", _check_ids("stop_token_ids", self.stop_token_ids))
         s("no_repeat_ngram_size", _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, MAX_HISTORY_RULE))
-        s("bad_words_ids", _check_bad_words(self.bad_words_ids))
+        s("bad_words_ids", _check_sequences("bad_words_ids", self.bad_words_ids, MAX_HISTORY_RULE))
         s("penalty_last_n", _check_int("penalty_last_n", self.penalty_last_n, -1, COUNT_MAX))
         s("logit_bias", self._checked_bias(self.logit_bias))
+        s("eta_cutoff", _check_float("eta_cutoff", self.eta_cutoff, 0.0, 1.0, hi_open=True))
+        s("top_n_sigma", _check_float("top_n_sigma", self.top_n_sigma, 0.0, math.inf, hi_open=True))
+        s("xtc_probability", _check_float("xtc_probability", self.xtc_probability, 0.0, 1.0))
+        s("xtc_threshold", _check_float("xtc_threshold", self.xtc_threshold, 0.0, 1.0))
+        s("dynatemp_range", _check_float("dynatemp_range", self.dynatemp_range, 0.0, math.inf, hi_open=True))
+        s("dynatemp_exponent", _check_float("dynatemp_exponent", self.dynatemp_exponent, 0.0, math.inf,
+                                            hi_open=True))
+        s("dry_multiplier", _check_float("dry_multiplier", self.dry_multiplier, 0.0, math.inf, hi_open=True))
+        s("dry_base", _check_float("dry_base", self.dry_base, 1.0, math.inf, hi_open=True))
+        s("dry_allowed_length", _check_int("dry_allowed_length", self.dry_allowed_length, 0, MAX_HISTORY_RULE))
+        s("dry_penalty_last_n", _check_int("dry_penalty_last_n", self.dry_penalty_last_n, -1, (1 << 31) - 1))
+        s("dry_sequence_breakers", _check_sequences("dry_sequence_breakers", self.dry_sequence_breakers, MAX_BREAKER))
+        if self.dynatemp_range > 0.0 and self.temperature == 0.0:
+            raise ValueError(f"dynatemp_range={self.dynatemp_range!r} needs a temperature > 0 (temperature=0 is "
+                             f"greedy decoding), got temperature=0.0")
         if self.top_logprobs > 0 and not self.logprobs:
             raise ValueError(f"top_logprobs={self.top_logprobs} needs logprobs=True, got logprobs=False")
         if self.mirostat_mode != 0:
             clash = [
                 f"{name}={getattr(self, name)!r}"
                 for name, off in (("top_k", None), ("top_p", 1.0), ("min_p", 0.0), ("typical_p", 1.0),
-                                  ("epsilon_cutoff", 0.0))
-                if (self.top_k > 0 if name == "top_k" else getattr(self, name) != off)
+                                  ("epsilon_cutoff", 0.0), ("eta_cutoff", 0.0), ("top_n_sigma", 0.0),
+                                  ("xtc_probability", None))
+                if (self.top_k > 0 if name == "top_k" else self.xtc_active if name == "xtc_probability"
+                    else getattr(self, name) != off)
             ]
             if clash:
                 raise ValueError(
                     f"mirostat_mode={self.mirostat_mode} replaces truncation and cannot be combined with "
-                    f"{', '.join(clash)}; leave top_k, top_p, min_p and typical_p at their defaults"
+                    f"{', '.join(clash)}; leave top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, "
+                    f"top_n_sigma and xtc_probability at their defaults"
                 )
 
     @staticmethod
@@ -344,6 +406,16 @@ class SamplingParams:
         """True when the request samples the argmax (``temperature == 0``)."""
         return self.temperature == 0.0
 
+    @property
+    def xtc_active(self) -> bool:
+        """True when XTC can act: ``xtc_probability > 0`` and ``xtc_threshold <= 0.5``."""
+        return self.xtc_probability > 0.0 and self.xtc_threshold <= 0.5
+
+    @property
+    def dry_active(self) -> bool:
+        """True when DRY applies: ``dry_multiplier > 0`` and ``dry_penalty_last_n != 0``."""
+        return self.dry_multiplier > 0.0 and self.dry_penalty_last_n != 0
+
     def __hash__(self) -> int:
         return hash(tuple((f.name, _hashable(getattr(self, f.name))) for f in dataclasses.fields(self)))
 
@@ -368,9 +440,9 @@ class SamplingParams:
         """Build params from a Hugging Face ``generation_config.json`` (a dict, a file, or a model folder).
 
         Fields read: ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``typical_p``, ``epsilon_cutoff``,
-        ``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids`` and ``do_sample`` (``False`` means
-        greedy: ``temperature=0``; the repetition penalty and the two history rules still apply, as in Hugging
-        Face). Missing or ``null`` entries keep the defaults; ``overrides`` win over the file.
+        ``eta_cutoff``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids`` and ``do_sample``
+        (``False`` means greedy: ``temperature=0``; the repetition penalty and the two history rules still apply, as
+        in Hugging Face). Missing or ``null`` entries keep the defaults; ``overrides`` win over the file.
 
         >>> SamplingParams.from_generation_config({"do_sample": True, "temperature": 0.6, "top_p": 0.9}).top_p
         0.9
@@ -387,7 +459,7 @@ class SamplingParams:
                 raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
         kw: dict[str, Any] = {}
         for name in ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
-                     "no_repeat_ngram_size", "bad_words_ids", "epsilon_cutoff"):
+                     "no_repeat_ngram_size", "bad_words_ids", "epsilon_cutoff", "eta_cutoff"):
             if config.get(name) is not None:
                 kw[name] = config[name]
         if "top_k" in kw and int(kw["top_k"]) == 0:

@@ -87,7 +87,7 @@ class Sampler:
 
     Memory per slot: ``2 V`` bytes of counts plus ``V / 8`` bytes of prompt bitmask (plus ``V / 8`` for the allowed
     mask once some request restricts ids, 8 bytes per logit-bias entry of the largest bias, and ``4 * history_len``
-    bytes of history), and 132 bytes of scalars and packed parameters; for ``V = 128256`` that is 266 KiB per slot.
+    bytes of history), and 156 bytes of scalars and packed parameters; for ``V = 128256`` that is 266 KiB per slot.
 
     Parameters
     ----------
@@ -732,7 +732,7 @@ class Sampler:
             allowed = keep.numpy() if allowed is None else allowed & keep.numpy()
         tokens, valid, lps, top_ids, top_lps, ranks, mu_out = cpu.sample_arrays(
             (x, dtype_name, self._vocab, h.f, h.i, h.seeds, steps, h.seqs, mu, allowed, h.prompt, counts,
-             h.bias_indptr, h.bias_ids, h.bias_vals, h.eos), ss.n_top)
+             h.bias_indptr, h.bias_ids, h.bias_vals, h.eos, None, None), ss.n_top)
         # state updates (slots are distinct): steps += valid, mu = returned mu, counts[token] += 1 up to COUNT_MAX
         cpu.advance_arrays(steps_all, mu_all, counts_all, h.index, tokens, valid, mu_out)
         if self._tables.hist is not None:

@@ -19,6 +19,12 @@ enum FCol {
   F_MIRO_TAU,
   F_MIRO_ETA,
   F_EPSILON,
+  F_ETA,
+  F_NSIGMA,
+  F_XTC_P,  // XTC's effective probability: 0 when XTC is off (fastsampler.layout)
+  F_XTC_T,
+  F_DYN_RANGE,
+  F_DYN_EXP,
   NF
 };
 enum ICol {
@@ -34,6 +40,10 @@ enum ICol {
 };
 enum LogprobsMode { MODE_RAW = 0, MODE_PROCESSED = 1, MODE_FINAL = 2 };
 
+// The id of an unused DRY table entry (fastsampler._batch.DRY_PAD): larger than every token id.
+constexpr int32_t kDryPad = std::numeric_limits<int32_t>::max();
+// The Philox stream of XTC's coin (docs/semantics.md §7).
+constexpr int64_t kStreamXtc = 3;
 // Ids per tile of the two-level race (docs/semantics.md §3 F).
 constexpr int64_t kTile = 4096;
 // The most probable tokens Mirostat v1 fits its Zipf exponent on (docs/semantics.md §3 E).

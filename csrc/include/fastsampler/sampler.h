@@ -64,6 +64,11 @@ struct BatchArgs {
   const float* bias_vals = nullptr;
   const int32_t* eos = nullptr;
   int64_t n_eos = 0;
+  // (B, dry_k) DRY penalties or null (docs/semantics.md §3 C): row r subtracts dry_vals[r, j] from the logit of
+  // dry_ids[r, j] after the frequency and presence penalties; ids ascending, unused entries kDryPad
+  const int32_t* dry_ids = nullptr;
+  const float* dry_vals = nullptr;
+  int64_t dry_k = 0;
   int64_t n_top = 0;
   // (B,) token ids in [0, vocab) or null: the rows' tokens are these (no draw, no argmax) and the outputs -- logprob,
   // rank, top-N, Mirostat update -- are theirs (scoring, speculative verification); final-mode logprobs are defined
@@ -289,6 +294,7 @@ struct RowState {
   const int32_t* cnt32 = nullptr;    // the row's output counts (one of the two), or null
   const int16_t* cnt16 = nullptr;
   int64_t bias_next = 0, bias_end = 0;  // the row's logit-bias entries (CSR) not applied yet
+  int64_t dry_next = 0, dry_end = 0;    // the row's DRY entries (in dry_ids / dry_vals) not applied yet
   int64_t min_keep = 1;
 
   // how pass 1 runs, decided before it
@@ -376,6 +382,8 @@ inline void read_params(RowState& st) {
   if (a.counts && a.counts_bytes == 2) st.cnt16 = static_cast<const int16_t*>(a.counts) + r * a.counts_stride;
   st.bias_next = a.bias_indptr ? a.bias_indptr[r] : 0;
   st.bias_end = a.bias_indptr ? a.bias_indptr[r + 1] : 0;
+  st.dry_next = a.dry_ids ? r * a.dry_k : 0;
+  st.dry_end = a.dry_ids ? (r + 1) * a.dry_k : 0;
   st.min_keep = std::max(ip[I_MIN_KEEP], 1);
 }
 
@@ -391,7 +399,8 @@ inline void plan_pass1(RowState& st) {
                     fp[F_MIN_P] <= 0.0f && fp[F_EPSILON] <= 0.0f;
   // rows whose top-p / typical goes through the full-row mass selection keep exp(z - tile max) from pass 1
   st.store_e = st.fuse_entropy || (!st.greedy && st.miro == 0 && fp[F_TOP_P] < 1.0f && top_k <= 0);
-  st.edits = st.bias_next < st.bias_end || st.penal || st.allowed || st.ban_eos;
+  st.edits = st.bias_next < st.bias_end || st.penal || st.allowed || st.ban_eos ||
+             (st.dry_next < st.dry_end && st.a.dry_ids[st.dry_next] != kDryPad);
   st.raw_is_z = !st.edits && st.scale == 1.0f;
   st.raw_pass = st.need_raw && !st.raw_is_z;
   // The softmax statistics (tile sums, S) are needed by processed logprobs (or raw ones that equal them), mirostat,
@@ -534,6 +543,19 @@ inline void apply_bias(RowState& st, int64_t i1) {
     ++b;
   }
   st.bias_next = b;
+}
+
+// Stage C, DRY: the row's DRY penalties of the tile's ids, subtracted after the penalties (docs/semantics.md §3 C).
+inline void apply_dry(RowState& st, int64_t i1) {
+  const int32_t* ids = st.a.dry_ids;
+  const float* vals = st.a.dry_vals;
+  float* z = st.z;
+  int64_t d = st.dry_next;
+  while (d < st.dry_end && ids[d] < i1) {  // (padding, kDryPad, is never below i1)
+    z[ids[d]] -= vals[d];
+    ++d;
+  }
+  st.dry_next = d;
 }
 
 // Stages B, C: repetition, frequency and presence penalties on the tile's tokens that occurred (docs/semantics.md §3 B,
@@ -720,6 +742,7 @@ inline void pass1_tile(RowState& st, int64_t t) {
     if (st.need_raw) raw_stats_of_z(st, t, i0, e16);
     apply_bias(st, i1);
     if (st.penal) apply_penalties(st, i0, i1);
+    if (st.dry_next < st.dry_end) apply_dry(st, i1);
     apply_masks(st, i0, i1);
     temperature_tile(st, i0, e16, pf, ts);
   }
