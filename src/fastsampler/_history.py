@@ -245,16 +245,19 @@ def dry_table_torch(seq: torch.Tensor, fd: torch.Tensor, idry: torch.Tensor, bre
     # beyond the allowed length plus the exponent clamp gives the same penalty)
     if kmax is None:
         kmax = dry_kmax(fd, idry, length)
-    lens = torch.zeros(b, length, dtype=torch.int64, device=dev)
-    alive = in_win.clone()
-    on_host = seq.device.type == "cpu"
-    for k in range(min(kmax, length)):
-        shifted = torch.nn.functional.pad(seq, (k, 0), value=-2)[:, :length]  # seq[j - k]
-        tail = seq[:, length - 1 - k:length - k]  # seq[L - 1 - k]
-        alive = alive & (shifted == tail) & (pos[None, :] - k >= start[:, None])
-        lens += alive
-        if on_host and not bool(alive.any()):  # (no read-back on a device: the loop runs kmax times)
-            break
+    kk = max(1, min(kmax, length))
+    # eq[r, j, k] = (seq[j - k] == seq[L - 1 - k]) for k < kk: windows of the left-padded history, newest first
+    padded = torch.nn.functional.pad(seq, (kk, 0), value=-2)
+    tail = seq[:, length - kk:].flip(1)  # (B, kk): seq[L - 1 - k]
+    lens = torch.empty(b, length, dtype=torch.int64, device=dev)
+    rows = max(1, (1 << 26) // max(1, length * kk))  # rows per chunk: at most 64 M compared pairs at once
+    for r0 in range(0, b, rows):
+        win = padded[r0:r0 + rows].unfold(1, kk, 1)[:, 1:].flip(2)  # (R, L, kk): seq[j - k]
+        eq = win == tail[r0:r0 + rows, None, :]
+        first_miss = (~eq).to(torch.uint8).argmax(2)  # the first k that does not match (0 when all match)
+        lens[r0:r0 + rows] = torch.where(eq.all(2), kk, first_miss)
+    # a repeat never reaches before the window (j - start + 1 tokens of it end at j), nor starts outside it
+    lens = torch.where(in_win, torch.minimum(lens, pos[None, :] - start[:, None] + 1), 0)
     lens = torch.minimum(lens, rho[:, None])
     # 3. candidates: the token after each position whose repeat reaches the allowed length
     cand = in_win & (pos[None, :] <= length - 2) & (lens >= allowed[:, None]) & (rho >= allowed)[:, None] & (
