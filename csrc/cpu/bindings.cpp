@@ -179,6 +179,21 @@ Inputs parse(py::object logits_o, const std::string& dtype, int64_t vocab, py::o
       fail("repetition_penalty" + row() + " must be finite and > 0, got " + std::to_string(f[fs::F_REP]));
     if (!std::isfinite(f[fs::F_FREQ]) || !std::isfinite(f[fs::F_PRES]))
       fail("frequency_penalty / presence_penalty" + row() + " must be finite");
+    if (!(f[fs::F_ETA] >= 0.0f && f[fs::F_ETA] < 1.0f))
+      fail("eta_cutoff" + row() + " must be in [0, 1), got " + std::to_string(f[fs::F_ETA]));
+    if (!(f[fs::F_NSIGMA] >= 0.0f) || std::isinf(f[fs::F_NSIGMA]))
+      fail("top_n_sigma" + row() + " must be finite and >= 0, got " + std::to_string(f[fs::F_NSIGMA]));
+    if (!(f[fs::F_XTC_P] >= 0.0f && f[fs::F_XTC_P] <= 1.0f))
+      fail("xtc_probability" + row() + " must be in [0, 1], got " + std::to_string(f[fs::F_XTC_P]));
+    if (!(f[fs::F_XTC_T] >= 0.0f && f[fs::F_XTC_T] <= 1.0f))
+      fail("xtc_threshold" + row() + " must be in [0, 1], got " + std::to_string(f[fs::F_XTC_T]));
+    if (!(f[fs::F_DYN_RANGE] >= 0.0f) || std::isinf(f[fs::F_DYN_RANGE]))
+      fail("dynatemp_range" + row() + " must be finite and >= 0, got " + std::to_string(f[fs::F_DYN_RANGE]));
+    if (!(f[fs::F_DYN_EXP] >= 0.0f) || std::isinf(f[fs::F_DYN_EXP]))
+      fail("dynatemp_exponent" + row() + " must be finite and >= 0, got " + std::to_string(f[fs::F_DYN_EXP]));
+    if (f[fs::F_DYN_RANGE] > 0.0f && f[fs::F_TEMPERATURE] == 0.0f)
+      fail("dynatemp_range" + row() + " needs a temperature > 0 (greedy rows have none), got " +
+           std::to_string(f[fs::F_DYN_RANGE]));
     if (i[fs::I_MIRO_MODE] < 0 || i[fs::I_MIRO_MODE] > 2)
       fail("mirostat_mode" + row() + " must be 0, 1 or 2, got " + std::to_string(i[fs::I_MIRO_MODE]));
     if (i[fs::I_LOGPROBS_MODE] < 0 || i[fs::I_LOGPROBS_MODE] > 2)
@@ -277,8 +292,7 @@ Inputs parse(py::object logits_o, const std::string& dtype, int64_t vocab, py::o
                ", outside the vocabulary [0, " + std::to_string(vocab) + ")");
         if (j > 0 && t <= ids[r * K + j - 1])
           fail("dry_ids of row " + std::to_string(r) + " must be ascending without repeats, padding last");
-        if (!(v >= 0.0f) || std::isinf(v))
-          fail("dry_vals of row " + std::to_string(r) + " must be finite and >= 0");
+        if (!(v >= 0.0f) || std::isinf(v)) fail("dry_vals of row " + std::to_string(r) + " must be finite and >= 0");
       }
     }
     a.dry_ids = ids;
