@@ -329,10 +329,9 @@ struct RowState {
   float* tsum = nullptr;    // per tile: sum of exp(z - tmax)
   double* tent = nullptr;   // per tile: sum of exp(z - tmax) (z - tmax) (want_tent)
   double H = 0.0;           // entropy of softmax(z) over the whole row (eta)
-  // mean and sum of squared deviations of the finite z, merged tile by tile (moments); mom_bad: a float32 tile sum
-  // overflowed, so row_sigma recomputes them in float64
+  // count, mean and sum of squared deviations of the finite z, merged tile by tile (moments)
   double mom_n = 0.0, mom_mean = 0.0, mom_m2 = 0.0;
-  bool mom_bad = false;
+  float mom_shift = kInf;   // the last tile's mean: the next tile's shift (+inf: none yet)
   float* ebuf = nullptr;    // exp(z - tmax) per element (store_e)
   float* tile_r = nullptr;  // per tile: every element >= it is in E (store_e)
 
@@ -758,20 +757,9 @@ inline float tile_exp_sum(RowState& st, int64_t t, int64_t i0, int64_t e16, floa
   return hsum(acc0 + acc1);
 }
 
-// top-nσ: the tile's finite count, mean and sum of squared deviations, merged into the row's (Chan et al.'s pairwise
-// update, in float64). The float32 sums are taken around the tile's own mean, so they do not cancel.
-inline void tile_moments(RowState& st, int64_t i0, int64_t e16, int64_t nf) {
-  if (nf == 0) return;
-  const float* z = st.z;
-  const vf ninf = set1(-kInf);
-  vf acc = set1(0.0f);
-  for (int64_t i = i0; i < e16; i += kLanes) {
-    vf v = load(z + i);
-    acc = mask_add(acc, gt(v, ninf), v);
-  }
-  const double n = static_cast<double>(nf);
-  const float c = static_cast<float>(hsum_d(acc) / n);
-  const vf vc = set1(c);
+// Sums of z - c and (z - c)^2 over the tile's finite z (float32 lanes, added in float64).
+inline void tile_dev_sums(const float* z, int64_t i0, int64_t e16, float c, double* sd, double* sdd) {
+  const vf ninf = set1(-kInf), vc = set1(c);
   vf s1 = set1(0.0f), s2 = set1(0.0f), s2b = set1(0.0f);
   int64_t i = i0;
   for (; i + 2 * kLanes <= e16; i += 2 * kLanes) {
@@ -789,11 +777,51 @@ inline void tile_moments(RowState& st, int64_t i0, int64_t e16, int64_t nf) {
     s1 = mask_add(s1, fv, d);
     s2 = mask_add(s2, fv, d * d);
   }
-  const double sd = hsum_d(s1), sdd = hsum_d(s2) + hsum_d(s2b);
-  const double mean = static_cast<double>(c) + sd / n;
-  const double m2 = std::max(0.0, sdd - sd * sd / n);
-  if (!std::isfinite(mean) || !std::isfinite(m2)) st.mom_bad = true;
-  if (st.mom_bad) return;
+  *sd = hsum_d(s1);
+  *sdd = hsum_d(s2) + hsum_d(s2b);
+}
+
+// The mean of the tile's finite z (float32 lanes, added in float64).
+inline double tile_mean(const float* z, int64_t i0, int64_t e16, double n) {
+  vf acc = set1(0.0f);
+  for (int64_t i = i0; i < e16; i += kLanes) {
+    vf v = load(z + i);
+    acc = mask_add(acc, gt(v, set1(-kInf)), v);
+  }
+  return hsum_d(acc) / n;
+}
+
+// top-nσ: the tile's finite count, mean and sum of squared deviations, merged into the row's (Chan et al.'s pairwise
+// update, in float64). One sweep of float32 sums around the previous tile's mean (logit tiles look alike); when the
+// tile's mean is far from that shift (more than sqrt(3) standard deviations: the shifted sums would cancel), a mean
+// sweep and the sums again around the tile's own mean; a float64 pass over the tile when float32 overflows (logits
+// spanning more than about 1e19, e.g. after a large DRY penalty).
+inline void tile_moments(RowState& st, int64_t i0, int64_t e16, int64_t nf) {
+  if (nf == 0) return;
+  const float* z = st.z;
+  const double n = static_cast<double>(nf);
+  double sd = 0.0, sdd = 0.0, mean = 0.0, m2 = 0.0;
+  bool ok = false;
+  for (int attempt = 0; attempt < 2 && !ok; ++attempt) {
+    const float c = attempt == 0 && st.mom_shift < kInf ? st.mom_shift : static_cast<float>(tile_mean(z, i0, e16, n));
+    if (!std::isfinite(c)) continue;  // (a float32 overflow: the next attempt, or float64)
+    tile_dev_sums(z, i0, e16, c, &sd, &sdd);
+    mean = static_cast<double>(c) + sd / n;
+    m2 = sdd - sd * sd / n;
+    ok = std::isfinite(mean) && std::isfinite(sdd) && sd * sd / n <= 3.0 * m2;
+    if (attempt == 1) ok = ok || (std::isfinite(mean) && std::isfinite(sdd));  // (around its own mean: no cancellation)
+  }
+  if (!ok) {  // float64 over the tile
+    double sum = 0.0;
+    for (int64_t i = i0; i < e16; ++i)
+      if (z[i] > -kInf) sum += z[i];
+    mean = sum / n;
+    m2 = 0.0;
+    for (int64_t i = i0; i < e16; ++i)
+      if (z[i] > -kInf) m2 += (z[i] - mean) * (z[i] - mean);
+  }
+  m2 = std::max(0.0, m2);
+  st.mom_shift = static_cast<float>(mean);
   const double tot = st.mom_n + n;
   const double delta = mean - st.mom_mean;
   st.mom_mean += delta * (n / tot);
@@ -1097,23 +1125,8 @@ inline void apply_top_p(RowState& st, float top_p) {
   st.have_tw = htw;
 }
 
-// The population standard deviation of the finite z (top-nσ), from the moments pass 1 merged; in float64 over the row
-// when a float32 tile sum overflowed (logits spanning more than about 1e19).
-inline double row_sigma(const RowState& st) {
-  if (!st.mom_bad) return std::sqrt(st.mom_m2 / st.mom_n);
-  const float* z = st.z;
-  double n = 0.0, sum = 0.0;
-  for (int64_t i = 0; i < st.vp; ++i) {
-    if (!(z[i] > -kInf)) continue;
-    n += 1.0;
-    sum += z[i];
-  }
-  const double mean = sum / n;
-  double m2 = 0.0;
-  for (int64_t i = 0; i < st.vp; ++i)
-    if (z[i] > -kInf) m2 += (z[i] - mean) * (z[i] - mean);
-  return std::sqrt(m2 / n);
-}
+// The population standard deviation of the finite z (top-nσ), from the moments pass 1 merged.
+inline double row_sigma(const RowState& st) { return std::sqrt(st.mom_m2 / st.mom_n); }
 
 // The min-p stage (docs/semantics.md §3 E item 3): the largest of its active thresholds, capped at M (the maximum is
 // always kept) and lowered to keep min_keep:
