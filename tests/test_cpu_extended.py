@@ -80,6 +80,18 @@ def test_xtc_hand_computed():
                                       xtc_threshold=0.1), [0, 1, 0, 0], atol=1e-6)
 
 
+def test_xtc_cut_far_below_the_maximum():
+    # theta = 0: A is every survivor and only the lowest tie group stays (top-k 3: the token 800 below the maximum;
+    # no top-k: the 40 tokens tied 1e4 below it): its weights are taken relative to the kept maximum (head and masked
+    # pass alike), so the row stays valid
+    z = [0.0, -500.0, -800.0] + [-1e4] * 40
+    for k in (3, 0):
+        ps = SP(seed=1, xtc_probability=1.0, xtc_threshold=0.0, top_k=k, logprobs=True, logprobs_mode="final")
+        out = fastsampler.sample(torch.tensor([z]), ps, steps=[0], backend="cpu")
+        assert (3 <= int(out.tokens[0]) < 43 if k == 0 else int(out.tokens[0]) == 2) and bool(out.valid[0])
+        assert float(out.logprobs[0]) == pytest.approx(-np.log(40) if k == 0 else 0.0, abs=1e-5)
+
+
 def test_xtc_draws_and_logprobs_use_the_cut():
     # the token is drawn from the kept set below the cut; final logprobs renormalise over it; top-N skips the cut
     lq = np.log([0.5, 0.3, 0.15, 0.05]).tolist() + [-50.0] * 5000  # two tiles

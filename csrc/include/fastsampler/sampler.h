@@ -1391,8 +1391,9 @@ inline void kept_weights_from_head(RowState& st) {
   int64_t i = 0;
   while (i < st.nh && hd[i].v > st.keep.hi) ++i;  // cut by XTC
   st.head_from = i;
+  if (i < st.nh) st.shift = hd[i].v;  // the kept maximum (M unless XTC cut the top)
   for (; i < st.nh && hd[i].v >= st.keep.lo; ++i) {
-    const double w = std::exp(static_cast<double>(hd[i].v) - st.M);
+    const double w = std::exp(static_cast<double>(hd[i].v) - st.shift);
     tw[hd[i].id / kTile] += w;
     st.S_kept += w;
   }
