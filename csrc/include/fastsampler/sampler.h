@@ -829,9 +829,19 @@ inline void tile_moments(RowState& st, int64_t i0, int64_t e16, int64_t nf) {
   st.mom_n = tot;
 }
 
+// A tile's sums taken by the sweep that wrote z (rescale_row), around its maximum m.
+struct TileSums {
+  bool have = false;
+  float m = 0.0f;
+  float sum = 0.0f;
+  double ent = 0.0;
+};
+
 // A tile's statistics once z holds its final values (pass 1, or rescale_row): the bad flag, the finite count, the
-// lane maxima, the exact set, the tile max and sum (and entropy sum), the moments.
-inline void finish_tile(RowState& st, int64_t t, int64_t i0, int64_t e16, const TileStats& ts) {
+// lane maxima, the exact set, the tile max and sum (and entropy sum; `sums` when the sweep already took them), the
+// moments.
+inline void finish_tile(RowState& st, int64_t t, int64_t i0, int64_t e16, const TileStats& ts,
+                        const TileSums& sums = TileSums()) {
   if (ts.badz) st.bad = true;
   st.nfinite += ts.nf;
   store(st.s.lane_max.data() + t * kLanes, ts.mx);  // 16 maxima of distinct elements: seeds the head's filter
@@ -839,7 +849,12 @@ inline void finish_tile(RowState& st, int64_t t, int64_t i0, int64_t e16, const 
   const float m = hmax(ts.mx);
   st.tmax[t] = m;
   if (m > -kInf && !st.bad && !st.skip_exp) {
-    st.tsum[t] = tile_exp_sum(st, t, i0, e16, m, st.want_tent, st.store_e);
+    if (sums.have && sums.m == m) {
+      st.tsum[t] = sums.sum;
+      if (st.want_tent) st.tent[t] = sums.ent;
+    } else {
+      st.tsum[t] = tile_exp_sum(st, t, i0, e16, m, st.want_tent, st.store_e);
+    }
   } else {
     st.tsum[t] = 0.0f;
     if (st.want_tent) st.tent[t] = 0.0;
@@ -908,6 +923,8 @@ inline double row_entropy(const RowState& st) {
 
 // Dynamic temperature (docs/semantics.md §3 D), after pass 1 ran at temperature 1 on a valid row: T' from the entropy
 // of softmax(l) over the n finite l, then z = l / T' and every tile statistic again, as pass 1 would have left them.
+// The sweep that scales a tile also takes its exp sums: the scaled tile maximum is known before it (rounding is
+// monotonic, so max(l s) = max(l) s in float32).
 inline void rescale_row(RowState& st) {
   for (int64_t t = 0; t < st.ntiles; ++t) st.M = std::max(st.M, st.tmax[t]);
   const double T = st.fp[F_TEMPERATURE], delta = st.fp[F_DYN_RANGE], kappa = st.fp[F_DYN_EXP];
@@ -924,23 +941,47 @@ inline void rescale_row(RowState& st) {
   st.nfinite = 0;
   const vf vscale = set1(st.scale), ninf = set1(-kInf);
   float* z = st.z;
+  float* ebuf = st.ebuf;
+  const bool tent = st.want_tent, keep_e = st.store_e;
   for (int64_t t = 0; t < st.ntiles; ++t) {
     const int64_t i0 = t * kTile, e16 = std::min(st.vp, i0 + kTile);
     TileStats ts;
+    TileSums sums;
+    sums.m = st.tmax[t] * st.scale;
+    sums.have = !st.skip_exp && sums.m > -kInf && sums.m < kInf;
     vf mx = ts.mx;
     mask_t badz = 0;
     int64_t nf = 0;
-    for (int64_t i = i0; i < e16; i += kLanes) {
-      vf v = load(z + i) * vscale;
-      badz |= unord(v, v) | eq(v, set1(kInf));
-      store(z + i, v);
-      mx = vmax(mx, v);
-      nf += popcount(gt(v, ninf));
+    if (sums.have) {
+      const vf vm = set1(sums.m);
+      vf acc = set1(0.0f), accb = set1(0.0f);
+      for (int64_t i = i0; i < e16; i += kLanes) {
+        vf v = load(z + i) * vscale;
+        badz |= unord(v, v) | eq(v, set1(kInf));
+        store(z + i, v);
+        mx = vmax(mx, v);
+        nf += popcount(gt(v, ninf));
+        vf d = v - vm;
+        vf e = vexp(d);
+        if (keep_e) store(ebuf + i, e);
+        acc = acc + e;
+        if (tent) accb = mask_add(accb, gt(e, set1(0.0f)), e * d);  // (0 ln 0 = 0, as in tile_exp_sum)
+      }
+      sums.sum = hsum(acc);
+      sums.ent = hsum(accb);
+    } else {
+      for (int64_t i = i0; i < e16; i += kLanes) {
+        vf v = load(z + i) * vscale;
+        badz |= unord(v, v) | eq(v, set1(kInf));
+        store(z + i, v);
+        mx = vmax(mx, v);
+        nf += popcount(gt(v, ninf));
+      }
     }
     ts.mx = mx;
     ts.badz = badz;
     ts.nf = nf;
-    finish_tile(st, t, i0, e16, ts);
+    finish_tile(st, t, i0, e16, ts, sums);
   }
 }
 
