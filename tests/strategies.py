@@ -22,8 +22,9 @@ def as_f32(v: float) -> float:
 def sampling_params(draw: Any, vocab: int, *, allow_mirostat: bool = True, allow_masks: bool = True,
                     logprobs: bool | None = None, history_rules: bool = False) -> SamplingParams:
     """A valid SamplingParams for a vocabulary of ``vocab`` ids, with a seed, mixing features at random;
-    ``history_rules``: also stop ids, no-repeat n-grams (up to 3), bad words (up to 3 tokens) and a penalty window
-    (up to 5 tokens), for callers that pass the history as token sequences (a `Sampler`: ``history_len >= 6``)."""
+    ``history_rules``: also stop ids, no-repeat n-grams (up to 3), bad words (up to 3 tokens), a penalty window (up to
+    5 tokens) and DRY (a window of up to 16 tokens), for callers that pass the history as token sequences (a
+    `Sampler`: ``history_len >= 16``)."""
     kw: dict[str, Any] = {"seed": draw(st.integers(0, U64))}
     kw["temperature"] = draw(st.one_of(st.just(0.0), st.just(1.0), st.floats(0.25, 2.0).map(as_f32)))
     mirostat = allow_mirostat and draw(st.integers(0, 5)) == 0
@@ -44,6 +45,16 @@ def sampling_params(draw: Any, vocab: int, *, allow_mirostat: bool = True, allow
             kw["typical_p"] = draw(st.floats(0.2, 0.99).map(as_f32))
         if draw(st.integers(0, 3)) == 0:
             kw["min_keep"] = draw(st.integers(1, 5))
+        if draw(st.integers(0, 4)) == 0:
+            kw["top_n_sigma"] = draw(st.floats(0.1, 4.0).map(as_f32))
+        if draw(st.integers(0, 4)) == 0:
+            kw["eta_cutoff"] = draw(st.one_of(st.floats(1e-4, 0.2).map(as_f32), st.just(0.9)))
+        if draw(st.integers(0, 4)) == 0:
+            kw["xtc_probability"] = draw(st.one_of(st.just(1.0), st.floats(0.01, 1.0).map(as_f32)))
+            kw["xtc_threshold"] = draw(st.one_of(st.floats(0.0, 0.5).map(as_f32), st.just(0.6)))
+    if kw["temperature"] > 0.0 and draw(st.integers(0, 4)) == 0:
+        kw["dynatemp_range"] = draw(st.floats(0.05, 2.0).map(as_f32))
+        kw["dynatemp_exponent"] = draw(st.floats(0.0, 3.0).map(as_f32))
     if draw(st.integers(0, 2)) == 0:
         kw["repetition_penalty"] = draw(st.floats(0.5, 2.0).map(as_f32))
         kw["frequency_penalty"] = draw(st.floats(-1.0, 1.0).map(as_f32))
@@ -65,6 +76,14 @@ def sampling_params(draw: Any, vocab: int, *, allow_mirostat: bool = True, allow
         kw["bad_words_ids"] = draw(st.one_of(st.none(), st.lists(st.lists(small, min_size=1, max_size=3),
                                                                   max_size=3)))
         kw["penalty_last_n"] = draw(st.integers(-1, 5))
+    if history_rules and draw(st.integers(0, 3)) == 0:
+        small = st.integers(0, min(vocab - 1, 7))
+        kw["dry_multiplier"] = draw(st.floats(0.1, 3.0).map(as_f32))
+        kw["dry_base"] = draw(st.sampled_from([1.0, 1.5, 1.75, 4.0]))
+        kw["dry_allowed_length"] = draw(st.integers(0, 3))
+        kw["dry_penalty_last_n"] = draw(st.integers(-1, 16))
+        kw["dry_sequence_breakers"] = draw(st.one_of(st.none(), st.lists(st.lists(small, min_size=1, max_size=3),
+                                                                          max_size=2)))
     want_lp = draw(st.booleans()) if logprobs is None else logprobs
     if want_lp:
         kw["logprobs"] = True

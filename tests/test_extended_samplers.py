@@ -57,8 +57,12 @@ def test_validation_rules() -> None:
     assert not SP(xtc_probability=0.5, xtc_threshold=0.6).xtc_active and SP(xtc_probability=0.5).xtc_active
     assert not SP(dry_multiplier=1.0, dry_penalty_last_n=0).dry_active
     assert SamplingParams.from_generation_config({"eta_cutoff": 3e-4}).eta_cutoff == 3e-4
-    with pytest.raises(ValueError, match="dry_multiplier reads the token history"):
-        fastsampler.sample(torch.zeros(1, 8), SP(dry_multiplier=1.0))
+    with pytest.raises(ValueError, match="dry_multiplier reads the token history in order: pass output_token_ids"):
+        fastsampler.sample(torch.zeros(1, 8), SP(dry_multiplier=1.0),
+                           output_counts=torch.zeros(1, 8, dtype=torch.int32))
+    # no history at all: nothing to repeat
+    out = fastsampler.sample(torch.zeros(1, 8), SP(dry_multiplier=1.0, temperature=0.0))
+    assert out.tokens.tolist() == [0]
 
 
 # ------------------------------------------------------------------------------------------------ hand computations

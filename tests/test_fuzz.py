@@ -92,6 +92,18 @@ def hostile_params(draw: Any, vocab: int) -> SamplingParams:
         kw["min_p"] = draw(st.sampled_from([0.0, 1.5e-45, 0.05, 0.5, 1.0]))
         kw["typical_p"] = draw(st.sampled_from([1.0, 1.5e-45, 0.2, 0.9]))
         kw["min_keep"] = draw(st.sampled_from([1, 1, 2, 3, 1000]))
+        if draw(st.integers(0, 3)) == 0:  # the extended truncation rules at their extremes
+            kw["top_n_sigma"] = draw(st.sampled_from([0.0, 1.5e-45, 1.0, 3.4e38]))
+            kw["eta_cutoff"] = draw(st.sampled_from([0.0, 1.5e-45, 0.5, 0.99999]))
+            kw["xtc_probability"] = draw(st.sampled_from([0.0, 1.5e-45, 1.0]))
+            kw["xtc_threshold"] = draw(st.sampled_from([0.0, 1.5e-45, 0.1, 0.5]))
+    if kw["temperature"] > 0.0 and draw(st.integers(0, 3)) == 0:
+        kw["dynatemp_range"] = draw(st.sampled_from([1.5e-45, 0.5, 3.4e38]))
+        kw["dynatemp_exponent"] = draw(st.sampled_from([0.0, 1.0, 100.0]))
+    if draw(st.integers(0, 3)) == 0:
+        kw["dry_multiplier"] = draw(st.sampled_from([1.5e-45, 1.0, 3.4e38]))
+        kw["dry_base"] = draw(st.sampled_from([1.0, 1.0000001, 1.75, 3.4e38]))
+        kw["dry_allowed_length"] = draw(st.sampled_from([0, 1, 2]))
     kw["repetition_penalty"] = draw(st.sampled_from([1.0, 1.0, 1.5e-45, 0.5, 2.0, 3.4e38]))
     kw["frequency_penalty"] = draw(st.sampled_from([0.0, -2.0, 0.5, 2.0]))
     kw["presence_penalty"] = draw(st.sampled_from([0.0, -2.0, 1.0, 2.0]))
@@ -124,7 +136,8 @@ def hostile_batches(draw: Any) -> dict[str, Any]:
     state: dict[str, Any] = {"vocab_size": vocab,
                              "steps": [draw(st.integers(0, 2**63 - 1)) for _ in range(b)],
                              "seqs": [draw(st.integers(0, 3)) for _ in range(b)]}
-    if draw(st.booleans()):  # negative counts included (a wrapped counter counts as 0)
+    # negative counts included (a wrapped counter counts as 0); DRY reads sequences, never a count tensor
+    if draw(st.booleans()) and not any(p.dry_active for p in params):
         cdt = draw(st.sampled_from([np.int16, np.int32]))
         info = np.iinfo(cdt)
         counts = np.zeros((b, width), dtype=cdt)

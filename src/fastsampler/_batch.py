@@ -952,16 +952,17 @@ def _pack(
 
     dry_ids = dry_vals = None
     if pb.dry:  # DRY penalties from the rows' histories (§3 C), a sparse (B, K) table
-        if prompt_token_ids is None and output_token_ids is None:
-            raise ValueError("dry_multiplier reads the token history in order: pass prompt_token_ids and / or "
-                             "output_token_ids (sequences)")
-        for alt in ("prompt_token_ids", "output_token_ids"):
+        for given, name, alt in ((prompt_mask, "prompt_mask", "prompt_token_ids"),
+                                 (output_counts, "output_counts", "output_token_ids")):
             seqs = inputs.get(alt)
+            if given is not None and seqs is None:
+                raise ValueError(f"dry_multiplier reads the token history in order: pass {alt} (sequences), not "
+                                 f"only {name}")
             if seqs is not None and len(seqs) != b:
                 raise ValueError(f"{alt} must hold batch_size={b} sequences, got {len(seqs)}")
-        if prompt_mask is not None and prompt_token_ids is not None:  # (not checked above, where the mask won)
-            for r, ids in enumerate(prompt_token_ids):
-                check_ids("prompt_token_ids", r, ids, vocab)
+            if given is not None:  # (not checked above, where the tensor won)
+                for r, ids in enumerate(seqs):
+                    check_ids(alt, r, ids, vocab)
         if bad_ids:
             for r, p in enumerate(pb.plist()):
                 for seq in p.dry_sequence_breakers or ():
