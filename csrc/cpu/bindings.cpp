@@ -179,6 +179,21 @@ Inputs parse(py::object logits_o, const std::string& dtype, int64_t vocab, py::o
       fail("repetition_penalty" + row() + " must be finite and > 0, got " + std::to_string(f[fs::F_REP]));
     if (!std::isfinite(f[fs::F_FREQ]) || !std::isfinite(f[fs::F_PRES]))
       fail("frequency_penalty / presence_penalty" + row() + " must be finite");
+    if (!(f[fs::F_ETA] >= 0.0f && f[fs::F_ETA] < 1.0f))
+      fail("eta_cutoff" + row() + " must be in [0, 1), got " + std::to_string(f[fs::F_ETA]));
+    if (!(f[fs::F_NSIGMA] >= 0.0f) || std::isinf(f[fs::F_NSIGMA]))
+      fail("top_n_sigma" + row() + " must be finite and >= 0, got " + std::to_string(f[fs::F_NSIGMA]));
+    if (!(f[fs::F_XTC_P] >= 0.0f && f[fs::F_XTC_P] <= 1.0f))
+      fail("xtc_probability" + row() + " must be in [0, 1], got " + std::to_string(f[fs::F_XTC_P]));
+    if (!(f[fs::F_XTC_T] >= 0.0f && f[fs::F_XTC_T] <= 1.0f))
+      fail("xtc_threshold" + row() + " must be in [0, 1], got " + std::to_string(f[fs::F_XTC_T]));
+    if (!(f[fs::F_DYN_RANGE] >= 0.0f) || std::isinf(f[fs::F_DYN_RANGE]))
+      fail("dynatemp_range" + row() + " must be finite and >= 0, got " + std::to_string(f[fs::F_DYN_RANGE]));
+    if (!(f[fs::F_DYN_EXP] >= 0.0f) || std::isinf(f[fs::F_DYN_EXP]))
+      fail("dynatemp_exponent" + row() + " must be finite and >= 0, got " + std::to_string(f[fs::F_DYN_EXP]));
+    if (f[fs::F_DYN_RANGE] > 0.0f && f[fs::F_TEMPERATURE] == 0.0f)
+      fail("dynatemp_range" + row() + " needs a temperature > 0 (greedy rows have none), got " +
+           std::to_string(f[fs::F_DYN_RANGE]));
     if (i[fs::I_MIRO_MODE] < 0 || i[fs::I_MIRO_MODE] > 2)
       fail("mirostat_mode" + row() + " must be 0, 1 or 2, got " + std::to_string(i[fs::I_MIRO_MODE]));
     if (i[fs::I_LOGPROBS_MODE] < 0 || i[fs::I_LOGPROBS_MODE] > 2)
@@ -277,8 +292,7 @@ Inputs parse(py::object logits_o, const std::string& dtype, int64_t vocab, py::o
                ", outside the vocabulary [0, " + std::to_string(vocab) + ")");
         if (j > 0 && t <= ids[r * K + j - 1])
           fail("dry_ids of row " + std::to_string(r) + " must be ascending without repeats, padding last");
-        if (!(v >= 0.0f) || std::isinf(v))
-          fail("dry_vals of row " + std::to_string(r) + " must be finite and >= 0");
+        if (!(v >= 0.0f) || std::isinf(v)) fail("dry_vals of row " + std::to_string(r) + " must be finite and >= 0");
       }
     }
     a.dry_ids = ids;
@@ -524,6 +538,82 @@ py::array_t<int32_t> history_keep(py::object ring_o, py::object total_o, py::obj
   return out;
 }
 
+// DRY's penalty table of each row (fastsampler/history.h; docs/semantics.md §3 C): ring (S, L) int32, total (S,)
+// int64, rows (B,) int64 slots, fd (S, 2) float64 (multiplier, base), idry (S, 2) int64 (allowed length, window),
+// breakers (S, P, M) int64 or None; returns ids (B, K) int32 ascending per row (unused entries kDryPad) and values
+// (B, K) float32 (0 there), K the largest entry count of any row.
+py::tuple dry_edits(py::object ring_o, py::object total_o, py::object rows_o, py::object fd_o, py::object idry_o,
+                    py::object breakers_o) {
+  auto ring = check(ring_o, "ring", 'i', 4, "int32", {-1, -1});
+  const int64_t S = ring.shape(0), L = ring.shape(1);
+  auto total = check(total_o, "total", 'i', 8, "int64", {S});
+  auto rows = check(rows_o, "rows", 'i', 8, "int64", {-1});
+  auto fd = check(fd_o, "fd", 'f', 8, "float64", {S, 2});
+  auto idry = check(idry_o, "idry", 'i', 8, "int64", {S, 2});
+  fs::DryArgs a;
+  a.ring = static_cast<const int32_t*>(ring.data());
+  a.L = L;
+  a.total = static_cast<const int64_t*>(total.data());
+  a.fd = static_cast<const double*>(fd.data());
+  a.idry = static_cast<const int64_t*>(idry.data());
+  a.rows = static_cast<const int64_t*>(rows.data());
+  a.B = rows.shape(0);
+  py::array brk;
+  if (!breakers_o.is_none()) {
+    brk = check(breakers_o, "breakers", 'i', 8, "int64", {S, -1, -1});
+    a.brk = static_cast<const int64_t*>(brk.data());
+    a.P = brk.shape(1);
+    a.M = brk.shape(2);
+    if (a.P > 0 && a.M < 1) fail("breakers must have at least one column");
+    for (int64_t q = 0; q < S * a.P; ++q) {
+      const int64_t* b = a.brk + q * a.M;
+      int64_t m = 0;
+      while (m < a.M && b[m] >= 0) ++m;
+      for (int64_t j = m; j < a.M; ++j)
+        if (b[j] != -1)
+          fail("breakers must hold token ids >= 0 left-aligned and padded with -1, got " + std::to_string(b[j]) +
+               " at slot " + std::to_string(q / a.P) + ", breaker " + std::to_string(q % a.P));
+    }
+  }
+  for (int64_t r = 0; r < a.B; ++r)
+    if (a.rows[r] < 0 || a.rows[r] >= S)
+      fail("rows holds " + std::to_string(a.rows[r]) + ", outside [0, " + std::to_string(S) + ")");
+  for (int64_t s = 0; s < S; ++s) {
+    if (a.total[s] < 0) fail("total must be >= 0, got " + std::to_string(a.total[s]));
+    if (L == 0 && a.total[s] > 0) fail("a history ring of length 0 cannot hold tokens");
+    const double mult = a.fd[2 * s], base = a.fd[2 * s + 1];
+    if (!(mult >= 0.0) || std::isinf(mult) || (mult > 0.0 && (!(base >= 1.0) || std::isinf(base))))
+      fail("fd of slot " + std::to_string(s) + " must hold a finite multiplier >= 0 and a finite base >= 1, got (" +
+           std::to_string(mult) + ", " + std::to_string(base) + ")");
+    if (a.idry[2 * s] < 0 || a.idry[2 * s + 1] < -1)
+      fail("idry of slot " + std::to_string(s) + " must hold an allowed length >= 0 and a window >= -1, got (" +
+           std::to_string(a.idry[2 * s]) + ", " + std::to_string(a.idry[2 * s + 1]) + ")");
+  }
+  std::vector<std::vector<std::pair<int32_t, float>>> per_row(static_cast<size_t>(a.B));
+  int64_t K = 0;
+  {
+    py::gil_scoped_release release;
+    fs::DryScratch scratch;
+    for (int64_t r = 0; r < a.B; ++r) {
+      fs::dry_row(a, r, scratch, per_row[r]);
+      K = std::max<int64_t>(K, static_cast<int64_t>(per_row[r].size()));
+    }
+  }
+  py::array_t<int32_t> ids({a.B, K});
+  py::array_t<float> vals({a.B, K});
+  int32_t* ip = ids.mutable_data();
+  float* vp = vals.mutable_data();
+  for (int64_t r = 0; r < a.B; ++r) {
+    const auto& e = per_row[r];
+    for (int64_t j = 0; j < K; ++j) {
+      const bool used = j < static_cast<int64_t>(e.size());
+      ip[r * K + j] = used ? e[j].first : fs::kDryPad;
+      vp[r * K + j] = used ? e[j].second : 0.0f;
+    }
+  }
+  return py::make_tuple(ids, vals);
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastsampler C++ CPU kernels (see fastsampler.cpu for the backend built on them)";
   m.def("sample", &sample, py::arg("logits"), py::arg("dtype"), py::arg("vocab_size"), py::arg("fparams"),
@@ -558,6 +648,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("rows"), py::arg("words"),
         "The allowed-token bitmask (B, words) int32 of the history rules (no_repeat_ngram_size, bad_words_ids) of "
         "rows[r]'s ring (token j at ring[s, j % L], total[s] written).");
+  m.def("dry_edits", &dry_edits, py::arg("ring"), py::arg("total"), py::arg("rows"), py::arg("fd"), py::arg("idry"),
+        py::arg("breakers") = py::none(),
+        "DRY's penalty table of rows[r]'s history ring: ids (B, K) int32 ascending (unused entries 2^31 - 1) and "
+        "values (B, K) float32, K the largest entry count of any row.");
   m.def(
       "scratch_bytes", []() { return fs::scratch_bytes_counter().load(); },
       "Bytes held right now by the per-thread scratch buffers of every thread (all input types). "

@@ -188,22 +188,24 @@ namespace detail {
 
 using namespace simd;
 
-// Kept-set predicate: z >= lo (finite), and for typical |z - c0| <= s.
+// Kept-set predicate: z >= lo (finite), z <= hi (XTC's cut), and for typical |z - c0| <= s.
 struct Keep {
   float lo = -kInf;
+  float hi = kInf;
   bool band = false;
   float c0 = 0.0f, s = kInf;
   inline mask_t mask(vf z) const {
     mask_t m = gt(z, set1(-kInf)) & ge(z, set1(lo));
+    if (hi < kInf) m &= le(z, set1(hi));
     if (band) m &= le(vabs(z - set1(c0)), set1(s));
     return m;
   }
   inline bool test(float z) const {
-    if (!(z > -kInf) || !(z >= lo)) return false;
+    if (!(z > -kInf) || !(z >= lo) || !(z <= hi)) return false;
     return !band || std::fabs(z - c0) <= s;
   }
-  bool truncates() const { return lo > -kInf || band; }
-  bool operator==(const Keep& o) const { return lo == o.lo && band == o.band && c0 == o.c0 && s == o.s; }
+  bool truncates() const { return lo > -kInf || hi < kInf || band; }
+  bool operator==(const Keep& o) const { return lo == o.lo && hi == o.hi && band == o.band && c0 == o.c0 && s == o.s; }
 };
 
 // Count of z >= lo (finite) over [0, n16).
@@ -277,7 +279,11 @@ struct RowState {
 
   // parameters and state (docs/semantics.md §3)
   bool greedy = false;
-  float scale = 1.0f;  // 1 / temperature; 1 for greedy rows
+  float scale = 1.0f;  // 1 / temperature; 1 for greedy rows (and, during pass 1, for dynamic-temperature rows)
+  bool dyn = false;    // dynamic temperature (docs/semantics.md §3 D): pass 1 at temperature 1, then rescale_row
+  float eta = 0.0f;    // the min-p stage's whole-distribution thresholds (docs/semantics.md §3 E item 3); 0: off
+  float nsigma = 0.0f;
+  float xtc_p = 0.0f;  // XTC (§3 E item 5); 0: off
   bool kept_mode = false;
   bool probs_mode = false;  // a (B, V) output (probabilities or the kept mask) instead of the draw
   bool want_lp = false;
@@ -301,6 +307,8 @@ struct RowState {
   int64_t head_k = 0;             // the head's size
   bool use_head = false;          // collect the head (top values) after pass 1
   bool fuse_entropy = false;      // typical without an earlier rule: the entropy sums come with pass 1
+  bool want_tent = false;         // pass 1 sums exp(z - tmax) (z - tmax) per tile (fuse_entropy, eta)
+  bool moments = false;           // pass 1 gathers the mean and variance of the finite z (top-nσ)
   bool store_e = false;           // keep exp(z - tile max) and the exact set E for a full-row mass selection
   bool edits = false;             // some stage A-C edit applies to the row
   bool raw_is_z = false;          // the raw statistics equal z's (no edits, temperature 1 or greedy)
@@ -319,7 +327,11 @@ struct RowState {
   int64_t n_exact = 0;      // size of the exact set E (store_e)
   float* tmax = nullptr;    // per tile: max of z
   float* tsum = nullptr;    // per tile: sum of exp(z - tmax)
-  double* tent = nullptr;   // per tile: sum of exp(z - tmax) (z - tmax) (fuse_entropy)
+  double* tent = nullptr;   // per tile: sum of exp(z - tmax) (z - tmax) (want_tent)
+  double H = 0.0;           // entropy of softmax(z) over the whole row (eta)
+  // count, mean and sum of squared deviations of the finite z, merged tile by tile (moments)
+  double mom_n = 0.0, mom_mean = 0.0, mom_m2 = 0.0;
+  float mom_shift = kInf;   // the last tile's mean: the next tile's shift (+inf: none yet)
   float* ebuf = nullptr;    // exp(z - tmax) per element (store_e)
   float* tile_r = nullptr;  // per tile: every element >= it is in E (store_e)
 
@@ -333,7 +345,8 @@ struct RowState {
   bool hall = false;
   bool have_tw = false;  // tw holds the kept tile weights of tw_keep (from a mass selection)
   Keep tw_keep;
-  bool kept_in_head = false;  // the kept set is the first nkept_head entries of the head
+  bool kept_in_head = false;  // the kept set is the head entries [head_from, nkept_head)
+  int64_t head_from = 0;      // (from 0 unless XTC cut the top)
   int64_t nkept_head = 0;
 
   // kept weights and the draw (docs/semantics.md §3 F)
@@ -362,7 +375,8 @@ inline void read_params(RowState& st) {
   const int32_t* ip = st.ip;
   const float temp = fp[F_TEMPERATURE];
   st.greedy = temp == 0.0f;
-  st.scale = st.greedy ? 1.0f : 1.0f / temp;
+  st.dyn = !st.greedy && fp[F_DYN_RANGE] > 0.0f;
+  st.scale = st.greedy || st.dyn ? 1.0f : 1.0f / temp;
   st.kept_mode = a.kept != nullptr;
   st.probs_mode = a.probs != nullptr || st.kept_mode;
   st.want_lp = !st.probs_mode && ip[I_LOGPROBS] != 0;
@@ -370,6 +384,10 @@ inline void read_params(RowState& st) {
   st.ntop_row = st.want_lp ? std::min<int64_t>(std::max(ip[I_TOP_LOGPROBS], 0), a.n_top) : 0;
   st.need_raw = st.want_lp && st.lp_mode == MODE_RAW;
   st.miro = ip[I_MIRO_MODE];
+  const bool rules = !st.greedy && st.miro == 0;  // truncation rules apply (Mirostat replaces them)
+  st.eta = rules && fp[F_ETA] > 0.0f ? fp[F_ETA] : 0.0f;
+  st.nsigma = rules && fp[F_NSIGMA] > 0.0f ? fp[F_NSIGMA] : 0.0f;
+  st.xtc_p = rules && fp[F_XTC_P] > 0.0f ? fp[F_XTC_P] : 0.0f;
   st.mu_in = a.mu_in[r];
   st.rep = fp[F_REP];
   st.freq = fp[F_FREQ];
@@ -395,11 +413,15 @@ inline void plan_pass1(RowState& st) {
   st.head_k = st.miro == 1 ? round16(kMirostatM) : (top_k > 0 ? std::max<int64_t>(top_k, st.min_keep) + 16 : 0);
   st.use_head = !st.greedy && st.head_k > 0 && st.head_k <= kHead;
   if (st.use_head) st.s.head.reset(st.head_k);
+  // (the min-p stage's rules are all listed: each may truncate before typical)
   st.fuse_entropy = !st.greedy && st.miro == 0 && fp[F_TYPICAL_P] < 1.0f && top_k <= 0 && fp[F_TOP_P] >= 1.0f &&
-                    fp[F_MIN_P] <= 0.0f && fp[F_EPSILON] <= 0.0f;
+                    fp[F_MIN_P] <= 0.0f && fp[F_EPSILON] <= 0.0f && st.eta <= 0.0f && st.nsigma <= 0.0f;
+  st.want_tent = st.fuse_entropy || st.eta > 0.0f;
+  st.moments = st.nsigma > 0.0f;
   // rows whose top-p / typical goes through the full-row mass selection keep exp(z - tile max) from pass 1
   st.store_e = st.fuse_entropy || (!st.greedy && st.miro == 0 && fp[F_TOP_P] < 1.0f && top_k <= 0);
-  st.edits = st.bias_next < st.bias_end || st.penal || st.allowed || st.ban_eos ||
+  // (a dynamic-temperature row takes the edits path: its raw statistics must not come from z, which is rescaled)
+  st.edits = st.bias_next < st.bias_end || st.penal || st.allowed || st.ban_eos || st.dyn ||
              (st.dry_next < st.dry_end && st.a.dry_ids[st.dry_next] != kDryPad);
   st.raw_is_z = !st.edits && st.scale == 1.0f;
   st.raw_pass = st.need_raw && !st.raw_is_z;
@@ -410,9 +432,10 @@ inline void plan_pass1(RowState& st) {
   // A row of one tile whose draw needs no weights: the tile race has a single entrant, and nothing else reads the kept
   // mass (Mirostat's update, final logprobs, the probabilities).
   st.single_tile_draw = st.ntiles == 1 && !st.probs_mode && st.miro == 0 && !(st.want_lp && st.lp_mode == MODE_FINAL);
-  st.skip_exp = !lp_needs_stats && ((st.greedy && !st.probs_mode) ||
-                                    (st.use_head && top_k > 0 && st.miro == 0 && fp[F_TYPICAL_P] >= 1.0f) ||
-                                    (st.single_tile_draw && !st.store_e && !st.fuse_entropy));
+  st.skip_exp =
+      !lp_needs_stats && !st.want_tent &&
+      ((st.greedy && !st.probs_mode) || (st.use_head && top_k > 0 && st.miro == 0 && fp[F_TYPICAL_P] >= 1.0f) ||
+       (st.single_tile_draw && !st.store_e));
   st.tmax = st.s.tile_max.data();
   st.tsum = st.s.tile_sum.data();
   st.tent = st.s.tile_w.data() + st.ntiles;
@@ -690,27 +713,36 @@ inline void collect_exact_tile(RowState& st, int64_t t, int64_t i0, int64_t e16,
   st.n_exact = n;
 }
 
-// Sum of exp(z - m) over the tile (m its maximum), keeping exp(z - m) for a mass selection and the entropy sum for
-// typical when asked to.
-inline float tile_exp_sum(RowState& st, int64_t t, int64_t i0, int64_t e16, float m) {
+// The sum of a vector's lanes in float64.
+inline double hsum_d(vf a) {
+  alignas(64) float buf[kLanes];
+  store(buf, a);
+  double s = 0.0;
+  for (int l = 0; l < kLanes; ++l) s += buf[l];
+  return s;
+}
+
+// Sum of exp(z - m) over the tile (m its maximum), keeping exp(z - m) for a mass selection (keep_e) and the entropy
+// sum (tent: typical, eta, dynamic temperature) when asked to.
+inline float tile_exp_sum(RowState& st, int64_t t, int64_t i0, int64_t e16, float m, bool tent, bool keep_e) {
   const float* z = st.z;
   float* ebuf = st.ebuf;
   const vf vm = set1(m);
   vf acc0 = set1(0.0f), acc1 = set1(0.0f);
   int64_t i = i0;
-  if (st.fuse_entropy) {  // also sum exp(z - m) (z - m) for the entropy (typical)
+  if (tent) {  // also sum exp(z - m) (z - m) for the entropy
     // a term whose weight is 0 contributes 0 (0 ln 0 = 0, docs/semantics.md §3 E item 4): its z - m may be -inf (a
     // finite z more than FLT_MAX below m), and 0 * -inf would be NaN
     vf accb = set1(0.0f);
     for (; i < e16; i += kLanes) {
       vf d = load(z + i) - vm;
       vf e = vexp(d);
-      store(ebuf + i, e);
+      if (keep_e) store(ebuf + i, e);
       acc0 = acc0 + e;
       accb = mask_add(accb, gt(e, set1(0.0f)), e * d);
     }
     st.tent[t] = hsum(accb);
-  } else if (st.store_e) {  // keep exp(z - m_t) for the mass selection
+  } else if (keep_e) {  // keep exp(z - m_t) for the mass selection
     for (; i < e16; i += kLanes) {
       vf e = vexp(load(z + i) - vm);
       store(ebuf + i, e);
@@ -723,6 +755,123 @@ inline float tile_exp_sum(RowState& st, int64_t t, int64_t i0, int64_t e16, floa
   }
   for (; i < e16; i += kLanes) acc0 = acc0 + vexp(load(z + i) - vm);
   return hsum(acc0 + acc1);
+}
+
+// Sums of z - c and (z - c)^2 over the tile's finite z (float32 lanes, added in float64).
+inline void tile_dev_sums(const float* z, int64_t i0, int64_t e16, float c, double* sd, double* sdd) {
+  const vf ninf = set1(-kInf), vc = set1(c);
+  vf s1 = set1(0.0f), s2 = set1(0.0f), s2b = set1(0.0f);
+  int64_t i = i0;
+  for (; i + 2 * kLanes <= e16; i += 2 * kLanes) {
+    vf v = load(z + i), u = load(z + i + kLanes);
+    const mask_t fv = gt(v, ninf), fu = gt(u, ninf);
+    vf d = v - vc, e = u - vc;
+    s1 = mask_add(mask_add(s1, fv, d), fu, e);
+    s2 = mask_add(s2, fv, d * d);
+    s2b = mask_add(s2b, fu, e * e);
+  }
+  for (; i < e16; i += kLanes) {
+    vf v = load(z + i);
+    const mask_t fv = gt(v, ninf);
+    vf d = v - vc;
+    s1 = mask_add(s1, fv, d);
+    s2 = mask_add(s2, fv, d * d);
+  }
+  *sd = hsum_d(s1);
+  *sdd = hsum_d(s2) + hsum_d(s2b);
+}
+
+// The mean of the tile's finite z (float32 lanes, added in float64).
+inline double tile_mean(const float* z, int64_t i0, int64_t e16, double n) {
+  vf acc = set1(0.0f);
+  for (int64_t i = i0; i < e16; i += kLanes) {
+    vf v = load(z + i);
+    acc = mask_add(acc, gt(v, set1(-kInf)), v);
+  }
+  return hsum_d(acc) / n;
+}
+
+// top-nσ: the tile's finite count, mean and sum of squared deviations, merged into the row's (Chan et al.'s pairwise
+// update, in float64). One sweep of float32 sums around the previous tile's mean (logit tiles look alike); when the
+// tile's mean is far from that shift (more than sqrt(3) standard deviations: the shifted sums would cancel), a mean
+// sweep and the sums again around the tile's own mean; a float64 pass over the tile when float32 overflows (logits
+// spanning more than about 1e19, e.g. after a large DRY penalty).
+inline void tile_moments(RowState& st, int64_t i0, int64_t e16, int64_t nf) {
+  if (nf == 0) return;
+  const float* z = st.z;
+  const double n = static_cast<double>(nf);
+  double sd = 0.0, sdd = 0.0, mean = 0.0, m2 = 0.0;
+  bool ok = false;
+  for (int attempt = 0; attempt < 2 && !ok; ++attempt) {
+    const float c = attempt == 0 && st.mom_shift < kInf ? st.mom_shift : static_cast<float>(tile_mean(z, i0, e16, n));
+    if (!std::isfinite(c)) continue;  // (a float32 overflow: the next attempt, or float64)
+    tile_dev_sums(z, i0, e16, c, &sd, &sdd);
+    mean = static_cast<double>(c) + sd / n;
+    m2 = sdd - sd * sd / n;
+    ok = std::isfinite(mean) && std::isfinite(sdd) && sd * sd / n <= 3.0 * m2;
+    if (attempt == 1) ok = ok || (std::isfinite(mean) && std::isfinite(sdd));  // (around its own mean: no cancellation)
+  }
+  if (!ok) {  // float64 over the tile
+    double sum = 0.0;
+    for (int64_t i = i0; i < e16; ++i)
+      if (z[i] > -kInf) sum += z[i];
+    mean = sum / n;
+    m2 = 0.0;
+    for (int64_t i = i0; i < e16; ++i)
+      if (z[i] > -kInf) m2 += (z[i] - mean) * (z[i] - mean);
+  }
+  m2 = std::max(0.0, m2);
+  st.mom_shift = static_cast<float>(mean);
+  const double tot = st.mom_n + n;
+  const double delta = mean - st.mom_mean;
+  st.mom_mean += delta * (n / tot);
+  st.mom_m2 += m2 + delta * delta * (st.mom_n * n / tot);
+  st.mom_n = tot;
+}
+
+// A tile's sums taken by the sweep that wrote z (rescale_row), around its maximum m.
+struct TileSums {
+  bool have = false;
+  float m = 0.0f;
+  float sum = 0.0f;
+  double ent = 0.0;
+};
+
+// A tile's statistics once z holds its final values (pass 1, or rescale_row): the bad flag, the finite count, the
+// lane maxima, the exact set, the tile max and sum (and entropy sum; `sums` when the sweep already took them), the
+// moments.
+inline void finish_tile(RowState& st, int64_t t, int64_t i0, int64_t e16, const TileStats& ts,
+                        const TileSums& sums = TileSums()) {
+  if (ts.badz) st.bad = true;
+  st.nfinite += ts.nf;
+  store(st.s.lane_max.data() + t * kLanes, ts.mx);  // 16 maxima of distinct elements: seeds the head's filter
+  if (st.store_e && !st.bad) collect_exact_tile(st, t, i0, e16, ts.mx);
+  const float m = hmax(ts.mx);
+  st.tmax[t] = m;
+  if (m > -kInf && !st.bad && !st.skip_exp) {
+    if (sums.have && sums.m == m) {
+      st.tsum[t] = sums.sum;
+      if (st.want_tent) st.tent[t] = sums.ent;
+    } else {
+      st.tsum[t] = tile_exp_sum(st, t, i0, e16, m, st.want_tent, st.store_e);
+    }
+  } else {
+    st.tsum[t] = 0.0f;
+    if (st.want_tent) st.tent[t] = 0.0;
+  }
+  if (st.moments && m > -kInf && !st.bad) tile_moments(st, i0, e16, ts.nf);
+}
+
+// A dynamic-temperature row's tile in pass 1, at temperature 1: the bad flag, the finite count, the tile max, sum and
+// entropy sum of l (docs/semantics.md §3 D); the rest waits for rescale_row.
+inline void finish_tile_dyn(RowState& st, int64_t t, int64_t i0, int64_t e16, const TileStats& ts) {
+  if (ts.badz) st.bad = true;
+  st.nfinite += ts.nf;
+  const float m = hmax(ts.mx);
+  st.tmax[t] = m;
+  st.tsum[t] = 0.0f;
+  st.tent[t] = 0.0;
+  if (m > -kInf && !st.bad) st.tsum[t] = tile_exp_sum(st, t, i0, e16, m, true, false);
 }
 
 // One tile of pass 1: stages A-D into z, then, while the tile is in L1, its statistics.
@@ -746,17 +895,93 @@ inline void pass1_tile(RowState& st, int64_t t) {
     apply_masks(st, i0, i1);
     temperature_tile(st, i0, e16, pf, ts);
   }
-  if (ts.badz) st.bad = true;
-  st.nfinite += ts.nf;
-  store(st.s.lane_max.data() + t * kLanes, ts.mx);  // 16 maxima of distinct elements: seeds the head's filter
-  if (st.store_e && !st.bad) collect_exact_tile(st, t, i0, e16, ts.mx);
-  const float m = hmax(ts.mx);
-  st.tmax[t] = m;
-  if (m > -kInf && !st.bad && !st.skip_exp) {
-    st.tsum[t] = tile_exp_sum(st, t, i0, e16, m);
-  } else {
-    st.tsum[t] = 0.0f;
-    if (st.fuse_entropy) st.tent[t] = 0.0;
+  if (st.dyn)
+    finish_tile_dyn(st, t, i0, e16, ts);
+  else
+    finish_tile(st, t, i0, e16, ts);
+}
+
+// Sums of q and of q (z - M) (unnormalised, q = exp(z - M)) over the whole row, from the tiles' sums; the entropy of
+// softmax(z) is ln sw - swz / sw.
+inline void row_entropy_sums(const RowState& st, double* sw_out, double* swz_out) {
+  double sw = 0.0, swz = 0.0;
+  for (int64_t t = 0; t < st.ntiles; ++t) {
+    if (!(st.tmax[t] > -kInf)) continue;
+    const double sc = std::exp(static_cast<double>(st.tmax[t]) - st.M);
+    sw += sc * st.tsum[t];
+    swz += sc * (st.tent[t] + (static_cast<double>(st.tmax[t]) - st.M) * st.tsum[t]);
+  }
+  *sw_out = sw;
+  *swz_out = swz;
+}
+
+inline double row_entropy(const RowState& st) {
+  double sw = 0.0, swz = 0.0;
+  row_entropy_sums(st, &sw, &swz);
+  return std::max(0.0, std::log(sw) - swz / sw);  // (rounding may leave a one-token row a hair below 0)
+}
+
+// Dynamic temperature (docs/semantics.md §3 D), after pass 1 ran at temperature 1 on a valid row: T' from the entropy
+// of softmax(l) over the n finite l, then z = l / T' and every tile statistic again, as pass 1 would have left them.
+// The sweep that scales a tile also takes its exp sums: the scaled tile maximum is known before it (rounding is
+// monotonic, so max(l s) = max(l) s in float32).
+inline void rescale_row(RowState& st) {
+  for (int64_t t = 0; t < st.ntiles; ++t) st.M = std::max(st.M, st.tmax[t]);
+  const double T = st.fp[F_TEMPERATURE], delta = st.fp[F_DYN_RANGE], kappa = st.fp[F_DYN_EXP];
+  double Tp = T;
+  if (st.nfinite >= 2) {
+    const double H = row_entropy(st);
+    const double lo = std::max(0.0, T - delta), hi = T + delta;
+    Tp = lo + (hi - lo) * std::pow(H / std::log(static_cast<double>(st.nfinite)), kappa);
+  }
+  Tp = std::max(Tp, 1.1754943508222875e-38);  // the smallest normal float32, as for T (§5)
+  st.scale = static_cast<float>(1.0 / Tp);
+  st.dyn = false;
+  st.M = -kInf;
+  st.nfinite = 0;
+  const vf vscale = set1(st.scale), ninf = set1(-kInf);
+  float* z = st.z;
+  float* ebuf = st.ebuf;
+  const bool tent = st.want_tent, keep_e = st.store_e;
+  for (int64_t t = 0; t < st.ntiles; ++t) {
+    const int64_t i0 = t * kTile, e16 = std::min(st.vp, i0 + kTile);
+    TileStats ts;
+    TileSums sums;
+    sums.m = st.tmax[t] * st.scale;
+    sums.have = !st.skip_exp && sums.m > -kInf && sums.m < kInf;
+    vf mx = ts.mx;
+    mask_t badz = 0;
+    int64_t nf = 0;
+    if (sums.have) {
+      const vf vm = set1(sums.m);
+      vf acc = set1(0.0f), accb = set1(0.0f);
+      for (int64_t i = i0; i < e16; i += kLanes) {
+        vf v = load(z + i) * vscale;
+        badz |= unord(v, v) | eq(v, set1(kInf));
+        store(z + i, v);
+        mx = vmax(mx, v);
+        nf += popcount(gt(v, ninf));
+        vf d = v - vm;
+        vf e = vexp(d);
+        if (keep_e) store(ebuf + i, e);
+        acc = acc + e;
+        if (tent) accb = mask_add(accb, gt(e, set1(0.0f)), e * d);  // (0 ln 0 = 0, as in tile_exp_sum)
+      }
+      sums.sum = hsum(acc);
+      sums.ent = hsum(accb);
+    } else {
+      for (int64_t i = i0; i < e16; i += kLanes) {
+        vf v = load(z + i) * vscale;
+        badz |= unord(v, v) | eq(v, set1(kInf));
+        store(z + i, v);
+        mx = vmax(mx, v);
+        nf += popcount(gt(v, ninf));
+      }
+    }
+    ts.mx = mx;
+    ts.badz = badz;
+    ts.nf = nf;
+    finish_tile(st, t, i0, e16, ts, sums);
   }
 }
 
@@ -941,17 +1166,28 @@ inline void apply_top_p(RowState& st, float top_p) {
   st.have_tw = htw;
 }
 
-// min-p and epsilon: keep z >= M + ln(min_p) and z >= M + ln(epsilon) + ln S (q >= epsilon in the whole
-// distribution), lowered to keep min_keep.
-inline void apply_min_p(RowState& st, float min_p, float epsilon) {
+// The population standard deviation of the finite z (top-nσ), from the moments pass 1 merged.
+inline double row_sigma(const RowState& st) { return std::sqrt(st.mom_m2 / st.mom_n); }
+
+// The min-p stage (docs/semantics.md §3 E item 3): the largest of its active thresholds, capped at M (the maximum is
+// always kept) and lowered to keep min_keep:
+//   min-p    z >= M + ln(min_p)
+//   epsilon  z >= M + ln S + ln(epsilon)                          (q >= epsilon in the whole distribution)
+//   eta      z >= M + ln S + ln min(eta, sqrt(eta) e^-H)          (H the entropy of the whole distribution)
+//   top-nσ   z >= M - nsigma σ                                    (σ the standard deviation of the finite z)
+inline void apply_min_p(RowState& st) {
+  const float min_p = st.fp[F_MIN_P], epsilon = st.fp[F_EPSILON];
+  const double M = st.M;
   double t = -std::numeric_limits<double>::infinity();
-  if (min_p > 0.0f) t = static_cast<double>(st.M) + std::log(static_cast<double>(min_p));
-  if (epsilon > 0.0f) {
-    ensure_stats(st);  // S: the whole row's mass relative to M
-    t = std::max(t, static_cast<double>(st.M) + std::log(static_cast<double>(epsilon)) + std::log(st.S));
-    t = std::min(t, static_cast<double>(st.M));  // the maximum is always kept (epsilon may exceed every q)
+  if (min_p > 0.0f) t = M + std::log(static_cast<double>(min_p));
+  if (epsilon > 0.0f || st.eta > 0.0f) ensure_stats(st);  // S: the whole row's mass relative to M
+  if (epsilon > 0.0f) t = std::max(t, M + std::log(static_cast<double>(epsilon)) + std::log(st.S));
+  if (st.eta > 0.0f) {
+    const double le = std::log(static_cast<double>(st.eta));
+    t = std::max(t, M + std::log(st.S) + std::min(le, 0.5 * le - st.H));
   }
-  float thr = static_cast<float>(t);
+  if (st.nsigma > 0.0f) t = std::max(t, M - static_cast<double>(st.nsigma) * row_sigma(st));
+  float thr = static_cast<float>(std::min(t, M));
   if (st.min_keep > 1) {
     ensure_nsurv(st);
     const int64_t mk = std::min(st.min_keep, st.nsurv);
@@ -965,12 +1201,7 @@ inline void survivor_entropy_sums(const RowState& st, float lo, double* sw_out, 
   double sw = 0.0, swz = 0.0;
   if (st.fuse_entropy && !(lo > -kInf)) {
     // from pass 1: A = sum_t e^{m_t - M} (B_t + (m_t - M) s_t) with B_t = sum exp(z - m_t)(z - m_t)
-    for (int64_t t = 0; t < st.ntiles; ++t) {
-      if (!(st.tmax[t] > -kInf)) continue;
-      const double sc = std::exp(static_cast<double>(st.tmax[t]) - st.M);
-      sw += sc * st.tsum[t];
-      swz += sc * (st.tent[t] + (static_cast<double>(st.tmax[t]) - st.M) * st.tsum[t]);
-    }
+    row_entropy_sums(st, &sw, &swz);
   } else {
     const float* z = st.z;
     const vf vM = set1(st.M), vlo = set1(lo), ninf = set1(-kInf);
@@ -1087,15 +1318,101 @@ inline void apply_mirostat_v1(RowState& st) {
   if (k < st.nfinite) raise_lo(st, kth(st, k));
 }
 
-// The four rules in their fixed order, or Mirostat instead of them (docs/semantics.md §3 E).
+// The smallest float32 f with f >= t (t a float64 threshold): z >= t and z >= f agree for every float32 z.
+inline float float_at_least(double t) {
+  float f = static_cast<float>(t);
+  if (static_cast<double>(f) < t) f = std::nextafter(f, kInf);
+  return f;
+}
+
+// XTC's decision over the kept set S (docs/semantics.md §3 E item 5): with A = {z in S : q >= theta} (q = softmax over
+// S), returns a = min z over A when |A| >= 2 and at least min_keep tokens of S have z <= a; else +inf (no cut).
+inline float xtc_cut(RowState& st, double ln_theta) {
+  const Keep keep = st.keep;
+  if (!keep.band && keep.lo > -kInf && head_covers(st, keep.lo)) {  // S is a prefix of the head
+    const Entry* hd = st.hd;
+    int64_t ns = 0;
+    double sum = 0.0;
+    while (ns < st.nh && hd[ns].v >= keep.lo) sum += std::exp(static_cast<double>(hd[ns++].v) - hd[0].v);
+    const double thr = static_cast<double>(hd[0].v) + std::log(sum) + ln_theta;
+    int64_t na = 0;
+    while (na < ns && static_cast<double>(hd[na].v) >= thr) ++na;
+    if (na < 2) return kInf;
+    const float a = hd[na - 1].v;
+    int64_t above = 0;
+    while (hd[above].v > a) ++above;
+    return ns - above >= st.min_keep ? a : kInf;
+  }
+  const float* z = st.z;
+  const vf ninf = set1(-kInf);
+  float mx = st.M;  // S holds M unless typical's band cut it
+  if (keep.band) {
+    vf m = ninf;
+    for (int64_t i = 0; i < st.vp; i += kLanes) {
+      vf v = load(z + i);
+      m = vmax(m, select(keep.mask(v), v, ninf));
+    }
+    mx = hmax(m);
+  }
+  double sum = 0.0;
+  const vf vmx = set1(mx);
+  for (int64_t i0 = 0; i0 < st.vp; i0 += kTile) {
+    const int64_t i1 = std::min(st.vp, i0 + kTile);
+    vf acc = set1(0.0f);
+    for (int64_t i = i0; i < i1; i += kLanes) {
+      vf v = load(z + i);
+      const mask_t km = keep.mask(v);
+      if (km) acc = mask_add(acc, km, vexp(v - vmx));
+    }
+    sum += hsum_d(acc);
+  }
+  const vf vthr = set1(float_at_least(static_cast<double>(mx) + std::log(sum) + ln_theta));
+  vf amin = set1(kInf);
+  int64_t na = 0;
+  for (int64_t i = 0; i < st.vp; i += kLanes) {
+    vf v = load(z + i);
+    const mask_t ma = keep.mask(v) & ge(v, vthr);
+    if (!ma) continue;
+    na += popcount(ma);
+    amin = vmin(amin, select(ma, v, set1(kInf)));
+  }
+  if (na < 2) return kInf;
+  const float a = -hmax(set1(0.0f) - amin);
+  if (st.min_keep > 1) {
+    const vf va = set1(a);
+    int64_t below = 0;
+    for (int64_t i = 0; i < st.vp; i += kLanes) {
+      vf v = load(z + i);
+      below += popcount(keep.mask(v) & le(v, va));
+    }
+    if (below < st.min_keep) return kInf;
+  }
+  return a;
+}
+
+// XTC: with the row's coin (word 0 of Philox stream 3) u < xtc_probability, keep only z <= xtc_cut.
+inline void apply_xtc(RowState& st) {
+  const uint64_t seed = static_cast<uint64_t>(st.a.seeds[st.r]);
+  const PhiloxKey key{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
+  const uint32_t w0 = philox_word(key, 0, static_cast<uint32_t>(st.a.steps[st.r]),
+                                  static_cast<uint32_t>(st.a.seqs[st.r]), static_cast<uint32_t>(kStreamXtc));
+  const double u = (static_cast<double>(w0) + 0.5) * 0x1p-32;
+  if (!(u < static_cast<double>(st.xtc_p))) return;
+  const float a = xtc_cut(st, std::log(static_cast<double>(st.fp[F_XTC_T])));
+  if (a < kInf) st.keep.hi = a;
+}
+
+// The rules in their fixed order, or Mirostat instead of them (docs/semantics.md §3 E).
 inline void truncate(RowState& st) {
   start_truncation(st);
   if (st.miro == 0) {
     const float* fp = st.fp;
+    if (st.eta > 0.0f) st.H = row_entropy(st);  // (before a mass selection reuses the entropy sums' buffer)
     if (st.ip[I_TOP_K] > 0) apply_top_k(st, st.ip[I_TOP_K]);
     if (fp[F_TOP_P] < 1.0f) apply_top_p(st, fp[F_TOP_P]);
-    if (fp[F_MIN_P] > 0.0f || fp[F_EPSILON] > 0.0f) apply_min_p(st, fp[F_MIN_P], fp[F_EPSILON]);
+    if (fp[F_MIN_P] > 0.0f || fp[F_EPSILON] > 0.0f || st.eta > 0.0f || st.nsigma > 0.0f) apply_min_p(st);
     if (fp[F_TYPICAL_P] < 1.0f) apply_typical(st, fp[F_TYPICAL_P]);
+    if (st.xtc_p > 0.0f) apply_xtc(st);
   } else if (st.miro == 2) {
     apply_mirostat_v2(st);
   } else {
@@ -1106,17 +1423,22 @@ inline void truncate(RowState& st) {
 // ------------------------------------------------------------------------------------------------------------------
 // Kept tile weights: W_t of docs/semantics.md §3 F, relative to exp(shift), and S_kept = sum W_t
 
-// From the head, when it holds the whole kept set.
+// From the head, when it holds the whole kept set: its entries [head_from, nkept_head), lo <= v <= hi.
 inline void kept_weights_from_head(RowState& st) {
   double* tw = st.tw;
   for (int64_t t = 0; t < st.ntiles; ++t) tw[t] = 0.0;
   st.S_kept = 0.0;
-  for (int64_t i = 0; i < st.nh && st.hd[i].v >= st.keep.lo; ++i) {
-    const double w = std::exp(static_cast<double>(st.hd[i].v) - st.M);
-    tw[st.hd[i].id / kTile] += w;
+  const Entry* hd = st.hd;
+  int64_t i = 0;
+  while (i < st.nh && hd[i].v > st.keep.hi) ++i;  // cut by XTC
+  st.head_from = i;
+  if (i < st.nh) st.shift = hd[i].v;  // the kept maximum (M unless XTC cut the top)
+  for (; i < st.nh && hd[i].v >= st.keep.lo; ++i) {
+    const double w = std::exp(static_cast<double>(hd[i].v) - st.shift);
+    tw[hd[i].id / kTile] += w;
     st.S_kept += w;
-    st.nkept_head = i + 1;
   }
+  st.nkept_head = i;
 }
 
 // A masked exp pass over the tiles that can hold kept tokens; when every kept weight underflows relative to M, again
@@ -1208,7 +1530,7 @@ inline void race_head(RowState& st, const RaceKey& rk, int64_t tbest) {
   int32_t hid[kHead];  // positions in the head
   uint32_t hw[kHead];  // their words
   int64_t nr = 0;
-  for (int64_t i = 0; i < st.nkept_head; ++i)
+  for (int64_t i = st.head_from; i < st.nkept_head; ++i)
     if (hd[i].id / kTile == tbest) hid[nr++] = static_cast<int32_t>(i);
   alignas(64) uint32_t c0s[kLanes], sel[kLanes];
   alignas(64) uint32_t wv[4][kLanes];
@@ -1618,6 +1940,11 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
   read_params<T>(st);
   plan_pass1(st);
   for (int64_t t = 0; t < st.ntiles; ++t) pass1_tile<T>(st, t);  // stages A-D and the statistics
+  if (st.dyn) {  // pass 1 ran at temperature 1: T' from its entropy, then z = l / T'
+    float m = -kInf;
+    for (int64_t t = 0; t < st.ntiles; ++t) m = std::max(m, st.tmax[t]);
+    if (!st.bad && m > -kInf) rescale_row(st);
+  }
   for (int64_t t = 0; t < st.ntiles; ++t) st.M = std::max(st.M, st.tmax[t]);
   if (st.use_head && !st.bad && st.M > -kInf) scan_head(st);
   if (st.bad || !(st.M > -kInf)) {  // docs/semantics.md §5

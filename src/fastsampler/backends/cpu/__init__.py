@@ -24,7 +24,7 @@ from .. import Capabilities
 
 __all__ = ["CAPABILITIES", "is_available", "supports", "sample_packed", "sampling_probs_packed", "kept_mask_packed",
            "set_num_threads", "get_num_threads", "scratch_bytes", "threads_for", "sample_arrays", "sample_host",
-           "advance_arrays", "logits_array", "build_info", "history_keep",
+           "advance_arrays", "logits_array", "build_info", "history_keep", "dry_edits",
            "SINGLE_THREAD_BELOW"]
 
 SINGLE_THREAD_BELOW = 16384
@@ -198,6 +198,31 @@ def history_keep(ring: Any, total: Any, ngram: Any, bad: Any, rows: Any, words: 
     or None), rows ``rows`` (int64 slots); numpy arrays or CPU tensors."""
     arr = lambda x: None if x is None else (_np(x) if isinstance(x, torch.Tensor) else np.asarray(x))
     return _require().history_keep(arr(ring), arr(total), arr(ngram), arr(bad), arr(rows), int(words))
+
+
+def dry_edits(ring: Any, total: Any, rows: Any, fd: Any, idry: Any, breakers: Any) -> tuple[np.ndarray, np.ndarray]:
+    """DRY's penalty table (docs/semantics.md §3 C; `fastsampler._history.dry_table`) of rows ``rows`` (int64 slots)
+    of the history rings ``ring`` (``(S, L)`` int32, token ``j`` at column ``j % L``; ``total`` ``(S,)`` int64 tokens
+    written), with per-slot ``fd`` ``(S, 2)`` float64 (multiplier, base; multiplier 0: no DRY), ``idry`` ``(S, 2)``
+    int64 (allowed length, ``dry_penalty_last_n``) and ``breakers`` ``(S, P, M)`` int64 (left-aligned, -1 padding) or
+    None; numpy arrays or CPU tensors.
+
+    Returns ``(ids, vals)``: ``(B, K)`` int32 ids ascending per row (unused entries ``2^31 - 1``) and ``(B, K)``
+    float32 penalties (0 there), ``K`` the largest entry count of any row (may be 0). O(n log n) per row for a window
+    of ``n`` tokens, independent of the vocabulary.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastsampler.backends.cpu as cpu
+    >>> ring = np.array([[0, 1, 2, 2, 1, 2, 5, 0, 1, 2]], dtype=np.int32)   # A B C C B C Y A B C
+    >>> ids, vals = cpu.dry_edits(ring, np.array([10]), np.array([0]), np.array([[1.0, 2.0]]),
+    ...                           np.array([[1, -1]]), None)
+    >>> ids.tolist(), vals.tolist()
+    ([[1, 2, 5]], [[1.0, 4.0, 2.0]])
+    """
+    arr = lambda x: None if x is None else (_np(x) if isinstance(x, torch.Tensor) else np.asarray(x))
+    return _require().dry_edits(arr(ring), arr(total), arr(rows), arr(fd), arr(idry), arr(breakers))
 
 
 def _output(res: tuple[np.ndarray, ...]) -> SampleOutput:
