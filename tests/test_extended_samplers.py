@@ -152,17 +152,27 @@ def test_dynamic_temperature_hand_computed(backend: str) -> None:
         t_min, t_max = max(0.0, t - delta), t + delta
         t_dyn = t_min + (t_max - t_min) * (h / math.log(5)) ** kappa
         p = SP(temperature=t, dynatemp_range=delta, dynatemp_exponent=kappa)
-        np.testing.assert_allclose(R.process_logits(l, p)[0], l[0] / np.float32(t_dyn), rtol=1e-6)
+        np.testing.assert_allclose(R.process_logits(l, p)[0], l[0] / np.float32(t), rtol=1e-6)  # (stage D: T)
         want = np.exp(l[0] / t_dyn - (l[0] / t_dyn).max())
         np.testing.assert_allclose(_probs(backend, l, p)[0], want / want.sum(), atol=1e-6)
-    # one finite token: T' = T; masked tokens do not count in n
+    # the docs' example: the kept set l = (2, 1, 0) after top-k 3 gives T' = 1.2577
+    k3 = np.array([[2.0, 1.0, 0.0, -1.0, -2.0]])
+    want = np.exp(k3[0, :3] / 1.2576791106615821)
+    np.testing.assert_allclose(_probs(backend, k3, SP(top_k=3, dynatemp_range=0.5))[0][:3], want / want.sum(),
+                               atol=1e-6)
+    # one kept token: T' = T; masked tokens are not in the kept set
     one = np.array([[1.0, -np.inf, -np.inf]])
     assert _probs(backend, one, SP(temperature=0.7, dynatemp_range=0.5))[0].tolist() == [1.0, 0.0, 0.0]
     m = SP(temperature=1.0, dynatemp_range=0.5, banned_token_ids=[4])
     q4 = q[:4] / q[:4].sum()
     h4 = -(q4 * np.log(q4)).sum()
     t4 = 0.5 + 1.0 * h4 / math.log(4)
-    np.testing.assert_allclose(R.process_logits(l, m)[0][:4], l[0][:4] / t4, rtol=1e-6)
+    want = np.exp(l[0][:4] / t4 - (l[0][:4] / t4).max())
+    np.testing.assert_allclose(_probs(backend, l, m)[0][:4], want / want.sum(), atol=1e-6)
+    # truncation runs at the base temperature: min-p 0.3 at T = 0.5 keeps z >= max + ln 0.3 on z = l / 0.5
+    mp = SP(temperature=0.5, min_p=0.3, dynatemp_range=0.4)
+    kept = _probs(backend, l, mp)[0] > 0
+    assert kept.tolist() == (l[0] / 0.5 >= l[0].max() / 0.5 + math.log(np.float32(0.3))).tolist()
 
 
 # ------------------------------------------------------------------------------------ independent implementations
@@ -484,7 +494,7 @@ def test_verify_match_with_dry_equals_stepping() -> None:
     assert out.tokens[0].tolist() == stepped and a.step_of(sa) == 5
 
 
-def test_score_processed_sees_dry_and_refuses_dynamic_temperature_extras() -> None:
+def test_score_processed_sees_dry_and_the_base_temperature() -> None:
     x = torch.zeros(2, 6)
     p = SP(dry_multiplier=1.0, dry_base=2.0, dry_allowed_length=1)
     out = fastsampler.score(x, [2, 2], logprobs_mode="processed", params=p, prompt_token_ids=[[1, 2, 1], [3, 4]],
@@ -493,6 +503,9 @@ def test_score_processed_sees_dry_and_refuses_dynamic_temperature_extras() -> No
     lp = want - np.log(np.exp(want).sum(1, keepdims=True))
     np.testing.assert_allclose(out.extra_logprobs.numpy(), lp[:, [2, 0]], atol=1e-6)
     np.testing.assert_allclose(out.logprobs.numpy(), lp[:, 2], atol=1e-6)
-    with pytest.raises(ValueError, match="dynatemp_range"):
-        fastsampler.score(x, [2, 2], logprobs_mode="processed", params=SP(dynatemp_range=0.5),
-                          extra_token_ids=[[0], [1]])
+    # processed logprobs are at the base temperature: a dynamic one acts on the kept set only (§3 E)
+    y = torch.tensor([[0.0, 1.0, 2.0]])
+    out = fastsampler.score(y, [2], logprobs_mode="processed", params=SP(temperature=0.5, dynatemp_range=0.4),
+                            extra_token_ids=[[0]], backend="cpu")
+    lp = torch.log_softmax(y / 0.5, -1)[0]
+    np.testing.assert_allclose([float(out.logprobs[0]), float(out.extra_logprobs[0, 0])], [lp[2], lp[0]], atol=1e-6)

@@ -891,8 +891,8 @@ def _pack(
     if prompt_mask is None and prompt_token_ids is not None:
         if len(prompt_token_ids) != b:
             raise ValueError(f"prompt_token_ids must hold batch_size={b} sequences, got {len(prompt_token_ids)}")
-        for r, ids in enumerate(prompt_token_ids):
-            check_ids("prompt_token_ids", r, ids, vocab)
+        # the rows as checked int64 arrays, converted once (the history rules read them again below)
+        prompt_token_ids = [_checked_row("prompt_token_ids", r, ids, vocab) for r, ids in enumerate(prompt_token_ids)]
         prompt = ids_to_bitmask(prompt_token_ids, v)
     elif prompt_mask is not None:
         prompt = _as_state_tensor(prompt_mask, "prompt_mask")

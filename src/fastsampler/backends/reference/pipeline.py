@@ -226,13 +226,10 @@ def dry_penalties(history: Sequence[int], p: Any) -> dict[int, float]:
     return out
 
 
-def _temperature(l: np.ndarray, p: Any, reasons: list[str] | None = None) -> float:
-    """The row's temperature: ``temperature``, or with ``dynatemp_range > 0`` the dynamic one of §3 D from the
-    entropy of ``softmax(l)`` over the finite ``l``."""
+def _dynamic_temperature(l: np.ndarray, keep: np.ndarray, p: Any, reasons: list[str] | None = None) -> float:
+    """The dynamic temperature of §3 E (after the rules) from the entropy of ``softmax(l)`` over the kept set."""
     t = float(p.temperature)
-    if float(p.dynatemp_range) <= 0.0 or t == 0.0:
-        return t
-    fin = l[np.isfinite(l)]
+    fin = l[keep & np.isfinite(l)]
     n = fin.size
     if n <= 1:
         return t
@@ -250,15 +247,14 @@ def _temperature(l: np.ndarray, p: Any, reasons: list[str] | None = None) -> flo
 # ------------------------------------------------------------------------------------------------------ stage E
 def _truncate(z: np.ndarray, p: Any, mu: float, vocab: int, reasons: list[str], coin: float | None = None
               ) -> np.ndarray:
-    """Kept set (bool mask) after top-k, top-p, min-p (epsilon, eta, top-n-sigma), typical-p, XTC (``coin``: its
+    """Kept set (bool mask) after top-k, top-p, min-p (epsilon, top-n-sigma), typical-p, eta, XTC (``coin``: its
     uniform) or mirostat, on finite ``z``."""
     keep = np.isfinite(z)
     mk = int(p.min_keep)
-    # epsilon's, eta's and top-n-sigma's thresholds are on the whole distribution (before any rule): its
-    # log-normaliser, entropy, standard deviation over every finite z
+    # epsilon's and top-n-sigma's thresholds are on the whole distribution (before any rule): its log-normaliser and
+    # standard deviation over every finite z
     whole = z[keep]
-    lq_all = _log_softmax(whole) if (p.epsilon_cutoff > 0.0 or p.eta_cutoff > 0.0) else None
-    ln_s = math.log(np.exp(whole - whole.max()).sum()) if lq_all is not None else 0.0
+    ln_s = math.log(np.exp(whole - whole.max()).sum()) if p.epsilon_cutoff > 0.0 else 0.0
     if p.mirostat_mode == 2:
         lq = np.where(keep, _log_softmax(np.where(keep, z, -np.inf)), -np.inf)
         cut = -mu * LN2
@@ -292,18 +288,13 @@ def _truncate(z: np.ndarray, p: Any, mu: float, vocab: int, reasons: list[str], 
         _check_value_gap(z[idx][order], c, "top_p", reasons)
         keep &= z >= z[idx][order][c]
     # 3. min-p, and epsilon: thresholds on the whole distribution (q >= min_p * max q, q >= epsilon_cutoff)
-    if p.min_p > 0.0 or p.epsilon_cutoff > 0.0 or p.eta_cutoff > 0.0 or p.top_n_sigma > 0.0:
+    if p.min_p > 0.0 or p.epsilon_cutoff > 0.0 or p.top_n_sigma > 0.0:
         zk = z[keep]
         thr = -math.inf
         if p.min_p > 0.0:
             thr = zk.max() + math.log(float(p.min_p))
         if p.epsilon_cutoff > 0.0:  # (the maximum always survives: it is the whole row's maximum)
             thr = max(thr, zk.max() + math.log(float(p.epsilon_cutoff)) + ln_s)
-        if p.eta_cutoff > 0.0:  # q >= min(eta, sqrt(eta) e^-H), H the whole distribution's entropy
-            q_all = np.exp(lq_all)
-            h = float(-(q_all * lq_all)[q_all > 0].sum())
-            eta = float(p.eta_cutoff)
-            thr = max(thr, zk.max() + ln_s + min(math.log(eta), 0.5 * math.log(eta) - h))
         if p.top_n_sigma > 0.0:  # z >= max - n sigma, sigma the population standard deviation of every finite z
             thr = max(thr, zk.max() - float(p.top_n_sigma) * float(whole.std()))
         thr = min(thr, zk.max())  # the maximum is always kept
@@ -336,10 +327,29 @@ def _truncate(z: np.ndarray, p: Any, mu: float, vocab: int, reasons: list[str], 
         kept_idx = idx[s <= thr]
         keep = np.zeros_like(keep)
         keep[kept_idx] = True
-    # 5. XTC
+    # 5. eta, over the survivors
+    if p.eta_cutoff > 0.0:
+        keep = _eta(z, keep, float(p.eta_cutoff), mk, reasons)
+    # 6. XTC
     if p.xtc_probability > 0.0 and coin is not None and coin < float(p.xtc_probability):
         keep = _xtc(z, keep, float(p.xtc_threshold), mk, reasons)
     return keep
+
+
+def _eta(z: np.ndarray, keep: np.ndarray, eta: float, mk: int, reasons: list[str]) -> np.ndarray:
+    """eta over the survivors (§3 E item 5): keep q >= min(eta, sqrt(eta) e^-H), q and H over the survivors."""
+    zk = z[keep]
+    lq = _log_softmax(zk)
+    q = np.exp(lq)
+    h = float(-(q * lq)[q > 0].sum())
+    m = zk.max()
+    thr = min(m, m + math.log(np.exp(zk - m).sum()) + min(math.log(eta), 0.5 * math.log(eta) - h))
+    if int((zk >= thr).sum()) < mk:
+        thr = min(thr, _kth_largest(zk, min(mk, zk.size)))
+    near = np.abs(zk - thr) <= BOUNDARY_TOL * max(1.0, abs(thr))
+    if near.any() and not np.all(zk[near] == thr):
+        reasons.append(f"eta: a value is within rounding of the threshold {thr:.9g}")
+    return keep & (z >= thr)
 
 
 def _xtc(z: np.ndarray, keep: np.ndarray, theta: float, mk: int, reasons: list[str]) -> np.ndarray:
@@ -439,7 +449,7 @@ def _run_row(row: _Row) -> _RowResult:
         z = l
     else:
         with np.errstate(over="ignore"):
-            z = _to_f32_range(l / _temperature(l, p, res.reasons))
+            z = _to_f32_range(l / float(p.temperature))
         if np.any(np.isnan(z)) or np.any(z == np.inf) or not np.isfinite(z).any():
             return res
     res.processed = z
@@ -459,8 +469,17 @@ def _run_row(row: _Row) -> _RowResult:
     else:
         coin = xtc_uniform(row.seed, row.step, row.seq) if p.xtc_probability > 0.0 else None
         keep = _truncate(z, p, row.mu, vocab, res.reasons, coin)
-        token = _race(z, keep, row, res.reasons) if row.forced < 0 else row.forced
-        zk = np.where(keep, z, -np.inf)
+        zd = z
+        if float(p.dynatemp_range) > 0.0:  # the kept set's own temperature (§3 E, dynamic temperature)
+            t_dyn = _dynamic_temperature(l, keep, p, res.reasons)
+            with np.errstate(over="ignore", invalid="ignore"):
+                zd = np.where(keep, _to_f32_range(l / t_dyn), -np.inf)
+            if np.any(zd[keep] == np.inf) or not np.isfinite(zd[keep]).any():
+                return res  # (z' overflows: the row is invalid, as for a static temperature, §5)
+            keep = keep & np.isfinite(zd)
+            _check_f32_collapse(zd[keep], "logits after the dynamic temperature", res.reasons)
+        token = _race(zd, keep, row, res.reasons) if row.forced < 0 else row.forced
+        zk = np.where(keep, zd, -np.inf)
         final_lp = _log_softmax(zk)
         probs = np.exp(final_lp)
         if p.mirostat_mode:
@@ -661,7 +680,7 @@ def process_logits(
     out = np.full((len(rows), width), -np.inf)
     for r, row in enumerate(rows):
         l = _stage_a_to_c(row)
-        t = _temperature(l, row.p)
+        t = float(row.p.temperature)
         with np.errstate(over="ignore", invalid="ignore"):
             out[r, : row.vocab] = l if t == 0.0 else l / t
     return out
