@@ -132,7 +132,7 @@ class _Ctx:
     def __init__(self, batch: PackedBatch) -> None:
         from .candidates import GROUP
         from .logprobs import LP_CAP, LP_GROUPS
-        from .penalties import NRF, NRI, PF, PI
+        from .penalties import NRF, NRI, PF, PI, PX
 
         logits = batch.logits
         if logits.stride(1) != 1:
@@ -183,11 +183,22 @@ class _Ctx:
         # list of LP_GROUPS group indices and LP_CAP gathered (id, value) pairs
         self.lp_cand = self.cand and fl.any_logprobs
         lp_scratch = b * (LP_GROUPS + 2 * LP_CAP) if self.lp_cand else 0
+        # the extended rules: eta / top-n-sigma need whole-row statistics beyond the log-normaliser (stats.py's
+        # part_x partials), dynamic temperature a per-row temperature (dyntemp.py), XTC an upper bound of the kept
+        # set (xtc.py, penalties.kept_mask bit 2), DRY the table of PackedBatch.dry_ids / dry_vals
+        self.eta_ns = fl.any_eta or fl.any_nsigma
+        self.dyn = fl.any_dynatemp
+        self.xtc = fl.any_xtc
+        self.has_dry = fl.any_dry and batch.dry_ids is not None and batch.dry_ids.shape[1] > 0
+        # kept-set tests beyond z >= zlo (penalties.kept_mask): 1 typical-p, 2 XTC
+        self.kept = (1 if fl.any_typical else 0) | (2 if self.xtc else 0)
         # the workspace, int32 words: rowf | rowi | part_f | part_i | Mirostat v1 scratch | top-N scratch | group
-        # maxima of z (and of the raw logits) | candidate ids | candidate z | logprob scratch
+        # maxima of z (and of the raw logits) | candidate ids | candidate z | logprob scratch | eta / top-n-sigma
+        # chunk partials | per-row temperatures
         sizes = [b * NRF, b * NRI, b * nc * PF, b * nc * PI, b * MIROSTAT_TOP if self.miro_v1 else 0,
                  3 * b * self.K if fl.any_logprobs else 0, (2 if self.lp_cand else 1) * b * self.NG if self.cand else 0,
-                 b * self.CAP if self.cand else 0, b * self.CAP if self.cand else 0, lp_scratch]
+                 b * self.CAP if self.cand else 0, b * self.CAP if self.cand else 0, lp_scratch,
+                 b * nc * PX if self.eta_ns else 0, b if self.dyn else 0]
         ws = torch.empty(max(1, sum(sizes)), dtype=torch.int32, device=dev)
         parts, o = [], 0
         for n in sizes:
@@ -206,6 +217,16 @@ class _Ctx:
         self.cand_ids = parts[7] if self.cand else ws
         self.cand_z = parts[8].view(f32) if self.cand else ws.view(f32)
         dummy_i, dummy_f = ws, ws.view(f32)  # never read: the kernels are specialised without them
+        self.part_x = parts[10].view(f32) if self.eta_ns else dummy_f
+        self.temps = parts[11].view(f32) if self.dyn else dummy_f  # (B,) row-indexed: every row's T (dyntemp.py)
+        if self.has_dry:
+            self.dry_ids = batch.dry_ids.to(device=dev, dtype=torch.int32).contiguous()
+            self.dry_vals = batch.dry_vals.to(device=dev, dtype=torch.float32).contiguous()
+            if self.dry_ids.shape != (b, self.dry_ids.shape[1]) or self.dry_vals.shape != self.dry_ids.shape:
+                raise ValueError(f"dry_ids / dry_vals must be (B, K) = ({b}, K) tables, got "
+                                 f"{tuple(self.dry_ids.shape)} and {tuple(self.dry_vals.shape)}")
+        else:
+            self.dry_ids, self.dry_vals = dummy_i, dummy_f
         # slot-indexed mode (PackedBatch.slot_index): the per-slot tables are the Sampler's own, row r reads row
         # slot_index[r] of each (penalties.slot_row), and with update_state the step's last per-row kernel writes the
         # Sampler's state update into them in place (penalties.update_slot_state)
@@ -250,7 +271,6 @@ class _Ctx:
         self.prompt = batch.prompt_mask.contiguous() if self.has_prompt else dummy_i
         self.has_allowed = batch.allowed_mask is not None
         self.allowed = batch.allowed_mask.contiguous() if self.has_allowed else dummy_i
-        self.has_typ = fl.any_typical
         # given tokens (PackedBatch.forced_tokens, row-indexed): the finishing kernel takes them instead of drawing
         self.forced = None
         if batch.forced_tokens is not None:
@@ -286,13 +306,15 @@ class _Ctx:
     # kernel argument groups shared by every row pass (see penalties.row_scalars / row_z)
     def zargs(self):
         return (self.logits, self.counts, self.prompt, self.allowed, self.tbm, self.eos, self.bias_indptr,
-                self.bias_ids, self.bias_vals, self.fparams, self.iparams, self.steps, self.slots)
+                self.bias_ids, self.bias_vals, self.dry_ids, self.dry_vals, self.fparams, self.iparams, self.steps,
+                self.slots, self.temps)
 
     def zstrides(self):
         return (self.logits.stride(0), self.counts.stride(0) if self.batch.output_counts is not None else 0,
                 self.prompt.stride(0) if self.has_prompt else 0, self.allowed.stride(0) if self.has_allowed else 0,
                 self.tbm.stride(0) if self.has_tbm else 0,
-                self.bias_ids.stride(0) if self.bias_table and self.has_bias else 0)
+                self.bias_ids.stride(0) if self.bias_table and self.has_bias else 0,
+                self.dry_ids.shape[1] if self.has_dry else 0)
 
     def zsizes(self):
         return (self.V, self.VC, self.E, self.NC)
@@ -303,7 +325,7 @@ class _Ctx:
     def zflags(self):
         return dict(HAS_BIAS=self.has_bias, HAS_COUNTS=self.has_counts, HAS_PROMPT=self.has_prompt,
                     HAS_ALLOWED=self.has_allowed, HAS_EOS=self.has_eos, SLOTS=self.slot_mode, HAS_TBM=self.has_tbm,
-                    BIAS_TABLE=self.bias_table)
+                    BIAS_TABLE=self.bias_table, HAS_DRY=self.has_dry, HAS_DYN=self.dyn)
 
     def outputs(self):
         """The step's output tensors, uninitialised (the kernels write every element)."""
@@ -320,13 +342,17 @@ def _run(batch: PackedBatch):
     output tensors (tokens, valid int8, logprobs, ranks, top ids, top logprobs, mu)."""
     from .candidates import compact_pass, trunc_pass
     from .draw import finish
+    from .dyntemp import dyn_pass
     from .mirostat import mirostat_v1_pass
     from .select import STAGE_MIN_KEEP, STAGE_TOP_K, STAGE_TOP_P, select_pass, typical_pass
     from .stats import combine_pass, entropy_pass, kept_pass, stats_pass
+    from .xtc import xtc_pass
 
     ctx = _Ctx(batch)
     out = ctx.outputs()
     fl = ctx.flags
+    if ctx.dyn:
+        dyn_pass(ctx)  # every row's temperature (T' of dynamic temperature) before any pass computes z
     stats_pass(ctx)
     if ctx.cand:
         # top-k / min_keep / top-p / min-p on a buffer of candidates (candidates.py): two full reads of the row
@@ -348,7 +374,9 @@ def _run(batch: PackedBatch):
         if fl.any_typical:
             entropy_pass(ctx)
             typical_pass(ctx)
-        kept_pass(ctx)
+        kept_pass(ctx, ctx.kept & 1)  # the kept set before XTC
+        if ctx.xtc:
+            xtc_pass(ctx)
     finish(ctx, out)
     return ctx, out
 
