@@ -145,9 +145,8 @@ def test_numpy_and_auto_dispatch():
 
 # ------------------------------------------------------------------------------------------------ bad input
 def _raw_args(b=2, v=10):
-    from fastsampler.backends.cpu import _C
-
     from fastsampler._batch import pack_param_rows
+    from fastsampler.backends.cpu import _C
 
     f, i = pack_param_rows([SamplingParams()] * b)  # the F_* / I_* columns of the default params
     args = dict(logits=np.zeros((b, v), np.float32), dtype="float32", vocab_size=v, fparams=f, iparams=i,

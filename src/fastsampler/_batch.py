@@ -969,8 +969,7 @@ def _pack(
         fd, idry, brk = pb.dry_args()
         ring, total = histories(prompt_token_ids, output_token_ids, b)
         ids_t, vals_t = dry_table(torch.from_numpy(ring), torch.from_numpy(total), torch.arange(b),
-                                  torch.from_numpy(fd), torch.from_numpy(idry),
-                                  None if brk is None else torch.from_numpy(brk))
+                                  torch.tensor(fd), torch.tensor(idry), None if brk is None else torch.tensor(brk))
         if ids_t.shape[1]:
             dry_ids, dry_vals = ids_t.numpy(), vals_t.numpy()
 

@@ -33,8 +33,8 @@ from .params import SamplingParams
 __all__ = ["score"]
 
 # the stage E settings a processed score strips (its logprobs do not depend on them, docs/semantics.md §6)
-_NO_TRUNCATION = dict(top_k=-1, top_p=1.0, min_p=0.0, epsilon_cutoff=0.0, typical_p=1.0, min_keep=1, mirostat_mode=0,
-                      seed=0, n=1)
+_NO_TRUNCATION = dict(top_k=-1, top_p=1.0, min_p=0.0, epsilon_cutoff=0.0, eta_cutoff=0.0, top_n_sigma=0.0,
+                      xtc_probability=0.0, typical_p=1.0, min_keep=1, mirostat_mode=0, seed=0, n=1)
 # the state keywords a processed score reads (the rest of `fastsampler.sample`'s concern the draw)
 _PROCESSED_STATE = ("prompt_token_ids", "output_token_ids", "steps", "prompt_mask", "output_counts",
                     "token_bitmask", "eos_token_ids")
@@ -107,6 +107,11 @@ def processed_values(batch: PackedBatch, ids: torch.Tensor) -> torch.Tensor:
         r = fp[:, F_REP, None]
         x = torch.where(seen & (r != 1.0), torch.where(x > 0, x / r, x * r), x)
         x = x - (c * fp[:, F_FREQ, None] + (c > 0).to(torch.float32) * fp[:, F_PRES, None])
+    if batch.dry_ids is not None and batch.dry_vals is not None and batch.dry_ids.shape[1]:
+        table = batch.dry_ids.to(torch.int64)  # ascending per row, padded with DRY_PAD (above every id)
+        at = torch.searchsorted(table, ids).clamp(max=table.shape[1] - 1)
+        hit = table.gather(1, at) == ids
+        x = x - torch.where(hit, batch.dry_vals.gather(1, at), 0.0)
     temp = fp[:, F_TEMPERATURE, None]
     return torch.where(temp == 0.0, x, x / torch.where(temp == 0.0, 1.0, temp))
 
@@ -213,6 +218,11 @@ def score(
             return q
 
         rows = strip(params) if isinstance(params, SamplingParams) else [strip(p) for p in params]
+        dyn = [p for p in ([params] if isinstance(params, SamplingParams) else params) if p.dynatemp_range > 0.0]
+        if dyn and extra is not None:
+            raise ValueError("extra_token_ids with logprobs_mode='processed' need each row's temperature, and "
+                             f"dynatemp_range={dyn[0].dynatemp_range} makes it a whole-row statistic: score the "
+                             "extra ids as tokens, or leave dynatemp_range at 0")
         kw = state
     batch = pack_batch(t, rows, vocab_size=vocab, **kw)
     batch.forced_tokens = ids

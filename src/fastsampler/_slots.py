@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ._batch import NO_TOKEN, PackedRequest, advance_state, bias_tables_to_csr, ids_to_bitmask, mask_words, to_device
-from ._history import bad_words_table, ordered_history
+from ._history import bad_words_table, breakers_table, dry_kmax, dry_table, ordered_history
 from .layout import I_IGNORE_EOS, NF, NI, combine_bits
 from .params import SamplingParams
 
@@ -23,12 +23,17 @@ _NO_BIAS = (np.zeros(0, np.int32), np.zeros(0, np.float32))
 
 
 class RuleInfo(NamedTuple):
-    """What a batch's per-step bans need, known on the host: some row bans its stop ids before ``min_tokens``, the
-    distinct ``no_repeat_ngram_size`` values > 0, and some row has bad words."""
+    """What a batch's per-step history work needs, known on the host: some row bans its stop ids before
+    ``min_tokens``, the distinct ``no_repeat_ngram_size`` values > 0, some row has bad words; and for DRY (a
+    penalty table, not a ban) the longest repeat length that can change a penalty (0: no row has DRY) and whether
+    some row has sequence breakers."""
 
     stop_ban: bool = False
     ngram_sizes: tuple[int, ...] = ()
     bad_words: bool = False
+    dry_kmax: int = 0
+    dry_breakers: bool = False
+    dry: bool = False
 
     @property
     def any(self) -> bool:
@@ -62,6 +67,8 @@ class SlotBook:
         self.stop_ban = [False] * slots
         self.ngram = [0] * slots
         self.bad_words = [False] * slots
+        self.dry_kmax = [-1] * slots  # -1: no DRY; else its longest useful repeat length (`dry_kmax`)
+        self.breakers = [False] * slots
         self.free = list(range(slots))  # a heap: `take` returns the lowest free slots
         self.live: tuple[int, int, int, bool] = (0, 0, 0, False)
         self.live_stop: tuple[bool, bool] = (False, False)
@@ -89,6 +96,8 @@ class SlotBook:
             self.stop_ban[s] = req.stop_ban
             self.ngram[s] = req.ngram
             self.bad_words[s] = bool(req.bad_words)
+            self.dry_kmax[s] = dry_kmax([req.dry_f], [req.dry_i], 1 << 30) if req.dry else -1
+            self.breakers[s] = req.dry and bool(req.breakers)
         self.update_live()
 
     def release(self, slots: Sequence[int]) -> None:
@@ -119,7 +128,9 @@ class SlotBook:
     def rule_info(self, rows: Sequence[int]) -> RuleInfo:
         """The per-step masks ``rows`` need (`RuleInfo`)."""
         sizes = tuple(sorted({self.ngram[s] for s in rows if self.ngram[s] > 0}))
-        return RuleInfo(any(self.stop_ban[s] for s in rows), sizes, any(self.bad_words[s] for s in rows))
+        kmax = max((self.dry_kmax[s] for s in rows), default=-1)
+        return RuleInfo(any(self.stop_ban[s] for s in rows), sizes, any(self.bad_words[s] for s in rows),
+                        max(kmax, 0), any(self.breakers[s] for s in rows), kmax >= 0)
 
     def update_live(self) -> None:
         """Recompute `live`, `live_stop` and `live_rules`, over the slots in use (a `Sampler`'s ``capture_key``)."""
@@ -175,6 +186,11 @@ class SlotTables:
         self.hist_total = torch.zeros(slots, dtype=torch.int64, **kw)
         self.ngram = torch.zeros(slots, dtype=torch.int64, **kw)
         self.bad: torch.Tensor | None = None  # (S, P, M) int64
+        # once some request uses DRY: per slot (multiplier, base) float64 (multiplier 0: none), (allowed length,
+        # window) int64, and once some has breakers, its (P, M) breakers table
+        self.dry_f: torch.Tensor | None = None  # (S, 2) float64
+        self.dry_i: torch.Tensor | None = None  # (S, 2) int64
+        self.breakers: torch.Tensor | None = None  # (S, P, M) int64
         # penalty_last_n: each slot's window (-1: all generated tokens) and where its generated tokens start in the
         # history (the prompt's length); `windowed` once some slot counts a window (the step then updates counts)
         self.window = torch.full((slots,), -1, dtype=torch.int64, **kw)
@@ -227,6 +243,17 @@ class SlotTables:
         if self.bad is not None:
             p, m = self.bad.shape[1:]
             self.bad[idx] = torch.from_numpy(bad_words_table(req.bad_words, p, m)).to(dev)
+        if req.dry and self.dry_f is None:
+            self.dry_f = torch.zeros(self.slots, 2, dtype=torch.float64, device=dev)
+            self.dry_i = torch.zeros(self.slots, 2, dtype=torch.int64, device=dev)
+        if self.dry_f is not None and self.dry_i is not None:
+            self.dry_f[idx] = torch.tensor(req.dry_f if req.dry else (0.0, 1.0), dtype=torch.float64, device=dev)
+            self.dry_i[idx] = torch.tensor(req.dry_i, dtype=torch.int64, device=dev)
+        if req.dry and req.breakers:
+            self.grow_breakers(len(req.breakers), max(len(w) for w in req.breakers))
+        if self.breakers is not None:
+            p, m = self.breakers.shape[1:]
+            self.breakers[idx] = torch.from_numpy(breakers_table(req.breakers if req.dry else (), p, m)).to(dev)
         if self.hist is not None:
             h = np.zeros(0, dtype=np.int64) if history is None else np.asarray(history, dtype=np.int64)
             total = h.size if history_total is None else int(history_total)
@@ -261,6 +288,29 @@ class SlotTables:
             new[:, :cur_p, m - cur_m:] = self.bad
         self.bad = new
         return True
+
+    @torch.inference_mode(False)
+    def grow_breakers(self, p: int, m: int) -> bool:
+        """Make room for ``p`` DRY sequence breakers of up to ``m`` tokens per slot (keeping the rows written)."""
+        cur_p, cur_m = (0, 0) if self.breakers is None else self.breakers.shape[1:]
+        if p <= cur_p and m <= cur_m:
+            return False
+        p, m = max(p, cur_p), max(m, cur_m)
+        new = torch.full((self.slots, p, m), -1, dtype=torch.int64, device=self.device)
+        if self.breakers is not None:  # old rows, left-aligned in the wider table
+            new[:, :cur_p, :cur_m] = self.breakers
+        self.breakers = new
+        return True
+
+    def dry(self, slots_t: torch.Tensor, info: RuleInfo) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The DRY penalty table of ``slots_t`` (`fastsampler._history.dry_table` on their history rings; no
+        read-back on a device), or (None, None) when no row has DRY."""
+        if not info.dry:
+            return None, None
+        assert self.hist is not None and self.dry_f is not None and self.dry_i is not None
+        ids, vals = dry_table(self.hist, self.hist_total, slots_t, self.dry_f, self.dry_i,
+                              self.breakers if info.dry_breakers else None, kmax=min(info.dry_kmax, self.history_len))
+        return (ids, vals) if ids.shape[1] else (None, None)
 
     def advance_history(self, slots_t: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
         """Append each valid row's token to its slot's history ring (slots distinct); then, for a slot whose

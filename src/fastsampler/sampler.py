@@ -380,6 +380,16 @@ class Sampler:
                     else f"a bad word of {need + 1} tokens")
             raise ValueError(f"params.{rule} reads {need} tokens of history, but this Sampler keeps "
                              f"history_len={self._tables.history_len}: pass history_len >= {need} to Sampler(...)")
+        if params.dry_active:
+            for seq in params.dry_sequence_breakers or ():
+                check_ids("params.dry_sequence_breakers", None, seq, v)
+            n = params.dry_penalty_last_n
+            if self._tables.history_len == 0 or n > self._tables.history_len:
+                need = "some history" if n < 0 else f"{n} tokens of history"
+                raise ValueError(f"params.dry_multiplier={params.dry_multiplier} (dry_penalty_last_n={n}) reads "
+                                 f"{need}, but this Sampler keeps history_len={self._tables.history_len}: pass "
+                                 f"history_len >= {max(n, 1)} to Sampler(...) (dry_penalty_last_n=-1 reads the last "
+                                 f"history_len tokens)")
         win = pack_request(params).window
         if win >= 0 and win >= self._tables.history_len:
             raise ValueError(f"params.penalty_last_n={win} takes tokens out of the penalty counts once they leave "
@@ -698,10 +708,12 @@ class Sampler:
             keep = self._rule_bitmask(ss.index, ss.rules, logits.shape[1], None, steps)
             allowed = keep if allowed is None else allowed & keep
         indptr, ids, vals = ss.bias if ss.bias is not None else (None, None, None)
+        dry_ids, dry_vals = self._tables.dry(ss.index, ss.rules)
         batch = PackedBatch(logits=logits, vocab_size=self._vocab, fparams=ss.fparams, iparams=ss.iparams,
                             seeds=ss.seeds, steps=steps, seqs=ss.seqs, mirostat_mu=mu, allowed_mask=allowed,
                             prompt_mask=prompt, output_counts=counts, bias_indptr=indptr, bias_ids=ids,
-                            bias_vals=vals, eos_ids=self._tables.eos, n_top=ss.n_top, flags=ss.flags)
+                            bias_vals=vals, eos_ids=self._tables.eos, n_top=ss.n_top, flags=ss.flags,
+                            dry_ids=dry_ids, dry_vals=dry_vals)
         out = run_backend(name, batch)
         self._advance(ss.index, steps, out)
         if ss.stop_ids is not None:
@@ -730,9 +742,11 @@ class Sampler:
             keep = self._rule_bitmask(ss.index, ss.rules, logits.shape[1], None, torch.from_numpy(steps))
             assert keep is not None
             allowed = keep.numpy() if allowed is None else allowed & keep.numpy()
+        dry_ids, dry_vals = self._tables.dry(ss.index, ss.rules)
         tokens, valid, lps, top_ids, top_lps, ranks, mu_out = cpu.sample_arrays(
             (x, dtype_name, self._vocab, h.f, h.i, h.seeds, steps, h.seqs, mu, allowed, h.prompt, counts,
-             h.bias_indptr, h.bias_ids, h.bias_vals, h.eos, None, None), ss.n_top)
+             h.bias_indptr, h.bias_ids, h.bias_vals, h.eos, None if dry_ids is None else dry_ids.numpy(),
+             None if dry_vals is None else dry_vals.numpy()), ss.n_top)
         # state updates (slots are distinct): steps += valid, mu = returned mu, counts[token] += 1 up to COUNT_MAX
         cpu.advance_arrays(steps_all, mu_all, counts_all, h.index, tokens, valid, mu_out)
         if self._tables.hist is not None:
@@ -750,10 +764,12 @@ class Sampler:
         if slots_t.shape[0] == 0:  # nothing to sample (an idle engine step); no backend call
             return _empty_output(logits, n_top)
         stops = (self._book.stop_info(rows) if rows is not None else self._book.live_stop)[0]
-        token_bitmask = self._rule_bitmask(slots_t, self._rules(rows), logits.shape[1], token_bitmask)
+        rules = self._rules(rows)
+        token_bitmask = self._rule_bitmask(slots_t, rules, logits.shape[1], token_bitmask)
         if rows is None and name == "triton":
             flags, wl = int_to_flags(bits), mask_words(logits.shape[1])
-            out = self._sample_slot_indexed(logits, slots_t, token_bitmask, flags, n_top, n_bias, restricted, wl)
+            out = self._sample_slot_indexed(logits, slots_t, token_bitmask, flags, n_top, n_bias, restricted, wl,
+                                            self._tables.dry(slots_t, rules))
             self._tables.advance_history(slots_t, out.tokens, out.valid)  # (the kernels updated the rest)
         else:
             batch = self._row_batch(logits, rows, slots_t, (bits, n_top, n_bias, restricted), token_bitmask)
@@ -1030,6 +1046,7 @@ class Sampler:
                 bias_indptr, bias_ids, bias_vals = self._tables.bias_csr(slots_t, n_bias)
             else:
                 bias_indptr, bias_ids, bias_vals = self._book.bias_csr(rows, self._device)
+        dry_ids, dry_vals = self._tables.dry(slots_t, self._rules(rows))
         return PackedBatch(
             logits=logits,
             vocab_size=self._vocab,
@@ -1048,10 +1065,13 @@ class Sampler:
             eos_ids=self._tables.eos,
             n_top=n_top,
             flags=flags,
+            dry_ids=dry_ids,
+            dry_vals=dry_vals,
         )
 
     def _sample_slot_indexed(self, logits: torch.Tensor, slots_t: torch.Tensor, token_bitmask: torch.Tensor | None,
-                             flags: Any, n_top: int, n_bias: int, restricted: bool, wl: int) -> SampleOutput:
+                             flags: Any, n_top: int, n_bias: int, restricted: bool, wl: int,
+                             dry: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> SampleOutput:
         """A step with a tensor of slots on the Triton backend: the kernels read the state tables through the slot
         index and apply the state update in place (`PackedBatch.slot_index`, ``update_state``), so the step runs
         no torch op of its own. While tracing, `sample_packed` gathers the rows for the custom op and applies the
@@ -1079,6 +1099,8 @@ class Sampler:
             bias_table_vals=bias[1],
             bias_table_len=bias[2],
             update_state=True,
+            dry_ids=dry[0],
+            dry_vals=dry[1],
         )
         return sample_packed("triton", batch)
 

@@ -11,7 +11,8 @@ plain torch way, which builds the ``(T, V)`` log-softmax (``torch.log_softmax``,
 ``topk``). ``verify``: one `Sampler.verify` of ``K`` drafts for ``B`` requests (match and rejection methods, top-p
 0.9) next to what it replaces, ``K + 1`` ordinary `Sampler.sample` steps. ``history``: a step of requests with a
 long history (top-k 50, top-p 0.9, frequency penalty) with and without the history rules (n-gram 3, three bad words,
-a penalty window of 256), through a `Sampler` and through `fastsampler.sample`. Medians of ``--reps`` calls after a
+a penalty window of 256) and the extended samplers (DRY with two breakers, XTC 0.5 / 0.1, top-nσ 2, eta 1e-3,
+dynamic temperature 0.3), through a `Sampler` and through `fastsampler.sample`. Medians of ``--reps`` calls after a
 warm-up, in ms; logits are ``randn * 3``.
 """
 
@@ -27,6 +28,10 @@ import torch
 import fastsampler
 from fastsampler import Sampler, SamplingParams
 from fastsampler.bench import report
+
+# the extended samplers of docs/semantics.md §3 C-E
+EXTENDED_FIELDS = ("dry_multiplier", "dry_sequence_breakers", "top_n_sigma", "eta_cutoff", "xtc_probability",
+                   "xtc_threshold", "dynatemp_range")
 
 
 def _median_ms(fn: Callable[[], object], reps: int, sync: Callable[[], None]) -> float:
@@ -89,8 +94,12 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, float]]:
     hist = [torch.randint(0, v, (hn,), generator=g).tolist() for _ in range(hb)]
     plain = SamplingParams(top_k=50, top_p=0.9, frequency_penalty=0.2, seed=1)
     rules = plain.replace(no_repeat_ngram_size=3, bad_words_ids=[[5, 6, 7], [8, 9], [10]], penalty_last_n=256)
+    samplers = plain.replace(dry_multiplier=0.8, dry_sequence_breakers=[[11], [12, 13]], top_n_sigma=2.0,
+                             eta_cutoff=1e-3, xtc_probability=0.5, xtc_threshold=0.1, dynatemp_range=0.3)
+    every = rules.replace(**{k: getattr(samplers, k) for k in EXTENDED_FIELDS})
     case = f"history B={hb} H={hn}"
-    for name, p in (("without rules", plain), ("n-gram 3 + 3 bad words + window 256", rules)):
+    for name, p in (("without rules", plain), ("n-gram 3 + 3 bad words + window 256", rules),
+                    ("DRY + XTC + top-nσ + eta + dynatemp", samplers), ("all of the above", every)):
         hs = Sampler(v, hb, device=dev, backend=args.backend, history_len=hn)
         hslots = [hs.add(p, output_token_ids=h)[0] for h in hist]
         rows.append((case, f"Sampler.sample {name}", _median_ms(

@@ -48,10 +48,10 @@ class Scenario:
 
     @property
     def history_rules(self) -> bool:
-        """The params read the history in order (n-gram, bad words, penalty window): the state is passed as token
-        sequences (``output_token_ids``), and providers without these rules do not apply."""
+        """The params read the history in order (n-gram, bad words, penalty window, DRY): the state is passed as
+        token sequences (``output_token_ids``), and providers without these rules do not apply."""
         p = self.params()
-        return p.no_repeat_ngram_size > 0 or bool(p.bad_words_ids) or p.penalty_last_n >= 0
+        return p.no_repeat_ngram_size > 0 or bool(p.bad_words_ids) or p.penalty_last_n >= 0 or p.dry_active
 
     @property
     def greedy(self) -> bool:
@@ -81,11 +81,14 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "extended",
             f"the full scenario over {EXTENDED_HISTORY} generated tokens, plus no-repeat 3-grams, 3 bad words (1 to 3 "
-            f"tokens) and a penalty window of the last 256 tokens",
+            f"tokens), a penalty window of the last 256 tokens, DRY (0.8, 1.75, 2, two breakers), top-n-sigma 2, "
+            f"eta 1e-3, XTC (0.5, 0.1) and dynamic temperature (range 0.3)",
             lambda b: SamplingParams(
                 temperature=0.8, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1, frequency_penalty=0.2,
                 presence_penalty=0.2, logit_bias=b, logprobs=True, top_logprobs=TOP_LOGPROBS,
                 no_repeat_ngram_size=3, bad_words_ids=[[5, 6, 7], [8, 9], [10]], penalty_last_n=256,
+                dry_multiplier=0.8, dry_sequence_breakers=[[11], [12, 13]], top_n_sigma=2.0, eta_cutoff=1e-3,
+                xtc_probability=0.5, xtc_threshold=0.1, dynatemp_range=0.3,
             ),
             history=EXTENDED_HISTORY,
             bias_entries=BIAS_ENTRIES,

@@ -6,13 +6,23 @@ Every backend is tested against these functions, token for token except at near-
 from __future__ import annotations
 
 from .philox import exp_noise, philox4x32, tile_noise, token_noise
-from .pipeline import BOUNDARY_TOL, RACE_TIE_TOL, diagnose, mirostat_v1_k, process_logits, sample, sampling_probs
+from .pipeline import (
+    BOUNDARY_TOL,
+    RACE_TIE_TOL,
+    diagnose,
+    dry_penalties,
+    mirostat_v1_k,
+    process_logits,
+    sample,
+    sampling_probs,
+)
 from .speculative import verify
 
 __all__ = [
     "BOUNDARY_TOL",
     "RACE_TIE_TOL",
     "diagnose",
+    "dry_penalties",
     "exp_noise",
     "mirostat_v1_k",
     "philox4x32",

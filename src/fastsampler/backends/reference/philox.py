@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...layout import STREAM_TILE, STREAM_TOKEN, TILE
+from ...layout import STREAM_TILE, STREAM_TOKEN, STREAM_XTC, TILE
 
-__all__ = ["philox4x32", "exp_noise", "token_noise", "tile_noise", "TILE", "STREAM_TOKEN", "STREAM_TILE"]
+__all__ = ["philox4x32", "exp_noise", "token_noise", "tile_noise", "xtc_uniform", "TILE", "STREAM_TOKEN",
+           "STREAM_TILE"]
 
 _M0 = np.uint64(0xD2511F53)
 _M1 = np.uint64(0xCD9E8D57)
@@ -92,3 +93,9 @@ def token_noise(seed: int, step: int, seq: int, ids: np.ndarray) -> np.ndarray:
 def tile_noise(seed: int, step: int, seq: int, tiles: np.ndarray) -> np.ndarray:
     """``E'_t`` for tile indices ``tiles`` (stream 1), float64."""
     return exp_noise(_words(seed, step, seq, STREAM_TILE, tiles))
+
+
+def xtc_uniform(seed: int, step: int, seq: int) -> float:
+    """XTC's coin ``u = (w0 + 0.5) 2^-32`` (docs/semantics.md §3 E item 5): word 0 of stream 3 at counter index 0."""
+    w0 = int(_words(seed, step, seq, STREAM_XTC, np.zeros(1, dtype=np.uint64))[0])
+    return (w0 + 0.5) * 2.0**-32

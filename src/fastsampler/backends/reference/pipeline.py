@@ -15,18 +15,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._batch import bitmask_to_bool, pack_batch, stopped_rows
+from ..._batch import DRY_PAD, bitmask_to_bool, pack_batch, param_batch, stopped_rows
 from ...layout import (
+    F_DYN_EXP,
+    F_DYN_RANGE,
     F_EPSILON,
+    F_ETA,
     F_FREQ,
     F_MIN_P,
     F_MIRO_ETA,
     F_MIRO_TAU,
+    F_NSIGMA,
     F_PRES,
     F_REP,
     F_TEMPERATURE,
     F_TOP_P,
     F_TYPICAL_P,
+    F_XTC_P,
+    F_XTC_T,
     I_IGNORE_EOS,
     I_LOGPROBS,
     I_LOGPROBS_MODE,
@@ -41,9 +47,9 @@ from ...layout import (
 )
 from ...output import SampleOutput
 from ...params import SamplingParams
-from .philox import tile_noise, token_noise
+from .philox import tile_noise, token_noise, xtc_uniform
 
-__all__ = ["process_logits", "sampling_probs", "sample", "diagnose", "RACE_TIE_TOL", "BOUNDARY_TOL"]
+__all__ = ["process_logits", "sampling_probs", "sample", "diagnose", "dry_penalties", "RACE_TIE_TOL", "BOUNDARY_TOL"]
 
 RACE_TIE_TOL = 1e-4  # race scores (either level) closer than this, relative to max(1, |score|): fp32 may differ
 BOUNDARY_TOL = 1e-5  # truncation decisions this close to flipping (relative): fp32 backends may decide otherwise
@@ -53,6 +59,8 @@ FLT_MAX = float(np.finfo(np.float32).max)
 # kernels' float32 arithmetic (docs/semantics.md §8, "Overflow")
 F32_OVERFLOW = 2.0**128 - 2.0**103
 LN2 = math.log(2.0)
+F32_TINY = 1.1754943508222875e-38  # the smallest normal float32: the floor of a dynamic temperature (§3 D)
+DRY_FLOAT_MAX_LOG = 88.7228391  # DRY's exponent clamp, floor(this / ln base) for base > 1.000001 (§3 C)
 
 
 # --------------------------------------------------------------------------------------------- row inputs / outputs
@@ -71,6 +79,7 @@ class _Row:
     counts: np.ndarray | None = None  # (vocab,) int64
     eos: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     forced: int = -1  # >= 0: the row's token is this one, not drawn (PackedBatch.forced_tokens)
+    dry: dict[int, float] = field(default_factory=dict)  # DRY penalties, subtracted after stage C (§3 C)
 
 
 @dataclass
@@ -166,16 +175,90 @@ def _stage_a_to_c(row: _Row) -> np.ndarray:
         l = np.where(seen, np.where(l > 0, l / r, l * r), l)
     if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:
         l = l - (counts * float(p.frequency_penalty) + (counts > 0) * float(p.presence_penalty))
+    for t, pen in row.dry.items():  # DRY, after the frequency and presence penalties (-inf stays -inf)
+        l[t] -= pen
     return _to_f32_range(l)
 
 
+def dry_penalties(history: Sequence[int], p: Any) -> dict[int, float]:
+    """DRY's penalties ``{token: μ b^e}`` for a history (prompt, then generated tokens), docs/semantics.md §3 C,
+    written step by step as the definition reads (a quadratic scan, no Z-algorithm)."""
+    mult, base, a, last_n = (float(p.dry_multiplier), float(p.dry_base), int(p.dry_allowed_length),
+                             int(p.dry_penalty_last_n))
+    if mult <= 0.0 or last_n == 0:
+        return {}
+    h = [int(t) for t in history]
+    w = h if last_n < 0 else h[max(0, len(h) - last_n):]
+    n = len(w)
+    if n <= a:
+        return {}
+    breakers = [tuple(int(t) for t in b) for b in (p.dry_sequence_breakers or ())]
+    rho = n  # 1. the breaker limit
+    for i in range(n):
+        longest = -1
+        for br in breakers:
+            m = len(br)
+            if m - 1 <= i and all(w[n - 1 - i + j] == br[j] for j in range(m)):
+                longest = max(longest, m - 1)
+        if longest >= 0:
+            rho = i - longest
+            break
+    if rho < a:
+        return {}
+    longest_after: dict[int, int] = {}  # 2-3. repeat lengths, the candidates and their longest repeat
+    for pos in range(n - 1):
+        k = 0
+        while pos - k >= 0 and w[pos - k] == w[n - 1 - k]:
+            k += 1
+        length = min(rho, k)
+        if length >= a:
+            t = w[pos + 1]
+            longest_after[t] = max(longest_after.get(t, length), length)
+    singles = {br[0] for br in breakers if len(br) == 1}
+    out = {}
+    for t, length in longest_after.items():  # 4. the penalty
+        if t in singles:
+            continue
+        e = length - a
+        if base > 1.000001:
+            e = min(e, math.floor(DRY_FLOAT_MAX_LOG / math.log(base)))
+        out[t] = mult * base**e
+    return out
+
+
+def _temperature(l: np.ndarray, p: Any, reasons: list[str] | None = None) -> float:
+    """The row's temperature: ``temperature``, or with ``dynatemp_range > 0`` the dynamic one of §3 D from the
+    entropy of ``softmax(l)`` over the finite ``l``."""
+    t = float(p.temperature)
+    if float(p.dynatemp_range) <= 0.0 or t == 0.0:
+        return t
+    fin = l[np.isfinite(l)]
+    n = fin.size
+    if n <= 1:
+        return t
+    lq = _log_softmax(fin)
+    q = np.exp(lq)
+    h = float(-(q * lq)[q > 0].sum())
+    if reasons is not None and h < 1e-30:
+        reasons.append(f"dynamic temperature: the entropy {h:.3g} may be 0 in float32")
+    delta = float(p.dynatemp_range)
+    t_min, t_max = max(0.0, t - delta), t + delta
+    t_dyn = t_min + (t_max - t_min) * (max(h, 0.0) / math.log(n)) ** float(p.dynatemp_exponent)
+    return max(t_dyn, F32_TINY)
+
+
 # ------------------------------------------------------------------------------------------------------ stage E
-def _truncate(z: np.ndarray, p: Any, mu: float, vocab: int, reasons: list[str]) -> np.ndarray:
-    """Kept set (bool mask) after top-k, top-p, min-p, typical-p or mirostat, on finite ``z``."""
+def _truncate(z: np.ndarray, p: Any, mu: float, vocab: int, reasons: list[str], coin: float | None = None
+              ) -> np.ndarray:
+    """Kept set (bool mask) after top-k, top-p, min-p (epsilon, eta, top-n-sigma), typical-p, XTC (``coin``: its
+    uniform) or mirostat, on finite ``z``."""
     keep = np.isfinite(z)
     mk = int(p.min_keep)
-    # epsilon's threshold is on the whole distribution (before any rule): its log-normaliser over every finite z
-    ln_s = math.log(np.exp(z[keep] - z[keep].max()).sum()) if p.epsilon_cutoff > 0.0 else 0.0
+    # epsilon's, eta's and top-n-sigma's thresholds are on the whole distribution (before any rule): its
+    # log-normaliser, entropy, standard deviation over every finite z
+    whole = z[keep]
+    lq_all = _log_softmax(whole) if (p.epsilon_cutoff > 0.0 or p.eta_cutoff > 0.0) else None
+    ln_s = math.log(np.exp(whole - whole.max()).sum()) if lq_all is not None else 0.0
     if p.mirostat_mode == 2:
         lq = np.where(keep, _log_softmax(np.where(keep, z, -np.inf)), -np.inf)
         cut = -mu * LN2
@@ -209,18 +292,26 @@ def _truncate(z: np.ndarray, p: Any, mu: float, vocab: int, reasons: list[str]) 
         _check_value_gap(z[idx][order], c, "top_p", reasons)
         keep &= z >= z[idx][order][c]
     # 3. min-p, and epsilon: thresholds on the whole distribution (q >= min_p * max q, q >= epsilon_cutoff)
-    if p.min_p > 0.0 or p.epsilon_cutoff > 0.0:
+    if p.min_p > 0.0 or p.epsilon_cutoff > 0.0 or p.eta_cutoff > 0.0 or p.top_n_sigma > 0.0:
         zk = z[keep]
         thr = -math.inf
         if p.min_p > 0.0:
             thr = zk.max() + math.log(float(p.min_p))
         if p.epsilon_cutoff > 0.0:  # (the maximum always survives: it is the whole row's maximum)
             thr = max(thr, zk.max() + math.log(float(p.epsilon_cutoff)) + ln_s)
+        if p.eta_cutoff > 0.0:  # q >= min(eta, sqrt(eta) e^-H), H the whole distribution's entropy
+            q_all = np.exp(lq_all)
+            h = float(-(q_all * lq_all)[q_all > 0].sum())
+            eta = float(p.eta_cutoff)
+            thr = max(thr, zk.max() + ln_s + min(math.log(eta), 0.5 * math.log(eta) - h))
+        if p.top_n_sigma > 0.0:  # z >= max - n sigma, sigma the population standard deviation of every finite z
+            thr = max(thr, zk.max() - float(p.top_n_sigma) * float(whole.std()))
+        thr = min(thr, zk.max())  # the maximum is always kept
         if int((zk >= thr).sum()) < mk:
             thr = min(thr, _kth_largest(zk, min(mk, zk.size)))
         near = np.abs(zk - thr) <= BOUNDARY_TOL * max(1.0, abs(thr))
         if near.any() and not np.all(zk[near] == thr):
-            reasons.append(f"min_p / epsilon: a value is within rounding of the threshold {thr:.9g}")
+            reasons.append(f"min-p stage: a value is within rounding of the threshold {thr:.9g}")
         keep &= z >= thr
     # 4. typical-p
     if p.typical_p < 1.0:
@@ -245,7 +336,25 @@ def _truncate(z: np.ndarray, p: Any, mu: float, vocab: int, reasons: list[str]) 
         kept_idx = idx[s <= thr]
         keep = np.zeros_like(keep)
         keep[kept_idx] = True
+    # 5. XTC
+    if p.xtc_probability > 0.0 and coin is not None and coin < float(p.xtc_probability):
+        keep = _xtc(z, keep, float(p.xtc_threshold), mk, reasons)
     return keep
+
+
+def _xtc(z: np.ndarray, keep: np.ndarray, theta: float, mk: int, reasons: list[str]) -> np.ndarray:
+    """XTC once its coin fired (§3 E item 5): drop the survivors above the least likely token with ``q >= θ``."""
+    zk = z[keep]
+    m = zk.max()
+    cut = m + math.log(np.exp(zk - m).sum()) + (math.log(theta) if theta > 0.0 else -math.inf)
+    top = keep & (z >= cut)
+    if math.isfinite(cut) and np.any(keep & (np.abs(z - cut) <= BOUNDARY_TOL * max(1.0, abs(cut)))):
+        reasons.append(f"xtc: a value is within rounding of the threshold {cut:.9g}")
+    if int(top.sum()) < 2:
+        return keep
+    a = z[top].min()
+    rest = keep & (z <= a)
+    return rest if int(rest.sum()) >= mk else keep
 
 
 def mirostat_v1_k(sorted_lq: np.ndarray, mu: float, n_vocab: int) -> float:
@@ -330,7 +439,7 @@ def _run_row(row: _Row) -> _RowResult:
         z = l
     else:
         with np.errstate(over="ignore"):
-            z = _to_f32_range(l / float(p.temperature))
+            z = _to_f32_range(l / _temperature(l, p, res.reasons))
         if np.any(np.isnan(z)) or np.any(z == np.inf) or not np.isfinite(z).any():
             return res
     res.processed = z
@@ -348,7 +457,8 @@ def _run_row(row: _Row) -> _RowResult:
         probs = keep.astype(np.float64)
         final_lp = np.where(keep, 0.0, -np.inf)
     else:
-        keep = _truncate(z, p, row.mu, vocab, res.reasons)
+        coin = xtc_uniform(row.seed, row.step, row.seq) if p.xtc_probability > 0.0 else None
+        keep = _truncate(z, p, row.mu, vocab, res.reasons, coin)
         token = _race(z, keep, row, res.reasons) if row.forced < 0 else row.forced
         zk = np.where(keep, z, -np.inf)
         final_lp = _log_softmax(zk)
@@ -418,7 +528,14 @@ def _rows_from_args(
     batch = pack_batch(t.detach().cpu(), params, prompt_token_ids=prompt_token_ids,
                        output_token_ids=output_token_ids, prompt_mask=as_t(prompt_mask),
                        output_counts=as_t(output_counts), **kwargs)
-    return rows_from_packed(batch)
+    rows = rows_from_packed(batch)
+    if batch.flags.any_dry:  # DRY from the sequences themselves (the definition), not from the packed table
+        plist = param_batch(params, len(rows)).plist()
+        for r, row in enumerate(rows):
+            hist = [*(prompt_token_ids[r] if prompt_token_ids is not None else ()),
+                    *(output_token_ids[r] if output_token_ids is not None else ())]
+            row.dry = dry_penalties(hist, plist[r])
+    return rows
 
 
 def _row_params(f: np.ndarray, i: np.ndarray) -> SimpleNamespace:
@@ -430,7 +547,9 @@ def _row_params(f: np.ndarray, i: np.ndarray) -> SimpleNamespace:
     return SimpleNamespace(
         temperature=f[F_TEMPERATURE], top_p=f[F_TOP_P], min_p=f[F_MIN_P], typical_p=f[F_TYPICAL_P],
         frequency_penalty=f[F_FREQ], presence_penalty=f[F_PRES], repetition_penalty=f[F_REP],
-        mirostat_target=f[F_MIRO_TAU], mirostat_lr=f[F_MIRO_ETA], epsilon_cutoff=f[F_EPSILON], top_k=int(i[I_TOP_K]),
+        mirostat_target=f[F_MIRO_TAU], mirostat_lr=f[F_MIRO_ETA], epsilon_cutoff=f[F_EPSILON], eta_cutoff=f[F_ETA],
+        top_n_sigma=f[F_NSIGMA], xtc_probability=f[F_XTC_P], xtc_threshold=f[F_XTC_T], dynatemp_range=f[F_DYN_RANGE],
+        dynatemp_exponent=f[F_DYN_EXP], top_k=int(i[I_TOP_K]),
         min_keep=int(i[I_MIN_KEEP]), mirostat_mode=int(i[I_MIRO_MODE]),
         min_tokens=int(i[I_MIN_TOKENS]), ignore_eos=bool(i[I_IGNORE_EOS]),
         logprobs=bool(i[I_LOGPROBS]), top_logprobs=int(i[I_TOP_LOGPROBS]),
@@ -456,6 +575,8 @@ def rows_from_packed(batch: Any) -> list[_Row]:
     indptr = None if batch.bias_indptr is None else _to_numpy(batch.bias_indptr)
     bids = None if batch.bias_ids is None else _to_numpy(batch.bias_ids)
     bvals = None if batch.bias_vals is None else _to_numpy(batch.bias_vals).astype(np.float64)
+    dry_ids = None if getattr(batch, "dry_ids", None) is None else _to_numpy(batch.dry_ids)
+    dry_vals = None if dry_ids is None else _to_numpy(batch.dry_vals).astype(np.float64)
     forced = getattr(batch, "forced_tokens", None)
     forced = np.full(b, -1, dtype=np.int64) if forced is None else _to_numpy(forced).astype(np.int64)
     rows = []
@@ -465,8 +586,10 @@ def rows_from_packed(batch: Any) -> list[_Row]:
         if indptr is not None:
             lo, hi = indptr[r], indptr[r + 1]
             bias = {int(t): float(v) for t, v in zip(bids[lo:hi], bvals[lo:hi], strict=True)}
+        dry = {} if dry_ids is None else {int(t): float(v) for t, v in zip(dry_ids[r], dry_vals[r], strict=True)
+                                          if t != DRY_PAD}
         rows.append(_Row(x=x[r], vocab=vocab, p=p, seed=int(seeds[r]) & 0xFFFFFFFFFFFFFFFF, step=int(steps[r]),
-                         seq=int(seqs[r]), mu=float(mus[r]), bias=bias,
+                         seq=int(seqs[r]), mu=float(mus[r]), bias=bias, dry=dry,
                          allowed=None if allowed is None else allowed[r],
                          prompt=None if prompt is None else prompt[r],
                          counts=None if counts is None else counts[r], eos=eos, forced=int(forced[r])))
@@ -538,7 +661,7 @@ def process_logits(
     out = np.full((len(rows), width), -np.inf)
     for r, row in enumerate(rows):
         l = _stage_a_to_c(row)
-        t = float(row.p.temperature)
+        t = _temperature(l, row.p)
         with np.errstate(over="ignore", invalid="ignore"):
             out[r, : row.vocab] = l if t == 0.0 else l / t
     return out
