@@ -3,7 +3,8 @@
 Every pass of the pipeline recomputes ``z`` from the raw logits instead of materialising a ``(B, V)`` float32 copy:
 the logits are read in their own dtype and upcast in registers; the sparse logit bias is read from the batch's CSR
 (``bias_indptr`` / ``bias_ids`` / ``bias_vals``, ids ascending per row) and matched to the block in registers, so no
-dense bias is ever built; penalty state and bitmasks are read only when the batch uses them (constexpr
+dense bias is ever built (nor a dense DRY penalty: the batch's ``(B, K)`` DRY table is matched the same way, after
+the frequency and presence penalties); penalty state and bitmasks are read only when the batch uses them (constexpr
 specialisation from the host-known `BatchFlags`), once per id and pass. The per-row scalars (temperature, penalties,
 the EOS ban, the row's bias range) are loaded once per program (`row_scalars`).
 

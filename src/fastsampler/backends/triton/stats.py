@@ -2,13 +2,16 @@
 of the draw: 1024 on CUDA whatever the batch size) and the per-row combine of their partial results.
 
 - `_stats_kernel` reads the row once: max / log-normaliser of ``z`` (and of the raw logits for raw logprobs), the
-  argmax (when some row is greedy), finite count, invalid inputs. Its per-chunk weights are also the tile weights of
-  the draw for a batch without truncation, so such a batch needs no other pass over the whole row: the token race
-  runs in `draw._finish_kernel` over the one tile the tile race picks (docs/semantics.md §3 F). In a batch of the
-  candidate engine (`candidates`) it also stores the maximum ``z`` of every group of ``GROUP`` ids (and of the raw
-  logits, for raw logprobs);
-- `_combine_kernel` (one program per row) turns the chunk partials into the row statistics and the thresholds that
-  need no select (min-p without min_keep, Mirostat v2, §3 E), and the candidate bound of each candidate row;
+  argmax (when some row is greedy), finite count, invalid inputs; with eta or top-n-sigma on some row also the
+  chunk's entropy sum ``sum e^(z - m_c)(z - m_c)`` and the mean and M2 of its finite ``z`` (``part_x``). Its per-chunk
+  weights are also the tile weights of the draw for a batch without truncation, so such a batch needs no other pass
+  over the whole row: the token race runs in `draw._finish_kernel` over the one tile the tile race picks
+  (docs/semantics.md §3 F). In a batch of the candidate engine (`candidates`) it also stores the maximum ``z`` of
+  every group of ``GROUP`` ids (and of the raw logits, for raw logprobs);
+- `_combine_kernel` (one program per row) turns the chunk partials into the row statistics (with `eta_ns_combine`
+  the entropy ``H`` and standard deviation ``sigma`` of ``z``, merged in a fixed order in float64) and the thresholds
+  that need no select (the min-p stage without min_keep: min-p, epsilon, eta, top-n-sigma; Mirostat v2, §3 E), and
+  the candidate bound of each candidate row;
 - `_entropy_kernel`: max / sum / entropy sum of the typical-p survivors;
 - `_kept_kernel`: per-chunk weights of the kept set (the tile weights of the draw after truncation).
 
