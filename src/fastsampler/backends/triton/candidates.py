@@ -48,7 +48,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .columns import F_TEMPERATURE, F_TOP_P, I_MIN_KEEP, I_MIRO_MODE, I_TOP_K, NF, NI
+from .columns import F_TEMPERATURE, F_TOP_P, F_XTC_P, F_XTC_T, I_MIN_KEEP, I_MIRO_MODE, I_TOP_K, NF, NI
 from .mirostat import BM, mirostat_k, mirostat_v1_threshold
 from .penalties import (
     NRF,
@@ -59,18 +59,21 @@ from .penalties import (
     RF_BOUND,
     RF_LS,
     RF_M,
+    RF_ZHI,
     RF_ZLO,
     RI_CCOUNT,
     RI_NFIN,
     RI_VALID,
     bias_lower_bound,
     block_z,
+    eta_ns_stats,
     minp_threshold,
     online_lse,
     row_scalars,
     slot_row,
 )
 from .select import float_key, key_float, radix_select
+from .xtc import kept_tile_weights, xtc_coin, xtc_cut
 
 GROUP = 128  # ids per group maximum, at most (the bound's resolution: larger groups, fewer maxima, a looser bound)
 CAP = 512  # default candidate slots per row (chosen by the cost model, docs/benchmarks.md)
@@ -81,6 +84,7 @@ _NRI: tl.constexpr = tl.constexpr(NRI)
 _RF_M: tl.constexpr = tl.constexpr(RF_M)
 _RF_LS: tl.constexpr = tl.constexpr(RF_LS)
 _RF_ZLO: tl.constexpr = tl.constexpr(RF_ZLO)
+_RF_ZHI: tl.constexpr = tl.constexpr(RF_ZHI)
 _RF_BOUND: tl.constexpr = tl.constexpr(RF_BOUND)
 _RI_VALID: tl.constexpr = tl.constexpr(RI_VALID)
 _RI_NFIN: tl.constexpr = tl.constexpr(RI_NFIN)
@@ -140,15 +144,18 @@ def kth_largest(ptr, n, k, active, BLOCK: tl.constexpr):
 
 @triton.jit
 def _compact_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                    bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, rowf_ptr, rowi_ptr, part_f_ptr,
+                    bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, temp_ptr,
+                    rowf_ptr, rowi_ptr, part_f_ptr,
                     gmax_ptr, cid_ptr, cz_ptr,
-                    stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
+                    stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
                     V, VC, E, NC, NG,
                     HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                     HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
                     SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
                     HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                     BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
+                    HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
+                    HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
                     CAP: tl.constexpr,  # candidate slots per row
                     GROUP: tl.constexpr,  # ids per group maximum: the unit read
                     CBLOCK: tl.constexpr,  # ids per step: GROUP on CUDA, BLOCK in the interpreter
@@ -166,7 +173,7 @@ def _compact_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
     live = (tl.load(cnt_ptr) >= 0) & (cmax >= bound)
     n = tl.where(live, tl.minimum(CHUNK, VC - base), 0)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE, temp_ptr, HAS_DYN)
     for start in range(0, n, CBLOCK):
         offs = base + start + tl.arange(0, CBLOCK)
         # the block's groups that reach the bound (on CUDA a block is one group: read it or skip it)
@@ -177,11 +184,12 @@ def _compact_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
                 ep = bias_lower_bound(bias_ids_ptr, blo, bhi, base + start)
             offs = tl.where(glive, offs, VC)  # lanes of the other groups read nothing
             raw, z, b, ep = block_z(row, srow, offs, ep, base + start + CBLOCK, logits_ptr, counts_ptr, prompt_ptr,
-                                   allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c,
-                                   stride_p, stride_a, stride_m, stride_bt, V, VC,
+                                   allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, dry_ids_ptr,
+                                   dry_vals_ptr, stride_l, stride_c,
+                                   stride_p, stride_a, stride_m, stride_bt, stride_d, V, VC,
                                    E, t, rep, freq, pres, ban, bhi,
                                    HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM,
-                                   BIAS_TABLE)
+                                   BIAS_TABLE, HAS_DRY)
             sel = (z > float("-inf")) & (z >= bound)  # ids >= V (and the lanes set to VC) have z = -inf
             s32 = sel.to(tl.int32)
             # one atomic per block reserves its slots; the count keeps growing past CAP (the finisher then falls
@@ -207,16 +215,21 @@ def _store_tiles(part_f_ptr, row, NC, t, mt, st, SPLIT: tl.constexpr, S2: tl.con
 
 @triton.jit
 def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                  bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, mu_ptr, rowf_ptr, rowi_ptr, part_f_ptr,
-                  cid_ptr, cz_ptr, top_ptr,
-                  stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
+                  bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, temp_ptr,
+                  mu_ptr, rowf_ptr, rowi_ptr, part_f_ptr,
+                  cid_ptr, cz_ptr, top_ptr, seeds_ptr, seqs_ptr,
+                  stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
                   V, VC, E, NC, NT,
                   HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                   HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
                   SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
                   HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                   BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
+                  HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
+                  HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
                   MIRO1: tl.constexpr,  # some row uses Mirostat v1 (its 100 largest z from the buffer)
+                  ETA_NS: tl.constexpr,  # some row uses eta / top-n-sigma (their statistics in rowf)
+                  XTC: tl.constexpr,  # some row may use XTC: its bound zhi (RF_ZHI) after the other rules
                   CAP: tl.constexpr,  # candidate slots per row
                   TILE: tl.constexpr,  # ids per tile of the draw (docs/semantics.md §3 F)
                   SPLIT: tl.constexpr,  # chunks per tile (TILE / CHUNK)
@@ -247,8 +260,16 @@ def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
     ok = fast
     tiles = fast  # store the kept tile weights (not when every finite z is kept: the stats partials are those)
     # min-p / epsilon: keep z >= max z + ln min_p, z >= max z + ln epsilon + ln s (§3 E item 3)
-    mpa, thr_minp = minp_threshold(fparams_ptr, srow, m, tl.load(rf + _RF_LS))
+    h, sg = eta_ns_stats(rowf_ptr, row, ETA_NS)
+    mpa, thr_minp = minp_threshold(fparams_ptr, srow, m, tl.load(rf + _RF_LS), h, sg, ETA_NS)
     tt = tl.arange(0, BT_TILES)
+    # XTC (§3 E item 5): a row whose coin fires removes its top choices above a (zhi = a), after the other rules
+    xact = samp & (nf < 0)  # false, typed like samp
+    zhi = tl.where(samp, float("inf"), float("inf"))
+    theta = tl.load(fparams_ptr + srow * NF + F_XTC_T)
+    if XTC:
+        xp = tl.load(fparams_ptr + srow * NF + F_XTC_P)
+        xact = samp & (xp > 0.0) & xtc_coin(seeds_ptr, steps_ptr, seqs_ptr, srow, xp)
     if fast:
         # the candidates' z sorted descending (empty slots -inf, last). Every threshold below is a value at a
         # position of this order or a cumulative mass along it; equal values carry equal masses, so neither depends
@@ -287,9 +308,24 @@ def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
             zlo = tl.where(miro1, zlo_m, zlo)
             ok = (miro1 == 0) | (km >= nf) | (km <= cnt)
             tiles = (miro1 == 0) | (km < nf)
+        if XTC:
+            # on the sorted buffer, which holds the whole kept set S = {z >= zlo}: A = {z in S : q_S >= theta}
+            ks = live & (zs >= zlo)
+            m_s = tl.max(tl.where(ks, zs, float("-inf")), 0)
+            safe = tl.where(m_s == float("-inf"), 0.0, m_s)
+            ls_s = tl.log(tl.sum(tl.where(ks, tl.exp(zs - safe), 0.0), 0))
+            za = tl.where(theta > 0.0, (m_s + ls_s) + tl.log(tl.where(theta > 0.0, theta, 1.0)), float("-inf"))
+            ina = ks & (zs >= za)
+            n_a = tl.sum(ina.to(tl.int32), 0)
+            amin = tl.min(tl.where(ina, zs, float("inf")), 0)
+            n_at = tl.sum((ina & (zs == amin)).to(tl.int32), 0)
+            n_s = tl.sum(ks.to(tl.int32), 0)
+            zhi = tl.where(xact & (n_a >= 2) & ((n_s - (n_a - n_at)) >= mk), amin, float("inf"))
         if ok & tiles:
             # the kept weights per tile of the draw, from the unsorted buffer
             kept = live & (zc >= zlo)
+            if XTC:
+                kept = kept & (zc <= zhi)
             hot = kept[:, None] & ((ids // TILE)[:, None] == tt[None, :])
             mt = tl.max(tl.where(hot, zc[:, None], float("-inf")), 0)
             mts = tl.where(mt == float("-inf"), 0.0, mt)
@@ -297,46 +333,58 @@ def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
             _store_tiles(part_f_ptr, row, NC, tt, mt, st, SPLIT, S2)
         if ok:
             tl.store(rf + _RF_ZLO, zlo)
-    slow = samp & ((k > 0) | (p < 1.0) | mpa | miro1) & ((fast & ok) == 0)
+    rules_on = (k > 0) | (p < 1.0) | mpa | miro1
+    if XTC:
+        rules_on = rules_on | xact
+    slow = samp & rules_on & ((fast & ok) == 0)
     if slow:
         # the exact fallback: radix selects over the whole row (select.py), as §3 E defines each rule
         t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr,
-                                                        bias_indptr_ptr, stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
+                                                        bias_indptr_ptr, stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE,
+                                                        temp_ptr, HAS_DYN)
         rules = miro1 == 0
         act_k = rules & (k > 0) & (keff < nf)
         thr_k = radix_select(row, srow, keff.to(tl.float32), act_k, float("-inf"), m, 0.0, 0.0, 0,
                              logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
-                             bias_vals_ptr, rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m,
-                             stride_bt, V, VC, E, t, rep, freq, pres, ban, blo, bhi,
+                             bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, rowf_ptr, rowi_ptr, stride_l, stride_c,
+                             stride_p, stride_a, stride_m,
+                             stride_bt, stride_d, V, VC, E, t, rep, freq, pres, ban, blo, bhi,
                              HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
+                             HAS_DRY,
                              False, 0, False, DIGIT_BITS, SBLOCK)
         lo_k = tl.where(act_k, thr_k, float("-inf"))
         # the min_keep-th largest z over all finite z: top-p and min-p keep at least that many
         act_mk = rules & (mk > 1) & ((p < 1.0) | mpa)
         thr_mk = radix_select(row, srow, mk.to(tl.float32), act_mk, float("-inf"), m, 0.0, 0.0, 0,
                               logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
-                              bias_vals_ptr, rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m,
-                              stride_bt, V, VC, E, t, rep, freq, pres, ban, blo, bhi,
+                              bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, rowf_ptr, rowi_ptr, stride_l, stride_c,
+                              stride_p, stride_a, stride_m,
+                              stride_bt, stride_d, V, VC, E, t, rep, freq, pres, ban, blo, bhi,
                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
+                              HAS_DRY,
                               False, 0, False, DIGIT_BITS, SBLOCK)
         thr_mk = tl.where(act_mk, thr_mk, m)
         act_p = rules & (p < 1.0)
         thr_p = radix_select(row, srow, p, act_p, lo_k, m, 0.0, 0.0, 0,
                              logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
-                             bias_vals_ptr, rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m,
-                             stride_bt, V, VC, E, t, rep, freq, pres, ban, blo, bhi,
+                             bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, rowf_ptr, rowi_ptr, stride_l, stride_c,
+                             stride_p, stride_a, stride_m,
+                             stride_bt, stride_d, V, VC, E, t, rep, freq, pres, ban, blo, bhi,
                              HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
+                             HAS_DRY,
                              False, 0, True, DIGIT_BITS, SBLOCK)
         zlo = tl.where(act_p, tl.maximum(lo_k, tl.minimum(thr_p, thr_mk)), lo_k)
         zlo = tl.where(rules & mpa, tl.maximum(zlo, tl.minimum(thr_minp, thr_mk)), zlo)
         if MIRO1:
             thr1, act1 = mirostat_v1_threshold(row, srow, miro1, nf, m, mu,
                                                logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr,
-                                               bias_ids_ptr, bias_vals_ptr, rowf_ptr, rowi_ptr, top_ptr,
-                                               stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
+                                               bias_ids_ptr, bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, rowf_ptr,
+                                               rowi_ptr, top_ptr,
+                                               stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
+                                               V, VC, E,
                                                t, rep, freq, pres, ban, blo, bhi,
                                                HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS,
-                                               HAS_TBM, BIAS_TABLE, DIGIT_BITS, SBLOCK, BLOCK)
+                                               HAS_TBM, BIAS_TABLE, HAS_DRY, DIGIT_BITS, SBLOCK, BLOCK)
             zlo = tl.where(miro1, tl.where(act1, thr1, float("-inf")), zlo)
         tl.store(rf + _RF_ZLO, zlo)
         # the kept weights per tile, one pass over the row (none when every finite z is kept: the stats partials
@@ -352,16 +400,43 @@ def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
                 offs = tbase + start + tl.arange(0, BLOCK)
                 raw, z, b, ep = block_z(row, srow, offs, ep, tbase + start + BLOCK, logits_ptr, counts_ptr,
                                        prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
-                                       stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC,
+                                       dry_ids_ptr, dry_vals_ptr,
+                                       stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, V, VC,
                                        E, t, rep, freq, pres, ban, bhi,
                                        HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM,
-                                       BIAS_TABLE)
+                                       BIAS_TABLE, HAS_DRY)
                 keep = (z > float("-inf")) & (z >= zlo)  # ids >= V have z = -inf
                 tm, ts = online_lse(tm, ts, tl.where(keep, z, float("-inf")))
             mt = tl.where(tt == tile, tm, mt)
             st = tl.where(tt == tile, ts, st)
-        if zlo > float("-inf"):
+        cut = zlo > float("-inf")
+        if XTC:
+            # S's log-normaliser from the tile weights (the row's own when every finite z is kept), then A
+            m_s = tl.max(mt, 0)
+            safe = tl.where(m_s == float("-inf"), 0.0, m_s)
+            ls_s = tl.log(tl.sum(tl.where(mt == float("-inf"), 0.0, st * tl.exp(mt - safe)), 0))
+            m_s = tl.where(cut, m_s, m)
+            ls_s = tl.where(cut, ls_s, tl.load(rf + _RF_LS))
+            zhi = xtc_cut(row, srow, xact, m_s, ls_s, zlo, theta, mk,
+                          logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
+                          bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, rowf_ptr,
+                          stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, V, VC, E,
+                          t, rep, freq, pres, ban, blo, bhi,
+                          HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
+                          HAS_DRY, False, SBLOCK)
+            if zhi < float("inf"):
+                mt, st = kept_tile_weights(row, srow, zlo, zhi,
+                                           logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr,
+                                           bias_ids_ptr, bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, rowf_ptr,
+                                           stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
+                                           V, VC, E, NT, t, rep, freq, pres, ban, blo, bhi,
+                                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM,
+                                           BIAS_TABLE, HAS_DRY, False, TILE, BT_TILES, BLOCK)
+            cut = cut | (zhi < float("inf"))
+        if cut:
             _store_tiles(part_f_ptr, row, NC, tt, mt, st, SPLIT, S2)
+    if XTC:  # every row: +inf where XTC removes nothing (penalties.kept_mask)
+        tl.store(rf + _RF_ZHI, zhi)
 
 
 def compact_pass(ctx) -> None:
@@ -376,7 +451,9 @@ def trunc_pass(ctx) -> None:
     """Top-k / min_keep / top-p / min-p thresholds and the kept tile weights of every row (`_trunc_kernel`)."""
     split = ctx.TILE // ctx.CHUNK
     _trunc_kernel[(ctx.B,)](*ctx.zargs(), ctx.mu, ctx.rowf, ctx.rowi, ctx.part_f, ctx.cand_ids, ctx.cand_z,
-                            ctx.miro_top, *ctx.zstrides(), *ctx.zsizes(), ctx.NT, **ctx.zflags(), MIRO1=ctx.miro_v1,
+                            ctx.miro_top, ctx.seeds, ctx.seqs, *ctx.zstrides(), *ctx.zsizes(), ctx.NT, **ctx.zflags(),
+                            MIRO1=ctx.miro_v1,
+                            ETA_NS=ctx.eta_ns, XTC=ctx.xtc,
                             CAP=ctx.CAP, TILE=ctx.TILE,
                             SPLIT=split, S2=max(2, split), BT_TILES=ctx.BT_TILES, DIGIT_BITS=ctx.DIGIT_BITS,
                             SBLOCK=ctx.SBLOCK, BLOCK=ctx.BLOCK)

@@ -79,22 +79,25 @@ _BIG: tl.constexpr = tl.constexpr(2147483647)
 
 @triton.jit
 def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                   bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, seeds_ptr, seqs_ptr, mu_ptr, rowf_ptr,
+                   bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, temp_ptr,
+                   seeds_ptr, seqs_ptr, mu_ptr, rowf_ptr,
                    rowi_ptr, part_f_ptr, part_i_ptr, tokens_ptr, valid_ptr, logprobs_ptr, ranks_ptr, top_ids_ptr,
                    top_lps_ptr, mu_out_ptr, forced_ptr,
-                   stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
+                   stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
                    V, VC, E, NC, NT, N,
                    HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                    HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
                    SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
                    HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                    BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
+                   HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
+                   HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
                    STATS: tl.constexpr,  # no truncation: the partials are the stats pass's, combine them here too
                    LOGPROBS: tl.constexpr,  # some row wants logprobs (ranks / top-N follow in logprobs.py)
                    MIRO: tl.constexpr,  # some row uses Mirostat: update mu
                    UPDATE: tl.constexpr,  # write mu (and steps / counts when LAST) back to the slot tables
                    LAST: tl.constexpr,  # no logprobs kernel follows: this is the step's last read of the state
-                   HAS_TYP: tl.constexpr,  # some row uses typical-p: the kept test includes s <= s_thr
+                   KEPT: tl.constexpr,  # kept-set tests beyond z >= zlo (penalties.kept_mask): 1 typical-p, 2 XTC
                    RACE: tl.constexpr,  # some row samples: run the token race over the winning tile
                    FORCED: tl.constexpr,  # the rows' tokens are given (forced_ptr): no race, no argmax
                    SPLIT: tl.constexpr,  # chunks per tile (TILE / CHUNK)
@@ -141,7 +144,7 @@ def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
     # the token race over the kept ids of tile t* alone (the only tile that needs per-token noise): argmax of
     # z_i - ln E_i, ties to the lowest id; z is recomputed from the logits exactly as the row passes computed it
     t_, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                     stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
+                                                     stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE, temp_ptr, HAS_DYN)
     sample = valid & (gid < 0) & (tstar < NT)
     tbase = tl.where(sample, tstar, 0) * TILE
     tn = tl.where(sample, tl.minimum(TILE, V - tbase), 0)  # ids >= V are never kept
@@ -156,14 +159,16 @@ def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
         for start in range(0, tn, BLOCK):
             offs = tbase + start + quad
             raw, z, b, ep = block_z(row, srow, offs, ep, tbase + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr,
-                                   allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c,
-                                   stride_p, stride_a, stride_m, stride_bt, V, VC, E,
+                                   allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, dry_ids_ptr,
+                                   dry_vals_ptr, stride_l, stride_c,
+                                   stride_p, stride_a, stride_m, stride_bt, stride_d, V, VC, E,
                                    t_, rep, freq, pres, ban, bhi,
-                                   HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
+                                   HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
+                                   HAS_DRY)
             if STATS:
                 kl = (z > float("-inf")) & (offs < V)
             else:
-                kl = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, HAS_TYP) & (offs < V)
+                kl = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, KEPT) & (offs < V)
             words = philox_quads((tbase + start) // 4, step, seq, 0, k0, k1, R)
             ksc = tl.where(kl, z + neg_log_exp_noise(words), float("-inf"))
             bs = tl.max(tl.max(ksc, 1), 0)
@@ -185,10 +190,11 @@ def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
     if HAS_BIAS:
         ep = bias_lower_bound(bias_ids_ptr, blo, bhi, x0)
     raw, z, b, ep = block_z(row, srow, xo, ep, x0 + 2, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr,
-                           eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, stride_m,
-                           stride_bt, V, VC, E,
+                           eos_ptr, bias_ids_ptr, bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, stride_l, stride_c,
+                           stride_p, stride_a, stride_m,
+                           stride_bt, stride_d, V, VC, E,
                            t_, rep, freq, pres, ban, bhi,
-                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
+                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, HAS_DRY)
     lane0 = xo == x0
     zx = tl.max(tl.max(tl.where(lane0, z, float("-inf")), 1), 0)
     rawx = tl.max(tl.max(tl.where(lane0, raw, float("-inf")), 1), 0)
@@ -247,7 +253,7 @@ def finish(ctx, out) -> None:
                              *ctx.zsizes(), ctx.NT, n, **ctx.zflags(), STATS=not ctx.truncation,
                              LOGPROBS=ctx.flags.any_logprobs, MIRO=ctx.flags.any_mirostat,
                              UPDATE=ctx.update, LAST=not ctx.flags.any_logprobs,
-                             HAS_TYP=ctx.has_typ, RACE=not ctx.flags.all_greedy and not forced, FORCED=forced,
+                             KEPT=ctx.kept, RACE=not ctx.flags.all_greedy and not forced, FORCED=forced,
                              SPLIT=ctx.TILE // ctx.CHUNK,
                              TILE=ctx.TILE, BLOCK=ctx.BLOCK2, BT=ctx.BT, BT_TILES=ctx.BT_TILES,
                              BN=max(2, 1 << max(n - 1, 0).bit_length()))

@@ -73,17 +73,20 @@ _RI_LP_GROUPS: tl.constexpr = tl.constexpr(RI_LP_GROUPS)
 
 @triton.jit
 def _logprobs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                     bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, rowf_ptr, rowi_ptr, gt_val_ptr,
+                     bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr,
+                     temp_ptr, rowf_ptr, rowi_ptr, gt_val_ptr,
                      gt_id_ptr, gmax_ptr, lps_ptr, lpsf_ptr,
                      ranks_ptr, top_ids_ptr, top_lps_ptr,
-                     stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
+                     stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
                      V, VC, E, N, NG,
                      HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                      HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
                      SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
                      HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                      BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
-                     HAS_TYP: tl.constexpr,  # some row uses typical-p (kept test of the final mode)
+                     HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
+                     HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
+                     KEPT: tl.constexpr,  # kept-set tests of the final mode (penalties.kept_mask)
                      DIGIT_BITS: tl.constexpr,  # key bits per select level
                      SBLOCK: tl.constexpr,  # ids per select step (the one-hot block is SBLOCK x 2^DIGIT_BITS)
                      BLOCK: tl.constexpr,  # ids per step of the rank / gather pass
@@ -104,7 +107,7 @@ def _logprobs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, e
     vx = tl.where(mode == MODE_RAW, tl.load(rf + _RF_RAWX), tl.load(rf + _RF_ZX))
     kx = float_key(vx)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE, temp_ptr, HAS_DYN)
     m_mode = tl.where(mode == MODE_RAW, tl.load(rf + _RF_M_RAW),
                       tl.where(mode == MODE_FINAL, tl.load(rf + _RF_M_KEPT), tl.load(rf + _RF_M)))
     ls_mode = tl.where(mode == MODE_RAW, tl.load(rf + _RF_LS_RAW),
@@ -114,20 +117,22 @@ def _logprobs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, e
     if CAND:
         done = _from_groups(row, srow, lp_on, mode, ntop, vx, kx, m_mode, ls_mode, final_greedy,
                             logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
-                            bias_vals_ptr, rowf_ptr, rowi_ptr, gmax_ptr, lps_ptr, lpsf_ptr, ranks_ptr, top_ids_ptr,
+                            bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, rowf_ptr, rowi_ptr, gmax_ptr, lps_ptr, lpsf_ptr,
+                            ranks_ptr, top_ids_ptr,
                             top_lps_ptr,
-                            stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E, N, NG,
+                            stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, V, VC, E, N, NG,
                             t, rep, freq, pres, ban, blo, bhi,
-                            HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
-                            HAS_TYP, RAW_GROUP, GROUP, GB, GBLOCK, K)
+                            HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, HAS_DRY,
+                            KEPT, RAW_GROUP, GROUP, GB, GBLOCK, K)
     tl.store(rowi_ptr + row * _NRI + _RI_LP_GROUPS, done.to(tl.int32))
     if done == 0:
         _from_row(row, srow, lp_on, mode, ntop, kx, m_mode, ls_mode, final_greedy,
                   logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
+                  dry_ids_ptr, dry_vals_ptr,
                   rowf_ptr, rowi_ptr, gt_val_ptr, gt_id_ptr, ranks_ptr, top_ids_ptr, top_lps_ptr,
-                  stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E, N,
+                  stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, V, VC, E, N,
                   t, rep, freq, pres, ban, blo, bhi,
-                  HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, HAS_TYP,
+                  HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, HAS_DRY, KEPT,
                   DIGIT_BITS, SBLOCK, BLOCK, K)
     if UPDATE:  # after this program's last read of the counts and the step (PackedBatch.update_state)
         tok = tl.load(rowi_ptr + row * _NRI + _RI_TOKEN)
@@ -137,21 +142,26 @@ def _logprobs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, e
 @triton.jit
 def _from_row(row, srow, lp_on, mode, ntop, kx, m_mode, ls_mode, final_greedy,
               logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
+              dry_ids_ptr, dry_vals_ptr,
               rowf_ptr, rowi_ptr, gt_val_ptr, gt_id_ptr, ranks_ptr, top_ids_ptr, top_lps_ptr,
-              stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E, N,
+              stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, V, VC, E, N,
               t, rep, freq, pres, ban, blo, bhi,
               HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_ALLOWED: tl.constexpr,
               HAS_EOS: tl.constexpr, SLOTS: tl.constexpr, HAS_TBM: tl.constexpr, BIAS_TABLE: tl.constexpr,
-              HAS_TYP: tl.constexpr, DIGIT_BITS: tl.constexpr, SBLOCK: tl.constexpr, BLOCK: tl.constexpr,
+              HAS_DRY: tl.constexpr,
+              KEPT: tl.constexpr, DIGIT_BITS: tl.constexpr, SBLOCK: tl.constexpr, BLOCK: tl.constexpr,
               K: tl.constexpr):
     """Rank and top-N of one row from the whole row: a select of the ``ntop``-th largest value, then one pass."""
     # the ntop-th largest value of the row's logprob order
     sel = ntop > 0
     thr = radix_select(row, srow, ntop.to(tl.float32), sel, float("-inf"), 0.0, 0.0, 0.0, mode,
                        logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
-                       rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
+                       dry_ids_ptr, dry_vals_ptr,
+                       rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, V,
+                       VC, E,
                        t, rep, freq, pres, ban, blo, bhi,
-                       HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, HAS_TYP, 2,
+                       HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, HAS_DRY,
+                       KEPT, 2,
                        False, DIGIT_BITS, SBLOCK)
     tk = float_key(thr)
     # one pass: the rank count, and the ids above / at the threshold compacted into the scratch
@@ -163,12 +173,14 @@ def _from_row(row, srow, lp_on, mode, ntop, kx, m_mode, ls_mode, final_greedy,
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         raw, z, b, ep = block_z(row, srow, offs, ep, start + BLOCK, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
-                               tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a,
-                               stride_m, stride_bt, V, VC,
+                               tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, stride_l,
+                               stride_c, stride_p, stride_a,
+                               stride_m, stride_bt, stride_d, V, VC,
                                E, t, rep, freq, pres, ban, bhi,
-                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
+                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
+                               HAS_DRY)
         v, dom, w = select_value(row, offs, raw, z, V, float("-inf"), 0.0, 0.0, 0.0, mode, rowf_ptr, rowi_ptr, 2,
-                                 HAS_TYP)
+                                 KEPT)
         key = float_key(v)
         above += tl.sum((dom & (key > kx)).to(tl.int32), 0)
         g = tl.where(sel, dom & (key > tk), False)  # (scalar & block masks are not bool in the interpreter)
@@ -213,12 +225,14 @@ def _store_top(row, i, out_id, out_v, m_mode, ls_mode, final_greedy, top_ids_ptr
 @triton.jit
 def _from_groups(row, srow, lp_on, mode, ntop, vx, kx, m_mode, ls_mode, final_greedy,
                  logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
+                 dry_ids_ptr, dry_vals_ptr,
                  rowf_ptr, rowi_ptr, gmax_ptr, lps_ptr, lpsf_ptr, ranks_ptr, top_ids_ptr, top_lps_ptr,
-                 stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E, N, NG,
+                 stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, V, VC, E, N, NG,
                  t, rep, freq, pres, ban, blo, bhi,
                  HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                  HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr, SLOTS: tl.constexpr, HAS_TBM: tl.constexpr,
-                 BIAS_TABLE: tl.constexpr, HAS_TYP: tl.constexpr, RAW_GROUP: tl.constexpr, GROUP: tl.constexpr,
+                 BIAS_TABLE: tl.constexpr, HAS_DRY: tl.constexpr, KEPT: tl.constexpr, RAW_GROUP: tl.constexpr,
+                 GROUP: tl.constexpr,
                  GB: tl.constexpr, GBLOCK: tl.constexpr, K: tl.constexpr):
     """Rank and top-N of one row from the groups that can hold them; returns whether it did (else nothing is
     written and the caller reads the whole row).
@@ -260,11 +274,13 @@ def _from_groups(row, srow, lp_on, mode, ntop, vx, kx, m_mode, ls_mode, final_gr
         if HAS_BIAS:
             ep = bias_lower_bound(bias_ids_ptr, blo, bhi, lo_id)
         raw, z, b, ep = block_z(row, srow, offs, ep, hi_id, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr,
-                               eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, stride_m,
-                               stride_bt, V, VC, E, t, rep, freq, pres, ban, bhi,
-                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
+                               eos_ptr, bias_ids_ptr, bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, stride_l, stride_c,
+                               stride_p, stride_a, stride_m,
+                               stride_bt, stride_d, V, VC, E, t, rep, freq, pres, ban, bhi,
+                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
+                               HAS_DRY)
         v, dom, w = select_value(row, offs, raw, z, V, float("-inf"), 0.0, 0.0, 0.0, mode, rowf_ptr, rowi_ptr, 2,
-                                 HAS_TYP)
+                                 KEPT)
         dom = dom & (offs < VC)
         above += tl.sum(tl.sum((dom & (float_key(v) > kx)).to(tl.int32), 1), 0)
         gat = tl.reshape(dom & tl.where(ntop > 0, v >= bound, False), (GB * GROUP,))
@@ -301,6 +317,6 @@ def logprobs_pass(ctx, ranks, top_ids, top_lps) -> None:
     _logprobs_kernel[(ctx.B,)](*ctx.zargs(), ctx.rowf, ctx.rowi, ctx.lp_val, ctx.lp_id, ctx.gmax, ctx.lp_scratch,
                                ctx.lp_scratch.view(torch.float32),
                                ranks, top_ids, top_lps, *ctx.zstrides(), *ctx.zsizes_row(), n, ctx.NG, **ctx.zflags(),
-                               HAS_TYP=ctx.has_typ, DIGIT_BITS=ctx.DIGIT_BITS, SBLOCK=ctx.SBLOCK, BLOCK=ctx.BLOCK,
+                               KEPT=ctx.kept, DIGIT_BITS=ctx.DIGIT_BITS, SBLOCK=ctx.SBLOCK, BLOCK=ctx.BLOCK,
                                K=ctx.K, UPDATE=ctx.update, CAND=ctx.lp_cand, RAW_GROUP=ctx.lp_cand and ctx.need_raw,
                                GROUP=ctx.GROUP, GB=max(1, 1024 // ctx.GROUP), GBLOCK=ctx.GBLOCK)

@@ -66,12 +66,13 @@ def mirostat_k(sv, sv1, r, mu, V):
 @triton.jit
 def mirostat_v1_threshold(row, srow, act, nfin, m, mu,
                           logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
-                          bias_vals_ptr, rowf_ptr, rowi_ptr, top_ptr,
-                          stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
+                          bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, rowf_ptr, rowi_ptr, top_ptr,
+                          stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, V, VC, E,
                           t, rep, freq, pres, ban, blo, bhi,
                           HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                           HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr, SLOTS: tl.constexpr,
-                          HAS_TBM: tl.constexpr, BIAS_TABLE: tl.constexpr, DIGIT_BITS: tl.constexpr,
+                          HAS_TBM: tl.constexpr, BIAS_TABLE: tl.constexpr, HAS_DRY: tl.constexpr,
+                          DIGIT_BITS: tl.constexpr,
                           SBLOCK: tl.constexpr, BLOCK: tl.constexpr):
     """Mirostat v1's threshold of row ``row`` from the whole row: ``(zlo, on)``, keep ``z >= zlo`` where ``on``
     (``k`` below the finite count), else keep every finite ``z``. Reads nothing where ``act`` is false.
@@ -81,9 +82,12 @@ def mirostat_v1_threshold(row, srow, act, nfin, m, mu,
     # the 100th largest z (the smallest finite z when fewer are finite)
     thr = radix_select(row, srow, 100.0, act, float("-inf"), m, 0.0, 0.0, 0,
                        logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
-                       rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
+                       dry_ids_ptr, dry_vals_ptr,
+                       rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, V,
+                       VC, E,
                        t, rep, freq, pres, ban, blo, bhi,
-                       HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, False, 0,
+                       HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, HAS_DRY,
+                       False, 0,
                        False, DIGIT_BITS, SBLOCK)
     # gather the (fewer than 100) values strictly above it into this row's scratch, count the ties at it
     tk = float_key(thr)
@@ -94,10 +98,12 @@ def mirostat_v1_threshold(row, srow, act, nfin, m, mu,
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         raw, z, b, ep = block_z(row, srow, offs, ep, start + BLOCK, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
-                               tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a,
-                               stride_m, stride_bt, V, VC,
+                               tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, stride_l,
+                               stride_c, stride_p, stride_a,
+                               stride_m, stride_bt, stride_d, V, VC,
                                E, t, rep, freq, pres, ban, bhi,
-                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
+                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
+                               HAS_DRY)
         key = float_key(z)
         fin = z > float("-inf")
         g = fin & (key > tk)
@@ -122,25 +128,31 @@ def mirostat_v1_threshold(row, srow, act, nfin, m, mu,
     k = mirostat_k(sv, sv1, r, mu, V)
     act1 = act & (k < nfin)
     thr1 = radix_select(row, srow, k.to(tl.float32), act1, float("-inf"), m, 0.0, 0.0, 0,
-                        logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
-                        rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
+                        logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
+                        bias_vals_ptr, dry_ids_ptr, dry_vals_ptr,
+                        rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, V,
+                        VC, E,
                         t, rep, freq, pres, ban, blo, bhi,
-                        HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, False, 0,
+                        HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, HAS_DRY,
+                        False, 0,
                         False, DIGIT_BITS, SBLOCK)
     return thr1, act1
 
 
 @triton.jit
 def _mirostat_v1_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr,
-                        bias_ids_ptr, bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, mu_ptr, rowf_ptr,
+                        bias_ids_ptr, bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr,
+                        slot_ptr, temp_ptr, mu_ptr, rowf_ptr,
                         rowi_ptr, top_ptr,
-                        stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
+                        stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
                         V, VC, E,
                         HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                         HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
                         SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
                         HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                         BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
+                        HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
+                        HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
                         DIGIT_BITS: tl.constexpr,  # key bits per select level
                         SBLOCK: tl.constexpr,  # ids per select step (the one-hot block is SBLOCK x 2^DIGIT_BITS)
                         BLOCK: tl.constexpr):  # ids per step of the gather pass
@@ -152,14 +164,15 @@ def _mirostat_v1_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr
     nfin = tl.load(rowi_ptr + row * _NRI + _RI_NFIN)
     m = tl.load(rowf_ptr + row * _NRF + _RF_M)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE, temp_ptr, HAS_DYN)
     thr1, act1 = mirostat_v1_threshold(row, srow, act, nfin, m, tl.load(mu_ptr + srow),
                                        logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr,
-                                       bias_ids_ptr, bias_vals_ptr, rowf_ptr, rowi_ptr, top_ptr,
-                                       stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
+                                       bias_ids_ptr, bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, rowf_ptr, rowi_ptr,
+                                       top_ptr,
+                                       stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, V, VC, E,
                                        t, rep, freq, pres, ban, blo, bhi,
                                        HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM,
-                                       BIAS_TABLE, DIGIT_BITS, SBLOCK, BLOCK)
+                                       BIAS_TABLE, HAS_DRY, DIGIT_BITS, SBLOCK, BLOCK)
     if act1:
         tl.store(rowf_ptr + row * _NRF + _RF_ZLO, thr1)
 

@@ -3,7 +3,8 @@
 Every pass of the pipeline recomputes ``z`` from the raw logits instead of materialising a ``(B, V)`` float32 copy:
 the logits are read in their own dtype and upcast in registers; the sparse logit bias is read from the batch's CSR
 (``bias_indptr`` / ``bias_ids`` / ``bias_vals``, ids ascending per row) and matched to the block in registers, so no
-dense bias is ever built; penalty state and bitmasks are read only when the batch uses them (constexpr
+dense bias is ever built (nor a dense DRY penalty: the batch's ``(B, K)`` DRY table is matched the same way, after
+the frequency and presence penalties); penalty state and bitmasks are read only when the batch uses them (constexpr
 specialisation from the host-known `BatchFlags`), once per id and pass. The per-row scalars (temperature, penalties,
 the EOS ban, the row's bias range) are loaded once per program (`row_scalars`).
 
@@ -18,7 +19,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .columns import F_EPSILON, F_FREQ, F_MIN_P, F_PRES, F_REP, F_TEMPERATURE, I_IGNORE_EOS, I_MIN_TOKENS, NF, NI
+from .columns import (
+    F_EPSILON,
+    F_ETA,
+    F_FREQ,
+    F_MIN_P,
+    F_NSIGMA,
+    F_PRES,
+    F_REP,
+    F_TEMPERATURE,
+    I_IGNORE_EOS,
+    I_MIN_TOKENS,
+    NF,
+    NI,
+)
 
 # rowf columns. A log-normaliser is kept as a pair (max ``m``, ``ln s`` with ``s = sum exp(x - m)``) and a log-
 # probability is formed as ``(x - m) - ln s``, never as ``x - (m + ln s)``: in float32, ``m + ln s`` drops ``ln s``
@@ -29,10 +43,14 @@ from .columns import F_EPSILON, F_FREQ, F_MIN_P, F_PRES, F_REP, F_TEMPERATURE, I
 #   and mean distance ``sum q (m_s - z)`` (``s = |(m_s - z) - hc|``, see `typical_s`); RF_DOM_LO: the top-k
 #   threshold (the domain of top-p, §3 E); RF_MK: the min_keep-th largest ``z`` (``m`` when min_keep is off);
 #   RF_ZX / RF_RAWX: the drawn token's ``z`` and raw logit; RF_BOUND: the candidate bound of `candidates` (every
-#   kept ``z`` is ``>= bound`` on a candidate row).
+#   kept ``z`` is ``>= bound`` on a candidate row); RF_H / RF_SIGMA: the entropy of ``softmax(z)`` and the population
+#   standard deviation of the finite ``z`` (eta and top-n-sigma, written by `stats._combine_kernel` only when some
+#   row uses them); RF_ZHI: XTC keeps ``z <= zhi`` (written by `xtc` only in a batch with XTC; read under the
+#   ``KEPT`` bit 2). The per-row temperature of dynamic temperature is not here: `dyntemp` writes it to its own
+#   (B,) scratch (``temp_ptr``), which every pass reads before ``rowf`` exists.
 (RF_M, RF_LS, RF_ZLO, RF_STHR, RF_MS, RF_HC, RF_M_RAW, RF_LS_RAW, RF_M_KEPT, RF_LS_KEPT, RF_DOM_LO, RF_ZX,
- RF_RAWX, RF_MK, RF_BOUND) = range(15)
-NRF = 15
+ RF_RAWX, RF_MK, RF_BOUND, RF_H, RF_SIGMA, RF_ZHI) = range(18)
+NRF = 18
 # rowi columns: validity (§5), the greedy token (-1 for sampled rows), the number of finite ``z``, the drawn token,
 # the candidate count of `candidates` (-1 on a row that is not a candidate row), and the path of its logprobs
 # (`logprobs`: 1 from the group maxima, 0 from the whole row)
@@ -40,20 +58,27 @@ RI_VALID, RI_GID, RI_NFIN, RI_TOKEN, RI_CCOUNT, RI_LP_GROUPS = range(6)
 NRI = 6
 
 # chunk partials of the row passes (stats.py): ``part_f`` (B, NC, PF) float32 slots (max, sum exp(x - max), raw max
-# | entropy sum, raw sum) and ``part_i`` (B, NC, PI) int32 slots (argmax, finite count, invalid count)
-PF, PI = 4, 3
+# | entropy sum, raw sum) and ``part_i`` (B, NC, PI) int32 slots (argmax, finite count, invalid count); with eta or
+# top-n-sigma on some row, ``part_x`` (B, NC, PX) float32 slots (entropy sum ``sum e^(z - m_c) (z - m_c)``, mean and
+# sum of squared deviations of the chunk's finite ``z``)
+PF, PI, PX = 4, 3, 4
 P_M, P_S, P_RM, P_RS = range(4)
 P_W = P_RM
 P_AMAX, P_NFIN, P_BAD = range(3)
+P_XW, P_XMEAN, P_XM2 = range(3)
 
 EB = 8  # CSR logit-bias entries read at a time (independent loads, matched one by one)
 
 _NRF: tl.constexpr = tl.constexpr(NRF)
 _NRI: tl.constexpr = tl.constexpr(NRI)
+_RF_M: tl.constexpr = tl.constexpr(RF_M)
 _RF_ZLO: tl.constexpr = tl.constexpr(RF_ZLO)
 _RF_STHR: tl.constexpr = tl.constexpr(RF_STHR)
 _RF_MS: tl.constexpr = tl.constexpr(RF_MS)
 _RF_HC: tl.constexpr = tl.constexpr(RF_HC)
+_RF_H: tl.constexpr = tl.constexpr(RF_H)
+_RF_SIGMA: tl.constexpr = tl.constexpr(RF_SIGMA)
+_RF_ZHI: tl.constexpr = tl.constexpr(RF_ZHI)
 _RI_GID: tl.constexpr = tl.constexpr(RI_GID)
 _EB: tl.constexpr = tl.constexpr(EB)
 _NO_ID: tl.constexpr = tl.constexpr(2147483647)
@@ -71,21 +96,47 @@ def slot_row(row, slot_ptr, SLOTS: tl.constexpr):
 
 
 @triton.jit
-def minp_threshold(fparams_ptr, srow, m, ls):
+def minp_threshold(fparams_ptr, srow, m, ls, h, sigma, ETA_NS: tl.constexpr):
     """The min-p stage of docs/semantics.md §3 E item 3 before min_keep: (active, threshold). min-p keeps
     ``z >= m + ln min_p``, epsilon ``z >= m + ln epsilon + ln s`` (``q >= epsilon`` in the whole distribution; ``m``,
-    ``ln s``: the row's log-normaliser); both together keep the larger threshold, at most ``m`` (the maximum is
-    always kept: epsilon may exceed every probability)."""
+    ``ln s``: the row's log-normaliser); with ``ETA_NS`` (some row uses eta or top-n-sigma; ``h`` / ``sigma``: the row's
+    entropy and standard deviation of ``z``, `eta_ns_stats`) eta keeps ``z >= m + ln s + min(ln eta, ln eta / 2 - H)``
+    and top-n-sigma ``z >= m - nu sigma``. Every active one applies: the largest threshold, at most ``m`` (the
+    maximum is always kept: epsilon may exceed every probability)."""
     mp = tl.load(fparams_ptr + srow * NF + F_MIN_P)
     eps = tl.load(fparams_ptr + srow * NF + F_EPSILON)
     t_mp = tl.where(mp > 0.0, m + tl.log(tl.where(mp > 0.0, mp, 1.0)), float("-inf"))
     t_eps = tl.where(eps > 0.0, m + tl.log(tl.where(eps > 0.0, eps, 1.0)) + ls, float("-inf"))
-    return (mp > 0.0) | (eps > 0.0), tl.minimum(tl.maximum(t_mp, t_eps), m)
+    act = (mp > 0.0) | (eps > 0.0)
+    thr = tl.maximum(t_mp, t_eps)
+    if ETA_NS:
+        eta = tl.load(fparams_ptr + srow * NF + F_ETA)
+        nu = tl.load(fparams_ptr + srow * NF + F_NSIGMA)
+        # q >= min(eta, sqrt(eta) e^-H): ln min(eta, sqrt(eta) e^-H) = min(ln eta, ln eta / 2 - H)
+        ln_eta = tl.log(tl.where(eta > 0.0, eta, 1.0))
+        t_eta = tl.where(eta > 0.0, m + tl.minimum(ln_eta, 0.5 * ln_eta - h) + ls, float("-inf"))
+        t_ns = tl.where(nu > 0.0, m - nu * sigma, float("-inf"))
+        act = act | (eta > 0.0) | (nu > 0.0)
+        thr = tl.maximum(thr, tl.maximum(t_eta, t_ns))
+    return act, tl.minimum(thr, m)
+
+
+@triton.jit
+def eta_ns_stats(rowf_ptr, row, ETA_NS: tl.constexpr):
+    """``(H, sigma)`` of the row for `minp_threshold`: from ``rowf`` with ``ETA_NS`` (`stats._combine_kernel` wrote
+    them), else zeros (unused)."""
+    h = tl.load(rowf_ptr + row * _NRF + _RF_M) * 0.0
+    sigma = h
+    if ETA_NS:
+        h = tl.load(rowf_ptr + row * _NRF + _RF_H)
+        sigma = tl.load(rowf_ptr + row * _NRF + _RF_SIGMA)
+    return h, sigma
 
 
 @triton.jit
 def row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr, stride_bt,
-                HAS_BIAS: tl.constexpr, HAS_EOS: tl.constexpr, BIAS_TABLE: tl.constexpr):
+                HAS_BIAS: tl.constexpr, HAS_EOS: tl.constexpr, BIAS_TABLE: tl.constexpr, temp_ptr,
+                HAS_DYN: tl.constexpr):
     """Per-row scalars of stages A–D, loaded once per program (``srow``: the row of the per-slot tables, see
     `slot_row`).
 
@@ -93,9 +144,13 @@ def row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
     three penalties, whether the EOS ids are banned (``step mod 2^32 < min_tokens`` or ``ignore_eos``, §3 A) and
     the row's range ``[blo, bhi)`` of logit-bias entries: in the CSR (``bias_indptr_ptr`` row-indexed), or with
     ``BIAS_TABLE`` in the slot's row of the ``(S, K)`` tables (row stride ``stride_bt``; ``bias_indptr_ptr`` then
-    holds the per-slot lengths).
+    holds the per-slot lengths). With ``HAS_DYN`` the temperature is the row's entry of ``temp_ptr`` (row-indexed,
+    `dyntemp`: ``T'`` for a dynamic-temperature row, ``T`` for the others).
     """
-    t = tl.load(fparams_ptr + srow * NF + F_TEMPERATURE)
+    if HAS_DYN:  # noqa: SIM108 (a constexpr branch) -- every row's T (T' of dynamic temperature) from dyntemp
+        t = tl.load(temp_ptr + row)
+    else:
+        t = tl.load(fparams_ptr + srow * NF + F_TEMPERATURE)
     t = tl.where(t > 0.0, t, 1.0)
     rep = tl.load(fparams_ptr + srow * NF + F_REP)
     freq = tl.load(fparams_ptr + srow * NF + F_FREQ)
@@ -173,13 +228,15 @@ def block_bias(offs, bias_ids_ptr, bias_vals_ptr, ep, bhi, blk_end):
 
 
 @triton.jit
-def row_z(row, srow, offs, bias, hit, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr,
-          stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
+def row_z(row, srow, offs, bias, hit, dry, dhit, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr,
+          stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, V, VC, E,
           t, rep, freq, pres, ban,
           HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_ALLOWED: tl.constexpr,
-          HAS_EOS: tl.constexpr, SLOTS: tl.constexpr, HAS_TBM: tl.constexpr, BIAS_TABLE: tl.constexpr):
+          HAS_EOS: tl.constexpr, SLOTS: tl.constexpr, HAS_TBM: tl.constexpr, BIAS_TABLE: tl.constexpr,
+          HAS_DRY: tl.constexpr):
     """Raw logits, processed ``z`` and the invalid-input flag of the ids ``offs`` (a block of any shape) of row
-    ``row``; ``bias`` / ``hit`` from `block_bias` (ignored without ``HAS_BIAS``), the scalars from `row_scalars`.
+    ``row``; ``bias`` / ``hit`` from `block_bias` (ignored without ``HAS_BIAS``), the DRY penalties ``dry`` /
+    ``dhit`` likewise from the row's DRY table (ignored without ``HAS_DRY``), the scalars from `row_scalars`.
     The logits and the token bitmask (``HAS_TBM``) are row-indexed; counts, prompt and allowed masks are read at
     ``srow`` (`slot_row`).
 
@@ -220,6 +277,8 @@ def row_z(row, srow, offs, bias, hit, logits_ptr, counts_ptr, prompt_ptr, allowe
             # a negative count counts as 0, the token was not generated (docs/semantics.md §3 B and C)
             c = tl.maximum(cnt, 0).to(tl.float32)
             l = l - (c * freq + tl.where(cnt > 0, pres, 0.0))
+    if HAS_DRY:  # §3 C: DRY after the frequency and presence penalties (-inf stays -inf)
+        l = tl.where(dhit & in_vocab, l - dry, l)
     z = l
     if t != 1.0:  # §3 D; division by 1 is exact, so T = 1 rows skip it
         z = tl.math.div_rn(l, tl.zeros_like(l) + t)
@@ -229,19 +288,34 @@ def row_z(row, srow, offs, bias, hit, logits_ptr, counts_ptr, prompt_ptr, allowe
 
 @triton.jit
 def block_z(row, srow, offs, ep, blk_end, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr,
-           bias_ids_ptr, bias_vals_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
+           bias_ids_ptr, bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, stride_l, stride_c, stride_p, stride_a, stride_m,
+           stride_bt, stride_d, V, VC, E,
            t, rep, freq, pres, ban, bhi,
            HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_ALLOWED: tl.constexpr,
-           HAS_EOS: tl.constexpr, SLOTS: tl.constexpr, HAS_TBM: tl.constexpr, BIAS_TABLE: tl.constexpr):
+           HAS_EOS: tl.constexpr, SLOTS: tl.constexpr, HAS_TBM: tl.constexpr, BIAS_TABLE: tl.constexpr,
+           HAS_DRY: tl.constexpr):
     """`row_z` of a block ``offs`` (any shape, ids ``< blk_end``) with the bias read from the CSR entry ``ep`` on
-    (`block_bias`); returns ``(raw, z, bad, ep')`` with ``ep'`` where the next block of ascending ids starts."""
+    (`block_bias`); returns ``(raw, z, bad, ep')`` with ``ep'`` where the next block of ascending ids starts.
+
+    With ``HAS_DRY`` the row's DRY penalties come from its row of the ``(B, KD)`` table ``dry_ids_ptr`` /
+    ``dry_vals_ptr`` (row-indexed in every form, ids ascending, unused entries ``2^31 - 1``; ``stride_d = KD``),
+    matched to the block as the bias is, from the first entry at or past the block's lowest id (a binary search)."""
     bias = tl.zeros(offs.shape, tl.float32)
     hit = offs < 0
     if HAS_BIAS:
         bias, hit, ep = block_bias(offs, bias_ids_ptr, bias_vals_ptr, ep, bhi, blk_end)
-    raw, z, bad = row_z(row, srow, offs, bias, hit, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr,
-                        stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E, t, rep, freq, pres, ban,
-                        HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
+    dry = tl.zeros(offs.shape, tl.float32)
+    dhit = offs < 0
+    if HAS_DRY:
+        dlo = row * stride_d
+        dhi = dlo + stride_d
+        dp = bias_lower_bound(dry_ids_ptr, dlo, dhi, tl.min(offs, axis=None))
+        dry, dhit, dp = block_bias(offs, dry_ids_ptr, dry_vals_ptr, dp, dhi, blk_end)
+    raw, z, bad = row_z(row, srow, offs, bias, hit, dry, dhit, logits_ptr, counts_ptr, prompt_ptr, allowed_ptr,
+                        tbm_ptr, eos_ptr,
+                        stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, V, VC, E, t, rep, freq,
+                        pres, ban,
+                        HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, HAS_DRY)
     return raw, z, bad, ep
 
 
@@ -267,14 +341,17 @@ def typical_s(z, ms, hc):
 
 
 @triton.jit
-def kept_mask(row, offs, z, rowf_ptr, rowi_ptr, HAS_TYP: tl.constexpr):
-    """True where id ``offs`` (value ``z``) is in the row's kept set after truncation (greedy rows: the argmax)."""
+def kept_mask(row, offs, z, rowf_ptr, rowi_ptr, KEPT: tl.constexpr):
+    """True where id ``offs`` (value ``z``) is in the row's kept set after truncation (greedy rows: the argmax):
+    ``z >= zlo``, and with the bits of ``KEPT`` typical-p's ``s <= s_thr`` (1) and XTC's ``z <= zhi`` (2)."""
     zlo = tl.load(rowf_ptr + row * _NRF + _RF_ZLO)
     gid = tl.load(rowi_ptr + row * _NRI + _RI_GID)
     keep = (z > float("-inf")) & (z >= zlo) & ((gid < 0) | (offs == gid))
-    if HAS_TYP:
+    if KEPT & 1:  # typical-p
         sthr = tl.load(rowf_ptr + row * _NRF + _RF_STHR)
         ms = tl.load(rowf_ptr + row * _NRF + _RF_MS)
         hc = tl.load(rowf_ptr + row * _NRF + _RF_HC)
         keep = keep & (typical_s(z, ms, hc) <= sthr)
+    if KEPT & 2:  # XTC: the top choices above a are removed (docs/semantics.md §3 E item 5)
+        keep = keep & (z <= tl.load(rowf_ptr + row * _NRF + _RF_ZHI))
     return keep

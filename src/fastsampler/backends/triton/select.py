@@ -48,6 +48,7 @@ from .penalties import (
     RI_NFIN,
     RI_VALID,
     block_z,
+    eta_ns_stats,
     kept_mask,
     minp_threshold,
     row_scalars,
@@ -93,7 +94,7 @@ def key_float(key):
 
 @triton.jit
 def select_value(row, offs, raw, z, V, lo, m, ms, hc, mode, rowf_ptr, rowi_ptr, KIND: tl.constexpr,
-                 HAS_TYP: tl.constexpr):
+                 KEPT: tl.constexpr):
     """(value, in-domain mask, mass weight) of the block ``offs`` for a select of kind ``KIND``: ``lo`` the domain's
     lower bound on ``z``, ``m`` the row's max ``z``, ``ms`` / ``hc`` the typical-p distance parameters, ``mode``
     the logprobs mode (``KIND_LP``)."""
@@ -106,7 +107,7 @@ def select_value(row, offs, raw, z, V, lo, m, ms, hc, mode, rowf_ptr, rowi_ptr, 
         v = -typical_s(z, ms, hc)
         w = tl.exp(z - m)
     else:
-        keep = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, HAS_TYP)
+        keep = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, KEPT)
         v = tl.where(mode == 0, raw, tl.where(mode == 1, z, tl.where(keep, z, float("-inf"))))
         dom = offs < V
         w = tl.zeros_like(z)
@@ -116,12 +117,13 @@ def select_value(row, offs, raw, z, V, lo, m, ms, hc, mode, rowf_ptr, rowi_ptr, 
 @triton.jit
 def radix_select(row, srow, target, active, lo, m, ms, hc, mode,
                  logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr,
+                 dry_ids_ptr, dry_vals_ptr,
                  rowf_ptr,
-                 rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
+                 rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, V, VC, E,
                  t, rep, freq, pres, ban, blo, bhi,
                  HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                  HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr, SLOTS: tl.constexpr, HAS_TBM: tl.constexpr,
-                 BIAS_TABLE: tl.constexpr, HAS_TYP: tl.constexpr, KIND: tl.constexpr,
+                 BIAS_TABLE: tl.constexpr, HAS_DRY: tl.constexpr, KEPT: tl.constexpr, KIND: tl.constexpr,
                  MASS: tl.constexpr, DIGIT_BITS: tl.constexpr, BLOCK: tl.constexpr):
     """The threshold value of row ``row`` (garbage where ``active`` is false, which reads nothing).
 
@@ -151,11 +153,13 @@ def radix_select(row, srow, target, active, lo, m, ms, hc, mode,
         for start in range(0, n, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             raw, z, b, ep = block_z(row, srow, offs, ep, start + BLOCK, logits_ptr, counts_ptr, prompt_ptr,
-                                   allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c,
-                                   stride_p, stride_a, stride_m, stride_bt, V,
+                                   allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, dry_ids_ptr,
+                                   dry_vals_ptr, stride_l, stride_c,
+                                   stride_p, stride_a, stride_m, stride_bt, stride_d, V,
                                    VC, E, t, rep, freq, pres, ban, bhi,
-                                   HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
-            v, dom, w = select_value(row, offs, raw, z, V, lo, m, ms, hc, mode, rowf_ptr, rowi_ptr, KIND, HAS_TYP)
+                                   HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
+                                   HAS_DRY)
+            v, dom, w = select_value(row, offs, raw, z, V, lo, m, ms, hc, mode, rowf_ptr, rowi_ptr, KIND, KEPT)
             key = float_key(v)
             match = dom & ((key >> hi) == want)
             digit = ((key >> shift) & (NB - 1)).to(tl.int32)
@@ -195,16 +199,20 @@ def radix_select(row, srow, target, active, lo, m, ms, hc, mode,
 
 @triton.jit
 def _select_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                   bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, rowf_ptr, rowi_ptr,
-                   stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
+                   bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, temp_ptr,
+                   rowf_ptr, rowi_ptr,
+                   stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
                    V, VC, E,
                    HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                    HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
                    SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
                    HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                    BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
+                   HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
+                   HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
                    STAGE: tl.constexpr,  # STAGE_TOP_K, STAGE_MIN_KEEP or STAGE_TOP_P
                    FOLD_MINP: tl.constexpr,  # (min_keep stage) fold min-p's threshold, which is raised to min_keep's
+                   ETA_NS: tl.constexpr,  # some row uses eta / top-n-sigma (their statistics in rowf)
                    DIGIT_BITS: tl.constexpr,  # key bits per level
                    BLOCK: tl.constexpr):  # ids per loop step (the one-hot histogram block is BLOCK x 2^DIGIT_BITS)
     row = tl.program_id(0).to(tl.int64)
@@ -215,7 +223,7 @@ def _select_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
     m = tl.load(rowf_ptr + row * _NRF + _RF_M)
     mk = tl.load(iparams_ptr + srow * NI + I_MIN_KEEP)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE, temp_ptr, HAS_DYN)
     rf = rowf_ptr + row * _NRF
     if STAGE == 0:
         # top-k: keep z >= the k'-th largest, k' = max(k, min_keep); off when k <= 0 or k' >= survivors (§3 E 1)
@@ -224,10 +232,12 @@ def _select_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
         act = samp & (k > 0) & (keff < nfin)
         thr = radix_select(row, srow, keff.to(tl.float32), act, float("-inf"), m, 0.0, 0.0, 0,
                            logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
-                           bias_vals_ptr,
-                           rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
+                           bias_vals_ptr, dry_ids_ptr, dry_vals_ptr,
+                           rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
+                           V, VC, E,
                            t, rep, freq, pres, ban, blo, bhi,
-                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, False,
+                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
+                           HAS_DRY, False,
                            0, False, DIGIT_BITS, BLOCK)
         if act:
             tl.store(rf + _RF_ZLO, tl.maximum(tl.load(rf + _RF_ZLO), thr))
@@ -237,16 +247,19 @@ def _select_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
         act = samp & (mk > 1)
         thr = radix_select(row, srow, mk.to(tl.float32), act, float("-inf"), m, 0.0, 0.0, 0,
                            logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
-                           bias_vals_ptr,
-                           rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
+                           bias_vals_ptr, dry_ids_ptr, dry_vals_ptr,
+                           rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
+                           V, VC, E,
                            t, rep, freq, pres, ban, blo, bhi,
-                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, False,
+                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
+                           HAS_DRY, False,
                            0, False, DIGIT_BITS, BLOCK)
         thr_mk = tl.where(act, thr, m)
         tl.store(rf + _RF_MK, thr_mk)
         if FOLD_MINP:
             # min-p / epsilon: keep z >= their threshold, lowered to the min_keep-th largest (§3 E 3)
-            act_mp, thr_p = minp_threshold(fparams_ptr, srow, m, tl.load(rf + _RF_LS))
+            h, sg = eta_ns_stats(rowf_ptr, row, ETA_NS)
+            act_mp, thr_p = minp_threshold(fparams_ptr, srow, m, tl.load(rf + _RF_LS), h, sg, ETA_NS)
             zlo = tl.load(rf + _RF_ZLO)
             tl.store(rf + _RF_ZLO, tl.where(samp & act_mp, tl.maximum(zlo, tl.minimum(thr_p, thr_mk)), zlo))
     else:
@@ -256,10 +269,12 @@ def _select_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
         lo = tl.load(rf + _RF_DOM_LO)
         thr = radix_select(row, srow, p, act, lo, m, 0.0, 0.0, 0,
                            logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
-                           bias_vals_ptr,
-                           rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
+                           bias_vals_ptr, dry_ids_ptr, dry_vals_ptr,
+                           rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
+                           V, VC, E,
                            t, rep, freq, pres, ban, blo, bhi,
-                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, False,
+                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
+                           HAS_DRY, False,
                            0, True, DIGIT_BITS, BLOCK)
         if act:
             tl.store(rf + _RF_ZLO, tl.maximum(tl.load(rf + _RF_ZLO), tl.minimum(thr, tl.load(rf + _RF_MK))))
@@ -267,14 +282,17 @@ def _select_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
 
 @triton.jit
 def _typical_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                    bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, rowf_ptr, rowi_ptr, part_f_ptr,
-                    stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
+                    bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, temp_ptr,
+                    rowf_ptr, rowi_ptr, part_f_ptr,
+                    stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
                     V, VC, E, NC,
                     HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                     HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
                     SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
                     HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                     BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
+                    HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
+                    HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
                     TYP_MK: tl.constexpr,  # some row has min_keep > 1: also select the min_keep-th smallest s
                     DIGIT_BITS: tl.constexpr,  # key bits per level
                     BLOCK: tl.constexpr,  # ids per loop step (the one-hot histogram block is BLOCK x 2^DIGIT_BITS)
@@ -309,14 +327,16 @@ def _typical_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
     zlo = tl.load(rf + _RF_ZLO)
     m = tl.load(rf + _RF_M)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE, temp_ptr, HAS_DYN)
     # ascending s: select on -s; keep s <= s at the first cumulative mass >= tau (§3 E 4)
     s_sel = -radix_select(row, srow, tp, act, zlo, m, safe, hc, 0,
                           logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
-                          bias_vals_ptr,
-                          rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
+                          bias_vals_ptr, dry_ids_ptr, dry_vals_ptr,
+                          rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
+                          V, VC, E,
                           t, rep, freq, pres, ban, blo, bhi,
-                          HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, False,
+                          HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, HAS_DRY,
+                          False,
                           1, True, DIGIT_BITS, BLOCK)
     sthr = s_sel
     if TYP_MK:
@@ -324,10 +344,12 @@ def _typical_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
         act_mk = act & (mk > 1)
         s_mk = -radix_select(row, srow, mk.to(tl.float32), act_mk, zlo, m, safe, hc, 0,
                              logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
-                             bias_vals_ptr,
-                             rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, V, VC, E,
+                             bias_vals_ptr, dry_ids_ptr, dry_vals_ptr,
+                             rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
+                             stride_d, V, VC, E,
                              t, rep, freq, pres, ban, blo, bhi,
                              HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
+                             HAS_DRY,
                              False, 1, False, DIGIT_BITS,
                              BLOCK)
         sthr = tl.where(act_mk, tl.maximum(s_sel, s_mk), s_sel)
@@ -337,7 +359,8 @@ def _typical_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
 def select_pass(ctx, stage: int, fold_minp: bool = False) -> None:
     """One truncation stage's select for every row that uses it (`_select_kernel`), one program per row."""
     _select_kernel[(ctx.B,)](*ctx.zargs(), ctx.rowf, ctx.rowi, *ctx.zstrides(), *ctx.zsizes_row(), **ctx.zflags(),
-                             STAGE=stage, FOLD_MINP=fold_minp, DIGIT_BITS=ctx.DIGIT_BITS, BLOCK=ctx.SBLOCK)
+                             STAGE=stage, FOLD_MINP=fold_minp, ETA_NS=ctx.eta_ns, DIGIT_BITS=ctx.DIGIT_BITS,
+                             BLOCK=ctx.SBLOCK)
 
 
 def typical_pass(ctx) -> None:

@@ -2,13 +2,16 @@
 of the draw: 1024 on CUDA whatever the batch size) and the per-row combine of their partial results.
 
 - `_stats_kernel` reads the row once: max / log-normaliser of ``z`` (and of the raw logits for raw logprobs), the
-  argmax (when some row is greedy), finite count, invalid inputs. Its per-chunk weights are also the tile weights of
-  the draw for a batch without truncation, so such a batch needs no other pass over the whole row: the token race
-  runs in `draw._finish_kernel` over the one tile the tile race picks (docs/semantics.md §3 F). In a batch of the
-  candidate engine (`candidates`) it also stores the maximum ``z`` of every group of ``GROUP`` ids (and of the raw
-  logits, for raw logprobs);
-- `_combine_kernel` (one program per row) turns the chunk partials into the row statistics and the thresholds that
-  need no select (min-p without min_keep, Mirostat v2, §3 E), and the candidate bound of each candidate row;
+  argmax (when some row is greedy), finite count, invalid inputs; with eta or top-n-sigma on some row also the
+  chunk's entropy sum ``sum e^(z - m_c)(z - m_c)`` and the mean and M2 of its finite ``z`` (``part_x``). Its per-chunk
+  weights are also the tile weights of the draw for a batch without truncation, so such a batch needs no other pass
+  over the whole row: the token race runs in `draw._finish_kernel` over the one tile the tile race picks
+  (docs/semantics.md §3 F). In a batch of the candidate engine (`candidates`) it also stores the maximum ``z`` of
+  every group of ``GROUP`` ids (and of the raw logits, for raw logprobs);
+- `_combine_kernel` (one program per row) turns the chunk partials into the row statistics (with `eta_ns_combine`
+  the entropy ``H`` and standard deviation ``sigma`` of ``z``, merged in a fixed order in float64) and the thresholds
+  that need no select (the min-p stage without min_keep: min-p, epsilon, eta, top-n-sigma; Mirostat v2, §3 E), and
+  the candidate bound of each candidate row;
 - `_entropy_kernel`: max / sum / entropy sum of the typical-p survivors;
 - `_kept_kernel`: per-chunk weights of the kept set (the tile weights of the draw after truncation).
 
@@ -40,10 +43,15 @@ from .penalties import (
     P_RS,
     P_S,
     P_W,
+    P_XM2,
+    P_XMEAN,
+    P_XW,
     PF,
     PI,
+    PX,
     RF_BOUND,
     RF_DOM_LO,
+    RF_H,
     RF_HC,
     RF_LS,
     RF_LS_KEPT,
@@ -53,6 +61,7 @@ from .penalties import (
     RF_M_RAW,
     RF_MK,
     RF_MS,
+    RF_SIGMA,
     RF_STHR,
     RF_ZLO,
     RI_CCOUNT,
@@ -74,6 +83,12 @@ _RF_BOUND: tl.constexpr = tl.constexpr(RF_BOUND)
 _RI_CCOUNT: tl.constexpr = tl.constexpr(RI_CCOUNT)
 _PF: tl.constexpr = tl.constexpr(PF)
 _PI: tl.constexpr = tl.constexpr(PI)
+_PX: tl.constexpr = tl.constexpr(PX)
+_P_XW: tl.constexpr = tl.constexpr(P_XW)
+_P_XMEAN: tl.constexpr = tl.constexpr(P_XMEAN)
+_P_XM2: tl.constexpr = tl.constexpr(P_XM2)
+_RF_H: tl.constexpr = tl.constexpr(RF_H)
+_RF_SIGMA: tl.constexpr = tl.constexpr(RF_SIGMA)
 _P_M: tl.constexpr = tl.constexpr(P_M)
 _P_S: tl.constexpr = tl.constexpr(P_S)
 _P_RM: tl.constexpr = tl.constexpr(P_RM)
@@ -105,19 +120,23 @@ _BIG: tl.constexpr = tl.constexpr(2147483647)
 
 @triton.jit
 def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                  bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, part_f_ptr, part_i_ptr, gmax_ptr,
-                  stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
+                  bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, temp_ptr,
+                  part_f_ptr, part_i_ptr, part_x_ptr, gmax_ptr,
+                  stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
                   V, VC, E, NC, NG,
                   HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                   HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
                   SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
                   HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                   BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
+                  HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
+                  HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
                   NEED_RAW: tl.constexpr,  # some row wants raw logprobs: also reduce the raw logits
                   ARGMAX: tl.constexpr,  # some row is greedy: also find the argmax
                   LSE: tl.constexpr,  # the log-normaliser is needed (not for an all-greedy batch without logprobs)
                   GROUP: tl.constexpr,  # > 0: also store the max z of every GROUP ids (candidates.py), (B, NG)
                   RAW_GROUP: tl.constexpr,  # with GROUP: also the raw logits' group maxima, (B, NG) after z's
+                  ETA_NS: tl.constexpr,  # some row uses eta / top-n-sigma: entropy sum, mean and M2 into part_x
                   BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
     row = tl.program_id(0).to(tl.int64)
     srow = slot_row(row, slot_ptr, SLOTS)
@@ -125,7 +144,7 @@ def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
     base = chunk * CHUNK
     n = tl.minimum(CHUNK, VC - base)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE, temp_ptr, HAS_DYN)
     ep = blo
     if HAS_BIAS:
         ep = bias_lower_bound(bias_ids_ptr, blo, bhi, base)
@@ -134,20 +153,46 @@ def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
     rm = float("-inf")
     rs = 0.0
     amax = _BIG
+    xw = 0.0  # ETA_NS: sum e^(z - m)(z - m), and the finite z's count / mean / sum of squared deviations
+    xn = 0.0
+    xmean = 0.0
+    xm2 = 0.0
     nfb = 0  # finite count + (invalid count << 16): one reduction for both (a chunk has at most 4096 ids)
     for start in range(0, n, BLOCK):
         offs = base + start + tl.arange(0, BLOCK)
         raw, z, b, ep = block_z(row, srow, offs, ep, base + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr,
-                               allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c,
-                               stride_p, stride_a, stride_m, stride_bt, V, VC,
+                               allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, dry_ids_ptr, dry_vals_ptr,
+                               stride_l, stride_c,
+                               stride_p, stride_a, stride_m, stride_bt, stride_d, V, VC,
                                E, t, rep, freq, pres, ban, bhi,
-                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
+                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
+                               HAS_DRY)
         zf = tl.where(b, float("-inf"), z)
         bm = tl.max(zf, 0)
         if ARGMAX:
             # a chunk whose ids are all -inf reports its first id: it is never the argmax of a valid row
             bidx = tl.min(tl.where(zf == bm, offs, _BIG), 0)
             amax = tl.where(bm > m, bidx, amax)
+        if ETA_NS:
+            # the entropy sum relative to the running max, rescaled as the max grows (stats._entropy_kernel's
+            # recurrence); a term whose weight underflows to 0 adds 0 (0 · ln 0 = 0)
+            nm = tl.maximum(m, bm)
+            safe = tl.where(nm == float("-inf"), 0.0, nm)
+            sc = tl.exp(m - safe)
+            e = tl.exp(zf - safe)
+            xw = tl.where(sc > 0.0, sc * (xw + tl.where(m == float("-inf"), 0.0, m - safe) * s), 0.0) + tl.sum(
+                tl.where(e > 0.0, e * (zf - safe), 0.0), 0)
+            # Chan's merge of the block's (count, mean, M2) of the finite z into the chunk's
+            fin = zf > float("-inf")
+            bn = tl.sum(fin.to(tl.float32), 0)
+            bmean = tl.sum(tl.where(fin, zf, 0.0), 0) / tl.maximum(bn, 1.0)
+            bm2 = tl.sum(tl.where(fin, (zf - bmean) * (zf - bmean), 0.0), 0)
+            tot = xn + bn
+            delta = bmean - xmean
+            frac = bn / tl.maximum(tot, 1.0)
+            xmean = xmean + delta * frac
+            xm2 = xm2 + bm2 + delta * delta * xn * frac
+            xn = tot
         if LSE:
             m, s = online_lse(m, s, zf)
         else:
@@ -167,6 +212,11 @@ def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
     tl.store(o + _P_S, s)
     tl.store(o + _P_RM, rm)
     tl.store(o + _P_RS, rs)
+    if ETA_NS:
+        ox = part_x_ptr + (row * NC + chunk) * _PX
+        tl.store(ox + _P_XW, xw)
+        tl.store(ox + _P_XMEAN, xmean)
+        tl.store(ox + _P_XM2, xm2)
     oi = part_i_ptr + (row * NC + chunk) * _PI
     tl.store(oi + _P_AMAX, amax)
     tl.store(oi + _P_NFIN, nfb & 0xFFFF)
@@ -225,22 +275,61 @@ def stats_combine(row, srow, part_f_ptr, part_i_ptr, fparams_ptr, rowf_ptr, rowi
 
 
 @triton.jit
-def _combine_kernel(part_f_ptr, part_i_ptr, fparams_ptr, iparams_ptr, mu_ptr, slot_ptr, rowf_ptr, rowi_ptr, gmax_ptr,
+def eta_ns_combine(row, part_f_ptr, part_i_ptr, part_x_ptr, NC, BT: tl.constexpr):
+    """The row's entropy ``H`` of ``softmax(z)`` and population standard deviation ``sigma`` of its finite ``z``
+    (eta and top-n-sigma, docs/semantics.md §3 E item 3) from the chunk partials of `_stats_kernel`, merged in a fixed
+    order in float64: ``H = ln s - sum e^(z - m)(z - m) / s``; the chunks' (count, mean, M2) by the parallel formula
+    ``M2 = sum M2_c + sum n_c (mean_c - mean)^2``."""
+    c = tl.arange(0, BT)
+    cm = c < NC
+    o = part_f_ptr + (row * NC + c) * _PF
+    ox = part_x_ptr + (row * NC + c) * _PX
+    mt = tl.load(o + _P_M, mask=cm, other=float("-inf"))
+    st = tl.load(o + _P_S, mask=cm, other=0.0).to(tl.float64)
+    wt = tl.load(ox + _P_XW, mask=cm, other=0.0).to(tl.float64)
+    nt = tl.load(part_i_ptr + (row * NC + c) * _PI + _P_NFIN, mask=cm, other=0).to(tl.float64)
+    mean_t = tl.load(ox + _P_XMEAN, mask=cm, other=0.0).to(tl.float64)
+    m2t = tl.load(ox + _P_XM2, mask=cm, other=0.0).to(tl.float64)
+    mx = tl.max(mt, 0)
+    safe = tl.where(mx == float("-inf"), 0.0, mx)
+    d = tl.where(mt == float("-inf"), 0.0, mt - safe).to(tl.float64)
+    sc = tl.where(mt == float("-inf"), 0.0, tl.exp(d))
+    s = tl.sum(st * sc, 0)
+    w = tl.sum(tl.where(sc > 0.0, sc * (wt + d * st), 0.0), 0)
+    h = tl.log(s) - w / tl.where(s > 0.0, s, 1.0)
+    h = tl.maximum(h, 0.0)  # rounding may leave it slightly below 0
+    n = tl.sum(nt, 0)
+    mean = tl.sum(nt * mean_t, 0) / tl.maximum(n, 1.0)
+    m2 = tl.sum(m2t + nt * (mean_t - mean) * (mean_t - mean), 0)
+    sigma = tl.sqrt(m2 / tl.maximum(n, 1.0))
+    return h.to(tl.float32), sigma.to(tl.float32)
+
+
+@triton.jit
+def _combine_kernel(part_f_ptr, part_i_ptr, part_x_ptr, fparams_ptr, iparams_ptr, mu_ptr, slot_ptr, rowf_ptr,
+                    rowi_ptr, gmax_ptr,
                     NC, NG,
                     SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
                     MINP: tl.constexpr,  # fold min-p's threshold in here (no min_keep select runs, §3 E item 3)
                     MIRO2: tl.constexpr,  # some row uses Mirostat v2: its threshold needs no select
                     CAND: tl.constexpr,  # the candidate engine (candidates.py): the bound of each top-k row
+                    ETA_NS: tl.constexpr,  # some row uses eta / top-n-sigma: H and sigma from part_x into rowf
                     GBLOCK: tl.constexpr,  # group maxima per step of the bound's select
                     BT: tl.constexpr):  # power of two >= NC: all chunks in one block
     row = tl.program_id(0).to(tl.int64)
     srow = slot_row(row, slot_ptr, SLOTS)
     m, ls, valid, gid, nf, samp = stats_combine(row, srow, part_f_ptr, part_i_ptr, fparams_ptr, rowf_ptr, rowi_ptr,
                                                 NC, BT)
+    h = m * 0.0
+    sigma = h
+    if ETA_NS:
+        h, sigma = eta_ns_combine(row, part_f_ptr, part_i_ptr, part_x_ptr, NC, BT)
+        tl.store(rowf_ptr + row * _NRF + _RF_H, h)
+        tl.store(rowf_ptr + row * _NRF + _RF_SIGMA, sigma)
     zlo = float("-inf")
     if MINP:
-        # min-p / epsilon: keep z >= max z + ln min_p, z >= max z + ln epsilon + ln s (both <= max z)
-        act_mp, thr_mp = minp_threshold(fparams_ptr, srow, m, ls)
+        # min-p / epsilon / eta / top-n-sigma: keep z >= the largest active threshold (at most max z)
+        act_mp, thr_mp = minp_threshold(fparams_ptr, srow, m, ls, h, sigma, ETA_NS)
         zlo = tl.where(samp & act_mp, thr_mp, zlo)
     if MIRO2:
         mode = tl.load(iparams_ptr + srow * NI + I_MIRO_MODE)
@@ -265,14 +354,17 @@ def _combine_kernel(part_f_ptr, part_i_ptr, fparams_ptr, iparams_ptr, mu_ptr, sl
 
 @triton.jit
 def _entropy_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                    bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, rowf_ptr, rowi_ptr, part_f_ptr,
-                    stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
+                    bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, temp_ptr,
+                    rowf_ptr, rowi_ptr, part_f_ptr,
+                    stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
                     V, VC, E, NC,
                     HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                     HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
                     SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
                     HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                     BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
+                    HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
+                    HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
                     BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
     row = tl.program_id(0).to(tl.int64)
     srow = slot_row(row, slot_ptr, SLOTS)
@@ -284,7 +376,7 @@ def _entropy_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
     n = tl.where(active, tl.minimum(CHUNK, VC - base), 0)
     zlo = tl.load(rowf_ptr + row * _NRF + _RF_ZLO)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE, temp_ptr, HAS_DYN)
     ep = blo
     if HAS_BIAS:
         ep = bias_lower_bound(bias_ids_ptr, blo, bhi, base)
@@ -294,10 +386,12 @@ def _entropy_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
     for start in range(0, n, BLOCK):
         offs = base + start + tl.arange(0, BLOCK)
         raw, z, b, ep = block_z(row, srow, offs, ep, base + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr,
-                               allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c,
-                               stride_p, stride_a, stride_m, stride_bt, V, VC,
+                               allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, dry_ids_ptr, dry_vals_ptr,
+                               stride_l, stride_c,
+                               stride_p, stride_a, stride_m, stride_bt, stride_d, V, VC,
                                E, t, rep, freq, pres, ban, bhi,
-                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
+                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
+                               HAS_DRY)
         keep = (z > float("-inf")) & (z >= zlo)  # the survivors of the rules before typical-p
         zk = tl.where(keep, z, float("-inf"))
         nm = tl.maximum(m, tl.max(zk, 0))
@@ -319,15 +413,18 @@ def _entropy_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
 
 @triton.jit
 def _kept_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                 bias_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, rowf_ptr, rowi_ptr, part_f_ptr,
-                 stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt,
+                 bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, temp_ptr,
+                 rowf_ptr, rowi_ptr, part_f_ptr,
+                 stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
                  V, VC, E, NC,
                  HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                  HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
                  SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
                  HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                  BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
-                 HAS_TYP: tl.constexpr,  # some row uses typical-p: the kept test includes s <= s_thr
+                 HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
+                 HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
+                 KEPT: tl.constexpr,  # kept-set tests beyond z >= zlo (penalties.kept_mask): 1 typical-p, 2 XTC
                  BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
     row = tl.program_id(0).to(tl.int64)
     srow = slot_row(row, slot_ptr, SLOTS)
@@ -337,7 +434,7 @@ def _kept_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_p
     active = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0)  # greedy / invalid rows: no draw
     n = tl.where(active, tl.minimum(CHUNK, VC - base), 0)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE, temp_ptr, HAS_DYN)
     ep = blo
     if HAS_BIAS:
         ep = bias_lower_bound(bias_ids_ptr, blo, bhi, base)
@@ -346,11 +443,13 @@ def _kept_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_p
     for start in range(0, n, BLOCK):
         offs = base + start + tl.arange(0, BLOCK)
         raw, z, b, ep = block_z(row, srow, offs, ep, base + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr,
-                               allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, stride_l, stride_c,
-                               stride_p, stride_a, stride_m, stride_bt, V, VC,
+                               allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr, bias_vals_ptr, dry_ids_ptr, dry_vals_ptr,
+                               stride_l, stride_c,
+                               stride_p, stride_a, stride_m, stride_bt, stride_d, V, VC,
                                E, t, rep, freq, pres, ban, bhi,
-                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE)
-        keep = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, HAS_TYP) & (offs < V)
+                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
+                               HAS_DRY)
+        keep = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, KEPT) & (offs < V)
         m, s = online_lse(m, s, tl.where(keep, z, float("-inf")))
     o = part_f_ptr + (row * NC + chunk) * _PF
     tl.store(o + _P_M, m)
@@ -359,10 +458,12 @@ def _kept_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_p
 
 def stats_pass(ctx) -> None:
     """`_stats_kernel` over every chunk of every row: the chunk partials of ``ctx.part_f`` / ``ctx.part_i``."""
-    _stats_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.part_f, ctx.part_i, ctx.gmax, *ctx.zstrides(), *ctx.zsizes(),
+    _stats_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.part_f, ctx.part_i, ctx.part_x, ctx.gmax, *ctx.zstrides(),
+                                   *ctx.zsizes(),
                                    ctx.NG, **ctx.zflags(), NEED_RAW=ctx.need_raw, ARGMAX=ctx.flags.any_greedy,
                                    LSE=not (ctx.flags.all_greedy and not ctx.flags.any_logprobs),
                                    GROUP=ctx.GROUP if ctx.cand else 0, RAW_GROUP=ctx.lp_cand and ctx.need_raw,
+                                   ETA_NS=ctx.eta_ns,
                                    BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK,
                                    num_warps=ctx.ROW_WARPS)
 
@@ -370,9 +471,10 @@ def stats_pass(ctx) -> None:
 def combine_pass(ctx, minp: bool) -> None:
     """Row statistics into ``ctx.rowf`` / ``ctx.rowi`` and the select-free thresholds (min-p when ``minp``,
     Mirostat v2)."""
-    _combine_kernel[(ctx.B,)](ctx.part_f, ctx.part_i, ctx.fparams, ctx.iparams, ctx.mu, ctx.slots, ctx.rowf, ctx.rowi,
+    _combine_kernel[(ctx.B,)](ctx.part_f, ctx.part_i, ctx.part_x, ctx.fparams, ctx.iparams, ctx.mu, ctx.slots,
+                              ctx.rowf, ctx.rowi,
                               ctx.gmax, ctx.NC, ctx.NG, SLOTS=ctx.slot_mode, MINP=minp, MIRO2=ctx.miro_v2,
-                              CAND=ctx.cand, GBLOCK=ctx.GBLOCK, BT=ctx.BT)
+                              CAND=ctx.cand, ETA_NS=ctx.eta_ns, GBLOCK=ctx.GBLOCK, BT=ctx.BT)
 
 
 def entropy_pass(ctx) -> None:
@@ -381,8 +483,9 @@ def entropy_pass(ctx) -> None:
                                      **ctx.zflags(), BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK, num_warps=ctx.ROW_WARPS)
 
 
-def kept_pass(ctx) -> None:
-    """Per-chunk kept-set weights of every sampled row into ``ctx.part_f``."""
+def kept_pass(ctx, kept: int) -> None:
+    """Per-chunk kept-set weights of every sampled row into ``ctx.part_f`` (``kept``: the `penalties.kept_mask` bits
+    to test; XTC's bound comes after this pass)."""
     _kept_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.rowf, ctx.rowi, ctx.part_f, *ctx.zstrides(), *ctx.zsizes(),
-                                  **ctx.zflags(), HAS_TYP=ctx.has_typ, BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK,
+                                  **ctx.zflags(), KEPT=kept, BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK,
                                   num_warps=ctx.ROW_WARPS)
