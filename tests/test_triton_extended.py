@@ -286,3 +286,34 @@ def test_sampler_slot_indexed_step(monkeypatch) -> None:
             assert torch.equal(ga.nan_to_num(-7.0), gc.nan_to_num(-7.0)), (step, f)
             assert torch.allclose(ga, gr.float(), atol=1e-5, rtol=0, equal_nan=True), (step, f, ga, gr)
         assert torch.equal(a.top_logprob_ids.cpu(), c.top_logprob_ids.cpu())
+
+
+# --------------------------------------------------------------------------------------- the DRY table on a device
+@pytest.mark.parametrize("seed", range(4))
+def test_dry_table_kernel_matches_the_torch_table(seed: int) -> None:
+    """`backends.triton.dry.dry_table` (one launch) gives the table `_history.dry_table_torch` gives: the same ids,
+    penalties within float32 rounding, on rings that wrapped, with windows and multi-token breakers."""
+    from fastsampler._history import _TRITON_MAX_RING, breakers_table, dry_table_torch, ordered_history
+    from fastsampler.backends.triton import dry
+
+    assert dry.MAX_RING == _TRITON_MAX_RING
+    rng = np.random.default_rng(seed)
+    for _ in range(6):
+        slots, length = 4, int(rng.choice([8, 32, 64]))
+        ring = torch.from_numpy(rng.integers(0, 5, (slots, length)).astype(np.int32))
+        total = torch.from_numpy(rng.integers(0, 3 * length, slots).astype(np.int64))
+        fd = torch.tensor([[float(rng.choice([0.5, 1.0])), float(rng.choice([1.0, 1.0000005, 1.75, 3.0]))]
+                           for _ in range(slots)], dtype=torch.float64)
+        idry = torch.tensor([[int(rng.integers(0, 3)), int(rng.choice([-1, 0, 5, 20]))] for _ in range(slots)])
+        brs = [[tuple(rng.integers(0, 6, int(rng.integers(1, 3))).tolist()) for _ in range(int(rng.integers(0, 3)))]
+               for _ in range(slots)]
+        p = max(len(b) for b in brs)
+        m = max([len(w) for b in brs for w in b], default=1)
+        brk = torch.from_numpy(np.stack([breakers_table(b, p, m) for b in brs])) if p else None
+        rows = torch.tensor([2, 0, 3])
+        seq = ordered_history(ring.index_select(0, rows), total.index_select(0, rows))
+        want = dry_table_torch(seq, fd.index_select(0, rows), idry.index_select(0, rows),
+                               None if brk is None else brk.index_select(0, rows), length)
+        got = dry.dry_table(ring, total, rows, fd, idry, brk, length)
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=0)

@@ -171,8 +171,9 @@ def dry_table(ring: torch.Tensor, total: torch.Tensor, rows: torch.Tensor, fd: t
     all indexed by slot like ``ring`` / ``total``; ``kmax``: `dry_table_torch`'s bound, host-known (required when
     ``fd`` is on a device).
 
-    On CPU tensors the C++ extension computes it (one O(n) pass per row); elsewhere torch on the device, with a
-    table of ``K = L - 1`` entries per row (no read-back). Costs grow with the history, never with the vocabulary.
+    On CPU tensors the C++ extension computes it (one O(n) pass per row); on a device one Triton launch
+    (`fastsampler.backends.triton.dry`, rings of up to 4096 tokens) or else torch, with a table of ``K = L - 1``
+    entries per row (no read-back). Costs grow with the history, never with the vocabulary.
     """
     if ring.device.type == "cpu":
         from .backends import cpu
@@ -180,15 +181,30 @@ def dry_table(ring: torch.Tensor, total: torch.Tensor, rows: torch.Tensor, fd: t
         if cpu.is_available()[0] and hasattr(cpu, "dry_edits"):
             ids, vals = cpu.dry_edits(ring, total, rows, fd, idry, breakers)
             return torch.from_numpy(ids), torch.from_numpy(vals)
-    seq = ordered_history(ring.index_select(0, rows), total.index_select(0, rows))
     if kmax is None:
         kmax = dry_kmax(fd.cpu().numpy(), idry.cpu().numpy(), ring.shape[1])  # (host tensors: no sync)
+    if ring.device.type != "cpu" and _triton_dry(ring.shape[1]):  # one launch on a device
+        from .backends.triton import dry
+
+        return dry.dry_table(ring, total, rows, fd, idry, breakers, kmax)
+    seq = ordered_history(ring.index_select(0, rows), total.index_select(0, rows))
     out = dry_table_torch(seq, fd.index_select(0, rows), idry.index_select(0, rows),
                           None if breakers is None else breakers.index_select(0, rows), kmax)
     if ring.device.type == "cpu":  # (no sync to avoid on the host: trim the unused columns)
         k = int((out[0] != DRY_PAD).sum(1).max()) if out[0].numel() else 0
         out = (out[0][:, :k].contiguous(), out[1][:, :k].contiguous())
     return out
+
+
+def _triton_dry(length: int) -> bool:
+    """Whether the Triton kernel builds the DRY table of rings of ``length`` tokens: triton importable, and the ring
+    short enough for one program (`fastsampler.backends.triton.dry.MAX_RING`)."""
+    import importlib.util
+
+    return length <= _TRITON_MAX_RING and importlib.util.find_spec("triton") is not None
+
+
+_TRITON_MAX_RING = 4096  # fastsampler.backends.triton.dry.MAX_RING (checked by its test)
 
 
 def dry_kmax(fd: Any, idry: Any, length: int) -> int:
