@@ -186,7 +186,7 @@ def _fields(out: Any) -> list[np.ndarray]:
 def _mismatches(got: Any, ref: Any, near: np.ndarray) -> list[str]:
     """Rows where ``got`` and the reference differ (near-tie rows excused)."""
     bad = []
-    tol = lambda a, b: np.allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), rtol=1e-5,  # noqa: E731
+    tol = lambda a, b: np.allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), rtol=1e-5,
                                    atol=1e-5, equal_nan=True)
     for r in range(len(ref.tokens)):
         if near[r]:

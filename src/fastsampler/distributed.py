@@ -20,8 +20,17 @@ import torch
 import torch.distributed as dist
 
 from ._batch import pack_batch, param_batch, stopped_rows
-from ._shard import Exchange, ExchangeStats, merge_moments, merge_stats, moments, row_stats, tile_noise, \
-    token_noise, top_values
+from ._shard import (
+    Exchange,
+    ExchangeStats,
+    merge_moments,
+    merge_stats,
+    moments,
+    row_stats,
+    tile_noise,
+    token_noise,
+    top_values,
+)
 from .backends.reference.philox import xtc_uniform
 from .backends.reference.pipeline import F32_OVERFLOW, F32_TINY, LN2, _row_params, dry_penalties, mirostat_v1_k
 from .layout import MIROSTAT_M, TILE
@@ -220,7 +229,7 @@ def sample(
     dyn = np.array([float(p.dynatemp_range) > 0.0 and not g for p, g in zip(rows, greedy, strict=True)])
     nsig = np.array([float(p.top_n_sigma) > 0.0 for p in rows]) & ~greedy
     fin_l = torch.isfinite(l)
-    bad = lambda v: ((torch.isnan(v) | (v == torch.inf)) & real).any(1).to(torch.float64)  # noqa: E731
+    bad = lambda v: ((torch.isnan(v) | (v == torch.inf)) & real).any(1).to(torch.float64)
     lmax = torch.where(fin_l, l, -torch.inf)
     arg_v, arg_j = lmax.max(1)  # (the first maximum: the lowest id)
     x_at = x.gather(1, arg_j[:, None])[:, 0]
@@ -247,7 +256,7 @@ def sample(
         g1 = ex.gather(torch.cat(part1, 1))
     # greedy token: the largest l, ties to the lowest id (ranks hold ascending ids: the first rank wins a tie)
     best = g1[:, :, 4].argmax(0)  # (the first rank with the maximum)
-    pick = lambda col: g1[:, :, col].gather(0, best[None])[0]  # noqa: E731
+    pick = lambda col: g1[:, :, col].gather(0, best[None])[0]
     g_tok, g_x = pick(2), pick(3)
     bad1 = (g1[:, :, 0].max(0).values > 0) | (g1[:, :, 1].max(0).values > 0)
     n_l, m_l, lns_l, _ = merge_stats(g1[:, :, 5:9])
@@ -354,8 +363,8 @@ def _truncate(ex: Exchange, z: torch.Tensor, keep: torch.Tensor, rows: list[Any]
     mode = np.array([int(p.mirostat_mode) for p in rows])
     mk = np.array([int(p.min_keep) for p in rows])
     nz, mz, lnsz = _host(n_z), _host(m_z), _host(lns_z)
-    on = lambda m: torch.from_numpy(np.asarray(m, dtype=bool)).to(dev)[:, None]  # noqa: E731
-    tens = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64)).to(dev)  # noqa: E731
+    on = lambda m: torch.from_numpy(np.asarray(m, dtype=bool)).to(dev)[:, None]
+    tens = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64)).to(dev)
     mz_safe = torch.where(torch.isfinite(m_z), m_z, 0.0)
 
     def survivors() -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -515,7 +524,7 @@ def _draw(ex: Exchange, z: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, m_
     # the best score; among equal scores the lowest id (ranks hold ascending ids: the first rank with it)
     sc = torch.where(g[:, :, 4] > 0, g[:, :, 0], -torch.inf)
     r = sc.argmax(0)
-    pick = lambda c: g[:, :, c].gather(0, r[None])[0]  # noqa: E731
+    pick = lambda c: g[:, :, c].gather(0, r[None])[0]
     return pick(1).to(torch.int64), pick(2), pick(3)
 
 
@@ -529,7 +538,7 @@ def _logprobs(ex: Exchange, rows: list[Any], want: np.ndarray, greedy: np.ndarra
     b, width = z.shape
     dev = z.device
     modes = np.array([p.logprobs_mode for p in rows])
-    safe = lambda m: torch.where(torch.isfinite(m), m, 0.0)  # noqa: E731
+    safe = lambda m: torch.where(torch.isfinite(m), m, 0.0)
     lp_raw = _f32_range((x - safe(raw[0])[:, None]) - raw[1][:, None])
     lp_proc = _f32_range((z - safe(proc[0])[:, None]) - proc[1][:, None])
     lp_fin = torch.where(keep, _f32_range((z - fin[0][:, None]) - fin[1][:, None]), -torch.inf)
@@ -538,7 +547,7 @@ def _logprobs(ex: Exchange, rows: list[Any], want: np.ndarray, greedy: np.ndarra
     t_raw = _f32_range((x_tok - safe(raw[0])) - raw[1])
     t_proc = _f32_range((z_tok - safe(proc[0])) - proc[1])
     t_fin = torch.where(gr[:, 0], 0.0, _f32_range((z_tok - fin[0]) - fin[1]))
-    sel = lambda a, bb, c: torch.where(torch.from_numpy(modes == "raw").to(dev).reshape(  # noqa: E731
+    sel = lambda a, bb, c: torch.where(torch.from_numpy(modes == "raw").to(dev).reshape(
         (-1,) + (1,) * (a.dim() - 1)), a, torch.where(torch.from_numpy(modes == "processed").to(dev).reshape(
             (-1,) + (1,) * (a.dim() - 1)), bb, c))
     wd = torch.from_numpy(want).to(dev)
