@@ -25,6 +25,7 @@ _LOW63 = (1 << 63) - 1
 DIGIT_BITS = 8  # radix of the distributed selection: 8 rounds of 256-bin histograms for a float64 key
 _BINS = 1 << DIGIT_BITS
 _ROUNDS = 64 // DIGIT_BITS
+FINISH = 32  # candidates per row left to the radix select's last exchange (their values are sent)
 
 
 @dataclass
@@ -114,48 +115,96 @@ class Exchange:
     def select(self, key: torch.Tensor, weight: torch.Tensor | None, mask: torch.Tensor, count_target: torch.Tensor,
                mass_target: torch.Tensor) -> torch.Tensor:
         """The largest value ``v`` of ``key`` among ``mask`` with ``#{key >= v} >= count_target`` and
-        ``Σ_{key >= v} weight >= mass_target``, per row; the smallest candidate where no value qualifies.
+        ``Σ_{key >= v} weight >= mass_target``, per row; the smallest candidate where no value qualifies. Rows with
+        ``count_target <= 0`` and ``mass_target = -inf`` are not selected (their result is meaningless) and cost
+        nothing.
 
-        A radix select over the order-preserving integer image of the float64 keys: each of `_ROUNDS` rounds
-        gathers every rank's 256-bin histogram (counts and masses) of the next 8 bits among the candidates that still
-        share the chosen prefix, and keeps the highest bin whose suffix totals satisfy both targets. Exact in the
-        keys (a value threshold: ties stay together); masses are float64 sums.
+        A radix select over the order-preserving integer image of the float64 keys: each round gathers every rank's
+        256-bin histogram (counts, and masses when some row has a mass target) of the next 8 bits among the
+        candidates that still share the chosen prefix, and keeps the highest bin whose totals at or above it satisfy
+        both targets. Once every row has at most `FINISH` candidates left, each rank sends them and the value is
+        found among them. Exact in the keys (a value threshold: ties stay together); masses are float64 sums.
 
         key, weight : (B, V) float64 (``weight`` None: counts only)
         mask : (B, V) bool
         count_target, mass_target : (B,) float64
         """
-        b, dev = key.shape[0], key.device
+        dev = key.device
+        out = torch.full((key.shape[0],), -torch.inf, dtype=torch.float64, device=dev)
+        ct, mt = count_target.to(torch.float64), mass_target.to(torch.float64)
+        rows = torch.nonzero((ct > 0) | (mt > -torch.inf))[:, 0]
+        if rows.numel() == 0:
+            return out
+        key, mask, ct, mt = key[rows], mask[rows], ct[rows].clone(), mt[rows].clone()
+        use_mass = weight is not None and bool((mt > -torch.inf).any())
+        w = torch.where(mask, weight[rows], 0.0) if use_mass else None
+        b = key.shape[0]
         bits = (key + 0.0).contiguous().view(torch.int64)  # (+0.0: -0.0 and 0.0 are one value)
         u = torch.where(bits < 0, bits ^ _LOW63, bits) ^ _SIGN  # unsigned order, held in int64
-        w = torch.zeros_like(key) if weight is None else torch.where(mask, weight, 0.0)
         inr = mask.clone()
-        above = torch.zeros(b, 2, dtype=torch.float64, device=dev)
-        ct, mt = count_target.to(torch.float64).clone(), mass_target.to(torch.float64).clone()
+        k = 2 if use_mass else 1
+        above = torch.zeros(b, k, dtype=torch.float64, device=dev)
         bins = torch.arange(_BINS, device=dev)
         digits = []
         for rnd in range(_ROUNDS):
             d = (u >> (64 - DIGIT_BITS * (rnd + 1))) & (_BINS - 1)
-            hist = torch.zeros(b, 2, _BINS, dtype=torch.float64, device=dev)
+            hist = torch.zeros(b, k, _BINS, dtype=torch.float64, device=dev)
             hist[:, 0].scatter_add_(1, d, inr.to(torch.float64))
-            hist[:, 1].scatter_add_(1, d, torch.where(inr, w, 0.0))
+            if use_mass:
+                hist[:, 1].scatter_add_(1, d, torch.where(inr, w, 0.0))
             tot = self.sum(hist)
             ge = above[:, :, None] + tot.flip(-1).cumsum(-1).flip(-1)  # totals at or above each bin
             if rnd == 0:  # no value qualifies: the smallest candidate (the count of every candidate)
-                ok = (ge[:, 0, 0] >= ct) & (ge[:, 1, 0] >= mt)
+                ok = (ge[:, 0, 0] >= ct) & ((ge[:, 1, 0] >= mt) if use_mass else True)
                 ct = torch.where(ok, ct, ge[:, 0, 0])
                 mt = torch.where(ok, mt, -torch.inf)
             nonempty = tot[:, 0] > 0
-            pred = (ge[:, 0] >= ct[:, None]) & (ge[:, 1] >= mt[:, None]) & nonempty
+            pred = (ge[:, 0] >= ct[:, None]) & nonempty
+            if use_mass:
+                pred &= ge[:, 1] >= mt[:, None]
             best = torch.where(pred, bins, -1).max(1).values
             # (only by rounding, at a near-tie, does no bin of the chosen range qualify: its lowest one is taken)
             lowest = torch.where(nonempty, bins, _BINS).min(1).values.clamp(max=_BINS - 1)
             dstar = torch.where(best >= 0, best, lowest)
             nxt = torch.nn.functional.pad(ge - above[:, :, None], (0, 1))  # bins above dstar: ge[dstar + 1]
-            above = above + nxt.gather(2, (dstar + 1)[:, None, None].expand(b, 2, 1))[:, :, 0]
+            above = above + nxt.gather(2, (dstar + 1)[:, None, None].expand(b, k, 1))[:, :, 0]
             inr &= d == dstar[:, None]
             digits.append(dstar)
-        return _from_digits(torch.stack(digits, 1)).to(dev)
+            left = tot[:, 0].gather(1, dstar[:, None])[:, 0]
+            if rnd + 1 < _ROUNDS and float(left.max()) <= FINISH:
+                out[rows] = self._finish(key, w, inr, above, ct, mt)
+                return out
+        out[rows] = _from_digits(torch.stack(digits, 1)).to(dev)
+        return out
+
+    def _finish(self, key: torch.Tensor, w: torch.Tensor | None, inr: torch.Tensor, above: torch.Tensor,
+                ct: torch.Tensor, mt: torch.Tensor) -> torch.Tensor:
+        """The end of `select` once at most `FINISH` candidates are left per row: every rank's candidates (value and
+        weight) gathered, and the largest value whose totals at or above it (``above``: the candidates above the
+        range) satisfy the targets; the smallest candidate when none does (a near-tie's rounding)."""
+        b = key.shape[0]
+        if key.shape[1] < FINISH:  # (every rank sends FINISH entries: a narrow shard pads)
+            pad = FINISH - key.shape[1]
+            key = torch.nn.functional.pad(key, (0, pad), value=-torch.inf)
+            inr = torch.nn.functional.pad(inr, (0, pad), value=False)
+            w = None if w is None else torch.nn.functional.pad(w, (0, pad))
+        vals, idx = torch.topk(torch.where(inr, key, -torch.inf), FINISH, dim=1)
+        parts = [vals, inr.gather(1, idx).to(torch.float64)]
+        if w is not None:
+            parts.append(w.gather(1, idx))
+        g = self.gather(torch.stack(parts, 1))  # (world, b, 2 or 3, FINISH)
+        v = g[:, :, 0].permute(1, 0, 2).reshape(b, -1)
+        real = g[:, :, 1].permute(1, 0, 2).reshape(b, -1) > 0
+        ge = (v[:, None, :] >= v[:, :, None]) & real[:, None, :]  # [row, i, j]: candidate j at or above i
+        cnt = above[:, 0, None] + ge.sum(2).to(torch.float64)
+        pred = real & (cnt >= ct[:, None])
+        if w is not None:
+            wv = g[:, :, 2].permute(1, 0, 2).reshape(b, -1)
+            mass = above[:, 1, None] + torch.where(ge, wv[:, None, :], 0.0).sum(2)
+            pred &= mass >= mt[:, None]
+        best = torch.where(pred, v, -torch.inf).max(1).values
+        low = torch.where(real, v, torch.inf).min(1).values
+        return torch.where(pred.any(1), best, low)
 
 
 def _from_digits(digits: torch.Tensor) -> torch.Tensor:
