@@ -266,3 +266,11 @@ def test_refuses_gaps_between_slices() -> None:
                                    output_counts=torch.zeros(1, 9, dtype=torch.int32))
         finally:
             dist.destroy_process_group()
+
+
+def test_docstring_example() -> None:
+    """`fastsampler.distributed.sample`'s example (a group of one process) runs as written."""
+    import doctest
+
+    res = doctest.testmod(distributed, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert res.attempted > 0 and res.failed == 0
