@@ -50,7 +50,7 @@ def _case(logits: np.ndarray, params: Any, name: str, ragged: bool = False, **kw
 def _cases() -> list[dict[str, Any]]:
     rng = np.random.default_rng(7)
     cases = []
-    for j, bt in enumerate(_hypothesis_batches(28)):
+    for j, bt in enumerate(_hypothesis_batches(40)):
         logits, params = bt.pop("logits"), bt.pop("params")
         cases.append(_case(logits, params, f"hypothesis-{j}", ragged=bool(j % 2), **bt))
     v = 9001  # several tiles; the last shard is ragged or padded
@@ -71,6 +71,16 @@ def _cases() -> list[dict[str, Any]]:
                               SamplingParams(seed=5, mirostat_mode=1, mirostat_target=12.0),
                               SamplingParams(seed=6, mirostat_mode=2, mirostat_target=12.0, **lp)],
                        "large selections", steps=np.arange(6)))
+    # the extended samplers on a wide row: XTC, epsilon, eta, top-n-sigma, dynamic temperature, DRY
+    hist = [[int(t) for t in rng.choice([3, 4, 5, 8000, 8001], 12)] for _ in range(6)]
+    cases.append(_case(x * 0.4, [SamplingParams(seed=1, xtc_probability=1.0, xtc_threshold=0.003, **lp),
+                                 SamplingParams(seed=2, epsilon_cutoff=3e-4, min_keep=3),
+                                 SamplingParams(seed=3, eta_cutoff=0.01, logprobs=True, logprobs_mode="final"),
+                                 SamplingParams(seed=4, top_n_sigma=1.5, temperature=0.7),
+                                 SamplingParams(seed=5, dynatemp_range=0.5, dynatemp_exponent=1.3, top_k=80, **lp),
+                                 SamplingParams(seed=6, dry_multiplier=2.0, dry_base=2.0, dry_allowed_length=1,
+                                                temperature=0.0, **lp)],
+                       "extended samplers", ragged=True, output_token_ids=hist, steps=np.arange(6)))
     # a shard with every token masked (allowed ids in the first 100 only), and a shard whose logits are all -inf
     masked = x.copy()
     masked[1, 2000:] = -np.inf
