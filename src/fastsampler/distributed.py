@@ -1,0 +1,583 @@
+"""Vocabulary-parallel sampling: sample from logits sharded by vocabulary across a ``torch.distributed`` group,
+without gathering them (docs/distributed.md).
+
+With tensor parallelism the LM head is split by vocabulary: rank ``r`` holds the logits of ids
+``[vocab_start_r, vocab_start_r + V_local)``. `sample` runs the pipeline of docs/semantics.md on each rank's shard
+and exchanges only per-row partial statistics, histograms of candidate values, per-tile weights and short top lists,
+so every rank returns the same tokens, logprobs, top-N, ranks and Mirostat ``mu`` as single-device sampling of the
+gathered logits (`fastsampler.reference.sample`), except at the near-ties of docs/semantics.md §8. The shard is
+processed in float64 (the reference's arithmetic), on the logits' device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ._batch import pack_batch, param_batch, stopped_rows
+from ._shard import (
+    Exchange,
+    ExchangeStats,
+    merge_moments,
+    merge_stats,
+    moments,
+    row_stats,
+    tile_noise,
+    token_noise,
+    top_values,
+)
+from .backends.reference.philox import xtc_uniform
+from .backends.reference.pipeline import F32_OVERFLOW, F32_TINY, LN2, _row_params, dry_penalties, mirostat_v1_k
+from .layout import MIROSTAT_M, TILE
+from .output import SampleOutput
+from .params import SamplingParams
+
+__all__ = ["sample", "ExchangeStats"]
+
+GATHER_CAP = 64  # k-th largest values up to this k come from gathered top-k lists; beyond, the radix select
+
+
+def _f32_range(v: torch.Tensor) -> torch.Tensor:
+    """Values that float32 rounds to ``±inf`` become ``±inf`` (docs/semantics.md §5, overflow)."""
+    return torch.where(v <= -F32_OVERFLOW, -torch.inf, torch.where(v >= F32_OVERFLOW, torch.inf, v))
+
+
+def _shard_bits(mask: torch.Tensor, lo: int, hi: int, width: int, dev: torch.device) -> torch.Tensor:
+    """(B, width) bool: the bits of ids ``[lo, hi)`` of a (B, W) int32 bitmask, False beyond ``hi`` (padding)."""
+    ids = torch.arange(lo, hi, dtype=torch.int64)
+    words = mask.cpu()[:, ids >> 5]
+    bits = ((words >> (ids & 31).to(torch.int32)) & 1).to(torch.bool)
+    return torch.nn.functional.pad(bits, (0, width - (hi - lo)), value=False).to(dev)
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def sample(
+    local_logits: torch.Tensor,
+    params: SamplingParams | Sequence[SamplingParams],
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    group: dist.ProcessGroup | None = None,
+    prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    output_token_ids: Sequence[Sequence[int]] | None = None,
+    steps: Any = None,
+    seqs: Any = None,
+    mirostat_mu: Any = None,
+    seeds: Any = None,
+    prompt_mask: torch.Tensor | None = None,
+    output_counts: torch.Tensor | None = None,
+    token_bitmask: torch.Tensor | None = None,
+    eos_token_ids: Sequence[int] | torch.Tensor = (),
+    stats: ExchangeStats | None = None,
+) -> SampleOutput:
+    """Sample one token per row from logits sharded by vocabulary; every rank of ``group`` calls it and gets the
+    same result.
+
+    Parameters
+    ----------
+    local_logits : (batch_size, V_local) torch.Tensor
+        This rank's logits, float16 / bfloat16 / float32 / float64: column ``j`` is token ``vocab_start + j``.
+        Columns at ids ``>= vocab_size`` are padding (an engine's last shard is usually padded). The ranks' slices,
+        in rank order, must be contiguous from id 0 and cover the vocabulary.
+    params : SamplingParams or sequence of batch_size SamplingParams
+        The same on every rank.
+    vocab_start : int
+        The first token id of this rank's slice.
+    vocab_size : int
+        The real vocabulary size (of the whole model, not of the shard).
+    group : torch.distributed.ProcessGroup, optional
+        The tensor-parallel group (default: the world). Collectives run on the logits' device (gloo: CPU tensors,
+        NCCL: CUDA tensors).
+    prompt_token_ids, output_token_ids, steps, seqs, mirostat_mu, seeds, eos_token_ids
+        As in `fastsampler.sample`, the same on every rank (token ids are global ids). A row without a seed
+        (neither ``params.seed`` nor ``seeds``) gets rank 0's random seed, broadcast.
+    prompt_mask, token_bitmask : (batch_size, ceil(vocab_size / 32)) int32 tensor, optional
+        Bitmasks over the **whole** vocabulary, as in `fastsampler.sample` (they are small; a grammar engine makes
+        one for the whole vocabulary).
+    output_counts : (batch_size, V_local) int16 or int32 tensor, optional
+        Generated-token counts of **this rank's slice** (column ``j``: token ``vocab_start + j``).
+    stats : ExchangeStats, optional
+        Accumulates the collectives and bytes this rank exchanged.
+
+    Returns
+    -------
+    SampleOutput
+        Tensors on the logits' device (logprobs and mu float32), identical on every rank.
+
+    Examples
+    --------
+    A group of one process (a tensor-parallel group holds several, see examples/tensor_parallel.py):
+
+    >>> import os, tempfile, torch, torch.distributed as dist
+    >>> from fastsampler import SamplingParams, distributed
+    >>> store = dist.FileStore(tempfile.mktemp(), 1)
+    >>> dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    >>> out = distributed.sample(torch.tensor([[0.0, 5.0, 1.0]]), SamplingParams(temperature=0.0), vocab_start=0,
+    ...                          vocab_size=3)
+    >>> out.tokens.tolist()
+    [1]
+    >>> dist.destroy_process_group()
+    """
+    if not isinstance(local_logits, torch.Tensor) or local_logits.dim() != 2:
+        raise ValueError(f"local_logits must be a 2-D torch tensor (batch_size, V_local), got "
+                         f"{getattr(local_logits, 'shape', type(local_logits).__name__)}")
+    if local_logits.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"local_logits must be float16, bfloat16, float32 or float64, got {local_logits.dtype}")
+    for name, v in (("vocab_start", vocab_start), ("vocab_size", vocab_size)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < (0 if name == "vocab_start" else 1):
+            raise ValueError(f"{name} must be an integer >= {0 if name == 'vocab_start' else 1}, got {v!r}")
+    if not isinstance(params, (SamplingParams, list, tuple)):
+        params = list(params)
+    ex = Exchange(group, stats)
+    dev = local_logits.device
+    b, width = local_logits.shape
+    layout = _check_layout(ex, int(vocab_start), width, b, int(vocab_size), dev)
+
+    # ---------------------------------------------------------------------------------------------- packing
+    # the whole vocabulary's packing (validation, params, masks as bitmasks, bias, EOS, stop and history bans) on a
+    # zero-stride stand-in for the logits: nothing of size B x V is allocated for the logits
+    virtual = torch.zeros((), dtype=torch.float32).expand(b, vocab_size)
+    counts_arg = None
+    if output_counts is not None:
+        if not isinstance(output_counts, torch.Tensor) or output_counts.dtype not in (torch.int16, torch.int32) or \
+                tuple(output_counts.shape) != (b, width):
+            raise ValueError(f"output_counts must be an int16 or int32 tensor of this rank's slice, shape "
+                             f"({b}, {width}), got {getattr(output_counts, 'dtype', None)} "
+                             f"{tuple(getattr(output_counts, 'shape', ()))}")
+        counts_arg = torch.zeros((), dtype=torch.int32).expand(b, vocab_size)  # (checks only)
+    batch = pack_batch(virtual, params, prompt_token_ids=prompt_token_ids, output_token_ids=output_token_ids,
+                       steps=steps, seqs=seqs, mirostat_mu=mirostat_mu, seeds=seeds, prompt_mask=prompt_mask,
+                       output_counts=counts_arg, token_bitmask=token_bitmask, eos_token_ids=eos_token_ids)
+    pb = param_batch(params, b)
+    seeds_t = batch.seeds.cpu()
+    if seeds is None and pb.seeds is None and any(e.seed is None for e in pb.rows):
+        seeds_t = ex.broadcast(seeds_t.to(dev)).cpu()  # fresh random seeds: rank 0's
+    f, i = _host(batch.fparams), _host(batch.iparams)
+    rows = [_row_params(f[r], i[r]) for r in range(b)]
+    steps_h = _host(batch.steps).astype(np.int64)
+    seqs_h = _host(batch.seqs).astype(np.int64)
+    mu_h = _host(batch.mirostat_mu).astype(np.float32).astype(np.float64)
+    seeds_d, steps_d, seqs_d = seeds_t.to(dev), torch.from_numpy(steps_h).to(dev), torch.from_numpy(seqs_h).to(dev)
+
+    lo, hi = int(vocab_start), min(int(vocab_start) + width, int(vocab_size))
+    hi = max(hi, lo)
+    gid = torch.arange(lo, lo + width, dtype=torch.int64, device=dev)
+    real = (gid < vocab_size)[None, :].expand(b, width)
+    x = local_logits.detach().to(torch.float64)
+
+    # ------------------------------------------------------------------------------------- stages A to C
+    l = torch.where(real, x, -torch.inf)
+    if batch.bias_indptr is not None:
+        indptr = batch.bias_indptr.cpu().to(torch.int64)
+        rr = torch.repeat_interleave(torch.arange(b), indptr[1:] - indptr[:-1])
+        ids = batch.bias_ids.cpu().to(torch.int64)
+        sel = (ids >= lo) & (ids < hi)
+        l.index_put_((rr[sel].to(dev), (ids[sel] - lo).to(dev)), batch.bias_vals.cpu()[sel].to(dev, torch.float64),
+                     accumulate=True)
+    if batch.allowed_mask is not None:
+        l = torch.where(_shard_bits(batch.allowed_mask, lo, hi, width, dev), l, -torch.inf)
+    eos = batch.eos_ids.cpu().to(torch.int64)
+    eos = eos[(eos >= lo) & (eos < hi)] - lo
+    if eos.numel():
+        ban = torch.tensor([bool(p.ignore_eos) or int(steps_h[r]) < p.min_tokens for r, p in enumerate(rows)])
+        if bool(ban.any()):
+            cols = torch.zeros(width, dtype=torch.bool)
+            cols[eos] = True
+            l = torch.where((ban[:, None] & cols[None, :]).to(dev), -torch.inf, l)
+    if output_counts is not None:
+        counts = output_counts.to(dev, torch.int64)
+    elif batch.output_counts is not None:
+        c = batch.output_counts[:, lo:hi].to(dev, torch.int64)
+        counts = torch.nn.functional.pad(c, (0, width - c.shape[1]))
+    else:
+        counts = None
+    if counts is not None:
+        counts = counts.clamp(min=0)  # a negative count counts as 0 (§3 C)
+        seen = counts > 0
+    else:
+        seen = torch.zeros(b, width, dtype=torch.bool, device=dev)
+    if batch.prompt_mask is not None:
+        seen = seen | _shard_bits(batch.prompt_mask, lo, hi, width, dev)
+    rep = torch.tensor([p.repetition_penalty for p in rows], dtype=torch.float64, device=dev)[:, None]
+    if bool((rep != 1.0).any()):
+        l = torch.where(seen, torch.where(l > 0, l / rep, l * rep), l)
+    freq = torch.tensor([p.frequency_penalty for p in rows], dtype=torch.float64, device=dev)[:, None]
+    pres = torch.tensor([p.presence_penalty for p in rows], dtype=torch.float64, device=dev)[:, None]
+    if counts is not None and bool(((freq != 0.0) | (pres != 0.0)).any()):
+        l = l - (counts.to(torch.float64) * freq + (counts > 0).to(torch.float64) * pres)
+    if batch.flags.any_dry:  # DRY from the histories themselves, as the reference computes it (float64)
+        plist = pb.plist()
+        for r in range(b):
+            hist = [*(prompt_token_ids[r] if prompt_token_ids is not None else ()),
+                    *(output_token_ids[r] if output_token_ids is not None else ())]
+            pens = [(t - lo, v) for t, v in dry_penalties(hist, plist[r]).items() if lo <= t < hi]
+            if pens:
+                cols_t = torch.tensor([c for c, _ in pens], device=dev)
+                l[r, cols_t] -= torch.tensor([v for _, v in pens], dtype=torch.float64, device=dev)
+    l = _f32_range(l)
+
+    # ------------------------------------------------------------------ whole-row statistics, temperature (D)
+    greedy = np.array([float(p.temperature) == 0.0 for p in rows])
+    dyn = np.array([float(p.dynatemp_range) > 0.0 and not g for p, g in zip(rows, greedy, strict=True)])
+    nsig = np.array([float(p.top_n_sigma) > 0.0 for p in rows]) & ~greedy
+    fin_l = torch.isfinite(l)
+    bad = lambda v: ((torch.isnan(v) | (v == torch.inf)) & real).any(1).to(torch.float64)
+    lmax = torch.where(fin_l, l, -torch.inf)
+    arg_v, arg_j = lmax.max(1)  # (the first maximum: the lowest id)
+    x_at = x.gather(1, arg_j[:, None])[:, 0]
+    fin_x = torch.isfinite(x) & real
+    part1 = [torch.stack((bad(x), bad(l), (gid[arg_j]).to(torch.float64), x_at, arg_v), 1), row_stats(l, fin_l),
+             row_stats(x, fin_x)]
+
+    def z_of(temps: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.where(greedy, 1.0, temps)).to(dev)[:, None]
+        return torch.where(torch.from_numpy(greedy).to(dev)[:, None], l, _f32_range(l / t))
+
+    def z_part(z: torch.Tensor) -> list[torch.Tensor]:
+        fz = torch.isfinite(z)
+        out = [bad(z)[:, None], row_stats(z, fz)]
+        if nsig.any():
+            out.append(moments(z, fz))
+        return out
+
+    temps = np.array([float(p.temperature) for p in rows])
+    if not dyn.any():  # z is known: one exchange for l, x and z
+        z = z_of(temps)
+        g1 = ex.gather(torch.cat([*part1, *z_part(z)], 1))
+    else:
+        g1 = ex.gather(torch.cat(part1, 1))
+    # greedy token: the largest l, ties to the lowest id (ranks hold ascending ids: the first rank wins a tie)
+    best = g1[:, :, 4].argmax(0)  # (the first rank with the maximum)
+    pick = lambda col: g1[:, :, col].gather(0, best[None])[0]
+    g_tok, g_x = pick(2), pick(3)
+    bad1 = (g1[:, :, 0].max(0).values > 0) | (g1[:, :, 1].max(0).values > 0)
+    n_l, m_l, lns_l, _ = merge_stats(g1[:, :, 5:9])
+    n_x, m_x, lns_x, _ = merge_stats(g1[:, :, 9:13])
+    valid = ~bad1 & (n_l > 0)
+    if dyn.any():
+        # the entropy of softmax(l) over the finite l, summed term by term (every term has one sign: no
+        # cancellation, as in the reference), then the dynamic temperature of §3 D
+        lq = (l - torch.where(torch.isfinite(m_l), m_l, 0.0)[:, None]) - lns_l[:, None]
+        q = torch.exp(lq)
+        terms = torch.where(fin_l & (q > 0), -(q * lq), 0.0).sum(1)
+        h_all = _host(ex.sum(terms[:, None])[:, 0])
+        nl = _host(n_l)
+        for r, p in enumerate(rows):
+            if dyn[r] and nl[r] > 1:
+                t, delta = float(p.temperature), float(p.dynatemp_range)
+                t_min, t_max = max(0.0, t - delta), t + delta
+                t_dyn = t_min + (t_max - t_min) * (max(float(h_all[r]), 0.0) / math.log(nl[r])) ** float(
+                    p.dynatemp_exponent)
+                temps[r] = max(t_dyn, F32_TINY)
+        z = z_of(temps)
+        g2 = ex.gather(torch.cat(z_part(z), 1))
+    else:
+        g2 = g1[:, :, 13:]
+    bad_z = g2[:, :, 0].max(0).values > 0
+    n_z, m_z, lns_z, h_z = merge_stats(g2[:, :, 1:5])
+    std_z = merge_moments(g2[:, :, 5:8]) if nsig.any() else None
+    valid = valid & ~bad_z & (n_z > 0)
+    valid_h = _host(valid)
+    z = torch.where(valid[:, None], z, -torch.inf)
+    samp_h = valid_h & ~greedy
+    keep = torch.isfinite(z) & torch.from_numpy(samp_h).to(dev)[:, None]
+
+    # ------------------------------------------------------------------------------------ truncation (E)
+    keep = _truncate(ex, z, keep, rows, samp_h, mu_h, int(vocab_size), n_z, m_z, lns_z, h_z, std_z,
+                     seeds_t, steps_h, seqs_h)
+
+    # --------------------------------------------------------------------------------------- the draw (F)
+    gk = merge_stats(ex.gather(row_stats(z, keep)))
+    _, m_k, lns_k, _ = gk
+    mk_safe = torch.where(torch.isfinite(m_k), m_k, 0.0)
+    tokens = torch.full((b,), -1, dtype=torch.int64, device=dev)
+    z_tok = torch.zeros(b, dtype=torch.float64, device=dev)
+    x_tok = torch.zeros(b, dtype=torch.float64, device=dev)
+    gr_d = torch.from_numpy(greedy & valid_h).to(dev)
+    tokens = torch.where(gr_d, g_tok.to(torch.int64), tokens)
+    z_tok = torch.where(gr_d, pick(4), z_tok)
+    x_tok = torch.where(gr_d, g_x, x_tok)
+    if samp_h.any():
+        st, zt, xt = _draw(ex, z, x, keep, mk_safe, gid, lo, layout, seeds_d, steps_d, seqs_d)
+        sd = torch.from_numpy(samp_h).to(dev)
+        tokens, z_tok, x_tok = torch.where(sd, st, tokens), torch.where(sd, zt, z_tok), torch.where(sd, xt, x_tok)
+
+    # ---------------------------------------------------------------------------------------- Mirostat mu
+    mu_out = mu_h.copy()
+    fl_tok = _host((z_tok - mk_safe) - lns_k)
+    for r, p in enumerate(rows):
+        if samp_h[r] and p.mirostat_mode:
+            surprise = -float(fl_tok[r]) / LN2
+            mu_out[r] = mu_h[r] - float(p.mirostat_lr) * (surprise - float(p.mirostat_target))
+
+    # ------------------------------------------------------------------------------------------- logprobs
+    n_top = int(batch.n_top)
+    lp_out = torch.full((b,), math.nan, dtype=torch.float64, device=dev)
+    ranks = torch.full((b,), -1, dtype=torch.int64, device=dev)
+    top_ids = torch.full((b, n_top), -1, dtype=torch.int64, device=dev)
+    top_lps = torch.full((b, n_top), math.nan, dtype=torch.float64, device=dev)
+    want = valid_h & np.array([bool(p.logprobs) for p in rows])
+    if want.any():
+        lp_out, ranks, top_ids, top_lps = _logprobs(ex, rows, want, greedy, x, z, keep, real, gid, tokens, x_tok,
+                                                    z_tok, (m_x, lns_x), (m_z, lns_z), (mk_safe, lns_k), n_top,
+                                                    int(vocab_size))
+    out = SampleOutput(tokens=tokens, valid=torch.from_numpy(valid_h).to(dev), logprobs=lp_out.to(torch.float32),
+                       top_logprob_ids=top_ids, top_logprobs=top_lps.to(torch.float32), ranks=ranks,
+                       mirostat_mu=torch.from_numpy(mu_out.astype(np.float32)).to(dev))
+    out.stopped = stopped_rows(out.tokens, params, eos_token_ids)
+    return out
+
+
+def _check_layout(ex: Exchange, start: int, width: int, b: int, vocab: int, dev: torch.device) -> list[list[int]]:
+    """Every rank's ``[vocab_start, V_local, batch_size]``, checked: the same batch, slices contiguous from 0 in
+    rank order and covering ``[0, vocab_size)``."""
+    lay = ex.gather(torch.tensor([start, width, b], dtype=torch.int64, device=dev)).cpu().tolist()
+    pos = 0
+    for r, (s, w, bb) in enumerate(lay):
+        if bb != b:
+            raise ValueError(f"every rank must pass the same batch: rank {r} has {bb} rows, this rank {b}")
+        if s != pos:
+            raise ValueError(f"the ranks' vocabulary slices must be contiguous from id 0 in rank order: rank {r} "
+                             f"starts at {s}, expected {pos} (slices {[(a, a + c) for a, c, _ in lay]})")
+        pos = s + w
+    if pos < vocab:
+        raise ValueError(f"the ranks' vocabulary slices end at id {pos}, short of vocab_size={vocab}")
+    return lay
+
+
+def _truncate(ex: Exchange, z: torch.Tensor, keep: torch.Tensor, rows: list[Any], samp: np.ndarray, mu: np.ndarray,
+              vocab: int, n_z: torch.Tensor, m_z: torch.Tensor, lns_z: torch.Tensor, h_z: torch.Tensor,
+              std_z: torch.Tensor | None, seeds: torch.Tensor, steps: np.ndarray, seqs: np.ndarray) -> torch.Tensor:
+    """Stage E on the shard (docs/semantics.md §3 E): every threshold decided from exchanged statistics, exactly as
+    the reference decides it. Rows that do not use a rule are not changed by it; a rule's exchanges run only when
+    some row uses it (every rank knows the params, so every rank runs the same exchanges)."""
+    b, dev = z.shape[0], z.device
+    mode = np.array([int(p.mirostat_mode) for p in rows])
+    mk = np.array([int(p.min_keep) for p in rows])
+    nz, mz, lnsz = _host(n_z), _host(m_z), _host(lns_z)
+    on = lambda m: torch.from_numpy(np.asarray(m, dtype=bool)).to(dev)[:, None]
+    tens = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64)).to(dev)
+    mz_safe = torch.where(torch.isfinite(m_z), m_z, 0.0)
+
+    def survivors() -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, m, lns, h = merge_stats(ex.gather(row_stats(z, keep)))
+        return _host(n), torch.where(torch.isfinite(m), m, 0.0), lns, h
+
+    # Mirostat v2: keep ln q >= -mu ln 2, or the tokens tied at the maximum when none qualifies
+    v2 = samp & (mode == 2)
+    if v2.any():
+        lq = (z - mz_safe[:, None]) - lns_z[:, None]
+        cut = tens(np.where(v2, -mu * LN2, 0.0))[:, None]
+        k2 = keep & (lq >= cut)
+        none = ex.sum(k2.sum(1, keepdim=True).to(torch.float64))[:, 0] == 0
+        k2 = torch.where(none[:, None], keep & (z == mz_safe[:, None]), k2)
+        keep = torch.where(on(v2), k2, keep)
+    # Mirostat v1: k from the 100 most probable tokens (every rank's top 100, merged), then the top k with ties
+    v1 = samp & (mode == 1)
+    if v1.any():
+        top = ex.gather(top_values(z, keep, MIROSTAT_M))
+        top = torch.sort(top.permute(1, 0, 2).reshape(b, -1), dim=1, descending=True).values[:, :MIROSTAT_M]
+        top_h = _host(top)
+        kk = np.zeros(b, dtype=np.int64)
+        for r in np.nonzero(v1)[0]:
+            n = int(nz[r])
+            m = min(MIROSTAT_M, n)
+            lq = (top_h[r, :m] - mz[r]) - lnsz[r]
+            kf = mirostat_v1_k(lq, float(mu[r]), vocab)
+            if math.isnan(kf):
+                kf = float(vocab)
+            k = int(min(max(math.floor(kf), 1), vocab)) if math.isfinite(kf) else vocab
+            kk[r] = k if k < n else 0
+        if kk.any():
+            thr = torch.where(tens(kk <= MIROSTAT_M) > 0, top.gather(1, torch.from_numpy(
+                np.clip(kk - 1, 0, MIROSTAT_M - 1)).to(dev)[:, None])[:, 0], -torch.inf)
+            far = np.where(kk > MIROSTAT_M, kk, 0)
+            if far.any():
+                thr = torch.where(tens(far > 0) > 0, ex.kth_largest(z, keep, torch.from_numpy(far).to(dev), 0), thr)
+            keep = torch.where(on(kk > 0), keep & (z >= thr[:, None]), keep)
+    rules = samp & (mode == 0)
+    # 1. top-k: the k'-th largest survivor, k' = max(k, min_keep)
+    kp = np.array([max(int(p.top_k), m) if int(p.top_k) > 0 else 0 for p, m in zip(rows, mk, strict=True)])
+    kp = np.where(rules & (kp > 0) & (kp < nz), kp, 0)
+    if kp.any():
+        thr = ex.kth_largest(z, keep, torch.from_numpy(kp).to(dev), GATHER_CAP)
+        keep = torch.where(on(kp > 0), keep & (z >= thr[:, None]), keep)
+    # 2. top-p: the largest value whose mass at or above reaches p (and keeps min_keep), q over the survivors
+    tp = rules & np.array([float(p.top_p) < 1.0 for p in rows])
+    if tp.any():
+        _, m_s, lns_s, _ = survivors()
+        w = torch.exp((z - m_s[:, None]) - lns_s[:, None])
+        v = ex.select(z, w, keep, tens(np.where(tp, mk, 0)), tens([float(p.top_p) if t else -math.inf
+                                                                  for p, t in zip(rows, tp, strict=True)]))
+        keep = torch.where(on(tp), keep & (z >= v[:, None]), keep)
+    # 3. min-p, epsilon, eta, top-n-sigma: thresholds of the whole distribution, lowered to keep min_keep
+    mp = rules & np.array([float(p.min_p) > 0 or float(p.epsilon_cutoff) > 0 or float(p.eta_cutoff) > 0
+                           or float(p.top_n_sigma) > 0 for p in rows])
+    if mp.any():
+        hz = _host(h_z)
+        sz = _host(std_z) if std_z is not None else None
+        thr = np.full(b, -math.inf)
+        for r in np.nonzero(mp)[0]:
+            p, top_z, t = rows[r], float(mz[r]), -math.inf
+            if p.min_p > 0.0:
+                t = top_z + math.log(float(p.min_p))
+            if p.epsilon_cutoff > 0.0:
+                t = max(t, top_z + math.log(float(p.epsilon_cutoff)) + float(lnsz[r]))
+            if p.eta_cutoff > 0.0:
+                eta = float(p.eta_cutoff)
+                t = max(t, top_z + float(lnsz[r]) + min(math.log(eta), 0.5 * math.log(eta) - float(hz[r])))
+            if p.top_n_sigma > 0.0:
+                t = max(t, top_z - float(p.top_n_sigma) * float(sz[r]))
+            thr[r] = min(t, top_z)
+        thr_d = tens(thr)
+        cnt = ex.sum(torch.stack(((keep & (z >= thr_d[:, None])).sum(1), keep.sum(1)), 1).to(torch.float64))
+        cnt_h = _host(cnt)
+        need = np.where(mp & (cnt_h[:, 0] < mk), np.minimum(mk, cnt_h[:, 1]).astype(np.int64), 0)
+        if need.any():
+            kth = ex.kth_largest(z, keep, torch.from_numpy(need).to(dev), GATHER_CAP)
+            thr_d = torch.where(tens(need > 0) > 0, torch.minimum(thr_d, kth), thr_d)
+        keep = torch.where(on(mp), keep & (z >= thr_d[:, None]), keep)
+    # 4. typical-p: scores |-ln q - H| over the survivors, the smallest first until the mass reaches tau
+    ty = rules & np.array([float(p.typical_p) < 1.0 for p in rows])
+    if ty.any():
+        _, m_s, lns_s, h_s = survivors()
+        lq = (z - m_s[:, None]) - lns_s[:, None]
+        neg_s = -torch.abs(-lq - h_s[:, None])
+        v = ex.select(neg_s, torch.exp(lq), keep, tens(np.where(ty, mk, 0)),
+                      tens([float(p.typical_p) if t else -math.inf for p, t in zip(rows, ty, strict=True)]))
+        keep = torch.where(on(ty), keep & (neg_s >= v[:, None]), keep)
+    # 5. XTC: its coin (Philox stream 3), then the survivors above the least likely top choice removed
+    xp = rules & np.array([float(p.xtc_probability) > 0.0 for p in rows])
+    if xp.any():
+        for r in np.nonzero(xp)[0]:
+            seed = int(seeds[r]) & 0xFFFFFFFFFFFFFFFF
+            xp[r] = xtc_uniform(seed, int(steps[r]), int(seqs[r])) < float(rows[r].xtc_probability)
+    if xp.any():
+        _, m_s, lns_s, _ = survivors()
+        ms_h, lns_h = _host(m_s), _host(lns_s)
+        cut = np.full(b, math.inf)
+        for r in np.nonzero(xp)[0]:
+            theta = float(rows[r].xtc_threshold)
+            cut[r] = float(ms_h[r]) + float(lns_h[r]) + (math.log(theta) if theta > 0.0 else -math.inf)
+        top = keep & (z >= tens(cut)[:, None])
+        part = torch.stack((top.sum(1).to(torch.float64), torch.where(top, -z, -torch.inf).max(1).values), 1)
+        g = ex.gather(part)
+        n_top, a = g[:, :, 0].sum(0), -g[:, :, 1].max(0).values
+        act = xp & (_host(n_top) >= 2)
+        if act.any():
+            a_d = torch.where(tens(act) > 0, a, torch.inf)
+            rest = keep & (z <= a_d[:, None])
+            n_rest = _host(ex.sum(rest.sum(1, keepdim=True).to(torch.float64))[:, 0])
+            act = act & (n_rest >= mk)
+            keep = torch.where(on(act), rest, keep)
+    return keep
+
+
+def _draw(ex: Exchange, z: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, m_k: torch.Tensor, gid: torch.Tensor,
+          lo: int, layout: list[list[int]], seeds: torch.Tensor, steps: torch.Tensor, seqs: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two-level race of docs/semantics.md §3 F on global tiles: per-rank partial tile weights summed in rank
+    order, the tile from Philox stream 1, then every rank's best token of that tile (stream 0) and the best of
+    those. Returns the token and its ``z`` and ``x`` values, per row."""
+    b, width = z.shape
+    dev = z.device
+    t_lo = lo // TILE
+    n_loc = [(s + w - 1) // TILE - s // TILE + 1 if w else 0 for s, w, _ in layout]
+    t_max = max(n_loc)
+    w = torch.where(keep, torch.exp(z - m_k[:, None]), 0.0)
+    part = torch.zeros(b, t_max, dtype=torch.float64, device=dev)
+    part.scatter_add_(1, (gid // TILE - t_lo)[None, :].expand(b, width), w)
+    g = ex.gather(part)
+    n_tiles = max(s // TILE + n for (s, _, _), n in zip(layout, n_loc, strict=True))
+    wt = torch.zeros(b, n_tiles, dtype=torch.float64, device=dev)
+    for r, ((s, _, _), n) in enumerate(zip(layout, n_loc, strict=True)):
+        wt[:, s // TILE: s // TILE + n] += g[r, :, :n]
+    tiles = torch.arange(n_tiles, device=dev)[None, :].expand(b, n_tiles)
+    score = torch.where(wt > 0, torch.log(wt) - torch.log(tile_noise(seeds, steps, seqs, tiles)), -torch.inf)
+    tile = score.argmax(1)  # (the first maximum: the lowest tile)
+    # this rank's columns of the winning tile
+    first = (tile * TILE - lo).clamp(min=0, max=width)
+    cols = first[:, None] + torch.arange(TILE, device=dev)[None, :]
+    inside = (cols < width) & (cols < (tile * TILE + TILE - lo)[:, None])
+    cols = cols.clamp(max=max(width - 1, 0))
+    if width == 0:
+        cand = torch.zeros(b, TILE, dtype=torch.bool, device=dev)
+        zc = torch.full((b, TILE), -torch.inf, dtype=torch.float64, device=dev)
+        xc = zc
+    else:
+        cand = inside & keep.gather(1, cols)
+        zc, xc = z.gather(1, cols), x.gather(1, cols)
+    ids = cols + lo
+    ts = torch.where(cand, zc - torch.log(token_noise(seeds, steps, seqs, ids)), -torch.inf)
+    best_s, j = ts.max(1)  # (the first maximum: the lowest id)
+    mine = torch.stack((best_s, ids.gather(1, j[:, None])[:, 0].to(torch.float64), zc.gather(1, j[:, None])[:, 0],
+                        xc.gather(1, j[:, None])[:, 0], cand.any(1).to(torch.float64)), 1)
+    g = ex.gather(mine)
+    # the best score; among equal scores the lowest id (ranks hold ascending ids: the first rank with it)
+    sc = torch.where(g[:, :, 4] > 0, g[:, :, 0], -torch.inf)
+    r = sc.argmax(0)
+    pick = lambda c: g[:, :, c].gather(0, r[None])[0]
+    return pick(1).to(torch.int64), pick(2), pick(3)
+
+
+def _logprobs(ex: Exchange, rows: list[Any], want: np.ndarray, greedy: np.ndarray, x: torch.Tensor, z: torch.Tensor,
+              keep: torch.Tensor, real: torch.Tensor, gid: torch.Tensor, tokens: torch.Tensor, x_tok: torch.Tensor,
+              z_tok: torch.Tensor, raw: tuple[torch.Tensor, torch.Tensor], proc: tuple[torch.Tensor, torch.Tensor],
+              fin: tuple[torch.Tensor, torch.Tensor], n_top: int, vocab: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The token's logprob and rank and the top-N (docs/semantics.md §6) from the global (max, ln Σ) of the row's
+    mode: the rank's count of strictly greater logprobs summed, the top-N merged from every rank's top-N."""
+    b, width = z.shape
+    dev = z.device
+    modes = np.array([p.logprobs_mode for p in rows])
+    safe = lambda m: torch.where(torch.isfinite(m), m, 0.0)
+    lp_raw = _f32_range((x - safe(raw[0])[:, None]) - raw[1][:, None])
+    lp_proc = _f32_range((z - safe(proc[0])[:, None]) - proc[1][:, None])
+    lp_fin = torch.where(keep, _f32_range((z - fin[0][:, None]) - fin[1][:, None]), -torch.inf)
+    gr = torch.from_numpy(greedy).to(dev)[:, None]
+    lp_fin = torch.where(gr, torch.where(gid[None, :] == tokens[:, None], 0.0, -torch.inf), lp_fin)
+    t_raw = _f32_range((x_tok - safe(raw[0])) - raw[1])
+    t_proc = _f32_range((z_tok - safe(proc[0])) - proc[1])
+    t_fin = torch.where(gr[:, 0], 0.0, _f32_range((z_tok - fin[0]) - fin[1]))
+    sel = lambda a, bb, c: torch.where(torch.from_numpy(modes == "raw").to(dev).reshape(
+        (-1,) + (1,) * (a.dim() - 1)), a, torch.where(torch.from_numpy(modes == "processed").to(dev).reshape(
+            (-1,) + (1,) * (a.dim() - 1)), bb, c))
+    wd = torch.from_numpy(want).to(dev)
+    lp = torch.where(real & wd[:, None], sel(lp_raw, lp_proc, lp_fin), -torch.inf)
+    lp = torch.where(torch.isnan(lp), -torch.inf, lp)
+    lp_tok = sel(t_raw, t_proc, t_fin)
+    greater = ((lp > lp_tok[:, None]) & real).sum(1).to(torch.float64)
+    parts = [greater[:, None]]
+    if n_top:
+        vals, order = torch.sort(lp, dim=1, descending=True, stable=True)  # (lp desc, id asc)
+        ids = gid[order]
+        if width < n_top:
+            vals = torch.nn.functional.pad(vals, (0, n_top - width), value=-torch.inf)
+            ids = torch.nn.functional.pad(ids, (0, n_top - width), value=vocab)
+        parts += [vals[:, :n_top], ids[:, :n_top].to(torch.float64)]
+    g = ex.gather(torch.cat(parts, 1))
+    rank = 1 + g[:, :, 0].sum(0).to(torch.int64)
+    ranks = torch.where(wd, rank, -1)
+    lp_out = torch.where(wd, lp_tok, math.nan)
+    top_ids = torch.full((b, n_top), -1, dtype=torch.int64, device=dev)
+    top_lps = torch.full((b, n_top), math.nan, dtype=torch.float64, device=dev)
+    if n_top:
+        v = g[:, :, 1:1 + n_top].permute(1, 0, 2).reshape(b, -1)
+        i = g[:, :, 1 + n_top:].permute(1, 0, 2).reshape(b, -1)
+        o = torch.sort(i, dim=1, stable=True).indices  # id asc, then lp desc (stable): (lp desc, id asc)
+        v, i = v.gather(1, o), i.gather(1, o)
+        o = torch.sort(v, dim=1, descending=True, stable=True).indices
+        v, i = v.gather(1, o)[:, :n_top], i.gather(1, o)[:, :n_top].to(torch.int64)
+        n_row = torch.tensor([int(p.top_logprobs) for p in rows], device=dev)
+        ok = wd[:, None] & (torch.arange(n_top, device=dev)[None, :] < n_row[:, None]) & (i < vocab)
+        top_ids = torch.where(ok, i, -1)
+        top_lps = torch.where(ok, v, math.nan)
+    return lp_out, ranks, top_ids, top_lps
