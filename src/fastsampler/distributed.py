@@ -249,11 +249,8 @@ def sample(
         return out
 
     temps = np.array([float(p.temperature) for p in rows])
-    if not dyn.any():  # z is known: one exchange for l, x and z
-        z = z_of(temps)
-        g1 = ex.gather(torch.cat([*part1, *z_part(z)], 1))
-    else:
-        g1 = ex.gather(torch.cat(part1, 1))
+    z = z_of(temps)
+    g1 = ex.gather(torch.cat([*part1, *z_part(z)], 1))  # one exchange for l, x and z
     # greedy token: the largest l, ties to the lowest id (ranks hold ascending ids: the first rank wins a tie)
     best = g1[:, :, 4].argmax(0)  # (the first rank with the maximum)
     pick = lambda col: g1[:, :, col].gather(0, best[None])[0]
@@ -262,27 +259,9 @@ def sample(
     n_l, m_l, lns_l, _ = merge_stats(g1[:, :, 5:9])
     n_x, m_x, lns_x, _ = merge_stats(g1[:, :, 9:13])
     valid = ~bad1 & (n_l > 0)
-    if dyn.any():
-        # the entropy of softmax(l) over the finite l, summed term by term (every term has one sign: no
-        # cancellation, as in the reference), then the dynamic temperature of §3 D
-        lq = (l - torch.where(torch.isfinite(m_l), m_l, 0.0)[:, None]) - lns_l[:, None]
-        q = torch.exp(lq)
-        terms = torch.where(fin_l & (q > 0), -(q * lq), 0.0).sum(1)
-        h_all = _host(ex.sum(terms[:, None])[:, 0])
-        nl = _host(n_l)
-        for r, p in enumerate(rows):
-            if dyn[r] and nl[r] > 1:
-                t, delta = float(p.temperature), float(p.dynatemp_range)
-                t_min, t_max = max(0.0, t - delta), t + delta
-                t_dyn = t_min + (t_max - t_min) * (max(float(h_all[r]), 0.0) / math.log(nl[r])) ** float(
-                    p.dynatemp_exponent)
-                temps[r] = max(t_dyn, F32_TINY)
-        z = z_of(temps)
-        g2 = ex.gather(torch.cat(z_part(z), 1))
-    else:
-        g2 = g1[:, :, 13:]
+    g2 = g1[:, :, 13:]
     bad_z = g2[:, :, 0].max(0).values > 0
-    n_z, m_z, lns_z, h_z = merge_stats(g2[:, :, 1:5])
+    n_z, m_z, lns_z, _ = merge_stats(g2[:, :, 1:5])
     std_z = merge_moments(g2[:, :, 5:8]) if nsig.any() else None
     valid = valid & ~bad_z & (n_z > 0)
     valid_h = _host(valid)
@@ -291,11 +270,35 @@ def sample(
     keep = torch.isfinite(z) & torch.from_numpy(samp_h).to(dev)[:, None]
 
     # ------------------------------------------------------------------------------------ truncation (E)
-    keep = _truncate(ex, z, keep, rows, samp_h, mu_h, int(vocab_size), n_z, m_z, lns_z, h_z, std_z,
+    keep = _truncate(ex, z, keep, rows, samp_h, mu_h, int(vocab_size), n_z, m_z, lns_z, std_z,
                      seeds_t, steps_h, seqs_h)
+    # the dynamic temperature of the kept set (§3 E): the entropy of softmax(l) over it, then z' = l / T' there
+    zd = z
+    dyn_h = samp_h & dyn
+    if dyn_h.any():
+        n_s, _, _, h_s = merge_stats(ex.gather(row_stats(l, keep)))
+        n_h, h_h = _host(n_s), _host(h_s)
+        for r in np.nonzero(dyn_h)[0]:
+            p = rows[r]
+            if n_h[r] > 1:
+                t, delta = float(p.temperature), float(p.dynatemp_range)
+                t_min, t_max = max(0.0, t - delta), t + delta
+                t_dyn = t_min + (t_max - t_min) * (max(float(h_h[r]), 0.0) / math.log(n_h[r])) ** float(
+                    p.dynatemp_exponent)
+                temps[r] = max(t_dyn, F32_TINY)
+        dd = torch.from_numpy(dyn_h).to(dev)[:, None]
+        zd = torch.where(dd & keep, _f32_range(l / torch.from_numpy(temps).to(dev)[:, None]), z)
+        over = _host(ex.sum(((zd == torch.inf) & keep).sum(1, keepdim=True).to(torch.float64))[:, 0]) > 0
+        keep = keep & ~(dd & (zd == -torch.inf))  # (a kept token whose z' underflows leaves the set)
+        left = _host(ex.sum(keep.sum(1, keepdim=True).to(torch.float64))[:, 0]) > 0
+        lost = dyn_h & (over | ~left)  # z' overflows (or nothing is left): the row is invalid (§5)
+        if lost.any():
+            valid_h = valid_h & ~lost
+            samp_h = samp_h & ~lost
+            keep = keep & torch.from_numpy(~lost).to(dev)[:, None]
 
     # --------------------------------------------------------------------------------------- the draw (F)
-    gk = merge_stats(ex.gather(row_stats(z, keep)))
+    gk = merge_stats(ex.gather(row_stats(zd, keep)))
     _, m_k, lns_k, _ = gk
     mk_safe = torch.where(torch.isfinite(m_k), m_k, 0.0)
     tokens = torch.full((b,), -1, dtype=torch.int64, device=dev)
@@ -305,14 +308,16 @@ def sample(
     tokens = torch.where(gr_d, g_tok.to(torch.int64), tokens)
     z_tok = torch.where(gr_d, pick(4), z_tok)
     x_tok = torch.where(gr_d, g_x, x_tok)
+    zd_tok = z_tok
     if samp_h.any():
-        st, zt, xt = _draw(ex, z, x, keep, mk_safe, gid, lo, layout, seeds_d, steps_d, seqs_d)
+        st, zdt, xt, zt = _draw(ex, zd, x, z, keep, mk_safe, gid, lo, layout, seeds_d, steps_d, seqs_d)
         sd = torch.from_numpy(samp_h).to(dev)
         tokens, z_tok, x_tok = torch.where(sd, st, tokens), torch.where(sd, zt, z_tok), torch.where(sd, xt, x_tok)
+        zd_tok = torch.where(sd, zdt, z_tok)
 
     # ---------------------------------------------------------------------------------------- Mirostat mu
     mu_out = mu_h.copy()
-    fl_tok = _host((z_tok - mk_safe) - lns_k)
+    fl_tok = _host((zd_tok - mk_safe) - lns_k)
     for r, p in enumerate(rows):
         if samp_h[r] and p.mirostat_mode:
             surprise = -float(fl_tok[r]) / LN2
@@ -326,9 +331,9 @@ def sample(
     top_lps = torch.full((b, n_top), math.nan, dtype=torch.float64, device=dev)
     want = valid_h & np.array([bool(p.logprobs) for p in rows])
     if want.any():
-        lp_out, ranks, top_ids, top_lps = _logprobs(ex, rows, want, greedy, x, z, keep, real, gid, tokens, x_tok,
-                                                    z_tok, (m_x, lns_x), (m_z, lns_z), (mk_safe, lns_k), n_top,
-                                                    int(vocab_size))
+        lp_out, ranks, top_ids, top_lps = _logprobs(ex, rows, want, greedy, x, z, zd, keep, real, gid, tokens, x_tok,
+                                                    z_tok, zd_tok, (m_x, lns_x), (m_z, lns_z), (mk_safe, lns_k),
+                                                    n_top, int(vocab_size))
     out = SampleOutput(tokens=tokens, valid=torch.from_numpy(valid_h).to(dev), logprobs=lp_out.to(torch.float32),
                        top_logprob_ids=top_ids, top_logprobs=top_lps.to(torch.float32), ranks=ranks,
                        mirostat_mu=torch.from_numpy(mu_out.astype(np.float32)).to(dev))
@@ -354,8 +359,8 @@ def _check_layout(ex: Exchange, start: int, width: int, b: int, vocab: int, dev:
 
 
 def _truncate(ex: Exchange, z: torch.Tensor, keep: torch.Tensor, rows: list[Any], samp: np.ndarray, mu: np.ndarray,
-              vocab: int, n_z: torch.Tensor, m_z: torch.Tensor, lns_z: torch.Tensor, h_z: torch.Tensor,
-              std_z: torch.Tensor | None, seeds: torch.Tensor, steps: np.ndarray, seqs: np.ndarray) -> torch.Tensor:
+              vocab: int, n_z: torch.Tensor, m_z: torch.Tensor, lns_z: torch.Tensor, std_z: torch.Tensor | None,
+              seeds: torch.Tensor, steps: np.ndarray, seqs: np.ndarray) -> torch.Tensor:
     """Stage E on the shard (docs/semantics.md §3 E): every threshold decided from exchanged statistics, exactly as
     the reference decides it. Rows that do not use a rule are not changed by it; a rule's exchanges run only when
     some row uses it (every rank knows the params, so every rank runs the same exchanges)."""
@@ -418,11 +423,10 @@ def _truncate(ex: Exchange, z: torch.Tensor, keep: torch.Tensor, rows: list[Any]
         v = ex.select(z, w, keep, tens(np.where(tp, mk, 0)), tens([float(p.top_p) if t else -math.inf
                                                                   for p, t in zip(rows, tp, strict=True)]))
         keep = torch.where(on(tp), keep & (z >= v[:, None]), keep)
-    # 3. min-p, epsilon, eta, top-n-sigma: thresholds of the whole distribution, lowered to keep min_keep
-    mp = rules & np.array([float(p.min_p) > 0 or float(p.epsilon_cutoff) > 0 or float(p.eta_cutoff) > 0
-                           or float(p.top_n_sigma) > 0 for p in rows])
+    # 3. min-p, epsilon, top-n-sigma: thresholds of the whole distribution, lowered to keep min_keep
+    mp = rules & np.array([float(p.min_p) > 0 or float(p.epsilon_cutoff) > 0 or float(p.top_n_sigma) > 0
+                           for p in rows])
     if mp.any():
-        hz = _host(h_z)
         sz = _host(std_z) if std_z is not None else None
         thr = np.full(b, -math.inf)
         for r in np.nonzero(mp)[0]:
@@ -431,9 +435,6 @@ def _truncate(ex: Exchange, z: torch.Tensor, keep: torch.Tensor, rows: list[Any]
                 t = top_z + math.log(float(p.min_p))
             if p.epsilon_cutoff > 0.0:
                 t = max(t, top_z + math.log(float(p.epsilon_cutoff)) + float(lnsz[r]))
-            if p.eta_cutoff > 0.0:
-                eta = float(p.eta_cutoff)
-                t = max(t, top_z + float(lnsz[r]) + min(math.log(eta), 0.5 * math.log(eta) - float(hz[r])))
             if p.top_n_sigma > 0.0:
                 t = max(t, top_z - float(p.top_n_sigma) * float(sz[r]))
             thr[r] = min(t, top_z)
@@ -454,7 +455,24 @@ def _truncate(ex: Exchange, z: torch.Tensor, keep: torch.Tensor, rows: list[Any]
         v = ex.select(neg_s, torch.exp(lq), keep, tens(np.where(ty, mk, 0)),
                       tens([float(p.typical_p) if t else -math.inf for p, t in zip(rows, ty, strict=True)]))
         keep = torch.where(on(ty), keep & (neg_s >= v[:, None]), keep)
-    # 5. XTC: its coin (Philox stream 3), then the survivors above the least likely top choice removed
+    # 5. eta: q >= min(eta, sqrt(eta) e^-H), q and H over the survivors, lowered to keep min_keep
+    et = rules & np.array([float(p.eta_cutoff) > 0.0 for p in rows])
+    if et.any():
+        _, m_s, lns_s, h_s = survivors()
+        ms_h, lns_h, hs_h = _host(m_s), _host(lns_s), _host(h_s)
+        thr = np.full(b, -math.inf)
+        for r in np.nonzero(et)[0]:
+            eta = float(rows[r].eta_cutoff)
+            thr[r] = min(float(ms_h[r]), float(ms_h[r]) + float(lns_h[r]) + min(math.log(eta),
+                                                                               0.5 * math.log(eta) - float(hs_h[r])))
+        thr_d = tens(thr)
+        cnt = _host(ex.sum(torch.stack(((keep & (z >= thr_d[:, None])).sum(1), keep.sum(1)), 1).to(torch.float64)))
+        need = np.where(et & (cnt[:, 0] < mk), np.minimum(mk, cnt[:, 1]).astype(np.int64), 0)
+        if need.any():
+            kth = ex.kth_largest(z, keep, torch.from_numpy(need).to(dev), GATHER_CAP)
+            thr_d = torch.where(tens(need > 0) > 0, torch.minimum(thr_d, kth), thr_d)
+        keep = torch.where(on(et), keep & (z >= thr_d[:, None]), keep)
+    # 6. XTC: its coin (Philox stream 3), then the survivors above the least likely top choice removed
     xp = rules & np.array([float(p.xtc_probability) > 0.0 for p in rows])
     if xp.any():
         for r in np.nonzero(xp)[0]:
@@ -481,12 +499,13 @@ def _truncate(ex: Exchange, z: torch.Tensor, keep: torch.Tensor, rows: list[Any]
     return keep
 
 
-def _draw(ex: Exchange, z: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, m_k: torch.Tensor, gid: torch.Tensor,
-          lo: int, layout: list[list[int]], seeds: torch.Tensor, steps: torch.Tensor, seqs: torch.Tensor
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _draw(ex: Exchange, z: torch.Tensor, x: torch.Tensor, z_proc: torch.Tensor, keep: torch.Tensor, m_k: torch.Tensor,
+          gid: torch.Tensor, lo: int, layout: list[list[int]], seeds: torch.Tensor, steps: torch.Tensor,
+          seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The two-level race of docs/semantics.md §3 F on global tiles: per-rank partial tile weights summed in rank
     order, the tile from Philox stream 1, then every rank's best token of that tile (stream 0) and the best of
-    those. Returns the token and its ``z`` and ``x`` values, per row."""
+    those. ``z`` are the values drawn from (with a dynamic temperature, ``z'``), ``z_proc`` the processed ones.
+    Returns the token and its ``z``, ``x`` and ``z_proc`` values, per row."""
     b, width = z.shape
     dev = z.device
     t_lo = lo // TILE
@@ -511,42 +530,44 @@ def _draw(ex: Exchange, z: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, m_
     if width == 0:
         cand = torch.zeros(b, TILE, dtype=torch.bool, device=dev)
         zc = torch.full((b, TILE), -torch.inf, dtype=torch.float64, device=dev)
-        xc = zc
+        xc = pc = zc
     else:
         cand = inside & keep.gather(1, cols)
-        zc, xc = z.gather(1, cols), x.gather(1, cols)
+        zc, xc, pc = z.gather(1, cols), x.gather(1, cols), z_proc.gather(1, cols)
     ids = cols + lo
     ts = torch.where(cand, zc - torch.log(token_noise(seeds, steps, seqs, ids)), -torch.inf)
     best_s, j = ts.max(1)  # (the first maximum: the lowest id)
     mine = torch.stack((best_s, ids.gather(1, j[:, None])[:, 0].to(torch.float64), zc.gather(1, j[:, None])[:, 0],
-                        xc.gather(1, j[:, None])[:, 0], cand.any(1).to(torch.float64)), 1)
+                        xc.gather(1, j[:, None])[:, 0], cand.any(1).to(torch.float64),
+                        pc.gather(1, j[:, None])[:, 0]), 1)
     g = ex.gather(mine)
     # the best score; among equal scores the lowest id (ranks hold ascending ids: the first rank with it)
     sc = torch.where(g[:, :, 4] > 0, g[:, :, 0], -torch.inf)
     r = sc.argmax(0)
     pick = lambda c: g[:, :, c].gather(0, r[None])[0]
-    return pick(1).to(torch.int64), pick(2), pick(3)
+    return pick(1).to(torch.int64), pick(2), pick(3), pick(5)
 
 
 def _logprobs(ex: Exchange, rows: list[Any], want: np.ndarray, greedy: np.ndarray, x: torch.Tensor, z: torch.Tensor,
-              keep: torch.Tensor, real: torch.Tensor, gid: torch.Tensor, tokens: torch.Tensor, x_tok: torch.Tensor,
-              z_tok: torch.Tensor, raw: tuple[torch.Tensor, torch.Tensor], proc: tuple[torch.Tensor, torch.Tensor],
-              fin: tuple[torch.Tensor, torch.Tensor], n_top: int, vocab: int
+              zd: torch.Tensor, keep: torch.Tensor, real: torch.Tensor, gid: torch.Tensor, tokens: torch.Tensor,
+              x_tok: torch.Tensor, z_tok: torch.Tensor, zd_tok: torch.Tensor, raw: tuple[torch.Tensor, torch.Tensor],
+              proc: tuple[torch.Tensor, torch.Tensor], fin: tuple[torch.Tensor, torch.Tensor], n_top: int, vocab: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The token's logprob and rank and the top-N (docs/semantics.md §6) from the global (max, ln Σ) of the row's
-    mode: the rank's count of strictly greater logprobs summed, the top-N merged from every rank's top-N."""
+    mode: the rank's count of strictly greater logprobs summed, the top-N merged from every rank's top-N. Final
+    logprobs come from ``zd`` (``z'`` on rows with a dynamic temperature), processed ones from ``z``."""
     b, width = z.shape
     dev = z.device
     modes = np.array([p.logprobs_mode for p in rows])
     safe = lambda m: torch.where(torch.isfinite(m), m, 0.0)
     lp_raw = _f32_range((x - safe(raw[0])[:, None]) - raw[1][:, None])
     lp_proc = _f32_range((z - safe(proc[0])[:, None]) - proc[1][:, None])
-    lp_fin = torch.where(keep, _f32_range((z - fin[0][:, None]) - fin[1][:, None]), -torch.inf)
+    lp_fin = torch.where(keep, _f32_range((zd - fin[0][:, None]) - fin[1][:, None]), -torch.inf)
     gr = torch.from_numpy(greedy).to(dev)[:, None]
     lp_fin = torch.where(gr, torch.where(gid[None, :] == tokens[:, None], 0.0, -torch.inf), lp_fin)
     t_raw = _f32_range((x_tok - safe(raw[0])) - raw[1])
     t_proc = _f32_range((z_tok - safe(proc[0])) - proc[1])
-    t_fin = torch.where(gr[:, 0], 0.0, _f32_range((z_tok - fin[0]) - fin[1]))
+    t_fin = torch.where(gr[:, 0], 0.0, _f32_range((zd_tok - fin[0]) - fin[1]))
     sel = lambda a, bb, c: torch.where(torch.from_numpy(modes == "raw").to(dev).reshape(
         (-1,) + (1,) * (a.dim() - 1)), a, torch.where(torch.from_numpy(modes == "processed").to(dev).reshape(
             (-1,) + (1,) * (a.dim() - 1)), bb, c))
