@@ -78,9 +78,9 @@ class Provider:
 
     @staticmethod
     def _no_history_rules(inp: CaseInputs) -> None:
-        """A baseline without the history rules (n-gram, bad words, penalty window) does not apply to them."""
+        """A baseline without the history rules (n-gram, bad words, penalty window, DRY) does not apply to them."""
         if inp.scenario.history_rules:
-            raise NotApplicable("no n-gram, bad-word or penalty-window rules")
+            raise NotApplicable("no n-gram, bad-word, penalty-window or DRY rules")
 
     def _check_size(self, inp: CaseInputs) -> None:
         if self.max_elements and inp.batch * inp.vocab > self.max_elements:

@@ -15,7 +15,7 @@ from .providers import NotApplicable, Provider
 from .report import ERROR, FAILED, NA, OK, SKIPPED, Result
 from .scenarios import SCENARIOS, check_inputs, make_inputs
 from .timing import TimingConfig, time_call
-from .validate import check_provider, reference_probs
+from .validate import check_provider, reference_probs, step_dependent
 
 __all__ = ["BenchConfig", "Progress", "run_benchmark"]
 
@@ -130,11 +130,15 @@ def run_benchmark(
         if key not in ref_cache:  # once per (scenario, dtype, vocabulary): the checked rows do not depend on B
             ref_cache.clear()  # cases come grouped by key: an old one is never needed again
             try:
-                ref_cache[key] = reference_probs(check_inputs(scen, dt, vocab, cfg.check_rows, seed=cfg.seed))
+                chk_in = check_inputs(scen, dt, vocab, cfg.check_rows, seed=cfg.seed)
+                ref_cache[key] = (reference_probs(chk_in), [reference_probs(chk_in, s) for s in range(
+                    cfg.check_steps)] if step_dependent(chk_in.params) else None)
             except Exception as e:
                 ref_cache[key] = e
         ref = ref_cache[key]
+        step_refs = None
         if not isinstance(ref, BaseException):
+            ref, step_refs = ref
             ref = ref[: inp.check_rows]
         for prov in providers:
             label = f"{scen_name} {dt} B={batch} V={vocab} {prov.name}"
@@ -143,7 +147,7 @@ def run_benchmark(
                 prep = prov.prepare(inp)
                 if isinstance(ref, BaseException):
                     raise RuntimeError(f"no reference distribution to check against ({_short(ref)})")
-                chk = check_provider(prep, inp, ref, steps=cfg.check_steps)
+                chk = check_provider(prep, inp, ref, steps=cfg.check_steps, step_refs=step_refs)
                 if not chk.ok:
                     res.status, res.note = FAILED, chk.note
                 else:

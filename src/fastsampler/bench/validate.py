@@ -30,7 +30,7 @@ import torch
 from .providers import Prepared
 from .scenarios import CaseInputs, CheckInputs
 
-__all__ = ["Check", "reference_probs", "check_provider", "Z_MAX", "PROB_ATOL"]
+__all__ = ["Check", "reference_probs", "step_dependent", "check_provider", "Z_MAX", "PROB_ATOL"]
 
 Z_MAX = 6.0
 MODE_P_MIN = 1e-9
@@ -43,13 +43,20 @@ class Check:
     note: str = ""
 
 
-def reference_probs(chk: CheckInputs) -> np.ndarray:
-    """(rows, V) float64 reference distribution of the checked rows (zero outside the kept set)."""
+def reference_probs(chk: CheckInputs, step: int = 0) -> np.ndarray:
+    """(rows, V) float64 reference distribution of the checked rows at ``step`` (zero outside the kept set)."""
     from ..backends import reference
 
     seeds = np.full(chk.logits.shape[0], chk.seed, dtype=np.int64)
-    return np.asarray(reference.sampling_probs(chk.logits.numpy(), chk.params, seeds=seeds, **chk.state_kwargs()),
-                      dtype=np.float64)
+    steps = np.full(chk.logits.shape[0], step, dtype=np.int64)
+    return np.asarray(reference.sampling_probs(chk.logits.numpy(), chk.params, seeds=seeds, steps=steps,
+                                               **chk.state_kwargs()), dtype=np.float64)
+
+
+def step_dependent(params: object) -> bool:
+    """Whether the kept set depends on the step (XTC's coin, docs/semantics.md §3 E item 6): the draws of
+    `check_provider` are then checked against each step's own reference distribution."""
+    return bool(getattr(params, "xtc_active", False)) and not getattr(params, "greedy", False)
 
 
 def _poisson_binomial_tail(p: list[float], k: int) -> float:
@@ -68,19 +75,29 @@ def _tokens(x: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.asarray(x).reshape(-1).astype(np.int64)
 
 
-def check_provider(prep: Prepared, inp: CaseInputs, ref: np.ndarray, *, steps: int = 8) -> Check:
-    """Run the three checks of the module docstring; never raises for a wrong provider, returns ``ok=False``."""
+def check_provider(prep: Prepared, inp: CaseInputs, ref: np.ndarray, *, steps: int = 8,
+                   step_refs: list[np.ndarray] | None = None) -> Check:
+    """Run the three checks of the module docstring; never raises for a wrong provider, returns ``ok=False``.
+    ``ref`` is the reference at step 0 (what ``probs()`` is compared with); ``step_refs``, when the kept set depends
+    on the step (`step_dependent`), the reference of each step the draws are checked against."""
     rows, vocab = ref.shape
-    support = ref > 0
-    with np.errstate(divide="ignore"):
-        logp = np.where(support, np.log(np.where(support, ref, 1.0)), -np.inf)
     observed = 0.0
+    expect, var_sum = 0.0, 0.0
     n_obs = 0
-    mode = ref.argmax(axis=1)
     mode_p: list[float] = []  # reference probability of the row's mode, one per draw
     mode_hits = 0
     before = inp.buffers[0][:rows].clone()
     for step in range(steps):
+        ref_s = ref if step_refs is None else step_refs[step][:rows]
+        support = ref_s > 0
+        with np.errstate(divide="ignore"):
+            logp = np.where(support, np.log(np.where(support, ref_s, 1.0)), -np.inf)
+        mode = ref_s.argmax(axis=1)
+        p_log_p = np.where(support, ref_s * np.where(support, logp, 0.0), 0.0)
+        mean = p_log_p.sum(axis=1)  # E[log p] per row = -entropy
+        second = np.where(support, ref_s * np.where(support, logp, 0.0) ** 2, 0.0).sum(axis=1)
+        expect += float(mean.sum())
+        var_sum += float(np.maximum(second - mean**2, 0.0).sum())
         tok = _tokens(prep.draw(step))
         if tok.shape != (inp.batch,):
             return Check(False, f"returned {tok.shape[0]} tokens for a batch of {inp.batch}")
@@ -94,20 +111,15 @@ def check_provider(prep: Prepared, inp: CaseInputs, ref: np.ndarray, *, steps: i
                                     f"({int(support[r].sum())} tokens)")
             observed += float(logp[r, t])
             n_obs += 1
-            mode_p.append(float(ref[r, mode[r]]))
+            mode_p.append(float(ref_s[r, mode[r]]))
             mode_hits += int(t == mode[r])
 
     if not torch.equal(before, inp.buffers[0][:rows]):
         return Check(False, "modified its input logits")
     notes = [f"{steps} draws x {rows} rows in the kept set"]
     if not inp.params.greedy and n_obs:
-        p_log_p = np.where(support, ref * np.where(support, logp, 0.0), 0.0)
-        mean = p_log_p.sum(axis=1)  # E[log p] per row = -entropy
-        second = np.where(support, ref * np.where(support, logp, 0.0) ** 2, 0.0).sum(axis=1)
-        var = np.maximum(second - mean**2, 0.0)
-        total_var = steps * float(var.sum())
-        if total_var > 1e-12:
-            z = (observed - steps * float(mean.sum())) / math.sqrt(total_var)
+        if var_sum > 1e-12:
+            z = (observed - expect) / math.sqrt(var_sum)
             if abs(z) > Z_MAX:
                 return Check(False, f"drawn tokens' mean reference log-probability is {z:+.1f} sd from its "
                                     f"expectation (not drawn from the reference distribution)")
@@ -126,6 +138,7 @@ def check_provider(prep: Prepared, inp: CaseInputs, ref: np.ndarray, *, steps: i
             return Check(False, f"probs() has shape {p.shape}, expected {ref.shape}")
         if not np.isfinite(p).all():
             return Check(False, "probs() holds NaN or inf")
+        support = ref > 0  # (probs() is the distribution at step 0)
         diff = support ^ (p > 0)
         n_diff = int(diff.sum())
         mass = float(ref[diff].sum() + p[diff].sum())
