@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -165,26 +166,96 @@ def sample(
     steps_h = _host(batch.steps).astype(np.int64)
     seqs_h = _host(batch.seqs).astype(np.int64)
     mu_h = _host(batch.mirostat_mu).astype(np.float32).astype(np.float64)
-    seeds_d, steps_d, seqs_d = seeds_t.to(dev), torch.from_numpy(steps_h).to(dev), torch.from_numpy(seqs_h).to(dev)
 
-    lo, hi = int(vocab_start), min(int(vocab_start) + width, int(vocab_size))
-    hi = max(hi, lo)
+    lo, hi = int(vocab_start), max(min(int(vocab_start) + width, int(vocab_size)), int(vocab_start))
+    bias = None
+    if batch.bias_indptr is not None:
+        indptr = batch.bias_indptr.cpu().to(torch.int64)
+        rr = torch.repeat_interleave(torch.arange(b), indptr[1:] - indptr[:-1])
+        bias = _local_entries(rr, batch.bias_ids.cpu().to(torch.int64), batch.bias_vals.cpu(), lo, hi)
+    allowed = None if batch.allowed_mask is None else _shard_bits(batch.allowed_mask, lo, hi, width, dev)
+    if output_counts is not None:
+        counts = output_counts
+    elif batch.output_counts is not None:
+        c = batch.output_counts[:, lo:hi].to(dev, torch.int64)
+        counts = torch.nn.functional.pad(c, (0, width - c.shape[1]))
+    else:
+        counts = None
+    prompt = None if batch.prompt_mask is None else _shard_bits(batch.prompt_mask, lo, hi, width, dev)
+    dry = None
+    if batch.flags.any_dry:  # DRY from the histories themselves, as the reference computes it (float64)
+        plist = pb.plist()
+        ents: list[tuple[int, int, float]] = []
+        for r in range(b):
+            hist = [*(prompt_token_ids[r] if prompt_token_ids is not None else ()),
+                    *(output_token_ids[r] if output_token_ids is not None else ())]
+            ents += [(r, t, v) for t, v in dry_penalties(hist, plist[r]).items()]
+        if ents:
+            dry = _local_entries(torch.tensor([e[0] for e in ents]), torch.tensor([e[1] for e in ents]),
+                                 torch.tensor([e[2] for e in ents], dtype=torch.float64), lo, hi)
+    shard = _Shard(rows=rows, seeds=seeds_t, steps=steps_h, seqs=seqs_h, mu=mu_h, n_top=int(batch.n_top),
+                   eos=batch.eos_ids.cpu().to(torch.int64), allowed=allowed, prompt=prompt, counts=counts, bias=bias,
+                   dry=dry)
+    out = _sample_shard(ex, local_logits, shard, lo, int(vocab_size), layout)
+    out.stopped = stopped_rows(out.tokens, params, eos_token_ids)
+    return out
+
+
+@dataclass
+class _Shard:
+    """What one step needs besides the logits, for this rank's columns: the rows' parameters (`_row_params`) and
+    small state, replicated on every rank, and the vocabulary-sized inputs sliced to the shard.
+
+    allowed, prompt : (B, V_local) bool or None (allowed ids after every ban; ids in the prompt)
+    counts : (B, V_local) integer tensor or None (generated-token counts of the shard's ids)
+    bias, dry : (row, local column, value) int64 / int64 / float64 tensors of the shard's logit-bias entries and DRY
+        penalties, or None
+    """
+
+    rows: list[Any]
+    seeds: torch.Tensor  # (B,) int64, CPU
+    steps: np.ndarray  # (B,) int64
+    seqs: np.ndarray  # (B,) int64
+    mu: np.ndarray  # (B,) float64 (float32 values)
+    n_top: int
+    eos: torch.Tensor  # (E,) int64 global ids, CPU
+    allowed: torch.Tensor | None = None
+    prompt: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    dry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+def _local_entries(rows: torch.Tensor, ids: torch.Tensor, vals: torch.Tensor, lo: int, hi: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The entries ``(row, id, value)`` whose id falls in ``[lo, hi)``, with local columns (None when none)."""
+    sel = (ids >= lo) & (ids < hi)
+    if not bool(sel.any()):
+        return None
+    return rows[sel].to(torch.int64), ids[sel].to(torch.int64) - lo, vals[sel].to(torch.float64)
+
+
+def _sample_shard(ex: Exchange, local_logits: torch.Tensor, shard: _Shard, lo: int, vocab_size: int,
+                  layout: list[list[int]]) -> SampleOutput:
+    """The pipeline of docs/semantics.md on this rank's columns ``[lo, lo + V_local)`` of every row, with the
+    exchanges of docs/distributed.md: `sample` and `Sampler.sample` both end here (``stopped`` is left to them)."""
+    dev = local_logits.device
+    b, width = local_logits.shape
+    rows, seeds_t, steps_h, seqs_h, mu_h = shard.rows, shard.seeds, shard.steps, shard.seqs, shard.mu
+    seeds_d, steps_d, seqs_d = seeds_t.to(dev), torch.from_numpy(steps_h).to(dev), torch.from_numpy(seqs_h).to(dev)
+    hi = max(min(lo + width, vocab_size), lo)
     gid = torch.arange(lo, lo + width, dtype=torch.int64, device=dev)
     real = (gid < vocab_size)[None, :].expand(b, width)
     x = local_logits.detach().to(torch.float64)
 
     # ------------------------------------------------------------------------------------- stages A to C
     l = torch.where(real, x, -torch.inf)
-    if batch.bias_indptr is not None:
-        indptr = batch.bias_indptr.cpu().to(torch.int64)
-        rr = torch.repeat_interleave(torch.arange(b), indptr[1:] - indptr[:-1])
-        ids = batch.bias_ids.cpu().to(torch.int64)
-        sel = (ids >= lo) & (ids < hi)
-        l.index_put_((rr[sel].to(dev), (ids[sel] - lo).to(dev)), batch.bias_vals.cpu()[sel].to(dev, torch.float64),
-                     accumulate=True)
-    if batch.allowed_mask is not None:
-        l = torch.where(_shard_bits(batch.allowed_mask, lo, hi, width, dev), l, -torch.inf)
-    eos = batch.eos_ids.cpu().to(torch.int64)
+    if shard.bias is not None:
+        rr, cc, vv = shard.bias
+        l.index_put_((rr.to(dev), cc.to(dev)), vv.to(dev), accumulate=True)
+    if shard.allowed is not None:
+        l = torch.where(shard.allowed.to(dev), l, -torch.inf)
+    eos = shard.eos
     eos = eos[(eos >= lo) & (eos < hi)] - lo
     if eos.numel():
         ban = torch.tensor([bool(p.ignore_eos) or int(steps_h[r]) < p.min_tokens for r, p in enumerate(rows)])
@@ -192,20 +263,14 @@ def sample(
             cols = torch.zeros(width, dtype=torch.bool)
             cols[eos] = True
             l = torch.where((ban[:, None] & cols[None, :]).to(dev), -torch.inf, l)
-    if output_counts is not None:
-        counts = output_counts.to(dev, torch.int64)
-    elif batch.output_counts is not None:
-        c = batch.output_counts[:, lo:hi].to(dev, torch.int64)
-        counts = torch.nn.functional.pad(c, (0, width - c.shape[1]))
-    else:
-        counts = None
+    counts = None if shard.counts is None else shard.counts.to(dev, torch.int64)
     if counts is not None:
         counts = counts.clamp(min=0)  # a negative count counts as 0 (§3 C)
         seen = counts > 0
     else:
         seen = torch.zeros(b, width, dtype=torch.bool, device=dev)
-    if batch.prompt_mask is not None:
-        seen = seen | _shard_bits(batch.prompt_mask, lo, hi, width, dev)
+    if shard.prompt is not None:
+        seen = seen | shard.prompt.to(dev)
     rep = torch.tensor([p.repetition_penalty for p in rows], dtype=torch.float64, device=dev)[:, None]
     if bool((rep != 1.0).any()):
         l = torch.where(seen, torch.where(l > 0, l / rep, l * rep), l)
@@ -213,15 +278,9 @@ def sample(
     pres = torch.tensor([p.presence_penalty for p in rows], dtype=torch.float64, device=dev)[:, None]
     if counts is not None and bool(((freq != 0.0) | (pres != 0.0)).any()):
         l = l - (counts.to(torch.float64) * freq + (counts > 0).to(torch.float64) * pres)
-    if batch.flags.any_dry:  # DRY from the histories themselves, as the reference computes it (float64)
-        plist = pb.plist()
-        for r in range(b):
-            hist = [*(prompt_token_ids[r] if prompt_token_ids is not None else ()),
-                    *(output_token_ids[r] if output_token_ids is not None else ())]
-            pens = [(t - lo, v) for t, v in dry_penalties(hist, plist[r]).items() if lo <= t < hi]
-            if pens:
-                cols_t = torch.tensor([c for c, _ in pens], device=dev)
-                l[r, cols_t] -= torch.tensor([v for _, v in pens], dtype=torch.float64, device=dev)
+    if shard.dry is not None:  # DRY, after the frequency and presence penalties (-inf stays -inf)
+        rr, cc, vv = shard.dry
+        l.index_put_((rr.to(dev), cc.to(dev)), -vv.to(dev), accumulate=True)
     l = _f32_range(l)
 
     # ------------------------------------------------------------------ whole-row statistics, temperature (D)
@@ -324,7 +383,7 @@ def sample(
             mu_out[r] = mu_h[r] - float(p.mirostat_lr) * (surprise - float(p.mirostat_target))
 
     # ------------------------------------------------------------------------------------------- logprobs
-    n_top = int(batch.n_top)
+    n_top = shard.n_top
     lp_out = torch.full((b,), math.nan, dtype=torch.float64, device=dev)
     ranks = torch.full((b,), -1, dtype=torch.int64, device=dev)
     top_ids = torch.full((b, n_top), -1, dtype=torch.int64, device=dev)
@@ -337,7 +396,6 @@ def sample(
     out = SampleOutput(tokens=tokens, valid=torch.from_numpy(valid_h).to(dev), logprobs=lp_out.to(torch.float32),
                        top_logprob_ids=top_ids, top_logprobs=top_lps.to(torch.float32), ranks=ranks,
                        mirostat_mu=torch.from_numpy(mu_out.astype(np.float32)).to(dev))
-    out.stopped = stopped_rows(out.tokens, params, eos_token_ids)
     return out
 
 
