@@ -7,8 +7,12 @@ The processes start once per world size and run both layouts (an engine's padded
 
 from __future__ import annotations
 
+import os
 import pathlib
 import pickle
+import re
+import subprocess
+import sys
 import tempfile
 from typing import Any
 
@@ -302,3 +306,19 @@ def test_sampler_refuses() -> None:
                 s.remove(1)
         finally:
             dist.destroy_process_group()
+
+
+def test_doc_example_runs() -> None:
+    """docs/distributed.md's `distributed.Sampler` example runs as written, as a script (it starts its processes)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "distributed.md").read_text()
+    section = text[text.index("## `distributed.Sampler`"):]
+    section = section[:section.index("\n## ", 1)]
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    with tempfile.TemporaryDirectory() as d:
+        script = pathlib.Path(d) / "example.py"
+        script.write_text(block)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]))
+        res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [line.split()[0] for line in res.stdout.splitlines()] == ["0", "1", "2", "3"], res.stdout
