@@ -6,7 +6,8 @@ With tensor parallelism the LM head is split by vocabulary: rank ``r`` holds the
 and exchanges only per-row partial statistics, histograms of candidate values, per-tile weights and short top lists,
 so every rank returns the same tokens, logprobs, top-N, ranks and Mirostat ``mu`` as single-device sampling of the
 gathered logits (`fastsampler.reference.sample`), except at the near-ties of docs/semantics.md §8. The shard is
-processed in float64 (the reference's arithmetic), on the logits' device.
+processed in float64 (the reference's arithmetic), on the logits' device. `Sampler` is the generation-loop form: each
+rank keeps the counts and masks of its slice only, and its steps run the same per-shard pipeline (`_sample_shard`).
 """
 
 from __future__ import annotations
