@@ -6,20 +6,33 @@ With tensor parallelism the LM head is split by vocabulary: rank ``r`` holds the
 and exchanges only per-row partial statistics, histograms of candidate values, per-tile weights and short top lists,
 so every rank returns the same tokens, logprobs, top-N, ranks and Mirostat ``mu`` as single-device sampling of the
 gathered logits (`fastsampler.reference.sample`), except at the near-ties of docs/semantics.md §8. The shard is
-processed in float64 (the reference's arithmetic), on the logits' device.
+processed in float64 (the reference's arithmetic), on the logits' device. `Sampler` is the generation-loop form: each
+rank keeps the counts and masks of its slice only, and its steps run the same per-shard pipeline (`_sample_shard`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ._batch import pack_batch, param_batch, stopped_rows
+from ._batch import (
+    check_ids,
+    check_int,
+    mask_words,
+    pack_batch,
+    pack_request,
+    param_batch,
+    random_seed,
+    seed_to_int64,
+    stopped_rows,
+    token_array,
+)
 from ._shard import (
     Exchange,
     ExchangeStats,
@@ -31,13 +44,16 @@ from ._shard import (
     token_noise,
     top_values,
 )
+from ._shard_slots import ShardTables, local_bits
+from ._slots import SlotBook
 from .backends.reference.philox import xtc_uniform
 from .backends.reference.pipeline import F32_OVERFLOW, F32_TINY, LN2, _row_params, dry_penalties, mirostat_v1_k
-from .layout import MIROSTAT_M, TILE
+from .layout import I_MIN_TOKENS, MAX_COLUMNS, MIROSTAT_M, TILE, int_to_flags
 from .output import SampleOutput
 from .params import SamplingParams
+from .sampler import Sampler as _SingleSampler
 
-__all__ = ["sample", "ExchangeStats"]
+__all__ = ["sample", "Sampler", "ExchangeStats"]
 
 GATHER_CAP = 64  # k-th largest values up to this k come from gathered top-k lists; beyond, the radix select
 
@@ -165,26 +181,96 @@ def sample(
     steps_h = _host(batch.steps).astype(np.int64)
     seqs_h = _host(batch.seqs).astype(np.int64)
     mu_h = _host(batch.mirostat_mu).astype(np.float32).astype(np.float64)
-    seeds_d, steps_d, seqs_d = seeds_t.to(dev), torch.from_numpy(steps_h).to(dev), torch.from_numpy(seqs_h).to(dev)
 
-    lo, hi = int(vocab_start), min(int(vocab_start) + width, int(vocab_size))
-    hi = max(hi, lo)
+    lo, hi = int(vocab_start), max(min(int(vocab_start) + width, int(vocab_size)), int(vocab_start))
+    bias = None
+    if batch.bias_indptr is not None:
+        indptr = batch.bias_indptr.cpu().to(torch.int64)
+        rr = torch.repeat_interleave(torch.arange(b), indptr[1:] - indptr[:-1])
+        bias = _local_entries(rr, batch.bias_ids.cpu().to(torch.int64), batch.bias_vals.cpu(), lo, hi)
+    allowed = None if batch.allowed_mask is None else _shard_bits(batch.allowed_mask, lo, hi, width, dev)
+    if output_counts is not None:
+        counts = output_counts
+    elif batch.output_counts is not None:
+        c = batch.output_counts[:, lo:hi].to(dev, torch.int64)
+        counts = torch.nn.functional.pad(c, (0, width - c.shape[1]))
+    else:
+        counts = None
+    prompt = None if batch.prompt_mask is None else _shard_bits(batch.prompt_mask, lo, hi, width, dev)
+    dry = None
+    if batch.flags.any_dry:  # DRY from the histories themselves, as the reference computes it (float64)
+        plist = pb.plist()
+        ents: list[tuple[int, int, float]] = []
+        for r in range(b):
+            hist = [*(prompt_token_ids[r] if prompt_token_ids is not None else ()),
+                    *(output_token_ids[r] if output_token_ids is not None else ())]
+            ents += [(r, t, v) for t, v in dry_penalties(hist, plist[r]).items()]
+        if ents:
+            dry = _local_entries(torch.tensor([e[0] for e in ents]), torch.tensor([e[1] for e in ents]),
+                                 torch.tensor([e[2] for e in ents], dtype=torch.float64), lo, hi)
+    shard = _Shard(rows=rows, seeds=seeds_t, steps=steps_h, seqs=seqs_h, mu=mu_h, n_top=int(batch.n_top),
+                   eos=batch.eos_ids.cpu().to(torch.int64), allowed=allowed, prompt=prompt, counts=counts, bias=bias,
+                   dry=dry)
+    out = _sample_shard(ex, local_logits, shard, lo, int(vocab_size), layout)
+    out.stopped = stopped_rows(out.tokens, params, eos_token_ids)
+    return out
+
+
+@dataclass
+class _Shard:
+    """What one step needs besides the logits, for this rank's columns: the rows' parameters (`_row_params`) and
+    small state, replicated on every rank, and the vocabulary-sized inputs sliced to the shard.
+
+    allowed, prompt : (B, V_local) bool or None (allowed ids after every ban; ids in the prompt)
+    counts : (B, V_local) integer tensor or None (generated-token counts of the shard's ids)
+    bias, dry : (row, local column, value) int64 / int64 / float64 tensors of the shard's logit-bias entries and DRY
+        penalties, or None
+    """
+
+    rows: list[Any]
+    seeds: torch.Tensor  # (B,) int64, CPU
+    steps: np.ndarray  # (B,) int64
+    seqs: np.ndarray  # (B,) int64
+    mu: np.ndarray  # (B,) float64 (float32 values)
+    n_top: int
+    eos: torch.Tensor  # (E,) int64 global ids, CPU
+    allowed: torch.Tensor | None = None
+    prompt: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    dry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+def _local_entries(rows: torch.Tensor, ids: torch.Tensor, vals: torch.Tensor, lo: int, hi: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The entries ``(row, id, value)`` whose id falls in ``[lo, hi)``, with local columns (None when none)."""
+    sel = (ids >= lo) & (ids < hi)
+    if not bool(sel.any()):
+        return None
+    return rows[sel].to(torch.int64), ids[sel].to(torch.int64) - lo, vals[sel].to(torch.float64)
+
+
+def _sample_shard(ex: Exchange, local_logits: torch.Tensor, shard: _Shard, lo: int, vocab_size: int,
+                  layout: list[list[int]]) -> SampleOutput:
+    """The pipeline of docs/semantics.md on this rank's columns ``[lo, lo + V_local)`` of every row, with the
+    exchanges of docs/distributed.md: `sample` and `Sampler.sample` both end here (``stopped`` is left to them)."""
+    dev = local_logits.device
+    b, width = local_logits.shape
+    rows, seeds_t, steps_h, seqs_h, mu_h = shard.rows, shard.seeds, shard.steps, shard.seqs, shard.mu
+    seeds_d, steps_d, seqs_d = seeds_t.to(dev), torch.from_numpy(steps_h).to(dev), torch.from_numpy(seqs_h).to(dev)
+    hi = max(min(lo + width, vocab_size), lo)
     gid = torch.arange(lo, lo + width, dtype=torch.int64, device=dev)
     real = (gid < vocab_size)[None, :].expand(b, width)
     x = local_logits.detach().to(torch.float64)
 
     # ------------------------------------------------------------------------------------- stages A to C
     l = torch.where(real, x, -torch.inf)
-    if batch.bias_indptr is not None:
-        indptr = batch.bias_indptr.cpu().to(torch.int64)
-        rr = torch.repeat_interleave(torch.arange(b), indptr[1:] - indptr[:-1])
-        ids = batch.bias_ids.cpu().to(torch.int64)
-        sel = (ids >= lo) & (ids < hi)
-        l.index_put_((rr[sel].to(dev), (ids[sel] - lo).to(dev)), batch.bias_vals.cpu()[sel].to(dev, torch.float64),
-                     accumulate=True)
-    if batch.allowed_mask is not None:
-        l = torch.where(_shard_bits(batch.allowed_mask, lo, hi, width, dev), l, -torch.inf)
-    eos = batch.eos_ids.cpu().to(torch.int64)
+    if shard.bias is not None:
+        rr, cc, vv = shard.bias
+        l.index_put_((rr.to(dev), cc.to(dev)), vv.to(dev), accumulate=True)
+    if shard.allowed is not None:
+        l = torch.where(shard.allowed.to(dev), l, -torch.inf)
+    eos = shard.eos
     eos = eos[(eos >= lo) & (eos < hi)] - lo
     if eos.numel():
         ban = torch.tensor([bool(p.ignore_eos) or int(steps_h[r]) < p.min_tokens for r, p in enumerate(rows)])
@@ -192,20 +278,14 @@ def sample(
             cols = torch.zeros(width, dtype=torch.bool)
             cols[eos] = True
             l = torch.where((ban[:, None] & cols[None, :]).to(dev), -torch.inf, l)
-    if output_counts is not None:
-        counts = output_counts.to(dev, torch.int64)
-    elif batch.output_counts is not None:
-        c = batch.output_counts[:, lo:hi].to(dev, torch.int64)
-        counts = torch.nn.functional.pad(c, (0, width - c.shape[1]))
-    else:
-        counts = None
+    counts = None if shard.counts is None else shard.counts.to(dev, torch.int64)
     if counts is not None:
         counts = counts.clamp(min=0)  # a negative count counts as 0 (§3 C)
         seen = counts > 0
     else:
         seen = torch.zeros(b, width, dtype=torch.bool, device=dev)
-    if batch.prompt_mask is not None:
-        seen = seen | _shard_bits(batch.prompt_mask, lo, hi, width, dev)
+    if shard.prompt is not None:
+        seen = seen | shard.prompt.to(dev)
     rep = torch.tensor([p.repetition_penalty for p in rows], dtype=torch.float64, device=dev)[:, None]
     if bool((rep != 1.0).any()):
         l = torch.where(seen, torch.where(l > 0, l / rep, l * rep), l)
@@ -213,15 +293,9 @@ def sample(
     pres = torch.tensor([p.presence_penalty for p in rows], dtype=torch.float64, device=dev)[:, None]
     if counts is not None and bool(((freq != 0.0) | (pres != 0.0)).any()):
         l = l - (counts.to(torch.float64) * freq + (counts > 0).to(torch.float64) * pres)
-    if batch.flags.any_dry:  # DRY from the histories themselves, as the reference computes it (float64)
-        plist = pb.plist()
-        for r in range(b):
-            hist = [*(prompt_token_ids[r] if prompt_token_ids is not None else ()),
-                    *(output_token_ids[r] if output_token_ids is not None else ())]
-            pens = [(t - lo, v) for t, v in dry_penalties(hist, plist[r]).items() if lo <= t < hi]
-            if pens:
-                cols_t = torch.tensor([c for c, _ in pens], device=dev)
-                l[r, cols_t] -= torch.tensor([v for _, v in pens], dtype=torch.float64, device=dev)
+    if shard.dry is not None:  # DRY, after the frequency and presence penalties (-inf stays -inf)
+        rr, cc, vv = shard.dry
+        l.index_put_((rr.to(dev), cc.to(dev)), -vv.to(dev), accumulate=True)
     l = _f32_range(l)
 
     # ------------------------------------------------------------------ whole-row statistics, temperature (D)
@@ -324,7 +398,7 @@ def sample(
             mu_out[r] = mu_h[r] - float(p.mirostat_lr) * (surprise - float(p.mirostat_target))
 
     # ------------------------------------------------------------------------------------------- logprobs
-    n_top = int(batch.n_top)
+    n_top = shard.n_top
     lp_out = torch.full((b,), math.nan, dtype=torch.float64, device=dev)
     ranks = torch.full((b,), -1, dtype=torch.int64, device=dev)
     top_ids = torch.full((b, n_top), -1, dtype=torch.int64, device=dev)
@@ -337,7 +411,6 @@ def sample(
     out = SampleOutput(tokens=tokens, valid=torch.from_numpy(valid_h).to(dev), logprobs=lp_out.to(torch.float32),
                        top_logprob_ids=top_ids, top_logprobs=top_lps.to(torch.float32), ranks=ranks,
                        mirostat_mu=torch.from_numpy(mu_out.astype(np.float32)).to(dev))
-    out.stopped = stopped_rows(out.tokens, params, eos_token_ids)
     return out
 
 
@@ -602,3 +675,282 @@ def _logprobs(ex: Exchange, rows: list[Any], want: np.ndarray, greedy: np.ndarra
         top_ids = torch.where(ok, i, -1)
         top_lps = torch.where(ok, v, math.nan)
     return lp_out, ranks, top_ids, top_lps
+
+
+# ------------------------------------------------------------------------------------------------------- Sampler
+class Sampler:
+    """The generation-loop `fastsampler.Sampler` for logits sharded by vocabulary: each rank of ``group`` keeps the
+    vocabulary-sized state of its own slice of ids only, and every rank returns the same result.
+
+    Every rank constructs it with the same ``vocab_size``, ``max_slots``, ``eos_token_ids`` and ``history_len`` and
+    its own ``vocab_start`` / ``local_size``, and makes the same calls in the same order (`add`, `remove`, `sample`
+    with the same arguments, except each rank's own logits): the slots, and every decision, are then the same on
+    every rank. A step is `fastsampler.distributed.sample` on the slots' state (docs/distributed.md, "Sampler").
+
+    Per slot and rank: the output counts of the slice's ids (int16 ``(V_local,)``, saturating at 32767, as
+    `fastsampler.Sampler`) and its prompt and allowed bitmasks (``ceil(V_local / 32)`` int32 words each, bit ``j``
+    for id ``vocab_start + j``) on ``device``; replicated on every rank: the packed parameters, seed, step, seq and
+    Mirostat ``mu`` (on the host) and the history ring of ``history_len`` tokens with the history rules (on
+    ``device``).
+
+    Parameters
+    ----------
+    vocab_size : int
+        The whole vocabulary's size ``V``.
+    max_slots : int
+        Number of slots.
+    device : torch.device or str, default "cpu"
+        Where the sharded state lives; the local logits must be on it (gloo: CPU, NCCL: CUDA).
+    vocab_start : int
+        The first id of this rank's slice.
+    local_size : int
+        The local logits' columns (``V_local``; padding past ``vocab_size`` included). The slices, in rank order, must
+        be contiguous from id 0 and cover the vocabulary (checked here, with one exchange).
+    group : torch.distributed.ProcessGroup, optional
+        The tensor-parallel group (default: the world).
+    eos_token_ids : sequence of int, default ()
+        EOS ids (global), banned while a slot's step is below its ``min_tokens``.
+    history_len : int, default 0
+        Tokens of history kept per slot for the history rules and DRY, as in `fastsampler.Sampler`.
+
+    Examples
+    --------
+    A group of one process (a tensor-parallel group holds several; docs/distributed.md has a runnable one):
+
+    >>> import tempfile, torch, torch.distributed as dist
+    >>> from fastsampler import SamplingParams, distributed
+    >>> dist.init_process_group("gloo", store=dist.FileStore(tempfile.mktemp(), 1), rank=0, world_size=1)
+    >>> s = distributed.Sampler(vocab_size=4, max_slots=2, vocab_start=0, local_size=4)
+    >>> slots = s.add(SamplingParams(temperature=0.0, frequency_penalty=2.0))
+    >>> [s.sample(torch.tensor([[0.0, 2.0, 1.5, 0.0]]), slots).tokens.item() for _ in range(2)]
+    [1, 2]
+    >>> s.output_counts_of(slots[0]).tolist(), s.step_of(slots[0])
+    ([0, 1, 1, 0], 2)
+    >>> dist.destroy_process_group()
+    """
+
+    def __init__(self, vocab_size: int, max_slots: int, device: torch.device | str = "cpu", *, vocab_start: int,
+                 local_size: int, group: dist.ProcessGroup | None = None, eos_token_ids: Sequence[int] = (),
+                 history_len: int = 0) -> None:
+        self._vocab = check_int("vocab_size", vocab_size, 1, MAX_COLUMNS)
+        self._slots = check_int("max_slots", max_slots, 1)
+        self._lo = check_int("vocab_start", vocab_start, 0)
+        self._width = check_int("local_size", local_size, 0)
+        history_len = check_int("history_len", history_len, 0, 1 << 20)
+        eos = eos_token_ids.tolist() if isinstance(eos_token_ids, (torch.Tensor, np.ndarray)) else list(eos_token_ids)
+        check_ids("eos_token_ids", None, eos, self._vocab)
+        self._eos_host = tuple(int(t) for t in eos)
+        self._eos = torch.tensor(self._eos_host, dtype=torch.int64)
+        self._device = torch.device(device)
+        self._group = group
+        # every rank's [vocab_start, local_size, max_slots], checked once
+        self._layout = _check_layout(Exchange(group, None), self._lo, self._width, self._slots, self._vocab,
+                                     self._device)
+        self._book = SlotBook(self._slots)
+        self._tables = ShardTables(self._slots, self._vocab, self._lo, self._width, self._device, history_len)
+        self._rows: list[Any] = [None] * self._slots  # each slot's parameters as the pipeline reads them
+
+    # -------------------------------------------------------------------------------------------- properties
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
+
+    @property
+    def vocab_start(self) -> int:
+        """The first id of this rank's slice."""
+        return self._lo
+
+    @property
+    def local_size(self) -> int:
+        """The columns of this rank's slice (``V_local``)."""
+        return self._width
+
+    @property
+    def max_slots(self) -> int:
+        return self._slots
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def num_active(self) -> int:
+        return self._slots - self._book.num_free
+
+    @property
+    def num_free(self) -> int:
+        return self._book.num_free
+
+    @property
+    def active_slots(self) -> list[int]:
+        return [i for i, p in enumerate(self._book.params) if p is not None]
+
+    @property
+    def state_bytes_per_slot(self) -> int:
+        """This rank's bytes per slot of vocabulary-sized state (counts, prompt mask, allowed mask once allocated)."""
+        return self._tables.nbytes_per_slot
+
+    def _check_slot(self, slot: Any) -> int:
+        return _SingleSampler._check_slot(self, slot)  # (reads _slots and _book)
+
+    def seed_of(self, slot: int) -> int:
+        return self._book.seeds[self._check_slot(slot)]
+
+    def params_of(self, slot: int) -> SamplingParams:
+        p = self._book.params[self._check_slot(slot)]
+        assert p is not None
+        return p
+
+    def step_of(self, slot: int) -> int:
+        return int(self._tables.steps[self._check_slot(slot)])
+
+    def mirostat_mu_of(self, slot: int) -> float:
+        return float(self._tables.mu[self._check_slot(slot)])
+
+    def output_counts_of(self, slot: int) -> torch.Tensor:
+        """A copy of ``slot``'s counts of this rank's ids, ``(V_local,)`` int16 (column ``j``: id ``vocab_start +
+        j``)."""
+        return self._tables.counts[self._check_slot(slot)].clone()
+
+    def __repr__(self) -> str:
+        return (f"distributed.Sampler(vocab_size={self._vocab}, max_slots={self._slots}, device={str(self._device)!r}, "
+                f"vocab_start={self._lo}, local_size={self._width}, active={self.num_active}, "
+                f"eos_token_ids={self._eos_host})")
+
+    # ---------------------------------------------------------------------------------------- add / remove
+    def add(self, params: SamplingParams, prompt_token_ids: Sequence[int] | np.ndarray | torch.Tensor | None = (), *,
+            output_token_ids: Sequence[int] | np.ndarray | torch.Tensor | None = None, step: int | None = None,
+            mirostat_mu: float | None = None) -> list[int]:
+        """Add a request on every rank (the same arguments everywhere); returns its ``params.n`` slots, the same on
+        every rank. Arguments as in `fastsampler.Sampler.add` (global token ids). A request without a seed gets
+        rank 0's random seed (one broadcast: then every rank must be in this call)."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if params.n > self._book.num_free:
+            raise ValueError(f"Sampler is full: the request needs n={params.n} slots, {self._book.num_free} of "
+                             f"max_slots={self._slots} are free; remove finished requests first")
+        v = self._vocab
+        prompt = token_array(prompt_token_ids, "prompt_token_ids", v)
+        _SingleSampler._check_request(self, params)  # (reads _vocab, _eos_host and _tables.history_len)
+        out = None if output_token_ids is None else token_array(output_token_ids, "output_token_ids", v)
+        step = (0 if out is None else int(out.size)) if step is None else check_int("step", step, 0, (1 << 63) - 1)
+        if mirostat_mu is not None:
+            if not params.mirostat_mode:
+                raise ValueError("mirostat_mu is the state of a Mirostat request; this request has mirostat_mode=0")
+            if math.isnan(float(mirostat_mu)):
+                raise ValueError("mirostat_mu must not be NaN")
+        if params.seed is not None:
+            seed = params.seed
+        else:  # rank 0's random seed on every rank
+            mine = torch.tensor([seed_to_int64(random_seed())], dtype=torch.int64, device=self._device)
+            seed = int(Exchange(self._group, None).broadcast(mine).item()) & 0xFFFFFFFFFFFFFFFF
+        req = pack_request(params)
+        slots = self._book.take(params.n)
+        self._tables.write(slots, req, seed_to_int64(seed), prompt, out, step=step,
+                           mu=None if mirostat_mu is None else float(mirostat_mu))
+        self._book.fill(slots, params, seed, req)
+        for s in slots:
+            self._rows[s] = _row_params(req.f, req.i)
+        return slots
+
+    def remove(self, slots: int | Sequence[int]) -> None:
+        """Free slots (on every rank). Raises ``ValueError`` for a slot not in use."""
+        items = [slots] if isinstance(slots, (int, np.integer)) and not isinstance(slots, bool) else list(slots)
+        checked = [self._check_slot(s) for s in items]
+        if len(set(checked)) != len(checked):
+            raise ValueError(f"slots to remove must be distinct, got {checked}")
+        self._book.release(checked)
+
+    def reset(self) -> None:
+        """Free every slot."""
+        self._book.reset()
+
+    # -------------------------------------------------------------------------------------------------- sample
+    def sample(self, local_logits: torch.Tensor, slots: Sequence[int], *, token_bitmask: torch.Tensor | None = None,
+               stats: ExchangeStats | None = None) -> SampleOutput:
+        """Sample one token per row, row ``r`` for slot ``slots[r]``, from this rank's logits, and advance those
+        slots; every rank calls it with the same slots and gets the same result.
+
+        Parameters
+        ----------
+        local_logits : (batch_size, local_size) torch.Tensor
+            This rank's logits (column ``j``: id ``vocab_start + j``) on the sampler's device.
+        slots : sequence of batch_size ints
+            Distinct slots in use.
+        token_bitmask : (batch_size, ceil(vocab_size / 32)) int32 tensor, optional
+            Allowed ids over the **whole** vocabulary (as `fastsampler.distributed.sample`), AND-ed with the slots'.
+        stats : ExchangeStats, optional
+            Accumulates this rank's collectives and bytes.
+
+        Returns
+        -------
+        SampleOutput
+            As `fastsampler.Sampler.sample`, on the logits' device, identical on every rank; ``stopped`` when some
+            slot of the batch has stop ids.
+
+        After the draw each valid row's slot advances its step and counts its token (on the rank that holds the
+        id), appends it to its history; every row's slot stores the returned ``mu``, as in `fastsampler.Sampler`.
+        """
+        if not isinstance(local_logits, torch.Tensor) or local_logits.dim() != 2:
+            raise ValueError(f"local_logits must be a 2-D torch tensor (batch_size, local_size), got "
+                             f"{getattr(local_logits, 'shape', type(local_logits).__name__)}")
+        if local_logits.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"local_logits must be float16, bfloat16, float32 or float64, got {local_logits.dtype}")
+        if isinstance(slots, torch.Tensor):
+            slots = slots.tolist()
+        rows = [self._check_slot(s) for s in slots]
+        b = len(rows)
+        if len(set(rows)) != b:
+            raise ValueError(f"slots must be distinct within a batch, got {rows}")
+        if tuple(local_logits.shape) != (b, self._width):
+            raise ValueError(f"local_logits must have shape ({b}, {self._width}) (one row per slot, local_size "
+                             f"columns), got {tuple(local_logits.shape)}")
+        dev, t, lo, width = self._device, self._tables, self._lo, self._width
+        ex = Exchange(self._group, stats)
+        idx = torch.tensor(rows, dtype=torch.int64, device=dev)
+        bits, n_top, n_bias, restricted = self._book.aggregate(rows)
+        info = self._book.rule_info(rows)
+        penal = int_to_flags(bits).any_penalty
+        steps = t.steps[rows].copy()
+        hi = max(min(lo + width, self._vocab), lo)
+
+        # the allowed ids of the slice: the slots' allowed bits, the stop ids before min_tokens, the history rules,
+        # the step's bitmask
+        allowed = local_bits(t.allowed.index_select(0, idx), width) if restricted and t.allowed is not None else None
+        parts = [allowed, t.history_bans(idx, info)]
+        if info.stop_ban:
+            ban = torch.zeros(b, width, dtype=torch.bool)
+            for r, s in enumerate(rows):
+                ids = t.stop_ids[s]
+                ids = ids[(ids >= lo) & (ids < hi)] - lo
+                if ids.size and steps[r] < t.i[s, I_MIN_TOKENS]:
+                    ban[r, torch.from_numpy(ids)] = True
+            parts.append(~ban.to(dev))
+        if token_bitmask is not None:
+            words = mask_words(self._vocab)
+            if not isinstance(token_bitmask, torch.Tensor) or token_bitmask.dtype != torch.int32 or \
+                    token_bitmask.dim() != 2 or token_bitmask.shape[0] != b or token_bitmask.shape[1] < words:
+                raise ValueError(f"token_bitmask must be an int32 tensor of shape ({b}, {words}) (the whole "
+                                 f"vocabulary's bits), got {getattr(token_bitmask, 'dtype', None)} "
+                                 f"{tuple(getattr(token_bitmask, 'shape', ()))}")
+            parts.append(_shard_bits(token_bitmask, lo, hi, width, dev))
+        allowed = None
+        for m in parts:
+            if m is not None:
+                allowed = m if allowed is None else allowed & m
+        bias = None
+        if n_bias:
+            rr = torch.cat([torch.full((self._book.n_bias[s],), r, dtype=torch.int64) for r, s in enumerate(rows)])
+            ids = torch.cat([torch.from_numpy(self._book.bias[s][0].astype(np.int64)) for s in rows])
+            vals = torch.cat([torch.from_numpy(self._book.bias[s][1]) for s in rows])
+            bias = _local_entries(rr, ids, vals, lo, hi)
+        shard = _Shard(rows=[self._rows[s] for s in rows],
+                       seeds=torch.from_numpy(t.seeds[rows].copy()), steps=steps, seqs=t.seqs[rows].copy(),
+                       mu=t.mu[rows].astype(np.float64), n_top=n_top, eos=self._eos, allowed=allowed,
+                       prompt=local_bits(t.prompt.index_select(0, idx), width) if penal else None,
+                       counts=t.counts.index_select(0, idx) if penal else None, bias=bias,
+                       dry=t.dry_entries(idx, info))
+        out = _sample_shard(ex, local_logits, shard, lo, self._vocab, self._layout)
+        t.advance(rows, idx, out.tokens, out.valid, out.mirostat_mu.cpu().numpy())
+        out.stopped = stopped_rows(out.tokens, [self._book.params[s] for s in rows], self._eos)
+        return out

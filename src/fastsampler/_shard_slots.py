@@ -1,0 +1,226 @@
+"""The per-slot state of a `fastsampler.distributed.Sampler` on one rank (`ShardTables`): the small state replicated
+on every rank, and the vocabulary-sized state of this rank's slice of ids only.
+
+Replicated (every rank holds the same values and updates them the same way): the packed parameter rows, seed, step,
+seq and Mirostat ``mu`` (host arrays: the distributed pipeline decides on the host), and on the device the history
+ring with its rules (n-gram size, bad words, DRY's parameters and breakers, the penalty window). Sharded: the output
+counts of the slice's ids, int16 ``(S, V_local)``, and the prompt and allowed bitmasks of the slice, int32
+``(S, ceil(V_local / 32))`` with bit ``j`` for id ``vocab_start + j`` (the slice's own bit order, not word-aligned
+with the whole vocabulary's masks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ._batch import PackedRequest, ids_to_bitmask, mask_words
+from ._history import DRY_PAD, bad_words_table, breakers_table, dry_table, ring_keep
+from ._slots import RuleInfo
+from .layout import COUNT_MAX, NF, NI
+
+__all__ = ["ShardTables", "local_bits", "local_mask"]
+
+
+def local_mask(ids: Sequence[int] | np.ndarray, lo: int, width: int) -> np.ndarray:
+    """``(ceil(width / 32),)`` int32 bitmask of the ids in ``[lo, lo + width)``, bit ``j`` for id ``lo + j``."""
+    a = np.asarray(ids, dtype=np.int64).reshape(-1)
+    a = a[(a >= lo) & (a < lo + width)] - lo
+    return ids_to_bitmask([a], width)[0]
+
+
+def local_bits(words: torch.Tensor, width: int) -> torch.Tensor:
+    """``(B, width)`` bool from ``(B, ceil(width / 32))`` int32 local bitmasks."""
+    j = torch.arange(width, device=words.device)
+    return ((words[:, j >> 5] >> (j & 31).to(torch.int32)) & 1).to(torch.bool)
+
+
+class ShardTables:
+    """One rank's per-slot state for ``slots`` slots over a vocabulary of ``vocab`` ids, of which the rank holds
+    ``[lo, lo + width)`` (``width`` the local logits' columns, padding included)."""
+
+    def __init__(self, slots: int, vocab: int, lo: int, width: int, device: torch.device, history_len: int) -> None:
+        self.slots, self.vocab, self.lo, self.width, self.device = slots, vocab, lo, width, device
+        self.history_len = history_len
+        self.local_words = mask_words(width)
+        kw = dict(device=device)
+        # replicated, on the host
+        self.f = np.zeros((slots, NF), dtype=np.float32)
+        self.i = np.zeros((slots, NI), dtype=np.int32)
+        self.seeds = np.zeros(slots, dtype=np.int64)
+        self.steps = np.zeros(slots, dtype=np.int64)
+        self.seqs = np.zeros(slots, dtype=np.int64)
+        self.mu = np.full(slots, math.nan, dtype=np.float32)
+        self.stop_ids: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * slots  # banned before min_tokens
+        # sharded, on the device
+        self.counts = torch.zeros(slots, width, dtype=torch.int16, **kw)
+        self.prompt = torch.zeros(slots, self.local_words, dtype=torch.int32, **kw)
+        self.allowed: torch.Tensor | None = None  # (S, local words), once some request restricts ids
+        # replicated, on the device: the history ring and its rules (as fastsampler._slots.SlotTables)
+        self.hist = torch.zeros(slots, history_len, dtype=torch.int32, **kw) if history_len else None
+        self.hist_total = torch.zeros(slots, dtype=torch.int64, **kw)
+        self.ngram = torch.zeros(slots, dtype=torch.int64, **kw)
+        self.bad: torch.Tensor | None = None
+        self.dry_f: torch.Tensor | None = None
+        self.dry_i: torch.Tensor | None = None
+        self.breakers: torch.Tensor | None = None
+        self.window = torch.full((slots,), -1, dtype=torch.int64, **kw)
+        self.hist_start = torch.zeros(slots, dtype=torch.int64, **kw)
+        self.windowed = False
+
+    @property
+    def nbytes_per_slot(self) -> int:
+        """Device bytes per slot of the sharded tables (counts, prompt mask, and the allowed mask once allocated)."""
+        n = 2 * self.width + 4 * self.local_words
+        return n + (4 * self.local_words if self.allowed is not None else 0)
+
+    @torch.inference_mode(False)
+    def write(self, slots: Sequence[int], req: PackedRequest, seed_bits: int, prompt: np.ndarray,
+              output: np.ndarray | None, *, step: int, mu: float | None) -> None:
+        """Fill ``slots`` for a request (sample ``seq = i`` in ``slots[i]``): its rows and scalars, the slice's prompt
+        bits, counts of its ``output`` tokens (those in the penalty window), allowed bits, and its history rules and
+        history (prompt, then output)."""
+        dev, lo, width = self.device, self.lo, self.width
+        idx = torch.tensor(list(slots), dtype=torch.int64, device=dev)
+        for k, s in enumerate(slots):
+            self.f[s], self.i[s], self.seeds[s], self.steps[s], self.seqs[s] = req.f, req.i, seed_bits, step, k
+            self.mu[s] = float(req.mu) if mu is None else mu
+            self.stop_ids[s] = req.stop_ids if req.stop_ban else np.zeros(0, dtype=np.int64)
+        self.prompt[idx] = torch.from_numpy(local_mask(prompt, lo, width)).to(dev)
+        counts = np.zeros(width, dtype=np.int16)
+        if output is not None and output.size:
+            win = req.window
+            counted = output if win < 0 else output[max(0, output.size - win):] if win else output[:0]
+            mine = counted[(counted >= lo) & (counted < lo + width)] - lo
+            counts = np.minimum(np.bincount(mine, minlength=width), COUNT_MAX).astype(np.int16)
+        self.counts[idx] = torch.from_numpy(counts).to(dev)
+        if req.restricted:
+            if self.allowed is None:
+                self.allowed = torch.full((self.slots, self.local_words), -1, dtype=torch.int32, device=dev)
+            allowed_ids, banned_ids = req._ids
+            row = np.full(self.local_words, -1, dtype=np.int32) if allowed_ids is None else local_mask(
+                allowed_ids, lo, width)
+            if banned_ids is not None:
+                row &= ~local_mask(banned_ids, lo, width)
+            self.allowed[idx] = torch.from_numpy(row).to(dev)
+        elif self.allowed is not None:
+            self.allowed[idx] = -1
+        self.ngram[idx] = req.ngram
+        self.window[idx] = req.window
+        self.hist_start[idx] = int(prompt.size)
+        self.windowed |= req.window >= 0
+        if req.bad_words:
+            self._grow_bad(len(req.bad_words), max(len(w) for w in req.bad_words))
+        if self.bad is not None:
+            p, m = self.bad.shape[1:]
+            self.bad[idx] = torch.from_numpy(bad_words_table(req.bad_words, p, m)).to(dev)
+        if req.dry and self.dry_f is None:
+            self.dry_f = torch.zeros(self.slots, 2, dtype=torch.float64, device=dev)
+            self.dry_i = torch.zeros(self.slots, 2, dtype=torch.int64, device=dev)
+        if self.dry_f is not None and self.dry_i is not None:
+            self.dry_f[idx] = torch.tensor(req.dry_f if req.dry else (0.0, 1.0), dtype=torch.float64, device=dev)
+            self.dry_i[idx] = torch.tensor(req.dry_i, dtype=torch.int64, device=dev)
+        if req.dry and req.breakers:
+            self._grow_breakers(len(req.breakers), max(len(w) for w in req.breakers))
+        if self.breakers is not None:
+            p, m = self.breakers.shape[1:]
+            self.breakers[idx] = torch.from_numpy(breakers_table(req.breakers if req.dry else (), p, m)).to(dev)
+        if self.hist is not None:
+            h = prompt if output is None else np.concatenate((prompt, output))
+            length = self.history_len
+            keep = h[max(0, h.size - length):]
+            row = np.zeros(length, dtype=np.int32)
+            row[(h.size - keep.size + np.arange(keep.size)) % length] = keep
+            self.hist[idx] = torch.from_numpy(row).to(dev)
+            self.hist_total[idx] = h.size
+
+    def _grow_bad(self, p: int, m: int) -> None:
+        cur_p, cur_m = (0, 0) if self.bad is None else self.bad.shape[1:]
+        if p <= cur_p and m <= cur_m:
+            return
+        p, m = max(p, cur_p), max(m, cur_m)
+        new = torch.from_numpy(bad_words_table((), p, m)).to(self.device).expand(self.slots, p, m).clone()
+        if self.bad is not None:  # old rows, right-aligned in the wider table
+            new[:, :cur_p, m - cur_m:] = self.bad
+        self.bad = new
+
+    def _grow_breakers(self, p: int, m: int) -> None:
+        cur_p, cur_m = (0, 0) if self.breakers is None else self.breakers.shape[1:]
+        if p <= cur_p and m <= cur_m:
+            return
+        p, m = max(p, cur_p), max(m, cur_m)
+        new = torch.full((self.slots, p, m), -1, dtype=torch.int64, device=self.device)
+        if self.breakers is not None:
+            new[:, :cur_p, :cur_m] = self.breakers
+        self.breakers = new
+
+    # ---------------------------------------------------------------------------------------------- one step
+    def history_bans(self, idx: torch.Tensor, info: RuleInfo) -> torch.Tensor | None:
+        """``(B, V_local)`` bool allowed by the history rules (n-gram, bad words) of the slots ``idx``, or None.
+        The rules run on the replicated ring (`fastsampler._history.ring_keep`, a whole-vocabulary word mask per row
+        for the step only), and the slice's bits are taken from it."""
+        if not info.history:
+            return None
+        assert self.hist is not None
+        from .distributed import _shard_bits
+
+        keep = ring_keep(self.hist, self.hist_total, self.ngram, info.ngram_sizes,
+                         self.bad if info.bad_words else None, idx, mask_words(self.vocab))
+        hi = max(min(self.lo + self.width, self.vocab), self.lo)
+        return _shard_bits(keep, self.lo, hi, self.width, self.device)
+
+    def dry_entries(self, idx: torch.Tensor, info: RuleInfo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """DRY's penalties of the slots ``idx`` on the slice, as (row, local column, value) entries: the table of
+        `fastsampler._history.dry_table` on the replicated ring (the same table a single-device `Sampler` uses)."""
+        if not info.dry:
+            return None
+        assert self.hist is not None and self.dry_f is not None and self.dry_i is not None
+        ids, vals = dry_table(self.hist, self.hist_total, idx, self.dry_f, self.dry_i,
+                              self.breakers if info.dry_breakers else None, kmax=min(info.dry_kmax, self.history_len))
+        if not ids.shape[1]:
+            return None
+        ids = ids.to(torch.int64).cpu()
+        rows = torch.arange(ids.shape[0])[:, None].expand_as(ids)
+        sel = (ids != DRY_PAD) & (ids >= self.lo) & (ids < self.lo + self.width)
+        if not bool(sel.any()):
+            return None
+        return rows[sel], ids[sel] - self.lo, vals.cpu()[sel].to(torch.float64)
+
+    @torch.inference_mode(False)
+    def advance(self, slots: list[int], idx: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
+                mu: np.ndarray) -> None:
+        """After a step (slots distinct): steps += valid and ``mu`` stored (host), this slice's count of each valid
+        token (int16, saturating at `COUNT_MAX`), the token appended to the history ring, and a token that left a
+        slot's penalty window taken out of the counts when it is one of the slice's ids."""
+        valid_h = valid.cpu().numpy()
+        self.steps[slots] += valid_h.astype(np.int64)
+        self.mu[slots] = mu
+        lo, width = self.lo, self.width
+        loc = tokens.to(torch.int64) - lo
+        mine = valid & (loc >= 0) & (loc < width)
+        cflat = self.counts.view(-1)
+        pos = idx * width + torch.where(mine, loc, 0)
+        cur = cflat.index_select(0, pos)
+        cflat.index_copy_(0, pos, torch.where(mine & (cur < COUNT_MAX), cur + 1, cur))
+        if self.hist is None:
+            return
+        length = self.history_len
+        total = self.hist_total.index_select(0, idx)
+        hpos = idx * length + total % length
+        flat = self.hist.view(-1)
+        old = flat.index_select(0, hpos)
+        flat.index_copy_(0, hpos, torch.where(valid, tokens.to(torch.int32), old))
+        after = total + valid.to(torch.int64)
+        self.hist_total.index_copy_(0, idx, after)
+        if not self.windowed:
+            return
+        n = self.window.index_select(0, idx)
+        leave = valid & (n >= 0) & (after - self.hist_start.index_select(0, idx) > n)
+        gone = flat.index_select(0, idx * length + (after - 1 - n) % length).to(torch.int64) - lo
+        leave = leave & (gone >= 0) & (gone < width)
+        cpos = idx * width + torch.where(leave, gone, 0)
+        cur = cflat.index_select(0, cpos)
+        cflat.index_copy_(0, cpos, torch.where(leave & (cur > 0), cur - 1, cur))
