@@ -1,9 +1,10 @@
-"""The C++ CPU backend's extended rules (docs/semantics.md §3 C DRY table, §3 D dynamic temperature, §3 E item 3 eta
-and top-nσ, item 5 XTC): hand-computed cases, random mixed rows against the reference, `cpu.dry_edits` against
-`fastsampler._history.dry_table_torch`, XTC's coin, and the binding's checks of the new inputs.
+"""The C++ CPU backend's extended rules (docs/semantics.md §3 C DRY table, §3 E item 3 top-nσ, item 5 eta, item 6
+XTC, and the dynamic temperature after the rules): hand-computed cases, random mixed rows against the reference,
+`cpu.dry_edits` against `fastsampler._history.dry_table_torch`, XTC's coin, and the binding's checks of the new inputs.
 
-The code paths a case exercises are named in its comment: XTC decides from the head (top-k rows) or from passes over
-the row (the rest, typical's band included); dynamic temperature runs pass 1 at temperature 1 and rescales; top-nσ
+The code paths a case exercises are named in its comment: eta, XTC and the dynamic temperature read the kept set from
+the head (top-k rows) or from masked passes over the row (the rest, typical's band included; eta alone takes pass 1's
+entropy sums); the dynamic temperature scales the kept values where they become weights and race scores; top-nσ
 merges per-tile moments (a float64 pass when a float32 tile sum overflows).
 """
 
@@ -16,6 +17,9 @@ import torch
 import fastsampler
 from fastsampler import SamplingParams as SP
 from fastsampler import _history
+from fastsampler._batch import pack_batch
+from fastsampler.backends import cpu as fcpu
+from fastsampler.backends.reference import backend as ref_backend
 from fastsampler.backends.reference.philox import xtc_uniform
 
 from .backend_checks import check_exact, unavailable
@@ -30,11 +34,37 @@ def _probs(z, **kw) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ hand cases
 def test_eta_hand_computed():
-    # q = (0.5, 0.3, 0.2), H = 1.0297: eta 0.2 and 0.3 keep all three, 0.5 keeps two (docs/semantics.md §3 E item 3)
+    # q = (0.5, 0.3, 0.2), H = 1.0297: eta 0.2 and 0.3 keep all three, 0.5 keeps two (docs/semantics.md §3 E item 5);
+    # no earlier rule: the survivors are the whole row, whose entropy sums come with pass 1
     lq = np.log([0.5, 0.3, 0.2]).tolist()
     for eta, n in [(0.2, 3), (0.3, 3), (0.5, 2)]:
         assert (_probs(lq, eta_cutoff=eta) > 0).sum() == n, eta
     np.testing.assert_allclose(_probs(lq, eta_cutoff=0.5), [0.625, 0.375, 0.0], atol=1e-6)
+
+
+def test_eta_over_the_survivors():
+    # the same three tokens ahead of 5000 others (two tiles) that the earlier rules remove: eta sees q = (0.5, 0.3,
+    # 0.2) over the survivors, not the whole row's distribution. top-k: the survivors' sums from the head; min-p: a
+    # masked pass; min_keep = 3 lowers the cut to the third survivor
+    lq = np.log([0.5, 0.3, 0.2]).tolist() + [float(np.log(0.2)) - 2.5] * 5000
+    for rule in (dict(top_k=3), dict(min_p=0.3), dict(min_p=0.3, min_keep=3)):
+        want = [0.625, 0.375, 0.0] if rule.get("min_keep", 1) == 1 else [0.5, 0.3, 0.2]
+        p = _probs(lq, eta_cutoff=0.5, **rule)
+        np.testing.assert_allclose(p[:3], want, atol=1e-6, err_msg=str(rule))
+        assert p[3:].sum() == 0, rule
+    # after typical's band (the kept set is not a top prefix): a value threshold on top of the band, min_keep counted
+    # among the band's tokens; every case against the reference
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy((rng.standard_normal((8, 5000)) * 2.5).astype(np.float32))
+    params = [SP(seed=i, typical_p=tp, eta_cutoff=eta, min_keep=mk, top_k=k, logprobs=True, logprobs_mode="final",
+                 top_logprobs=3)
+              for i, (tp, eta, mk, k) in enumerate([(0.5, 0.05, 1, 0), (0.9, 0.02, 1, 0), (0.5, 0.3, 4, 0),
+                                                    (0.9, 0.1, 2, 0), (1.0, 0.01, 1, 40), (0.7, 0.05, 1, 40),
+                                                    (1.0, 0.02, 5, 0), (0.95, 0.2, 3, 0)])]
+    check_exact("cpu", x, params, steps=[1] * 8)
+    for r, p in enumerate(params):
+        b = pack_batch(x[r:r + 1], p)
+        assert torch.equal(fcpu.kept_mask_packed(b), ref_backend.kept_mask_packed(b)), r
 
 
 def test_top_n_sigma_hand_computed():
@@ -108,31 +138,86 @@ def test_xtc_draws_and_logprobs_use_the_cut():
 
 
 def test_dynamic_temperature_hand_computed():
-    # T' = T_min + (T_max - T_min) (H / ln n)^kappa over the finite l (docs/semantics.md §3 D); processed logprobs are
-    # those of l / T'
+    # T' = T_min + (T_max - T_min) (H / ln n)^kappa from softmax(l) over the kept set (docs/semantics.md §3 E, after
+    # the rules); no rule: the kept set is every finite token (a masked pass around the tile maxima). Final logprobs
+    # are those of l / T', processed logprobs keep the base temperature, raw ones no temperature
     l = np.array([2.0, 1.0, 0.5, -1.0, -np.inf])
     fin = l[np.isfinite(l)]
     q = np.exp(fin - fin.max())
     q /= q.sum()
     H = -(q * np.log(q)).sum()
+
+    def log_softmax(v):
+        return v - v.max() - np.log(np.exp(v - v.max()).sum())
+
+    x = torch.tensor([l.tolist()], dtype=torch.float32)
     for T, d, k in [(0.8, 0.3, 1.0), (0.5, 0.7, 2.0), (1.0, 0.2, 0.0)]:
         lo, hi = max(0.0, T - d), T + d
         tp = lo + (hi - lo) * (H / np.log(fin.size)) ** k
-        z = fin / tp
-        want = z - z.max() - np.log(np.exp(z - z.max()).sum())
-        x = torch.tensor([l.tolist()], dtype=torch.float32)
-        for mode in ("processed", "raw"):
+        want = {"final": log_softmax(fin / tp), "processed": log_softmax(fin / T), "raw": log_softmax(fin)}
+        for mode, lp in want.items():
             out = fastsampler.sample(x, SP(temperature=T, dynatemp_range=d, dynatemp_exponent=k, seed=1, logprobs=True,
                                            logprobs_mode=mode, top_logprobs=4), steps=[0], backend="cpu")
-            if mode == "processed":
-                np.testing.assert_allclose(out.top_logprobs[0].numpy(), want, atol=1e-5)
-            else:  # raw logprobs do not see the temperature
-                raw = fin - fin.max() - np.log(np.exp(fin - fin.max()).sum())
-                np.testing.assert_allclose(out.top_logprobs[0].numpy(), raw, atol=1e-5)
+            np.testing.assert_allclose(out.top_logprobs[0].numpy(), lp, atol=1e-5, err_msg=f"{mode} {T} {d} {k}")
+            np.testing.assert_allclose(float(out.logprobs[0]), lp[int(out.tokens[0])], atol=1e-5)
+        np.testing.assert_allclose(_probs(l.tolist(), temperature=T, dynatemp_range=d, dynatemp_exponent=k)[:4],
+                                   np.exp(log_softmax(fin / tp)), atol=1e-6)
     # one finite token: T' = T
     x = torch.tensor([[1.0, -np.inf, -np.inf]])
     out = fastsampler.sample(x, SP(temperature=0.7, dynatemp_range=0.5, seed=1), steps=[0], backend="cpu")
     assert out.tokens.tolist() == [0] and out.valid.tolist() == [True]
+
+
+def test_dynamic_temperature_over_the_kept_set():
+    # the docs' example: top-k 3 keeps l = (2, 1, 0), T' = 1.2577 (the kept set from the head); the same kept set
+    # from min-p in a row of two tiles (a masked pass) and with XTC's cut on top (its maximum from a max sweep)
+    t_dyn = 1.2576791106615821
+    k3 = [2.0, 1.0, 0.0, -1.0, -2.0]
+    want = np.exp(np.array([2.0, 1.0, 0.0]) / t_dyn)
+    want /= want.sum()
+    np.testing.assert_allclose(_probs(k3, top_k=3, dynatemp_range=0.5)[:3], want, atol=1e-6)
+    wide = [2.0, 1.0, 0.0] + [-4.0] * 5000
+    p = _probs(wide, min_p=0.1, dynatemp_range=0.5)
+    np.testing.assert_allclose(p[:3], want, atol=1e-6)
+    assert p[3:].sum() == 0
+    # XTC with theta 0.2 over q = (0.665, 0.245, 0.090) cuts the first: the kept set l = (1, 0), T' from it
+    q2 = np.exp([1.0, 0.0]) / np.exp([1.0, 0.0]).sum()
+    h2 = -(q2 * np.log(q2)).sum()
+    t2 = 0.5 + h2 / np.log(2)
+    want2 = np.exp(np.array([1.0, 0.0]) / t2)
+    for k in (3, 0):
+        p = _probs(wide, min_p=0.1, top_k=k, xtc_probability=1.0, xtc_threshold=0.2, dynatemp_range=0.5)
+        np.testing.assert_allclose(p[1:3], want2 / want2.sum(), atol=1e-6, err_msg=str(k))
+        assert p[0] == 0 and p[3:].sum() == 0
+    # final logprobs, the draw and Mirostat's update use l / T' on the kept set: against the reference
+    rng = np.random.default_rng(7)
+    x = torch.from_numpy((rng.standard_normal((8, 9000)) * 2.0).astype(np.float32))
+    params = [SP(seed=i, temperature=t, dynatemp_range=d, dynatemp_exponent=e, logprobs=True, logprobs_mode=m,
+                 top_logprobs=4, **kw)
+              for i, (t, d, e, m, kw) in enumerate([
+                  (0.7, 0.3, 1.0, "final", dict(top_k=20)), (1.3, 0.8, 0.5, "final", dict(top_p=0.8)),
+                  (1.0, 0.5, 2.0, "final", dict(typical_p=0.7)), (0.9, 0.4, 1.0, "processed", dict(min_p=0.02)),
+                  (1.0, 0.5, 1.0, "final", dict(mirostat_mode=2)), (0.8, 0.3, 1.0, "final", dict(mirostat_mode=1)),
+                  (1.1, 0.6, 1.0, "final", dict()), (0.6, 0.5, 1.0, "final", dict(xtc_probability=1.0,
+                                                                                   xtc_threshold=0.05))])]
+    check_exact("cpu", x, params, steps=[3] * 8)
+
+
+def test_dynamic_temperature_float32_range():
+    # a peaked kept set has H ~ 0, so T' = T - delta = T / 2 doubles z: 3e38 overflows to +inf (the row is invalid,
+    # as the reference), and a kept -2e38 underflows to -inf and leaves the kept set (the kept mask drops it)
+    p = SP(seed=1, temperature=1.0, dynatemp_range=0.5, logprobs=True)
+    out = fastsampler.sample(torch.tensor([[3e38, 0.0, 1.0]]), p, steps=[0], backend="cpu")
+    assert out.valid.tolist() == [False] and out.tokens.tolist() == [-1]
+    assert fastsampler.reference.sample(np.array([[3e38, 0.0, 1.0]]), p).valid.tolist() == [False]
+    x = torch.tensor([[0.0, -20.0, -2e38, -np.inf]])
+    b = pack_batch(x, p)
+    kept = fcpu.kept_mask_packed(b)[0].tolist()
+    assert kept == ref_backend.kept_mask_packed(b)[0].tolist() == [True, True, False, False]
+    # without the doubling (a flat kept set: T' = T + delta) the far token stays kept, with probability 0
+    flat = pack_batch(torch.tensor([[0.0, 0.0, -2e38]]), p)
+    assert fcpu.kept_mask_packed(flat)[0].tolist() == [True, True, True]
+    check_exact("cpu", x, p, steps=[0])
 
 
 def test_dry_table_hand_computed():

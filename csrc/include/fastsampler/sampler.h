@@ -7,8 +7,10 @@
 //      bias, penalties on the tokens that occurred, allowed-mask words that are not all ones, EOS ids); temperature
 //      (§3 A-D); then, while the tile is in L1, its max, finite count, sum of exp(z - tile max) (and, for typical, the
 //      entropy sum), and the 16 lane maxima. scan_head then collects the head, the top values of the row.
-//   2. Truncation (§3 E: apply_top_k, apply_top_p, apply_min_p, apply_typical, apply_mirostat_v1 / _v2): every rule
-//      is a value threshold on z (typical: a band |z - c0| <= s*); no sort of the vocabulary.
+//   2. Truncation (§3 E: apply_top_k, apply_top_p, apply_min_p, apply_typical, apply_eta, apply_xtc, or
+//      apply_mirostat_v1 / _v2): every rule is a value threshold on z (typical: a band |z - c0| <= s*; XTC: an upper
+//      bound); no sort of the vocabulary. Then the dynamic temperature of the kept set (apply_dynamic_temperature):
+//      T' from its entropy, and the scale rho = T / T' that the weights, the race and the outputs apply to z - shift.
 //      - top-k <= 112 / Mirostat v1: the head, collected by a streaming filter whose threshold starts at the k-th
 //        largest lane maximum (a lower bound of the k-th largest value), so only about k elements are ever buffered.
 //        Larger k: the same filter over the row.
@@ -279,11 +281,11 @@ struct RowState {
 
   // parameters and state (docs/semantics.md §3)
   bool greedy = false;
-  float scale = 1.0f;  // 1 / temperature; 1 for greedy rows (and, during pass 1, for dynamic-temperature rows)
-  bool dyn = false;    // dynamic temperature (docs/semantics.md §3 D): pass 1 at temperature 1, then rescale_row
-  float eta = 0.0f;    // the min-p stage's whole-distribution thresholds (docs/semantics.md §3 E item 3); 0: off
-  float nsigma = 0.0f;
-  float xtc_p = 0.0f;  // XTC (§3 E item 5); 0: off
+  float scale = 1.0f;   // 1 / temperature; 1 for greedy rows
+  bool dyn = false;     // dynamic temperature (docs/semantics.md §3 E): the kept set's own, after truncation
+  float nsigma = 0.0f;  // top-nσ, in the min-p stage (docs/semantics.md §3 E item 3); 0: off
+  float eta = 0.0f;     // eta over the survivors (§3 E item 5); 0: off
+  float xtc_p = 0.0f;   // XTC (§3 E item 6); 0: off
   bool kept_mode = false;
   bool probs_mode = false;  // a (B, V) output (probabilities or the kept mask) instead of the draw
   bool want_lp = false;
@@ -307,7 +309,8 @@ struct RowState {
   int64_t head_k = 0;             // the head's size
   bool use_head = false;          // collect the head (top values) after pass 1
   bool fuse_entropy = false;      // typical without an earlier rule: the entropy sums come with pass 1
-  bool want_tent = false;         // pass 1 sums exp(z - tmax) (z - tmax) per tile (fuse_entropy, eta)
+  bool want_tent = false;         // pass 1 sums exp(z - tmax) (z - tmax) per tile (fuse_entropy, eta alone)
+  bool dyn_pass1 = false;         // a dynamic temperature and no rule: pass 1 takes the sums of softmax(l) for T'
   bool moments = false;           // pass 1 gathers the mean and variance of the finite z (top-nσ)
   bool store_e = false;           // keep exp(z - tile max) and the exact set E for a full-row mass selection
   bool edits = false;             // some stage A-C edit applies to the row
@@ -328,7 +331,8 @@ struct RowState {
   float* tmax = nullptr;    // per tile: max of z
   float* tsum = nullptr;    // per tile: sum of exp(z - tmax)
   double* tent = nullptr;   // per tile: sum of exp(z - tmax) (z - tmax) (want_tent)
-  double H = 0.0;           // entropy of softmax(z) over the whole row (eta)
+  double* dsw = nullptr;    // per tile: sum of exp(T (z - tmax)) (dyn_pass1)
+  double* dswd = nullptr;   // per tile: sum of exp(T (z - tmax)) T (z - tmax) (dyn_pass1)
   // count, mean and sum of squared deviations of the finite z, merged tile by tile (moments)
   double mom_n = 0.0, mom_mean = 0.0, mom_m2 = 0.0;
   float mom_shift = kInf;   // the last tile's mean: the next tile's shift (+inf: none yet)
@@ -349,9 +353,13 @@ struct RowState {
   int64_t head_from = 0;      // (from 0 unless XTC cut the top)
   int64_t nkept_head = 0;
 
-  // kept weights and the draw (docs/semantics.md §3 F)
-  double S_kept = 0.0;   // mass of the kept set, relative to shift
-  float shift = -kInf;   // weights are exp(z - shift)
+  // kept weights and the draw (docs/semantics.md §3 F), on z' = z rho: rho = T / T' with a dynamic temperature
+  // (apply_dynamic_temperature), else 1 (z' = z exactly); the kept-set predicate keep still tests z. rho always
+  // multiplies a difference z - shift: a product z rho rounded on its own would not cancel against a shifted maximum
+  // where a fused multiply-add keeps it exact (and the race's scores stay small next to their noise)
+  float rho = 1.0f;
+  double S_kept = 0.0;   // mass of the kept set, relative to exp(shift rho)
+  float shift = -kInf;   // weights are exp((z - shift) rho)
   double* tw = nullptr;  // kept tile weights
   int64_t token = -1;
 };
@@ -376,7 +384,7 @@ inline void read_params(RowState& st) {
   const float temp = fp[F_TEMPERATURE];
   st.greedy = temp == 0.0f;
   st.dyn = !st.greedy && fp[F_DYN_RANGE] > 0.0f;
-  st.scale = st.greedy || st.dyn ? 1.0f : 1.0f / temp;
+  st.scale = st.greedy ? 1.0f : 1.0f / temp;
   st.kept_mode = a.kept != nullptr;
   st.probs_mode = a.probs != nullptr || st.kept_mode;
   st.want_lp = !st.probs_mode && ip[I_LOGPROBS] != 0;
@@ -414,14 +422,18 @@ inline void plan_pass1(RowState& st) {
   st.use_head = !st.greedy && st.head_k > 0 && st.head_k <= kHead;
   if (st.use_head) st.s.head.reset(st.head_k);
   // (the min-p stage's rules are all listed: each may truncate before typical)
-  st.fuse_entropy = !st.greedy && st.miro == 0 && fp[F_TYPICAL_P] < 1.0f && top_k <= 0 && fp[F_TOP_P] >= 1.0f &&
-                    fp[F_MIN_P] <= 0.0f && fp[F_EPSILON] <= 0.0f && st.eta <= 0.0f && st.nsigma <= 0.0f;
-  st.want_tent = st.fuse_entropy || st.eta > 0.0f;
+  const bool no_rule_before_typical = !st.greedy && st.miro == 0 && top_k <= 0 && fp[F_TOP_P] >= 1.0f &&
+                                      fp[F_MIN_P] <= 0.0f && fp[F_EPSILON] <= 0.0f && st.nsigma <= 0.0f;
+  st.fuse_entropy = no_rule_before_typical && fp[F_TYPICAL_P] < 1.0f;
+  // eta with no earlier rule: its survivors are the whole row, whose entropy sums come with pass 1 too
+  st.want_tent = st.fuse_entropy || (no_rule_before_typical && st.eta > 0.0f);
+  // a dynamic temperature over every finite token: the entropy sums of T' come with pass 1 (in place of the tile sums,
+  // unless logprobs read them)
+  st.dyn_pass1 = st.dyn && no_rule_before_typical && fp[F_TYPICAL_P] >= 1.0f && st.eta <= 0.0f && st.xtc_p <= 0.0f;
   st.moments = st.nsigma > 0.0f;
   // rows whose top-p / typical goes through the full-row mass selection keep exp(z - tile max) from pass 1
   st.store_e = st.fuse_entropy || (!st.greedy && st.miro == 0 && fp[F_TOP_P] < 1.0f && top_k <= 0);
-  // (a dynamic-temperature row takes the edits path: its raw statistics must not come from z, which is rescaled)
-  st.edits = st.bias_next < st.bias_end || st.penal || st.allowed || st.ban_eos || st.dyn ||
+  st.edits = st.bias_next < st.bias_end || st.penal || st.allowed || st.ban_eos ||
              (st.dry_next < st.dry_end && st.a.dry_ids[st.dry_next] != kDryPad);
   st.raw_is_z = !st.edits && st.scale == 1.0f;
   st.raw_pass = st.need_raw && !st.raw_is_z;
@@ -435,10 +447,12 @@ inline void plan_pass1(RowState& st) {
   st.skip_exp =
       !lp_needs_stats && !st.want_tent &&
       ((st.greedy && !st.probs_mode) || (st.use_head && top_k > 0 && st.miro == 0 && fp[F_TYPICAL_P] >= 1.0f) ||
-       (st.single_tile_draw && !st.store_e));
+       (st.single_tile_draw && !st.store_e) || st.dyn_pass1);
   st.tmax = st.s.tile_max.data();
   st.tsum = st.s.tile_sum.data();
   st.tent = st.s.tile_w.data() + st.ntiles;
+  st.dsw = st.s.tile_w.data() + 2 * st.ntiles;  // (no mass selection in a row without rules)
+  st.dswd = st.s.tile_w.data() + 3 * st.ntiles;
   st.ebuf = st.s.tile_exp.data();
   st.tile_r = st.s.tile_exact_lo.data();
 }
@@ -723,7 +737,7 @@ inline double hsum_d(vf a) {
 }
 
 // Sum of exp(z - m) over the tile (m its maximum), keeping exp(z - m) for a mass selection (keep_e) and the entropy
-// sum (tent: typical, eta, dynamic temperature) when asked to.
+// sum (tent: typical, eta over the whole row) when asked to.
 inline float tile_exp_sum(RowState& st, int64_t t, int64_t i0, int64_t e16, float m, bool tent, bool keep_e) {
   const float* z = st.z;
   float* ebuf = st.ebuf;
@@ -829,19 +843,37 @@ inline void tile_moments(RowState& st, int64_t i0, int64_t e16, int64_t nf) {
   st.mom_n = tot;
 }
 
-// A tile's sums taken by the sweep that wrote z (rescale_row), around its maximum m.
-struct TileSums {
-  bool have = false;
-  float m = 0.0f;
-  float sum = 0.0f;
-  double ent = 0.0;
-};
+// A dynamic-temperature row without rules: the tile's sums of exp(T (z - m)) and of exp(T (z - m)) T (z - m) around its
+// maximum m (softmax(l) with l = z T, docs/semantics.md §3 E), for T'.
+inline void tile_dyn_sums(RowState& st, int64_t t, int64_t i0, int64_t e16, float m) {
+  st.dsw[t] = 0.0;
+  st.dswd[t] = 0.0;
+  if (!(m > -kInf) || st.bad) return;
+  const float* z = st.z;
+  const vf vm = set1(m), va = set1(st.fp[F_TEMPERATURE]), zero = set1(0.0f);
+  vf w0 = zero, w1 = zero, d0 = zero, d1 = zero;
+  int64_t i = i0;
+  for (; i + 2 * kLanes <= e16; i += 2 * kLanes) {
+    vf d = (load(z + i) - vm) * va, e = (load(z + i + kLanes) - vm) * va;
+    vf w = vexp(d), x = vexp(e);
+    w0 = w0 + w;
+    w1 = w1 + x;
+    d0 = mask_add(d0, gt(w, zero), w * d);  // (0 ln 0 = 0: a masked z has d = -inf)
+    d1 = mask_add(d1, gt(x, zero), x * e);
+  }
+  if (i < e16) {
+    vf d = (load(z + i) - vm) * va;
+    vf w = vexp(d);
+    w0 = w0 + w;
+    d0 = mask_add(d0, gt(w, zero), w * d);
+  }
+  st.dsw[t] = hsum_d(w0) + hsum_d(w1);
+  st.dswd[t] = hsum_d(d0) + hsum_d(d1);
+}
 
-// A tile's statistics once z holds its final values (pass 1, or rescale_row): the bad flag, the finite count, the
-// lane maxima, the exact set, the tile max and sum (and entropy sum; `sums` when the sweep already took them), the
-// moments.
-inline void finish_tile(RowState& st, int64_t t, int64_t i0, int64_t e16, const TileStats& ts,
-                        const TileSums& sums = TileSums()) {
+// A tile's statistics once z holds its final values: the bad flag, the finite count, the lane maxima, the exact set,
+// the tile max and sum (and entropy sum), the moments.
+inline void finish_tile(RowState& st, int64_t t, int64_t i0, int64_t e16, const TileStats& ts) {
   if (ts.badz) st.bad = true;
   st.nfinite += ts.nf;
   store(st.s.lane_max.data() + t * kLanes, ts.mx);  // 16 maxima of distinct elements: seeds the head's filter
@@ -849,29 +881,13 @@ inline void finish_tile(RowState& st, int64_t t, int64_t i0, int64_t e16, const 
   const float m = hmax(ts.mx);
   st.tmax[t] = m;
   if (m > -kInf && !st.bad && !st.skip_exp) {
-    if (sums.have && sums.m == m) {
-      st.tsum[t] = sums.sum;
-      if (st.want_tent) st.tent[t] = sums.ent;
-    } else {
-      st.tsum[t] = tile_exp_sum(st, t, i0, e16, m, st.want_tent, st.store_e);
-    }
+    st.tsum[t] = tile_exp_sum(st, t, i0, e16, m, st.want_tent, st.store_e);
   } else {
     st.tsum[t] = 0.0f;
     if (st.want_tent) st.tent[t] = 0.0;
   }
   if (st.moments && m > -kInf && !st.bad) tile_moments(st, i0, e16, ts.nf);
-}
-
-// A dynamic-temperature row's tile in pass 1, at temperature 1: the bad flag, the finite count, the tile max, sum and
-// entropy sum of l (docs/semantics.md §3 D); the rest waits for rescale_row.
-inline void finish_tile_dyn(RowState& st, int64_t t, int64_t i0, int64_t e16, const TileStats& ts) {
-  if (ts.badz) st.bad = true;
-  st.nfinite += ts.nf;
-  const float m = hmax(ts.mx);
-  st.tmax[t] = m;
-  st.tsum[t] = 0.0f;
-  st.tent[t] = 0.0;
-  if (m > -kInf && !st.bad) st.tsum[t] = tile_exp_sum(st, t, i0, e16, m, true, false);
+  if (st.dyn_pass1) tile_dyn_sums(st, t, i0, e16, m);
 }
 
 // One tile of pass 1: stages A-D into z, then, while the tile is in L1, its statistics.
@@ -895,10 +911,7 @@ inline void pass1_tile(RowState& st, int64_t t) {
     apply_masks(st, i0, i1);
     temperature_tile(st, i0, e16, pf, ts);
   }
-  if (st.dyn)
-    finish_tile_dyn(st, t, i0, e16, ts);
-  else
-    finish_tile(st, t, i0, e16, ts);
+  finish_tile(st, t, i0, e16, ts);
 }
 
 // Sums of q and of q (z - M) (unnormalised, q = exp(z - M)) over the whole row, from the tiles' sums; the entropy of
@@ -913,76 +926,6 @@ inline void row_entropy_sums(const RowState& st, double* sw_out, double* swz_out
   }
   *sw_out = sw;
   *swz_out = swz;
-}
-
-inline double row_entropy(const RowState& st) {
-  double sw = 0.0, swz = 0.0;
-  row_entropy_sums(st, &sw, &swz);
-  return std::max(0.0, std::log(sw) - swz / sw);  // (rounding may leave a one-token row a hair below 0)
-}
-
-// Dynamic temperature (docs/semantics.md §3 D), after pass 1 ran at temperature 1 on a valid row: T' from the entropy
-// of softmax(l) over the n finite l, then z = l / T' and every tile statistic again, as pass 1 would have left them.
-// The sweep that scales a tile also takes its exp sums: the scaled tile maximum is known before it (rounding is
-// monotonic, so max(l s) = max(l) s in float32).
-inline void rescale_row(RowState& st) {
-  for (int64_t t = 0; t < st.ntiles; ++t) st.M = std::max(st.M, st.tmax[t]);
-  const double T = st.fp[F_TEMPERATURE], delta = st.fp[F_DYN_RANGE], kappa = st.fp[F_DYN_EXP];
-  double Tp = T;
-  if (st.nfinite >= 2) {
-    const double H = row_entropy(st);
-    const double lo = std::max(0.0, T - delta), hi = T + delta;
-    Tp = lo + (hi - lo) * std::pow(H / std::log(static_cast<double>(st.nfinite)), kappa);
-  }
-  Tp = std::max(Tp, 1.1754943508222875e-38);  // the smallest normal float32, as for T (§5)
-  st.scale = static_cast<float>(1.0 / Tp);
-  st.dyn = false;
-  st.M = -kInf;
-  st.nfinite = 0;
-  const vf vscale = set1(st.scale), ninf = set1(-kInf);
-  float* z = st.z;
-  float* ebuf = st.ebuf;
-  const bool tent = st.want_tent, keep_e = st.store_e;
-  for (int64_t t = 0; t < st.ntiles; ++t) {
-    const int64_t i0 = t * kTile, e16 = std::min(st.vp, i0 + kTile);
-    TileStats ts;
-    TileSums sums;
-    sums.m = st.tmax[t] * st.scale;
-    sums.have = !st.skip_exp && sums.m > -kInf && sums.m < kInf;
-    vf mx = ts.mx;
-    mask_t badz = 0;
-    int64_t nf = 0;
-    if (sums.have) {
-      const vf vm = set1(sums.m);
-      vf acc = set1(0.0f), accb = set1(0.0f);
-      for (int64_t i = i0; i < e16; i += kLanes) {
-        vf v = load(z + i) * vscale;
-        badz |= unord(v, v) | eq(v, set1(kInf));
-        store(z + i, v);
-        mx = vmax(mx, v);
-        nf += popcount(gt(v, ninf));
-        vf d = v - vm;
-        vf e = vexp(d);
-        if (keep_e) store(ebuf + i, e);
-        acc = acc + e;
-        if (tent) accb = mask_add(accb, gt(e, set1(0.0f)), e * d);  // (0 ln 0 = 0, as in tile_exp_sum)
-      }
-      sums.sum = hsum(acc);
-      sums.ent = hsum(accb);
-    } else {
-      for (int64_t i = i0; i < e16; i += kLanes) {
-        vf v = load(z + i) * vscale;
-        badz |= unord(v, v) | eq(v, set1(kInf));
-        store(z + i, v);
-        mx = vmax(mx, v);
-        nf += popcount(gt(v, ninf));
-      }
-    }
-    ts.mx = mx;
-    ts.badz = badz;
-    ts.nf = nf;
-    finish_tile(st, t, i0, e16, ts, sums);
-  }
 }
 
 // The head: the top head_k values of z through a streaming filter over the row. The head_k-th largest of the per-tile
@@ -1173,18 +1116,15 @@ inline double row_sigma(const RowState& st) { return std::sqrt(st.mom_m2 / st.mo
 // always kept) and lowered to keep min_keep:
 //   min-p    z >= M + ln(min_p)
 //   epsilon  z >= M + ln S + ln(epsilon)                          (q >= epsilon in the whole distribution)
-//   eta      z >= M + ln S + ln min(eta, sqrt(eta) e^-H)          (H the entropy of the whole distribution)
 //   top-nσ   z >= M - nsigma σ                                    (σ the standard deviation of the finite z)
 inline void apply_min_p(RowState& st) {
   const float min_p = st.fp[F_MIN_P], epsilon = st.fp[F_EPSILON];
   const double M = st.M;
   double t = -std::numeric_limits<double>::infinity();
   if (min_p > 0.0f) t = M + std::log(static_cast<double>(min_p));
-  if (epsilon > 0.0f || st.eta > 0.0f) ensure_stats(st);  // S: the whole row's mass relative to M
-  if (epsilon > 0.0f) t = std::max(t, M + std::log(static_cast<double>(epsilon)) + std::log(st.S));
-  if (st.eta > 0.0f) {
-    const double le = std::log(static_cast<double>(st.eta));
-    t = std::max(t, M + std::log(st.S) + std::min(le, 0.5 * le - st.H));
+  if (epsilon > 0.0f) {
+    ensure_stats(st);  // S: the whole row's mass relative to M
+    t = std::max(t, M + std::log(static_cast<double>(epsilon)) + std::log(st.S));
   }
   if (st.nsigma > 0.0f) t = std::max(t, M - static_cast<double>(st.nsigma) * row_sigma(st));
   float thr = static_cast<float>(std::min(t, M));
@@ -1325,7 +1265,175 @@ inline float float_at_least(double t) {
   return f;
 }
 
-// XTC's decision over the kept set S (docs/semantics.md §3 E item 5): with A = {z in S : q >= theta} (q = softmax over
+// The kept set lies in the head: a value prefix (no typical band) bounded by a threshold the head covers; XTC's upper
+// bound hi only skips the head's first entries.
+inline bool kept_set_in_head(const RowState& st) {
+  return !st.keep.band && st.keep.lo > -kInf && head_covers(st, st.keep.lo);
+}
+
+// Softmax sums of a z (a > 0: 1 for z itself, T for the logits l = z T) over the kept set S: its maximum m (of z), its
+// size n, sw = sum exp(a (z - m)) and swd = sum exp(a (z - m)) a (z - m); the entropy of softmax(a z) over S is
+// ln sw - swd / sw.
+struct KeptSums {
+  float m = -kInf;
+  int64_t n = 0;
+  double sw = 0.0, swd = 0.0;
+  double entropy() const { return std::log(sw) - swd / sw; }
+};
+
+// KeptSums from the head (kept_set_in_head).
+inline KeptSums kept_sums_head(const RowState& st, float a) {
+  KeptSums ks;
+  const Entry* hd = st.hd;
+  int64_t i = 0;
+  while (i < st.nh && hd[i].v > st.keep.hi) ++i;
+  if (i < st.nh) ks.m = hd[i].v;
+  for (; i < st.nh && hd[i].v >= st.keep.lo; ++i) {
+    const double d = static_cast<double>(a) * (static_cast<double>(hd[i].v) - ks.m);
+    const double w = std::exp(d);
+    ks.sw += w;
+    if (w > 0.0) ks.swd += w * d;  // (0 ln 0 = 0)
+    ++ks.n;
+  }
+  return ks;
+}
+
+// A tile's sums of exp(a (z - r)) and exp(a (z - r)) a (z - r) over the kept tokens of [i0, e16), around r; the
+// kept count joins *n and, with kMax (a band or XTC's hi: the tile maximum may be out), the kept maximum *kmax. The
+// predicate's optional parts are template flags, so the loop holds no branch.
+template <bool kBand, bool kHi, bool kMax>
+inline void kept_tile_sums(const RowState& st, int64_t i0, int64_t e16, float a, float r, double* sw, double* swd,
+                           int64_t* n, float* kmax) {
+  const float* z = st.z;
+  const vf va = set1(a), vr = set1(r), ninf = set1(-kInf), zero = set1(0.0f);
+  const vf lo = set1(st.keep.lo), hi = set1(st.keep.hi), c0 = set1(st.keep.c0), sb = set1(st.keep.s);
+  // two sets of accumulators, every vector (in a band, empty vectors come at random and a skip would mispredict)
+  struct Acc {
+    vf w = set1(0.0f), wd = set1(0.0f), mx = set1(-kInf);
+    int64_t n = 0;
+  } p, q;
+  auto one = [&](Acc& c, vf v) {
+    mask_t km = gt(v, ninf) & ge(v, lo);  // (Keep::mask)
+    if (kHi) km &= le(v, hi);
+    if (kBand) km &= le(vabs(v - c0), sb);
+    c.n += popcount(km);
+    if (kMax) c.mx = vmax(c.mx, select(km, v, ninf));
+    vf d = (v - vr) * va;
+    vf w = vexp(d);
+    c.w = mask_add(c.w, km, w);
+    // a weight of 0 adds 0 (0 ln 0 = 0): its d may be -inf (z - r below -FLT_MAX), and 0 * -inf is NaN
+    c.wd = mask_add(c.wd, km & gt(w, zero), w * d);
+  };
+  int64_t i = i0;
+  for (; i + 2 * kLanes <= e16; i += 2 * kLanes) {
+    one(p, load(z + i));
+    one(q, load(z + i + kLanes));
+  }
+  if (i < e16) one(p, load(z + i));
+  *sw = hsum_d(p.w) + hsum_d(q.w);
+  *swd = hsum_d(p.wd) + hsum_d(q.wd);
+  *n += p.n + q.n;
+  if (kMax) *kmax = hmax(vmax(p.mx, q.mx));
+}
+
+// Adds sums (sw, swd) taken around r into the running sums around ks_r, moving to the larger reference:
+// exp(a (z - r')) = c exp(a (z - r)) and a (z - r') = a (z - r) + g with g = a (r - r'), c = e^g.
+inline void merge_sums(double a, float r, double sw, double swd, float* ks_r, double* ks_sw, double* ks_swd) {
+  if (!(*ks_r > -kInf)) {
+    *ks_r = r;
+    *ks_sw = sw;
+    *ks_swd = swd;
+    return;
+  }
+  if (r > *ks_r) {
+    const double g = a * (static_cast<double>(*ks_r) - r), c = std::exp(g);
+    *ks_swd = c > 0.0 ? c * (*ks_swd + g * *ks_sw) : 0.0;
+    *ks_sw *= c;
+    *ks_r = r;
+  } else {
+    const double g = a * (static_cast<double>(r) - *ks_r), c = std::exp(g);
+    swd = c > 0.0 ? c * (swd + g * sw) : 0.0;
+    sw *= c;
+  }
+  *ks_sw += sw;
+  *ks_swd += swd;
+}
+
+// KeptSums from a masked pass over the tiles that can hold kept tokens: one sweep per tile around an upper bound of its
+// kept values (its maximum, lowered to typical's band top c0 + s and XTC's hi), again around the tile's kept maximum
+// when that lies so far below the bound that the weights lose precision; merged in float64.
+inline KeptSums kept_sums_pass(const RowState& st, float a) {
+  const Keep keep = st.keep;
+  const float top = keep.band ? std::min(keep.hi, keep.c0 + keep.s) : keep.hi;
+  const bool hi = keep.hi < kInf;
+  auto sums = keep.band ? (hi ? kept_tile_sums<true, true, true> : kept_tile_sums<true, false, true>)
+                        : (hi ? kept_tile_sums<false, true, true> : kept_tile_sums<false, false, false>);
+  KeptSums ks;
+  float r = -kInf;  // the sums' reference
+  for (int64_t t = 0; t < st.ntiles; ++t) {
+    const float tm = st.tmax[t];
+    if (!(tm > -kInf) || !(tm >= keep.lo) || (keep.band && tm - keep.c0 < -keep.s)) continue;  // nothing kept
+    const int64_t i0 = t * kTile, e16 = std::min(st.vp, i0 + kTile);
+    float ub = std::min(tm, top);
+    double sw = 0.0, swd = 0.0;
+    int64_t n = 0;
+    float kmax = tm;  // (the tile maximum is kept unless a band or hi applies: then the sweep finds it)
+    sums(st, i0, e16, a, ub, &sw, &swd, &n, &kmax);
+    if (n == 0) continue;
+    if (static_cast<double>(a) * (static_cast<double>(ub) - kmax) > 40.0) {
+      ub = kmax;
+      int64_t n2 = 0;
+      sums(st, i0, e16, a, ub, &sw, &swd, &n2, &kmax);
+    }
+    ks.n += n;
+    ks.m = std::max(ks.m, kmax);
+    merge_sums(a, ub, sw, swd, &r, &ks.sw, &ks.swd);
+  }
+  if (ks.n > 0 && r != ks.m) {  // around the kept maximum
+    const double g = static_cast<double>(a) * (static_cast<double>(r) - ks.m), c = std::exp(g);
+    ks.swd = c * (ks.swd + g * ks.sw);
+    ks.sw *= c;
+  }
+  return ks;
+}
+
+// The k-th largest kept value (1 <= k <= |S|): without typical's band the kept set is the top values.
+inline float kth_kept(RowState& st, int64_t k) {
+  if (!st.keep.band) return kth(st, k);
+  const Keep keep = st.keep;
+  const float* z = st.z;
+  TopSel& sel = st.s.sel;
+  sel.reset(k);
+  sel.scan(z, st.vp, 0, [&](int64_t i) { return keep.mask(load(z + i)); });
+  sel.finish();
+  return sel.n >= k ? sel.buf[k - 1].v : -kInf;
+}
+
+// eta (docs/semantics.md §3 E item 5), over the survivors S of the earlier rules: keep
+// z >= m + ln sw + ln min(eta, sqrt(eta) e^-H) (m = max_S z, sw = sum_S exp(z - m), H the entropy of softmax(z) over
+// S), capped at m and lowered to the min(min_keep, |S|)-th largest survivor. A value threshold on top of typical's
+// band. S's sums come from the head (top-k rows), from pass 1's entropy sums (no earlier rule), or a masked pass.
+inline void apply_eta(RowState& st) {
+  KeptSums ks;
+  if (kept_set_in_head(st)) {
+    ks = kept_sums_head(st, 1.0f);
+  } else if (st.want_tent && !st.keep.truncates()) {  // (eta alone: nothing reused the entropy sums' buffer)
+    ks.m = st.M;
+    ks.n = st.nfinite;
+    row_entropy_sums(st, &ks.sw, &ks.swd);
+  } else {
+    ks = kept_sums_pass(st, 1.0f);
+  }
+  if (ks.n == 0) return;
+  const double le = std::log(static_cast<double>(st.eta));
+  const double t = static_cast<double>(ks.m) + std::log(ks.sw) + std::min(le, 0.5 * le - ks.entropy());
+  float thr = std::min(float_at_least(t), ks.m);
+  const int64_t mk = std::min(st.min_keep, ks.n);
+  if (mk > 1) thr = std::min(thr, kth_kept(st, mk));
+  raise_lo(st, thr);
+}
+
+// XTC's decision over the kept set S (docs/semantics.md §3 E item 6): with A = {z in S : q >= theta} (q = softmax over
 // S), returns a = min z over A when |A| >= 2 and at least min_keep tokens of S have z <= a; else +inf (no cut).
 inline float xtc_cut(RowState& st, double ln_theta) {
   const Keep keep = st.keep;
@@ -1407,17 +1515,63 @@ inline void truncate(RowState& st) {
   start_truncation(st);
   if (st.miro == 0) {
     const float* fp = st.fp;
-    if (st.eta > 0.0f) st.H = row_entropy(st);  // (before a mass selection reuses the entropy sums' buffer)
     if (st.ip[I_TOP_K] > 0) apply_top_k(st, st.ip[I_TOP_K]);
     if (fp[F_TOP_P] < 1.0f) apply_top_p(st, fp[F_TOP_P]);
-    if (fp[F_MIN_P] > 0.0f || fp[F_EPSILON] > 0.0f || st.eta > 0.0f || st.nsigma > 0.0f) apply_min_p(st);
+    if (fp[F_MIN_P] > 0.0f || fp[F_EPSILON] > 0.0f || st.nsigma > 0.0f) apply_min_p(st);
     if (fp[F_TYPICAL_P] < 1.0f) apply_typical(st, fp[F_TYPICAL_P]);
+    if (st.eta > 0.0f) apply_eta(st);
     if (st.xtc_p > 0.0f) apply_xtc(st);
   } else if (st.miro == 2) {
     apply_mirostat_v2(st);
   } else {
     apply_mirostat_v1(st);
   }
+}
+
+// Dynamic temperature (docs/semantics.md §3 E, after the rules or Mirostat): T' from the entropy of softmax(l) over the
+// kept set S (l = z T; from the head when S lies in it, else a masked pass), then rho = T / T': the draw, the final
+// logprobs, the probabilities and the Mirostat update read z' = z rho on S, while the kept-set predicate keeps testing
+// z. A kept z whose z' underflows to -inf leaves S (keep.lo rises past it); false when z' overflows to +inf, or
+// nothing of S is left (the row is invalid, §5).
+inline bool apply_dynamic_temperature(RowState& st) {
+  const double T = st.fp[F_TEMPERATURE], delta = st.fp[F_DYN_RANGE], kappa = st.fp[F_DYN_EXP];
+  const float a = static_cast<float>(T);
+  KeptSums ks;
+  if (st.dyn_pass1 && !st.keep.truncates()) {  // every finite token: from pass 1's sums
+    ks.m = st.M;
+    ks.n = st.nfinite;
+    for (int64_t t = 0; t < st.ntiles; ++t) {
+      if (!(st.tmax[t] > -kInf)) continue;
+      const double g = T * (static_cast<double>(st.tmax[t]) - st.M), c = std::exp(g);
+      ks.sw += c * st.dsw[t];
+      if (c > 0.0) ks.swd += c * (st.dswd[t] + g * st.dsw[t]);
+    }
+  } else {
+    ks = kept_set_in_head(st) ? kept_sums_head(st, a) : kept_sums_pass(st, a);
+  }
+  if (ks.n == 0) return false;
+  double Tp = T;
+  if (ks.n >= 2) {
+    const double H = std::max(0.0, ks.entropy());  // (rounding may leave a peaked set a hair below 0)
+    const double lo = std::max(0.0, T - delta), hi = T + delta;
+    Tp = lo + (hi - lo) * std::pow(H / std::log(static_cast<double>(ks.n)), kappa);
+  }
+  Tp = std::max(Tp, 1.1754943508222875e-38);  // the smallest normal float32, as for T (§5)
+  // (at least the smallest subnormal float32: a huge T' gives a nearly uniform draw, not 0 * -inf)
+  const float rho = std::max(static_cast<float>(T / Tp), std::numeric_limits<float>::denorm_min());
+  if (rho == 1.0f) return true;  // z' = z: every weight and statistic of the base temperature stands
+  const float top = ks.m * rho;
+  if (!(top < kInf) || !(top > -kInf)) return false;
+  if (rho > 1.0f) {  // keep.lo rises to the smallest z whose z' stays finite (rounding is monotonic)
+    float f = static_cast<float>(-std::numeric_limits<float>::max() / static_cast<double>(rho));
+    while (!(f * rho > -kInf)) f = std::nextafter(f, kInf);
+    while (std::nextafter(f, -kInf) * rho > -kInf) f = std::nextafter(f, -kInf);
+    raise_lo(st, f);
+  }
+  st.rho = rho;
+  st.shift = ks.m;     // the kept maximum
+  st.have_tw = false;  // (a mass selection's tile weights are those of z)
+  return true;
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -1429,16 +1583,33 @@ inline void kept_weights_from_head(RowState& st) {
   for (int64_t t = 0; t < st.ntiles; ++t) tw[t] = 0.0;
   st.S_kept = 0.0;
   const Entry* hd = st.hd;
+  const float rho = st.rho;
   int64_t i = 0;
   while (i < st.nh && hd[i].v > st.keep.hi) ++i;  // cut by XTC
   st.head_from = i;
   if (i < st.nh) st.shift = hd[i].v;  // the kept maximum (M unless XTC cut the top)
   for (; i < st.nh && hd[i].v >= st.keep.lo; ++i) {
-    const double w = std::exp(static_cast<double>(hd[i].v) - st.shift);
+    const double w = std::exp(static_cast<double>(rho) * (static_cast<double>(hd[i].v) - st.shift));
     tw[hd[i].id / kTile] += w;
     st.S_kept += w;
   }
   st.nkept_head = i;
+}
+
+// Sum of exp((z - shift) rho) over the kept tokens of [i0, e16) (rho = 1 when not scaled).
+template <bool kScaled>
+inline double kept_tile_weight(const RowState& st, int64_t i0, int64_t e16) {
+  const float* z = st.z;
+  const Keep keep = st.keep;
+  const vf vsh = set1(st.shift), vrho = set1(st.rho);
+  vf acc = set1(0.0f);
+  for (int64_t i = i0; i < e16; i += kLanes) {
+    vf v = load(z + i);
+    mask_t km = keep.mask(v);
+    if (!km) continue;
+    acc = mask_add(acc, km, vexp(kScaled ? (v - vsh) * vrho : v - vsh));
+  }
+  return hsum(acc);
 }
 
 // A masked exp pass over the tiles that can hold kept tokens; when every kept weight underflows relative to M, again
@@ -1447,21 +1618,14 @@ inline void kept_weights_pass(RowState& st) {
   const float* z = st.z;
   double* tw = st.tw;
   const Keep keep = st.keep;
+  const bool scaled = st.rho != 1.0f;
   for (int attempt = 0; attempt < 2; ++attempt) {
-    const vf vsh = set1(st.shift);
     double S_kept = 0.0;
     for (int64_t t = 0; t < st.ntiles; ++t) {
       tw[t] = 0.0;
       if (!(st.tmax[t] >= keep.lo)) continue;
       const int64_t i0 = t * kTile, e16 = std::min(st.vp, i0 + kTile);
-      vf acc = set1(0.0f);
-      for (int64_t i = i0; i < e16; i += kLanes) {
-        vf v = load(z + i);
-        mask_t km = keep.mask(v);
-        if (!km) continue;
-        acc = mask_add(acc, km, vexp(v - vsh));
-      }
-      tw[t] = hsum(acc);
+      tw[t] = scaled ? kept_tile_weight<true>(st, i0, e16) : kept_tile_weight<false>(st, i0, e16);
       S_kept += tw[t];
     }
     st.S_kept = S_kept;
@@ -1474,7 +1638,7 @@ inline void kept_weights_pass(RowState& st) {
 }
 
 inline void kept_tile_weights(RowState& st) {
-  st.kept_in_head = !st.keep.band && st.keep.lo > -kInf && head_covers(st, st.keep.lo);
+  st.kept_in_head = kept_set_in_head(st);
   if (st.have_tw && st.keep == st.tw_keep && !st.kept_in_head) {  // from the mass selection
     st.S_kept = 0.0;
     for (int64_t t = 0; t < st.ntiles; ++t) st.S_kept += st.tw[t];
@@ -1489,6 +1653,8 @@ inline void kept_tile_weights(RowState& st) {
     kept_weights_pass(st);
   } else if (st.single_tile_draw && !st.have_stats) {
     st.tw[0] = 1.0;  // any positive weight: the only tile wins the race
+  } else if (st.rho != 1.0f) {
+    kept_weights_pass(st);  // (the tile sums are those of z)
   } else {
     ensure_stats(st);
     st.S_kept = st.S;
@@ -1527,6 +1693,7 @@ inline int64_t race_tiles(const RowState& st, const RaceKey& rk) {
 // whose bound is below the best score cannot win.
 inline void race_head(RowState& st, const RaceKey& rk, int64_t tbest) {
   const Entry* hd = st.hd;
+  const double rho = st.rho;
   int32_t hid[kHead];  // positions in the head
   uint32_t hw[kHead];  // their words
   int64_t nr = 0;
@@ -1550,7 +1717,7 @@ inline void race_head(RowState& st, const RaceKey& rk, int64_t tbest) {
   double best = -std::numeric_limits<double>::infinity();
   for (int64_t j = 0; j < nr; ++j) {
     const Entry& h = hd[hid[j]];
-    const double v = static_cast<double>(h.v);
+    const double v = rho == 1.0 ? static_cast<double>(h.v) : rho * (static_cast<double>(h.v) - st.shift);  // z'
     if (token >= 0 && v + neg_log_noise_bound(hw[j]) < best) continue;
     const double sc = v - std::log(exp_noise(hw[j]));
     if (token < 0 || sc > best || (sc == best && h.id < token)) {
@@ -1566,13 +1733,15 @@ inline void race_head(RowState& st, const RaceKey& rk, int64_t tbest) {
 // and gets no Philox: starting with the block that holds the tile's kept maximum, peaked rows skip most of the tile. In
 // the other blocks neg_log_noise_bound16 bounds each token's score from its word without a logarithm; only blocks where
 // a kept token's bound reaches the best score so far get the exact noise, a few blocks per row (a token passes with
-// probability about e^(z - best), about one in the whole row beyond the first block).
+// probability about e^(z - best), about one in the whole row beyond the first block). With a dynamic temperature the
+// scores are (z - shift) rho - ln E: z' - ln E up to the common shift.
 struct TokenRace {
   static constexpr float kNoiseMax = 24.0f;
   const float* z;
   Keep keep;
   RaceKey rk;
   int64_t e16;  // the tile's end in z
+  float rho, shift;
   vf bsc = set1(-kInf), bid = set1(-1.0f);
   vf iota = lane_iota();
   float best_lb = -kInf;  // a score some kept token already reached
@@ -1586,6 +1755,7 @@ struct TokenRace {
     for (int q = 0; q < nq; ++q) {
       zq[q] = load(z + b0 + q * kLanes);
       km[q] = keep.mask(zq[q]);
+      if (rho != 1.0f) zq[q] = (zq[q] - set1(shift)) * set1(rho);
       bm = vmax(bm, select(km[q], zq[q], set1(-kInf)));
     }
     const float blk_max = hmax(bm);
@@ -1654,7 +1824,7 @@ inline int64_t kept_max_block(const RowState& st, int64_t i0, int64_t e16, float
 inline void race_tile(RowState& st, const RaceKey& rk, int64_t tbest) {
   const int64_t i0 = tbest * kTile, e16 = std::min(st.vp, i0 + kTile);
   const int64_t first = kept_max_block(st, i0, e16, st.tmax[tbest]);
-  TokenRace race{st.z, st.keep, rk, e16};
+  TokenRace race{st.z, st.keep, rk, e16, st.rho, st.shift};
   if (first >= 0) race.block(first);
   for (int64_t b0 = i0; b0 < e16; b0 += 64)
     if (b0 != first) race.block(b0);
@@ -1728,7 +1898,7 @@ inline void write_kept_mask(const RowState& st) {
   }
 }
 
-// The distribution drawn from: exp(z - shift) / S_kept on the kept set.
+// The distribution drawn from: exp((z - shift) rho) / S_kept on the kept set.
 inline void write_probs(const RowState& st) {
   float* pr = st.a.probs + st.r * st.a.V;
   std::fill(pr, pr + st.a.V, 0.0f);
@@ -1739,13 +1909,13 @@ inline void write_probs(const RowState& st) {
   const float* z = st.z;
   const Keep keep = st.keep;
   const float inv = static_cast<float>(1.0 / st.S_kept);
-  const vf vsh = set1(st.shift), vinv = set1(inv);
+  const vf vsh = set1(st.shift), vinv = set1(inv), vrho = set1(st.rho);
   alignas(64) float buf[kLanes];
   for (int64_t i = 0; i < st.vp; i += kLanes) {
     vf v = load(z + i);
     mask_t km = keep.mask(v);
     if (!km) continue;
-    vf p = maskz(km, vexp(v - vsh) * vinv);
+    vf p = maskz(km, vexp((v - vsh) * vrho) * vinv);  // (exact for rho = 1)
     if (i + kLanes <= st.vs) {
       store(pr + i, p);
     } else {
@@ -1758,15 +1928,16 @@ inline void write_probs(const RowState& st) {
 // mu <- mu - eta (-log2 q'[token] - tau) (docs/semantics.md §3 E, Update).
 inline float updated_mu(const RowState& st) {
   if (st.miro == 0 || st.greedy) return st.mu_in;
-  const double qx = std::exp(static_cast<double>(st.z[st.token]) - st.shift) / st.S_kept;
+  const double qx =
+      std::exp(static_cast<double>(st.rho) * (static_cast<double>(st.z[st.token]) - st.shift)) / st.S_kept;
   const double surprise = -std::log2(qx);
   return static_cast<float>(static_cast<double>(st.mu_in) - st.fp[F_MIRO_ETA] * (surprise - st.fp[F_MIRO_TAU]));
 }
 
 // log-softmax as (v - max) - ln(sum): the shift first, so ln(sum) is not absorbed by a large max
-// (docs/semantics.md §6)
-inline float lp_of(float v, double m, double log_sum) {
-  return static_cast<float>((static_cast<double>(v) - m) - log_sum);
+// (docs/semantics.md §6); rho: the dynamic temperature's scale of v - m
+inline float lp_of(float v, double m, double log_sum, double rho = 1.0) {
+  return static_cast<float>(rho * (static_cast<double>(v) - m) - log_sum);
 }
 
 // The row's top-N outputs.
@@ -1796,11 +1967,11 @@ inline void pad_neg_inf(const RowState& st, const TopOut& top, int64_t have, IsN
 // The top-N of a selection made by sel (value desc, id asc) as logprobs; then the -inf padding.
 template <class IsNegInf>
 inline void write_top(const RowState& st, const TopOut& top, const TopSel& sel, double m, double log_sum,
-                      IsNegInf is_neg_inf) {
+                      IsNegInf is_neg_inf, double rho = 1.0) {
   const int64_t have = std::min<int64_t>(sel.n, top.n);
   for (int64_t j = 0; j < have; ++j) {
     top.ids[j] = sel.buf[j].id;
-    top.lps[j] = lp_of(sel.buf[j].v, m, log_sum);
+    top.lps[j] = lp_of(sel.buf[j].v, m, log_sum, rho);
   }
   if (have < top.n) pad_neg_inf(st, top, have, is_neg_inf);
 }
@@ -1878,13 +2049,15 @@ inline void logprobs_processed(RowState& st, const TopOut& top) {
   }
 }
 
-// Final logprobs: z - logsumexp(z over S) on the kept set, -inf elsewhere.
+// Final logprobs: z' - logsumexp(z' over S) on the kept set, -inf elsewhere. z' = z rho keeps z's order, so the rank
+// and the top-N are taken on z.
 inline void logprobs_final(RowState& st, const TopOut& top) {
   const float* z = st.z;
   const Keep keep = st.keep;
+  const float rho = st.rho;
   const double log_sk = std::log(st.S_kept);
   const float zt = z[st.token];
-  st.a.logprobs[st.r] = lp_of(zt, static_cast<double>(st.shift), log_sk);
+  st.a.logprobs[st.r] = lp_of(zt, static_cast<double>(st.shift), log_sk, rho);
   int64_t c = 0;
   const vf vx = set1(zt);
   for (int64_t i = 0; i < st.vp; i += kLanes) {
@@ -1897,7 +2070,7 @@ inline void logprobs_final(RowState& st, const TopOut& top) {
     sel.reset(top.n);
     sel.scan(z, st.vp, 0, [&](int64_t i) { return keep.mask(load(z + i)); });
     sel.finish();
-    write_top(st, top, sel, static_cast<double>(st.shift), log_sk, [&](int64_t t) { return !keep.test(z[t]); });
+    write_top(st, top, sel, static_cast<double>(st.shift), log_sk, [&](int64_t t) { return !keep.test(z[t]); }, rho);
   }
 }
 
@@ -1940,11 +2113,6 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
   read_params<T>(st);
   plan_pass1(st);
   for (int64_t t = 0; t < st.ntiles; ++t) pass1_tile<T>(st, t);  // stages A-D and the statistics
-  if (st.dyn) {  // pass 1 ran at temperature 1: T' from its entropy, then z = l / T'
-    float m = -kInf;
-    for (int64_t t = 0; t < st.ntiles; ++t) m = std::max(m, st.tmax[t]);
-    if (!st.bad && m > -kInf) rescale_row(st);
-  }
   for (int64_t t = 0; t < st.ntiles; ++t) st.M = std::max(st.M, st.tmax[t]);
   if (st.use_head && !st.bad && st.M > -kInf) scan_head(st);
   if (st.bad || !(st.M > -kInf)) {  // docs/semantics.md §5
@@ -1964,6 +2132,10 @@ void sample_row(const BatchArgs& a, int64_t r, Scratch& s) {
     st.token = a.forced ? a.forced[r] : greedy_token(st);
   } else {
     truncate(st);
+    if (st.dyn && !apply_dynamic_temperature(st)) {  // z' overflows (docs/semantics.md §5)
+      write_invalid(st);
+      return;
+    }
     kept_tile_weights(st);
     if (a.forced && !st.probs_mode) {
       st.token = a.forced[r];
