@@ -292,7 +292,8 @@ Inputs parse(py::object logits_o, const std::string& dtype, int64_t vocab, py::o
                ", outside the vocabulary [0, " + std::to_string(vocab) + ")");
         if (j > 0 && t <= ids[r * K + j - 1])
           fail("dry_ids of row " + std::to_string(r) + " must be ascending without repeats, padding last");
-        if (!(v >= 0.0f) || std::isinf(v)) fail("dry_vals of row " + std::to_string(r) + " must be finite and >= 0");
+        // (+inf: a penalty beyond the float32 range, which masks the token, docs/semantics.md §5)
+        if (!(v >= 0.0f)) fail("dry_vals of row " + std::to_string(r) + " must be >= 0 (or +inf), not NaN");
       }
     }
     a.dry_ids = ids;

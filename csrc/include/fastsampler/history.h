@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -183,7 +184,11 @@ inline void dry_row(const DryArgs& a, int64_t r, DryScratch& s, std::vector<std:
     if (j + 1 < s.cand.size() && s.cand[j + 1].first == s.cand[j].first) continue;  // the longest of each token
     double e = static_cast<double>(s.cand[j].second - allowed);
     if (big) e = std::min(e, emax);
-    out.emplace_back(static_cast<int32_t>(s.cand[j].first), static_cast<float>(mult * std::pow(base, e)));
+    const double pen = mult * std::pow(base, e);
+    // what float32 rounds to +inf (from 2^128 - 2^103 on) is +inf, which masks the token; a plain cast of an
+    // out-of-range double would be undefined
+    const float pf = pen >= 0x1.ffffffp+127 ? std::numeric_limits<float>::infinity() : static_cast<float>(pen);
+    out.emplace_back(static_cast<int32_t>(s.cand[j].first), pf);
   }
 }
 
