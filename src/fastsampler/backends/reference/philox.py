@@ -96,6 +96,6 @@ def tile_noise(seed: int, step: int, seq: int, tiles: np.ndarray) -> np.ndarray:
 
 
 def xtc_uniform(seed: int, step: int, seq: int) -> float:
-    """XTC's coin ``u = (w0 + 0.5) 2^-32`` (docs/semantics.md §3 E item 5): word 0 of stream 3 at counter index 0."""
+    """XTC's coin ``u = (w0 + 0.5) 2^-32`` (docs/semantics.md §3 E item 6): word 0 of stream 3 at counter index 0."""
     w0 = int(_words(seed, step, seq, STREAM_XTC, np.zeros(1, dtype=np.uint64))[0])
     return (w0 + 0.5) * 2.0**-32

@@ -353,7 +353,7 @@ def _eta(z: np.ndarray, keep: np.ndarray, eta: float, mk: int, reasons: list[str
 
 
 def _xtc(z: np.ndarray, keep: np.ndarray, theta: float, mk: int, reasons: list[str]) -> np.ndarray:
-    """XTC once its coin fired (§3 E item 5): drop the survivors above the least likely token with ``q >= θ``."""
+    """XTC once its coin fired (§3 E item 6): drop the survivors above the least likely token with ``q >= θ``."""
     zk = z[keep]
     m = zk.max()
     cut = m + math.log(np.exp(zk - m).sum()) + (math.log(theta) if theta > 0.0 else -math.inf)
