@@ -496,8 +496,8 @@ class SamplingParams:
           ``[-2**63, 2**64)`` (a negative seed is taken modulo ``2**64``).
         - ``mirostat_target`` (``> 0``) turns Mirostat **v2** on with that target surprise ``tau``, and
           ``mirostat_lr`` in ``(0, 1]`` is its learning rate ``eta`` (default 0.1; without ``mirostat_target`` it
-          is checked and dropped). The request APIs do not name a version; v2 is chosen because it needs no
-          estimate over the vocabulary and is what llama.cpp-style front ends mean by Mirostat by default. A body
+          is checked and dropped). The request APIs do not name a version; v2 is chosen because a target and a rate
+          are all it takes (v1 also estimates the Zipf exponent over the top tokens and the vocabulary size). A body
           may pick v1 with the extension key ``mirostat_mode: 1`` (below). With Mirostat on, the generation config
           fills only the temperature (Mirostat replaces truncation).
         - ``min_tokens`` (``>= 0``) and ``ignore_eos`` (a bool), as in `SamplingParams`.
