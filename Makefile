@@ -1,7 +1,9 @@
 # One-command entry points. `make test` and `make bench` create the virtual environment on first use.
 PYTHON ?= python3
 VENV   ?= .venv
-# CPU build of torch by default; on a CUDA machine pass e.g. TORCH=torch (or TORCH= to keep an installed torch).
+# torch==2.13.0 (the version CI pins). Which build pip installs depends on the index: PyPI's Linux wheel is the CUDA
+# build; pass the index for another, e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# (README § Install), or TORCH= to keep an installed torch.
 TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 BENCH_ARGS ?=

@@ -474,8 +474,214 @@ class SamplingParams:
         kw.update(overrides)
         return cls(**kw)
 
+    @classmethod
+    def from_request(cls, body: Mapping[str, Any],
+                     generation_config: Mapping[str, Any] | str | os.PathLike | None = None) -> SamplingParams:
+        """Build params from an OpenAI-style chat-completions or completions request body (Fireworks extensions too).
+
+        Sampling keys, each checked against the range the request APIs give (errors name the key, the value and the
+        range); ``null`` is the same as an absent key:
+
+        - ``temperature`` in ``[0, 2]``; ``top_p`` in ``[0, 1]`` (``0`` keeps only the most likely token and its
+          ties: ``top_k=1``); ``top_k`` an integer ``>= -1`` (``0`` and ``-1`` off; the request APIs cap it at 100,
+          fastsampler does not); ``min_p`` in ``[0, 1]``; ``typical_p`` in ``(0, 1]``.
+        - ``frequency_penalty``, ``presence_penalty`` in ``[-2, 2]``; ``repetition_penalty`` in ``(0, 2]``;
+          ``logit_bias``: token id (a string, as JSON writes it, or an int) to a bias in ``[-100, 100]`` (or ``-inf``,
+          a ban).
+        - ``logprobs``: a bool (chat: the sampled token's logprob, ``top_logprobs`` in ``[0, 20]`` adds the top N),
+          or an integer ``N`` in ``[0, 5]`` (completions: the sampled token and the top ``N``; a ``top_logprobs`` in
+          the same body wins over ``N``).
+        - ``n`` in ``[1, 128]``; ``best_of`` in ``[n, 128]`` (completions: candidates drawn, of which the engine
+          returns the ``n`` best; ``n`` here becomes ``best_of``, the number of samples drawn); ``seed`` an integer in
+          ``[-2**63, 2**64)`` (a negative seed is taken modulo ``2**64``).
+        - ``mirostat_target`` (``> 0``) turns Mirostat **v2** on with that target surprise ``tau``, and
+          ``mirostat_lr`` in ``(0, 1]`` is its learning rate ``eta`` (default 0.1; without ``mirostat_target`` it
+          is checked and dropped). The request APIs do not name a version; v2 is chosen because a target and a rate
+          are all it takes (v1 also estimates the Zipf exponent over the top tokens and the vocabulary size). A body
+          may pick v1 with the extension key ``mirostat_mode: 1`` (below). With Mirostat on, the generation config
+          fills only the temperature (Mirostat replaces truncation).
+        - ``min_tokens`` (``>= 0``) and ``ignore_eos`` (a bool), as in `SamplingParams`.
+
+        Every other `SamplingParams` field may also be given under its own name (an engine extension:
+        ``stop_token_ids``, ``dry_multiplier``, ``mirostat_mode``, ...), with `SamplingParams`' own checks.
+
+        Keys that are part of a request but not of sampling are ignored: ``model``, ``messages``, ``prompt``,
+        ``suffix``, ``max_tokens``, ``max_completion_tokens``, ``stop`` (stop strings are the engine's job), ``stream``,
+        ``stream_options``, ``echo``, ``echo_last``, ``user``, ``metadata``, ``store``, ``tools``, ``tool_choice``,
+        ``parallel_tool_calls``, ``functions``, ``function_call``, ``response_format``, ``prediction``,
+        ``speculation``, ``reasoning_effort``, ``reasoning_history``, ``thinking``, ``modalities``, ``audio``,
+        ``service_tier``, ``prompt_truncate_len``, ``context_length_exceeded_behavior``, ``raw_output``,
+        ``perf_metrics_in_response``, ``return_token_ids``, ``prompt_cache_key``, ``prompt_cache_isolation_key``,
+        ``safety_identifier``, ``verbosity``, ``web_search_options``, ``images``. Any other key raises ``ValueError``
+        naming it.
+
+        ``generation_config`` (a dict, a ``generation_config.json`` file or a model folder, read as
+        `from_generation_config` reads it, ``do_sample: false`` meaning greedy) fills ``temperature``, ``top_k``,
+        ``top_p``, ``min_p`` and ``typical_p`` where the body leaves them unset; nothing else is taken from it.
+
+        >>> body = {"model": "m", "messages": [], "temperature": 0.7, "top_p": 0.9, "logit_bias": {"42": -100},
+        ...         "logprobs": True, "top_logprobs": 2, "seed": 7}
+        >>> p = SamplingParams.from_request(body)
+        >>> p.top_p, dict(p.logit_bias), p.top_logprobs
+        (0.9, {42: -100.0}, 2)
+        >>> SamplingParams.from_request({"prompt": "x", "logprobs": 3}).top_logprobs
+        3
+        >>> SamplingParams.from_request({"mirostat_target": 4.0}).mirostat_mode
+        2
+        >>> SamplingParams.from_request({"top_p": 0.8}, {"temperature": 0.6, "top_k": 20}).sampling_options()
+        {'temperature': 0.6, 'top_k': 20, 'top_p': 0.8}
+        >>> SamplingParams.from_request({"temperature": 0.5, "top_n": 3})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown request key 'top_n' (...)
+        """
+        if not isinstance(body, Mapping):
+            raise TypeError(f"the request body must be a mapping (a JSON object), got {type(body).__name__}")
+        unknown = [k for k in body if k not in _REQUEST_KEYS and k not in _IGNORED_REQUEST_KEYS
+                   and k not in _EXTENSION_KEYS]
+        if unknown:
+            names = ", ".join(repr(k) for k in unknown)
+            raise ValueError(f"unknown request key{'s' if len(unknown) > 1 else ''} {names} (not a sampling key of the "
+                             f"chat / completions APIs, not a key they define that sampling ignores, and not a "
+                             f"SamplingParams field)")
+        get = {k: v for k, v in body.items() if v is not None and k not in _IGNORED_REQUEST_KEYS}.get
+        kw: dict[str, Any] = {k: body[k] for k in _EXTENSION_KEYS if get(k) is not None}
+        inf = math.inf
+        for name, lo, hi, lo_open in (("temperature", 0.0, 2.0, False), ("min_p", 0.0, 1.0, False),
+                                      ("typical_p", 0.0, 1.0, True), ("frequency_penalty", -2.0, 2.0, False),
+                                      ("presence_penalty", -2.0, 2.0, False),
+                                      ("repetition_penalty", 0.0, 2.0, True)):
+            if get(name) is not None:
+                kw[name] = _check_float(name, get(name), lo, hi, lo_open=lo_open)
+        if get("top_k") is not None:
+            k = _check_int("top_k", get("top_k"), -1, (1 << 31) - 1)
+            kw["top_k"] = k if k > 0 else -1
+        if get("top_p") is not None:
+            top_p = _check_float("top_p", get("top_p"), 0.0, 1.0)
+            if top_p == 0.0:  # the most likely token (ties kept): top-k 1, the same kept set as top-p -> 0
+                kw["top_k"] = 1
+            else:
+                kw["top_p"] = top_p
+        if get("logit_bias") is not None:
+            kw["logit_bias"] = get("logit_bias")
+        for name in ("min_tokens", "ignore_eos"):
+            if get(name) is not None:
+                kw[name] = get(name)
+        # logprobs: a bool (chat), or the completions API's integer top count
+        lp = get("logprobs")
+        if lp is not None:
+            if isinstance(lp, bool):
+                kw["logprobs"] = lp
+            elif _is_int(lp):
+                kw["logprobs"] = True
+                kw["top_logprobs"] = _check_int("logprobs", lp, 0, 5)
+            else:
+                raise TypeError(f"logprobs must be a bool or an integer in [0, 5], got {lp!r} of type "
+                                f"{type(lp).__name__}")
+        if get("top_logprobs") is not None:
+            kw["top_logprobs"] = _check_int("top_logprobs", get("top_logprobs"), 0, MAX_TOP_LOGPROBS)
+        n = _check_int("n", get("n"), 1, 128) if get("n") is not None else 1
+        if get("best_of") is not None:
+            n = _check_int("best_of", get("best_of"), n, 128)
+        if n != 1:
+            kw["n"] = n
+        if get("seed") is not None:
+            seed = get("seed")
+            if not _is_int(seed) or not -(1 << 63) <= int(seed) < _U64:
+                raise (ValueError if _is_int(seed) else TypeError)(
+                    f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+            kw["seed"] = int(seed) % _U64
+        # Mirostat: a target turns it on (v2 unless the body names the mode); the rate alone is checked and dropped
+        if get("mirostat_target") is not None:
+            kw["mirostat_target"] = _check_float("mirostat_target", get("mirostat_target"), 0.0, inf, lo_open=True,
+                                                 hi_open=True)
+            if kw.setdefault("mirostat_mode", 2) == 0:  # the body turned it off by name
+                del kw["mirostat_target"]
+        if get("mirostat_lr") is not None:
+            lr = _check_float("mirostat_lr", get("mirostat_lr"), 0.0, 1.0, lo_open=True)
+            if kw.get("mirostat_mode", 0) != 0:
+                kw["mirostat_lr"] = lr
+        if generation_config is not None:
+            defaults = cls.from_generation_config(generation_config)
+            filled = ("temperature",) if kw.get("mirostat_mode", 0) != 0 else _GENERATION_DEFAULTS
+            for name in filled:
+                if name not in kw:
+                    kw[name] = getattr(defaults, name)
+        return cls(**kw)
+
+    def sampling_options(self) -> dict[str, Any]:
+        """The effective sampling options under their request names (a response header's JSON, e.g.
+        ``fireworks-sampling-options``).
+
+        Keys, in this order, each only when it acts: ``temperature`` (always), ``top_k`` (``> 0``), ``top_p``
+        (``< 1``), ``min_p`` (``> 0``), ``typical_p`` (``< 1``), ``frequency_penalty``, ``presence_penalty`` (``!=
+        0``), ``repetition_penalty`` (``!= 1``), ``logit_bias`` (non-empty; string token-id keys, as JSON writes
+        them), ``mirostat_target`` and ``mirostat_lr`` (Mirostat on; plus ``mirostat_mode: 1`` for v1), ``logprobs``
+        and ``top_logprobs`` (when asked for), ``n`` (``> 1``), ``seed`` (when set), ``min_tokens`` (``> 0``),
+        ``ignore_eos`` (true); then every other field that differs from its default, under its `SamplingParams`
+        name (``stop_token_ids``, ``dry_multiplier``, ...). Values are plain JSON types (lists, not tuples; a ``-inf``
+        bias is a float that ``json.dumps`` writes as ``-Infinity``).
+
+        ``SamplingParams.from_request(params.sampling_options())`` gives back ``params`` whenever its values lie in
+        the request ranges (``from_request`` documents them) and a disabled ``top_k`` is ``-1``.
+
+        >>> SamplingParams(temperature=0.7, top_p=0.9).sampling_options()
+        {'temperature': 0.7, 'top_p': 0.9}
+        """
+        out: dict[str, Any] = {"temperature": self.temperature}
+        for name, on in (("top_k", self.top_k > 0), ("top_p", self.top_p < 1.0), ("min_p", self.min_p > 0.0),
+                         ("typical_p", self.typical_p < 1.0), ("frequency_penalty", self.frequency_penalty != 0.0),
+                         ("presence_penalty", self.presence_penalty != 0.0),
+                         ("repetition_penalty", self.repetition_penalty != 1.0)):
+            if on:
+                out[name] = getattr(self, name)
+        if self.logit_bias:
+            out["logit_bias"] = {str(k): v for k, v in self.logit_bias.items()}
+        if self.mirostat_mode != 0:
+            out["mirostat_target"] = self.mirostat_target
+            out["mirostat_lr"] = self.mirostat_lr
+            if self.mirostat_mode != 2:
+                out["mirostat_mode"] = self.mirostat_mode
+        if self.logprobs:
+            out["logprobs"] = True
+            if self.top_logprobs:
+                out["top_logprobs"] = self.top_logprobs
+        for name, on in (("n", self.n != 1), ("seed", self.seed is not None), ("min_tokens", self.min_tokens != 0),
+                         ("ignore_eos", self.ignore_eos)):
+            if on:
+                out[name] = getattr(self, name)
+        for f in dataclasses.fields(self):
+            if f.name in _EXTENSION_KEYS and f.name != "mirostat_mode" and getattr(self, f.name) != f.default:
+                v = getattr(self, f.name)
+                out[f.name] = [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple) else v
+        return out
+
+
+# ------------------------------------------------------------------------------------------------- request bodies
+# The sampling keys of an OpenAI chat-completions / completions body and the Fireworks extensions (from_request).
+_REQUEST_KEYS = frozenset({
+    "temperature", "top_p", "top_k", "min_p", "typical_p", "frequency_penalty", "presence_penalty",
+    "repetition_penalty", "logit_bias", "logprobs", "top_logprobs", "n", "best_of", "seed", "mirostat_target",
+    "mirostat_lr", "min_tokens", "ignore_eos",
+})
+# Keys those APIs define that are not sampling: accepted and ignored (the engine reads them from the body).
+_IGNORED_REQUEST_KEYS = frozenset({
+    "model", "messages", "prompt", "suffix", "max_tokens", "max_completion_tokens", "stop", "stream",
+    "stream_options", "echo", "echo_last", "user", "metadata", "store", "tools", "tool_choice", "parallel_tool_calls",
+    "functions", "function_call", "response_format", "prediction", "speculation", "reasoning_effort",
+    "reasoning_history", "thinking", "modalities", "audio", "service_tier", "prompt_truncate_len",
+    "context_length_exceeded_behavior", "raw_output", "perf_metrics_in_response", "return_token_ids",
+    "prompt_cache_key", "prompt_cache_isolation_key", "safety_identifier", "verbosity", "web_search_options", "images",
+})
+# The fields a generation config fills where a request leaves them unset.
+_GENERATION_DEFAULTS = ("temperature", "top_k", "top_p", "min_p", "typical_p")
+
 
 def _hashable(v: Any) -> Any:
     if isinstance(v, Mapping):
         return tuple(sorted(v.items()))
     return v
+
+
+# SamplingParams fields without a request name: a body may give them under their own names (from_request).
+_EXTENSION_KEYS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) - _REQUEST_KEYS
