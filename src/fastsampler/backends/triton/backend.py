@@ -143,7 +143,7 @@ class _Ctx:
     def __init__(self, batch: PackedBatch) -> None:
         from .candidates import GROUP
         from .logprobs import LP_CAP, LP_GROUPS
-        from .penalties import NRF, NRI, PF, PI, PX
+        from .penalties import NRF, NRI, PD, PF, PI, PX
 
         logits = batch.logits
         if logits.stride(1) != 1:
@@ -194,22 +194,26 @@ class _Ctx:
         # list of LP_GROUPS group indices and LP_CAP gathered (id, value) pairs
         self.lp_cand = self.cand and fl.any_logprobs
         lp_scratch = b * (LP_GROUPS + 2 * LP_CAP) if self.lp_cand else 0
-        # the extended rules: eta / top-n-sigma need whole-row statistics beyond the log-normaliser (stats.py's
-        # part_x partials), dynamic temperature a per-row temperature (dyntemp.py), XTC an upper bound of the kept
-        # set (xtc.py, penalties.kept_mask bit 2), DRY the table of PackedBatch.dry_ids / dry_vals
-        self.eta_ns = fl.any_eta or fl.any_nsigma
+        # the extended rules: top-n-sigma needs whole-row moments beyond the log-normaliser (stats.py's part_x
+        # partials), eta the survivors' entropy (a pass and a per-row kernel on the select path, select._eta_kernel),
+        # dynamic temperature the kept set's entropy (dyntemp.py's part_d partials) and rho = T / T' in rowf, XTC an
+        # upper bound of the kept set (xtc.py, penalties.kept_mask bit 2), DRY the table of PackedBatch.dry_ids /
+        # dry_vals
+        self.nsigma = fl.any_nsigma
         self.dyn = fl.any_dynatemp
         self.xtc = fl.any_xtc
         self.has_dry = fl.any_dry and batch.dry_ids is not None and batch.dry_ids.shape[1] > 0
-        # kept-set tests beyond z >= zlo (penalties.kept_mask): 1 typical-p, 2 XTC
-        self.kept = (1 if fl.any_typical else 0) | (2 if self.xtc else 0)
+        # kept-set tests beyond z >= zlo (penalties.kept_mask): 1 typical-p, 2 XTC, 4 dynamic temperature (a kept
+        # z' = z rho overflowing to -inf leaves the set)
+        self.kept = (1 if fl.any_typical else 0) | (2 if self.xtc else 0) | (4 if self.dyn else 0)
         # the workspace, int32 words: rowf | rowi | part_f | part_i | Mirostat v1 scratch | top-N scratch | group
-        # maxima of z (and of the raw logits) | candidate ids | candidate z | logprob scratch | eta / top-n-sigma
-        # chunk partials | per-row temperatures
+        # maxima of z (and of the raw logits) | candidate ids | candidate z | logprob scratch | top-n-sigma chunk
+        # partials | dynamic-temperature chunk partials
+        self.part_dyn = self.dyn and not self.cand
         sizes = [b * NRF, b * NRI, b * nc * PF, b * nc * PI, b * MIROSTAT_TOP if self.miro_v1 else 0,
                  3 * b * self.K if fl.any_logprobs else 0, (2 if self.lp_cand else 1) * b * self.NG if self.cand else 0,
                  b * self.CAP if self.cand else 0, b * self.CAP if self.cand else 0, lp_scratch,
-                 b * nc * PX if self.eta_ns else 0, b if self.dyn else 0]
+                 b * nc * PX if self.nsigma else 0, b * nc * PD if self.part_dyn else 0]
         ws = torch.empty(max(1, sum(sizes)), dtype=torch.int32, device=dev)
         parts, o = [], 0
         for n in sizes:
@@ -228,8 +232,8 @@ class _Ctx:
         self.cand_ids = parts[7] if self.cand else ws
         self.cand_z = parts[8].view(f32) if self.cand else ws.view(f32)
         dummy_i, dummy_f = ws, ws.view(f32)  # never read: the kernels are specialised without them
-        self.part_x = parts[10].view(f32) if self.eta_ns else dummy_f
-        self.temps = parts[11].view(f32) if self.dyn else dummy_f  # (B,) row-indexed: every row's T (dyntemp.py)
+        self.part_x = parts[10].view(f32) if self.nsigma else dummy_f
+        self.part_d = parts[11].view(f32) if self.part_dyn else dummy_f
         if self.has_dry:
             self.dry_ids = batch.dry_ids.to(device=dev, dtype=torch.int32).contiguous()
             self.dry_vals = batch.dry_vals.to(device=dev, dtype=torch.float32).contiguous()
@@ -318,7 +322,7 @@ class _Ctx:
     def zargs(self):
         return (self.logits, self.counts, self.prompt, self.allowed, self.tbm, self.eos, self.bias_indptr,
                 self.bias_ids, self.bias_vals, self.dry_ids, self.dry_vals, self.fparams, self.iparams, self.steps,
-                self.slots, self.temps)
+                self.slots)
 
     def zstrides(self):
         return (self.logits.stride(0), self.counts.stride(0) if self.batch.output_counts is not None else 0,
@@ -355,15 +359,13 @@ def _run(batch: PackedBatch):
     from .draw import finish
     from .dyntemp import dyn_pass
     from .mirostat import mirostat_v1_pass
-    from .select import STAGE_MIN_KEEP, STAGE_TOP_K, STAGE_TOP_P, select_pass, typical_pass
+    from .select import STAGE_MIN_KEEP, STAGE_TOP_K, STAGE_TOP_P, eta_pass, select_pass, typical_pass
     from .stats import combine_pass, entropy_pass, kept_pass, stats_pass
     from .xtc import xtc_pass
 
     ctx = _Ctx(batch)
     out = ctx.outputs()
     fl = ctx.flags
-    if ctx.dyn:
-        dyn_pass(ctx)  # every row's temperature (T' of dynamic temperature) before any pass computes z
     stats_pass(ctx)
     if ctx.cand:
         # top-k / min_keep / top-p / min-p on a buffer of candidates (candidates.py): two full reads of the row
@@ -385,9 +387,21 @@ def _run(batch: PackedBatch):
         if fl.any_typical:
             entropy_pass(ctx)
             typical_pass(ctx)
-        kept_pass(ctx, ctx.kept & 1)  # the kept set before XTC
+        if fl.any_eta:
+            entropy_pass(ctx, eta=True)  # the survivors' entropy, then eta's threshold
+            eta_pass(ctx)
+        kept_pass(ctx, ctx.kept & 1, dyn=ctx.dyn and not ctx.xtc)  # the kept set before XTC
         if ctx.xtc:
             xtc_pass(ctx)
+            if ctx.dyn:  # the final kept set's weights again, with its dynamic-temperature partials
+                kept_pass(ctx, ctx.kept & 3, dyn=True)
+        if ctx.dyn:
+            dyn_pass(ctx)  # rho and the kept weights at z' = z rho
+    elif ctx.dyn:
+        # no truncation: the kept set is every finite z, whose entropy partials the stats pass left; the row
+        # statistics are combined first (the finishing kernel would otherwise do it from the weights it draws from)
+        combine_pass(ctx, minp=False)
+        dyn_pass(ctx)
     finish(ctx, out)
     return ctx, out
 
