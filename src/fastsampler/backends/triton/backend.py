@@ -17,40 +17,48 @@ of kernels:
 
 The passes of a step, each only when some row needs it:
 
-0. with dynamic temperature on some row (`dyntemp`): `dyntemp._dyn_stats_kernel` (row pass: the entropy partials of
-   ``l`` at temperature 1) and `dyntemp._dyn_temp_kernel` (per row: every row's temperature ``T'`` into a ``(B,)``
-   scratch that every later pass reads instead of the parameter column);
 1. `stats._stats_kernel` (row pass): max / log-normaliser of ``z`` (and of the raw logits for raw logprobs), argmax
-   (when some row is greedy), finite count, validity, per-chunk weights -- no random numbers; with eta or top-n-sigma
-   on some row also the chunk's entropy sum and the mean / M2 of its finite ``z``, which `stats._combine_kernel`
-   merges per row in a fixed order (float64) into ``H`` and ``sigma`` for the min-p stage's thresholds;
+   (when some row is greedy), finite count, validity, per-chunk weights -- no random numbers; with top-n-sigma on
+   some row also the mean / M2 of its finite ``z``, which `stats._combine_kernel` merges per row in a fixed order
+   (float64) into ``sigma`` for the min-p stage's threshold;
 2. without truncation, `draw._finish_kernel` (per row) directly: row statistics, tile race (§3 F), then the token
    race over the one winning tile (Philox once per four ids, §7: 4096 ids of the row read a second time), the
-   token's logprob, Mirostat ``mu``, outputs. Plain and greedy steps: **2 launches**, one full read of the row;
+   token's logprob, Mirostat ``mu``, outputs. Plain and greedy steps: **2 launches**, one full read of the row.
+   With dynamic temperature on some row (its kept set is every finite ``z``: the stats pass also leaves its entropy
+   partials, `dyntemp`), `stats._combine_kernel` and `dyntemp._dyn_weights_kernel` (row pass: ``rho = T / T'`` and
+   the weights at ``z' = z rho``) come before the finishing kernel: 4 launches;
 3. with top-k or Mirostat v1 on some row and neither typical-p nor Mirostat v2 on any (the candidate engine,
    `candidates`): the stats pass also keeps per-group maxima, `stats._combine_kernel` (per row: row statistics and
    each candidate row's bound), `candidates._compact_kernel` (the ids at or above the bound, reading only the groups
    that can hold one) and `candidates._trunc_kernel` (per row: top-k, min_keep, top-p, min-p, Mirostat v1 on the
-   sorted candidates, or the exact selects where they overflow or the row has no top-k; XTC's bound on the buffer
-   or, on the fallback, from one more pass; the kept tile weights), then `draw._finish_kernel`: one full read of the
-   row; the logprobs kernel then reads only the groups that hold the
+   sorted candidates, or the exact selects where they overflow or the row has no top-k; eta over the survivors and
+   XTC's bound on the buffer or, on the fallback, from more passes; the dynamic temperature's ``rho`` from the kept
+   set on the buffer, or on the fallback one pass; the kept tile weights, at ``z'`` with dynamic temperature), then
+   `draw._finish_kernel`: one full read of the row; the logprobs kernel then reads only the groups that hold the
    rank's and the top-N's values;
 4. other truncation (§3 E): `stats._combine_kernel` (per row: row statistics, min-p and Mirostat v2 thresholds, which
    need no select), then one `select._select_kernel` per rule that needs one (top-k; min_keep when combined with
    top-p / min-p; top-p), `mirostat._mirostat_v1_kernel` (top-100 select, gather, ``k`` in float64, ``k``-th select),
-   `stats._entropy_kernel` + `select._typical_kernel` (typical-p), then `stats._kept_kernel` (row pass: kept-set
-   chunk weights), `xtc._xtc_kernel` (XTC on some row: per row, the coin, then for a row whose coin fires the bound
-   ``zhi`` from one pass and the new kept weights from another) and `draw._finish_kernel`;
+   `stats._entropy_kernel` + `select._typical_kernel` (typical-p), `stats._entropy_kernel` over the survivors +
+   `select._eta_kernel` (eta: the survivors' entropy, its threshold, a select only for min_keep), then
+   `stats._kept_kernel` (row pass: kept-set chunk weights, and with dynamic temperature the kept set's entropy
+   partials), `xtc._xtc_kernel` (XTC on some row: per row, the coin, then for a row whose coin fires the bound
+   ``zhi`` from one pass and the new kept weights from another; with dynamic temperature the kept pass runs again
+   after it), `dyntemp._dyn_weights_kernel` (dynamic temperature: ``rho`` and the kept weights at ``z'``) and
+   `draw._finish_kernel`;
 5. `logprobs._logprobs_kernel` (per row) when some row wants logprobs: ranks and the top-N.
 
 Launches of the backend per step (tests/test_triton_launches.py; a `Sampler` step with a tensor of slots adds none:
 it passes its state tables with ``slot_index`` and ``update_state``, see `PackedBatch`): plain / greedy 2; top-k +
 top-p + min-p 5; top-p alone 5; typical-p 6; Mirostat v1 5 (the candidate engine), v2 4; everything at once
 (penalties, logit bias, top-k / top-p / min-p, top-5 logprobs) 6; min_keep > 1 next to top-p / min-p without top-k
-adds one, logprobs add one. The extended samplers: eta and top-n-sigma are thresholds of the min-p stage (no launch
-of their own: eta alone 4, like min-p); XTC adds one on the select path (XTC alone 5) and none in the candidate
-engine (top-k + XTC 5); dynamic temperature adds two (alone 4); DRY none (its table comes with the batch). A batch
-whose rows use none of them launches exactly the kernels it did without them (the flags compile their code out).
+adds one, logprobs add one. The extended samplers: top-n-sigma is a threshold of the min-p stage (no launch of its
+own); eta adds two on the select path (eta + top-n-sigma 6) and none in the candidate engine (top-k + eta 5); XTC
+adds one on the select path (XTC alone 5) and none in the candidate engine (top-k + XTC 5); dynamic temperature adds
+one on the select path (top-p + dynamic temperature 6; two with XTC in the batch: XTC + dynamic temperature 7), two
+on a batch without truncation (alone 4) and none in the candidate engine (top-k + dynamic temperature 5); DRY none
+(its table comes with the batch). A batch whose rows use none of them launches exactly the kernels it did without
+them (the flags compile their code out).
 
 Tuning knobs (environment, read per call): ``FASTSAMPLER_TRITON_DIGIT_BITS`` (2, 4 or 8 key bits per select level;
 default 4 on CUDA, 8 in the interpreter), ``FASTSAMPLER_TRITON_CHUNK`` (ids per program, a power of two dividing
