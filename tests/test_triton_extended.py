@@ -1,10 +1,10 @@
-"""The Triton backend's extended samplers (docs/semantics.md §3 C DRY, §3 D dynamic temperature, §3 E items 3 and 5:
-eta, top-n-sigma, XTC) on each of its paths: the select path (a radix select per rule, `select`), the candidate
-engine (`candidates`: top-k rows on a buffer of candidates) and its exact fallback (a buffer too small:
-``FASTSAMPLER_TRITON_CANDIDATES=16``), and a batch without truncation (DRY and dynamic temperature alone). Small
-chunks (``FASTSAMPLER_TRITON_CHUNK``) split a row over several programs, so the chunk partials of the new statistics
-are merged. Hand cases from docs/semantics.md, random mixes against the reference (tests/backend_checks.py),
-bitwise batch invariance, and the Sampler's slot-indexed step.
+"""The Triton backend's extended samplers (docs/semantics.md §3 C DRY, §3 E: top-n-sigma (item 3), eta over the
+survivors (item 5), XTC (item 6), and the dynamic temperature of the kept set after the rules) on each of its paths:
+the select path (a radix select per rule, `select`), the candidate engine (`candidates`: top-k rows on a buffer of
+candidates) and its exact fallback (a buffer too small: ``FASTSAMPLER_TRITON_CANDIDATES=16``), and a batch without
+truncation (DRY and dynamic temperature alone). Small chunks (``FASTSAMPLER_TRITON_CHUNK``) split a row over several
+programs, so the chunk partials of the new statistics are merged. Hand cases from docs/semantics.md, random mixes
+against the reference (tests/backend_checks.py), bitwise batch invariance, and the Sampler's slot-indexed step.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def _probs(x, params, **kw) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------- hand cases
 @pytest.mark.parametrize("top_k", [0, 3, 4])  # select path; candidate engine (fast); candidate batch, top-k inactive
 def test_eta_and_top_n_sigma_hand_computed(knobs, top_k: int) -> None:
-    # q = (0.5, 0.3, 0.2), H = 1.0297: eta 0.2 and 0.3 keep all three, 0.5 keeps two (§3 E item 3)
+    # q = (0.5, 0.3, 0.2), H = 1.0297: eta 0.2 and 0.3 keep all three, 0.5 keeps two (§3 E item 5)
     x = np.log([0.5, 0.3, 0.2, 1e-6])
     for eta, kept in ((0.2, 3), (0.3, 3), (0.5, 2)):
         p = _probs(x, SP(eta_cutoff=eta, top_k=top_k))
@@ -64,6 +64,21 @@ def test_eta_and_top_n_sigma_hand_computed(knobs, top_k: int) -> None:
     assert int((_probs(z, SP(top_n_sigma=3.0, min_p=0.3, top_k=top_k)) > 0).sum()) == 2
     # temperature-invariant
     assert int((_probs(z, SP(top_n_sigma=1.0, temperature=0.3, top_k=top_k)) > 0).sum()) == 2
+
+
+@pytest.mark.parametrize("extra", [{"top_k": 2}, {"top_p": 0.75}])  # candidate engine; select path
+def test_eta_acts_on_the_survivors(knobs, extra: dict) -> None:
+    # top-k 2 / top-p 0.75 leave S = (0.5, 0.3): q_S = (0.625, 0.375), H_S = 0.6616; eta 0.8 keeps
+    # q_S >= min(0.8, sqrt(0.8) e^-0.6616 = 0.4614): the first alone (over the whole row, H = 1.0297 would have kept
+    # both); min_keep 2 lowers it to the second survivor
+    x = np.log([0.5, 0.3, 0.2, 1e-6])
+    p = _probs(x, SP(eta_cutoff=0.8, seed=1, **extra))
+    np.testing.assert_allclose(p, [1.0, 0.0, 0.0, 0.0], atol=1e-6)
+    p = _probs(x, SP(eta_cutoff=0.8, min_keep=2, seed=1, **extra))
+    np.testing.assert_allclose(p, [0.625, 0.375, 0.0, 0.0], atol=1e-6)
+    # eta 0.3 on S: min(0.3, 0.548 * 0.516 = 0.283): both survive
+    p = _probs(x, SP(eta_cutoff=0.3, seed=1, **extra))
+    np.testing.assert_allclose(p, [0.625, 0.375, 0.0, 0.0], atol=1e-6)
 
 
 @pytest.mark.parametrize("extra", [{}, {"top_k": 4}, {"top_k": 5}, {"typical_p": 0.999}])
@@ -115,30 +130,58 @@ def test_dry_hand_computed(knobs) -> None:
     assert int(out.tokens[0]) == 1  # C (3.5 - 4) and B (1.0 - 1) fall below id 1's 0.5
 
 
+def _dyn_expected(x: np.ndarray, kept: np.ndarray, t: float, d: float, kappa: float) -> np.ndarray:
+    """Final logprobs of a dynamic-temperature row whose kept set is ``kept``: T' from the entropy of softmax(x) over
+    it (temperature 1), then log_softmax(x / T') on it, -inf elsewhere (§3 E, dynamic temperature)."""
+    xs = x[kept].astype(np.float64)
+    q = np.exp(xs - xs.max())
+    q /= q.sum()
+    h = -(q * np.log(q)).sum()
+    tdyn = max(t - d, 0.0) + 2 * d * (h / math.log(kept.sum())) ** kappa
+    z = np.where(kept, x.astype(np.float64) / tdyn, -np.inf)
+    zk = z[kept]
+    return np.where(kept, z - zk.max() - np.log(np.exp(zk - zk.max()).sum()), -np.inf)
+
+
 @pytest.mark.parametrize("kappa", [0.0, 1.0, 2.5])
-def test_dynamic_temperature_hand_computed(knobs, kappa: float) -> None:
-    """T' from the entropy at temperature 1 (§3 D): processed logprobs are log_softmax(l / T')."""
+@pytest.mark.parametrize("rule", ["none", "top_k", "min_p"])  # plain path; candidate engine; select path
+def test_dynamic_temperature_hand_computed(knobs, kappa: float, rule: str) -> None:
+    """T' from the entropy of the kept set at temperature 1, after the rules (which run at the base T): final
+    logprobs and sampling_probs at l / T' on the kept set, processed logprobs at l / T."""
     rng = np.random.default_rng(int(kappa * 10))
     x = (rng.standard_normal(300) * 2).astype(np.float32)
     x[250:] = -np.inf
-    t, d = np.float32(0.8), np.float32(0.5)
-    q = np.exp(x[:250].astype(np.float64) - x[:250].max())
-    q /= q.sum()
-    h = -(q * np.log(q)).sum()
-    tdyn = max(float(t) - float(d), 0.0) + 2 * float(d) * (h / math.log(250)) ** kappa
-    z = x.astype(np.float64) / tdyn
-    lp = z - z[:250].max() - np.log(np.exp(z[:250] - z[:250].max()).sum())
-    out = fastsampler.sample(torch.from_numpy(x)[None].to(DEV),
-                             SP(seed=1, temperature=float(t), dynatemp_range=float(d), dynatemp_exponent=kappa,
-                                logprobs=True, top_logprobs=3, logprobs_mode="processed"), steps=[0], backend="triton")
+    t, d = 0.8, 0.5
+    extra = {"none": {}, "top_k": {"top_k": 20}, "min_p": {"min_p": 0.05}}[rule]
+    z = x.astype(np.float64) / np.float32(t)
+    if rule == "none":
+        kept = np.isfinite(x)
+    elif rule == "top_k":
+        kept = x >= np.sort(x)[::-1][19]
+    else:
+        kept = np.isfinite(z) & (z >= z[:250].max() + math.log(np.float32(0.05)))
+    want = _dyn_expected(x, kept, t, d, kappa)
+    p = SP(seed=1, temperature=t, dynatemp_range=d, dynatemp_exponent=kappa, logprobs=True, top_logprobs=3,
+           logprobs_mode="final", **extra)
+    xt = torch.from_numpy(x)[None].to(DEV)
+    out = fastsampler.sample(xt, p, steps=[0], backend="triton")
     tok = int(out.tokens[0])
-    assert abs(float(out.logprobs[0]) - lp[tok]) < 1e-5
+    assert kept[tok]
+    assert abs(float(out.logprobs[0]) - want[tok]) < 1e-5
+    np.testing.assert_allclose(out.top_logprobs[0].cpu().numpy(), np.sort(want[kept])[::-1][:3], atol=1e-5)
+    probs = _probs(x, p)
+    np.testing.assert_allclose(probs, np.exp(want), atol=1e-6)
+    assert ((probs > 0) == kept).all()
+    # processed logprobs keep the base temperature
+    lp = z - z[:250].max() - np.log(np.exp(z[:250] - z[:250].max()).sum())
+    out = fastsampler.sample(xt, p.replace(logprobs_mode="processed"), steps=[0], backend="triton")
+    assert abs(float(out.logprobs[0]) - lp[int(out.tokens[0])]) < 1e-5
     np.testing.assert_allclose(out.top_logprobs[0].cpu().numpy(), np.sort(lp[:250])[::-1][:3], atol=1e-5)
-    # one finite token: T' = T (and the row is valid)
+    # one kept token: T' = T (and the row is valid)
     one = np.full(8, -np.inf, dtype=np.float32)
     one[5] = 2.0
-    out = fastsampler.sample(torch.from_numpy(one)[None].to(DEV), SP(seed=1, dynatemp_range=0.5, logprobs=True),
-                             steps=[0], backend="triton")
+    out = fastsampler.sample(torch.from_numpy(one)[None].to(DEV), SP(seed=1, dynatemp_range=0.5, logprobs=True,
+                                                                     **extra), steps=[0], backend="triton")
     assert int(out.tokens[0]) == 5 and bool(out.valid[0])
 
 

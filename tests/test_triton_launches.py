@@ -48,13 +48,18 @@ SCENARIOS = {  # name -> (params of every row, with a history, launch budget)
     "full": (SP(repetition_penalty=1.2, frequency_penalty=0.3, presence_penalty=0.2,
                 logit_bias={97 * i + 5: 1.5 - 0.5 * i for i in range(8)}, top_k=50, top_p=0.9, min_p=0.05,
                 logprobs=True, top_logprobs=5), True, 12),
-    # the extended samplers: eta / top-n-sigma add no launch to the min-p stage's, XTC one on the select path and
-    # none in the candidate engine, dynamic temperature two, DRY none in the backend (the Sampler builds its table
-    # from the history ring around it)
+    # the extended samplers: top-n-sigma adds no launch to the min-p stage's, eta two on the select path (the
+    # survivors' entropy pass and its per-row threshold) and none in the candidate engine, XTC one on the select
+    # path and none in the candidate engine, dynamic temperature one after the kept pass (and on the plain path the
+    # row combine: plain 2 -> 4)
     "eta_top_n_sigma": (SP(eta_cutoff=1e-3, top_n_sigma=2.0), False, 8),
     "xtc": (SP(xtc_probability=0.5, xtc_threshold=0.1), False, 8),
     "xtc_top_k": (SP(top_k=50, xtc_probability=0.5, xtc_threshold=0.1), False, 8),
     "dynatemp": (SP(dynatemp_range=0.5), False, 6),
+    "eta_top_k": (SP(top_k=50, eta_cutoff=1e-3), False, 8),
+    "dynatemp_top_k": (SP(top_k=50, dynatemp_range=0.5), False, 8),
+    "dynatemp_top_p": (SP(top_p=0.9, dynatemp_range=0.5), False, 8),
+    "dynatemp_xtc": (SP(xtc_probability=0.5, xtc_threshold=0.1, dynatemp_range=0.5), False, 10),
     # DRY: no launch in the backend; the Sampler's table from its history ring is one Triton launch on a device (the
     # C++ extension on the CPU), and the ring's update adds its torch ops
     "dry": (SP(dry_multiplier=1.0, dry_allowed_length=1), True, 14),
@@ -63,7 +68,8 @@ SCENARIOS = {  # name -> (params of every row, with a history, launch budget)
 # backends/triton/backend.py
 # whole steps that do not meet their budget yet, and why (the backend's own launches are checked above)
 WHOLE_STEP_OPEN: dict[str, str] = {}
-BACKEND_LAUNCHES = {"plain": 2, "greedy": 2, "eta_top_n_sigma": 4, "xtc": 5, "xtc_top_k": 5, "dynatemp": 4, "dry": 2}
+BACKEND_LAUNCHES = {"plain": 2, "greedy": 2, "eta_top_n_sigma": 6, "xtc": 5, "xtc_top_k": 5, "dynatemp": 4, "dry": 2,
+                    "eta_top_k": 5, "dynatemp_top_k": 5, "dynatemp_top_p": 6, "dynatemp_xtc": 7}
 
 
 class _Counter(TorchDispatchMode):

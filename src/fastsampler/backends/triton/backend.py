@@ -17,40 +17,48 @@ of kernels:
 
 The passes of a step, each only when some row needs it:
 
-0. with dynamic temperature on some row (`dyntemp`): `dyntemp._dyn_stats_kernel` (row pass: the entropy partials of
-   ``l`` at temperature 1) and `dyntemp._dyn_temp_kernel` (per row: every row's temperature ``T'`` into a ``(B,)``
-   scratch that every later pass reads instead of the parameter column);
 1. `stats._stats_kernel` (row pass): max / log-normaliser of ``z`` (and of the raw logits for raw logprobs), argmax
-   (when some row is greedy), finite count, validity, per-chunk weights -- no random numbers; with eta or top-n-sigma
-   on some row also the chunk's entropy sum and the mean / M2 of its finite ``z``, which `stats._combine_kernel`
-   merges per row in a fixed order (float64) into ``H`` and ``sigma`` for the min-p stage's thresholds;
+   (when some row is greedy), finite count, validity, per-chunk weights -- no random numbers; with top-n-sigma on
+   some row also the mean / M2 of its finite ``z``, which `stats._combine_kernel` merges per row in a fixed order
+   (float64) into ``sigma`` for the min-p stage's threshold;
 2. without truncation, `draw._finish_kernel` (per row) directly: row statistics, tile race (§3 F), then the token
    race over the one winning tile (Philox once per four ids, §7: 4096 ids of the row read a second time), the
-   token's logprob, Mirostat ``mu``, outputs. Plain and greedy steps: **2 launches**, one full read of the row;
+   token's logprob, Mirostat ``mu``, outputs. Plain and greedy steps: **2 launches**, one full read of the row.
+   With dynamic temperature on some row (its kept set is every finite ``z``: the stats pass also leaves its entropy
+   partials, `dyntemp`), `stats._combine_kernel` and `dyntemp._dyn_weights_kernel` (row pass: ``rho = T / T'`` and
+   the weights at ``z' = z rho``) come before the finishing kernel: 4 launches;
 3. with top-k or Mirostat v1 on some row and neither typical-p nor Mirostat v2 on any (the candidate engine,
    `candidates`): the stats pass also keeps per-group maxima, `stats._combine_kernel` (per row: row statistics and
    each candidate row's bound), `candidates._compact_kernel` (the ids at or above the bound, reading only the groups
    that can hold one) and `candidates._trunc_kernel` (per row: top-k, min_keep, top-p, min-p, Mirostat v1 on the
-   sorted candidates, or the exact selects where they overflow or the row has no top-k; XTC's bound on the buffer
-   or, on the fallback, from one more pass; the kept tile weights), then `draw._finish_kernel`: one full read of the
-   row; the logprobs kernel then reads only the groups that hold the
+   sorted candidates, or the exact selects where they overflow or the row has no top-k; eta over the survivors and
+   XTC's bound on the buffer or, on the fallback, from more passes; the dynamic temperature's ``rho`` from the kept
+   set on the buffer, or on the fallback one pass; the kept tile weights, at ``z'`` with dynamic temperature), then
+   `draw._finish_kernel`: one full read of the row; the logprobs kernel then reads only the groups that hold the
    rank's and the top-N's values;
 4. other truncation (§3 E): `stats._combine_kernel` (per row: row statistics, min-p and Mirostat v2 thresholds, which
    need no select), then one `select._select_kernel` per rule that needs one (top-k; min_keep when combined with
    top-p / min-p; top-p), `mirostat._mirostat_v1_kernel` (top-100 select, gather, ``k`` in float64, ``k``-th select),
-   `stats._entropy_kernel` + `select._typical_kernel` (typical-p), then `stats._kept_kernel` (row pass: kept-set
-   chunk weights), `xtc._xtc_kernel` (XTC on some row: per row, the coin, then for a row whose coin fires the bound
-   ``zhi`` from one pass and the new kept weights from another) and `draw._finish_kernel`;
+   `stats._entropy_kernel` + `select._typical_kernel` (typical-p), `stats._entropy_kernel` over the survivors +
+   `select._eta_kernel` (eta: the survivors' entropy, its threshold, a select only for min_keep), then
+   `stats._kept_kernel` (row pass: kept-set chunk weights, and with dynamic temperature the kept set's entropy
+   partials), `xtc._xtc_kernel` (XTC on some row: per row, the coin, then for a row whose coin fires the bound
+   ``zhi`` from one pass and the new kept weights from another; with dynamic temperature the kept pass runs again
+   after it), `dyntemp._dyn_weights_kernel` (dynamic temperature: ``rho`` and the kept weights at ``z'``) and
+   `draw._finish_kernel`;
 5. `logprobs._logprobs_kernel` (per row) when some row wants logprobs: ranks and the top-N.
 
 Launches of the backend per step (tests/test_triton_launches.py; a `Sampler` step with a tensor of slots adds none:
 it passes its state tables with ``slot_index`` and ``update_state``, see `PackedBatch`): plain / greedy 2; top-k +
 top-p + min-p 5; top-p alone 5; typical-p 6; Mirostat v1 5 (the candidate engine), v2 4; everything at once
 (penalties, logit bias, top-k / top-p / min-p, top-5 logprobs) 6; min_keep > 1 next to top-p / min-p without top-k
-adds one, logprobs add one. The extended samplers: eta and top-n-sigma are thresholds of the min-p stage (no launch
-of their own: eta alone 4, like min-p); XTC adds one on the select path (XTC alone 5) and none in the candidate
-engine (top-k + XTC 5); dynamic temperature adds two (alone 4); DRY none (its table comes with the batch). A batch
-whose rows use none of them launches exactly the kernels it did without them (the flags compile their code out).
+adds one, logprobs add one. The extended samplers: top-n-sigma is a threshold of the min-p stage (no launch of its
+own); eta adds two on the select path (eta + top-n-sigma 6) and none in the candidate engine (top-k + eta 5); XTC
+adds one on the select path (XTC alone 5) and none in the candidate engine (top-k + XTC 5); dynamic temperature adds
+one on the select path (top-p + dynamic temperature 6; two with XTC in the batch: XTC + dynamic temperature 7), two
+on a batch without truncation (alone 4) and none in the candidate engine (top-k + dynamic temperature 5); DRY none
+(its table comes with the batch). A batch whose rows use none of them launches exactly the kernels it did without
+them (the flags compile their code out).
 
 Tuning knobs (environment, read per call): ``FASTSAMPLER_TRITON_DIGIT_BITS`` (2, 4 or 8 key bits per select level;
 default 4 on CUDA, 8 in the interpreter), ``FASTSAMPLER_TRITON_CHUNK`` (ids per program, a power of two dividing
@@ -143,7 +151,7 @@ class _Ctx:
     def __init__(self, batch: PackedBatch) -> None:
         from .candidates import GROUP
         from .logprobs import LP_CAP, LP_GROUPS
-        from .penalties import NRF, NRI, PF, PI, PX
+        from .penalties import NRF, NRI, PD, PF, PI, PX
 
         logits = batch.logits
         if logits.stride(1) != 1:
@@ -194,22 +202,26 @@ class _Ctx:
         # list of LP_GROUPS group indices and LP_CAP gathered (id, value) pairs
         self.lp_cand = self.cand and fl.any_logprobs
         lp_scratch = b * (LP_GROUPS + 2 * LP_CAP) if self.lp_cand else 0
-        # the extended rules: eta / top-n-sigma need whole-row statistics beyond the log-normaliser (stats.py's
-        # part_x partials), dynamic temperature a per-row temperature (dyntemp.py), XTC an upper bound of the kept
-        # set (xtc.py, penalties.kept_mask bit 2), DRY the table of PackedBatch.dry_ids / dry_vals
-        self.eta_ns = fl.any_eta or fl.any_nsigma
+        # the extended rules: top-n-sigma needs whole-row moments beyond the log-normaliser (stats.py's part_x
+        # partials), eta the survivors' entropy (a pass and a per-row kernel on the select path, select._eta_kernel),
+        # dynamic temperature the kept set's entropy (dyntemp.py's part_d partials) and rho = T / T' in rowf, XTC an
+        # upper bound of the kept set (xtc.py, penalties.kept_mask bit 2), DRY the table of PackedBatch.dry_ids /
+        # dry_vals
+        self.nsigma = fl.any_nsigma
         self.dyn = fl.any_dynatemp
         self.xtc = fl.any_xtc
         self.has_dry = fl.any_dry and batch.dry_ids is not None and batch.dry_ids.shape[1] > 0
-        # kept-set tests beyond z >= zlo (penalties.kept_mask): 1 typical-p, 2 XTC
-        self.kept = (1 if fl.any_typical else 0) | (2 if self.xtc else 0)
+        # kept-set tests beyond z >= zlo (penalties.kept_mask): 1 typical-p, 2 XTC, 4 dynamic temperature (a kept
+        # z' = z rho overflowing to -inf leaves the set)
+        self.kept = (1 if fl.any_typical else 0) | (2 if self.xtc else 0) | (4 if self.dyn else 0)
         # the workspace, int32 words: rowf | rowi | part_f | part_i | Mirostat v1 scratch | top-N scratch | group
-        # maxima of z (and of the raw logits) | candidate ids | candidate z | logprob scratch | eta / top-n-sigma
-        # chunk partials | per-row temperatures
+        # maxima of z (and of the raw logits) | candidate ids | candidate z | logprob scratch | top-n-sigma chunk
+        # partials | dynamic-temperature chunk partials
+        self.part_dyn = self.dyn and not self.cand
         sizes = [b * NRF, b * NRI, b * nc * PF, b * nc * PI, b * MIROSTAT_TOP if self.miro_v1 else 0,
                  3 * b * self.K if fl.any_logprobs else 0, (2 if self.lp_cand else 1) * b * self.NG if self.cand else 0,
                  b * self.CAP if self.cand else 0, b * self.CAP if self.cand else 0, lp_scratch,
-                 b * nc * PX if self.eta_ns else 0, b if self.dyn else 0]
+                 b * nc * PX if self.nsigma else 0, b * nc * PD if self.part_dyn else 0]
         ws = torch.empty(max(1, sum(sizes)), dtype=torch.int32, device=dev)
         parts, o = [], 0
         for n in sizes:
@@ -228,8 +240,8 @@ class _Ctx:
         self.cand_ids = parts[7] if self.cand else ws
         self.cand_z = parts[8].view(f32) if self.cand else ws.view(f32)
         dummy_i, dummy_f = ws, ws.view(f32)  # never read: the kernels are specialised without them
-        self.part_x = parts[10].view(f32) if self.eta_ns else dummy_f
-        self.temps = parts[11].view(f32) if self.dyn else dummy_f  # (B,) row-indexed: every row's T (dyntemp.py)
+        self.part_x = parts[10].view(f32) if self.nsigma else dummy_f
+        self.part_d = parts[11].view(f32) if self.part_dyn else dummy_f
         if self.has_dry:
             self.dry_ids = batch.dry_ids.to(device=dev, dtype=torch.int32).contiguous()
             self.dry_vals = batch.dry_vals.to(device=dev, dtype=torch.float32).contiguous()
@@ -318,7 +330,7 @@ class _Ctx:
     def zargs(self):
         return (self.logits, self.counts, self.prompt, self.allowed, self.tbm, self.eos, self.bias_indptr,
                 self.bias_ids, self.bias_vals, self.dry_ids, self.dry_vals, self.fparams, self.iparams, self.steps,
-                self.slots, self.temps)
+                self.slots)
 
     def zstrides(self):
         return (self.logits.stride(0), self.counts.stride(0) if self.batch.output_counts is not None else 0,
@@ -355,15 +367,13 @@ def _run(batch: PackedBatch):
     from .draw import finish
     from .dyntemp import dyn_pass
     from .mirostat import mirostat_v1_pass
-    from .select import STAGE_MIN_KEEP, STAGE_TOP_K, STAGE_TOP_P, select_pass, typical_pass
+    from .select import STAGE_MIN_KEEP, STAGE_TOP_K, STAGE_TOP_P, eta_pass, select_pass, typical_pass
     from .stats import combine_pass, entropy_pass, kept_pass, stats_pass
     from .xtc import xtc_pass
 
     ctx = _Ctx(batch)
     out = ctx.outputs()
     fl = ctx.flags
-    if ctx.dyn:
-        dyn_pass(ctx)  # every row's temperature (T' of dynamic temperature) before any pass computes z
     stats_pass(ctx)
     if ctx.cand:
         # top-k / min_keep / top-p / min-p on a buffer of candidates (candidates.py): two full reads of the row
@@ -385,9 +395,21 @@ def _run(batch: PackedBatch):
         if fl.any_typical:
             entropy_pass(ctx)
             typical_pass(ctx)
-        kept_pass(ctx, ctx.kept & 1)  # the kept set before XTC
+        if fl.any_eta:
+            entropy_pass(ctx, eta=True)  # the survivors' entropy, then eta's threshold
+            eta_pass(ctx)
+        kept_pass(ctx, ctx.kept & 1, dyn=ctx.dyn and not ctx.xtc)  # the kept set before XTC
         if ctx.xtc:
             xtc_pass(ctx)
+            if ctx.dyn:  # the final kept set's weights again, with its dynamic-temperature partials
+                kept_pass(ctx, ctx.kept & 3, dyn=True)
+        if ctx.dyn:
+            dyn_pass(ctx)  # rho and the kept weights at z' = z rho
+    elif ctx.dyn:
+        # no truncation: the kept set is every finite z, whose entropy partials the stats pass left; the row
+        # statistics are combined first (the finishing kernel would otherwise do it from the weights it draws from)
+        combine_pass(ctx, minp=False)
+        dyn_pass(ctx)
     finish(ctx, out)
     return ctx, out
 

@@ -48,7 +48,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .columns import F_TEMPERATURE, F_TOP_P, F_XTC_P, F_XTC_T, I_MIN_KEEP, I_MIRO_MODE, I_TOP_K, NF, NI
+from .columns import (
+    F_DYN_RANGE,
+    F_ETA,
+    F_TEMPERATURE,
+    F_TOP_P,
+    F_XTC_P,
+    F_XTC_T,
+    I_MIN_KEEP,
+    I_MIRO_MODE,
+    I_TOP_K,
+    NF,
+    NI,
+)
+from .dyntemp import dyn_combine, dyn_rho, row_entropy
 from .mirostat import BM, mirostat_k, mirostat_v1_threshold
 from .penalties import (
     NRF,
@@ -59,6 +72,7 @@ from .penalties import (
     RF_BOUND,
     RF_LS,
     RF_M,
+    RF_RHO,
     RF_ZHI,
     RF_ZLO,
     RI_CCOUNT,
@@ -66,8 +80,8 @@ from .penalties import (
     RI_VALID,
     bias_lower_bound,
     block_z,
-    eta_ns_stats,
     minp_threshold,
+    nsigma_stat,
     online_lse,
     row_scalars,
     slot_row,
@@ -85,6 +99,7 @@ _RF_M: tl.constexpr = tl.constexpr(RF_M)
 _RF_LS: tl.constexpr = tl.constexpr(RF_LS)
 _RF_ZLO: tl.constexpr = tl.constexpr(RF_ZLO)
 _RF_ZHI: tl.constexpr = tl.constexpr(RF_ZHI)
+_RF_RHO: tl.constexpr = tl.constexpr(RF_RHO)
 _RF_BOUND: tl.constexpr = tl.constexpr(RF_BOUND)
 _RI_VALID: tl.constexpr = tl.constexpr(RI_VALID)
 _RI_NFIN: tl.constexpr = tl.constexpr(RI_NFIN)
@@ -144,7 +159,7 @@ def kth_largest(ptr, n, k, active, BLOCK: tl.constexpr):
 
 @triton.jit
 def _compact_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                    bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, temp_ptr,
+                    bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr,
                     rowf_ptr, rowi_ptr, part_f_ptr,
                     gmax_ptr, cid_ptr, cz_ptr,
                     stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
@@ -155,7 +170,7 @@ def _compact_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
                     HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                     BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                     HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
-                    HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
+                    HAS_DYN: tl.constexpr,  # some row uses dynamic temperature (its kept values scaled by RF_RHO)
                     CAP: tl.constexpr,  # candidate slots per row
                     GROUP: tl.constexpr,  # ids per group maximum: the unit read
                     CBLOCK: tl.constexpr,  # ids per step: GROUP on CUDA, BLOCK in the interpreter
@@ -173,7 +188,7 @@ def _compact_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
     live = (tl.load(cnt_ptr) >= 0) & (cmax >= bound)
     n = tl.where(live, tl.minimum(CHUNK, VC - base), 0)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE, temp_ptr, HAS_DYN)
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     for start in range(0, n, CBLOCK):
         offs = base + start + tl.arange(0, CBLOCK)
         # the block's groups that reach the bound (on CUDA a block is one group: read it or skip it)
@@ -215,7 +230,7 @@ def _store_tiles(part_f_ptr, row, NC, t, mt, st, SPLIT: tl.constexpr, S2: tl.con
 
 @triton.jit
 def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                  bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, temp_ptr,
+                  bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr,
                   mu_ptr, rowf_ptr, rowi_ptr, part_f_ptr,
                   cid_ptr, cz_ptr, top_ptr, seeds_ptr, seqs_ptr,
                   stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
@@ -226,9 +241,10 @@ def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
                   HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                   BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                   HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
-                  HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
+                  HAS_DYN: tl.constexpr,  # some row uses dynamic temperature (its kept values scaled by RF_RHO)
                   MIRO1: tl.constexpr,  # some row uses Mirostat v1 (its 100 largest z from the buffer)
-                  ETA_NS: tl.constexpr,  # some row uses eta / top-n-sigma (their statistics in rowf)
+                  NSIGMA: tl.constexpr,  # some row uses top-n-sigma (its sigma in rowf)
+                  ETA: tl.constexpr,  # some row uses eta: its threshold over the survivors after the min-p stage
                   XTC: tl.constexpr,  # some row may use XTC: its bound zhi (RF_ZHI) after the other rules
                   CAP: tl.constexpr,  # candidate slots per row
                   TILE: tl.constexpr,  # ids per tile of the draw (docs/semantics.md §3 F)
@@ -259,9 +275,21 @@ def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
     fast = (cnt >= 0) & (cnt <= CAP)
     ok = fast
     tiles = fast  # store the kept tile weights (not when every finite z is kept: the stats partials are those)
-    # min-p / epsilon: keep z >= max z + ln min_p, z >= max z + ln epsilon + ln s (§3 E item 3)
-    h, sg = eta_ns_stats(rowf_ptr, row, ETA_NS)
-    mpa, thr_minp = minp_threshold(fparams_ptr, srow, m, tl.load(rf + _RF_LS), h, sg, ETA_NS)
+    # min-p / epsilon / top-n-sigma: keep z >= max z + ln min_p, z >= max z + ln epsilon + ln s, ... (§3 E item 3)
+    sg = nsigma_stat(rowf_ptr, row, NSIGMA)
+    mpa, thr_minp = minp_threshold(fparams_ptr, srow, m, tl.load(rf + _RF_LS), sg, NSIGMA)
+    # eta (§3 E item 5) over the survivors of the rules before it
+    eact = samp & (nf < 0)  # false, typed like samp
+    ln_eta = tl.zeros_like(m)
+    if ETA:
+        eta = tl.load(fparams_ptr + srow * NF + F_ETA)
+        eact = samp & (eta > 0.0)
+        ln_eta = tl.log(tl.where(eta > 0.0, eta, 1.0))
+    # dynamic temperature (§3 E, after the rules): rho = T / T' of the kept set, 1 on the other rows
+    dact = samp & (nf < 0)  # false, typed like samp
+    rho = tl.where(samp, 1.0, 1.0)
+    if HAS_DYN:
+        dact = samp & (tl.load(fparams_ptr + srow * NF + F_DYN_RANGE) > 0.0)
     tt = tl.arange(0, BT_TILES)
     # XTC (§3 E item 5): a row whose coin fires removes its top choices above a (zhi = a), after the other rules
     xact = samp & (nf < 0)  # false, typed like samp
@@ -294,6 +322,21 @@ def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
         thr_mk = tl.max(tl.where(j == mk - 1, zs, float("-inf")), 0)
         thr_mp = tl.where(mpa, tl.minimum(thr_minp, thr_mk), float("-inf"))
         zlo = tl.maximum(tl.maximum(thr_k, thr_p), thr_mp)
+        if ETA:
+            # eta over the survivors S = {z >= zlo} (a prefix of the sorted buffer): keep
+            # z >= m_s + ln s_s + min(ln eta, ln eta / 2 - H), at most m_s, lowered to the min(min_keep, |S|)-th
+            ks = live & (zs >= zlo)
+            n_s = tl.sum(ks.to(tl.int32), 0)
+            m_s = tl.max(tl.where(ks, zs, float("-inf")), 0)
+            safe = tl.where(m_s == float("-inf"), 0.0, m_s)
+            d = (zs - safe).to(tl.float64)
+            e = tl.where(ks, tl.exp(d), 0.0)
+            s_s = tl.sum(e, 0)
+            ls_s = tl.log(tl.where(s_s > 0.0, s_s, 1.0))
+            h = tl.maximum(ls_s - tl.sum(tl.where(e > 0.0, e * d, 0.0), 0) / tl.where(s_s > 0.0, s_s, 1.0), 0.0)
+            thr_e = tl.minimum(m_s, (safe.to(tl.float64) + ls_s + tl.minimum(ln_eta, 0.5 * ln_eta - h)).to(tl.float32))
+            thr_e = tl.minimum(thr_e, tl.max(tl.where(j == tl.minimum(mk, n_s) - 1, zs, float("-inf")), 0))
+            zlo = tl.where(eact, tl.maximum(zlo, thr_e), zlo)
         if MIRO1:
             # Mirostat v1: k from the 100 largest z (positions 0 .. 99 of the sorted buffer, which holds at least
             # min(100, finite) values), then keep the k largest with ties: position k - 1 when k < cnt. The sorted
@@ -321,27 +364,35 @@ def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
             n_at = tl.sum((ina & (zs == amin)).to(tl.int32), 0)
             n_s = tl.sum(ks.to(tl.int32), 0)
             zhi = tl.where(xact & (n_a >= 2) & ((n_s - (n_a - n_at)) >= mk), amin, float("inf"))
+        zv = zc
+        if HAS_DYN:
+            # the kept set's entropy at temperature 1 (l = z T) on the sorted buffer, then rho; a row whose kept set
+            # is every finite z (Mirostat v1 with k past the finite count) is not in the buffer: the fallback
+            kd = live & (zs >= zlo) & (zs <= zhi)
+            h_d = dyn_combine(tl.where(kd, zs, float("-inf")), tl.where(kd, 1.0, 0.0), tl.zeros_like(zs), temp)
+            rho = dyn_rho(fparams_ptr, srow, dact, h_d, tl.sum(kd.to(tl.int32), 0))
+            ok = ok & ((dact == 0) | tiles)
+            zv = zc * rho  # z' on the kept set
         if ok & tiles:
-            # the kept weights per tile of the draw, from the unsorted buffer
+            # the kept weights per tile of the draw, from the unsorted buffer (at z' with dynamic temperature)
             kept = live & (zc >= zlo)
             if XTC:
                 kept = kept & (zc <= zhi)
             hot = kept[:, None] & ((ids // TILE)[:, None] == tt[None, :])
-            mt = tl.max(tl.where(hot, zc[:, None], float("-inf")), 0)
+            mt = tl.max(tl.where(hot, zv[:, None], float("-inf")), 0)
             mts = tl.where(mt == float("-inf"), 0.0, mt)
-            st = tl.sum(tl.where(hot, tl.exp(zc[:, None] - mts[None, :]), 0.0), 0)
+            st = tl.sum(tl.where(hot, tl.exp(zv[:, None] - mts[None, :]), 0.0), 0)
             _store_tiles(part_f_ptr, row, NC, tt, mt, st, SPLIT, S2)
         if ok:
             tl.store(rf + _RF_ZLO, zlo)
-    rules_on = (k > 0) | (p < 1.0) | mpa | miro1
+    rules_on = (k > 0) | (p < 1.0) | mpa | miro1 | eact | dact
     if XTC:
         rules_on = rules_on | xact
     slow = samp & rules_on & ((fast & ok) == 0)
     if slow:
         # the exact fallback: radix selects over the whole row (select.py), as §3 E defines each rule
         t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr,
-                                                        bias_indptr_ptr, stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE,
-                                                        temp_ptr, HAS_DYN)
+                                                        bias_indptr_ptr, stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
         rules = miro1 == 0
         act_k = rules & (k > 0) & (keff < nf)
         thr_k = radix_select(row, srow, keff.to(tl.float32), act_k, float("-inf"), m, 0.0, 0.0, 0,
@@ -375,6 +426,31 @@ def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
                              False, 0, True, DIGIT_BITS, SBLOCK)
         zlo = tl.where(act_p, tl.maximum(lo_k, tl.minimum(thr_p, thr_mk)), lo_k)
         zlo = tl.where(rules & mpa, tl.maximum(zlo, tl.minimum(thr_minp, thr_mk)), zlo)
+        if ETA:
+            # eta over the survivors S = {finite z >= zlo}: one pass for their max, log-normaliser, entropy and
+            # count, and for min_keep > 1 the min(min_keep, |S|)-th largest of them (a select)
+            m_e, s_e, w_e, n_e = row_entropy(row, srow, eact, zlo, float("inf"), 1.0,
+                                             logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr,
+                                             bias_ids_ptr, bias_vals_ptr, dry_ids_ptr, dry_vals_ptr,
+                                             stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
+                                             V, VC, E, t, rep, freq, pres, ban, blo, bhi,
+                                             HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM,
+                                             BIAS_TABLE, HAS_DRY, BLOCK)
+            ls_e = tl.log(tl.where(s_e > 0.0, s_e, 1.0)).to(tl.float64)
+            h_e = tl.maximum(ls_e - (w_e / tl.where(s_e > 0.0, s_e, 1.0)).to(tl.float64), 0.0)
+            safe_e = tl.where(m_e == float("-inf"), 0.0, m_e).to(tl.float64)
+            thr_e = tl.minimum(m_e, (safe_e + ls_e + tl.minimum(ln_eta, 0.5 * ln_eta - h_e)).to(tl.float32))
+            act_emk = eact & (mk > 1)
+            v_e = radix_select(row, srow, tl.minimum(mk, n_e).to(tl.float32), act_emk, zlo, m, 0.0, 0.0, 0,
+                               logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
+                               bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, rowf_ptr, rowi_ptr, stride_l, stride_c,
+                               stride_p, stride_a, stride_m,
+                               stride_bt, stride_d, V, VC, E, t, rep, freq, pres, ban, blo, bhi,
+                               HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
+                               HAS_DRY,
+                               False, 0, False, DIGIT_BITS, SBLOCK)
+            thr_e = tl.where(act_emk, tl.minimum(thr_e, v_e), thr_e)
+            zlo = tl.where(eact, tl.maximum(zlo, thr_e), zlo)
         if MIRO1:
             thr1, act1 = mirostat_v1_threshold(row, srow, miro1, nf, m, mu,
                                                logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr,
@@ -431,12 +507,35 @@ def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
                                            stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
                                            V, VC, E, NT, t, rep, freq, pres, ban, blo, bhi,
                                            HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM,
-                                           BIAS_TABLE, HAS_DRY, False, TILE, BT_TILES, BLOCK)
+                                           BIAS_TABLE, HAS_DRY, False, TILE, BT_TILES, BLOCK, 1.0, False)
             cut = cut | (zhi < float("inf"))
+        if HAS_DYN:
+            # the kept set's entropy at temperature 1 (one pass), rho, and its tile weights at z' = z rho (another)
+            m_d, s_d, w_d, n_d = row_entropy(row, srow, dact, zlo, zhi, temp,
+                                             logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr,
+                                             bias_ids_ptr, bias_vals_ptr, dry_ids_ptr, dry_vals_ptr,
+                                             stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
+                                             V, VC, E, t, rep, freq, pres, ban, blo, bhi,
+                                             HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM,
+                                             BIAS_TABLE, HAS_DRY, BLOCK)
+            s_d64 = tl.where(s_d > 0.0, s_d, 1.0).to(tl.float64)
+            h_d = tl.maximum(tl.log(s_d64) - w_d.to(tl.float64) / s_d64, 0.0)
+            rho = dyn_rho(fparams_ptr, srow, dact, h_d, n_d)
+            if dact:
+                mt, st = kept_tile_weights(row, srow, zlo, zhi,
+                                           logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr,
+                                           bias_ids_ptr, bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, rowf_ptr,
+                                           stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
+                                           V, VC, E, NT, t, rep, freq, pres, ban, blo, bhi,
+                                           HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM,
+                                           BIAS_TABLE, HAS_DRY, False, TILE, BT_TILES, BLOCK, rho, True)
+            cut = cut | dact
         if cut:
             _store_tiles(part_f_ptr, row, NC, tt, mt, st, SPLIT, S2)
     if XTC:  # every row: +inf where XTC removes nothing (penalties.kept_mask)
         tl.store(rf + _RF_ZHI, zhi)
+    if HAS_DYN:  # every row: 1 without dynamic temperature
+        tl.store(rf + _RF_RHO, rho)
 
 
 def compact_pass(ctx) -> None:
@@ -453,7 +552,7 @@ def trunc_pass(ctx) -> None:
     _trunc_kernel[(ctx.B,)](*ctx.zargs(), ctx.mu, ctx.rowf, ctx.rowi, ctx.part_f, ctx.cand_ids, ctx.cand_z,
                             ctx.miro_top, ctx.seeds, ctx.seqs, *ctx.zstrides(), *ctx.zsizes(), ctx.NT, **ctx.zflags(),
                             MIRO1=ctx.miro_v1,
-                            ETA_NS=ctx.eta_ns, XTC=ctx.xtc,
+                            NSIGMA=ctx.nsigma, ETA=ctx.flags.any_eta, XTC=ctx.xtc,
                             CAP=ctx.CAP, TILE=ctx.TILE,
                             SPLIT=split, S2=max(2, split), BT_TILES=ctx.BT_TILES, DIGIT_BITS=ctx.DIGIT_BITS,
                             SBLOCK=ctx.SBLOCK, BLOCK=ctx.BLOCK)

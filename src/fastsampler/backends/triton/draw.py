@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .columns import (
+    F_DYN_RANGE,
     F_MIRO_ETA,
     F_MIRO_TAU,
     F_TEMPERATURE,
@@ -50,6 +51,7 @@ from .penalties import (
     bias_lower_bound,
     block_z,
     kept_mask,
+    row_rho,
     row_scalars,
     slot_row,
     update_slot_state,
@@ -79,7 +81,7 @@ _BIG: tl.constexpr = tl.constexpr(2147483647)
 
 @triton.jit
 def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                   bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, temp_ptr,
+                   bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr,
                    seeds_ptr, seqs_ptr, mu_ptr, rowf_ptr,
                    rowi_ptr, part_f_ptr, part_i_ptr, tokens_ptr, valid_ptr, logprobs_ptr, ranks_ptr, top_ids_ptr,
                    top_lps_ptr, mu_out_ptr, forced_ptr,
@@ -91,7 +93,7 @@ def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
                    HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                    BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                    HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
-                   HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
+                   HAS_DYN: tl.constexpr,  # some row uses dynamic temperature (its kept values scaled by RF_RHO)
                    STATS: tl.constexpr,  # no truncation: the partials are the stats pass's, combine them here too
                    LOGPROBS: tl.constexpr,  # some row wants logprobs (ranks / top-N follow in logprobs.py)
                    MIRO: tl.constexpr,  # some row uses Mirostat: update mu
@@ -132,6 +134,14 @@ def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
     ls_kept = tl.log(tl.sum(tl.where(mt == float("-inf"), 0.0, st * tl.exp(mt - safe)), 0))
     tl.store(rowf_ptr + row * _NRF + _RF_M_KEPT, mk)
     tl.store(rowf_ptr + row * _NRF + _RF_LS_KEPT, ls_kept)
+    rho = 1.0
+    if HAS_DYN:
+        # the kept weights are at z' = z rho (dyntemp); a kept maximum z' that overflows (or a kept set whose every
+        # z' overflows to -inf) makes the row invalid (docs/semantics.md §3 E, dynamic temperature)
+        rho = row_rho(rowf_ptr, row)
+        dyn_row = valid & (gid < 0) & (tl.load(fparams_ptr + srow * NF + F_DYN_RANGE) > 0.0)
+        valid = valid & ((dyn_row == 0) | ((mk > float("-inf")) & (mk < float("inf"))))
+        tl.store(rowi_ptr + row * _NRI + _RI_VALID, valid.to(tl.int32))
     # tile race: argmax over tiles with W_t > 0 of ln W_t - ln E'_t
     k0, k1 = seed_key(tl.load(seeds_ptr + srow))
     step = (tl.load(steps_ptr + srow) & 0xFFFFFFFF).to(tl.uint32)
@@ -144,7 +154,7 @@ def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
     # the token race over the kept ids of tile t* alone (the only tile that needs per-token noise): argmax of
     # z_i - ln E_i, ties to the lowest id; z is recomputed from the logits exactly as the row passes computed it
     t_, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                     stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE, temp_ptr, HAS_DYN)
+                                                     stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     sample = valid & (gid < 0) & (tstar < NT)
     tbase = tl.where(sample, tstar, 0) * TILE
     tn = tl.where(sample, tl.minimum(TILE, V - tbase), 0)  # ids >= V are never kept
@@ -170,6 +180,8 @@ def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
             else:
                 kl = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, KEPT) & (offs < V)
             words = philox_quads((tbase + start) // 4, step, seq, 0, k0, k1, R)
+            if HAS_DYN:
+                z = z * rho
             ksc = tl.where(kl, z + neg_log_exp_noise(words), float("-inf"))
             bs = tl.max(tl.max(ksc, 1), 0)
             bi = tl.min(tl.min(tl.where(kl & (ksc == bs), offs, _BIG), 1), 0)
@@ -216,6 +228,8 @@ def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
         m_mode = tl.where(mode == MODE_RAW, m_raw, tl.where(mode == MODE_FINAL, mk, m))
         ls_mode = tl.where(mode == MODE_RAW, ls_raw, tl.where(mode == MODE_FINAL, ls_kept, ls))
         vx = tl.where(mode == MODE_RAW, rawx, zx)
+        if HAS_DYN:  # final logprobs at z' (processed ones at z)
+            vx = tl.where(mode == MODE_FINAL, zx * rho, vx)
         lpv = tl.where((mode == MODE_FINAL) & greedy, 0.0, (vx - m_mode) - ls_mode)
         lp = tl.where(lp_on, lpv, float("nan"))
     else:
@@ -232,7 +246,10 @@ def _finish_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
         eta = tl.load(fparams_ptr + srow * NF + F_MIRO_ETA)
         tau = tl.load(fparams_ptr + srow * NF + F_MIRO_TAU)
         # -log2 q'[x] with ln q'[x] = (z_x - m) - ln s over the kept set (docs/semantics.md §3 E, update)
-        surprise = -((zx - mk) - ls_kept) / _LN2
+        zxk = zx
+        if HAS_DYN:
+            zxk = zx * rho
+        surprise = -((zxk - mk) - ls_kept) / _LN2
         mu_out = tl.where(upd, mu_in - eta * (surprise - tau), mu_in)
     tl.store(mu_out_ptr + row, mu_out)
     if UPDATE:  # the Sampler's state update (PackedBatch.update_state): every row's slot stores the returned mu
@@ -250,7 +267,7 @@ def finish(ctx, out) -> None:
     _finish_kernel[(ctx.B,)](*ctx.zargs(), ctx.seeds, ctx.seqs, ctx.mu, ctx.rowf, ctx.rowi, ctx.part_f, ctx.part_i,
                              tokens, valid, logprobs, ranks, top_ids, top_lps, mu_out,
                              ctx.forced if forced else ctx.rowi, *ctx.zstrides(),
-                             *ctx.zsizes(), ctx.NT, n, **ctx.zflags(), STATS=not ctx.truncation,
+                             *ctx.zsizes(), ctx.NT, n, **ctx.zflags(), STATS=not (ctx.truncation or ctx.dyn),
                              LOGPROBS=ctx.flags.any_logprobs, MIRO=ctx.flags.any_mirostat,
                              UPDATE=ctx.update, LAST=not ctx.flags.any_logprobs,
                              KEPT=ctx.kept, RACE=not ctx.flags.all_greedy and not forced, FORCED=forced,

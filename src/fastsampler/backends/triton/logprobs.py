@@ -44,6 +44,7 @@ from .penalties import (
     RI_VALID,
     bias_lower_bound,
     block_z,
+    row_rho,
     row_scalars,
     slot_row,
     update_slot_state,
@@ -74,7 +75,7 @@ _RI_LP_GROUPS: tl.constexpr = tl.constexpr(RI_LP_GROUPS)
 @triton.jit
 def _logprobs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
                      bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr,
-                     temp_ptr, rowf_ptr, rowi_ptr, gt_val_ptr,
+                     rowf_ptr, rowi_ptr, gt_val_ptr,
                      gt_id_ptr, gmax_ptr, lps_ptr, lpsf_ptr,
                      ranks_ptr, top_ids_ptr, top_lps_ptr,
                      stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
@@ -85,7 +86,7 @@ def _logprobs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, e
                      HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                      BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                      HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
-                     HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
+                     HAS_DYN: tl.constexpr,  # some row uses dynamic temperature (its kept values scaled by RF_RHO)
                      KEPT: tl.constexpr,  # kept-set tests of the final mode (penalties.kept_mask)
                      DIGIT_BITS: tl.constexpr,  # key bits per select level
                      SBLOCK: tl.constexpr,  # ids per select step (the one-hot block is SBLOCK x 2^DIGIT_BITS)
@@ -107,12 +108,16 @@ def _logprobs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, e
     vx = tl.where(mode == MODE_RAW, tl.load(rf + _RF_RAWX), tl.load(rf + _RF_ZX))
     kx = float_key(vx)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE, temp_ptr, HAS_DYN)
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     m_mode = tl.where(mode == MODE_RAW, tl.load(rf + _RF_M_RAW),
                       tl.where(mode == MODE_FINAL, tl.load(rf + _RF_M_KEPT), tl.load(rf + _RF_M)))
     ls_mode = tl.where(mode == MODE_RAW, tl.load(rf + _RF_LS_RAW),
                        tl.where(mode == MODE_FINAL, tl.load(rf + _RF_LS_KEPT), tl.load(rf + _RF_LS)))
     final_greedy = (mode == MODE_FINAL) & (tl.load(fparams_ptr + srow * NF + F_TEMPERATURE) == 0.0)
+    # the final mode's values are ordered by z on the kept set and reported at z' = z rho (dynamic temperature)
+    vscale = 1.0
+    if HAS_DYN:
+        vscale = tl.where(mode == MODE_FINAL, row_rho(rowf_ptr, row), 1.0)
     done = lp_on & (ntop < 0)  # false, typed like lp_on: set where the group maxima finish the row
     if CAND:
         done = _from_groups(row, srow, lp_on, mode, ntop, vx, kx, m_mode, ls_mode, final_greedy,
@@ -123,7 +128,7 @@ def _logprobs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, e
                             stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, V, VC, E, N, NG,
                             t, rep, freq, pres, ban, blo, bhi,
                             HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, HAS_DRY,
-                            KEPT, RAW_GROUP, GROUP, GB, GBLOCK, K)
+                            KEPT, RAW_GROUP, GROUP, GB, GBLOCK, K, vscale, HAS_DYN)
     tl.store(rowi_ptr + row * _NRI + _RI_LP_GROUPS, done.to(tl.int32))
     if done == 0:
         _from_row(row, srow, lp_on, mode, ntop, kx, m_mode, ls_mode, final_greedy,
@@ -133,7 +138,7 @@ def _logprobs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, e
                   stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, V, VC, E, N,
                   t, rep, freq, pres, ban, blo, bhi,
                   HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, HAS_DRY, KEPT,
-                  DIGIT_BITS, SBLOCK, BLOCK, K)
+                  DIGIT_BITS, SBLOCK, BLOCK, K, vscale, HAS_DYN)
     if UPDATE:  # after this program's last read of the counts and the step (PackedBatch.update_state)
         tok = tl.load(rowi_ptr + row * _NRI + _RI_TOKEN)
         update_slot_state(srow, tok, valid, steps_ptr, counts_ptr, stride_c)
@@ -150,7 +155,7 @@ def _from_row(row, srow, lp_on, mode, ntop, kx, m_mode, ls_mode, final_greedy,
               HAS_EOS: tl.constexpr, SLOTS: tl.constexpr, HAS_TBM: tl.constexpr, BIAS_TABLE: tl.constexpr,
               HAS_DRY: tl.constexpr,
               KEPT: tl.constexpr, DIGIT_BITS: tl.constexpr, SBLOCK: tl.constexpr, BLOCK: tl.constexpr,
-              K: tl.constexpr):
+              K: tl.constexpr, vscale, HAS_DYN: tl.constexpr):
     """Rank and top-N of one row from the whole row: a select of the ``ntop``-th largest value, then one pass."""
     # the ntop-th largest value of the row's logprob order
     sel = ntop > 0
@@ -209,13 +214,17 @@ def _from_row(row, srow, lp_on, mode, ntop, kx, m_mode, ls_mode, final_greedy,
     take = i < tl.minimum(pg + pe, ntop)
     out_id = tl.where(take, tl.where(i < pg, id_p, eid), -1)
     out_v = tl.where(i < pg, v_p, thr)
-    _store_top(row, i, out_id, out_v, m_mode, ls_mode, final_greedy, top_ids_ptr, top_lps_ptr, N)
+    _store_top(row, i, out_id, out_v, m_mode, ls_mode, final_greedy, top_ids_ptr, top_lps_ptr, N, vscale, HAS_DYN)
 
 
 @triton.jit
-def _store_top(row, i, out_id, out_v, m_mode, ls_mode, final_greedy, top_ids_ptr, top_lps_ptr, N):
-    """The row's top-N outputs: lp = (v - m) - ln s with the mode's log-normaliser (docs/semantics.md §6); final
-    greedy rows 0 / -inf; padding (id -1) NaN."""
+def _store_top(row, i, out_id, out_v, m_mode, ls_mode, final_greedy, top_ids_ptr, top_lps_ptr, N, vscale,
+               HAS_DYN: tl.constexpr):
+    """The row's top-N outputs: lp = (v - m) - ln s with the mode's log-normaliser (docs/semantics.md §6; with
+    ``HAS_DYN`` ``v`` scaled by ``vscale``, ``rho`` in the final mode); final greedy rows 0 / -inf; padding (id -1)
+    NaN."""
+    if HAS_DYN:
+        out_v = out_v * vscale
     lp = tl.where(final_greedy, tl.where(out_v > float("-inf"), 0.0, float("-inf")), (out_v - m_mode) - ls_mode)
     lp = tl.where(out_id >= 0, lp, float("nan"))
     tl.store(top_ids_ptr + row * N + i, out_id.to(tl.int64), mask=i < N)
@@ -233,7 +242,7 @@ def _from_groups(row, srow, lp_on, mode, ntop, vx, kx, m_mode, ls_mode, final_gr
                  HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr, SLOTS: tl.constexpr, HAS_TBM: tl.constexpr,
                  BIAS_TABLE: tl.constexpr, HAS_DRY: tl.constexpr, KEPT: tl.constexpr, RAW_GROUP: tl.constexpr,
                  GROUP: tl.constexpr,
-                 GB: tl.constexpr, GBLOCK: tl.constexpr, K: tl.constexpr):
+                 GB: tl.constexpr, GBLOCK: tl.constexpr, K: tl.constexpr, vscale, HAS_DYN: tl.constexpr):
     """Rank and top-N of one row from the groups that can hold them; returns whether it did (else nothing is
     written and the caller reads the whole row).
 
@@ -307,7 +316,8 @@ def _from_groups(row, srow, lp_on, mode, ntop, vx, kx, m_mode, ls_mode, final_gr
         take = (r < ntop) & (kr >= 0)
         out_id = tl.where(take, (kr & _ID_MASK) ^ _ID_MASK, -1)
         out_v = key_float(tl.maximum(kr, 0) >> 24)
-        _store_top(row, r, out_id, out_v, m_mode, ls_mode, final_greedy, top_ids_ptr, top_lps_ptr, N)
+        _store_top(row, r, out_id, out_v, m_mode, ls_mode, final_greedy, top_ids_ptr, top_lps_ptr, N, vscale,
+                   HAS_DYN)
     return ok
 
 

@@ -142,7 +142,7 @@ def mirostat_v1_threshold(row, srow, act, nfin, m, mu,
 @triton.jit
 def _mirostat_v1_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr,
                         bias_ids_ptr, bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr,
-                        slot_ptr, temp_ptr, mu_ptr, rowf_ptr,
+                        slot_ptr, mu_ptr, rowf_ptr,
                         rowi_ptr, top_ptr,
                         stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
                         V, VC, E,
@@ -152,7 +152,7 @@ def _mirostat_v1_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr
                         HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                         BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                         HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
-                        HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
+                        HAS_DYN: tl.constexpr,  # some row uses dynamic temperature (its kept values scaled by RF_RHO)
                         DIGIT_BITS: tl.constexpr,  # key bits per select level
                         SBLOCK: tl.constexpr,  # ids per select step (the one-hot block is SBLOCK x 2^DIGIT_BITS)
                         BLOCK: tl.constexpr):  # ids per step of the gather pass
@@ -164,7 +164,7 @@ def _mirostat_v1_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr
     nfin = tl.load(rowi_ptr + row * _NRI + _RI_NFIN)
     m = tl.load(rowf_ptr + row * _NRF + _RF_M)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE, temp_ptr, HAS_DYN)
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     thr1, act1 = mirostat_v1_threshold(row, srow, act, nfin, m, tl.load(mu_ptr + srow),
                                        logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr,
                                        bias_ids_ptr, bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, rowf_ptr, rowi_ptr,

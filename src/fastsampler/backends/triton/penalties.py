@@ -21,7 +21,6 @@ import triton.language as tl
 
 from .columns import (
     F_EPSILON,
-    F_ETA,
     F_FREQ,
     F_MIN_P,
     F_NSIGMA,
@@ -43,13 +42,14 @@ from .columns import (
 #   and mean distance ``sum q (m_s - z)`` (``s = |(m_s - z) - hc|``, see `typical_s`); RF_DOM_LO: the top-k
 #   threshold (the domain of top-p, §3 E); RF_MK: the min_keep-th largest ``z`` (``m`` when min_keep is off);
 #   RF_ZX / RF_RAWX: the drawn token's ``z`` and raw logit; RF_BOUND: the candidate bound of `candidates` (every
-#   kept ``z`` is ``>= bound`` on a candidate row); RF_H / RF_SIGMA: the entropy of ``softmax(z)`` and the population
-#   standard deviation of the finite ``z`` (eta and top-n-sigma, written by `stats._combine_kernel` only when some
-#   row uses them); RF_ZHI: XTC keeps ``z <= zhi`` (written by `xtc` only in a batch with XTC; read under the
-#   ``KEPT`` bit 2). The per-row temperature of dynamic temperature is not here: `dyntemp` writes it to its own
-#   (B,) scratch (``temp_ptr``), which every pass reads before ``rowf`` exists.
+#   kept ``z`` is ``>= bound`` on a candidate row); RF_RHO: ``rho = T / T'`` of dynamic temperature (§3 E, after the
+#   rules: the kept set's values are ``z' = z rho``; 1 on the other rows; written by `dyntemp` or
+#   `candidates._trunc_kernel` and read only in a batch with dynamic temperature, ``HAS_DYN``); RF_SIGMA: the
+#   population standard deviation of the finite ``z`` (top-n-sigma, written by `stats._combine_kernel` only when
+#   some row uses it); RF_ZHI: XTC keeps ``z <= zhi`` (written by `xtc` only in a batch with XTC; read under the
+#   ``KEPT`` bit 2).
 (RF_M, RF_LS, RF_ZLO, RF_STHR, RF_MS, RF_HC, RF_M_RAW, RF_LS_RAW, RF_M_KEPT, RF_LS_KEPT, RF_DOM_LO, RF_ZX,
- RF_RAWX, RF_MK, RF_BOUND, RF_H, RF_SIGMA, RF_ZHI) = range(18)
+ RF_RAWX, RF_MK, RF_BOUND, RF_RHO, RF_SIGMA, RF_ZHI) = range(18)
 NRF = 18
 # rowi columns: validity (§5), the greedy token (-1 for sampled rows), the number of finite ``z``, the drawn token,
 # the candidate count of `candidates` (-1 on a row that is not a candidate row), and the path of its logprobs
@@ -58,14 +58,17 @@ RI_VALID, RI_GID, RI_NFIN, RI_TOKEN, RI_CCOUNT, RI_LP_GROUPS = range(6)
 NRI = 6
 
 # chunk partials of the row passes (stats.py): ``part_f`` (B, NC, PF) float32 slots (max, sum exp(x - max), raw max
-# | entropy sum, raw sum) and ``part_i`` (B, NC, PI) int32 slots (argmax, finite count, invalid count); with eta or
-# top-n-sigma on some row, ``part_x`` (B, NC, PX) float32 slots (entropy sum ``sum e^(z - m_c) (z - m_c)``, mean and
-# sum of squared deviations of the chunk's finite ``z``)
-PF, PI, PX = 4, 3, 4
+# | entropy sum, raw sum | survivor count) and ``part_i`` (B, NC, PI) int32 slots (argmax, finite count, invalid
+# count); with top-n-sigma on some row, ``part_x`` (B, NC, PX) float32 slots (mean and sum of squared deviations of
+# the chunk's finite ``z``); with dynamic temperature, ``part_d`` (B, NC, PD) float32 slots over the chunk's kept
+# ``z`` (`dyntemp.dyn_fold`: max ``m_c``, ``sum e^(T(z - m_c))``, ``sum e^(T(z - m_c)) T(z - m_c)``, count)
+PF, PI, PX, PD = 4, 3, 2, 4
 P_M, P_S, P_RM, P_RS = range(4)
 P_W = P_RM
+P_N = P_RS
 P_AMAX, P_NFIN, P_BAD = range(3)
-P_XW, P_XMEAN, P_XM2 = range(3)
+P_XMEAN, P_XM2 = range(2)
+P_DM, P_DS, P_DW, P_DN = range(4)
 
 EB = 8  # CSR logit-bias entries read at a time (independent loads, matched one by one)
 
@@ -76,7 +79,7 @@ _RF_ZLO: tl.constexpr = tl.constexpr(RF_ZLO)
 _RF_STHR: tl.constexpr = tl.constexpr(RF_STHR)
 _RF_MS: tl.constexpr = tl.constexpr(RF_MS)
 _RF_HC: tl.constexpr = tl.constexpr(RF_HC)
-_RF_H: tl.constexpr = tl.constexpr(RF_H)
+_RF_RHO: tl.constexpr = tl.constexpr(RF_RHO)
 _RF_SIGMA: tl.constexpr = tl.constexpr(RF_SIGMA)
 _RF_ZHI: tl.constexpr = tl.constexpr(RF_ZHI)
 _RI_GID: tl.constexpr = tl.constexpr(RI_GID)
@@ -96,61 +99,56 @@ def slot_row(row, slot_ptr, SLOTS: tl.constexpr):
 
 
 @triton.jit
-def minp_threshold(fparams_ptr, srow, m, ls, h, sigma, ETA_NS: tl.constexpr):
+def minp_threshold(fparams_ptr, srow, m, ls, sigma, NSIGMA: tl.constexpr):
     """The min-p stage of docs/semantics.md §3 E item 3 before min_keep: (active, threshold). min-p keeps
     ``z >= m + ln min_p``, epsilon ``z >= m + ln epsilon + ln s`` (``q >= epsilon`` in the whole distribution; ``m``,
-    ``ln s``: the row's log-normaliser); with ``ETA_NS`` (some row uses eta or top-n-sigma; ``h`` / ``sigma``: the row's
-    entropy and standard deviation of ``z``, `eta_ns_stats`) eta keeps ``z >= m + ln s + min(ln eta, ln eta / 2 - H)``
-    and top-n-sigma ``z >= m - nu sigma``. Every active one applies: the largest threshold, at most ``m`` (the
-    maximum is always kept: epsilon may exceed every probability)."""
+    ``ln s``: the row's log-normaliser); with ``NSIGMA`` (some row uses top-n-sigma; ``sigma``: the row's standard
+    deviation of ``z``, `nsigma_stat`) top-n-sigma ``z >= m - nu sigma``. Every active one applies: the largest
+    threshold, at most ``m`` (the maximum is always kept: epsilon may exceed every probability)."""
     mp = tl.load(fparams_ptr + srow * NF + F_MIN_P)
     eps = tl.load(fparams_ptr + srow * NF + F_EPSILON)
     t_mp = tl.where(mp > 0.0, m + tl.log(tl.where(mp > 0.0, mp, 1.0)), float("-inf"))
     t_eps = tl.where(eps > 0.0, m + tl.log(tl.where(eps > 0.0, eps, 1.0)) + ls, float("-inf"))
     act = (mp > 0.0) | (eps > 0.0)
     thr = tl.maximum(t_mp, t_eps)
-    if ETA_NS:
-        eta = tl.load(fparams_ptr + srow * NF + F_ETA)
+    if NSIGMA:
         nu = tl.load(fparams_ptr + srow * NF + F_NSIGMA)
-        # q >= min(eta, sqrt(eta) e^-H): ln min(eta, sqrt(eta) e^-H) = min(ln eta, ln eta / 2 - H)
-        ln_eta = tl.log(tl.where(eta > 0.0, eta, 1.0))
-        t_eta = tl.where(eta > 0.0, m + tl.minimum(ln_eta, 0.5 * ln_eta - h) + ls, float("-inf"))
-        t_ns = tl.where(nu > 0.0, m - nu * sigma, float("-inf"))
-        act = act | (eta > 0.0) | (nu > 0.0)
-        thr = tl.maximum(thr, tl.maximum(t_eta, t_ns))
+        act = act | (nu > 0.0)
+        thr = tl.maximum(thr, tl.where(nu > 0.0, m - nu * sigma, float("-inf")))
     return act, tl.minimum(thr, m)
 
 
 @triton.jit
-def eta_ns_stats(rowf_ptr, row, ETA_NS: tl.constexpr):
-    """``(H, sigma)`` of the row for `minp_threshold`: from ``rowf`` with ``ETA_NS`` (`stats._combine_kernel` wrote
-    them), else zeros (unused)."""
-    h = tl.load(rowf_ptr + row * _NRF + _RF_M) * 0.0
-    sigma = h
-    if ETA_NS:
-        h = tl.load(rowf_ptr + row * _NRF + _RF_H)
+def nsigma_stat(rowf_ptr, row, NSIGMA: tl.constexpr):
+    """The row's ``sigma`` for `minp_threshold`: from ``rowf`` with ``NSIGMA`` (`stats._combine_kernel` wrote it),
+    else zero (unused)."""
+    sigma = tl.load(rowf_ptr + row * _NRF + _RF_M) * 0.0
+    if NSIGMA:
         sigma = tl.load(rowf_ptr + row * _NRF + _RF_SIGMA)
-    return h, sigma
+    return sigma
+
+
+@triton.jit
+def row_rho(rowf_ptr, row):
+    """``rho = T / T'`` of the row (dynamic temperature, `dyntemp`; 1 on the other rows): read only with
+    ``HAS_DYN``, after `dyntemp` or `candidates._trunc_kernel` wrote it."""
+    return tl.load(rowf_ptr + row * _NRF + _RF_RHO)
 
 
 @triton.jit
 def row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr, stride_bt,
-                HAS_BIAS: tl.constexpr, HAS_EOS: tl.constexpr, BIAS_TABLE: tl.constexpr, temp_ptr,
-                HAS_DYN: tl.constexpr):
+                HAS_BIAS: tl.constexpr, HAS_EOS: tl.constexpr, BIAS_TABLE: tl.constexpr):
     """Per-row scalars of stages A–D, loaded once per program (``srow``: the row of the per-slot tables, see
     `slot_row`).
 
-    Returns ``(t, rep, freq, pres, ban, blo, bhi)``: the temperature (1 for greedy rows, which stop after C), the
-    three penalties, whether the EOS ids are banned (``step mod 2^32 < min_tokens`` or ``ignore_eos``, §3 A) and
-    the row's range ``[blo, bhi)`` of logit-bias entries: in the CSR (``bias_indptr_ptr`` row-indexed), or with
-    ``BIAS_TABLE`` in the slot's row of the ``(S, K)`` tables (row stride ``stride_bt``; ``bias_indptr_ptr`` then
-    holds the per-slot lengths). With ``HAS_DYN`` the temperature is the row's entry of ``temp_ptr`` (row-indexed,
-    `dyntemp`: ``T'`` for a dynamic-temperature row, ``T`` for the others).
+    Returns ``(t, rep, freq, pres, ban, blo, bhi)``: the temperature (1 for greedy rows, which stop after C; a
+    dynamic temperature changes only the kept set's values, after the rules: `dyntemp`), the three penalties,
+    whether the EOS ids are banned (``step mod 2^32 < min_tokens`` or ``ignore_eos``, §3 A) and the row's range
+    ``[blo, bhi)`` of logit-bias entries: in the CSR (``bias_indptr_ptr`` row-indexed), or with ``BIAS_TABLE`` in
+    the slot's row of the ``(S, K)`` tables (row stride ``stride_bt``; ``bias_indptr_ptr`` then holds the per-slot
+    lengths).
     """
-    if HAS_DYN:  # noqa: SIM108 (a constexpr branch) -- every row's T (T' of dynamic temperature) from dyntemp
-        t = tl.load(temp_ptr + row)
-    else:
-        t = tl.load(fparams_ptr + srow * NF + F_TEMPERATURE)
+    t = tl.load(fparams_ptr + srow * NF + F_TEMPERATURE)
     t = tl.where(t > 0.0, t, 1.0)
     rep = tl.load(fparams_ptr + srow * NF + F_REP)
     freq = tl.load(fparams_ptr + srow * NF + F_FREQ)
@@ -343,7 +341,9 @@ def typical_s(z, ms, hc):
 @triton.jit
 def kept_mask(row, offs, z, rowf_ptr, rowi_ptr, KEPT: tl.constexpr):
     """True where id ``offs`` (value ``z``) is in the row's kept set after truncation (greedy rows: the argmax):
-    ``z >= zlo``, and with the bits of ``KEPT`` typical-p's ``s <= s_thr`` (1) and XTC's ``z <= zhi`` (2)."""
+    ``z >= zlo``, and with the bits of ``KEPT`` typical-p's ``s <= s_thr`` (1), XTC's ``z <= zhi`` (2) and dynamic
+    temperature's ``z rho > -inf`` (4: a kept value whose ``z' = z rho`` overflows to ``-inf`` leaves the set,
+    §3 E; only after `dyntemp` / `candidates` wrote ``rho``)."""
     zlo = tl.load(rowf_ptr + row * _NRF + _RF_ZLO)
     gid = tl.load(rowi_ptr + row * _NRI + _RI_GID)
     keep = (z > float("-inf")) & (z >= zlo) & ((gid < 0) | (offs == gid))
@@ -354,4 +354,6 @@ def kept_mask(row, offs, z, rowf_ptr, rowi_ptr, KEPT: tl.constexpr):
         keep = keep & (typical_s(z, ms, hc) <= sthr)
     if KEPT & 2:  # XTC: the top choices above a are removed (docs/semantics.md §3 E item 5)
         keep = keep & (z <= tl.load(rowf_ptr + row * _NRF + _RF_ZHI))
+    if KEPT & 4:  # dynamic temperature
+        keep = keep & (z * tl.load(rowf_ptr + row * _NRF + _RF_RHO) > float("-inf"))
     return keep

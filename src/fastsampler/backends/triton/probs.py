@@ -20,6 +20,7 @@ from .penalties import (
     bias_lower_bound,
     block_z,
     kept_mask,
+    row_rho,
     row_scalars,
     slot_row,
 )
@@ -35,7 +36,7 @@ _RI_VALID: tl.constexpr = tl.constexpr(RI_VALID)
 @triton.jit
 def _probs_row_chunk(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
                      bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr,
-                     temp_ptr, rowf_ptr, rowi_ptr, out_ptr,
+                     rowf_ptr, rowi_ptr, out_ptr,
                      stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, stride_o,
                      V, VC, E,
                      HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
@@ -53,7 +54,7 @@ def _probs_row_chunk(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, e
     m = tl.load(rowf_ptr + row * _NRF + _RF_M_KEPT)
     ls = tl.load(rowf_ptr + row * _NRF + _RF_LS_KEPT)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE, temp_ptr, HAS_DYN)
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     ep = blo
     if HAS_BIAS:
         ep = bias_lower_bound(bias_ids_ptr, blo, bhi, base)
@@ -73,6 +74,8 @@ def _probs_row_chunk(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, e
             tl.store(out_ptr + row * stride_o + offs, keep.to(tl.int8), mask=offs < VC)
         else:
             # (z - m) - ln s, not z - (m + ln s), which loses ln s for large |z| (docs/semantics.md §6)
+            if HAS_DYN:  # the kept values z' = z rho (dyntemp)
+                z = z * row_rho(rowf_ptr, row)
             p = tl.where(keep, tl.exp((z - m) - ls), 0.0)
             p = tl.where(gid >= 0, tl.where(offs == gid, 1.0, 0.0), p)
             p = tl.where(valid != 0, p, 0.0)
@@ -81,7 +84,7 @@ def _probs_row_chunk(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, e
 
 @triton.jit
 def _probs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                  bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, temp_ptr,
+                  bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr,
                   rowf_ptr, rowi_ptr, out_ptr,
                   stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, stride_o,
                   V, VC, E,
@@ -91,12 +94,12 @@ def _probs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
                   HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                   BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                   HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
-                  HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
+                  HAS_DYN: tl.constexpr,  # some row uses dynamic temperature (its kept values scaled by RF_RHO)
                   KEPT: tl.constexpr,  # kept-set tests beyond z >= zlo (penalties.kept_mask): 1 typical-p, 2 XTC
                   BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
     _probs_row_chunk(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
                      bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr,
-                     temp_ptr, rowf_ptr, rowi_ptr, out_ptr,
+                     rowf_ptr, rowi_ptr, out_ptr,
                      stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, stride_o, V, VC, E,
                      HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, HAS_DRY,
                      HAS_DYN, KEPT,
@@ -106,7 +109,7 @@ def _probs_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
 @triton.jit
 def _kept_mask_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
                       bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr,
-                      temp_ptr, rowf_ptr, rowi_ptr, out_ptr,
+                      rowf_ptr, rowi_ptr, out_ptr,
                       stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, stride_o,
                       V, VC, E,
                       HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
@@ -115,12 +118,12 @@ def _kept_mask_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, 
                       HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                       BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                       HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
-                      HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
+                      HAS_DYN: tl.constexpr,  # some row uses dynamic temperature (its kept values scaled by RF_RHO)
                       KEPT: tl.constexpr,  # kept-set tests beyond z >= zlo (penalties.kept_mask): 1 typical-p, 2 XTC
                       BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
     _probs_row_chunk(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
                      bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr,
-                     temp_ptr, rowf_ptr, rowi_ptr, out_ptr,
+                     rowf_ptr, rowi_ptr, out_ptr,
                      stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, stride_o, V, VC, E,
                      HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, HAS_DRY,
                      HAS_DYN, KEPT,

@@ -20,8 +20,9 @@ at all for a rule that no row of the batch uses (host flags). What is selected i
 - ``KIND_LP``: the value whose order is the row's logprob order (raw logits, ``z``, or ``z`` on the kept set and
   ``-inf`` elsewhere for ``final``) over all ids ``< vocab_size``; count only.
 
-The kernels here are the truncation stages that need a select: `_select_kernel` (top-k, min_keep, top-p) and
-`_typical_kernel` (typical-p, after `stats._entropy_kernel`).
+The kernels here are the truncation stages that need a select: `_select_kernel` (top-k, min_keep, top-p),
+`_typical_kernel` (typical-p, after `stats._entropy_kernel`) and `_eta_kernel` (eta over the survivors, after
+`stats._entropy_kernel` over them: a select only for min_keep).
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .columns import F_TEMPERATURE, F_TOP_P, F_TYPICAL_P, I_MIN_KEEP, I_TOP_K, NF, NI
+from .columns import F_ETA, F_TEMPERATURE, F_TOP_P, F_TYPICAL_P, I_MIN_KEEP, I_TOP_K, NF, NI
 from .penalties import (
     NRF,
     NRI,
     P_M,
+    P_N,
     P_S,
     P_W,
     PF,
@@ -48,9 +50,9 @@ from .penalties import (
     RI_NFIN,
     RI_VALID,
     block_z,
-    eta_ns_stats,
     kept_mask,
     minp_threshold,
+    nsigma_stat,
     row_scalars,
     slot_row,
     typical_s,
@@ -75,6 +77,7 @@ _PF: tl.constexpr = tl.constexpr(PF)
 _P_M: tl.constexpr = tl.constexpr(P_M)
 _P_S: tl.constexpr = tl.constexpr(P_S)
 _P_W: tl.constexpr = tl.constexpr(P_W)
+_P_N: tl.constexpr = tl.constexpr(P_N)
 
 
 @triton.jit
@@ -199,7 +202,7 @@ def radix_select(row, srow, target, active, lo, m, ms, hc, mode,
 
 @triton.jit
 def _select_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                   bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, temp_ptr,
+                   bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr,
                    rowf_ptr, rowi_ptr,
                    stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
                    V, VC, E,
@@ -209,10 +212,10 @@ def _select_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
                    HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                    BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                    HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
-                   HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
+                   HAS_DYN: tl.constexpr,  # some row uses dynamic temperature (its kept values scaled by RF_RHO)
                    STAGE: tl.constexpr,  # STAGE_TOP_K, STAGE_MIN_KEEP or STAGE_TOP_P
                    FOLD_MINP: tl.constexpr,  # (min_keep stage) fold min-p's threshold, which is raised to min_keep's
-                   ETA_NS: tl.constexpr,  # some row uses eta / top-n-sigma (their statistics in rowf)
+                   NSIGMA: tl.constexpr,  # some row uses top-n-sigma (its sigma in rowf)
                    DIGIT_BITS: tl.constexpr,  # key bits per level
                    BLOCK: tl.constexpr):  # ids per loop step (the one-hot histogram block is BLOCK x 2^DIGIT_BITS)
     row = tl.program_id(0).to(tl.int64)
@@ -223,7 +226,7 @@ def _select_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
     m = tl.load(rowf_ptr + row * _NRF + _RF_M)
     mk = tl.load(iparams_ptr + srow * NI + I_MIN_KEEP)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE, temp_ptr, HAS_DYN)
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     rf = rowf_ptr + row * _NRF
     if STAGE == 0:
         # top-k: keep z >= the k'-th largest, k' = max(k, min_keep); off when k <= 0 or k' >= survivors (§3 E 1)
@@ -258,8 +261,8 @@ def _select_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
         tl.store(rf + _RF_MK, thr_mk)
         if FOLD_MINP:
             # min-p / epsilon: keep z >= their threshold, lowered to the min_keep-th largest (§3 E 3)
-            h, sg = eta_ns_stats(rowf_ptr, row, ETA_NS)
-            act_mp, thr_p = minp_threshold(fparams_ptr, srow, m, tl.load(rf + _RF_LS), h, sg, ETA_NS)
+            sg = nsigma_stat(rowf_ptr, row, NSIGMA)
+            act_mp, thr_p = minp_threshold(fparams_ptr, srow, m, tl.load(rf + _RF_LS), sg, NSIGMA)
             zlo = tl.load(rf + _RF_ZLO)
             tl.store(rf + _RF_ZLO, tl.where(samp & act_mp, tl.maximum(zlo, tl.minimum(thr_p, thr_mk)), zlo))
     else:
@@ -282,7 +285,7 @@ def _select_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos
 
 @triton.jit
 def _typical_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                    bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, temp_ptr,
+                    bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr,
                     rowf_ptr, rowi_ptr, part_f_ptr,
                     stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
                     V, VC, E, NC,
@@ -292,7 +295,7 @@ def _typical_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
                     HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                     BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                     HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
-                    HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
+                    HAS_DYN: tl.constexpr,  # some row uses dynamic temperature (its kept values scaled by RF_RHO)
                     TYP_MK: tl.constexpr,  # some row has min_keep > 1: also select the min_keep-th smallest s
                     DIGIT_BITS: tl.constexpr,  # key bits per level
                     BLOCK: tl.constexpr,  # ids per loop step (the one-hot histogram block is BLOCK x 2^DIGIT_BITS)
@@ -327,7 +330,7 @@ def _typical_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
     zlo = tl.load(rf + _RF_ZLO)
     m = tl.load(rf + _RF_M)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE, temp_ptr, HAS_DYN)
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     # ascending s: select on -s; keep s <= s at the first cumulative mass >= tau (§3 E 4)
     s_sel = -radix_select(row, srow, tp, act, zlo, m, safe, hc, 0,
                           logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
@@ -356,10 +359,72 @@ def _typical_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
     tl.store(rf + _RF_STHR, tl.where(act, sthr, float("inf")))
 
 
+@triton.jit
+def _eta_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
+                bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr,
+                rowf_ptr, rowi_ptr, part_f_ptr,
+                stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
+                V, VC, E, NC,
+                HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
+                HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr,  # which of stages A–C the batch uses
+                SLOTS: tl.constexpr,  # per-slot tables read through slot_ptr (PackedBatch.slot_index)
+                HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
+                BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
+                HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
+                HAS_DYN: tl.constexpr,  # some row uses dynamic temperature (its kept values scaled by RF_RHO)
+                KEPT: tl.constexpr,  # kept-set tests beyond z >= zlo (penalties.kept_mask): 1 typical-p
+                ETA_MK: tl.constexpr,  # some row has min_keep > 1: also select the min_keep-th largest survivor
+                DIGIT_BITS: tl.constexpr,  # key bits per level
+                BLOCK: tl.constexpr,  # ids per loop step (the one-hot histogram block is BLOCK x 2^DIGIT_BITS)
+                BT: tl.constexpr):  # power of two >= NC: all chunk partials in one block
+    row = tl.program_id(0).to(tl.int64)
+    srow = slot_row(row, slot_ptr, SLOTS)
+    temp = tl.load(fparams_ptr + srow * NF + F_TEMPERATURE)
+    eta = tl.load(fparams_ptr + srow * NF + F_ETA)
+    act = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0) & (eta > 0.0)
+    rf = rowf_ptr + row * _NRF
+    # the survivors' max m_s, ln s_s, entropy H and count from the chunk partials of stats._entropy_kernel, merged in
+    # a fixed order in float64: H = ln s - sum e^(z - m_s)(z - m_s) / s
+    c = tl.arange(0, BT)
+    o = part_f_ptr + (row * NC + c) * _PF
+    mt = tl.load(o + _P_M, mask=c < NC, other=float("-inf"))
+    st = tl.load(o + _P_S, mask=c < NC, other=0.0).to(tl.float64)
+    wt = tl.load(o + _P_W, mask=c < NC, other=0.0).to(tl.float64)
+    n_s = tl.sum(tl.load(o + _P_N, mask=c < NC, other=0.0), 0).to(tl.int32)
+    ms = tl.max(mt, 0)
+    safe = tl.where(ms == float("-inf"), 0.0, ms)
+    d = tl.where(mt == float("-inf"), 0.0, mt - safe).to(tl.float64)
+    sc = tl.where(mt == float("-inf"), 0.0, tl.exp(d))
+    s = tl.sum(st * sc, 0)
+    w = tl.sum(tl.where(sc > 0.0, sc * (wt + d * st), 0.0), 0)
+    ls = tl.log(tl.where(s > 0.0, s, 1.0))
+    h = tl.maximum(ls - w / tl.where(s > 0.0, s, 1.0), 0.0)
+    # keep q >= min(eta, sqrt(eta) e^-H): z >= m_s + ln s_s + min(ln eta, ln eta / 2 - H), at most m_s (§3 E 5)
+    ln_eta = tl.log(tl.where(eta > 0.0, eta, 1.0)).to(tl.float64)
+    thr = tl.minimum(ms, (safe.to(tl.float64) + ls + tl.minimum(ln_eta, 0.5 * ln_eta - h)).to(tl.float32))
+    if ETA_MK:
+        # lowered to the min(min_keep, |S|)-th largest survivor (a no-op where at least min_keep survive)
+        mk = tl.load(iparams_ptr + srow * NI + I_MIN_KEEP)
+        act_mk = act & (mk > 1)
+        t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr,
+                                                        bias_indptr_ptr, stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
+        v = radix_select(row, srow, tl.minimum(mk, n_s).to(tl.float32), act_mk, float("-inf"), ms, 0.0, 0.0, 2,
+                         logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_ids_ptr,
+                         bias_vals_ptr, dry_ids_ptr, dry_vals_ptr,
+                         rowf_ptr, rowi_ptr, stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
+                         V, VC, E,
+                         t, rep, freq, pres, ban, blo, bhi,
+                         HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE, HAS_DRY,
+                         KEPT, 2, False, DIGIT_BITS, BLOCK)
+        thr = tl.where(act_mk, tl.minimum(thr, v), thr)
+    if act:  # the survivors of eta: z >= thr among the survivors so far
+        tl.store(rf + _RF_ZLO, tl.maximum(tl.load(rf + _RF_ZLO), thr))
+
+
 def select_pass(ctx, stage: int, fold_minp: bool = False) -> None:
     """One truncation stage's select for every row that uses it (`_select_kernel`), one program per row."""
     _select_kernel[(ctx.B,)](*ctx.zargs(), ctx.rowf, ctx.rowi, *ctx.zstrides(), *ctx.zsizes_row(), **ctx.zflags(),
-                             STAGE=stage, FOLD_MINP=fold_minp, ETA_NS=ctx.eta_ns, DIGIT_BITS=ctx.DIGIT_BITS,
+                             STAGE=stage, FOLD_MINP=fold_minp, NSIGMA=ctx.nsigma, DIGIT_BITS=ctx.DIGIT_BITS,
                              BLOCK=ctx.SBLOCK)
 
 
@@ -368,3 +433,11 @@ def typical_pass(ctx) -> None:
     _typical_kernel[(ctx.B,)](*ctx.zargs(), ctx.rowf, ctx.rowi, ctx.part_f, *ctx.zstrides(), *ctx.zsizes(),
                               **ctx.zflags(), TYP_MK=ctx.flags.any_min_keep, DIGIT_BITS=ctx.DIGIT_BITS,
                               BLOCK=ctx.SBLOCK, BT=ctx.BT)
+
+
+def eta_pass(ctx) -> None:
+    """eta's threshold over the survivors (after `stats.entropy_pass` with ``eta``), raising ``rowf[:, RF_ZLO]``:
+    one program per row."""
+    _eta_kernel[(ctx.B,)](*ctx.zargs(), ctx.rowf, ctx.rowi, ctx.part_f, *ctx.zstrides(), *ctx.zsizes(),
+                          **ctx.zflags(), KEPT=ctx.kept & 1, ETA_MK=ctx.flags.any_min_keep,
+                          DIGIT_BITS=ctx.DIGIT_BITS, BLOCK=ctx.SBLOCK, BT=ctx.BT)

@@ -2,18 +2,21 @@
 of the draw: 1024 on CUDA whatever the batch size) and the per-row combine of their partial results.
 
 - `_stats_kernel` reads the row once: max / log-normaliser of ``z`` (and of the raw logits for raw logprobs), the
-  argmax (when some row is greedy), finite count, invalid inputs; with eta or top-n-sigma on some row also the
-  chunk's entropy sum ``sum e^(z - m_c)(z - m_c)`` and the mean and M2 of its finite ``z`` (``part_x``). Its per-chunk
-  weights are also the tile weights of the draw for a batch without truncation, so such a batch needs no other pass
-  over the whole row: the token race runs in `draw._finish_kernel` over the one tile the tile race picks
+  argmax (when some row is greedy), finite count, invalid inputs; with top-n-sigma on some row also the mean and M2
+  of its finite ``z`` (``part_x``), and in a batch without truncation with dynamic temperature the kept set's
+  entropy partials (`dyntemp.dyn_fold`, ``part_d``: the kept set is every finite ``z``). Its per-chunk weights
+  are also the tile weights of the draw for a batch without truncation, so such a batch needs no other pass over
+  the whole row: the token race runs in `draw._finish_kernel` over the one tile the tile race picks
   (docs/semantics.md §3 F). In a batch of the candidate engine (`candidates`) it also stores the maximum ``z`` of
   every group of ``GROUP`` ids (and of the raw logits, for raw logprobs);
-- `_combine_kernel` (one program per row) turns the chunk partials into the row statistics (with `eta_ns_combine`
-  the entropy ``H`` and standard deviation ``sigma`` of ``z``, merged in a fixed order in float64) and the thresholds
-  that need no select (the min-p stage without min_keep: min-p, epsilon, eta, top-n-sigma; Mirostat v2, §3 E), and
-  the candidate bound of each candidate row;
-- `_entropy_kernel`: max / sum / entropy sum of the typical-p survivors;
-- `_kept_kernel`: per-chunk weights of the kept set (the tile weights of the draw after truncation).
+- `_combine_kernel` (one program per row) turns the chunk partials into the row statistics (with `nsigma_combine`
+  the standard deviation ``sigma`` of ``z``, merged in a fixed order in float64) and the thresholds that need no
+  select (the min-p stage without min_keep: min-p, epsilon, top-n-sigma; Mirostat v2, §3 E), and the candidate
+  bound of each candidate row;
+- `_entropy_kernel`: max / sum / entropy sum of the typical-p survivors, or (``ETA``) of eta's survivors -- the kept
+  set after typical-p -- and their count (`select._eta_kernel`);
+- `_kept_kernel`: per-chunk weights of the kept set (the tile weights of the draw after truncation), and with
+  ``DYN`` its dynamic-temperature partials (`dyntemp`).
 
 Per-chunk partials live in ``part_f`` (B, NC, PF) float32 and ``part_i`` (B, NC, PI) int32 (slots ``P*`` of
 `penalties`)
@@ -31,13 +34,15 @@ import triton
 import triton.language as tl
 
 from .candidates import kth_largest
-from .columns import F_TEMPERATURE, F_TYPICAL_P, I_MIN_KEEP, I_MIRO_MODE, I_TOP_K, NF, NI
+from .columns import F_ETA, F_TEMPERATURE, F_TYPICAL_P, I_MIN_KEEP, I_MIRO_MODE, I_TOP_K, NF, NI
+from .dyntemp import dyn_fold, store_dyn_partials
 from .penalties import (
     NRF,
     NRI,
     P_AMAX,
     P_BAD,
     P_M,
+    P_N,
     P_NFIN,
     P_RM,
     P_RS,
@@ -45,13 +50,11 @@ from .penalties import (
     P_W,
     P_XM2,
     P_XMEAN,
-    P_XW,
     PF,
     PI,
     PX,
     RF_BOUND,
     RF_DOM_LO,
-    RF_H,
     RF_HC,
     RF_LS,
     RF_LS_KEPT,
@@ -84,10 +87,9 @@ _RI_CCOUNT: tl.constexpr = tl.constexpr(RI_CCOUNT)
 _PF: tl.constexpr = tl.constexpr(PF)
 _PI: tl.constexpr = tl.constexpr(PI)
 _PX: tl.constexpr = tl.constexpr(PX)
-_P_XW: tl.constexpr = tl.constexpr(P_XW)
+_P_N: tl.constexpr = tl.constexpr(P_N)
 _P_XMEAN: tl.constexpr = tl.constexpr(P_XMEAN)
 _P_XM2: tl.constexpr = tl.constexpr(P_XM2)
-_RF_H: tl.constexpr = tl.constexpr(RF_H)
 _RF_SIGMA: tl.constexpr = tl.constexpr(RF_SIGMA)
 _P_M: tl.constexpr = tl.constexpr(P_M)
 _P_S: tl.constexpr = tl.constexpr(P_S)
@@ -120,8 +122,8 @@ _BIG: tl.constexpr = tl.constexpr(2147483647)
 
 @triton.jit
 def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                  bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, temp_ptr,
-                  part_f_ptr, part_i_ptr, part_x_ptr, gmax_ptr,
+                  bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr,
+                  part_f_ptr, part_i_ptr, part_x_ptr, part_d_ptr, gmax_ptr,
                   stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
                   V, VC, E, NC, NG,
                   HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
@@ -130,13 +132,14 @@ def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
                   HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                   BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                   HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
-                  HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
+                  HAS_DYN: tl.constexpr,  # some row uses dynamic temperature (its kept values scaled by RF_RHO)
                   NEED_RAW: tl.constexpr,  # some row wants raw logprobs: also reduce the raw logits
                   ARGMAX: tl.constexpr,  # some row is greedy: also find the argmax
                   LSE: tl.constexpr,  # the log-normaliser is needed (not for an all-greedy batch without logprobs)
                   GROUP: tl.constexpr,  # > 0: also store the max z of every GROUP ids (candidates.py), (B, NG)
                   RAW_GROUP: tl.constexpr,  # with GROUP: also the raw logits' group maxima, (B, NG) after z's
-                  ETA_NS: tl.constexpr,  # some row uses eta / top-n-sigma: entropy sum, mean and M2 into part_x
+                  NSIGMA: tl.constexpr,  # some row uses top-n-sigma: the finite z's mean and M2 into part_x
+                  DYN: tl.constexpr,  # no truncation and dynamic temperature: the kept set's partials into part_d
                   BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
     row = tl.program_id(0).to(tl.int64)
     srow = slot_row(row, slot_ptr, SLOTS)
@@ -144,7 +147,7 @@ def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
     base = chunk * CHUNK
     n = tl.minimum(CHUNK, VC - base)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE, temp_ptr, HAS_DYN)
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     ep = blo
     if HAS_BIAS:
         ep = bias_lower_bound(bias_ids_ptr, blo, bhi, base)
@@ -153,10 +156,13 @@ def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
     rm = float("-inf")
     rs = 0.0
     amax = _BIG
-    xw = 0.0  # ETA_NS: sum e^(z - m)(z - m), and the finite z's count / mean / sum of squared deviations
-    xn = 0.0
+    xn = 0.0  # NSIGMA: the finite z's count / mean / sum of squared deviations
     xmean = 0.0
     xm2 = 0.0
+    dm = float("-inf")  # DYN: dyntemp.dyn_fold over every finite z at the row's temperature
+    ds = 0.0
+    dw = 0.0
+    dn = 0
     nfb = 0  # finite count + (invalid count << 16): one reduction for both (a chunk has at most 4096 ids)
     for start in range(0, n, BLOCK):
         offs = base + start + tl.arange(0, BLOCK)
@@ -173,15 +179,9 @@ def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
             # a chunk whose ids are all -inf reports its first id: it is never the argmax of a valid row
             bidx = tl.min(tl.where(zf == bm, offs, _BIG), 0)
             amax = tl.where(bm > m, bidx, amax)
-        if ETA_NS:
-            # the entropy sum relative to the running max, rescaled as the max grows (stats._entropy_kernel's
-            # recurrence); a term whose weight underflows to 0 adds 0 (0 · ln 0 = 0)
-            nm = tl.maximum(m, bm)
-            safe = tl.where(nm == float("-inf"), 0.0, nm)
-            sc = tl.exp(m - safe)
-            e = tl.exp(zf - safe)
-            xw = tl.where(sc > 0.0, sc * (xw + tl.where(m == float("-inf"), 0.0, m - safe) * s), 0.0) + tl.sum(
-                tl.where(e > 0.0, e * (zf - safe), 0.0), 0)
+        if DYN:
+            dm, ds, dw, dn = dyn_fold(dm, ds, dw, dn, zf, t)
+        if NSIGMA:
             # Chan's merge of the block's (count, mean, M2) of the finite z into the chunk's
             fin = zf > float("-inf")
             bn = tl.sum(fin.to(tl.float32), 0)
@@ -212,9 +212,10 @@ def _stats_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
     tl.store(o + _P_S, s)
     tl.store(o + _P_RM, rm)
     tl.store(o + _P_RS, rs)
-    if ETA_NS:
+    if DYN:
+        store_dyn_partials(part_d_ptr, row, chunk, NC, dm, ds, dw, dn)
+    if NSIGMA:
         ox = part_x_ptr + (row * NC + chunk) * _PX
-        tl.store(ox + _P_XW, xw)
         tl.store(ox + _P_XMEAN, xmean)
         tl.store(ox + _P_XM2, xm2)
     oi = part_i_ptr + (row * NC + chunk) * _PI
@@ -275,34 +276,20 @@ def stats_combine(row, srow, part_f_ptr, part_i_ptr, fparams_ptr, rowf_ptr, rowi
 
 
 @triton.jit
-def eta_ns_combine(row, part_f_ptr, part_i_ptr, part_x_ptr, NC, BT: tl.constexpr):
-    """The row's entropy ``H`` of ``softmax(z)`` and population standard deviation ``sigma`` of its finite ``z``
-    (eta and top-n-sigma, docs/semantics.md §3 E item 3) from the chunk partials of `_stats_kernel`, merged in a fixed
-    order in float64: ``H = ln s - sum e^(z - m)(z - m) / s``; the chunks' (count, mean, M2) by the parallel formula
-    ``M2 = sum M2_c + sum n_c (mean_c - mean)^2``."""
+def nsigma_combine(row, part_i_ptr, part_x_ptr, NC, BT: tl.constexpr):
+    """The row's population standard deviation ``sigma`` of its finite ``z`` (top-n-sigma, docs/semantics.md §3 E
+    item 3) from the chunk partials of `_stats_kernel`, merged in a fixed order in float64: the chunks' (count, mean,
+    M2) by the parallel formula ``M2 = sum M2_c + sum n_c (mean_c - mean)^2``."""
     c = tl.arange(0, BT)
     cm = c < NC
-    o = part_f_ptr + (row * NC + c) * _PF
     ox = part_x_ptr + (row * NC + c) * _PX
-    mt = tl.load(o + _P_M, mask=cm, other=float("-inf"))
-    st = tl.load(o + _P_S, mask=cm, other=0.0).to(tl.float64)
-    wt = tl.load(ox + _P_XW, mask=cm, other=0.0).to(tl.float64)
     nt = tl.load(part_i_ptr + (row * NC + c) * _PI + _P_NFIN, mask=cm, other=0).to(tl.float64)
     mean_t = tl.load(ox + _P_XMEAN, mask=cm, other=0.0).to(tl.float64)
     m2t = tl.load(ox + _P_XM2, mask=cm, other=0.0).to(tl.float64)
-    mx = tl.max(mt, 0)
-    safe = tl.where(mx == float("-inf"), 0.0, mx)
-    d = tl.where(mt == float("-inf"), 0.0, mt - safe).to(tl.float64)
-    sc = tl.where(mt == float("-inf"), 0.0, tl.exp(d))
-    s = tl.sum(st * sc, 0)
-    w = tl.sum(tl.where(sc > 0.0, sc * (wt + d * st), 0.0), 0)
-    h = tl.log(s) - w / tl.where(s > 0.0, s, 1.0)
-    h = tl.maximum(h, 0.0)  # rounding may leave it slightly below 0
     n = tl.sum(nt, 0)
     mean = tl.sum(nt * mean_t, 0) / tl.maximum(n, 1.0)
     m2 = tl.sum(m2t + nt * (mean_t - mean) * (mean_t - mean), 0)
-    sigma = tl.sqrt(m2 / tl.maximum(n, 1.0))
-    return h.to(tl.float32), sigma.to(tl.float32)
+    return tl.sqrt(m2 / tl.maximum(n, 1.0)).to(tl.float32)
 
 
 @triton.jit
@@ -313,23 +300,21 @@ def _combine_kernel(part_f_ptr, part_i_ptr, part_x_ptr, fparams_ptr, iparams_ptr
                     MINP: tl.constexpr,  # fold min-p's threshold in here (no min_keep select runs, §3 E item 3)
                     MIRO2: tl.constexpr,  # some row uses Mirostat v2: its threshold needs no select
                     CAND: tl.constexpr,  # the candidate engine (candidates.py): the bound of each top-k row
-                    ETA_NS: tl.constexpr,  # some row uses eta / top-n-sigma: H and sigma from part_x into rowf
+                    NSIGMA: tl.constexpr,  # some row uses top-n-sigma: sigma from part_x into rowf
                     GBLOCK: tl.constexpr,  # group maxima per step of the bound's select
                     BT: tl.constexpr):  # power of two >= NC: all chunks in one block
     row = tl.program_id(0).to(tl.int64)
     srow = slot_row(row, slot_ptr, SLOTS)
     m, ls, valid, gid, nf, samp = stats_combine(row, srow, part_f_ptr, part_i_ptr, fparams_ptr, rowf_ptr, rowi_ptr,
                                                 NC, BT)
-    h = m * 0.0
-    sigma = h
-    if ETA_NS:
-        h, sigma = eta_ns_combine(row, part_f_ptr, part_i_ptr, part_x_ptr, NC, BT)
-        tl.store(rowf_ptr + row * _NRF + _RF_H, h)
+    sigma = m * 0.0
+    if NSIGMA:
+        sigma = nsigma_combine(row, part_i_ptr, part_x_ptr, NC, BT)
         tl.store(rowf_ptr + row * _NRF + _RF_SIGMA, sigma)
     zlo = float("-inf")
     if MINP:
-        # min-p / epsilon / eta / top-n-sigma: keep z >= the largest active threshold (at most max z)
-        act_mp, thr_mp = minp_threshold(fparams_ptr, srow, m, ls, h, sigma, ETA_NS)
+        # min-p / epsilon / top-n-sigma: keep z >= the largest active threshold (at most max z)
+        act_mp, thr_mp = minp_threshold(fparams_ptr, srow, m, ls, sigma, NSIGMA)
         zlo = tl.where(samp & act_mp, thr_mp, zlo)
     if MIRO2:
         mode = tl.load(iparams_ptr + srow * NI + I_MIRO_MODE)
@@ -354,7 +339,7 @@ def _combine_kernel(part_f_ptr, part_i_ptr, part_x_ptr, fparams_ptr, iparams_ptr
 
 @triton.jit
 def _entropy_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                    bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, temp_ptr,
+                    bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr,
                     rowf_ptr, rowi_ptr, part_f_ptr,
                     stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
                     V, VC, E, NC,
@@ -364,25 +349,31 @@ def _entropy_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
                     HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                     BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                     HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
-                    HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
+                    HAS_DYN: tl.constexpr,  # some row uses dynamic temperature (its kept values scaled by RF_RHO)
+                    ETA: tl.constexpr,  # False: typical-p's survivors z >= zlo; True: eta's, the kept set so far
+                    KEPT: tl.constexpr,  # (ETA) kept-set tests beyond z >= zlo (penalties.kept_mask): 1 typical-p
                     BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
     row = tl.program_id(0).to(tl.int64)
     srow = slot_row(row, slot_ptr, SLOTS)
     chunk = tl.program_id(1)
     base = chunk * CHUNK
     temp = tl.load(fparams_ptr + srow * NF + F_TEMPERATURE)
-    tp = tl.load(fparams_ptr + srow * NF + F_TYPICAL_P)
-    active = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0) & (tp < 1.0)
+    if ETA:  # noqa: SIM108 (a constexpr branch)
+        on = tl.load(fparams_ptr + srow * NF + F_ETA) > 0.0
+    else:
+        on = tl.load(fparams_ptr + srow * NF + F_TYPICAL_P) < 1.0
+    active = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0) & on
     n = tl.where(active, tl.minimum(CHUNK, VC - base), 0)
     zlo = tl.load(rowf_ptr + row * _NRF + _RF_ZLO)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE, temp_ptr, HAS_DYN)
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     ep = blo
     if HAS_BIAS:
         ep = bias_lower_bound(bias_ids_ptr, blo, bhi, base)
     m = float("-inf")
     s = 0.0
     w = 0.0
+    cnt = 0
     for start in range(0, n, BLOCK):
         offs = base + start + tl.arange(0, BLOCK)
         raw, z, b, ep = block_z(row, srow, offs, ep, base + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr,
@@ -392,8 +383,13 @@ def _entropy_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
                                E, t, rep, freq, pres, ban, bhi,
                                HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
                                HAS_DRY)
-        keep = (z > float("-inf")) & (z >= zlo)  # the survivors of the rules before typical-p
+        if ETA:
+            keep = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, KEPT) & (offs < V)  # the survivors before eta
+        else:
+            keep = (z > float("-inf")) & (z >= zlo)  # the survivors of the rules before typical-p
         zk = tl.where(keep, z, float("-inf"))
+        if ETA:
+            cnt += tl.sum(keep.to(tl.int32), 0)
         nm = tl.maximum(m, tl.max(zk, 0))
         safe = tl.where(nm == float("-inf"), 0.0, nm)
         sc = tl.exp(m - safe)
@@ -409,12 +405,14 @@ def _entropy_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eo
     tl.store(o + _P_M, m)
     tl.store(o + _P_S, s)
     tl.store(o + _P_W, w)
+    if ETA:
+        tl.store(o + _P_N, cnt.to(tl.float32))
 
 
 @triton.jit
 def _kept_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                 bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, temp_ptr,
-                 rowf_ptr, rowi_ptr, part_f_ptr,
+                 bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr,
+                 rowf_ptr, rowi_ptr, part_f_ptr, part_d_ptr,
                  stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
                  V, VC, E, NC,
                  HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
@@ -423,8 +421,9 @@ def _kept_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_p
                  HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                  BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                  HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
-                 HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
+                 HAS_DYN: tl.constexpr,  # some row uses dynamic temperature (its kept values scaled by RF_RHO)
                  KEPT: tl.constexpr,  # kept-set tests beyond z >= zlo (penalties.kept_mask): 1 typical-p, 2 XTC
+                 DYN: tl.constexpr,  # also dynamic temperature's partials of the kept set into part_d
                  BLOCK: tl.constexpr, CHUNK: tl.constexpr):  # ids per loop step; ids per program
     row = tl.program_id(0).to(tl.int64)
     srow = slot_row(row, slot_ptr, SLOTS)
@@ -434,12 +433,16 @@ def _kept_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_p
     active = (tl.load(rowi_ptr + row * _NRI + _RI_VALID) != 0) & (temp > 0.0)  # greedy / invalid rows: no draw
     n = tl.where(active, tl.minimum(CHUNK, VC - base), 0)
     t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr, bias_indptr_ptr,
-                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE, temp_ptr, HAS_DYN)
+                                                    stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
     ep = blo
     if HAS_BIAS:
         ep = bias_lower_bound(bias_ids_ptr, blo, bhi, base)
     m = float("-inf")
     s = 0.0
+    dm = float("-inf")  # DYN: dyntemp.dyn_fold of the kept z at the row's temperature
+    ds = 0.0
+    dw = 0.0
+    dn = 0
     for start in range(0, n, BLOCK):
         offs = base + start + tl.arange(0, BLOCK)
         raw, z, b, ep = block_z(row, srow, offs, ep, base + start + BLOCK, logits_ptr, counts_ptr, prompt_ptr,
@@ -450,20 +453,26 @@ def _kept_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_p
                                HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM, BIAS_TABLE,
                                HAS_DRY)
         keep = kept_mask(row, offs, z, rowf_ptr, rowi_ptr, KEPT) & (offs < V)
-        m, s = online_lse(m, s, tl.where(keep, z, float("-inf")))
+        zk = tl.where(keep, z, float("-inf"))
+        m, s = online_lse(m, s, zk)
+        if DYN:
+            dm, ds, dw, dn = dyn_fold(dm, ds, dw, dn, zk, t)
     o = part_f_ptr + (row * NC + chunk) * _PF
     tl.store(o + _P_M, m)
     tl.store(o + _P_S, s)
+    if DYN:
+        store_dyn_partials(part_d_ptr, row, chunk, NC, dm, ds, dw, dn)
 
 
 def stats_pass(ctx) -> None:
-    """`_stats_kernel` over every chunk of every row: the chunk partials of ``ctx.part_f`` / ``ctx.part_i``."""
-    _stats_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.part_f, ctx.part_i, ctx.part_x, ctx.gmax, *ctx.zstrides(),
-                                   *ctx.zsizes(),
+    """`_stats_kernel` over every chunk of every row: the chunk partials of ``ctx.part_f`` / ``ctx.part_i`` (and of
+    ``ctx.part_x`` with top-n-sigma, ``ctx.part_d`` with dynamic temperature and no truncation)."""
+    _stats_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.part_f, ctx.part_i, ctx.part_x, ctx.part_d, ctx.gmax,
+                                   *ctx.zstrides(), *ctx.zsizes(),
                                    ctx.NG, **ctx.zflags(), NEED_RAW=ctx.need_raw, ARGMAX=ctx.flags.any_greedy,
                                    LSE=not (ctx.flags.all_greedy and not ctx.flags.any_logprobs),
                                    GROUP=ctx.GROUP if ctx.cand else 0, RAW_GROUP=ctx.lp_cand and ctx.need_raw,
-                                   ETA_NS=ctx.eta_ns,
+                                   NSIGMA=ctx.nsigma, DYN=ctx.dyn and not ctx.truncation,
                                    BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK,
                                    num_warps=ctx.ROW_WARPS)
 
@@ -474,18 +483,21 @@ def combine_pass(ctx, minp: bool) -> None:
     _combine_kernel[(ctx.B,)](ctx.part_f, ctx.part_i, ctx.part_x, ctx.fparams, ctx.iparams, ctx.mu, ctx.slots,
                               ctx.rowf, ctx.rowi,
                               ctx.gmax, ctx.NC, ctx.NG, SLOTS=ctx.slot_mode, MINP=minp, MIRO2=ctx.miro_v2,
-                              CAND=ctx.cand, ETA_NS=ctx.eta_ns, GBLOCK=ctx.GBLOCK, BT=ctx.BT)
+                              CAND=ctx.cand, NSIGMA=ctx.nsigma, GBLOCK=ctx.GBLOCK, BT=ctx.BT)
 
 
-def entropy_pass(ctx) -> None:
-    """Per-chunk (max, sum, entropy sum) of the typical-p survivors ``z >= zlo`` into ``ctx.part_f``."""
+def entropy_pass(ctx, eta: bool = False) -> None:
+    """Per-chunk (max, sum, entropy sum) of typical-p's survivors ``z >= zlo`` (or with ``eta`` of eta's, the kept
+    set after typical-p, and their count) into ``ctx.part_f``."""
     _entropy_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.rowf, ctx.rowi, ctx.part_f, *ctx.zstrides(), *ctx.zsizes(),
-                                     **ctx.zflags(), BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK, num_warps=ctx.ROW_WARPS)
+                                     **ctx.zflags(), ETA=eta, KEPT=ctx.kept & 1 if eta else 0, BLOCK=ctx.BLOCK,
+                                     CHUNK=ctx.CHUNK, num_warps=ctx.ROW_WARPS)
 
 
-def kept_pass(ctx, kept: int) -> None:
+def kept_pass(ctx, kept: int, dyn: bool = False) -> None:
     """Per-chunk kept-set weights of every sampled row into ``ctx.part_f`` (``kept``: the `penalties.kept_mask` bits
-    to test; XTC's bound comes after this pass)."""
-    _kept_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.rowf, ctx.rowi, ctx.part_f, *ctx.zstrides(), *ctx.zsizes(),
-                                  **ctx.zflags(), KEPT=kept, BLOCK=ctx.BLOCK, CHUNK=ctx.CHUNK,
-                                  num_warps=ctx.ROW_WARPS)
+    to test; XTC's bound comes after this pass), with ``dyn`` also the kept set's dynamic-temperature partials into
+    ``ctx.part_d`` (`dyntemp`)."""
+    _kept_kernel[(ctx.B, ctx.NC)](*ctx.zargs(), ctx.rowf, ctx.rowi, ctx.part_f, ctx.part_d, *ctx.zstrides(),
+                                  *ctx.zsizes(), **ctx.zflags(), KEPT=kept, DYN=dyn, BLOCK=ctx.BLOCK,
+                                  CHUNK=ctx.CHUNK, num_warps=ctx.ROW_WARPS)

@@ -128,9 +128,10 @@ def kept_tile_weights(row, srow, zlo, zhi,
                       HAS_BIAS: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_PROMPT: tl.constexpr,
                       HAS_ALLOWED: tl.constexpr, HAS_EOS: tl.constexpr, SLOTS: tl.constexpr, HAS_TBM: tl.constexpr,
                       BIAS_TABLE: tl.constexpr, HAS_DRY: tl.constexpr, TYP: tl.constexpr, TILE: tl.constexpr,
-                      BT_TILES: tl.constexpr, BLOCK: tl.constexpr):
+                      BT_TILES: tl.constexpr, BLOCK: tl.constexpr, rho, DYN: tl.constexpr):
     """Per-tile ``(max, sum exp(z - max))`` of the kept set ``zlo <= z <= zhi`` (and typical-p's test with ``TYP``),
-    one pass over the row, as ``(BT_TILES,)`` blocks (``(-inf, 0)`` for tiles with nothing kept)."""
+    one pass over the row, as ``(BT_TILES,)`` blocks (``(-inf, 0)`` for tiles with nothing kept); with ``DYN`` of the
+    kept values ``z' = z rho`` (dynamic temperature, `dyntemp`)."""
     tt = tl.arange(0, BT_TILES)
     sthr = float("inf")
     ms = 0.0
@@ -157,6 +158,8 @@ def kept_tile_weights(row, srow, zlo, zhi,
             keep = (z > float("-inf")) & (z >= zlo) & (z <= zhi)  # ids >= V have z = -inf
             if TYP:
                 keep = keep & (typical_s(z, ms, hc) <= sthr)
+            if DYN:
+                z = z * rho
             tm, ts = online_lse(tm, ts, tl.where(keep, z, float("-inf")))
         mt = tl.where(tt == tile, tm, mt)
         st = tl.where(tt == tile, ts, st)
@@ -178,7 +181,7 @@ def store_tile_weights(part_f_ptr, row, NC, t, mt, st, SPLIT: tl.constexpr, S2: 
 
 @triton.jit
 def _xtc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_ptr, bias_indptr_ptr, bias_ids_ptr,
-                bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr, temp_ptr,
+                bias_vals_ptr, dry_ids_ptr, dry_vals_ptr, fparams_ptr, iparams_ptr, steps_ptr, slot_ptr,
                 seeds_ptr, seqs_ptr, rowf_ptr, rowi_ptr, part_f_ptr,
                 stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d,
                 V, VC, E, NC, NT,
@@ -188,7 +191,7 @@ def _xtc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_pt
                 HAS_TBM: tl.constexpr,  # a per-row token bitmask, AND-ed with the allowed mask
                 BIAS_TABLE: tl.constexpr,  # logit bias from per-slot tables, not a CSR
                 HAS_DRY: tl.constexpr,  # some row has DRY penalties (dry_ids_ptr / dry_vals_ptr)
-                HAS_DYN: tl.constexpr,  # some row uses dynamic temperature: every row's T from temp_ptr
+                HAS_DYN: tl.constexpr,  # some row uses dynamic temperature (its kept values scaled by RF_RHO)
                 TYP: tl.constexpr,  # some row uses typical-p: the kept set includes s <= s_thr
                 TILE: tl.constexpr,  # ids per tile of the draw (docs/semantics.md §3 F)
                 SPLIT: tl.constexpr,  # chunks per tile (TILE / CHUNK)
@@ -213,8 +216,7 @@ def _xtc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_pt
         safe = tl.where(m_s == float("-inf"), 0.0, m_s)
         ls_s = tl.log(tl.sum(tl.where(mc == float("-inf"), 0.0, sc * tl.exp(mc - safe)), 0))
         t, rep, freq, pres, ban, blo, bhi = row_scalars(row, srow, fparams_ptr, iparams_ptr, steps_ptr,
-                                                        bias_indptr_ptr, stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE,
-                                                        temp_ptr, HAS_DYN)
+                                                        bias_indptr_ptr, stride_bt, HAS_BIAS, HAS_EOS, BIAS_TABLE)
         zlo = tl.load(rowf_ptr + row * _NRF + _RF_ZLO)
         theta = tl.load(fparams_ptr + srow * NF + F_XTC_T)
         mk = tl.load(iparams_ptr + srow * NI + I_MIN_KEEP)
@@ -233,7 +235,7 @@ def _xtc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_pt
                                        stride_l, stride_c, stride_p, stride_a, stride_m, stride_bt, stride_d, V, VC,
                                        E, NT, t, rep, freq, pres, ban, blo, bhi,
                                        HAS_BIAS, HAS_COUNTS, HAS_PROMPT, HAS_ALLOWED, HAS_EOS, SLOTS, HAS_TBM,
-                                       BIAS_TABLE, HAS_DRY, TYP, TILE, BT_TILES, BLOCK)
+                                       BIAS_TABLE, HAS_DRY, TYP, TILE, BT_TILES, BLOCK, 1.0, False)
             store_tile_weights(part_f_ptr, row, NC, tl.arange(0, BT_TILES), mt, st, SPLIT, S2)
     tl.store(rowf_ptr + row * _NRF + _RF_ZHI, zhi)
 
