@@ -399,8 +399,8 @@ def request_flags(p: SamplingParams) -> BatchFlags:
         all_greedy=greedy,
         any_top_k=p.top_k > 0,
         any_top_p=p.top_p < 1.0,
-        # (epsilon, eta and top-n-sigma are thresholds of the min-p stage)
-        any_min_p=p.min_p > 0.0 or p.epsilon_cutoff > 0.0 or p.eta_cutoff > 0.0 or p.top_n_sigma > 0.0,
+        # (epsilon and top-n-sigma are thresholds of the min-p stage)
+        any_min_p=p.min_p > 0.0 or p.epsilon_cutoff > 0.0 or p.top_n_sigma > 0.0,
         any_typical=p.typical_p < 1.0,
         any_min_keep=p.min_keep > 1,
         any_mirostat=p.mirostat_mode != 0,

@@ -71,9 +71,8 @@ class BatchFlags:
     any_eos_rule: bool = False  # some row bans EOS (min_tokens > 0 or ignore_eos)
     any_mirostat_v1: bool = False  # some row uses Mirostat v1 (mirostat_mode == 1)
     any_mirostat_v2: bool = False  # some row uses Mirostat v2 (mirostat_mode == 2)
-    # (any_min_p covers every threshold of the min-p stage: min-p, epsilon, eta, top-n-sigma; these two say which
-    # whole-row statistics beyond the log-normaliser it needs)
-    any_eta: bool = False  # some row uses eta_cutoff (the entropy of z)
+    # (any_min_p covers every threshold of the min-p stage: min-p, epsilon, top-n-sigma)
+    any_eta: bool = False  # some row uses eta_cutoff (rule 5, over the survivors after typical-p)
     any_nsigma: bool = False  # some row uses top_n_sigma (the mean and standard deviation of the finite z)
     any_xtc: bool = False  # some row may apply XTC (F_XTC_P > 0)
     any_dynatemp: bool = False  # some row uses dynamic temperature (F_DYN_RANGE > 0)

@@ -291,7 +291,7 @@ def _trunc_kernel(logits_ptr, counts_ptr, prompt_ptr, allowed_ptr, tbm_ptr, eos_
     if HAS_DYN:
         dact = samp & (tl.load(fparams_ptr + srow * NF + F_DYN_RANGE) > 0.0)
     tt = tl.arange(0, BT_TILES)
-    # XTC (§3 E item 5): a row whose coin fires removes its top choices above a (zhi = a), after the other rules
+    # XTC (§3 E item 6): a row whose coin fires removes its top choices above a (zhi = a), after the other rules
     xact = samp & (nf < 0)  # false, typed like samp
     zhi = tl.where(samp, float("inf"), float("inf"))
     theta = tl.load(fparams_ptr + srow * NF + F_XTC_T)

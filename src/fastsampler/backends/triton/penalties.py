@@ -352,7 +352,7 @@ def kept_mask(row, offs, z, rowf_ptr, rowi_ptr, KEPT: tl.constexpr):
         ms = tl.load(rowf_ptr + row * _NRF + _RF_MS)
         hc = tl.load(rowf_ptr + row * _NRF + _RF_HC)
         keep = keep & (typical_s(z, ms, hc) <= sthr)
-    if KEPT & 2:  # XTC: the top choices above a are removed (docs/semantics.md §3 E item 5)
+    if KEPT & 2:  # XTC: the top choices above a are removed (docs/semantics.md §3 E item 6)
         keep = keep & (z <= tl.load(rowf_ptr + row * _NRF + _RF_ZHI))
     if KEPT & 4:  # dynamic temperature
         keep = keep & (z * tl.load(rowf_ptr + row * _NRF + _RF_RHO) > float("-inf"))

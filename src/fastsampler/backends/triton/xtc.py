@@ -1,4 +1,4 @@
-"""XTC, Exclude Top Choices (docs/semantics.md §3 E item 5): the last truncation rule, an upper bound ``zhi`` on the
+"""XTC, Exclude Top Choices (docs/semantics.md §3 E item 6): the last truncation rule, an upper bound ``zhi`` on the
 kept set (``RF_ZHI``; `penalties.kept_mask` tests ``z <= zhi`` under its ``KEPT`` bit 2).
 
 A row whose coin fires (``u = (w0 + 0.5) 2^-32 < p`` in float64, ``w0`` word 0 of Philox at counter
