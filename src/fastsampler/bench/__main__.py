@@ -1,7 +1,7 @@
 """``python -m fastsampler.bench`` / ``fastsampler-bench``: measure fastsampler against its peers on this device.
 
 The default grid is the device's (`fastsampler.bench.grids`): the full grid on a GPU, a smaller one on the CPU
-(about two minutes on two cores); ``--full`` runs the full grid anywhere. Parsing the arguments imports no torch, so
+(1-2 minutes on two cores); ``--full`` runs the full grid anywhere. Parsing the arguments imports no torch, so
 ``--help`` answers at once.
 
 Examples
@@ -10,7 +10,7 @@ Quick smoke run (CPU, well under a minute)::
 
     python -m fastsampler.bench --quick
 
-The full grid on the CPU (about half an hour on two cores)::
+The full grid on the CPU (over half an hour on two cores)::
 
     python -m fastsampler.bench --full
 
@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "warpers, FlashInfer (when importable) and the numpy reference, on the scenarios of "
                     "docs/benchmarks.md. Every provider is checked against the reference distribution before it is "
                     "timed.",
-        epilog=f"Default grid on a GPU: {describe(gpu)}. On the CPU: {describe(cpu)} (about two minutes on two "
-               f"cores); --full: {describe(cpu_full)} (about half an hour on two cores). --batch-sizes, "
+        epilog=f"Default grid on a GPU: {describe(gpu)}. On the CPU: {describe(cpu)} (1-2 minutes on two cores); "
+               f"--full: {describe(cpu_full)} (over half an hour on two cores). --batch-sizes, "
                f"--vocab-sizes, --dtypes, --scenarios and the caps replace the grid's own.",
     )
     p.add_argument("--scenarios", type=_names, default=None,  # 'overhead' also accepted: see main()

@@ -4,12 +4,12 @@ A grid is the set of cases a run covers (scenarios × dtypes × vocabulary sizes
 is timed. ``python -m fastsampler.bench`` picks the default grid of the device it runs on:
 
 - on a GPU, the full grid: B ∈ {1, 8, 64, 256} × V ∈ {32000, 128256, 151936, 262144} × fp32 / bf16 (a few minutes);
-- on a CPU, a smaller one that fits a laptop (about two minutes on two cores): B ∈ {1, 8, 64} × V ∈ {32000,
-  128256} × fp32, the torch baselines timed where B·V ≤ 8 × 128256;
+- on a CPU, a smaller one that fits a laptop (1-2 minutes on two cores): B ∈ {1, 8, 64} × V ∈ {32000, 128256} ×
+  fp32, the torch baselines timed where B·V ≤ 8 × 128256;
 
-``--full`` runs the full grid on the CPU too (about half an hour on two cores), ``--quick`` a smoke run. The
-scenarios themselves (their parameters and inputs) live in `fastsampler.bench.scenarios`, which checks that its names
-are the ones below.
+``--full`` runs the full grid on the CPU too (over half an hour on two cores), ``--quick`` a smoke run. The
+scenarios themselves (their parameters and inputs) live in `fastsampler.bench.scenarios`; tests/test_bench.py checks
+that its names are the ones below.
 """
 
 from __future__ import annotations
