@@ -31,6 +31,7 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
+# the device's default grid (on the CPU a small one: 1-2 minutes on two cores); BENCH_ARGS=--full for the full grid
 bench: setup
 	$(PY) -m fastsampler.bench $(BENCH_ARGS)
 

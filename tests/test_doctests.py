@@ -14,6 +14,7 @@ MODULES = [
     "fastsampler.params",
     "fastsampler.backends.reference.philox",
     "fastsampler.backends.reference.pipeline",
+    "fastsampler.bench.grids",
 ]
 
 

@@ -50,11 +50,16 @@ __all__ = [
     "FlashInferProvider",
     "NumpyReferenceProvider",
     "BASELINES",
+    "CAPPED",
     "build_providers",
 ]
 
 # providers used as the denominators of the speedup columns, in column order
 BASELINES = ("torch-sort", "torch-warpers", "flashinfer", "numpy-ref")
+
+
+# the first word of the n/a note of a case above a provider's size cap (B * V): it could run, but was not timed
+CAPPED = "capped"
 
 
 class NotApplicable(Exception):  # a status, not an error
@@ -84,7 +89,7 @@ class Provider:
 
     def _check_size(self, inp: CaseInputs) -> None:
         if self.max_elements and inp.batch * inp.vocab > self.max_elements:
-            raise NotApplicable(f"capped: B*V > {self.max_elements} on {inp.device.type} (too slow; see "
+            raise NotApplicable(f"{CAPPED}: B*V > {self.max_elements} on {inp.device.type} (too slow; see "
                                 f"--baseline-max-elements / --ref-max-elements)")
 
     def available(self, device: torch.device) -> tuple[bool, str]:

@@ -7,6 +7,7 @@ import datetime as _dt
 import math
 import os
 import platform
+import statistics
 import subprocess
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -14,12 +15,23 @@ from pathlib import Path
 
 import torch
 
-from .providers import BASELINES
+from .providers import BASELINES, CAPPED
 
 __all__ = ["Result", "RunInfo", "run_info", "format_table", "format_summary", "format_markdown", "write_csv",
-           "write_plot", "CSV_COLUMNS"]
+           "write_plot", "set_bandwidth", "run_copy_gbps", "CSV_COLUMNS", "PCT_COPY_MAX", "SUMMARY_BASELINES"]
 
 OK, FAILED, NA, ERROR, SKIPPED = "ok", "FAILED", "n/a", "error", "skipped"
+
+# %copy compares a sampler's read rate (logit bytes / its median) with the copy's read + write rate on the same
+# buffers, timed beside it. A sampler must read every logit, so above this the ratio is no fraction of the memory
+# system's limit: the copy's timing was disturbed (load on a shared machine), or the bytes sat in a cache for the
+# sampler and not for the copy. Such a ratio is shown flagged and left out of the summaries' best %copy.
+PCT_COPY_MAX = 100.0
+FLAG = "?"  # the mark of a flagged %copy in the table and summary.md
+
+# the peers summary.md compares with: every one of them that can express a scenario must have run beside fastsampler
+# on the case it shows (the numpy reference is the definition, written for clarity: it is in the table only)
+SUMMARY_BASELINES = ("torch-sort", "torch-warpers", "flashinfer")
 
 
 @dataclass
@@ -51,14 +63,17 @@ class Result:
     reps: int = 0
     logit_bytes: int = 0
     gbps: float = float("nan")
-    pct_copy: float = float("nan")
+    copy_us: float = float("nan")  # 20th percentile of the copies of this case's logits timed beside its providers
+    copy_gbps: float = float("nan")  # 2 * logit_bytes / copy_us (read + write)
+    pct_copy: float = float("nan")  # 100 * gbps / copy_gbps
+    bw_flag: str = ""  # why pct_copy is implausible ('' when it is not)
     speedups: dict[str, float] = field(default_factory=dict)  # baseline -> baseline time / this time
 
 
 CSV_COLUMNS = [
     "timestamp", "git_commit", "device", "device_type", "torch_version", "triton_version", "fastsampler_version",
     "threads", "scenario", "dtype", "batch", "vocab", "provider", "status", "median_us", "p20_us", "p80_us",
-    "wall_us", "reps", "logit_bytes", "gbps", "copy_gbps", "pct_copy",
+    "wall_us", "reps", "logit_bytes", "gbps", "copy_us", "copy_gbps", "pct_copy", "bw_flag",
     *[f"speedup_vs_{b.replace('-', '_')}" for b in BASELINES], "note",
 ]
 
@@ -127,6 +142,35 @@ def run_info(device: torch.device) -> RunInfo:
     )
 
 
+# --------------------------------------------------------------------------------------------------- bandwidth
+def set_bandwidth(case: list[Result], copy_us: float) -> None:
+    """Give the measured results of one case their copy (``copy_us``: the 20th percentile of the copies of the case's
+    logits timed beside them), ``%copy``, and a flag where that ratio is implausible."""
+    for r in case:
+        if r.status != OK or not r.logit_bytes or not copy_us > 0:
+            continue
+        r.copy_us = copy_us
+        r.copy_gbps = 2 * r.logit_bytes / (copy_us * 1e-6) / 1e9
+        r.pct_copy = 100.0 * r.gbps / r.copy_gbps
+        if not r.pct_copy <= PCT_COPY_MAX:
+            r.bw_flag = (f"%copy {r.pct_copy:.0f} > {PCT_COPY_MAX:.0f}: read faster than a copy of the same bytes "
+                         f"beside it ({_us(r.median_us)} us against {_us(copy_us)} us for the copy)")
+
+
+def run_copy_gbps(results: list[Result]) -> float:
+    """The run's copy bandwidth, for the headers: the median copy GB/s of the largest cases measured (the
+    memory-bound end; small cases are served from cache)."""
+    ok = [r for r in results if r.status == OK and r.copy_gbps > 0]
+    if not ok:
+        return float("nan")
+    top = max(r.logit_bytes for r in ok)
+    return statistics.median(r.copy_gbps for r in ok if r.logit_bytes == top)
+
+
+def _pct(r: Result, fmt: str) -> str:
+    return _f(r.pct_copy, fmt) + (FLAG if r.bw_flag else "")
+
+
 # --------------------------------------------------------------------------------------------------- table
 def _f(x: float, fmt: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
@@ -148,7 +192,7 @@ def _x(ratio: float) -> str:
 def format_table(results: list[Result], info: RunInfo) -> str:
     """One line per (case, provider): µs median and p20–p80, GB/s, % of copy bandwidth, speedup vs baselines."""
     base_cols = [b for b in BASELINES if any(r.provider == b for r in results)]
-    head = ["scenario", "dtype", "B", "V", "provider", "median us", "p20-p80 us", "GB/s", "%copy",
+    head = ["scenario", "dtype", "B", "V", "provider", "median us", "p20-p80 us", "GB/s", "copy GB/s", "%copy",
             *[f"x {b}" for b in base_cols], "status"]
     rows = []
     for r in results:
@@ -158,7 +202,8 @@ def format_table(results: list[Result], info: RunInfo) -> str:
             _us(r.median_us) if ok else "-",
             f"{_us(r.p20_us)}-{_us(r.p80_us)}" if ok else "-",
             _f(r.gbps, ".1f") if ok else "-",
-            _f(r.pct_copy, ".1f") if ok else "-",
+            _f(r.copy_gbps, ".1f") if ok else "-",
+            _pct(r, ".1f") if ok else "-",
             *[_x(r.speedups.get(b, float("nan"))) if ok else "-" for b in base_cols],
             r.status if ok else f"{r.status}: {r.note}",
         ])
@@ -169,12 +214,20 @@ def format_table(results: list[Result], info: RunInfo) -> str:
         c.rjust(w) if i in num else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
     lines = [_header(info), fmt_row(head), "  ".join("-" * w for w in widths)]
     lines += [fmt_row(row) for row in rows]
+    if any(r.bw_flag for r in results):
+        lines.append(_FLAG_NOTE)
     return "\n".join(lines) + "\n"
+
+
+_FLAG_NOTE = (f"{FLAG} implausible: %copy above {PCT_COPY_MAX:.0f} (the sampler read the logits faster than the copy "
+              f"timed beside it moved them): no fraction of the memory system's limit; a disturbed copy timing, or a "
+              f"case the cache holds for the sampler")
 
 
 def _header(info: RunInfo) -> str:
     threads = f", {info.threads} thread{'s' if info.threads != 1 else ''}" if info.device_type == "cpu" else ""
-    return (f"device: {info.device}{threads} | copy bandwidth {info.copy_gbps:.1f} GB/s | torch {info.torch_version}, "
+    return (f"device: {info.device}{threads} | copy {_f(info.copy_gbps, '.1f')} GB/s (largest case) | torch "
+            f"{info.torch_version}, "
             f"triton {info.triton_version}, fastsampler {info.fastsampler_version} ({info.git_commit}) | "
             f"{info.timestamp}")
 
@@ -218,7 +271,7 @@ def format_summary(results: list[Result], info: RunInfo, notes: list[str] = ()) 
         rows.append([
             scen, dt, prov, cases, span,
             _f(max((r.gbps for r in ok), default=float("nan")), ".1f"),
-            _f(max((r.pct_copy for r in ok), default=float("nan")), ".1f"),
+            _f(max((r.pct_copy for r in ok if not r.bw_flag), default=float("nan")), ".1f"),
             *[_x(_geomean([r.speedups.get(b, float("nan")) for r in ok])) for b in base_cols],
         ])
     lines = ["SUMMARY  " + _header(info)]
@@ -247,33 +300,82 @@ def format_summary(results: list[Result], info: RunInfo, notes: list[str] = ()) 
     skipped = sum(r.status == SKIPPED for r in results)
     if skipped:
         lines.append(f"{skipped} measurements skipped (time budget)")
+    flagged = sum(bool(r.bw_flag) for r in results)
+    if flagged:
+        lines.append(f"{flagged} %copy ratios above {PCT_COPY_MAX:.0f} flagged implausible ({FLAG} in table.txt) and "
+                     f"left out of best %copy")
     lines += [f"note: {n}" for n in notes]
     lines.append("x = baseline median / provider median (> 1: faster than the baseline); "
-                 "GB/s = logit bytes read once / median time")
+                 "GB/s = logit bytes read once / median time; %copy = GB/s against a copy of the case's logits "
+                 "(read + write) timed between its providers")
     return "\n".join(lines) + "\n"
 
 
+def _capped(r: Result) -> bool:
+    return r.status == NA and r.note.startswith(CAPPED)
+
+
+def _baselines_ran(case: list[Result], peers: set[str]) -> bool:
+    """Whether every peer of the run that can express this case's scenario ran on it (at least one did): none
+    capped, FAILED, raised, skipped or missing; an ``n/a`` that is no cap (the scenario is not expressible) is
+    left out."""
+    by = {r.provider: r for r in case}
+    ran = False
+    for p in peers:
+        r = by.get(p)
+        if r is not None and r.status == OK:
+            ran = True
+        elif r is None or r.status != NA or _capped(r):
+            return False
+    return ran
+
+
 def format_markdown(results: list[Result], info: RunInfo) -> str:
-    """A short Markdown table for the README: per scenario and dtype, the largest measured case of each fastsampler
-    provider (the bandwidth-bound end), with the speedups against the baselines measured beside it."""
-    base_cols = [b for b in BASELINES if any(r.provider == b and r.status == OK for r in results)]
-    pick: dict[tuple[str, str, str], Result] = {}
+    """A short Markdown table for the README: per scenario, dtype and fastsampler provider, the largest measured case
+    at which every baseline ran beside it (`SUMMARY_BASELINES` that can express the scenario: none capped, n/a,
+    failed or skipped), with the speedups against them. A scenario without such a case is named under the table,
+    not shown without speedups."""
+    peers = {r.provider for r in results if r.provider in SUMMARY_BASELINES}
+    cases: dict[tuple[str, str, int, int], list[Result]] = defaultdict(list)
     for r in results:
-        if r.status == OK and r.provider.startswith("fastsampler"):
-            key = (r.scenario, r.dtype, r.provider)
-            if key not in pick or (r.batch * r.vocab, r.batch) > (pick[key].batch * pick[key].vocab, pick[key].batch):
+        cases[(r.scenario, r.dtype, r.batch, r.vocab)].append(r)
+    pick: dict[tuple[str, str, str], Result] = {}
+    missing: dict[tuple[str, str, str], None] = {}  # in run order
+    for (scen, dt, b, v), case in cases.items():
+        eligible = bool(peers) and _baselines_ran(case, peers)
+        for r in case:
+            if not r.provider.startswith("fastsampler"):
+                continue
+            key = (scen, dt, r.provider)
+            missing.setdefault(key)
+            if eligible and r.status == OK and (key not in pick or (b * v, b) > (pick[key].batch * pick[key].vocab,
+                                                                                 pick[key].batch)):
                 pick[key] = r
+    base_cols = [b for b in SUMMARY_BASELINES if any(b in r.speedups for r in pick.values())]
     threads = f", {info.threads} thread{'s' if info.threads != 1 else ''}" if info.device_type == "cpu" else ""
     lines = [f"Measured {info.timestamp[:10]} on {info.device}{threads} (torch {info.torch_version}, triton "
-             f"{info.triton_version}, fastsampler {info.fastsampler_version} {info.git_commit}); device copy "
-             f"bandwidth {info.copy_gbps:.0f} GB/s. Median µs per call; ×: speedup against the baseline "
-             f"(its median / ours).", ""]
-    head = ["scenario", "dtype", "B × V", "provider", "µs", "GB/s", "% copy BW", *[f"× {b}" for b in base_cols]]
-    lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in pick.values():
-        cells = [r.scenario, r.dtype, f"{r.batch} × {r.vocab}", r.provider, _us(r.median_us), _f(r.gbps, ".1f"),
-                 _f(r.pct_copy, ".0f"), *[_x(r.speedups.get(b, float("nan"))) for b in base_cols]]
-        lines.append("| " + " | ".join(cells) + " |")
+             f"{info.triton_version}, fastsampler {info.fastsampler_version} {info.git_commit}). Per scenario, the "
+             f"largest case at which every baseline ran beside fastsampler; median µs per call; % copy: GB/s against "
+             f"a copy of the same logits timed beside it (read + write); ×: speedup against the baseline (its median "
+             f"/ ours).", ""]
+    if pick:
+        head = ["scenario", "dtype", "B × V", "provider", "µs", "GB/s", "% copy", *[f"× {b}" for b in base_cols]]
+        lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        for r in pick.values():
+            cells = [r.scenario, r.dtype, f"{r.batch} × {r.vocab}", r.provider, _us(r.median_us), _f(r.gbps, ".1f"),
+                     _pct(r, ".0f"), *[_x(r.speedups.get(b, float("nan"))) for b in base_cols]]
+            lines.append("| " + " | ".join(cells) + " |")
+        if any(r.bw_flag for r in pick.values()):
+            lines += ["", _FLAG_NOTE + "."]
+    if not peers:
+        lines.append("No baseline was measured in this run (see `--providers`): no speedups to show.")
+    elif not pick:
+        lines.append("No case of this run has every baseline measured beside fastsampler (each was capped, n/a, "
+                     "failed or skipped): no speedups to show; the measurements are in table.txt.")
+    rest = [k for k in missing if k not in pick]
+    if pick and rest:
+        lines += ["", "No case where every baseline ran (capped, n/a, failed or skipped; see table.txt): " +
+                  ", ".join(f"{s} {d} {p}" for s, d, p in rest) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -286,7 +388,6 @@ def csv_rows(results: list[Result], info: RunInfo) -> list[dict]:
         row.update({k: v for k, v in asdict(r).items() if k in CSV_COLUMNS})
         for b in BASELINES:
             row[f"speedup_vs_{b.replace('-', '_')}"] = r.speedups.get(b, float("nan"))
-        row["copy_gbps"] = info.copy_gbps
         out.append({k: _csv_value(row.get(k, "")) for k in CSV_COLUMNS})
     return out
 

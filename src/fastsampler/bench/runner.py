@@ -1,7 +1,15 @@
-"""The benchmark loop: for every case, build the inputs, check every provider against the reference, time it."""
+"""The benchmark loop: for every case, build the inputs, check every provider against the reference, time it.
+
+Between the timed providers of a case (before each, and after the last) a short slice of ``dst.copy_(logits)`` on
+the case's own buffers is timed (`fastsampler.bench.timing.time_copy`); the case's ``%copy`` ratios are taken against
+the 20th percentile of those copies (the copy's speed when nothing disturbs it: on a loaded machine a short copy
+that waits for a busy core loses a whole scheduler time slice), and a ratio no sampler can reach (``%copy`` above
+`report.PCT_COPY_MAX`) is flagged.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import time
@@ -12,9 +20,9 @@ import numpy as np
 import torch
 
 from .providers import NotApplicable, Provider
-from .report import ERROR, FAILED, NA, OK, SKIPPED, Result
+from .report import ERROR, FAILED, NA, OK, SKIPPED, Result, set_bandwidth
 from .scenarios import SCENARIOS, check_inputs, make_inputs
-from .timing import TimingConfig, time_call
+from .timing import TimingConfig, copy_slice_config, time_call, time_copy
 from .validate import check_provider, reference_probs, step_dependent
 
 __all__ = ["BenchConfig", "Progress", "run_benchmark"]
@@ -92,7 +100,6 @@ def run_benchmark(
     cfg: BenchConfig,
     providers: list[Provider],
     *,
-    copy_gbps: float = float("nan"),
     progress: Progress | None = None,
     on_case: Callable[[list[Result]], None] | None = None,
 ) -> list[Result]:
@@ -136,6 +143,9 @@ def run_benchmark(
             except Exception as e:
                 ref_cache[key] = e
         ref = ref_cache[key]
+        copies: list[float] = []  # µs of every copy call timed between this case's providers
+        copy_cfg = copy_slice_config(cfg.timing)
+        dst = torch.empty_like(inp.buffers[0])
         step_refs = None
         if not isinstance(ref, BaseException):
             ref, step_refs = ref
@@ -151,11 +161,11 @@ def run_benchmark(
                 if not chk.ok:
                     res.status, res.note = FAILED, chk.note
                 else:
+                    copies += time_copy(inp.buffers, copy_cfg, dev, dst).samples_us
                     tm = time_call(prep.run, len(inp.buffers), cfg.timing, dev, host_only=prep.host_only)
                     res.median_us, res.p20_us, res.p80_us = tm.median_us, tm.p20_us, tm.p80_us
                     res.wall_us, res.reps = tm.wall_us, tm.reps
                     res.gbps = inp.logit_bytes / (tm.median_us * 1e-6) / 1e9
-                    res.pct_copy = 100.0 * res.gbps / copy_gbps if copy_gbps > 0 else float("nan")
                     res.note = chk.note
             except NotApplicable as e:
                 res.status, res.note = NA, str(e)
@@ -164,11 +174,15 @@ def run_benchmark(
             case.append(res)
             if progress:
                 progress.step(label)
+        if copies:  # the closing slice: the last provider's timing has a copy on either side
+            with contextlib.suppress(Exception):  # the copies before the providers stand alone
+                copies += time_copy(inp.buffers, copy_cfg, dev, dst).samples_us
+            set_bandwidth(case, float(np.percentile(copies, 20)))
         _speedups(case)
         results += case
         if on_case:
             on_case(case)
-        del inp
+        del inp, dst
         if dev.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()

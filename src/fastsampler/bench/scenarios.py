@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..params import SamplingParams
+from .grids import DEFAULT_SCENARIOS, MODEL_SCENARIOS
 
 __all__ = ["Scenario", "SCENARIOS", "DEFAULT_SCENARIOS", "MODEL_SCENARIOS", "CaseInputs", "CheckInputs", "make_inputs",
            "check_inputs", "DTYPES", "LOGIT_SCALE"]
@@ -103,11 +104,9 @@ SCENARIOS: dict[str, Scenario] = {
     )
 }
 
-# The timing benchmark's default grid (docs/benchmarks.md); ``--scenarios`` accepts every name of `SCENARIOS`, and the
-# GPU cost model (``--model``) covers them all by default.
-DEFAULT_SCENARIOS: tuple[str, ...] = ("plain", "topk_topp_minp", "full", "typical", "mirostat_v2", "greedy")
-MODEL_SCENARIOS: tuple[str, ...] = ("plain", "greedy", "topk_topp_minp", "top_p", "typical", "mirostat_v1",
-                                    "mirostat_v2", "full")
+# The names, the timing benchmark's default scenarios (`DEFAULT_SCENARIOS`) and the cost model's (`MODEL_SCENARIOS`)
+# are written in `fastsampler.bench.grids` (``SCENARIO_NAMES`` lists `SCENARIOS` in order, ``DTYPE_NAMES`` `DTYPES`:
+# tests/test_bench.py checks both), which the command line reads without importing torch.
 
 
 @dataclass

@@ -11,18 +11,23 @@ CPU (`time_cpu`): the host clock around each call, after warm-up, rotating buffe
 
 Both stop at ``max_reps`` or when ``budget_s`` is spent (after at least ``min_reps``), and report the median and
 the 20th / 80th percentiles in microseconds.
+
+Copy (`time_copy`): ``dst.copy_(src)`` of a case's own logits buffers, timed as the providers are (same clock, same
+rotation, the same L2 flush on the GPU; on the CPU on the run's threads and on one), in short slices between the
+providers of the case; the case's ``%copy`` ratios are taken against the 20th percentile of those copies, so a copy
+and the samplers it is compared with see the same bytes, the same cache state and the same load on the machine.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-__all__ = ["Timing", "TimingConfig", "time_cpu", "time_cuda", "time_call", "copy_bandwidth"]
+__all__ = ["Timing", "TimingConfig", "time_cpu", "time_cuda", "time_call", "time_copy", "copy_slice_config"]
 
 
 @dataclass
@@ -41,12 +46,13 @@ class Timing:
     p80_us: float
     wall_us: float
     reps: int
+    samples_us: list[float] = field(default_factory=list, repr=False)  # every timed call, in order
 
     @classmethod
     def from_samples(cls, samples_us: list[float], wall_us: float) -> Timing:
         a = np.asarray(samples_us, dtype=np.float64)
         p20, med, p80 = np.percentile(a, [20, 50, 80])
-        return cls(float(med), float(p20), float(p80), float(wall_us), len(a))
+        return cls(float(med), float(p20), float(p80), float(wall_us), len(a), [float(x) for x in a])
 
 
 def time_cpu(fn: Callable[[int], object], n_buffers: int, cfg: TimingConfig) -> Timing:
@@ -111,27 +117,35 @@ def time_call(fn: Callable[[int], object], n_buffers: int, cfg: TimingConfig, de
     return time_cpu(fn, n_buffers, cfg)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int | None = None, reps: int = 10) -> float:
-    """Device copy bandwidth in GB/s: ``2 * nbytes`` (read + write) over the median time of ``dst.copy_(src)``."""
-    if nbytes is None:
-        nbytes = (512 << 20) if device.type == "cuda" else (64 << 20)
-    n = nbytes // 4
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
-    times: list[float] = []
-    for r in range(reps + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            dst.copy_(src)
-            e.record()
-            torch.cuda.synchronize(device)
-            dt = s.elapsed_time(e) / 1e3
-        else:
-            t0 = time.perf_counter_ns()
-            dst.copy_(src)
-            dt = (time.perf_counter_ns() - t0) / 1e9
-        if r >= 2:
-            times.append(dt)
-    return 2 * n * 4 / float(np.median(times)) / 1e9
+def copy_slice_config(cfg: TimingConfig) -> TimingConfig:
+    """The timing of one copy slice (`time_copy`) in a run timed with ``cfg``: a few calls, a fifth of the budget."""
+    return TimingConfig(warmup=1, min_reps=3, max_reps=max(3, min(cfg.max_reps, 20)), budget_s=cfg.budget_s / 5,
+                        flush=cfg.flush)
+
+
+def time_copy(buffers: list[torch.Tensor], cfg: TimingConfig, device: torch.device,
+              dst: torch.Tensor | None = None) -> Timing:
+    """One slice of copy timings: ``dst.copy_(buffers[i])`` rotating through ``buffers``, as `time_call` times a
+    provider (``2 * nbytes`` moved per call: read + write). ``dst`` (same shape and dtype) is reused across slices.
+
+    On the CPU with several threads the copy is timed on one thread too, and the samples of both are returned: on a
+    loaded machine a multi-threaded copy of a few MB waits for a busy core a whole scheduler time slice (8 ms against
+    0.15 ms for 4 MB on the 2-core machine), where one thread is not held up; the low percentile the caller takes
+    then comes from whichever copy ran undisturbed."""
+    if dst is None:
+        dst = torch.empty_like(buffers[0])
+
+    def fn(i: int) -> object:
+        return dst.copy_(buffers[i])
+
+    t = time_call(fn, len(buffers), cfg, device)
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        return t
+    torch.set_num_threads(1)
+    try:
+        one = time_call(fn, len(buffers), cfg, device)
+    finally:
+        torch.set_num_threads(threads)
+    samples = t.samples_us + one.samples_us
+    return Timing.from_samples(samples, float(np.mean(samples)))
