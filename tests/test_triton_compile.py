@@ -87,6 +87,17 @@ def _calls():
         ("full", SP(**full, logprobs=True, top_logprobs=5), history),
         ("full_typical", SP(**penalties, typical_p=0.9, logprobs=True, logprobs_mode="final"), history),
         ("full_mirostat", SP(**penalties, mirostat_mode=2), history),
+        # the extended samplers (docs/semantics.md §3 C-E) on the select path, the candidate engine and the plain path
+        ("extended_select", SP(eta_cutoff=1e-3, top_n_sigma=2.0, typical_p=0.95, xtc_probability=1.0,
+                               xtc_threshold=0.1, dynatemp_range=0.3, min_keep=2, logprobs=True,
+                               logprobs_mode="final", top_logprobs=2), {}),
+        ("extended_candidates", SP(top_k=50, top_p=0.95, eta_cutoff=1e-3, top_n_sigma=2.0, xtc_probability=1.0,
+                                   xtc_threshold=0.05, dynatemp_range=0.3, logprobs=True, top_logprobs=2), {}),
+        ("dynatemp_plain", SP(dynatemp_range=0.5, logprobs=True, logprobs_mode="final"), {}),
+        ("dynatemp_top_p", SP(top_p=0.9, dynatemp_range=0.5, mirostat_mode=0), {}),
+        ("dynatemp_mirostat", SP(mirostat_mode=1, dynatemp_range=0.5), {}),
+        ("eta_min_keep", SP(eta_cutoff=0.01, min_keep=3), {}),
+        ("dry", SP(**penalties, dry_multiplier=1.0, dry_allowed_length=1, dry_sequence_breakers=[[9]]), history),
     ]
 
 
@@ -114,6 +125,7 @@ def _record(out: Path) -> None:
 
     import fastsampler
     from fastsampler import ops
+    from fastsampler.backends.triton import dry
     from fastsampler.backends.triton.philox import philox4x32, philox_words
     from fastsampler.bench.record import record_launches
     from fastsampler.bench.sass import spec_of
@@ -127,7 +139,7 @@ def _record(out: Path) -> None:
                     fastsampler.sample(x, params, backend="triton", **kw)
                     fastsampler.sampling_probs(x, params, backend="triton", **kw)
                     sampler = fastsampler.Sampler(vocab_size=vocab, max_slots=BATCH, device="cpu", backend="triton",
-                                                  eos_token_ids=[0, 2])
+                                                  eos_token_ids=[0, 2], history_len=32)
                     slots = [sampler.add(q, prompt_token_ids=kw.get("prompt_token_ids", [[]])[0])[0] for q in params]
                     sampler.sample(x, torch.tensor(slots))  # a tensor of slots: the CUDA-graph step
                     if name in SLOT_LIST_CALLS:
@@ -151,6 +163,13 @@ def _record(out: Path) -> None:
                 ops.typical_mask_logits(x, 0.9, backend="triton")
         philox4x32(torch.zeros((4, 4), dtype=torch.int64), torch.zeros((4, 2), dtype=torch.int64))
         philox_words(torch.arange(64, dtype=torch.int64))
+        # DRY's table on a device (a CPU ring takes the C++ extension: launched here directly), with and without
+        # breakers
+        ring = torch.zeros((BATCH, 1024), dtype=torch.int32)
+        fd = torch.tensor([[0.8, 1.75]] * BATCH, dtype=torch.float64)
+        idry = torch.tensor([[2, -1]] * BATCH)
+        for brk in (None, torch.full((BATCH, 2, 3), -1, dtype=torch.int64)):
+            dry.dry_table(ring, torch.full((BATCH,), 2000), torch.arange(BATCH), fd, idry, brk, 160)
     specs = [spec_of(x) for x in launches if x.kind == "triton"]
     out.write_text(json.dumps({"specs": specs, "kernels": sorted(_kernels())}, default=repr), encoding="utf-8")
 

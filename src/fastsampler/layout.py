@@ -81,7 +81,7 @@ class BatchFlags:
     @property
     def any_truncation(self) -> bool:
         return (self.any_top_k or self.any_top_p or self.any_min_p or self.any_typical or self.any_mirostat
-                or self.any_xtc)
+                or self.any_eta or self.any_xtc)
 
 
 FLAG_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(BatchFlags))
