@@ -120,9 +120,13 @@ def _layout(width: int, world: int, ragged: bool) -> list[tuple[int, int]]:
     return [(r * w, w) for r in range(world)]
 
 
-def _worker(rank: int, world: int, init: str, cases: list[dict[str, Any]], out_dir: str) -> None:
+def _worker(rank: int, world: int, init: str, cases: list[dict[str, Any]], out_dir: str, backend: str = "gloo"
+            ) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    dev = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend, init_method=f"file://{init}", rank=rank, world_size=world)
     sizes: list[int] = []
     all_gather = dist.all_gather
 
@@ -145,13 +149,13 @@ def _worker(rank: int, world: int, init: str, cases: list[dict[str, Any]], out_d
             c = np.zeros((b, w), dtype=np.int32)
             c[:, : real.shape[1]] = kw["output_counts"][:, start:start + w]
             kw["output_counts"] = torch.from_numpy(c)
-        for name in ("token_bitmask", "prompt_mask"):
+        for name in ("token_bitmask", "prompt_mask", "output_counts"):
             if name in kw:
-                kw[name] = torch.from_numpy(kw[name])
+                kw[name] = torch.as_tensor(kw[name]).to(dev)
         stats = distributed.ExchangeStats()
         sizes.clear()
-        out = distributed.sample(torch.from_numpy(padded), case["params"], vocab_start=start, vocab_size=vocab,
-                                 stats=stats, **kw)
+        out = distributed.sample(torch.from_numpy(padded).to(dev), case["params"], vocab_start=start,
+                                 vocab_size=vocab, stats=stats, **kw)
         results.append({"out": out.numpy(), "stats": stats, "sizes": list(sizes)})
     with open(pathlib.Path(out_dir) / f"{rank}.pkl", "wb") as fh:
         pickle.dump(results, fh)
@@ -163,19 +167,21 @@ def cases() -> list[dict[str, Any]]:
     return _cases()
 
 
-_RUNS: dict[int, list[list[dict[str, Any]]]] = {}
+_RUNS: dict[tuple[int, str], list[list[dict[str, Any]]]] = {}
 
 
-def _run(world: int, cases: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Every rank's results for every case (the processes run once per world size)."""
-    if world not in _RUNS:
+def _run(world: int, cases: list[dict[str, Any]], backend: str = "gloo") -> list[list[dict[str, Any]]]:
+    """Every rank's results for every case (the processes run once per world size and process-group backend)."""
+    key = (world, backend)
+    if key not in _RUNS:
         with tempfile.TemporaryDirectory() as d:
-            mp.spawn(_worker, args=(world, str(pathlib.Path(d) / "init"), cases, d), nprocs=world, join=True)
-            _RUNS[world] = []
+            mp.spawn(_worker, args=(world, str(pathlib.Path(d) / "init"), cases, d, backend), nprocs=world,
+                     join=True)
+            _RUNS[key] = []
             for r in range(world):
                 with open(pathlib.Path(d) / f"{r}.pkl", "rb") as fh:
-                    _RUNS[world].append(pickle.load(fh))
-    return _RUNS[world]
+                    _RUNS[key].append(pickle.load(fh))
+    return _RUNS[key]
 
 
 # ------------------------------------------------------------------------------------------------------- checks
@@ -216,11 +222,27 @@ def _mismatches(got: Any, ref: Any, near: np.ndarray) -> list[str]:
     return bad
 
 
+def _nccl_worlds() -> list[Any]:
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [pytest.param(w, marks=pytest.mark.skipif(n < w, reason=f"NCCL needs {w} CUDA devices, {n} here"))
+            for w in WORLD_SIZES]
+
+
+@pytest.mark.parametrize("world", _nccl_worlds())
+def test_matches_reference_nccl(world: int, cases: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]) -> None:
+    """The same cases over NCCL, one CUDA device per rank, where the machine has them."""
+    test_matches_reference(world, cases, capsys, backend="nccl")
+
+
 @pytest.mark.parametrize("world", WORLD_SIZES)
-def test_matches_reference(world: int, cases: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]) -> None:
-    """Every rank returns the same result, and it is the reference's on the gathered logits (near-ties excused and
-    reported); the unseeded case is only checked for agreement between ranks."""
-    runs = _run(world, cases)
+def test_matches_reference(world: int, cases: list[dict[str, Any]], capsys: pytest.CaptureFixture[str],
+                           backend: str = "gloo") -> None:
+    """Every rank returns the same result, and it is the reference's on the gathered logits, and the single-device
+    C++ backend's (near-ties excused and reported); the unseeded case is only checked for agreement between
+    ranks."""
+    import fastsampler
+
+    runs = _run(world, cases, backend)
     report, failures, rows = [], [], 0
     for c, case in enumerate(cases):
         got = runs[0][c]["out"]
@@ -238,6 +260,10 @@ def test_matches_reference(world: int, cases: list[dict[str, Any]], capsys: pyte
         for r in np.nonzero(near)[0]:
             report.append(f"{case['name']} row {r}: {diag['reasons'][r][0]}")
         failures += [f"{case['name']} {m}" for m in _mismatches(got, ref, near)]
+        if "cpu" in fastsampler.available_backends():  # the single-device C++ backend on the gathered logits
+            cpu = fastsampler.sample(torch.from_numpy(case["logits"]).float(), case["params"], backend="cpu",
+                                     **kw).numpy()
+            failures += [f"{case['name']} (cpu backend) {m}" for m in _mismatches(got, cpu, near)]
     with capsys.disabled():
         print(f"\n[world {world}] {rows} rows, {len(report)} near-tie rows excused" + "".join(
             f"\n  {line}" for line in report))
