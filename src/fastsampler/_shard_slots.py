@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from ._batch import PackedRequest, ids_to_bitmask, mask_words
-from ._history import DRY_PAD, bad_words_table, breakers_table, dry_table, ring_keep
-from ._slots import RuleInfo
+from ._history import DRY_PAD, dry_table, ring_keep
+from ._slots import HistoryTables, RuleInfo
 from .layout import COUNT_MAX, NF, NI
 
 __all__ = ["ShardTables", "local_bits", "local_mask"]
@@ -38,7 +38,7 @@ def local_bits(words: torch.Tensor, width: int) -> torch.Tensor:
     return ((words[:, j >> 5] >> (j & 31).to(torch.int32)) & 1).to(torch.bool)
 
 
-class ShardTables:
+class ShardTables(HistoryTables):
     """One rank's per-slot state for ``slots`` slots over a vocabulary of ``vocab`` ids, of which the rank holds
     ``[lo, lo + width)`` (``width`` the local logits' columns, padding included)."""
 
@@ -59,17 +59,8 @@ class ShardTables:
         self.counts = torch.zeros(slots, width, dtype=torch.int16, **kw)
         self.prompt = torch.zeros(slots, self.local_words, dtype=torch.int32, **kw)
         self.allowed: torch.Tensor | None = None  # (S, local words), once some request restricts ids
-        # replicated, on the device: the history ring and its rules (as fastsampler._slots.SlotTables)
-        self.hist = torch.zeros(slots, history_len, dtype=torch.int32, **kw) if history_len else None
-        self.hist_total = torch.zeros(slots, dtype=torch.int64, **kw)
-        self.ngram = torch.zeros(slots, dtype=torch.int64, **kw)
-        self.bad: torch.Tensor | None = None
-        self.dry_f: torch.Tensor | None = None
-        self.dry_i: torch.Tensor | None = None
-        self.breakers: torch.Tensor | None = None
-        self.window = torch.full((slots,), -1, dtype=torch.int64, **kw)
-        self.hist_start = torch.zeros(slots, dtype=torch.int64, **kw)
-        self.windowed = False
+        # replicated, on the device: the history ring and its rules (`fastsampler._slots.HistoryTables`)
+        self._init_history(slots, history_len, device)
 
     @property
     def nbytes_per_slot(self) -> int:
@@ -108,54 +99,8 @@ class ShardTables:
             self.allowed[idx] = torch.from_numpy(row).to(dev)
         elif self.allowed is not None:
             self.allowed[idx] = -1
-        self.ngram[idx] = req.ngram
-        self.window[idx] = req.window
-        self.hist_start[idx] = int(prompt.size)
-        self.windowed |= req.window >= 0
-        if req.bad_words:
-            self._grow_bad(len(req.bad_words), max(len(w) for w in req.bad_words))
-        if self.bad is not None:
-            p, m = self.bad.shape[1:]
-            self.bad[idx] = torch.from_numpy(bad_words_table(req.bad_words, p, m)).to(dev)
-        if req.dry and self.dry_f is None:
-            self.dry_f = torch.zeros(self.slots, 2, dtype=torch.float64, device=dev)
-            self.dry_i = torch.zeros(self.slots, 2, dtype=torch.int64, device=dev)
-        if self.dry_f is not None and self.dry_i is not None:
-            self.dry_f[idx] = torch.tensor(req.dry_f if req.dry else (0.0, 1.0), dtype=torch.float64, device=dev)
-            self.dry_i[idx] = torch.tensor(req.dry_i, dtype=torch.int64, device=dev)
-        if req.dry and req.breakers:
-            self._grow_breakers(len(req.breakers), max(len(w) for w in req.breakers))
-        if self.breakers is not None:
-            p, m = self.breakers.shape[1:]
-            self.breakers[idx] = torch.from_numpy(breakers_table(req.breakers if req.dry else (), p, m)).to(dev)
-        if self.hist is not None:
-            h = prompt if output is None else np.concatenate((prompt, output))
-            length = self.history_len
-            keep = h[max(0, h.size - length):]
-            row = np.zeros(length, dtype=np.int32)
-            row[(h.size - keep.size + np.arange(keep.size)) % length] = keep
-            self.hist[idx] = torch.from_numpy(row).to(dev)
-            self.hist_total[idx] = h.size
-
-    def _grow_bad(self, p: int, m: int) -> None:
-        cur_p, cur_m = (0, 0) if self.bad is None else self.bad.shape[1:]
-        if p <= cur_p and m <= cur_m:
-            return
-        p, m = max(p, cur_p), max(m, cur_m)
-        new = torch.from_numpy(bad_words_table((), p, m)).to(self.device).expand(self.slots, p, m).clone()
-        if self.bad is not None:  # old rows, right-aligned in the wider table
-            new[:, :cur_p, m - cur_m:] = self.bad
-        self.bad = new
-
-    def _grow_breakers(self, p: int, m: int) -> None:
-        cur_p, cur_m = (0, 0) if self.breakers is None else self.breakers.shape[1:]
-        if p <= cur_p and m <= cur_m:
-            return
-        p, m = max(p, cur_p), max(m, cur_m)
-        new = torch.full((self.slots, p, m), -1, dtype=torch.int64, device=self.device)
-        if self.breakers is not None:
-            new[:, :cur_p, :cur_m] = self.breakers
-        self.breakers = new
+        self.write_history(idx, req, prompt if output is None else np.concatenate((prompt, output)), None,
+                           int(prompt.size))
 
     # ---------------------------------------------------------------------------------------------- one step
     def history_bans(self, idx: torch.Tensor, info: RuleInfo) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ from ._history import bad_words_table, breakers_table, dry_kmax, dry_table, orde
 from .layout import I_IGNORE_EOS, NF, NI, combine_bits
 from .params import SamplingParams
 
-__all__ = ["RuleInfo", "SlotBook", "SlotTables"]
+__all__ = ["HistoryTables", "RuleInfo", "SlotBook", "SlotTables"]
 
 _NO_BIAS = (np.zeros(0, np.int32), np.zeros(0, np.float32))
 
@@ -149,7 +149,108 @@ class SlotBook:
         return to_device(indptr, device), to_device(ids, device), to_device(vals, device)
 
 
-class SlotTables:
+class HistoryTables:
+    """The history ring and the tables of the rules that read it (n-gram size, bad words, DRY, the penalty window),
+    per slot, on ``device``: shared by a `Sampler`'s `SlotTables` and a sharded sampler's tables (which call
+    `_init_history` in their constructor and `write_history` when a request joins).
+
+    ``hist`` ``(S, history_len)`` int32 holds token ``j`` of a slot's prompt + output at column ``j % history_len``
+    (``hist_total`` counts them); ``bad`` ``(S, P, M)`` the bad words right-aligned, ``breakers`` ``(S, P, M)`` DRY's
+    breakers left-aligned, ``dry_f`` / ``dry_i`` ``(S, 2)`` its parameters: allocated by the first request that uses
+    them."""
+
+    slots: int
+    device: torch.device
+
+    def _init_history(self, slots: int, history_len: int, device: torch.device) -> None:
+        kw: dict[str, Any] = dict(device=device)
+        self.history_len = history_len
+        self.hist = torch.zeros(slots, history_len, dtype=torch.int32, **kw) if history_len else None
+        self.hist_total = torch.zeros(slots, dtype=torch.int64, **kw)
+        self.ngram = torch.zeros(slots, dtype=torch.int64, **kw)
+        self.bad: torch.Tensor | None = None  # (S, P, M) int64
+        self.dry_f: torch.Tensor | None = None  # (S, 2) float64: multiplier (0: no DRY), base
+        self.dry_i: torch.Tensor | None = None  # (S, 2) int64: allowed length, window
+        self.breakers: torch.Tensor | None = None  # (S, P, M) int64
+        # penalty_last_n: each slot's window (-1: all generated tokens) and where its generated tokens start in the
+        # history (the prompt's length); `windowed` once some slot counts a window (the step then updates counts)
+        self.window = torch.full((slots,), -1, dtype=torch.int64, **kw)
+        self.hist_start = torch.zeros(slots, dtype=torch.int64, **kw)
+        self.windowed = False
+
+    def write_history(self, idx: torch.Tensor, req: PackedRequest, history: np.ndarray | None,
+                      history_total: int | None, history_start: int) -> None:
+        """A request's history rules and history (its last tokens, oldest first, of ``history_total`` in all,
+        default their number; the output starts at token ``history_start``) into the slots ``idx``."""
+        dev = self.device
+        self.ngram[idx] = req.ngram
+        self.window[idx] = req.window
+        self.hist_start[idx] = history_start
+        self.windowed |= req.window >= 0
+        if req.bad_words:
+            self.grow_bad(len(req.bad_words), max(len(w) for w in req.bad_words))
+        if self.bad is not None:
+            p, m = self.bad.shape[1:]
+            self.bad[idx] = torch.from_numpy(bad_words_table(req.bad_words, p, m)).to(dev)
+        if req.dry and self.dry_f is None:
+            self.dry_f = torch.zeros(self.slots, 2, dtype=torch.float64, device=dev)
+            self.dry_i = torch.zeros(self.slots, 2, dtype=torch.int64, device=dev)
+        if self.dry_f is not None and self.dry_i is not None:
+            self.dry_f[idx] = torch.tensor(req.dry_f if req.dry else (0.0, 1.0), dtype=torch.float64, device=dev)
+            self.dry_i[idx] = torch.tensor(req.dry_i, dtype=torch.int64, device=dev)
+        if req.dry and req.breakers:
+            self.grow_breakers(len(req.breakers), max(len(w) for w in req.breakers))
+        if self.breakers is not None:
+            p, m = self.breakers.shape[1:]
+            self.breakers[idx] = torch.from_numpy(breakers_table(req.breakers if req.dry else (), p, m)).to(dev)
+        if self.hist is not None:
+            h = np.zeros(0, dtype=np.int64) if history is None else np.asarray(history, dtype=np.int64)
+            total = h.size if history_total is None else int(history_total)
+            length = self.history_len
+            keep = h[max(0, h.size - length):]
+            row = np.zeros(length, dtype=np.int32)
+            row[(total - keep.size + np.arange(keep.size)) % length] = keep
+            self.hist[idx] = torch.from_numpy(row).to(dev)
+            self.hist_total[idx] = total
+
+    @torch.inference_mode(False)
+    def grow_bad(self, p: int, m: int) -> bool:
+        """Make room for ``p`` bad words of up to ``m`` tokens per slot (rewriting the rows written so far)."""
+        cur_p, cur_m = (0, 0) if self.bad is None else self.bad.shape[1:]
+        if p <= cur_p and m <= cur_m:
+            return False
+        p, m = max(p, cur_p), max(m, cur_m)
+        new = torch.from_numpy(bad_words_table((), p, m)).to(self.device).expand(self.slots, p, m).clone()
+        if self.bad is not None:  # old rows, right-aligned in the wider table
+            new[:, :cur_p, m - cur_m:] = self.bad
+        self.bad = new
+        return True
+
+    @torch.inference_mode(False)
+    def grow_breakers(self, p: int, m: int) -> bool:
+        """Make room for ``p`` DRY sequence breakers of up to ``m`` tokens per slot (keeping the rows written)."""
+        cur_p, cur_m = (0, 0) if self.breakers is None else self.breakers.shape[1:]
+        if p <= cur_p and m <= cur_m:
+            return False
+        p, m = max(p, cur_p), max(m, cur_m)
+        new = torch.full((self.slots, p, m), -1, dtype=torch.int64, device=self.device)
+        if self.breakers is not None:  # old rows, left-aligned in the wider table
+            new[:, :cur_p, :cur_m] = self.breakers
+        self.breakers = new
+        return True
+
+    def dry(self, slots_t: torch.Tensor, info: RuleInfo) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The DRY penalty table of ``slots_t`` (`fastsampler._history.dry_table` on their history rings; no
+        read-back on a device), or (None, None) when no row has DRY."""
+        if not info.dry:
+            return None, None
+        assert self.hist is not None and self.dry_f is not None and self.dry_i is not None
+        ids, vals = dry_table(self.hist, self.hist_total, slots_t, self.dry_f, self.dry_i,
+                              self.breakers if info.dry_breakers else None, kmax=min(info.dry_kmax, self.history_len))
+        return (ids, vals) if ids.shape[1] else (None, None)
+
+
+class SlotTables(HistoryTables):
     """The per-slot tables on the device, in the layout the backends read (`fastsampler._batch.PackedBatch`, slot-
     indexed form): packed parameters, seeds, steps, seqs, Mirostat ``mu``, prompt bitmasks, output counts, and, once
     some request uses them, allowed-id bitmasks and logit-bias tables.
@@ -179,23 +280,8 @@ class SlotTables:
         # and the ids that end it (the EOS ids unless ignore_eos, then its stop ids; padded with NO_TOKEN)
         self.stop_mask: torch.Tensor | None = None  # (S, W) int32
         self.stop_ids: torch.Tensor | None = None  # (S, E + L) int64
-        # the history rules (fastsampler._history): each slot's last history_len tokens in a ring buffer (token j of
-        # prompt + output at column j % history_len; hist_total counts them), its no_repeat_ngram_size, and once
-        # some request has bad words its (P, M) bad-words table
-        self.hist = torch.zeros(slots, history_len, dtype=torch.int32, **kw) if history_len else None
-        self.hist_total = torch.zeros(slots, dtype=torch.int64, **kw)
-        self.ngram = torch.zeros(slots, dtype=torch.int64, **kw)
-        self.bad: torch.Tensor | None = None  # (S, P, M) int64
-        # once some request uses DRY: per slot (multiplier, base) float64 (multiplier 0: none), (allowed length,
-        # window) int64, and once some has breakers, its (P, M) breakers table
-        self.dry_f: torch.Tensor | None = None  # (S, 2) float64
-        self.dry_i: torch.Tensor | None = None  # (S, 2) int64
-        self.breakers: torch.Tensor | None = None  # (S, P, M) int64
-        # penalty_last_n: each slot's window (-1: all generated tokens) and where its generated tokens start in the
-        # history (the prompt's length); `windowed` once some slot counts a window (the step then updates counts)
-        self.window = torch.full((slots,), -1, dtype=torch.int64, **kw)
-        self.hist_start = torch.zeros(slots, dtype=torch.int64, **kw)
-        self.windowed = False
+        # the history ring and the tables of the rules that read it (`HistoryTables`)
+        self._init_history(slots, history_len, device)
 
     @torch.inference_mode(False)
     def write(self, slots: Sequence[int], req: PackedRequest, seed_bits: int, prompt_mask: np.ndarray, *,
@@ -234,35 +320,7 @@ class SlotTables:
             self.bias_len[idx] = nb
         elif self.bias_len is not None:
             self.bias_len[idx] = 0
-        self.ngram[idx] = req.ngram
-        self.window[idx] = req.window
-        self.hist_start[idx] = history_start
-        self.windowed |= req.window >= 0
-        if req.bad_words:
-            self.grow_bad(len(req.bad_words), max(len(w) for w in req.bad_words))
-        if self.bad is not None:
-            p, m = self.bad.shape[1:]
-            self.bad[idx] = torch.from_numpy(bad_words_table(req.bad_words, p, m)).to(dev)
-        if req.dry and self.dry_f is None:
-            self.dry_f = torch.zeros(self.slots, 2, dtype=torch.float64, device=dev)
-            self.dry_i = torch.zeros(self.slots, 2, dtype=torch.int64, device=dev)
-        if self.dry_f is not None and self.dry_i is not None:
-            self.dry_f[idx] = torch.tensor(req.dry_f if req.dry else (0.0, 1.0), dtype=torch.float64, device=dev)
-            self.dry_i[idx] = torch.tensor(req.dry_i, dtype=torch.int64, device=dev)
-        if req.dry and req.breakers:
-            self.grow_breakers(len(req.breakers), max(len(w) for w in req.breakers))
-        if self.breakers is not None:
-            p, m = self.breakers.shape[1:]
-            self.breakers[idx] = torch.from_numpy(breakers_table(req.breakers if req.dry else (), p, m)).to(dev)
-        if self.hist is not None:
-            h = np.zeros(0, dtype=np.int64) if history is None else np.asarray(history, dtype=np.int64)
-            total = h.size if history_total is None else int(history_total)
-            length = self.history_len
-            keep = h[max(0, h.size - length):]
-            row = np.zeros(length, dtype=np.int32)
-            row[(total - keep.size + np.arange(keep.size)) % length] = keep
-            self.hist[idx] = torch.from_numpy(row).to(dev)
-            self.hist_total[idx] = total
+        self.write_history(idx, req, history, history_total, history_start)
         ns = req.stop_ids.size
         if ns:
             self.grow_stops(ns)
@@ -275,42 +333,6 @@ class SlotTables:
             self.stop_ids[idx] = torch.from_numpy(row).to(dev)
             self.stop_mask[idx] = torch.from_numpy(
                 ids_to_bitmask([req.stop_ids.tolist() if req.stop_ban else ()], self.vocab)[0]).to(dev)
-
-    @torch.inference_mode(False)
-    def grow_bad(self, p: int, m: int) -> bool:
-        """Make room for ``p`` bad words of up to ``m`` tokens per slot (rewriting the rows written so far)."""
-        cur_p, cur_m = (0, 0) if self.bad is None else self.bad.shape[1:]
-        if p <= cur_p and m <= cur_m:
-            return False
-        p, m = max(p, cur_p), max(m, cur_m)
-        new = torch.from_numpy(bad_words_table((), p, m)).to(self.device).expand(self.slots, p, m).clone()
-        if self.bad is not None:  # old rows, right-aligned in the wider table
-            new[:, :cur_p, m - cur_m:] = self.bad
-        self.bad = new
-        return True
-
-    @torch.inference_mode(False)
-    def grow_breakers(self, p: int, m: int) -> bool:
-        """Make room for ``p`` DRY sequence breakers of up to ``m`` tokens per slot (keeping the rows written)."""
-        cur_p, cur_m = (0, 0) if self.breakers is None else self.breakers.shape[1:]
-        if p <= cur_p and m <= cur_m:
-            return False
-        p, m = max(p, cur_p), max(m, cur_m)
-        new = torch.full((self.slots, p, m), -1, dtype=torch.int64, device=self.device)
-        if self.breakers is not None:  # old rows, left-aligned in the wider table
-            new[:, :cur_p, :cur_m] = self.breakers
-        self.breakers = new
-        return True
-
-    def dry(self, slots_t: torch.Tensor, info: RuleInfo) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The DRY penalty table of ``slots_t`` (`fastsampler._history.dry_table` on their history rings; no
-        read-back on a device), or (None, None) when no row has DRY."""
-        if not info.dry:
-            return None, None
-        assert self.hist is not None and self.dry_f is not None and self.dry_i is not None
-        ids, vals = dry_table(self.hist, self.hist_total, slots_t, self.dry_f, self.dry_i,
-                              self.breakers if info.dry_breakers else None, kmax=min(info.dry_kmax, self.history_len))
-        return (ids, vals) if ids.shape[1] else (None, None)
 
     def advance_history(self, slots_t: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
         """Append each valid row's token to its slot's history ring (slots distinct); then, for a slot whose
