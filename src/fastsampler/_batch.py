@@ -105,7 +105,6 @@ NO_TOKEN = -2  # pads id tables that are compared with sampled tokens (an invali
 # extension's, `HostBatch`): `PackedBatch.arrays` / `PackedBatch.op_args` / `PackedBatch.from_op_args` use it
 ARRAY_FIELDS = ("fparams", "iparams", "seeds", "steps", "seqs", "mirostat_mu", "allowed_mask", "prompt_mask",
                 "output_counts", "bias_indptr", "bias_ids", "bias_vals", "eos_ids", "dry_ids", "dry_vals")
-DRY_PAD = (1 << 31) - 1  # the id of an unused DRY table entry (docs: `PackedBatch.dry_ids`)
 
 
 @dataclass

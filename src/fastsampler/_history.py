@@ -140,7 +140,7 @@ def ring_keep(ring: torch.Tensor, total: torch.Tensor, ngram: torch.Tensor, ngra
 
 # ------------------------------------------------------------------------------------------------------------- DRY
 DRY_FLOAT_MAX_LOG = 88.7228391  # DRY's exponent clamp: floor(this / ln base) when base > 1.000001 (§3 C)
-DRY_PAD = (1 << 31) - 1  # fastsampler._batch.DRY_PAD: an unused entry of a DRY table
+DRY_PAD = (1 << 31) - 1  # the id of an unused DRY table entry (`PackedBatch.dry_ids`), above every token id
 
 
 def breakers_table(breakers: Sequence[Sequence[int]], p: int, m: int) -> np.ndarray:
@@ -171,9 +171,9 @@ def dry_table(ring: torch.Tensor, total: torch.Tensor, rows: torch.Tensor, fd: t
     all indexed by slot like ``ring`` / ``total``; ``kmax``: `dry_table_torch`'s bound, host-known (required when
     ``fd`` is on a device).
 
-    On CPU tensors the C++ extension computes it (one O(n) pass per row); on a device one Triton launch
-    (`fastsampler.backends.triton.dry`, rings of up to 4096 tokens) or else torch, with a table of ``K = L - 1``
-    entries per row (no read-back). Costs grow with the history, never with the vocabulary.
+    On CPU tensors the C++ extension computes it (O(n log n) per row for a window of n tokens); on a device one
+    Triton launch (`fastsampler.backends.triton.dry`, rings of up to 4096 tokens) or else torch, with a table of
+    ``K = L - 1`` entries per row (no read-back). Costs grow with the history, never with the vocabulary.
     """
     if ring.device.type == "cpu":
         from .backends import cpu

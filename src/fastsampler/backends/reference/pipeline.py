@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._batch import DRY_PAD, bitmask_to_bool, pack_batch, param_batch, stopped_rows
+from ..._batch import bitmask_to_bool, pack_batch, param_batch, stopped_rows
+from ..._history import DRY_PAD
 from ...layout import (
     F_DYN_EXP,
     F_DYN_RANGE,
