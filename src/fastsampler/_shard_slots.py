@@ -57,6 +57,7 @@ class ShardTables(HistoryTables):
         self.stop_ids: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * slots  # banned before min_tokens
         # sharded, on the device
         self.counts = torch.zeros(slots, width, dtype=torch.int16, **kw)
+        self.counts_lo, self.counts_slice = lo, True  # (`HistoryTables.advance_history`)
         self.prompt = torch.zeros(slots, self.local_words, dtype=torch.int32, **kw)
         self.allowed: torch.Tensor | None = None  # (S, local words), once some request restricts ids
         # replicated, on the device: the history ring and its rules (`fastsampler._slots.HistoryTables`)
@@ -150,22 +151,4 @@ class ShardTables(HistoryTables):
         pos = idx * width + torch.where(mine, loc, 0)
         cur = cflat.index_select(0, pos)
         cflat.index_copy_(0, pos, torch.where(mine & (cur < COUNT_MAX), cur + 1, cur))
-        if self.hist is None:
-            return
-        length = self.history_len
-        total = self.hist_total.index_select(0, idx)
-        hpos = idx * length + total % length
-        flat = self.hist.view(-1)
-        old = flat.index_select(0, hpos)
-        flat.index_copy_(0, hpos, torch.where(valid, tokens.to(torch.int32), old))
-        after = total + valid.to(torch.int64)
-        self.hist_total.index_copy_(0, idx, after)
-        if not self.windowed:
-            return
-        n = self.window.index_select(0, idx)
-        leave = valid & (n >= 0) & (after - self.hist_start.index_select(0, idx) > n)
-        gone = flat.index_select(0, idx * length + (after - 1 - n) % length).to(torch.int64) - lo
-        leave = leave & (gone >= 0) & (gone < width)
-        cpos = idx * width + torch.where(leave, gone, 0)
-        cur = cflat.index_select(0, cpos)
-        cflat.index_copy_(0, cpos, torch.where(leave & (cur > 0), cur - 1, cur))
+        self.advance_history(idx, tokens, valid)

@@ -161,6 +161,9 @@ class HistoryTables:
 
     slots: int
     device: torch.device
+    counts: torch.Tensor  # (S, columns) int16 output counts, of ids counts_lo ...
+    counts_lo = 0
+    counts_slice = False
 
     def _init_history(self, slots: int, history_len: int, device: torch.device) -> None:
         kw: dict[str, Any] = dict(device=device)
@@ -212,6 +215,36 @@ class HistoryTables:
             row[(total - keep.size + np.arange(keep.size)) % length] = keep
             self.hist[idx] = torch.from_numpy(row).to(dev)
             self.hist_total[idx] = total
+
+    def advance_history(self, slots_t: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
+        """Append each valid row's token to its slot's history ring (slots distinct); then, for a slot whose
+        penalties count only its last ``n`` generated tokens, take the token that left that window out of its
+        counts (the counts already hold the new token). ``counts`` are ``(S, columns)`` int16 over ids
+        ``counts_lo ...``: the whole vocabulary, or one rank's slice (``counts_slice``: other ids are not counted)."""
+        if self.hist is None:
+            return
+        length = self.history_len
+        total = self.hist_total.index_select(0, slots_t)
+        pos = slots_t * length + total % length
+        flat = self.hist.view(-1)
+        old = flat.index_select(0, pos)
+        flat.index_copy_(0, pos, torch.where(valid, tokens.to(torch.int32), old))
+        after = total + valid.to(torch.int64)
+        self.hist_total.index_copy_(0, slots_t, after)
+        if not self.windowed:
+            return
+        n = self.window.index_select(0, slots_t)
+        leave = valid & (n >= 0) & (after - self.hist_start.index_select(0, slots_t) > n)
+        # generated token g - 1 - n left the window: history token after - 1 - n (still in the ring: n < length)
+        gone = flat.index_select(0, slots_t * length + (after - 1 - n) % length).to(torch.int64)
+        width = self.counts.shape[1]
+        if self.counts_slice:  # only this slice's ids are counted
+            gone = gone - self.counts_lo
+            leave = leave & (gone >= 0) & (gone < width)
+        cflat = self.counts.view(-1)
+        cpos = slots_t * width + torch.where(leave, gone, 0)
+        cur = cflat.index_select(0, cpos)
+        cflat.index_copy_(0, cpos, torch.where(leave & (cur > 0), cur - 1, cur))
 
     @torch.inference_mode(False)
     def grow_bad(self, p: int, m: int) -> bool:
@@ -334,30 +367,6 @@ class SlotTables(HistoryTables):
             self.stop_mask[idx] = torch.from_numpy(
                 ids_to_bitmask([req.stop_ids.tolist() if req.stop_ban else ()], self.vocab)[0]).to(dev)
 
-    def advance_history(self, slots_t: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> None:
-        """Append each valid row's token to its slot's history ring (slots distinct); then, for a slot whose
-        penalties count only its last ``n`` generated tokens, take the token that left that window out of its
-        counts (the counts already hold the new token)."""
-        if self.hist is None:
-            return
-        length = self.history_len
-        total = self.hist_total.index_select(0, slots_t)
-        pos = slots_t * length + total % length
-        flat = self.hist.view(-1)
-        old = flat.index_select(0, pos)
-        flat.index_copy_(0, pos, torch.where(valid, tokens.to(torch.int32), old))
-        after = total + valid.to(torch.int64)
-        self.hist_total.index_copy_(0, slots_t, after)
-        if not self.windowed:
-            return
-        n = self.window.index_select(0, slots_t)
-        leave = valid & (n >= 0) & (after - self.hist_start.index_select(0, slots_t) > n)
-        # generated token g - 1 - n left the window: history token after - 1 - n (still in the ring: n < length)
-        gone = flat.index_select(0, slots_t * length + (after - 1 - n) % length).to(torch.int64)
-        cflat = self.counts.view(-1)
-        cpos = slots_t * self.counts.shape[1] + torch.where(leave, gone, 0)
-        cur = cflat.index_select(0, cpos)
-        cflat.index_copy_(0, cpos, torch.where(leave & (cur > 0), cur - 1, cur))
 
     @torch.inference_mode(False)
     def grow_stops(self, n: int) -> bool:
