@@ -107,8 +107,11 @@ def _layout(world: int, ragged: bool) -> list[tuple[int, int]]:
     return [(r * w, max(0, min(w, V - r * w)) if ragged else w) for r in range(world)]
 
 
-def _worker(rank: int, world: int, init: str, schedule: list[dict[str, Any]], out_dir: str) -> None:
+def _worker(rank: int, world: int, init: str, schedule: list[dict[str, Any]], out_dir: str,
+            sync_free: bool = False) -> None:
     torch.set_num_threads(1)
+    if sync_free:  # the path of every device but the CPU: nothing read back
+        distributed.SYNC_FREE = True
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     reqs = _requests()
     results = {}
@@ -144,18 +147,20 @@ def _worker(rank: int, world: int, init: str, schedule: list[dict[str, Any]], ou
     dist.destroy_process_group()
 
 
-_RUNS: dict[int, list[dict[bool, Any]]] = {}
+_RUNS: dict[tuple[int, bool], list[dict[bool, Any]]] = {}
 
 
-def _run(world: int, schedule: list[dict[str, Any]]) -> list[dict[bool, Any]]:
-    if world not in _RUNS:
+def _run(world: int, schedule: list[dict[str, Any]], sync_free: bool = False) -> list[dict[bool, Any]]:
+    key = (world, sync_free)
+    if key not in _RUNS:
         with tempfile.TemporaryDirectory() as d:
-            mp.spawn(_worker, args=(world, str(pathlib.Path(d) / "init"), schedule, d), nprocs=world, join=True)
-            _RUNS[world] = []
+            mp.spawn(_worker, args=(world, str(pathlib.Path(d) / "init"), schedule, d, sync_free), nprocs=world,
+                     join=True)
+            _RUNS[key] = []
             for r in range(world):
                 with open(pathlib.Path(d) / f"{r}.pkl", "rb") as fh:
-                    _RUNS[world].append(pickle.load(fh))
-    return _RUNS[world]
+                    _RUNS[key].append(pickle.load(fh))
+    return _RUNS[key]
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +292,52 @@ def test_sampler_state_is_sharded(world: int, schedule: list[dict[str, Any]]) ->
         drawn = [int(out[s]["out"].tokens[r]) for s, r in c_rows]
         assert all(t not in STOP for t in drawn[:3]) and any(t in STOP for t in drawn[3:]), drawn
         assert all(bool(out[s]["out"].stopped[r]) == (int(out[s]["out"].tokens[r]) in STOP) for s, r in c_rows)
+
+
+def test_sampler_sync_free_is_identical(schedule: list[dict[str, Any]]) -> None:
+    """The steps that read nothing back (`distributed.SYNC_FREE`, the path off the CPU) return and store exactly
+    what the CPU's path does, over the whole schedule (the unseeded request J excepted: its seed is fresh)."""
+    base, free = _run(2, schedule), _run(2, schedule, sync_free=True)
+    for ragged in (False, True):
+        for r in range(2):
+            a_run, b_run = base[r][ragged], free[r][ragged]
+            for step, st in enumerate(schedule):
+                keep = [i for i, k in enumerate(st["order"]) if k != "J"]
+                for a, b in zip(a_run["steps"][step]["out"], b_run["steps"][step]["out"], strict=True):
+                    assert (a is None and b is None) or np.array_equal(np.asarray(a)[keep], np.asarray(b)[keep],
+                                                                       equal_nan=True), f"step {step} rank {r}"
+            for k, c in a_run["counts"].items():
+                if k != "J":
+                    assert np.array_equal(c, b_run["counts"][k]), k
+
+
+def test_sampler_step_reads_nothing_back() -> None:
+    """A step on the path off the CPU never reads device data back to the host: run on the ``meta`` device (no
+    data: any read-back raises), with every rule, a token bitmask and min_tokens bans, it completes."""
+    import fastsampler._history as history
+
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group("gloo", init_method=f"file://{d}/init", rank=0, world_size=1)
+        saved = (distributed._check_layout, history._triton_dry, distributed.SYNC_FREE)
+        try:
+            # (the layout check at construction reads its one exchange back; the DRY table takes its torch form)
+            distributed._check_layout = lambda ex, start, width, b, vocab, dev: [[start, width, b]]
+            history._triton_dry = lambda n: False
+            distributed.SYNC_FREE = True
+            s = distributed.Sampler(V, 2 * SLOTS, "meta", vocab_start=0, local_size=V, eos_token_ids=EOS,
+                                    history_len=HISTORY)
+            slots = []
+            for params, prompt in _requests().values():
+                if params.seed is None:  # (an unseeded request broadcasts rank 0's seed at `add`)
+                    params = params.replace(seed=0)
+                slots += s.add(params, prompt)
+            for _ in range(2):
+                bm = torch.full((len(slots), mask_words(V)), -1, dtype=torch.int32, device="meta")
+                out = s.sample(torch.empty(len(slots), V, device="meta"), slots, token_bitmask=bm)
+                assert out.tokens.device.type == "meta" and out.tokens.shape == (len(slots),)
+        finally:
+            distributed._check_layout, history._triton_dry, distributed.SYNC_FREE = saved
+            dist.destroy_process_group()
 
 
 def test_sampler_refuses() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -54,7 +53,8 @@ class ExchangeStats:
 class Exchange:
     """All-gathers over a process group, in rank order, counted in an `ExchangeStats`."""
 
-    def __init__(self, group: dist.ProcessGroup | None, stats: ExchangeStats | None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, stats: ExchangeStats | None, *,
+                 sync_free: bool = False) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("fastsampler.distributed needs an initialised torch.distributed process group "
                                "(torch.distributed.init_process_group)")
@@ -62,6 +62,14 @@ class Exchange:
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.stats = stats if stats is not None else ExchangeStats()
+        # True: no decision reads device data back to the host (`may`, `select`'s rounds); False (the CPU, where a
+        # read-back costs nothing): a rule's exchanges are skipped when no row needs them, and `select` ends early
+        self.sync_free = sync_free
+
+    def may(self, cond: torch.Tensor) -> bool:
+        """Whether some row may need a step gated by the (B,) bool ``cond``: always, when `sync_free` (the step then
+        runs and leaves the rows without ``cond`` unchanged), else ``cond.any()`` read back."""
+        return True if self.sync_free else bool(cond.any())
 
     def _count(self, t: torch.Tensor, world: int) -> None:
         n = t.numel() * t.element_size()
@@ -98,11 +106,12 @@ class Exchange:
         return acc
 
     # ------------------------------------------------------------------------------------------- order statistics
-    def kth_largest(self, key: torch.Tensor, mask: torch.Tensor, k: torch.Tensor, cap: int) -> torch.Tensor:
+    def kth_largest(self, key: torch.Tensor, mask: torch.Tensor, k: torch.Tensor, kmax: int, cap: int
+                    ) -> torch.Tensor:
         """(B,) float64: each row's ``k``-th largest ``key`` among ``mask`` (with multiplicity; ``1 <= k`` and at
-        most the row's candidates, rows with ``k = 0`` ignored). One gather of ``(B, K)`` per rank when
-        ``K = max k <= cap``, else `select`."""
-        kmax = int(k.max()) if k.numel() else 0
+        most the row's candidates; the result of a row with ``k = 0`` is meaningless). ``kmax`` is a bound on ``k``
+        known on the host (from the rows' parameters): one gather of ``(B, kmax)`` per rank when ``kmax <= cap``,
+        else `select`."""
         if kmax <= 0:
             return torch.full(k.shape, -torch.inf, dtype=torch.float64, device=key.device)
         if kmax > cap:
@@ -110,38 +119,36 @@ class Exchange:
                                                                                        dtype=torch.float64))
         top = self.gather(top_values(key, mask, kmax))  # (world, B, K)
         merged = torch.sort(top.permute(1, 0, 2).reshape(key.shape[0], -1), dim=1, descending=True).values
-        return merged.gather(1, (k.clamp(min=1) - 1)[:, None])[:, 0]
+        return merged.gather(1, (k.clamp(min=1, max=kmax) - 1)[:, None])[:, 0]
 
     def select(self, key: torch.Tensor, weight: torch.Tensor | None, mask: torch.Tensor, count_target: torch.Tensor,
                mass_target: torch.Tensor) -> torch.Tensor:
         """The largest value ``v`` of ``key`` among ``mask`` with ``#{key >= v} >= count_target`` and
         ``Σ_{key >= v} weight >= mass_target``, per row; the smallest candidate where no value qualifies. Rows with
-        ``count_target <= 0`` and ``mass_target = -inf`` are not selected (their result is meaningless) and cost
-        nothing.
+        ``count_target <= 0`` and ``mass_target = -inf`` are not selected (their result is meaningless).
 
         A radix select over the order-preserving integer image of the float64 keys: each round gathers every rank's
-        256-bin histogram (counts, and masses when some row has a mass target) of the next 8 bits among the
-        candidates that still share the chosen prefix, and keeps the highest bin whose totals at or above it satisfy
-        both targets. Once every row has at most `FINISH` candidates left, each rank sends them and the value is
-        found among them. Exact in the keys (a value threshold: ties stay together); masses are float64 sums.
+        256-bin histogram (counts, and masses when ``weight`` is given) of the next 8 bits among the candidates that
+        still share the chosen prefix, and keeps the highest bin whose totals at or above it satisfy both targets.
+        Exact in the keys (a value threshold: ties stay together); masses are float64 sums. Off `sync_free`, once
+        every row has at most `FINISH` candidates left each rank sends them and the value is found among them (the
+        same value, in fewer exchanges); `sync_free`, all eight rounds run and nothing is read back.
 
         key, weight : (B, V) float64 (``weight`` None: counts only)
         mask : (B, V) bool
         count_target, mass_target : (B,) float64
         """
         dev = key.device
-        out = torch.full((key.shape[0],), -torch.inf, dtype=torch.float64, device=dev)
-        ct, mt = count_target.to(torch.float64), mass_target.to(torch.float64)
-        rows = torch.nonzero((ct > 0) | (mt > -torch.inf))[:, 0]
-        if rows.numel() == 0:
-            return out
-        key, mask, ct, mt = key[rows], mask[rows], ct[rows].clone(), mt[rows].clone()
-        use_mass = weight is not None and bool((mt > -torch.inf).any())
-        w = torch.where(mask, weight[rows], 0.0) if use_mass else None
+        ct, mt = count_target.to(torch.float64).clone(), mass_target.to(torch.float64).clone()
+        active = (ct > 0) | (mt > -torch.inf)
+        if not self.may(active):
+            return torch.full((key.shape[0],), -torch.inf, dtype=torch.float64, device=dev)
+        use_mass = weight is not None
+        w = torch.where(mask, weight, 0.0) if use_mass else None
         b = key.shape[0]
         bits = (key + 0.0).contiguous().view(torch.int64)  # (+0.0: -0.0 and 0.0 are one value)
         u = torch.where(bits < 0, bits ^ _LOW63, bits) ^ _SIGN  # unsigned order, held in int64
-        inr = mask.clone()
+        inr = mask & active[:, None]
         k = 2 if use_mass else 1
         above = torch.zeros(b, k, dtype=torch.float64, device=dev)
         bins = torch.arange(_BINS, device=dev)
@@ -170,12 +177,11 @@ class Exchange:
             above = above + nxt.gather(2, (dstar + 1)[:, None, None].expand(b, k, 1))[:, :, 0]
             inr &= d == dstar[:, None]
             digits.append(dstar)
-            left = tot[:, 0].gather(1, dstar[:, None])[:, 0]
-            if rnd + 1 < _ROUNDS and float(left.max()) <= FINISH:
-                out[rows] = self._finish(key, w, inr, above, ct, mt)
-                return out
-        out[rows] = _from_digits(torch.stack(digits, 1)).to(dev)
-        return out
+            if not self.sync_free and rnd + 1 < _ROUNDS:
+                left = tot[:, 0].gather(1, dstar[:, None])[:, 0]
+                if float(left.max()) <= FINISH:
+                    return torch.where(active, self._finish(key, w, inr, above, ct, mt), -torch.inf)
+        return torch.where(active, _from_digits(torch.stack(digits, 1)), -torch.inf)
 
     def _finish(self, key: torch.Tensor, w: torch.Tensor | None, inr: torch.Tensor, above: torch.Tensor,
                 ct: torch.Tensor, mt: torch.Tensor) -> torch.Tensor:
@@ -208,14 +214,13 @@ class Exchange:
 
 
 def _from_digits(digits: torch.Tensor) -> torch.Tensor:
-    """(B,) float64 from the radix digits of `Exchange.select` (the inverse of its key transform)."""
-    d = digits.cpu().numpy().astype(np.uint64)
-    u = np.zeros(d.shape[0], dtype=np.uint64)
-    for rnd in range(d.shape[1]):
-        u |= d[:, rnd] << np.uint64(64 - DIGIT_BITS * (rnd + 1))
-    s = (u ^ np.uint64(1 << 63)).view(np.int64)
-    bits = np.where(s < 0, s ^ np.int64(_LOW63), s)
-    return torch.from_numpy(bits.view(np.float64).copy())
+    """(B,) float64 from the radix digits of `Exchange.select` (the inverse of its key transform), on their
+    device."""
+    u = torch.zeros(digits.shape[0], dtype=torch.int64, device=digits.device)
+    for rnd in range(digits.shape[1]):
+        u |= digits[:, rnd].to(torch.int64) << (64 - DIGIT_BITS * (rnd + 1))  # (int64 shifts wrap: the top digit)
+    s = u ^ _SIGN
+    return torch.where(s < 0, s ^ _LOW63, s).view(torch.float64)
 
 
 def top_values(key: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
@@ -313,3 +318,11 @@ def token_noise(seeds: torch.Tensor, steps: torch.Tensor, seqs: torch.Tensor, id
 
 def tile_noise(seeds: torch.Tensor, steps: torch.Tensor, seqs: torch.Tensor, tiles: torch.Tensor) -> torch.Tensor:
     return noise(seeds, steps, seqs, tiles, STREAM_TILE)
+
+
+def uniform_word0(seeds: torch.Tensor, steps: torch.Tensor, seqs: torch.Tensor, stream: int) -> torch.Tensor:
+    """(B,) float64 ``(w0 + 0.5) 2^-32`` from word 0 of Philox at counter ``(0, step, seq, stream)`` (XTC's coin,
+    docs/semantics.md §3 E item 6, with ``stream = STREAM_XTC``), on the seeds' device."""
+    key = (seeds & _MASK, (seeds >> 32) & _MASK)
+    w0 = philox4x32(key, (torch.zeros_like(seeds), steps & _MASK, seqs & _MASK, torch.full_like(seeds, stream)))[0]
+    return (w0.to(torch.float64) + 0.5) * 2.0**-32

@@ -1,12 +1,12 @@
 """The per-slot state of a `fastsampler.distributed.Sampler` on one rank (`ShardTables`): the small state replicated
 on every rank, and the vocabulary-sized state of this rank's slice of ids only.
 
-Replicated (every rank holds the same values and updates them the same way): the packed parameter rows, seed, step,
-seq and Mirostat ``mu`` (host arrays: the distributed pipeline decides on the host), and on the device the history
-ring with its rules (n-gram size, bad words, DRY's parameters and breakers, the penalty window). Sharded: the output
-counts of the slice's ids, int16 ``(S, V_local)``, and the prompt and allowed bitmasks of the slice, int32
-``(S, ceil(V_local / 32))`` with bit ``j`` for id ``vocab_start + j`` (the slice's own bit order, not word-aligned
-with the whole vocabulary's masks).
+Replicated (every rank holds the same values and updates them the same way): the packed parameter rows, seed and
+seq (host arrays, written by `write` only); on the device, the seeds and seqs again, each slot's step and Mirostat
+``mu`` (a step updates them without reading anything back), and the history ring with its rules (n-gram size, bad
+words, DRY's parameters and breakers, the penalty window). Sharded: the output counts of the slice's ids, int16
+``(S, V_local)``, and the prompt and allowed bitmasks of the slice, int32 ``(S, ceil(V_local / 32))`` with bit ``j``
+for id ``vocab_start + j`` (the slice's own bit order, not word-aligned with the whole vocabulary's masks).
 """
 
 from __future__ import annotations
@@ -51,9 +51,12 @@ class ShardTables(HistoryTables):
         self.f = np.zeros((slots, NF), dtype=np.float32)
         self.i = np.zeros((slots, NI), dtype=np.int32)
         self.seeds = np.zeros(slots, dtype=np.int64)
-        self.steps = np.zeros(slots, dtype=np.int64)
         self.seqs = np.zeros(slots, dtype=np.int64)
-        self.mu = np.full(slots, math.nan, dtype=np.float32)
+        # replicated, on the device (what a step reads and writes)
+        self.seeds_d = torch.zeros(slots, dtype=torch.int64, **kw)
+        self.seqs_d = torch.zeros(slots, dtype=torch.int64, **kw)
+        self.steps = torch.zeros(slots, dtype=torch.int64, **kw)
+        self.mu = torch.full((slots,), math.nan, dtype=torch.float32, **kw)
         self.stop_ids: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * slots  # banned before min_tokens
         # sharded, on the device
         self.counts = torch.zeros(slots, width, dtype=torch.int16, **kw)
@@ -78,9 +81,12 @@ class ShardTables(HistoryTables):
         dev, lo, width = self.device, self.lo, self.width
         idx = torch.tensor(list(slots), dtype=torch.int64, device=dev)
         for k, s in enumerate(slots):
-            self.f[s], self.i[s], self.seeds[s], self.steps[s], self.seqs[s] = req.f, req.i, seed_bits, step, k
-            self.mu[s] = float(req.mu) if mu is None else mu
+            self.f[s], self.i[s], self.seeds[s], self.seqs[s] = req.f, req.i, seed_bits, k
             self.stop_ids[s] = req.stop_ids if req.stop_ban else np.zeros(0, dtype=np.int64)
+        self.seeds_d[idx] = torch.from_numpy(self.seeds[list(slots)]).to(dev)
+        self.seqs_d[idx] = torch.from_numpy(self.seqs[list(slots)]).to(dev)
+        self.steps[idx] = step
+        self.mu[idx] = float(req.mu) if mu is None else float(mu)
         self.prompt[idx] = torch.from_numpy(local_mask(prompt, lo, width)).to(dev)
         counts = np.zeros(width, dtype=np.int16)
         if output is not None and output.size:
@@ -128,22 +134,20 @@ class ShardTables(HistoryTables):
                               self.breakers if info.dry_breakers else None, kmax=min(info.dry_kmax, self.history_len))
         if not ids.shape[1]:
             return None
-        ids = ids.to(torch.int64).cpu()
-        rows = torch.arange(ids.shape[0])[:, None].expand_as(ids)
+        # on the device, nothing read back: an entry that is not the slice's goes to column V_local (dropped)
+        ids = ids.to(torch.int64)
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
         sel = (ids != DRY_PAD) & (ids >= self.lo) & (ids < self.lo + self.width)
-        if not bool(sel.any()):
-            return None
-        return rows[sel], ids[sel] - self.lo, vals.cpu()[sel].to(torch.float64)
+        cols = torch.where(sel, ids - self.lo, self.width)
+        return rows.reshape(-1), cols.reshape(-1), vals.to(torch.float64).reshape(-1)
 
     @torch.inference_mode(False)
-    def advance(self, slots: list[int], idx: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
-                mu: np.ndarray) -> None:
-        """After a step (slots distinct): steps += valid and ``mu`` stored (host), this slice's count of each valid
-        token (int16, saturating at `COUNT_MAX`), the token appended to the history ring, and a token that left a
-        slot's penalty window taken out of the counts when it is one of the slice's ids."""
-        valid_h = valid.cpu().numpy()
-        self.steps[slots] += valid_h.astype(np.int64)
-        self.mu[slots] = mu
+    def advance(self, idx: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor, mu: torch.Tensor) -> None:
+        """After a step (slots ``idx`` distinct), on the device: steps += valid and ``mu`` stored, this slice's count
+        of each valid token (int16, saturating at `COUNT_MAX`), the token appended to the history ring, and a token
+        that left a slot's penalty window taken out of the counts when it is one of the slice's ids."""
+        self.steps.index_add_(0, idx, valid.to(torch.int64))
+        self.mu.index_copy_(0, idx, mu.to(torch.float32))
         lo, width = self.lo, self.width
         loc = tokens.to(torch.int64) - lo
         mine = valid & (loc >= 0) & (loc < width)

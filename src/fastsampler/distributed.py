@@ -43,12 +43,12 @@ from ._shard import (
     tile_noise,
     token_noise,
     top_values,
+    uniform_word0,
 )
 from ._shard_slots import ShardTables, local_bits
 from ._slots import SlotBook
-from .backends.reference.philox import xtc_uniform
-from .backends.reference.pipeline import F32_OVERFLOW, F32_TINY, LN2, _row_params, dry_penalties, mirostat_v1_k
-from .layout import I_MIN_TOKENS, MAX_COLUMNS, MIROSTAT_M, TILE, int_to_flags
+from .backends.reference.pipeline import F32_OVERFLOW, F32_TINY, LN2, _row_params, dry_penalties
+from .layout import I_MIN_TOKENS, MAX_COLUMNS, MIROSTAT_M, STREAM_XTC, TILE, int_to_flags
 from .output import SampleOutput
 from .params import SamplingParams
 from .sampler import Sampler as _SingleSampler
@@ -56,6 +56,10 @@ from .sampler import Sampler as _SingleSampler
 __all__ = ["sample", "Sampler", "ExchangeStats"]
 
 GATHER_CAP = 64  # k-th largest values up to this k come from gathered top-k lists; beyond, the radix select
+# Whether a step may read device data back to the host: None (default) reads back only on the CPU, where it costs
+# nothing and lets a step skip exchanges no row needs; True forces the path that never reads back (every device but
+# the CPU takes it), False the other. The tokens are the same either way.
+SYNC_FREE: bool | None = None
 
 
 def _f32_range(v: torch.Tensor) -> torch.Tensor:
@@ -65,10 +69,10 @@ def _f32_range(v: torch.Tensor) -> torch.Tensor:
 
 def _shard_bits(mask: torch.Tensor, lo: int, hi: int, width: int, dev: torch.device) -> torch.Tensor:
     """(B, width) bool: the bits of ids ``[lo, hi)`` of a (B, W) int32 bitmask, False beyond ``hi`` (padding)."""
-    ids = torch.arange(lo, hi, dtype=torch.int64)
-    words = mask.cpu()[:, ids >> 5]
+    ids = torch.arange(lo, hi, dtype=torch.int64, device=dev)
+    words = mask.to(dev)[:, ids >> 5]
     bits = ((words >> (ids & 31).to(torch.int32)) & 1).to(torch.bool)
-    return torch.nn.functional.pad(bits, (0, width - (hi - lo)), value=False).to(dev)
+    return torch.nn.functional.pad(bits, (0, width - (hi - lo)), value=False)
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
@@ -173,14 +177,11 @@ def sample(
                        steps=steps, seqs=seqs, mirostat_mu=mirostat_mu, seeds=seeds, prompt_mask=prompt_mask,
                        output_counts=counts_arg, token_bitmask=token_bitmask, eos_token_ids=eos_token_ids)
     pb = param_batch(params, b)
-    seeds_t = batch.seeds.cpu()
+    seeds_d = batch.seeds.to(dev, torch.int64)
     if seeds is None and pb.seeds is None and any(e.seed is None for e in pb.rows):
-        seeds_t = ex.broadcast(seeds_t.to(dev)).cpu()  # fresh random seeds: rank 0's
-    f, i = _host(batch.fparams), _host(batch.iparams)
+        seeds_d = ex.broadcast(seeds_d)  # fresh random seeds: rank 0's
+    f, i = _host(batch.fparams), _host(batch.iparams)  # (packed on the host)
     rows = [_row_params(f[r], i[r]) for r in range(b)]
-    steps_h = _host(batch.steps).astype(np.int64)
-    seqs_h = _host(batch.seqs).astype(np.int64)
-    mu_h = _host(batch.mirostat_mu).astype(np.float32).astype(np.float64)
 
     lo, hi = int(vocab_start), max(min(int(vocab_start) + width, int(vocab_size)), int(vocab_start))
     bias = None
@@ -208,9 +209,17 @@ def sample(
         if ents:
             dry = _local_entries(torch.tensor([e[0] for e in ents]), torch.tensor([e[1] for e in ents]),
                                  torch.tensor([e[2] for e in ents], dtype=torch.float64), lo, hi)
-    shard = _Shard(rows=rows, seeds=seeds_t, steps=steps_h, seqs=seqs_h, mu=mu_h, n_top=int(batch.n_top),
-                   eos=batch.eos_ids.cpu().to(torch.int64), allowed=allowed, prompt=prompt, counts=counts, bias=bias,
-                   dry=dry)
+    eos = batch.eos_ids.cpu().to(torch.int64)
+    eos = eos[(eos >= lo) & (eos < hi)] - lo
+    eos_cols = None
+    if eos.numel() and any(p.ignore_eos or p.min_tokens > 0 for p in rows):
+        eos_cols = torch.zeros(width, dtype=torch.bool)
+        eos_cols[eos] = True
+        eos_cols = eos_cols.to(dev)[None, :].expand(b, width)
+    shard = _Shard(rows=rows, seeds=seeds_d, steps=batch.steps.to(dev, torch.int64),
+                   seqs=batch.seqs.to(dev, torch.int64),
+                   mu=batch.mirostat_mu.to(torch.float32).to(dev, torch.float64), n_top=int(batch.n_top),
+                   eos=eos_cols, allowed=allowed, prompt=prompt, counts=counts, bias=bias, dry=dry)
     out = _sample_shard(ex, local_logits, shard, lo, int(vocab_size), layout)
     out.stopped = stopped_rows(out.tokens, params, eos_token_ids)
     return out
@@ -218,22 +227,27 @@ def sample(
 
 @dataclass
 class _Shard:
-    """What one step needs besides the logits, for this rank's columns: the rows' parameters (`_row_params`) and
-    small state, replicated on every rank, and the vocabulary-sized inputs sliced to the shard.
+    """What one step needs besides the logits, for this rank's columns: the rows' parameters (`_row_params`, on the
+    host: every host-side decision of the pipeline reads only these) and the small per-row state on the logits'
+    device (replicated on every rank), and the vocabulary-sized inputs sliced to the shard.
 
     allowed, prompt : (B, V_local) bool or None (allowed ids after every ban; ids in the prompt)
     counts : (B, V_local) integer tensor or None (generated-token counts of the shard's ids)
     bias, dry : (row, local column, value) int64 / int64 / float64 tensors of the shard's logit-bias entries and DRY
-        penalties, or None
+        penalties, or None; an entry whose column is ``V_local`` (or beyond) is not the shard's and is dropped
+    eos, stop : (B, V_local) bool or None: the shard's EOS ids, banned where the row's step is below its
+        ``min_tokens`` or it ignores EOS, and a request's stop ids, banned where its step is below ``min_tokens``
+        (decided on the device from ``steps``)
     """
 
     rows: list[Any]
-    seeds: torch.Tensor  # (B,) int64, CPU
-    steps: np.ndarray  # (B,) int64
-    seqs: np.ndarray  # (B,) int64
-    mu: np.ndarray  # (B,) float64 (float32 values)
+    seeds: torch.Tensor  # (B,) int64
+    steps: torch.Tensor  # (B,) int64
+    seqs: torch.Tensor  # (B,) int64
+    mu: torch.Tensor  # (B,) float64 (float32 values)
     n_top: int
-    eos: torch.Tensor  # (E,) int64 global ids, CPU
+    eos: torch.Tensor | None = None
+    stop: torch.Tensor | None = None
     allowed: torch.Tensor | None = None
     prompt: torch.Tensor | None = None
     counts: torch.Tensor | None = None
@@ -241,24 +255,60 @@ class _Shard:
     dry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
+class _Params:
+    """The rows' parameters as host arrays (``.h``) and, on first use, as float64 tensors on the device (``.d``)."""
+
+    def __init__(self, rows: list[Any], dev: torch.device) -> None:
+        self.rows, self.dev, self._d = rows, dev, {}
+
+    def h(self, name: str) -> np.ndarray:
+        return np.array([float(getattr(p, name)) for p in self.rows], dtype=np.float64)
+
+    def d(self, name: str) -> torch.Tensor:
+        if name not in self._d:
+            self._d[name] = torch.from_numpy(self.h(name)).to(self.dev)
+        return self._d[name]
+
+    def up(self, a: Any) -> torch.Tensor:
+        """A host array on the device (float64, or bool for a bool array)."""
+        a = np.asarray(a)
+        return torch.from_numpy(a if a.dtype == bool else a.astype(np.float64)).to(self.dev)
+
+
 def _local_entries(rows: torch.Tensor, ids: torch.Tensor, vals: torch.Tensor, lo: int, hi: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The entries ``(row, id, value)`` whose id falls in ``[lo, hi)``, with local columns (None when none)."""
+    """The entries ``(row, id, value)`` whose id falls in ``[lo, hi)``, with local columns (None when none); host
+    tensors."""
     sel = (ids >= lo) & (ids < hi)
     if not bool(sel.any()):
         return None
     return rows[sel].to(torch.int64), ids[sel].to(torch.int64) - lo, vals[sel].to(torch.float64)
 
 
+def _entries_dense(ent: tuple[torch.Tensor, torch.Tensor, torch.Tensor], b: int, width: int, dev: torch.device
+                   ) -> torch.Tensor:
+    """(B, V_local) float64: the entries' values summed into their cells (0 elsewhere); columns ``>= V_local``
+    dropped (into a spare column)."""
+    rr, cc, vv = ent
+    out = torch.zeros(b, width + 1, dtype=torch.float64, device=dev)
+    out.index_put_((rr.to(dev), cc.to(dev).clamp(max=width)), vv.to(dev, torch.float64), accumulate=True)
+    return out[:, :width]
+
+
 def _sample_shard(ex: Exchange, local_logits: torch.Tensor, shard: _Shard, lo: int, vocab_size: int,
                   layout: list[list[int]]) -> SampleOutput:
     """The pipeline of docs/semantics.md on this rank's columns ``[lo, lo + V_local)`` of every row, with the
-    exchanges of docs/distributed.md: `sample` and `Sampler.sample` both end here (``stopped`` is left to them)."""
+    exchanges of docs/distributed.md: `sample` and `Sampler.sample` both end here (``stopped`` is left to them).
+
+    Nothing here reads device data back to the host when ``ex.sync_free``: which exchanges run is decided from the
+    rows' parameters (the same on every rank), and every per-row decision that depends on the logits (validity,
+    thresholds, Mirostat's k and mu, the dynamic temperature, XTC's coin) is a device tensor."""
     dev = local_logits.device
     b, width = local_logits.shape
-    rows, seeds_t, steps_h, seqs_h, mu_h = shard.rows, shard.seeds, shard.steps, shard.seqs, shard.mu
-    seeds_d, steps_d, seqs_d = seeds_t.to(dev), torch.from_numpy(steps_h).to(dev), torch.from_numpy(seqs_h).to(dev)
-    hi = max(min(lo + width, vocab_size), lo)
+    ex.sync_free = dev.type != "cpu" if SYNC_FREE is None else bool(SYNC_FREE)
+    rows = shard.rows
+    P = _Params(rows, dev)
+    seeds_d, steps_d, seqs_d = shard.seeds, shard.steps, shard.seqs
     gid = torch.arange(lo, lo + width, dtype=torch.int64, device=dev)
     real = (gid < vocab_size)[None, :].expand(b, width)
     x = local_logits.detach().to(torch.float64)
@@ -266,18 +316,14 @@ def _sample_shard(ex: Exchange, local_logits: torch.Tensor, shard: _Shard, lo: i
     # ------------------------------------------------------------------------------------- stages A to C
     l = torch.where(real, x, -torch.inf)
     if shard.bias is not None:
-        rr, cc, vv = shard.bias
-        l.index_put_((rr.to(dev), cc.to(dev)), vv.to(dev), accumulate=True)
+        l = l + _entries_dense(shard.bias, b, width, dev)
     if shard.allowed is not None:
         l = torch.where(shard.allowed.to(dev), l, -torch.inf)
-    eos = shard.eos
-    eos = eos[(eos >= lo) & (eos < hi)] - lo
-    if eos.numel():
-        ban = torch.tensor([bool(p.ignore_eos) or int(steps_h[r]) < p.min_tokens for r, p in enumerate(rows)])
-        if bool(ban.any()):
-            cols = torch.zeros(width, dtype=torch.bool)
-            cols[eos] = True
-            l = torch.where((ban[:, None] & cols[None, :]).to(dev), -torch.inf, l)
+    if shard.eos is not None:
+        ban = (P.d("ignore_eos") > 0) | (steps_d < P.d("min_tokens"))
+        l = torch.where(ban[:, None] & shard.eos.to(dev), -torch.inf, l)
+    if shard.stop is not None:
+        l = torch.where((steps_d < P.d("min_tokens"))[:, None] & shard.stop.to(dev), -torch.inf, l)
     counts = None if shard.counts is None else shard.counts.to(dev, torch.int64)
     if counts is not None:
         counts = counts.clamp(min=0)  # a negative count counts as 0 (§3 C)
@@ -286,22 +332,23 @@ def _sample_shard(ex: Exchange, local_logits: torch.Tensor, shard: _Shard, lo: i
         seen = torch.zeros(b, width, dtype=torch.bool, device=dev)
     if shard.prompt is not None:
         seen = seen | shard.prompt.to(dev)
-    rep = torch.tensor([p.repetition_penalty for p in rows], dtype=torch.float64, device=dev)[:, None]
-    if bool((rep != 1.0).any()):
+    if (P.h("repetition_penalty") != 1.0).any():
+        rep = P.d("repetition_penalty")[:, None]
         l = torch.where(seen, torch.where(l > 0, l / rep, l * rep), l)
-    freq = torch.tensor([p.frequency_penalty for p in rows], dtype=torch.float64, device=dev)[:, None]
-    pres = torch.tensor([p.presence_penalty for p in rows], dtype=torch.float64, device=dev)[:, None]
-    if counts is not None and bool(((freq != 0.0) | (pres != 0.0)).any()):
-        l = l - (counts.to(torch.float64) * freq + (counts > 0).to(torch.float64) * pres)
+    freq_h, pres_h = P.h("frequency_penalty"), P.h("presence_penalty")
+    if counts is not None and ((freq_h != 0.0) | (pres_h != 0.0)).any():
+        l = l - (counts.to(torch.float64) * P.d("frequency_penalty")[:, None]
+                 + (counts > 0).to(torch.float64) * P.d("presence_penalty")[:, None])
     if shard.dry is not None:  # DRY, after the frequency and presence penalties (-inf stays -inf)
-        rr, cc, vv = shard.dry
-        l.index_put_((rr.to(dev), cc.to(dev)), -vv.to(dev), accumulate=True)
+        l = l - _entries_dense(shard.dry, b, width, dev)
     l = _f32_range(l)
 
     # ------------------------------------------------------------------ whole-row statistics, temperature (D)
-    greedy = np.array([float(p.temperature) == 0.0 for p in rows])
-    dyn = np.array([float(p.dynatemp_range) > 0.0 and not g for p, g in zip(rows, greedy, strict=True)])
-    nsig = np.array([float(p.top_n_sigma) > 0.0 for p in rows]) & ~greedy
+    temps_h = P.h("temperature")
+    greedy = temps_h == 0.0
+    dyn = (P.h("dynatemp_range") > 0.0) & ~greedy
+    nsig = (P.h("top_n_sigma") > 0.0) & ~greedy
+    greedy_d = P.up(greedy)
     fin_l = torch.isfinite(l)
     bad = lambda v: ((torch.isnan(v) | (v == torch.inf)) & real).any(1).to(torch.float64)
     lmax = torch.where(fin_l, l, -torch.inf)
@@ -310,21 +357,13 @@ def _sample_shard(ex: Exchange, local_logits: torch.Tensor, shard: _Shard, lo: i
     fin_x = torch.isfinite(x) & real
     part1 = [torch.stack((bad(x), bad(l), (gid[arg_j]).to(torch.float64), x_at, arg_v), 1), row_stats(l, fin_l),
              row_stats(x, fin_x)]
-
-    def z_of(temps: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.where(greedy, 1.0, temps)).to(dev)[:, None]
-        return torch.where(torch.from_numpy(greedy).to(dev)[:, None], l, _f32_range(l / t))
-
-    def z_part(z: torch.Tensor) -> list[torch.Tensor]:
-        fz = torch.isfinite(z)
-        out = [bad(z)[:, None], row_stats(z, fz)]
-        if nsig.any():
-            out.append(moments(z, fz))
-        return out
-
-    temps = np.array([float(p.temperature) for p in rows])
-    z = z_of(temps)
-    g1 = ex.gather(torch.cat([*part1, *z_part(z)], 1))  # one exchange for l, x and z
+    temps_d = P.up(np.where(greedy, 1.0, temps_h))
+    z = torch.where(greedy_d[:, None], l, _f32_range(l / temps_d[:, None]))
+    fz = torch.isfinite(z)
+    part2 = [bad(z)[:, None], row_stats(z, fz)]
+    if nsig.any():
+        part2.append(moments(z, fz))
+    g1 = ex.gather(torch.cat([*part1, *part2], 1))  # one exchange for l, x and z
     # greedy token: the largest l, ties to the lowest id (ranks hold ascending ids: the first rank wins a tie)
     best = g1[:, :, 4].argmax(0)  # (the first rank with the maximum)
     pick = lambda col: g1[:, :, col].gather(0, best[None])[0]
@@ -338,64 +377,51 @@ def _sample_shard(ex: Exchange, local_logits: torch.Tensor, shard: _Shard, lo: i
     n_z, m_z, lns_z, _ = merge_stats(g2[:, :, 1:5])
     std_z = merge_moments(g2[:, :, 5:8]) if nsig.any() else None
     valid = valid & ~bad_z & (n_z > 0)
-    valid_h = _host(valid)
     z = torch.where(valid[:, None], z, -torch.inf)
-    samp_h = valid_h & ~greedy
-    keep = torch.isfinite(z) & torch.from_numpy(samp_h).to(dev)[:, None]
+    samp = valid & ~greedy_d  # (device) the rows that draw
+    keep = torch.isfinite(z) & samp[:, None]
 
     # ------------------------------------------------------------------------------------ truncation (E)
-    keep = _truncate(ex, z, keep, rows, samp_h, mu_h, int(vocab_size), n_z, m_z, lns_z, std_z,
-                     seeds_t, steps_h, seqs_h)
+    keep = _truncate(ex, z, keep, P, ~greedy, samp, shard, int(vocab_size), n_z, m_z, lns_z, std_z)
     # the dynamic temperature of the kept set (§3 E): the entropy of softmax(l) over it, then z' = l / T' there
     zd = z
-    dyn_h = samp_h & dyn
-    if dyn_h.any():
+    if dyn.any():
+        dd = P.up(dyn) & samp
         n_s, _, _, h_s = merge_stats(ex.gather(row_stats(l, keep)))
-        n_h, h_h = _host(n_s), _host(h_s)
-        for r in np.nonzero(dyn_h)[0]:
-            p = rows[r]
-            if n_h[r] > 1:
-                t, delta = float(p.temperature), float(p.dynatemp_range)
-                t_min, t_max = max(0.0, t - delta), t + delta
-                t_dyn = t_min + (t_max - t_min) * (max(float(h_h[r]), 0.0) / math.log(n_h[r])) ** float(
-                    p.dynatemp_exponent)
-                temps[r] = max(t_dyn, F32_TINY)
-        dd = torch.from_numpy(dyn_h).to(dev)[:, None]
-        zd = torch.where(dd & keep, _f32_range(l / torch.from_numpy(temps).to(dev)[:, None]), z)
-        over = _host(ex.sum(((zd == torch.inf) & keep).sum(1, keepdim=True).to(torch.float64))[:, 0]) > 0
-        keep = keep & ~(dd & (zd == -torch.inf))  # (a kept token whose z' underflows leaves the set)
-        left = _host(ex.sum(keep.sum(1, keepdim=True).to(torch.float64))[:, 0]) > 0
-        lost = dyn_h & (over | ~left)  # z' overflows (or nothing is left): the row is invalid (§5)
-        if lost.any():
-            valid_h = valid_h & ~lost
-            samp_h = samp_h & ~lost
-            keep = keep & torch.from_numpy(~lost).to(dev)[:, None]
+        t_min = P.up(np.maximum(0.0, temps_h - P.h("dynatemp_range")))
+        t_max = P.up(temps_h + P.h("dynatemp_range"))
+        frac = torch.clamp(h_s, min=0.0) / torch.log(torch.clamp(n_s, min=2.0))
+        t_dyn = torch.clamp(t_min + (t_max - t_min) * frac ** P.d("dynatemp_exponent"), min=F32_TINY)
+        t_row = torch.where(dd & (n_s > 1), t_dyn, temps_d)
+        zd = torch.where(dd[:, None] & keep, _f32_range(l / t_row[:, None]), z)
+        cnt = ex.sum(torch.stack((((zd == torch.inf) & keep).sum(1), (keep & (zd > -torch.inf)).sum(1)), 1)
+                     .to(torch.float64))
+        keep = keep & ~(dd[:, None] & (zd == -torch.inf))  # (a kept token whose z' underflows leaves the set)
+        lost = dd & ((cnt[:, 0] > 0) | (cnt[:, 1] == 0))  # z' overflows (or nothing is left): invalid (§5)
+        valid, samp = valid & ~lost, samp & ~lost
+        keep = keep & ~lost[:, None]
 
     # --------------------------------------------------------------------------------------- the draw (F)
     gk = merge_stats(ex.gather(row_stats(zd, keep)))
     _, m_k, lns_k, _ = gk
     mk_safe = torch.where(torch.isfinite(m_k), m_k, 0.0)
-    tokens = torch.full((b,), -1, dtype=torch.int64, device=dev)
-    z_tok = torch.zeros(b, dtype=torch.float64, device=dev)
-    x_tok = torch.zeros(b, dtype=torch.float64, device=dev)
-    gr_d = torch.from_numpy(greedy & valid_h).to(dev)
-    tokens = torch.where(gr_d, g_tok.to(torch.int64), tokens)
-    z_tok = torch.where(gr_d, pick(4), z_tok)
-    x_tok = torch.where(gr_d, g_x, x_tok)
+    gr = greedy_d & valid
+    tokens = torch.where(gr, g_tok.to(torch.int64), -1)
+    z_tok = torch.where(gr, pick(4), 0.0)
+    x_tok = torch.where(gr, g_x, 0.0)
     zd_tok = z_tok
-    if samp_h.any():
+    if (~greedy).any():
         st, zdt, xt, zt = _draw(ex, zd, x, z, keep, mk_safe, gid, lo, layout, seeds_d, steps_d, seqs_d)
-        sd = torch.from_numpy(samp_h).to(dev)
-        tokens, z_tok, x_tok = torch.where(sd, st, tokens), torch.where(sd, zt, z_tok), torch.where(sd, xt, x_tok)
-        zd_tok = torch.where(sd, zdt, z_tok)
+        tokens, z_tok, x_tok = torch.where(samp, st, tokens), torch.where(samp, zt, z_tok), torch.where(samp, xt, x_tok)
+        zd_tok = torch.where(samp, zdt, z_tok)
 
     # ---------------------------------------------------------------------------------------- Mirostat mu
-    mu_out = mu_h.copy()
-    fl_tok = _host((zd_tok - mk_safe) - lns_k)
-    for r, p in enumerate(rows):
-        if samp_h[r] and p.mirostat_mode:
-            surprise = -float(fl_tok[r]) / LN2
-            mu_out[r] = mu_h[r] - float(p.mirostat_lr) * (surprise - float(p.mirostat_target))
+    mu = shard.mu.to(dev, torch.float64)
+    miro = P.h("mirostat_mode") > 0
+    if miro.any():
+        surprise = -((zd_tok - mk_safe) - lns_k) / LN2
+        upd = mu - P.d("mirostat_lr") * (surprise - P.d("mirostat_target"))
+        mu = torch.where(samp & P.up(miro), upd, mu)
 
     # ------------------------------------------------------------------------------------------- logprobs
     n_top = shard.n_top
@@ -403,15 +429,13 @@ def _sample_shard(ex: Exchange, local_logits: torch.Tensor, shard: _Shard, lo: i
     ranks = torch.full((b,), -1, dtype=torch.int64, device=dev)
     top_ids = torch.full((b, n_top), -1, dtype=torch.int64, device=dev)
     top_lps = torch.full((b, n_top), math.nan, dtype=torch.float64, device=dev)
-    want = valid_h & np.array([bool(p.logprobs) for p in rows])
-    if want.any():
-        lp_out, ranks, top_ids, top_lps = _logprobs(ex, rows, want, greedy, x, z, zd, keep, real, gid, tokens, x_tok,
-                                                    z_tok, zd_tok, (m_x, lns_x), (m_z, lns_z), (mk_safe, lns_k),
-                                                    n_top, int(vocab_size))
-    out = SampleOutput(tokens=tokens, valid=torch.from_numpy(valid_h).to(dev), logprobs=lp_out.to(torch.float32),
-                       top_logprob_ids=top_ids, top_logprobs=top_lps.to(torch.float32), ranks=ranks,
-                       mirostat_mu=torch.from_numpy(mu_out.astype(np.float32)).to(dev))
-    return out
+    want_h = np.array([bool(p.logprobs) for p in rows])
+    if want_h.any():
+        lp_out, ranks, top_ids, top_lps = _logprobs(ex, rows, valid & P.up(want_h), greedy_d, x, z, zd, keep, real,
+                                                    gid, tokens, x_tok, z_tok, zd_tok, (m_x, lns_x), (m_z, lns_z),
+                                                    (mk_safe, lns_k), n_top, int(vocab_size))
+    return SampleOutput(tokens=tokens, valid=valid, logprobs=lp_out.to(torch.float32), top_logprob_ids=top_ids,
+                        top_logprobs=top_lps.to(torch.float32), ranks=ranks, mirostat_mu=mu.to(torch.float32))
 
 
 def _check_layout(ex: Exchange, start: int, width: int, b: int, vocab: int, dev: torch.device) -> list[list[int]]:
@@ -431,145 +455,146 @@ def _check_layout(ex: Exchange, start: int, width: int, b: int, vocab: int, dev:
     return lay
 
 
-def _truncate(ex: Exchange, z: torch.Tensor, keep: torch.Tensor, rows: list[Any], samp: np.ndarray, mu: np.ndarray,
-              vocab: int, n_z: torch.Tensor, m_z: torch.Tensor, lns_z: torch.Tensor, std_z: torch.Tensor | None,
-              seeds: torch.Tensor, steps: np.ndarray, seqs: np.ndarray) -> torch.Tensor:
+def _truncate(ex: Exchange, z: torch.Tensor, keep: torch.Tensor, P: _Params, cand: np.ndarray, samp: torch.Tensor,
+              shard: _Shard, vocab: int, n_z: torch.Tensor, m_z: torch.Tensor, lns_z: torch.Tensor,
+              std_z: torch.Tensor | None) -> torch.Tensor:
     """Stage E on the shard (docs/semantics.md §3 E): every threshold decided from exchanged statistics, exactly as
-    the reference decides it. Rows that do not use a rule are not changed by it; a rule's exchanges run only when
-    some row uses it (every rank knows the params, so every rank runs the same exchanges)."""
+    the reference decides it. ``cand`` (host) are the rows that may draw (by their parameters), ``samp`` (device)
+    those that do. Rows that do not use a rule are not changed by it; a rule's exchanges run only when some row's
+    parameters use it (every rank knows the params, so every rank runs the same exchanges), and off
+    ``ex.sync_free`` also only when some row's data needs them."""
     b, dev = z.shape[0], z.device
-    mode = np.array([int(p.mirostat_mode) for p in rows])
-    mk = np.array([int(p.min_keep) for p in rows])
-    nz, mz, lnsz = _host(n_z), _host(m_z), _host(lns_z)
-    on = lambda m: torch.from_numpy(np.asarray(m, dtype=bool)).to(dev)[:, None]
-    tens = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64)).to(dev)
+    mode = P.h("mirostat_mode").astype(np.int64)
+    mk_h = P.h("min_keep").astype(np.int64)
+    mk = P.d("min_keep")
     mz_safe = torch.where(torch.isfinite(m_z), m_z, 0.0)
+    on = lambda m: P.up(m)[:, None] & samp[:, None]  # (B, 1): the rule's rows (host) that draw (device)
 
-    def survivors() -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def survivors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         n, m, lns, h = merge_stats(ex.gather(row_stats(z, keep)))
-        return _host(n), torch.where(torch.isfinite(m), m, 0.0), lns, h
+        return n, torch.where(torch.isfinite(m), m, 0.0), lns, h
+
+    def lowered(rule: np.ndarray, thr: torch.Tensor) -> torch.Tensor:
+        """``thr`` lowered to the ``min_keep``-th largest survivor where fewer survivors reach it."""
+        cnt = ex.sum(torch.stack(((keep & (z >= thr[:, None])).sum(1), keep.sum(1)), 1).to(torch.float64))
+        need = torch.where(P.up(rule) & (cnt[:, 0] < mk), torch.minimum(mk, cnt[:, 1]), 0.0).to(torch.int64)
+        kmax = int(mk_h[rule].max()) if rule.any() else 0
+        if kmax > 0 and ex.may(need > 0):
+            kth = ex.kth_largest(z, keep, need, kmax, GATHER_CAP)
+            thr = torch.where(need > 0, torch.minimum(thr, kth), thr)
+        return thr
 
     # Mirostat v2: keep ln q >= -mu ln 2, or the tokens tied at the maximum when none qualifies
-    v2 = samp & (mode == 2)
+    v2 = cand & (mode == 2)
     if v2.any():
         lq = (z - mz_safe[:, None]) - lns_z[:, None]
-        cut = tens(np.where(v2, -mu * LN2, 0.0))[:, None]
-        k2 = keep & (lq >= cut)
+        k2 = keep & (lq >= (-shard.mu.to(dev, torch.float64) * LN2)[:, None])
         none = ex.sum(k2.sum(1, keepdim=True).to(torch.float64))[:, 0] == 0
         k2 = torch.where(none[:, None], keep & (z == mz_safe[:, None]), k2)
         keep = torch.where(on(v2), k2, keep)
     # Mirostat v1: k from the 100 most probable tokens (every rank's top 100, merged), then the top k with ties
-    v1 = samp & (mode == 1)
+    v1 = cand & (mode == 1)
     if v1.any():
         top = ex.gather(top_values(z, keep, MIROSTAT_M))
         top = torch.sort(top.permute(1, 0, 2).reshape(b, -1), dim=1, descending=True).values[:, :MIROSTAT_M]
-        top_h = _host(top)
-        kk = np.zeros(b, dtype=np.int64)
-        for r in np.nonzero(v1)[0]:
-            n = int(nz[r])
-            m = min(MIROSTAT_M, n)
-            lq = (top_h[r, :m] - mz[r]) - lnsz[r]
-            kf = mirostat_v1_k(lq, float(mu[r]), vocab)
-            if math.isnan(kf):
-                kf = float(vocab)
-            k = int(min(max(math.floor(kf), 1), vocab)) if math.isfinite(kf) else vocab
-            kk[r] = k if k < n else 0
-        if kk.any():
-            thr = torch.where(tens(kk <= MIROSTAT_M) > 0, top.gather(1, torch.from_numpy(
-                np.clip(kk - 1, 0, MIROSTAT_M - 1)).to(dev)[:, None])[:, 0], -torch.inf)
-            far = np.where(kk > MIROSTAT_M, kk, 0)
-            if far.any():
-                thr = torch.where(tens(far > 0) > 0, ex.kth_largest(z, keep, torch.from_numpy(far).to(dev), 0), thr)
-            keep = torch.where(on(kk > 0), keep & (z >= thr[:, None]), keep)
-    rules = samp & (mode == 0)
+        kk = _mirostat_v1_k(top, n_z, mz_safe, lns_z, shard.mu.to(dev, torch.float64), vocab)
+        kk = torch.where(P.up(v1) & samp, kk, 0)
+        near = top.gather(1, (kk.clamp(min=1, max=MIROSTAT_M) - 1)[:, None])[:, 0]
+        thr = torch.where(kk <= MIROSTAT_M, near, -torch.inf)
+        far = torch.where(kk > MIROSTAT_M, kk, 0)
+        if ex.may(far > 0):
+            thr = torch.where(far > 0, ex.kth_largest(z, keep, far, vocab, 0), thr)
+        keep = torch.where((kk > 0)[:, None], keep & (z >= thr[:, None]), keep)
+    rules = cand & (mode == 0)
     # 1. top-k: the k'-th largest survivor, k' = max(k, min_keep)
-    kp = np.array([max(int(p.top_k), m) if int(p.top_k) > 0 else 0 for p, m in zip(rows, mk, strict=True)])
-    kp = np.where(rules & (kp > 0) & (kp < nz), kp, 0)
-    if kp.any():
-        thr = ex.kth_largest(z, keep, torch.from_numpy(kp).to(dev), GATHER_CAP)
-        keep = torch.where(on(kp > 0), keep & (z >= thr[:, None]), keep)
+    kp_h = np.where(rules & (P.h("top_k") > 0), np.maximum(P.h("top_k"), mk_h), 0).astype(np.int64)
+    if kp_h.any():
+        kp = torch.from_numpy(kp_h).to(dev)
+        kp = torch.where(kp < n_z, kp, 0)
+        thr = ex.kth_largest(z, keep, kp, int(kp_h.max()), GATHER_CAP)
+        keep = torch.where(on(kp_h > 0) & (kp > 0)[:, None], keep & (z >= thr[:, None]), keep)
     # 2. top-p: the largest value whose mass at or above reaches p (and keeps min_keep), q over the survivors
-    tp = rules & np.array([float(p.top_p) < 1.0 for p in rows])
+    tp = rules & (P.h("top_p") < 1.0)
     if tp.any():
         _, m_s, lns_s, _ = survivors()
         w = torch.exp((z - m_s[:, None]) - lns_s[:, None])
-        v = ex.select(z, w, keep, tens(np.where(tp, mk, 0)), tens([float(p.top_p) if t else -math.inf
-                                                                  for p, t in zip(rows, tp, strict=True)]))
+        v = ex.select(z, w, keep & on(tp), P.up(np.where(tp, mk_h, 0)), P.up(np.where(tp, P.h("top_p"), -math.inf)))
         keep = torch.where(on(tp), keep & (z >= v[:, None]), keep)
     # 3. min-p, epsilon, top-n-sigma: thresholds of the whole distribution, lowered to keep min_keep
-    mp = rules & np.array([float(p.min_p) > 0 or float(p.epsilon_cutoff) > 0 or float(p.top_n_sigma) > 0
-                           for p in rows])
+    min_p, eps, ns = P.h("min_p"), P.h("epsilon_cutoff"), P.h("top_n_sigma")
+    mp = rules & ((min_p > 0) | (eps > 0) | (ns > 0))
     if mp.any():
-        sz = _host(std_z) if std_z is not None else None
-        thr = np.full(b, -math.inf)
-        for r in np.nonzero(mp)[0]:
-            p, top_z, t = rows[r], float(mz[r]), -math.inf
-            if p.min_p > 0.0:
-                t = top_z + math.log(float(p.min_p))
-            if p.epsilon_cutoff > 0.0:
-                t = max(t, top_z + math.log(float(p.epsilon_cutoff)) + float(lnsz[r]))
-            if p.top_n_sigma > 0.0:
-                t = max(t, top_z - float(p.top_n_sigma) * float(sz[r]))
-            thr[r] = min(t, top_z)
-        thr_d = tens(thr)
-        cnt = ex.sum(torch.stack(((keep & (z >= thr_d[:, None])).sum(1), keep.sum(1)), 1).to(torch.float64))
-        cnt_h = _host(cnt)
-        need = np.where(mp & (cnt_h[:, 0] < mk), np.minimum(mk, cnt_h[:, 1]).astype(np.int64), 0)
-        if need.any():
-            kth = ex.kth_largest(z, keep, torch.from_numpy(need).to(dev), GATHER_CAP)
-            thr_d = torch.where(tens(need > 0) > 0, torch.minimum(thr_d, kth), thr_d)
-        keep = torch.where(on(mp), keep & (z >= thr_d[:, None]), keep)
+        ln_minp, ln_eps = _hlog(min_p), _hlog(eps)
+        t = torch.where(P.up(min_p > 0), mz_safe + P.up(ln_minp), -torch.inf)
+        t = torch.where(P.up(eps > 0), torch.maximum(t, mz_safe + P.up(np.where(eps > 0, ln_eps, 0.0)) + lns_z), t)
+        if std_z is not None:
+            t = torch.where(P.up(ns > 0), torch.maximum(t, mz_safe - P.up(ns) * std_z), t)
+        thr = lowered(mp, torch.minimum(t, mz_safe))
+        keep = torch.where(on(mp), keep & (z >= thr[:, None]), keep)
     # 4. typical-p: scores |-ln q - H| over the survivors, the smallest first until the mass reaches tau
-    ty = rules & np.array([float(p.typical_p) < 1.0 for p in rows])
+    ty = rules & (P.h("typical_p") < 1.0)
     if ty.any():
         _, m_s, lns_s, h_s = survivors()
         lq = (z - m_s[:, None]) - lns_s[:, None]
         neg_s = -torch.abs(-lq - h_s[:, None])
-        v = ex.select(neg_s, torch.exp(lq), keep, tens(np.where(ty, mk, 0)),
-                      tens([float(p.typical_p) if t else -math.inf for p, t in zip(rows, ty, strict=True)]))
+        v = ex.select(neg_s, torch.exp(lq), keep & on(ty), P.up(np.where(ty, mk_h, 0)),
+                      P.up(np.where(ty, P.h("typical_p"), -math.inf)))
         keep = torch.where(on(ty), keep & (neg_s >= v[:, None]), keep)
     # 5. eta: q >= min(eta, sqrt(eta) e^-H), q and H over the survivors, lowered to keep min_keep
-    et = rules & np.array([float(p.eta_cutoff) > 0.0 for p in rows])
+    eta = P.h("eta_cutoff")
+    et = rules & (eta > 0.0)
     if et.any():
         _, m_s, lns_s, h_s = survivors()
-        ms_h, lns_h, hs_h = _host(m_s), _host(lns_s), _host(h_s)
-        thr = np.full(b, -math.inf)
-        for r in np.nonzero(et)[0]:
-            eta = float(rows[r].eta_cutoff)
-            thr[r] = min(float(ms_h[r]), float(ms_h[r]) + float(lns_h[r]) + min(math.log(eta),
-                                                                               0.5 * math.log(eta) - float(hs_h[r])))
-        thr_d = tens(thr)
-        cnt = _host(ex.sum(torch.stack(((keep & (z >= thr_d[:, None])).sum(1), keep.sum(1)), 1).to(torch.float64)))
-        need = np.where(et & (cnt[:, 0] < mk), np.minimum(mk, cnt[:, 1]).astype(np.int64), 0)
-        if need.any():
-            kth = ex.kth_largest(z, keep, torch.from_numpy(need).to(dev), GATHER_CAP)
-            thr_d = torch.where(tens(need > 0) > 0, torch.minimum(thr_d, kth), thr_d)
-        keep = torch.where(on(et), keep & (z >= thr_d[:, None]), keep)
+        ln_eta = _hlog(np.where(et, eta, 1.0))
+        thr = torch.minimum(m_s, m_s + lns_s + torch.minimum(P.up(ln_eta), P.up(0.5 * ln_eta) - h_s))
+        thr = lowered(et, torch.where(P.up(et), thr, -torch.inf))
+        keep = torch.where(on(et), keep & (z >= thr[:, None]), keep)
     # 6. XTC: its coin (Philox stream 3), then the survivors above the least likely top choice removed
-    xp = rules & np.array([float(p.xtc_probability) > 0.0 for p in rows])
+    xp = rules & (P.h("xtc_probability") > 0.0)
     if xp.any():
-        for r in np.nonzero(xp)[0]:
-            seed = int(seeds[r]) & 0xFFFFFFFFFFFFFFFF
-            xp[r] = xtc_uniform(seed, int(steps[r]), int(seqs[r])) < float(rows[r].xtc_probability)
-    if xp.any():
+        coin = uniform_word0(shard.seeds.to(dev), shard.steps.to(dev), shard.seqs.to(dev), STREAM_XTC)
+        xp_d = P.up(xp) & samp & (coin < P.d("xtc_probability"))
         _, m_s, lns_s, _ = survivors()
-        ms_h, lns_h = _host(m_s), _host(lns_s)
-        cut = np.full(b, math.inf)
-        for r in np.nonzero(xp)[0]:
-            theta = float(rows[r].xtc_threshold)
-            cut[r] = float(ms_h[r]) + float(lns_h[r]) + (math.log(theta) if theta > 0.0 else -math.inf)
-        top = keep & (z >= tens(cut)[:, None])
-        part = torch.stack((top.sum(1).to(torch.float64), torch.where(top, -z, -torch.inf).max(1).values), 1)
-        g = ex.gather(part)
+        theta = P.h("xtc_threshold")
+        ln_theta = _hlog(theta)
+        cut = torch.where(xp_d, m_s + lns_s + P.up(ln_theta), torch.inf)
+        top = keep & (z >= cut[:, None])
+        g = ex.gather(torch.stack((top.sum(1).to(torch.float64), torch.where(top, -z, -torch.inf).max(1).values), 1))
         n_top, a = g[:, :, 0].sum(0), -g[:, :, 1].max(0).values
-        act = xp & (_host(n_top) >= 2)
-        if act.any():
-            a_d = torch.where(tens(act) > 0, a, torch.inf)
-            rest = keep & (z <= a_d[:, None])
-            n_rest = _host(ex.sum(rest.sum(1, keepdim=True).to(torch.float64))[:, 0])
-            act = act & (n_rest >= mk)
-            keep = torch.where(on(act), rest, keep)
+        act = xp_d & (n_top >= 2)
+        rest = keep & (z <= torch.where(act, a, torch.inf)[:, None])
+        n_rest = ex.sum(rest.sum(1, keepdim=True).to(torch.float64))[:, 0]
+        act = act & (n_rest >= mk)
+        keep = torch.where(act[:, None], rest, keep)
     return keep
+
+
+def _hlog(a: np.ndarray) -> np.ndarray:
+    """``math.log`` of each parameter (``-inf`` at 0): the host logs the reference takes."""
+    return np.array([math.log(v) if v > 0.0 else -math.inf for v in np.asarray(a, dtype=np.float64)])
+
+
+def _mirostat_v1_k(top: torch.Tensor, n: torch.Tensor, m: torch.Tensor, lns: torch.Tensor, mu: torch.Tensor,
+                   vocab: int) -> torch.Tensor:
+    """(B,) int64 Mirostat v1's k of each row (0: the row keeps every candidate) from its ``MIROSTAT_M`` largest
+    ``z`` (descending), its count of candidates and its (max, ln Σ): `reference.mirostat_v1_k`, then the floor and
+    clamp of docs/semantics.md §3 E, on the device."""
+    mm = torch.clamp(n, max=float(MIROSTAT_M))
+    lq = (top - m[:, None]) - lns[:, None]
+    i = torch.arange(MIROSTAT_M - 1, dtype=torch.float64, device=top.device)
+    t = torch.log((i + 2.0) / (i + 1.0))
+    pair = (i[None, :] + 1.0) < mm[:, None]  # pairs (i, i + 1) among the m largest
+    bb = torch.where(pair, lq[:, :-1] - lq[:, 1:], 0.0)
+    s = (t * bb).sum(1) / torch.where(pair, t * t, 0.0).sum(1).clamp(min=1e-300)
+    eps = s - 1.0
+    two_mu = torch.pow(2.0, mu)
+    v = float(vocab)
+    base = torch.where(eps.abs() < 1e-6, two_mu / math.log(v), (eps * two_mu) / (1.0 - torch.pow(v, -eps)))
+    k = torch.where(s != 0, torch.pow(base, 1.0 / torch.where(s != 0, s, 1.0)),
+                    torch.where(base > 1, torch.inf, torch.where(base == 1, 1.0, 0.0)))
+    k = torch.where((mm < 2) | torch.isnan(k), v, k)
+    kk = torch.where(torch.isfinite(k), torch.clamp(torch.floor(torch.nan_to_num(k, posinf=v)), 1.0, v), v)
+    return torch.where(kk < n, kk, 0.0).to(torch.int64)
 
 
 def _draw(ex: Exchange, z: torch.Tensor, x: torch.Tensor, z_proc: torch.Tensor, keep: torch.Tensor, m_k: torch.Tensor,
@@ -621,7 +646,7 @@ def _draw(ex: Exchange, z: torch.Tensor, x: torch.Tensor, z_proc: torch.Tensor, 
     return pick(1).to(torch.int64), pick(2), pick(3), pick(5)
 
 
-def _logprobs(ex: Exchange, rows: list[Any], want: np.ndarray, greedy: np.ndarray, x: torch.Tensor, z: torch.Tensor,
+def _logprobs(ex: Exchange, rows: list[Any], want: torch.Tensor, greedy: torch.Tensor, x: torch.Tensor, z: torch.Tensor,
               zd: torch.Tensor, keep: torch.Tensor, real: torch.Tensor, gid: torch.Tensor, tokens: torch.Tensor,
               x_tok: torch.Tensor, z_tok: torch.Tensor, zd_tok: torch.Tensor, raw: tuple[torch.Tensor, torch.Tensor],
               proc: tuple[torch.Tensor, torch.Tensor], fin: tuple[torch.Tensor, torch.Tensor], n_top: int, vocab: int
@@ -636,7 +661,7 @@ def _logprobs(ex: Exchange, rows: list[Any], want: np.ndarray, greedy: np.ndarra
     lp_raw = _f32_range((x - safe(raw[0])[:, None]) - raw[1][:, None])
     lp_proc = _f32_range((z - safe(proc[0])[:, None]) - proc[1][:, None])
     lp_fin = torch.where(keep, _f32_range((zd - fin[0][:, None]) - fin[1][:, None]), -torch.inf)
-    gr = torch.from_numpy(greedy).to(dev)[:, None]
+    gr = greedy[:, None]
     lp_fin = torch.where(gr, torch.where(gid[None, :] == tokens[:, None], 0.0, -torch.inf), lp_fin)
     t_raw = _f32_range((x_tok - safe(raw[0])) - raw[1])
     t_proc = _f32_range((z_tok - safe(proc[0])) - proc[1])
@@ -644,7 +669,7 @@ def _logprobs(ex: Exchange, rows: list[Any], want: np.ndarray, greedy: np.ndarra
     sel = lambda a, bb, c: torch.where(torch.from_numpy(modes == "raw").to(dev).reshape(
         (-1,) + (1,) * (a.dim() - 1)), a, torch.where(torch.from_numpy(modes == "processed").to(dev).reshape(
             (-1,) + (1,) * (a.dim() - 1)), bb, c))
-    wd = torch.from_numpy(want).to(dev)
+    wd = want
     lp = torch.where(real & wd[:, None], sel(lp_raw, lp_proc, lp_fin), -torch.inf)
     lp = torch.where(torch.isnan(lp), -torch.inf, lp)
     lp_tok = sel(t_raw, t_proc, t_fin)
@@ -742,6 +767,13 @@ class Sampler:
         self._eos_host = tuple(int(t) for t in eos)
         self._eos = torch.tensor(self._eos_host, dtype=torch.int64)
         self._device = torch.device(device)
+        lo, width = self._lo, self._width
+        mine = [e - lo for e in self._eos_host if lo <= e < lo + width]
+        self._eos_cols = None  # (V_local,) bool: the EOS ids among the slice's columns
+        if mine:
+            self._eos_cols = torch.zeros(width, dtype=torch.bool)
+            self._eos_cols[mine] = True
+            self._eos_cols = self._eos_cols.to(self._device)
         self._group = group
         # every rank's [vocab_start, local_size, max_slots], checked once
         self._layout = _check_layout(Exchange(group, None), self._lo, self._width, self._slots, self._vocab,
@@ -911,21 +943,21 @@ class Sampler:
         bits, n_top, n_bias, restricted = self._book.aggregate(rows)
         info = self._book.rule_info(rows)
         penal = int_to_flags(bits).any_penalty
-        steps = t.steps[rows].copy()
         hi = max(min(lo + width, self._vocab), lo)
 
-        # the allowed ids of the slice: the slots' allowed bits, the stop ids before min_tokens, the history rules,
-        # the step's bitmask
+        # the allowed ids of the slice: the slots' allowed bits, the history rules, the step's bitmask; the stop ids
+        # (banned before min_tokens) are decided in the pipeline from the slots' steps on the device
         allowed = local_bits(t.allowed.index_select(0, idx), width) if restricted and t.allowed is not None else None
         parts = [allowed, t.history_bans(idx, info)]
+        stop = None
         if info.stop_ban:
-            ban = torch.zeros(b, width, dtype=torch.bool)
+            stop_h = torch.zeros(b, width, dtype=torch.bool)
             for r, s in enumerate(rows):
                 ids = t.stop_ids[s]
                 ids = ids[(ids >= lo) & (ids < hi)] - lo
-                if ids.size and steps[r] < t.i[s, I_MIN_TOKENS]:
-                    ban[r, torch.from_numpy(ids)] = True
-            parts.append(~ban.to(dev))
+                if ids.size and t.i[s, I_MIN_TOKENS] > 0:
+                    stop_h[r, torch.from_numpy(ids)] = True
+            stop = stop_h.to(dev)
         if token_bitmask is not None:
             words = mask_words(self._vocab)
             if not isinstance(token_bitmask, torch.Tensor) or token_bitmask.dtype != torch.int32 or \
@@ -944,13 +976,16 @@ class Sampler:
             ids = torch.cat([torch.from_numpy(self._book.bias[s][0].astype(np.int64)) for s in rows])
             vals = torch.cat([torch.from_numpy(self._book.bias[s][1]) for s in rows])
             bias = _local_entries(rr, ids, vals, lo, hi)
-        shard = _Shard(rows=[self._rows[s] for s in rows],
-                       seeds=torch.from_numpy(t.seeds[rows].copy()), steps=steps, seqs=t.seqs[rows].copy(),
-                       mu=t.mu[rows].astype(np.float64), n_top=n_top, eos=self._eos, allowed=allowed,
-                       prompt=local_bits(t.prompt.index_select(0, idx), width) if penal else None,
+        eos = None
+        if self._eos_cols is not None and any(r.ignore_eos or r.min_tokens > 0 for r in (self._rows[s] for s in rows)):
+            eos = self._eos_cols[None, :].expand(b, width)
+        shard = _Shard(rows=[self._rows[s] for s in rows], seeds=t.seeds_d.index_select(0, idx),
+                       steps=t.steps.index_select(0, idx), seqs=t.seqs_d.index_select(0, idx),
+                       mu=t.mu.index_select(0, idx).to(torch.float64), n_top=n_top, eos=eos, stop=stop,
+                       allowed=allowed, prompt=local_bits(t.prompt.index_select(0, idx), width) if penal else None,
                        counts=t.counts.index_select(0, idx) if penal else None, bias=bias,
                        dry=t.dry_entries(idx, info))
         out = _sample_shard(ex, local_logits, shard, lo, self._vocab, self._layout)
-        t.advance(rows, idx, out.tokens, out.valid, out.mirostat_mu.cpu().numpy())
+        t.advance(idx, out.tokens, out.valid, out.mirostat_mu)
         out.stopped = stopped_rows(out.tokens, [self._book.params[s] for s in rows], self._eos)
         return out
