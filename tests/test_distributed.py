@@ -313,6 +313,25 @@ def test_sync_free_path_is_identical(cases: list[dict[str, Any]]) -> None:
         assert st.collectives >= base[0][c]["stats"].collectives
 
 
+def test_top_n_equals_a_stable_sort() -> None:
+    """The shard's top-N (`distributed._top_n`, no sort of the shard) is a stable descending sort's first N: ties in
+    id order, ``-inf`` entries included, padded with ``(-inf, vocab)`` past the shard's width."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        w = int(torch.randint(1, 60, (1,), generator=g))
+        lp = torch.randint(-4, 3, (3, w), generator=g).double()  # (few values: many ties)
+        lp[torch.rand(3, w, generator=g) < 0.2] = -torch.inf
+        n = int(torch.randint(1, 12, (1,), generator=g))
+        gid = torch.arange(100, 100 + w)
+        vals, ids = distributed._top_n(lp, gid, n, 999)
+        sv, order = torch.sort(lp, dim=1, descending=True, stable=True)
+        si = gid[order]
+        if w < n:
+            sv = torch.nn.functional.pad(sv, (0, n - w), value=-torch.inf)
+            si = torch.nn.functional.pad(si, (0, n - w), value=999)
+        assert torch.equal(vals, sv[:, :n]) and torch.equal(ids, si[:, :n]), (lp, n)
+
+
 def test_refuses_gaps_between_slices() -> None:
     """The slices must be contiguous from id 0: a group of one whose slice starts at 5 is refused."""
     with tempfile.TemporaryDirectory() as d:

@@ -236,11 +236,12 @@ def row_stats(v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, 4) float64 partials of ``v`` over ``mask``: count, max, ``Σ exp(v - max)``, ``Σ exp(v - max)(v - max)``
     (max ``-inf`` and sums 0 where the mask is empty)."""
     n = mask.sum(1).to(torch.float64)
-    m = torch.where(mask, v, -torch.inf).max(1).values
-    d = torch.where(mask, v - torch.where(torch.isfinite(m), m, 0.0)[:, None], -torch.inf)
+    vm = torch.where(mask, v, -torch.inf)
+    m = vm.max(1).values
+    d = vm - torch.where(torch.isfinite(m), m, 0.0)[:, None]  # (-inf outside the mask)
     e = torch.exp(d)
     s = e.sum(1)
-    t = torch.where(mask, e * torch.where(mask, d, 0.0), 0.0).sum(1)
+    t = (e * d.clamp(min=-torch.finfo(torch.float64).max)).sum(1)  # (0 outside the mask, not 0 x -inf)
     return torch.stack((n, m, s, t), 1)
 
 

@@ -657,31 +657,34 @@ def _logprobs(ex: Exchange, rows: list[Any], want: torch.Tensor, greedy: torch.T
     b, width = z.shape
     dev = z.device
     modes = np.array([p.logprobs_mode for p in rows])
+    used = [m for m in ("final", "processed", "raw") if (modes == m).any()]
     safe = lambda m: torch.where(torch.isfinite(m), m, 0.0)
-    lp_raw = _f32_range((x - safe(raw[0])[:, None]) - raw[1][:, None])
-    lp_proc = _f32_range((z - safe(proc[0])[:, None]) - proc[1][:, None])
-    lp_fin = torch.where(keep, _f32_range((zd - fin[0][:, None]) - fin[1][:, None]), -torch.inf)
     gr = greedy[:, None]
-    lp_fin = torch.where(gr, torch.where(gid[None, :] == tokens[:, None], 0.0, -torch.inf), lp_fin)
-    t_raw = _f32_range((x_tok - safe(raw[0])) - raw[1])
-    t_proc = _f32_range((z_tok - safe(proc[0])) - proc[1])
-    t_fin = torch.where(gr[:, 0], 0.0, _f32_range((zd_tok - fin[0]) - fin[1]))
-    sel = lambda a, bb, c: torch.where(torch.from_numpy(modes == "raw").to(dev).reshape(
-        (-1,) + (1,) * (a.dim() - 1)), a, torch.where(torch.from_numpy(modes == "processed").to(dev).reshape(
-            (-1,) + (1,) * (a.dim() - 1)), bb, c))
+    lp = lp_tok = None
+    for m in used:  # only the modes some row asks for are computed over the shard
+        if m == "raw":
+            full, tok = _f32_range((x - safe(raw[0])[:, None]) - raw[1][:, None]), _f32_range((x_tok - safe(raw[0]))
+                                                                                              - raw[1])
+        elif m == "processed":
+            full, tok = _f32_range((z - safe(proc[0])[:, None]) - proc[1][:, None]), _f32_range((z_tok - safe(
+                proc[0])) - proc[1])
+        else:
+            full = torch.where(keep, _f32_range((zd - fin[0][:, None]) - fin[1][:, None]), -torch.inf)
+            full = torch.where(gr, torch.where(gid[None, :] == tokens[:, None], 0.0, -torch.inf), full)
+            tok = torch.where(gr[:, 0], 0.0, _f32_range((zd_tok - fin[0]) - fin[1]))
+        if lp is None:
+            lp, lp_tok = full, tok
+        else:
+            rm = torch.from_numpy(modes == m).to(dev)
+            lp, lp_tok = torch.where(rm[:, None], full, lp), torch.where(rm, tok, lp_tok)
+    assert lp is not None and lp_tok is not None
     wd = want
-    lp = torch.where(real & wd[:, None], sel(lp_raw, lp_proc, lp_fin), -torch.inf)
-    lp = torch.where(torch.isnan(lp), -torch.inf, lp)
-    lp_tok = sel(t_raw, t_proc, t_fin)
+    lp = torch.where(real & wd[:, None] & ~torch.isnan(lp), lp, -torch.inf)
     greater = ((lp > lp_tok[:, None]) & real).sum(1).to(torch.float64)
     parts = [greater[:, None]]
     if n_top:
-        vals, order = torch.sort(lp, dim=1, descending=True, stable=True)  # (lp desc, id asc)
-        ids = gid[order]
-        if width < n_top:
-            vals = torch.nn.functional.pad(vals, (0, n_top - width), value=-torch.inf)
-            ids = torch.nn.functional.pad(ids, (0, n_top - width), value=vocab)
-        parts += [vals[:, :n_top], ids[:, :n_top].to(torch.float64)]
+        vals, ids = _top_n(lp, gid, n_top, vocab)
+        parts += [vals, ids.to(torch.float64)]
     g = ex.gather(torch.cat(parts, 1))
     rank = 1 + g[:, :, 0].sum(0).to(torch.int64)
     ranks = torch.where(wd, rank, -1)
@@ -700,6 +703,33 @@ def _logprobs(ex: Exchange, rows: list[Any], want: torch.Tensor, greedy: torch.T
         top_ids = torch.where(ok, i, -1)
         top_lps = torch.where(ok, v, math.nan)
     return lp_out, ranks, top_ids, top_lps
+
+
+def _top_n(lp: torch.Tensor, gid: torch.Tensor, n: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, n) float64 and int64: each row's ``n`` largest ``lp`` with their ids, ordered by (lp descending, id
+    ascending), padded with ``(-inf, vocab)``: a stable descending sort's first ``n``, without sorting the shard.
+
+    The ``n``-th largest value ``t`` (`torch.topk`) bounds the set: every entry above ``t``, then the entries equal to
+    ``t`` in id order until ``n`` are taken; the ``n`` taken are put in id order by a second `torch.topk` on a
+    position key and then stably sorted by value."""
+    b, width = lp.shape
+    k = min(n, width)
+    if k == 0:
+        return (torch.full((b, n), -torch.inf, dtype=torch.float64, device=lp.device),
+                torch.full((b, n), vocab, dtype=torch.int64, device=lp.device))
+    t = torch.topk(lp, k, dim=1).values[:, k - 1:k]
+    above = lp > t
+    tied = lp == t
+    take = above | (tied & (torch.cumsum(tied, 1) <= (k - above.sum(1, keepdim=True))))
+    pos = torch.arange(width, 0, -1, device=lp.device)  # (larger for lower columns)
+    cols = torch.topk(torch.where(take, pos, 0), k, dim=1).indices  # the k taken, in column order
+    vals = lp.gather(1, cols)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    vals, ids = vals.gather(1, order), gid[cols.gather(1, order)]
+    if k < n:
+        vals = torch.nn.functional.pad(vals, (0, n - k), value=-torch.inf)
+        ids = torch.nn.functional.pad(ids, (0, n - k), value=vocab)
+    return vals, ids
 
 
 # ------------------------------------------------------------------------------------------------------- Sampler
