@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ._batch import PackedRequest, ids_to_bitmask, mask_words
-from ._history import DRY_PAD, dry_table, ring_keep
+from ._history import DRY_PAD, dry_table, ordered_history, ring_keep
 from ._slots import HistoryTables, RuleInfo
 from .layout import COUNT_MAX, NF, NI
 
@@ -74,14 +74,16 @@ class ShardTables(HistoryTables):
 
     @torch.inference_mode(False)
     def write(self, slots: Sequence[int], req: PackedRequest, seed_bits: int, prompt: np.ndarray,
-              output: np.ndarray | None, *, step: int, mu: float | None) -> None:
-        """Fill ``slots`` for a request (sample ``seq = i`` in ``slots[i]``): its rows and scalars, the slice's prompt
-        bits, counts of its ``output`` tokens (those in the penalty window), allowed bits, and its history rules and
-        history (prompt, then output)."""
+              output: np.ndarray | None, *, step: int, mu: float | None, first_seq: int = 0,
+              restored: tuple[np.ndarray, np.ndarray, np.ndarray, int, int] | None = None) -> None:
+        """Fill ``slots`` for a request (sample ``seq = first_seq + i`` in ``slots[i]``): its rows and scalars, the
+        slice's prompt bits, counts of its ``output`` tokens (those in the penalty window), allowed bits, and its
+        history rules and history (prompt, then output). ``restored`` (`restore`): the slice's counts and prompt
+        bits and the history (tokens, total, start) as exported, instead of those from ``prompt`` / ``output``."""
         dev, lo, width = self.device, self.lo, self.width
         idx = torch.tensor(list(slots), dtype=torch.int64, device=dev)
         for k, s in enumerate(slots):
-            self.f[s], self.i[s], self.seeds[s], self.seqs[s] = req.f, req.i, seed_bits, k
+            self.f[s], self.i[s], self.seeds[s], self.seqs[s] = req.f, req.i, seed_bits, first_seq + k
             self.stop_ids[s] = req.stop_ids if req.stop_ban else np.zeros(0, dtype=np.int64)
         self.seeds_d[idx] = torch.from_numpy(self.seeds[list(slots)]).to(dev)
         self.seqs_d[idx] = torch.from_numpy(self.seqs[list(slots)]).to(dev)
@@ -94,7 +96,10 @@ class ShardTables(HistoryTables):
             counted = output if win < 0 else output[max(0, output.size - win):] if win else output[:0]
             mine = counted[(counted >= lo) & (counted < lo + width)] - lo
             counts = np.minimum(np.bincount(mine, minlength=width), COUNT_MAX).astype(np.int16)
-        self.counts[idx] = torch.from_numpy(counts).to(dev)
+        if restored is not None:
+            counts, bits = restored[0], restored[1]
+            self.prompt[idx] = torch.from_numpy(np.asarray(bits, dtype=np.int32)).to(dev)
+        self.counts[idx] = torch.from_numpy(np.asarray(counts, dtype=np.int16)).to(dev)
         if req.restricted:
             if self.allowed is None:
                 self.allowed = torch.full((self.slots, self.local_words), -1, dtype=torch.int32, device=dev)
@@ -106,8 +111,24 @@ class ShardTables(HistoryTables):
             self.allowed[idx] = torch.from_numpy(row).to(dev)
         elif self.allowed is not None:
             self.allowed[idx] = -1
-        self.write_history(idx, req, prompt if output is None else np.concatenate((prompt, output)), None,
-                           int(prompt.size))
+        if restored is not None:
+            self.write_history(idx, req, restored[2], restored[3], restored[4])
+        else:
+            self.write_history(idx, req, prompt if output is None else np.concatenate((prompt, output)), None,
+                               int(prompt.size))
+
+    def read(self, slot: int) -> tuple[int, int, float, np.ndarray, np.ndarray, np.ndarray, int, int]:
+        """Host copies of ``slot``'s state (`export`; reads the device): (seq, step, ``mu``, the slice's counts
+        ``(V_local,)`` int16 and prompt bits ``(ceil(V_local / 32),)`` int32, the history (its last tokens, oldest
+        first), its length in all, where the output starts in it)."""
+        hist, total = np.zeros(0, dtype=np.int64), int(self.hist_total[slot].item())
+        if self.hist is not None:
+            idx = torch.tensor([slot], device=self.device)
+            seq = ordered_history(self.hist.index_select(0, idx), self.hist_total.index_select(0, idx))[0]
+            hist = seq[seq >= 0].cpu().numpy().astype(np.int64)
+        return (int(self.seqs[slot]), int(self.steps[slot].item()), float(self.mu[slot].item()),
+                self.counts[slot].cpu().numpy().copy(), self.prompt[slot].cpu().numpy().copy(), hist, total,
+                int(self.hist_start[slot].item()))
 
     # ---------------------------------------------------------------------------------------------- one step
     def history_bans(self, idx: torch.Tensor, info: RuleInfo) -> torch.Tensor | None:

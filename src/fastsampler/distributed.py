@@ -22,8 +22,10 @@ import torch
 import torch.distributed as dist
 
 from ._batch import (
+    bitmask_to_bool,
     check_ids,
     check_int,
+    ids_to_bitmask,
     mask_words,
     pack_batch,
     pack_request,
@@ -45,15 +47,16 @@ from ._shard import (
     top_values,
     uniform_word0,
 )
-from ._shard_slots import ShardTables, local_bits
+from ._shard_slots import ShardTables, local_bits, local_mask
 from ._slots import SlotBook
 from .backends.reference.pipeline import F32_OVERFLOW, F32_TINY, LN2, _row_params, dry_penalties
 from .layout import I_MIN_TOKENS, MAX_COLUMNS, MIROSTAT_M, STREAM_XTC, TILE, int_to_flags
 from .output import SampleOutput
 from .params import SamplingParams
 from .sampler import Sampler as _SingleSampler
+from .sampler import SlotState
 
-__all__ = ["sample", "Sampler", "ExchangeStats"]
+__all__ = ["sample", "Sampler", "ExchangeStats", "ShardSlotState", "whole_state"]
 
 GATHER_CAP = 64  # k-th largest values up to this k come from gathered top-k lists; beyond, the radix select
 # Whether a step may read device data back to the host: None (default) reads back only on the CPU, where it costs
@@ -296,9 +299,11 @@ def _entries_dense(ent: tuple[torch.Tensor, torch.Tensor, torch.Tensor], b: int,
 
 
 def _sample_shard(ex: Exchange, local_logits: torch.Tensor, shard: _Shard, lo: int, vocab_size: int,
-                  layout: list[list[int]]) -> SampleOutput:
+                  layout: list[list[int]], probs_only: bool = False) -> Any:
     """The pipeline of docs/semantics.md on this rank's columns ``[lo, lo + V_local)`` of every row, with the
     exchanges of docs/distributed.md: `sample` and `Sampler.sample` both end here (``stopped`` is left to them).
+    ``probs_only``: the shard's columns of the distribution the draw would use, ``(B, V_local)`` float32, instead
+    (`Sampler.sampling_probs`).
 
     Nothing here reads device data back to the host when ``ex.sync_free``: which exchanges run is decided from the
     rows' parameters (the same on every rank), and every per-row decision that depends on the logits (validity,
@@ -406,6 +411,10 @@ def _sample_shard(ex: Exchange, local_logits: torch.Tensor, shard: _Shard, lo: i
     _, m_k, lns_k, _ = gk
     mk_safe = torch.where(torch.isfinite(m_k), m_k, 0.0)
     gr = greedy_d & valid
+    if probs_only:  # zero outside the kept set, one-hot for greedy rows, zero for invalid rows
+        probs = torch.where(keep, torch.exp((zd - mk_safe[:, None]) - lns_k[:, None]), 0.0)
+        probs = torch.where(gr[:, None], (gid[None, :] == g_tok.to(torch.int64)[:, None]).to(torch.float64), probs)
+        return probs.to(torch.float32)
     tokens = torch.where(gr, g_tok.to(torch.int64), -1)
     z_tok = torch.where(gr, pick(4), 0.0)
     x_tok = torch.where(gr, g_x, 0.0)
@@ -953,6 +962,99 @@ class Sampler:
         After the draw each valid row's slot advances its step and counts its token (on the rank that holds the
         id), appends it to its history; every row's slot stores the returned ``mu``, as in `fastsampler.Sampler`.
         """
+        ex, idx, rows, shard = self._step(local_logits, slots, token_bitmask, stats)
+        out = _sample_shard(ex, local_logits, shard, self._lo, self._vocab, self._layout)
+        self._tables.advance(idx, out.tokens, out.valid, out.mirostat_mu)
+        out.stopped = stopped_rows(out.tokens, [self._book.params[s] for s in rows], self._eos)
+        return out
+
+    def sampling_probs(self, local_logits: torch.Tensor, slots: Sequence[int], *,
+                       token_bitmask: torch.Tensor | None = None, stats: ExchangeStats | None = None) -> torch.Tensor:
+        """This rank's columns of the distribution `sample` would draw row ``r``'s token from, for slot
+        ``slots[r]``, ``(batch_size, local_size)`` float32 (column ``j``: id ``vocab_start + j``); nothing advances.
+        Zero outside the kept set and in padding columns, one-hot for greedy rows, all zero for invalid rows, as
+        `fastsampler.Sampler.sampling_probs`; the ranks' slices, in rank order, are the whole distribution. Every
+        rank calls it with the same slots (it exchanges what a step exchanges up to the draw).
+
+        >>> import tempfile, torch, torch.distributed as dist
+        >>> from fastsampler import SamplingParams, distributed
+        >>> dist.init_process_group("gloo", store=dist.FileStore(tempfile.mktemp(), 1), rank=0, world_size=1)
+        >>> s = distributed.Sampler(vocab_size=3, max_slots=1, vocab_start=0, local_size=3)
+        >>> slot = s.add(SamplingParams(top_k=2, seed=0))
+        >>> [round(p, 3) for p in s.sampling_probs(torch.tensor([[0.0, 0.0, -1.0]]), slot)[0].tolist()]
+        [0.5, 0.5, 0.0]
+        >>> dist.destroy_process_group()
+        """
+        ex, _, _, shard = self._step(local_logits, slots, token_bitmask, stats)
+        return _sample_shard(ex, local_logits, shard, self._lo, self._vocab, self._layout, probs_only=True)
+
+    # ------------------------------------------------------------------------------------------ export / restore
+    def export(self, slot: int) -> ShardSlotState:
+        """Everything ``slot`` holds on this rank, copied to the host (reads the device; nothing is exchanged): the
+        replicated state and this rank's slice of the counts and prompt bits. `restore` puts it back into a free
+        slot of a `distributed.Sampler` with the same vocabulary and slice (each rank restores its own), and
+        `whole_state` joins every rank's into a single-device `fastsampler.SlotState`."""
+        i = self._check_slot(slot)
+        params = self._book.params[i]
+        assert params is not None
+        seq, step, mu, counts, prompt_bits, history, total, start = self._tables.read(i)
+        return ShardSlotState(params=params, seed=self._book.seeds[i], seq=seq, step=step, mirostat_mu=mu,
+                              vocab_size=self._vocab, vocab_start=self._lo, local_size=self._width,
+                              output_counts=counts, prompt_mask=prompt_bits, history=history, history_total=total,
+                              history_start=start)
+
+    def restore(self, state: ShardSlotState | SlotState) -> int:
+        """Put a slot back into the lowest free slot (every rank, in the same order of calls); returns it.
+
+        ``state`` is this rank's `ShardSlotState` (from `export` on a `distributed.Sampler` with the same
+        vocabulary size and slice), or a single-device `fastsampler.SlotState` (from `fastsampler.Sampler.export`:
+        each rank takes its slice of it), so a request moves between a single-device engine and a tensor-parallel
+        one and continues as if it had never left.
+
+        Raises
+        ------
+        TypeError
+            When ``state`` is neither.
+        ValueError
+            When no slot is free, the state's vocabulary or slice differs from this Sampler's, or its params do not
+            fit this one (as in `add`).
+        """
+        lo, width, v = self._lo, self._width, self._vocab
+        if isinstance(state, ShardSlotState):
+            if (state.vocab_size, state.vocab_start, state.local_size) != (v, lo, width):
+                raise ValueError(f"state holds the slice [{state.vocab_start}, {state.vocab_start + state.local_size})"
+                                 f" of a vocabulary of {state.vocab_size}; this rank's Sampler holds [{lo}, "
+                                 f"{lo + width}) of {v}")
+            counts, bits = state.output_counts, state.prompt_mask
+        elif isinstance(state, SlotState):
+            if state.output_counts.shape != (v,) or state.prompt_mask.shape != (mask_words(v),):
+                raise ValueError(f"state holds counts for a vocabulary of {state.output_counts.shape[0]} tokens; this "
+                                 f"Sampler has vocab_size={v}")
+            hi = max(min(lo + width, v), lo)
+            counts = np.zeros(width, dtype=np.int16)
+            counts[:hi - lo] = state.output_counts[lo:hi]
+            prompt = np.nonzero(bitmask_to_bool(state.prompt_mask[None], v)[0])[0]
+            bits = local_mask(prompt, lo, width)
+        else:
+            raise TypeError(f"state must be a distributed.ShardSlotState (distributed.Sampler.export) or a "
+                            f"SlotState (Sampler.export), got {type(state).__name__}")
+        if not self._book.num_free:
+            raise ValueError(f"Sampler is full: all max_slots={self._slots} slots are in use; remove finished "
+                             f"requests first")
+        p = state.params
+        _SingleSampler._check_request(self, p)
+        req = pack_request(p)
+        slots = self._book.take(1)
+        self._tables.write(slots, req, seed_to_int64(state.seed), np.zeros(0, dtype=np.int64), None,
+                           step=state.step, mu=state.mirostat_mu, first_seq=state.seq,
+                           restored=(counts, bits, state.history, state.history_total, state.history_start))
+        self._book.fill(slots, p, state.seed, req)
+        self._rows[slots[0]] = _row_params(req.f, req.i)
+        return slots[0]
+
+    def _step(self, local_logits: torch.Tensor, slots: Sequence[int], token_bitmask: torch.Tensor | None,
+              stats: ExchangeStats | None) -> tuple[Exchange, torch.Tensor, list[int], _Shard]:
+        """A step's inputs, checked: the exchange, the slots (device index and list) and the shard's state."""
         if not isinstance(local_logits, torch.Tensor) or local_logits.dim() != 2:
             raise ValueError(f"local_logits must be a 2-D torch tensor (batch_size, local_size), got "
                              f"{getattr(local_logits, 'shape', type(local_logits).__name__)}")
@@ -1015,7 +1117,56 @@ class Sampler:
                        allowed=allowed, prompt=local_bits(t.prompt.index_select(0, idx), width) if penal else None,
                        counts=t.counts.index_select(0, idx) if penal else None, bias=bias,
                        dry=t.dry_entries(idx, info))
-        out = _sample_shard(ex, local_logits, shard, lo, self._vocab, self._layout)
-        t.advance(idx, out.tokens, out.valid, out.mirostat_mu)
-        out.stopped = stopped_rows(out.tokens, [self._book.params[s] for s in rows], self._eos)
-        return out
+        return ex, idx, rows, shard
+
+
+@dataclass
+class ShardSlotState:
+    """One slot's state on one rank (`distributed.Sampler.export` / `restore`): picklable, device-free.
+
+    The fields of `fastsampler.SlotState`, with ``output_counts`` ``(local_size,)`` int16 and ``prompt_mask``
+    ``(ceil(local_size / 32),)`` int32 holding the rank's slice only (bit ``j``: id ``vocab_start + j``), and the
+    slice itself (``vocab_size``, ``vocab_start``, ``local_size``). `whole_state` joins every rank's."""
+
+    params: SamplingParams
+    seed: int
+    seq: int
+    step: int
+    mirostat_mu: float
+    vocab_size: int
+    vocab_start: int
+    local_size: int
+    output_counts: np.ndarray
+    prompt_mask: np.ndarray
+    history: np.ndarray
+    history_total: int
+    history_start: int
+
+
+def whole_state(states: Sequence[ShardSlotState]) -> SlotState:
+    """The single-device `fastsampler.SlotState` of a slot from every rank's `ShardSlotState`, in rank order (for
+    example from ``torch.distributed.all_gather_object``): `fastsampler.Sampler.restore` continues the request on one
+    device. The slices must be the ranks' layout (contiguous from id 0, covering the vocabulary) of one slot."""
+    if not states or not all(isinstance(st, ShardSlotState) for st in states):
+        raise TypeError("states must be a non-empty sequence of distributed.ShardSlotState, one per rank in rank "
+                        "order")
+    first = states[0]
+    v, pos = first.vocab_size, 0
+    for r, st in enumerate(states):
+        if st.vocab_size != v or st.vocab_start != pos:
+            raise ValueError(f"states must be every rank's slice in rank order, contiguous from id 0: state {r} "
+                             f"starts at {st.vocab_start} of a vocabulary of {st.vocab_size}, expected {pos} of {v}")
+        if (st.seed, st.seq, st.step) != (first.seed, first.seq, first.step):
+            raise ValueError(f"states must be one slot's: state {r} has (seed, seq, step) = "
+                             f"{(st.seed, st.seq, st.step)}, state 0 {(first.seed, first.seq, first.step)}")
+        pos += st.local_size
+    if pos < v:
+        raise ValueError(f"the states' slices end at id {pos}, short of vocab_size={v}")
+    counts = np.concatenate([st.output_counts for st in states])[:v].astype(np.int16)
+    prompt = np.concatenate([st.vocab_start + np.nonzero(bitmask_to_bool(st.prompt_mask[None], st.local_size)[0])[0]
+                             for st in states])
+    return SlotState(params=first.params, seed=first.seed, seq=first.seq, step=first.step,
+                     mirostat_mu=first.mirostat_mu, output_counts=counts,
+                     prompt_mask=ids_to_bitmask([prompt[prompt < v]], v)[0].astype(np.int32),
+                     history=first.history.copy(), history_total=first.history_total,
+                     history_start=first.history_start)
