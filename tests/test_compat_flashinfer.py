@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -80,6 +82,14 @@ def test_signature_follows_flashinfer(name: str) -> None:
     assert positional == SIGNATURES[name]
     extra = [p.name for p in sig.parameters.values() if p.kind is not p.POSITIONAL_OR_KEYWORD]
     assert extra == ["backend"]  # ours, keyword-only
+
+
+def test_compat_doc_example_runs() -> None:
+    """docs/compat.md's example runs as written."""
+    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "compat.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], str(doc), "exec"), {})
 
 
 def test_aliases_and_version() -> None:

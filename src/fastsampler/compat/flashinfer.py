@@ -58,6 +58,7 @@ from typing import Any
 import torch
 
 from .. import backends
+from .._api import _backend_of
 from .._batch import PackedBatch, pack_param_rows
 from .._custom_ops import sample_packed as _sample_packed
 from ..layout import F_MIN_P, F_TEMPERATURE, F_TOP_P, I_TOP_K, NF, NI, BatchFlags
@@ -217,14 +218,27 @@ def _fill(col: torch.Tensor, value: PerRow) -> None:
         col.fill_(value)
 
 
+_DEFAULT_ROWS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _default_rows(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed parameter row of ``SamplingParams()`` (every feature off) on ``device``, copied there once: later
+    calls build their columns on the device without a host-to-device copy."""
+    hit = _DEFAULT_ROWS.get(device)
+    if hit is None:
+        f0, i0 = pack_param_rows([SamplingParams()])
+        hit = _DEFAULT_ROWS[device] = (torch.from_numpy(f0).to(device), torch.from_numpy(i0).to(device))
+    return hit
+
+
 def _batch(logits: torch.Tensor, *, temperature: PerRow = 1.0, top_k: PerRow = -1, top_p: PerRow = 1.0,
            min_p: PerRow = 0.0, rng: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> PackedBatch:
     """A packed batch of ``logits`` with only these parameters set (every other feature off)."""
     n = logits.shape[0]
     dev = logits.device
-    f0, i0 = pack_param_rows([SamplingParams()])  # the defaults: every feature off
-    f = torch.from_numpy(f0).to(dev).expand(n, NF).clone()
-    i = torch.from_numpy(i0).to(dev).expand(n, NI).clone()
+    f_row, i_row = _default_rows(dev)
+    f = f_row.expand(n, NF).clone()
+    i = i_row.expand(n, NI).clone()
     _fill(f[:, F_TEMPERATURE], temperature)
     _fill(f[:, F_TOP_P], top_p)
     _fill(f[:, F_MIN_P], min_p)
@@ -251,8 +265,8 @@ def _as_logits(x: torch.Tensor, from_probs: bool) -> torch.Tensor:
 
 
 def _backend(backend: str, logits: torch.Tensor) -> str:
-    name = backends.resolve(backend, logits.device, logits.dtype)
-    if not backends.load(name).supports(logits.device, logits.dtype):
+    name, mod = _backend_of(backend, logits.device, logits.dtype)  # resolved once per (backend, device, dtype)
+    if not mod.supports(logits.device, logits.dtype):
         raise ValueError(f"backend={name!r} does not support {logits.dtype} on {logits.device}")
     return name
 
