@@ -165,6 +165,8 @@ def test_scalar_and_tensor_parameters_agree(which: str) -> None:
     a = fn(probs, scalar, seed=9, offset=3)
     b = fn(probs, torch.full((32,), scalar, dtype=dtype), seed=9, offset=3)
     assert torch.equal(a, b)
+    np_scalar = np.int64(scalar) if which == "top_k" else np.float32(scalar)  # numpy scalars are scalars too
+    assert torch.equal(a, fn(probs, np_scalar, seed=np.uint64(9), offset=np.int32(3)))
     # per-row values: each row as the reference draws it with that row's own params
     col = torch.tensor(values * 8, dtype=dtype)
     got = fn(probs, col, seed=9, offset=3)

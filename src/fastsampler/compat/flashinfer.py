@@ -53,8 +53,10 @@ exact draw from the row's distribution (no rejection rounds, no float-rounded CD
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
+import numpy as np
 import torch
 
 from .. import backends
@@ -146,13 +148,13 @@ def _per_row(value: Any, name: str, n: int, *, integer: bool, lo: float, hi: flo
             if bool(bad.any()):
                 raise ValueError(f"{name} values must be in {span}{what}, got {v[bad][0].item()!r}")
         return value
-    if integer:
-        if isinstance(value, bool) or not isinstance(value, int):
+    if integer:  # Python or numpy integers; a float is refused, never truncated
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
             raise ValueError(f"{name} must be an int or a 1-D integer tensor, got {value!r}")
-        if not -(1 << 31) <= value < (1 << 31):
+        if not -(1 << 31) <= int(value) < (1 << 31):
             raise ValueError(f"{name} must fit in int32, got {value}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return int(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a float or a 1-D tensor, got {value!r}")
     v = float(value)
     if math.isnan(v) or v < lo or v > hi or (lo_open and v == lo):
@@ -161,11 +163,11 @@ def _per_row(value: Any, name: str, n: int, *, integer: bool, lo: float, hi: flo
 
 
 def _seed_value(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an int or an int64 / uint64 tensor, got {value!r}")
-    if not -(1 << 63) <= value < _U64:
+    if not -(1 << 63) <= int(value) < _U64:
         raise ValueError(f"{name} must be in [-2**63, 2**64), got {value}")
-    return value % _U64
+    return int(value) % _U64
 
 
 def _seed_tensor(value: torch.Tensor, name: str, n: int, device: torch.device) -> torch.Tensor:
