@@ -139,6 +139,25 @@ def test_backends_agree_on_cpu_tensors() -> None:
         assert torch.equal(got[b][ok], got["cpu"][ok]), b
 
 
+@pytest.mark.interpreter
+@pytest.mark.skipif(bool(unavailable("triton")), reason=unavailable("triton") or "-")
+def test_renorm_mask_softmax_on_triton_equal_cpu() -> None:
+    """The kept-set functions on the Triton backend (its kept-mask and probability kernels) give the C++ results."""
+    dev = _dev("triton")
+    x = _logits(3, 40, seed=12)
+    x[1, :4] = x[1].max()  # a tie at the top
+    p = x.softmax(-1)
+    k, top_p = torch.tensor([3, 1, 0]), torch.tensor([0.5, 0.3, 1.0])
+    for fn, inp, arg in ((fi.top_k_renorm_probs, p, k), (fi.top_p_renorm_probs, p, top_p),
+                         (fi.top_k_mask_logits, x, k), (fi.softmax, x, torch.tensor([0.5, 0.0, 2.0]))):
+        got = fn(inp.to(dev), arg.to(dev), backend="triton").cpu()
+        torch.testing.assert_close(got, fn(inp, arg, backend="cpu"), atol=1e-6, rtol=1e-5, msg=fn.__name__)
+    got = fi.top_k_top_p_sampling_from_probs(p.to(dev), k.to(dev), top_p.to(dev), filter_apply_order="joint",
+                                             seed=3, offset=5, backend="triton").cpu()
+    assert torch.equal(got, fi.top_k_top_p_sampling_from_probs(p, k, top_p, filter_apply_order="joint", seed=3,
+                                                               offset=5, backend="cpu"))
+
+
 def test_joint_order_is_the_intersection() -> None:
     """``joint``: top-k and top-p both measured on the whole row; the reference draws from their intersection."""
     x = _logits(48, 64, seed=5)
