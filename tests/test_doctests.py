@@ -15,6 +15,7 @@ MODULES = [
     "fastsampler.backends.reference.philox",
     "fastsampler.backends.reference.pipeline",
     "fastsampler.bench.grids",
+    "fastsampler.compat.flashinfer",
 ]
 
 
