@@ -238,7 +238,8 @@ class _Run:
 
     # ------------------------------------------------------------------ the decoding method transformers calls
     def decode(self, model: Any, input_ids: torch.Tensor, logits_processor: LogitsProcessorList,
-               stopping_criteria: StoppingCriteriaList, generation_config: Any, **model_kwargs: Any) -> Any:
+               stopping_criteria: StoppingCriteriaList, generation_config: Any, synced_gpus: bool = False,
+               streamer: Any = None, **model_kwargs: Any) -> Any:
         cfg = generation_config
         if getattr(model.config, "is_encoder_decoder", False):
             raise ValueError("fastsampler.integrations.transformers supports decoder-only models; "
@@ -262,7 +263,7 @@ class _Run:
         greedy.do_sample = False  # fastsampler chooses; transformers takes the argmax of its one-hot scores
         processor = _FastSamplerProcessor(self, criteria)
         return model._sample(input_ids, logits_processor=LogitsProcessorList([processor]),
-                             stopping_criteria=criteria, generation_config=greedy, synced_gpus=False, streamer=None,
+                             stopping_criteria=criteria, generation_config=greedy, synced_gpus=synced_gpus, streamer=None,
                              **model_kwargs)
 
     # ------------------------------------------------------------------ per-row parameters
