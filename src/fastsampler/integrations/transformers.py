@@ -263,8 +263,8 @@ class _Run:
         greedy.do_sample = False  # fastsampler chooses; transformers takes the argmax of its one-hot scores
         processor = _FastSamplerProcessor(self, criteria)
         return model._sample(input_ids, logits_processor=LogitsProcessorList([processor]),
-                             stopping_criteria=criteria, generation_config=greedy, synced_gpus=synced_gpus, streamer=None,
-                             **model_kwargs)
+                             stopping_criteria=criteria, generation_config=greedy, synced_gpus=synced_gpus,
+                             streamer=None, **model_kwargs)
 
     # ------------------------------------------------------------------ per-row parameters
     def prepare(self, input_ids: torch.Tensor, cfg: Any, attention_mask: torch.Tensor | None) -> None:
