@@ -187,6 +187,8 @@ def test_unsupported_fields_raise(model) -> None:
         (dict(logits_processor=transformers.LogitsProcessorList()), "logits_processor"),
         (dict(streamer=object()), "streamer"),
         (dict(seeds=[1, 2]), r"one seed per prompt \(3\) or per returned sequence \(3\), got 2"),
+        (dict(params={"seed": 3}), "pass seeds= instead"),
+        (dict(params={"n": 2}), "pass num_return_sequences= instead"),
     ]
     for kw, match in cases:
         with pytest.raises(ValueError, match=match):

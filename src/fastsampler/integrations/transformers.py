@@ -435,6 +435,9 @@ def generate(model: Any, inputs: torch.Tensor | None = None, *, seeds: int | Seq
         if kwargs.get(name) is not None:
             raise ValueError(f"generate(..., {name}=...) is not supported: {why}")
     over = dict(params or {})
+    for name, use in (("n", "num_return_sequences="), ("seed", "seeds=")):
+        if name in over:
+            raise ValueError(f"params={{{name!r}: ...}} is set per row by generate: pass {use} instead")
     if logprobs or top_logprobs:
         over.setdefault("logprobs", True)
         over.setdefault("top_logprobs", int(top_logprobs))
