@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,6 @@ from typing import Any
 import torch
 
 try:
-    import transformers
     from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 except ImportError as e:  # pragma: no cover - exercised only without transformers
     raise ImportError("fastsampler.integrations.transformers needs transformers: pip install "
@@ -286,8 +286,8 @@ class _Run:
         self.begin_suppress = _id_list(cfg.begin_suppress_tokens)
         # seeds: one per request (its num_return_sequences rows share it and differ in seq) or one per row
         seeds = self.seeds_arg
-        if seeds is None or isinstance(seeds, int):
-            per_row = [seeds] * b
+        if seeds is None or isinstance(seeds, numbers.Integral):
+            per_row = [None if seeds is None else int(seeds)] * b
             seqs = [r % n for r in range(b)]
         else:
             seeds = [int(s) for s in seeds]
@@ -454,5 +454,3 @@ def generate(model: Any, inputs: torch.Tensor | None = None, *, seeds: int | Seq
                             top_logprobs=trim(run.top_lps), seeds=run.seeds, seqs=run.seqs, params=run.params,
                             output=out)
 
-
-_ = transformers  # the import above is the availability check
