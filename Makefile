@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/include/fastsampler/
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH),$(PY) -m pip install -q $(TORCH))
-	$(PY) -m pip install -q -e '.[test,triton,bench,lint]'
+	$(PY) -m pip install -q -e '.[test,triton,bench,lint,integrations]'
 	touch $@
 
 setup: $(VENV)/.installed

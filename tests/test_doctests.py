@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 
 import pytest
 
@@ -17,6 +18,8 @@ MODULES = [
     "fastsampler.bench.grids",
     "fastsampler.compat.flashinfer",
 ]
+if importlib.util.find_spec("transformers") is not None:  # the `integrations` extra
+    MODULES.append("fastsampler.integrations.transformers")
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -49,3 +49,12 @@ def test_import_is_light_and_names_resolve_as_before() -> None:
     lines = res.stdout.strip().splitlines()
     assert lines[0] == "after import: []", lines[0]
     assert lines[-1] == "ok"
+
+
+def test_integrations_import_nothing_until_asked() -> None:
+    """``fastsampler.integrations`` names its modules; importing it (or fastsampler) imports no third-party library."""
+    code = ("import sys, fastsampler, fastsampler.integrations; "
+            "print(sorted(m for m in ('torch', 'transformers', 'xgrammar') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
