@@ -313,7 +313,8 @@ def test_sampler_sync_free_is_identical(schedule: list[dict[str, Any]]) -> None:
 
 def test_sampler_step_reads_nothing_back() -> None:
     """A step on the path off the CPU never reads device data back to the host: run on the ``meta`` device (no
-    data: any read-back raises), with every rule, a token bitmask and min_tokens bans, it completes."""
+    data: any read-back raises), with every rule, a token bitmask and min_tokens bans, steps, `sampling_probs` and
+    `verify` (each method) complete."""
     import fastsampler._history as history
 
     with tempfile.TemporaryDirectory() as d:
@@ -335,6 +336,13 @@ def test_sampler_step_reads_nothing_back() -> None:
                 bm = torch.full((len(slots), mask_words(V)), -1, dtype=torch.int32, device="meta")
                 out = s.sample(torch.empty(len(slots), V, device="meta"), slots, token_bitmask=bm)
                 assert out.tokens.device.type == "meta" and out.tokens.shape == (len(slots),)
+            probs = s.sampling_probs(torch.empty(len(slots), V, device="meta"), slots)
+            assert probs.device.type == "meta" and probs.shape == (len(slots), V)
+            drafts = [[1, 2]] * len(slots)
+            for kw in ({"method": "match"}, {"method": "rejection"},
+                       {"draft_probs": torch.empty(len(slots), 2, V, device="meta")}):
+                ver = s.verify(torch.empty(len(slots), 3, V, device="meta"), drafts, slots, **kw)
+                assert ver.tokens.device.type == "meta" and ver.tokens.shape == (len(slots), 3)
         finally:
             distributed._check_layout, history._triton_dry, distributed.SYNC_FREE = saved
             dist.destroy_process_group()

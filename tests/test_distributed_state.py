@@ -77,12 +77,58 @@ def _worker(rank: int, init: str, out_dir: str) -> None:
         outs["s"].append(s.sample(_local(x, start, width), slots).numpy())
         outs["s2"].append(s2.sample(_local(x, start, width), slots2).numpy())
         outs["s3"].append(s3.sample(_local(x, start, width), slots3).numpy())
-    res = {"probs": probs, "start": start, "steps_now": steps_now, "whole": whole, "outs": outs,
+    res = {"verify": _verify_runs(rank, start, width, make, reqs), "probs": probs, "start": start,
+           "steps_now": steps_now, "whole": whole, "outs": outs,
            "counts": [s.output_counts_of(sl).numpy() for sl in slots],
            "counts2": [s2.output_counts_of(sl).numpy() for sl in slots2]}
     with open(pathlib.Path(out_dir) / f"{rank}.pkl", "wb") as fh:
         pickle.dump(res, fh)
     dist.destroy_process_group()
+
+
+VKEYS = "ABCEFM"  # requests verified (penalties, bias and top-k, stop ids, Mirostat v2, DRY, typical / eta)
+K = 3
+
+
+def _verify_inputs(step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits ``(B, K + 1, V)`` peaked at a planted token per position, drafts that plant them for the first two
+    positions and a random id after, and a draft distribution ``(B, K, V)``."""
+    rng = np.random.default_rng(500 + step)
+    b = len(VKEYS)
+    x = (rng.standard_normal((b, K + 1, V)) * 1.5).astype(np.float32)
+    planted = rng.integers(0, V, (b, K + 1))
+    for i in range(b):
+        for j in range(K + 1):
+            x[i, j, planted[i, j]] += 9.0
+    drafts = planted[:, :K].copy()
+    drafts[:, 2] = rng.integers(0, V, b)
+    q = rng.random((b, K, V)).astype(np.float32) ** 8
+    for i in range(b):
+        for j in range(K):
+            q[i, j, drafts[i, j]] += 50.0
+    return x, drafts, q / q.sum(2, keepdims=True)
+
+
+def _verify_runs(rank: int, start: int, width: int, make: Any, reqs: dict[str, Any]) -> dict[str, Any]:
+    """``Sampler.verify`` on this rank for each method (two rounds each) and what the slots hold after."""
+    out: dict[str, Any] = {}
+    for method, with_q in (("match", False), ("rejection", False), ("rejection", True)):
+        s = make()
+        slots = [s.add(*reqs[k])[0] for k in VKEYS]
+        got = []
+        for rnd in range(2):
+            x, drafts, q = _verify_inputs(rnd)
+            loc = torch.from_numpy(np.ascontiguousarray(
+                np.pad(x, ((0, 0), (0, 0), (0, max(0, start + width - V))), constant_values=np.nan)
+                [:, :, start:start + width]))
+            ql = None
+            if with_q:
+                ql = torch.from_numpy(np.ascontiguousarray(
+                    np.pad(q, ((0, 0), (0, 0), (0, max(0, start + width - V))))[:, :, start:start + width]))
+            got.append(s.verify(loc, drafts, slots, draft_probs=ql, method=method).numpy())
+        out[f"{method}{'-q' if with_q else ''}"] = {"outs": got, "steps": [s.step_of(sl) for sl in slots],
+                                                    "counts": [s.output_counts_of(sl).numpy() for sl in slots]}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +194,42 @@ def test_sampling_probs_slices_are_the_distribution(runs: list[dict[str, Any]]) 
     assert np.allclose(got.sum(1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["match", "rejection", "rejection-q"])
+def test_verify_matches_single_device(runs: list[dict[str, Any]], case: str) -> None:
+    """`distributed.Sampler.verify` emits what a single-device reference `Sampler.verify` emits on the gathered
+    logits (and the gathered draft distribution), every rank alike, over two rounds: tokens, counts of accepted
+    drafts, logprobs, top-N, stops, and the slots' steps and counts after."""
+    reqs = _requests()
+    method = case.split("-")[0]
+    single = fastsampler.Sampler(V, SLOTS, eos_token_ids=EOS, backend="reference", history_len=HISTORY)
+    slots = [single.add(*reqs[k])[0] for k in VKEYS]
+    accepted = 0
+    for rnd in range(2):
+        x, drafts, q = _verify_inputs(rnd)
+        ref = single.verify(torch.from_numpy(x), drafts, slots,
+                            draft_probs=torch.from_numpy(q) if case.endswith("-q") else None, method=method).numpy()
+        accepted += int(ref.num_accepted.sum())
+        for r in range(WORLD):
+            got = runs[r]["verify"][case]["outs"][rnd]
+            np.testing.assert_array_equal(got.tokens, ref.tokens, err_msg=f"round {rnd} rank {r}")
+            np.testing.assert_array_equal(got.num_accepted, ref.num_accepted)
+            np.testing.assert_array_equal(got.num_tokens, ref.num_tokens)
+            np.testing.assert_array_equal(got.stopped, ref.stopped)
+            np.testing.assert_array_equal(got.ranks, ref.ranks)
+            np.testing.assert_array_equal(got.top_logprob_ids, ref.top_logprob_ids)
+            np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got.top_logprobs, ref.top_logprobs, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got.mirostat_mu, ref.mirostat_mu, rtol=1e-5, atol=1e-5)
+    assert accepted > 0  # (the planted drafts are accepted: the positions after them run too)
+    for r in range(WORLD):
+        res = runs[r]["verify"][case]
+        assert res["steps"] == [single.step_of(sl) for sl in slots]
+        lo = runs[r]["start"]
+        for c, sl in zip(res["counts"], slots, strict=True):
+            want = single.output_counts_of(sl).numpy()[lo:lo + c.shape[0]]
+            assert np.array_equal(c[:want.shape[0]], want)
+
+
 def test_state_errors() -> None:
     """Errors say what was expected: another slice, another vocabulary, no rank's states, slices with a gap."""
     with tempfile.TemporaryDirectory() as d:
@@ -169,5 +251,16 @@ def test_state_errors() -> None:
                 distributed.whole_state([st, st])
             w = distributed.whole_state([st])
             assert w.prompt_mask.tolist() == [0b110] and w.seed == 1
+            slot = s.restore(st)
+            with pytest.raises(ValueError, match="3-D"):
+                s.verify(torch.zeros(1, 8), [[1]], [slot])
+            with pytest.raises(ValueError, match="takes no draft_probs"):
+                s.verify(torch.zeros(1, 2, 8), [[1]], [slot], draft_probs=torch.ones(1, 1, 8), method="match")
+            with pytest.raises(ValueError, match=r"this rank's slice, shape \(1, 1, 8\)"):
+                s.verify(torch.zeros(1, 2, 8), [[1]], [slot], draft_probs=torch.ones(1, 1, 9))
+            with pytest.raises(ValueError, match="non-negative"):
+                s.verify(torch.zeros(1, 2, 8), [[1]], [slot], draft_probs=-torch.ones(1, 1, 8))
+            with pytest.raises(ValueError, match="method must be"):
+                s.verify(torch.zeros(1, 2, 8), [[1]], [slot], method="greedy")
         finally:
             dist.destroy_process_group()

@@ -51,7 +51,7 @@ from ._shard_slots import ShardTables, local_bits, local_mask
 from ._slots import SlotBook
 from .backends.reference.pipeline import F32_OVERFLOW, F32_TINY, LN2, _row_params, dry_penalties
 from .layout import I_MIN_TOKENS, MAX_COLUMNS, MIROSTAT_M, STREAM_XTC, TILE, int_to_flags
-from .output import SampleOutput
+from .output import SampleOutput, VerifyOutput
 from .params import SamplingParams
 from .sampler import Sampler as _SingleSampler
 from .sampler import SlotState
@@ -299,11 +299,13 @@ def _entries_dense(ent: tuple[torch.Tensor, torch.Tensor, torch.Tensor], b: int,
 
 
 def _sample_shard(ex: Exchange, local_logits: torch.Tensor, shard: _Shard, lo: int, vocab_size: int,
-                  layout: list[list[int]], probs_only: bool = False) -> Any:
+                  layout: list[list[int]], probs_only: bool = False, forced: torch.Tensor | None = None) -> Any:
     """The pipeline of docs/semantics.md on this rank's columns ``[lo, lo + V_local)`` of every row, with the
     exchanges of docs/distributed.md: `sample` and `Sampler.sample` both end here (``stopped`` is left to them).
     ``probs_only``: the shard's columns of the distribution the draw would use, ``(B, V_local)`` float32, instead
-    (`Sampler.sampling_probs`).
+    (`Sampler.sampling_probs`). ``forced`` ((B,) int64 global ids, on the device): each valid row's token is that
+    one instead of a draw (`Sampler.verify`'s recovered tokens); its logprobs and Mirostat update are computed as for
+    a drawn token.
 
     Nothing here reads device data back to the host when ``ex.sync_free``: which exchanges run is decided from the
     rows' parameters (the same on every rank), and every per-row decision that depends on the logits (validity,
@@ -419,7 +421,17 @@ def _sample_shard(ex: Exchange, local_logits: torch.Tensor, shard: _Shard, lo: i
     z_tok = torch.where(gr, pick(4), 0.0)
     x_tok = torch.where(gr, g_x, 0.0)
     zd_tok = z_tok
-    if (~greedy).any():
+    if forced is not None:  # the owner rank's values of the forced token (z', x, z)
+        loc = forced.to(dev) - lo
+        mine = (loc >= 0) & (loc < width)
+        c = torch.where(mine, loc, 0)[:, None]
+        g = ex.gather(torch.stack((zd.gather(1, c)[:, 0], x.gather(1, c)[:, 0], z.gather(1, c)[:, 0],
+                                   mine.to(torch.float64)), 1))
+        own = g[:, :, 3].argmax(0)[None]
+        fv = lambda col: g[:, :, col].gather(0, own)[0]
+        tokens = torch.where(valid, forced.to(dev), -1)
+        zd_tok, x_tok, z_tok = fv(0), fv(1), fv(2)
+    elif (~greedy).any():
         st, zdt, xt, zt = _draw(ex, zd, x, z, keep, mk_safe, gid, lo, layout, seeds_d, steps_d, seqs_d)
         tokens, z_tok, x_tok = torch.where(samp, st, tokens), torch.where(samp, zt, z_tok), torch.where(samp, xt, x_tok)
         zd_tok = torch.where(samp, zdt, z_tok)
@@ -714,6 +726,69 @@ def _logprobs(ex: Exchange, rows: list[Any], want: torch.Tensor, greedy: torch.T
     return lp_out, ranks, top_ids, top_lps
 
 
+def _accept_or_recover(ex: Exchange, p: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None,
+                       uniforms: tuple[torch.Tensor, torch.Tensor], lo: int, vocab: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fastsampler._speculative.accept_or_recover` on this rank's slice ``p`` / ``q`` ``(B, V_local)`` (zero in the
+    padding): ``p[d]`` and ``q[d]`` from the rank holding the draft ``d``, the residual masses ``max(0, p - q)``
+    (``p`` where that is all zero) added in rank order, and the recovered token found on the rank whose share of
+    the cumulative mass holds ``v`` times the total, by inversion of its float64 cumulative sum. Two gathers of
+    ``(B, 4)`` and ``(B,)`` per rank. Returns (token, accepted), the same on every rank."""
+    b, width = p.shape
+    dev = p.device
+    loc = draft - lo
+    mine = (loc >= 0) & (loc < width)
+    c = torch.where(mine, loc, 0)[:, None]
+    p_d = torch.where(mine, p.gather(1, c)[:, 0].to(torch.float64), 0.0)
+    qv = None if q is None else q.to(p.dtype)
+    q_d = torch.ones_like(p_d) if qv is None else torch.where(mine, qv.gather(1, c)[:, 0].to(torch.float64), 0.0)
+    if qv is None:
+        resid = torch.where(mine[:, None] & (torch.arange(width, device=dev)[None, :] == c), 0.0, p)
+    else:
+        resid = (p - qv).clamp(min=0.0)
+    cum_r = torch.cumsum(resid, 1, dtype=torch.float64)
+    cum_p = torch.cumsum(p, 1, dtype=torch.float64)
+    last = lambda cum: cum[:, -1] if width else torch.zeros(b, dtype=torch.float64, device=dev)
+    g = ex.gather(torch.stack((p_d, q_d if qv is not None else torch.zeros_like(p_d), last(cum_r), last(cum_p)), 1))
+    u, v = uniforms
+    pd_all = g[:, :, 0].sum(0)  # (one rank holds d: the others add zeros)
+    qd_all = torch.ones_like(pd_all) if qv is None else g[:, :, 1].sum(0)
+    accepted = u * qd_all < pd_all
+    tot_r = g[:, :, 2]
+    acc_r = torch.zeros(b, dtype=torch.float64, device=dev)
+    for r in range(tot_r.shape[0]):
+        acc_r = acc_r + tot_r[r]
+    empty = ~(acc_r > 0)  # nothing left of p beyond q: draw from p itself
+    tots = torch.where(empty[None, :], g[:, :, 3], tot_r)  # (world, B)
+    prefix = torch.zeros_like(tots)
+    run = torch.zeros(b, dtype=torch.float64, device=dev)
+    for r in range(tots.shape[0]):  # rank order
+        prefix[r] = run
+        run = run + tots[r]
+    target = v * run
+    has = tots > 0
+    holds = has & (prefix + tots > target[None, :])
+    # the first rank whose share holds the target; by rounding none may: the last rank with mass
+    n_world = tots.shape[0]
+    ranks_ix = torch.arange(n_world, device=dev)[:, None].expand_as(tots)
+    first = torch.where(holds, ranks_ix, n_world).min(0).values
+    last_has = torch.where(has, ranks_ix, -1).max(0).values
+    owner = torch.where(first < n_world, first, last_has)
+    cum = torch.where(empty[:, None], cum_p, cum_r)
+    me = ex.rank
+    t_loc = (target - prefix[me]).clamp(min=0.0)
+    hi = max(min(lo + width, vocab), lo)
+    if width:
+        j = torch.searchsorted(cum.contiguous(), t_loc[:, None].contiguous(), right=True)[:, 0]
+        j = j.clamp(max=max(hi - lo - 1, 0))
+        cand = torch.where(owner == me, (j + lo).to(torch.float64), 0.0)
+    else:
+        cand = torch.zeros(b, dtype=torch.float64, device=dev)
+    rec = ex.gather(cand[:, None])[:, :, 0].gather(0, owner.clamp(min=0)[None])[0].to(torch.int64)
+    rec = torch.where(run > 0, rec, -1)
+    return torch.where(accepted, draft, rec), accepted
+
+
 def _top_n(lp: torch.Tensor, gid: torch.Tensor, n: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, n) float64 and int64: each row's ``n`` largest ``lp`` with their ids, ordered by (lp descending, id
     ascending), padded with ``(-inf, vocab)``: a stable descending sort's first ``n``, without sorting the shard.
@@ -987,6 +1062,138 @@ class Sampler:
         """
         ex, _, _, shard = self._step(local_logits, slots, token_bitmask, stats)
         return _sample_shard(ex, local_logits, shard, self._lo, self._vocab, self._layout, probs_only=True)
+
+    def verify(self, local_logits: torch.Tensor, draft_tokens: Any, slots: Sequence[int], *,
+               draft_probs: torch.Tensor | None = None, method: str | None = None,
+               stats: ExchangeStats | None = None) -> VerifyOutput:
+        """Verify ``K`` draft tokens per slot against the target's logits sharded by vocabulary, and advance each slot
+        by the tokens it emits: `fastsampler.Sampler.verify` (docs/semantics.md §11) on this rank's slice, with the
+        same result on every rank.
+
+        Parameters
+        ----------
+        local_logits : (batch_size, K + 1, local_size) torch.Tensor
+            This rank's logits at each position, on the sampler's device.
+        draft_tokens : (batch_size, K) ints
+            Global ids, the same on every rank.
+        slots : sequence of batch_size ints
+            Distinct slots in use.
+        draft_probs : (batch_size, K, local_size) float tensor, optional
+            This rank's slice of the draft model's distribution at each position (column ``j``: id
+            ``vocab_start + j``; non-negative, rows need not be normalised).
+        method : {'match', 'rejection'}, optional
+            As in `fastsampler.Sampler.verify` (default: 'match' without ``draft_probs``, else 'rejection').
+        stats : ExchangeStats, optional
+            Accumulates this rank's collectives and bytes.
+
+        Returns
+        -------
+        VerifyOutput
+            As `fastsampler.Sampler.verify`, identical on every rank.
+
+        ``rejection`` accepts the draft ``d`` when ``u q[d] < p[d]`` (``p[d]``, ``q[d]`` from the rank holding
+        ``d``), else draws the token from ``max(0, p - q)`` by inversion with the ranks' residual masses added in
+        rank order, so a recovered token can differ from the single-device one only at a near-tie of that
+        inversion. Each position is one step's exchanges (two with ``rejection``: the distribution, then the
+        token's logprobs) plus two small gathers for the acceptance.
+        """
+        from ._speculative import verify_uniforms
+        from .sampler import _draft_tensor
+
+        if not isinstance(local_logits, torch.Tensor) or local_logits.dim() != 3:
+            raise ValueError(f"local_logits must be a 3-D torch tensor (batch_size, K + 1, local_size), got "
+                             f"{getattr(local_logits, 'shape', type(local_logits).__name__)}")
+        method = method or ("match" if draft_probs is None else "rejection")
+        if method not in ("match", "rejection"):
+            raise ValueError(f"method must be 'match' or 'rejection', got {method!r}")
+        if method == "match" and draft_probs is not None:
+            raise ValueError("method='match' accepts drafts equal to the target's own draw and takes no draft_probs; "
+                             "use method='rejection' with draft_probs")
+        b, k1 = local_logits.shape[0], local_logits.shape[1]
+        k = k1 - 1
+        if k < 0:
+            raise ValueError("local_logits must have K + 1 >= 1 positions per row")
+        dev, t = self._device, self._tables
+        # (host drafts are checked on the host; a device tensor is read back once for the check)
+        on = dev if isinstance(draft_tokens, torch.Tensor) else torch.device("cpu")
+        drafts = _draft_tensor(draft_tokens, b, k, self._vocab, on).to(dev)
+        q_all = None
+        if draft_probs is not None:
+            if not isinstance(draft_probs, torch.Tensor) or not draft_probs.dtype.is_floating_point:
+                raise TypeError("draft_probs must be a floating-point torch.Tensor")
+            if draft_probs.dim() != 3 or tuple(draft_probs.shape) != (b, k, self._width):
+                raise ValueError(f"draft_probs must be this rank's slice, shape ({b}, {k}, {self._width}), got "
+                                 f"{tuple(draft_probs.shape)}")
+            q_all = draft_probs.to(dev)
+            if dev.type == "cpu" and q_all.numel() and not bool(q_all.min() >= 0):  # (NaN too)
+                raise ValueError("draft_probs must be non-negative probabilities")
+        rows = [self._check_slot(s) for s in (slots.tolist() if isinstance(slots, torch.Tensor) else slots)]
+        if len(set(rows)) != b:
+            raise ValueError(f"slots must be {b} distinct slots in use (one per row), got {rows}")
+        idx = torch.tensor(rows, dtype=torch.int64, device=dev)
+        n_top = self._book.aggregate(rows)[1]
+        i64, f32 = torch.int64, torch.float32
+        tokens = torch.full((b, k1), -1, dtype=i64, device=dev)
+        lps = torch.full((b, k1), float("nan"), dtype=f32, device=dev)
+        ranks = torch.full((b, k1), -1, dtype=i64, device=dev)
+        top_ids = torch.full((b, k1, n_top), -1, dtype=i64, device=dev)
+        top_lps = torch.full((b, k1, n_top), float("nan"), dtype=f32, device=dev)
+        n_tok = torch.zeros(b, dtype=i64, device=dev)
+        n_acc = torch.zeros(b, dtype=i64, device=dev)
+        active = torch.ones(b, dtype=torch.bool, device=dev)
+        stopped = torch.zeros(b, dtype=torch.bool, device=dev)
+        ends_table = self._end_ids(rows)
+        if method == "rejection" and b and k:  # every position's uniforms at once (a row at position j is at step + j)
+            pos = torch.arange(k, dtype=i64, device=dev)[None, :]
+            u_all, v_all = verify_uniforms(t.seeds_d.index_select(0, idx)[:, None],
+                                           t.steps.index_select(0, idx)[:, None] + pos,
+                                           t.seqs_d.index_select(0, idx)[:, None])
+        for j in range(k1 if b else 0):
+            x = local_logits[:, j]
+            ex, _, _, shard = self._step(x, rows, None, stats)
+            if j < k and method == "rejection":
+                p = _sample_shard(ex, x, shard, self._lo, self._vocab, self._layout, probs_only=True)
+                q = None if q_all is None else q_all[:, j]
+                tok, acc = _accept_or_recover(ex, p, drafts[:, j], q, (u_all[:, j], v_all[:, j]), self._lo,
+                                              self._vocab)
+                # (a row without mass is invalid: its forced token is never used)
+                out = _sample_shard(ex, x, shard, self._lo, self._vocab, self._layout, forced=tok.clamp(min=0))
+            else:
+                out = _sample_shard(ex, x, shard, self._lo, self._vocab, self._layout)
+                acc = out.tokens == drafts[:, j] if j < k else torch.zeros_like(active)
+            emit = active & out.valid
+            tokens[:, j] = torch.where(emit, out.tokens, -1)
+            lps[:, j] = torch.where(emit, out.logprobs, float("nan"))
+            ranks[:, j] = torch.where(emit, out.ranks, -1)
+            top_ids[:, j] = torch.where(emit[:, None], out.top_logprob_ids, -1)
+            top_lps[:, j] = torch.where(emit[:, None], out.top_logprobs, float("nan"))
+            n_tok += emit.to(i64)
+            active = emit & acc
+            n_acc += active.to(i64)
+            ends = emit & (out.tokens[:, None] == ends_table).any(1)  # a token that ends the request ends its drafts
+            stopped |= ends
+            active &= ~ends
+            mu = torch.where(emit, out.mirostat_mu.to(f32), shard.mu.to(f32))
+            t.advance(idx, out.tokens, emit, mu)
+            if not ex.sync_free and not bool(active.any()):  # (every rank holds the same flags: all stop here)
+                break
+        return VerifyOutput(tokens=tokens, num_tokens=n_tok, num_accepted=n_acc, logprobs=lps, ranks=ranks,
+                            top_logprob_ids=top_ids, top_logprobs=top_lps, mirostat_mu=t.mu.index_select(0, idx),
+                            stopped=stopped)
+
+    def _end_ids(self, rows: list[int]) -> torch.Tensor:
+        """(B, E) int64 on the device: the ids that end each row's request (its stop ids; the EOS ids unless it
+        ignores EOS), padded with -1."""
+        ids = []
+        for s in rows:
+            p = self._book.params[s]
+            assert p is not None
+            ids.append([*(p.stop_token_ids or ()), *(() if p.ignore_eos else self._eos_host)])
+        width = max([len(e) for e in ids], default=0)
+        table = np.full((len(rows), max(width, 1)), -1, dtype=np.int64)
+        for r, e in enumerate(ids):
+            table[r, :len(e)] = e
+        return torch.from_numpy(table).to(self._device)
 
     # ------------------------------------------------------------------------------------------ export / restore
     def export(self, slot: int) -> ShardSlotState:
