@@ -24,5 +24,6 @@ def test_bench_distributed_smoke() -> None:
     for line in rows:  # the gather receives world x B x V_local x 4 bytes
         cells = [c.strip().replace(",", "") for c in line.split("|")[1:-1]]
         world, b = int(cells[0]), int(cells[1])
-        assert int(cells[8]) == world * b * (-(-4096 // world)) * 4
+        assert int(cells[11]) == world * b * (-(-4096 // world)) * 4
         assert int(cells[3]) > 0 and int(cells[4]) == world * int(cells[3])
+        assert int(cells[6]) > int(cells[7]) > 0 and float(cells[8]) > 0  # operations counted

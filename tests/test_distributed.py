@@ -332,6 +332,21 @@ def test_top_n_equals_a_stable_sort() -> None:
         assert torch.equal(vals, sv[:, :n]) and torch.equal(ids, si[:, :n]), (lp, n)
 
 
+def test_token_noise_block_equals_the_noise() -> None:
+    """The draw's noise of consecutive ids (`token_noise_block`, four ids per Philox call, any alignment) is the
+    noise of docs/semantics.md §7 id by id."""
+    from fastsampler._shard import noise, token_noise_block
+    from fastsampler.layout import STREAM_TOKEN
+
+    g = torch.Generator().manual_seed(1)
+    seeds = torch.randint(-2**62, 2**62, (5,), generator=g)
+    steps, seqs = torch.randint(0, 2**31, (5,), generator=g), torch.randint(0, 4, (5,), generator=g)
+    first = torch.tensor([0, 1, 2, 3, 130001])
+    for n in (1, 5, 4096):
+        want = noise(seeds, steps, seqs, first[:, None] + torch.arange(n)[None], STREAM_TOKEN)
+        assert torch.equal(token_noise_block(seeds, steps, seqs, first, n), want)
+
+
 def test_refuses_gaps_between_slices() -> None:
     """The slices must be contiguous from id 0: a group of one whose slice starts at 5 is refused."""
     with tempfile.TemporaryDirectory() as d:

@@ -43,7 +43,7 @@ from ._shard import (
     moments,
     row_stats,
     tile_noise,
-    token_noise,
+    token_noise_block,
     top_values,
     uniform_word0,
 )
@@ -654,7 +654,8 @@ def _draw(ex: Exchange, z: torch.Tensor, x: torch.Tensor, z_proc: torch.Tensor, 
         cand = inside & keep.gather(1, cols)
         zc, xc, pc = z.gather(1, cols), x.gather(1, cols), z_proc.gather(1, cols)
     ids = cols + lo
-    ts = torch.where(cand, zc - torch.log(token_noise(seeds, steps, seqs, ids)), -torch.inf)
+    noise = token_noise_block(seeds, steps, seqs, first + lo, TILE)  # (the ids first + lo + i, unclamped)
+    ts = torch.where(cand, zc - torch.log(noise), -torch.inf)
     best_s, j = ts.max(1)  # (the first maximum: the lowest id)
     mine = torch.stack((best_s, ids.gather(1, j[:, None])[:, 0].to(torch.float64), zc.gather(1, j[:, None])[:, 0],
                         xc.gather(1, j[:, None])[:, 0], cand.any(1).to(torch.float64),

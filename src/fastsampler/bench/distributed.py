@@ -1,6 +1,11 @@
 """``python -m fastsampler.bench.distributed``: vocabulary-parallel sampling (`fastsampler.distributed.sample`) against
 the all-gather of the logits followed by `fastsampler.sample`, per step, for world sizes 2 and 4.
 
+Besides times and bytes, it counts the work of one step on the path off the CPU (`distributed.SYNC_FREE`), as a
+GPU would run it: the tensor operations (each at least one kernel launch on a device), how many of them touch a
+shard-sized tensor, and the bytes those move per id of the shard (inputs and outputs). Times on a CPU say little
+about a GPU; these counts do.
+
 Each world size starts its own processes: gloo on the CPU, or NCCL on CUDA when ``torch.cuda.device_count()`` is at
 least the world size (one device per rank). Every rank holds float32 logits of its slice of the vocabulary (an
 engine's layout: ``ceil(V / world)`` columns, the last slice padded). Reported per step, for rank 0:
@@ -71,6 +76,41 @@ def _params(scenario: str, b: int) -> list[Any]:
     raise ValueError(f"scenario must be one of {SCENARIOS}, got {scenario!r}")
 
 
+class _OpCounter:
+    """Counts the tensor operations run under it (a `TorchDispatchMode`): all of them, those that read or write a
+    tensor of at least half the shard's ``B x V_local`` elements, and the bytes of such tensors."""
+
+    def __init__(self, shard_elements: int) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                out = func(*args, **(kwargs or {}))
+                counter.record(args, kwargs or {}, out)
+                return out
+
+        self.mode = Mode()
+        self.big_at = max(1, shard_elements // 2)
+        self.ops = self.big_ops = self.big_bytes = 0
+
+    def record(self, args: Any, kwargs: dict[str, Any], out: Any) -> None:
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        big = [t for t in (*args, *kwargs.values(), *outs) if isinstance(t, torch.Tensor) and t.numel() >= self.big_at]
+        self.ops += 1
+        if big:
+            self.big_ops += 1
+            self.big_bytes += sum(t.numel() * t.element_size() for t in big)
+
+    def __enter__(self) -> _OpCounter:
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.mode.__exit__(*exc)
+
+
 def _median_ms(fn: Any, reps: int, sync: Any) -> float:
     fn()  # warm-up
     times = []
@@ -130,6 +170,13 @@ def _case(local: torch.Tensor, counts: torch.Tensor, scenario: str, start: int, 
     kw = {"output_counts": counts} if scenario == "full" else {}
     stats = distributed.ExchangeStats()
     distributed.sample(local, params, vocab_start=start, vocab_size=v, stats=stats, **kw)
+    # the work of one step as a device runs it (no read-backs), counted once
+    saved, distributed.SYNC_FREE = distributed.SYNC_FREE, True
+    try:
+        with _OpCounter(local.numel()) as ops:
+            distributed.sample(local, params, vocab_start=start, vocab_size=v, **kw)
+    finally:
+        distributed.SYNC_FREE = saved
 
     def gather(t: torch.Tensor = local) -> torch.Tensor:
         parts = [torch.empty_like(t) for _ in range(world)]
@@ -144,7 +191,9 @@ def _case(local: torch.Tensor, counts: torch.Tensor, scenario: str, start: int, 
     t_base = _median_ms(lambda: fastsampler.sample(gather(), params, vocab_size=v, steps=steps, **full), reps, sync)
     n = local.numel() * local.element_size()
     return {"world": world, "batch": b, "scenario": scenario, "sent": stats.bytes_sent,
-            "received": stats.bytes_received, "collectives": stats.collectives, "dist_ms": t_dist, "gather_sent": n,
+            "received": stats.bytes_received, "collectives": stats.collectives, "ops": ops.ops,
+            "shard_ops": ops.big_ops, "bytes_per_id": ops.big_bytes / max(1, local.numel()), "dist_ms": t_dist,
+            "gather_sent": n,
             "gather_received": world * n, "gather_ms": t_gather, "base_ms": t_base}
 
 
@@ -173,11 +222,12 @@ def run(worlds: list[int], batch: list[int], vocab: int, scenarios: list[str], r
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = ("world", "B", "scenario", "sent B", "recv B", "colls", "dist.sample ms", "gather sent B", "gather recv B",
-            "gather ms", "gather+sample ms")
+    head = ("world", "B", "scenario", "sent B", "recv B", "colls", "ops", "shard ops", "B/id", "dist.sample ms",
+            "gather sent B", "gather recv B", "gather ms", "gather+sample ms")
     body = [(str(r["world"]), str(r["batch"]), r["scenario"], f"{r['sent']:,}", f"{r['received']:,}",
-             str(r["collectives"]), f"{r['dist_ms']:.1f}", f"{r['gather_sent']:,}", f"{r['gather_received']:,}",
-             f"{r['gather_ms']:.1f}", f"{r['base_ms']:.1f}") for r in rows]
+             str(r["collectives"]), str(r["ops"]), str(r["shard_ops"]), f"{r['bytes_per_id']:.0f}",
+             f"{r['dist_ms']:.1f}", f"{r['gather_sent']:,}", f"{r['gather_received']:,}", f"{r['gather_ms']:.1f}",
+             f"{r['base_ms']:.1f}") for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
@@ -199,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(sorted({r['backend'] for r in rows}))}; torch threads per process "
           f"{', '.join(sorted({str(r['threads']) for r in rows}))}")
     print(format_table(rows))
+    print("ops: tensor operations of one distributed.sample on the path off the CPU (each at least one kernel launch "
+          "on a device); shard ops: those touching a tensor of at least half the shard; B/id: the bytes those read "
+          "and write per id of the shard")
     print(f"({time.perf_counter() - t0:.0f} s)")
     return 0
 
