@@ -68,9 +68,9 @@ def _cpu_flags() -> tuple[list[str], list[str]]:
 # The x86-64 variants, best first, with their instruction-set flags: x86-64-v4 is AVX-512 F/BW/CD/DQ/VL on top of
 # x86-64-v3 (AVX2, FMA, F16C, BMI1/2, LZCNT, MOVBE); portable is the baseline ISA (SSE2). -mtune stays generic (the
 # wheel runs on any CPU of the level), but generic tuning vectorises loops 256 bits wide even with AVX-512:
-# -mprefer-vector-width=512 gives the compiler's own loops (top-p, typical) the width of the intrinsics, which on the
-# development machine (Zen 5) took top-p 0.9 and typical from 16 % slower than -march=native to within 1 %
-# (docs/cpu.md, "SIMD paths").
+# -mprefer-vector-width=512 gives the compiler's own loops (top-p, typical) the width of the intrinsics (without it,
+# top-p 0.9 and typical ran 15-16 % slower than -march=native on the development machine, Zen 5; docs/cpu.md,
+# "SIMD paths", has what remains).
 X86_VARIANTS = {
     "avx512": ["-march=x86-64-v4", "-mprefer-vector-width=512"],
     "avx2": ["-march=x86-64-v3"],
