@@ -1,4 +1,7 @@
-// pybind11 module fastsampler._C: numpy arrays in, numpy arrays out, the GIL released during compute.
+// pybind11 module fastsampler.backends.cpu._C: numpy arrays in, numpy arrays out, the GIL released during compute.
+//
+// setup.py compiles this file once per SIMD path, each with its own module name (FASTSAMPLER_MODULE: _C_avx512,
+// _C_avx2, _C_portable; _C for a single -march=native build); the package imports the best one the CPU runs as _C.
 //
 // Every argument is checked (dtype, shape, contiguity, id ranges) with a message naming it before any kernel runs, so
 // bad input raises ValueError / TypeError instead of crashing the process.
@@ -24,6 +27,10 @@
 #include "fastsampler/philox.h"
 #include "fastsampler/pool.h"
 #include "fastsampler/sampler.h"
+
+#ifndef FASTSAMPLER_MODULE
+#define FASTSAMPLER_MODULE _C
+#endif
 
 namespace py = pybind11;
 namespace fs = fastsampler;
@@ -615,7 +622,31 @@ py::tuple dry_edits(py::object ring_o, py::object total_o, py::object rows_o, py
   return py::make_tuple(ids, vals);
 }
 
-PYBIND11_MODULE(_C, m) {
+// What this CPU (and its OS) runs, for the package to pick a variant without importing one it cannot run: "avx512"
+// (x86-64-v4: AVX-512 F/BW/CD/DQ/VL over x86-64-v3), "avx2" (x86-64-v3: AVX2, FMA, F16C, BMI1/2, LZCNT, MOVBE),
+// "portable" (always). Call it on the portable module: the others may use their instructions anywhere.
+py::dict cpu_features() {
+  bool v3 = false, v4 = false;
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+#if defined(__clang__) || __GNUC__ < 12
+  v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
+       __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+  v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+       __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+  v3 = __builtin_cpu_supports("x86-64-v3");
+  v4 = __builtin_cpu_supports("x86-64-v4");
+#endif
+#endif
+  py::dict d;
+  d["avx512"] = v4;
+  d["avx2"] = v3;
+  d["portable"] = true;
+  return d;
+}
+
+PYBIND11_MODULE(FASTSAMPLER_MODULE, m) {
   m.doc() = "fastsampler C++ CPU kernels (see fastsampler.cpu for the backend built on them)";
   m.def("sample", &sample, py::arg("logits"), py::arg("dtype"), py::arg("vocab_size"), py::arg("fparams"),
         py::arg("iparams"), py::arg("seeds"), py::arg("steps"), py::arg("seqs"), py::arg("mirostat_mu"),
@@ -717,6 +748,8 @@ PYBIND11_MODULE(_C, m) {
     return false;
 #endif
   });
+  m.def("cpu_features", &cpu_features,
+        "{'avx512': bool, 'avx2': bool, 'portable': True}: the SIMD paths this CPU runs (x86-64-v4, x86-64-v3).");
   m.def("simd", []() {
 #if defined(FASTSAMPLER_AVX512)
     return std::string("avx512");

@@ -11,7 +11,10 @@ Backend module interface (see `fastsampler._api`): `is_available`, `supports`, `
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+from importlib.machinery import EXTENSION_SUFFIXES
 from typing import Any
 
 import numpy as np
@@ -33,9 +36,71 @@ SINGLE_THREAD_BELOW = 16384
 
 REINSTALL = "pip install --force-reinstall --no-build-isolation --no-deps .  (rebuilds the C++ extension)"
 
-try:
-    from . import _C  # type: ignore[attr-defined]
+SIMD_PATHS = ("avx512", "avx2", "portable")
+"""The SIMD paths of the extension, best first: one module each (``_C_avx512``, ``_C_avx2``, ``_C_portable``; only
+``_C_portable`` off x86-64), of which the best this CPU runs is imported as ``_C`` (``FASTSAMPLER_SIMD`` overrides the
+choice; docs/cpu.md)."""
 
+
+def _built(name: str) -> bool:
+    """Whether the extension module ``name`` (``_C``, ``_C_avx2``, ...) is in this package's directory (looked up
+    without importing it: a variant this CPU cannot run must not be loaded)."""
+    return any(os.path.exists(os.path.join(d, name + s)) for d in __path__ for s in EXTENSION_SUFFIXES)
+
+
+def built_simd_paths() -> tuple[str, ...]:
+    """The SIMD variants present in this installation (whether or not this CPU runs them), best first."""
+    return tuple(p for p in SIMD_PATHS if _built(f"_C_{p}"))
+
+
+def cpu_simd_paths() -> tuple[str, ...]:
+    """The SIMD paths this CPU runs, best first (asked of the portable module, which runs everywhere; ``()`` when it is
+    not built)."""
+    if not _built("_C_portable"):
+        return ()
+    feats = importlib.import_module(f"{__name__}._C_portable").cpu_features()
+    return tuple(p for p in SIMD_PATHS if feats.get(p))
+
+
+def _load_extension() -> Any:
+    """The extension module to use as ``_C``: a single ``_C`` build (``FASTSAMPLER_NATIVE=1``, the sanitizer build) if
+    there is one, else the best variant this CPU runs, or the one ``FASTSAMPLER_SIMD`` names.
+
+    Raises ``ValueError`` for a ``FASTSAMPLER_SIMD`` that names no path and ``RuntimeError`` for one this CPU cannot
+    run or this installation lacks (an explicit request is never silently replaced by another path); ``ImportError``
+    when no extension is built.
+    """
+    want = os.environ.get("FASTSAMPLER_SIMD", "").strip().lower()
+    if want not in ("", "auto", *SIMD_PATHS):
+        raise ValueError(f"FASTSAMPLER_SIMD must be one of auto, {', '.join(SIMD_PATHS)} (or unset), got "
+                         f"{os.environ['FASTSAMPLER_SIMD']!r}")
+    built = built_simd_paths()
+    if _built("_C"):
+        mod = importlib.import_module(f"{__name__}._C")
+        if want not in ("", "auto") and want != mod.simd():
+            raise RuntimeError(f"FASTSAMPLER_SIMD={want!r}, but this installation is a single {mod.simd()} build "
+                               f"({mod.__file__}); rebuild without FASTSAMPLER_NATIVE for every path")
+        return mod
+    if not built:
+        raise ImportError("no C++ extension module (_C_avx512, _C_avx2, _C_portable or _C) is built")
+    runs = cpu_simd_paths()
+    if want in ("", "auto"):
+        usable = [p for p in built if p in runs]
+        if not usable:  # pragma: no cover - the portable module is always built and runs everywhere
+            raise ImportError(f"none of the built SIMD paths ({', '.join(built)}) runs on this CPU")
+        want = usable[0]
+    elif want not in built:
+        raise RuntimeError(f"FASTSAMPLER_SIMD={want!r}, but this installation has no {want} kernels (built: "
+                           f"{', '.join(built)})")
+    elif want not in runs:
+        raise RuntimeError(f"FASTSAMPLER_SIMD={want!r}, but this CPU does not run it (it runs: {', '.join(runs)})")
+    mod = importlib.import_module(f"{__name__}._C_{want}")
+    sys.modules[f"{__name__}._C"] = mod  # `import fastsampler.backends.cpu._C` names the chosen module
+    return mod
+
+
+try:
+    _C = _load_extension()
     check_extension_layout(getattr(_C, "LAYOUT", {}))
     _IMPORT_ERROR: str | None = None
 except ImportError as e:  # pragma: no cover - depends on the build
