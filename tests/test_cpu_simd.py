@@ -158,3 +158,38 @@ def test_fastsampler_simd_rejects_a_path_not_built(tmp_path) -> None:
     res = _run(code, "avx2")
     assert res.returncode != 0
     assert "RuntimeError: FASTSAMPLER_SIMD='avx2', but this installation has no avx2 kernels (built: " in res.stderr
+
+
+def _setup_functions() -> dict:
+    """setup.py's build-planning functions (`_variants` and what it calls), without running ``setup()``."""
+    import ast
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "setup.py"
+    tree = ast.parse(path.read_text())
+    names = {"_find_cxx", "_compiler_accepts", "_is_x86_64", "_variants"}
+    body = [n for n in tree.body if (isinstance(n, ast.FunctionDef) and n.name in names) or (
+        isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "X86_VARIANTS" for t in n.targets))]
+    ns: dict = {"os": os}
+    exec(compile(ast.Module(body=body, type_ignores=[]), str(path), "exec"), ns)
+    return ns
+
+
+def test_build_plan_per_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The modules setup.py builds: off x86-64 (aarch64, Apple silicon) only the portable one; on x86-64 the three
+    variants, each with its instruction-set flags; ``FASTSAMPLER_NATIVE=1`` a single native ``_C``;
+    ``FASTSAMPLER_PORTABLE=1`` the portable one alone."""
+    for var in ("FASTSAMPLER_NATIVE", "FASTSAMPLER_SANITIZE", "FASTSAMPLER_PORTABLE"):
+        monkeypatch.delenv(var, raising=False)
+    ns = _setup_functions()
+    ns["_is_x86_64"] = lambda: False
+    assert ns["_variants"]() == {"_C_portable": []}
+    ns["_is_x86_64"] = lambda: True
+    ns["_compiler_accepts"] = lambda flags: True
+    plan = ns["_variants"]()
+    assert list(plan) == ["_C_avx512", "_C_avx2", "_C_portable"]
+    assert "-march=x86-64-v4" in plan["_C_avx512"] and "-march=x86-64-v3" in plan["_C_avx2"] and not plan["_C_portable"]
+    monkeypatch.setenv("FASTSAMPLER_PORTABLE", "1")
+    assert ns["_variants"]() == {"_C_portable": []}
+    monkeypatch.setenv("FASTSAMPLER_NATIVE", "1")
+    assert ns["_variants"]() == {"_C": ["-march=native"]}
