@@ -248,18 +248,16 @@ def row_stats(v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def merge_stats(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Whole-row ``(count, max, ln Σ exp(v - max), entropy)`` from gathered `row_stats` partials ``(world, B, 4)``,
     combined in rank order. The entropy is that of ``softmax(v)`` (``ln S - Σ q (v - max)``)."""
-    n = g[:, :, 0].sum(0) if g.shape[0] == 1 else _ordered_sum(g[:, :, 0])
+    n = _ordered_sum(g[:, :, 0])
     m = g[:, :, 1].max(0).values
     mf = torch.where(torch.isfinite(m), m, 0.0)
-    s = torch.zeros_like(m)
-    t = torch.zeros_like(m)
-    for r in range(g.shape[0]):
-        mr, sr, tr = g[r, :, 1], g[r, :, 2], g[r, :, 3]
-        has = sr > 0
-        shift = torch.where(has, mr - mf, 0.0)
-        f = torch.where(has, torch.exp(shift), 0.0)
-        s = s + f * sr
-        t = t + torch.where(has, f * (tr + sr * shift), 0.0)
+    # every rank's terms at once, then added in rank order (one operation per rank, not per term)
+    mr, sr, tr = g[:, :, 1], g[:, :, 2], g[:, :, 3]
+    has = sr > 0
+    shift = torch.where(has, mr - mf[None, :], 0.0)
+    f = torch.where(has, torch.exp(shift), 0.0)
+    s = _ordered_sum(f * sr)
+    t = _ordered_sum(torch.where(has, f * (tr + sr * shift), 0.0))
     ln_s = torch.log(s)
     ent = ln_s - t / s
     return n, m, ln_s, ent
