@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .layout import STREAM_VERIFY
+from .output import SampleOutput, VerifyOutput
 
 __all__ = ["philox4x32", "verify_uniforms", "accept_or_recover"]
 
@@ -93,3 +94,58 @@ def accept_or_recover(p: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | No
     rec = torch.searchsorted(cum, (v * total)[:, None].contiguous(), right=True)[:, 0].clamp(max=vocab - 1)
     rec = torch.where(total > 0, rec, -1)
     return torch.where(accepted, draft, rec), accepted
+
+
+def verify_method(method: str | None, draft_probs: object) -> str:
+    """The verification method of `Sampler.verify` and `distributed.Sampler.verify`, checked: ``'match'`` without
+    ``draft_probs``, ``'rejection'`` with them, unless given."""
+    method = method or ("match" if draft_probs is None else "rejection")
+    if method not in ("match", "rejection"):
+        raise ValueError(f"method must be 'match' or 'rejection', got {method!r}")
+    if method == "match" and draft_probs is not None:
+        raise ValueError("method='match' accepts drafts equal to the target's own draw and takes no draft_probs; "
+                         "use method='rejection' with draft_probs")
+    if draft_probs is not None and (not isinstance(draft_probs, torch.Tensor)
+                                    or not draft_probs.dtype.is_floating_point):
+        raise TypeError("draft_probs must be a floating-point torch.Tensor")
+    return method
+
+
+class VerifyRecord:
+    """What a verification emits, position by position (`Sampler.verify`, `distributed.Sampler.verify`): a row emits
+    a position's token while it is active and the position is valid, stays active while its drafts are accepted, and
+    stops at a token that ends its request. Everything stays on the device."""
+
+    def __init__(self, b: int, k1: int, n_top: int, dev: torch.device) -> None:
+        i64, f32 = torch.int64, torch.float32
+        self.tokens = torch.full((b, k1), -1, dtype=i64, device=dev)
+        self.lps = torch.full((b, k1), float("nan"), dtype=f32, device=dev)
+        self.ranks = torch.full((b, k1), -1, dtype=i64, device=dev)
+        self.top_ids = torch.full((b, k1, n_top), -1, dtype=i64, device=dev)
+        self.top_lps = torch.full((b, k1, n_top), float("nan"), dtype=f32, device=dev)
+        self.n_tok = torch.zeros(b, dtype=i64, device=dev)
+        self.n_acc = torch.zeros(b, dtype=i64, device=dev)
+        self.active = torch.ones(b, dtype=torch.bool, device=dev)
+        self.stopped = torch.zeros(b, dtype=torch.bool, device=dev)
+
+    def emit(self, j: int, out: SampleOutput, accepted: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """Record position ``j``'s output (``accepted``: its draft was; ``ends``: its token ends the request);
+        returns the rows that emitted it."""
+        emit = self.active & out.valid
+        self.tokens[:, j] = torch.where(emit, out.tokens, -1)
+        self.lps[:, j] = torch.where(emit, out.logprobs, float("nan"))
+        self.ranks[:, j] = torch.where(emit, out.ranks, -1)
+        self.top_ids[:, j] = torch.where(emit[:, None], out.top_logprob_ids, -1)
+        self.top_lps[:, j] = torch.where(emit[:, None], out.top_logprobs, float("nan"))
+        self.n_tok += emit.to(torch.int64)
+        self.active = emit & accepted
+        self.n_acc += self.active.to(torch.int64)
+        ends = emit & ends  # a token that ends the request ends its drafts too
+        self.stopped |= ends
+        self.active &= ~ends
+        return emit
+
+    def output(self, mirostat_mu: torch.Tensor) -> VerifyOutput:
+        return VerifyOutput(tokens=self.tokens, num_tokens=self.n_tok, num_accepted=self.n_acc, logprobs=self.lps,
+                            ranks=self.ranks, top_logprob_ids=self.top_ids, top_logprobs=self.top_lps,
+                            mirostat_mu=mirostat_mu, stopped=self.stopped)

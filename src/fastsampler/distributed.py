@@ -1098,18 +1098,13 @@ class Sampler:
         inversion. Each position is one step's exchanges (two with ``rejection``: the distribution, then the
         token's logprobs) plus two small gathers for the acceptance.
         """
-        from ._speculative import verify_uniforms
+        from ._speculative import VerifyRecord, verify_method, verify_uniforms
         from .sampler import _draft_tensor
 
         if not isinstance(local_logits, torch.Tensor) or local_logits.dim() != 3:
             raise ValueError(f"local_logits must be a 3-D torch tensor (batch_size, K + 1, local_size), got "
                              f"{getattr(local_logits, 'shape', type(local_logits).__name__)}")
-        method = method or ("match" if draft_probs is None else "rejection")
-        if method not in ("match", "rejection"):
-            raise ValueError(f"method must be 'match' or 'rejection', got {method!r}")
-        if method == "match" and draft_probs is not None:
-            raise ValueError("method='match' accepts drafts equal to the target's own draw and takes no draft_probs; "
-                             "use method='rejection' with draft_probs")
+        method = verify_method(method, draft_probs)
         b, k1 = local_logits.shape[0], local_logits.shape[1]
         k = k1 - 1
         if k < 0:
@@ -1120,8 +1115,6 @@ class Sampler:
         drafts = _draft_tensor(draft_tokens, b, k, self._vocab, on).to(dev)
         q_all = None
         if draft_probs is not None:
-            if not isinstance(draft_probs, torch.Tensor) or not draft_probs.dtype.is_floating_point:
-                raise TypeError("draft_probs must be a floating-point torch.Tensor")
             if draft_probs.dim() != 3 or tuple(draft_probs.shape) != (b, k, self._width):
                 raise ValueError(f"draft_probs must be this rank's slice, shape ({b}, {k}, {self._width}), got "
                                  f"{tuple(draft_probs.shape)}")
@@ -1132,20 +1125,10 @@ class Sampler:
         if len(set(rows)) != b:
             raise ValueError(f"slots must be {b} distinct slots in use (one per row), got {rows}")
         idx = torch.tensor(rows, dtype=torch.int64, device=dev)
-        n_top = self._book.aggregate(rows)[1]
-        i64, f32 = torch.int64, torch.float32
-        tokens = torch.full((b, k1), -1, dtype=i64, device=dev)
-        lps = torch.full((b, k1), float("nan"), dtype=f32, device=dev)
-        ranks = torch.full((b, k1), -1, dtype=i64, device=dev)
-        top_ids = torch.full((b, k1, n_top), -1, dtype=i64, device=dev)
-        top_lps = torch.full((b, k1, n_top), float("nan"), dtype=f32, device=dev)
-        n_tok = torch.zeros(b, dtype=i64, device=dev)
-        n_acc = torch.zeros(b, dtype=i64, device=dev)
-        active = torch.ones(b, dtype=torch.bool, device=dev)
-        stopped = torch.zeros(b, dtype=torch.bool, device=dev)
+        rec = VerifyRecord(b, k1, self._book.aggregate(rows)[1], dev)
         ends_table = self._end_ids(rows)
         if method == "rejection" and b and k:  # every position's uniforms at once (a row at position j is at step + j)
-            pos = torch.arange(k, dtype=i64, device=dev)[None, :]
+            pos = torch.arange(k, dtype=torch.int64, device=dev)[None, :]
             u_all, v_all = verify_uniforms(t.seeds_d.index_select(0, idx)[:, None],
                                            t.steps.index_select(0, idx)[:, None] + pos,
                                            t.seqs_d.index_select(0, idx)[:, None])
@@ -1161,26 +1144,13 @@ class Sampler:
                 out = _sample_shard(ex, x, shard, self._lo, self._vocab, self._layout, forced=tok.clamp(min=0))
             else:
                 out = _sample_shard(ex, x, shard, self._lo, self._vocab, self._layout)
-                acc = out.tokens == drafts[:, j] if j < k else torch.zeros_like(active)
-            emit = active & out.valid
-            tokens[:, j] = torch.where(emit, out.tokens, -1)
-            lps[:, j] = torch.where(emit, out.logprobs, float("nan"))
-            ranks[:, j] = torch.where(emit, out.ranks, -1)
-            top_ids[:, j] = torch.where(emit[:, None], out.top_logprob_ids, -1)
-            top_lps[:, j] = torch.where(emit[:, None], out.top_logprobs, float("nan"))
-            n_tok += emit.to(i64)
-            active = emit & acc
-            n_acc += active.to(i64)
-            ends = emit & (out.tokens[:, None] == ends_table).any(1)  # a token that ends the request ends its drafts
-            stopped |= ends
-            active &= ~ends
-            mu = torch.where(emit, out.mirostat_mu.to(f32), shard.mu.to(f32))
-            t.advance(idx, out.tokens, emit, mu)
-            if not ex.sync_free and not bool(active.any()):  # (every rank holds the same flags: all stop here)
+                acc = out.tokens == drafts[:, j] if j < k else torch.zeros_like(rec.active)
+            emit = rec.emit(j, out, acc, (out.tokens[:, None] == ends_table).any(1))
+            t.advance(idx, out.tokens, emit, torch.where(emit, out.mirostat_mu.to(torch.float32),
+                                                         shard.mu.to(torch.float32)))
+            if not ex.sync_free and not bool(rec.active.any()):  # (every rank holds the same flags: all stop here)
                 break
-        return VerifyOutput(tokens=tokens, num_tokens=n_tok, num_accepted=n_acc, logprobs=lps, ranks=ranks,
-                            top_logprob_ids=top_ids, top_logprobs=top_lps, mirostat_mu=t.mu.index_select(0, idx),
-                            stopped=stopped)
+        return rec.output(t.mu.index_select(0, idx))
 
     def _end_ids(self, rows: list[int]) -> torch.Tensor:
         """(B, E) int64 on the device: the ids that end each row's request (its stop ids; the EOS ids unless it

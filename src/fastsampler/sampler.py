@@ -900,7 +900,7 @@ class Sampler:
         >>> out.tokens.tolist(), out.num_accepted.tolist(), s.step_of(slot)
         ([[1, 2, -1]], [1], 2)
         """
-        from ._speculative import accept_or_recover, verify_uniforms
+        from ._speculative import VerifyRecord, accept_or_recover, verify_method, verify_uniforms
 
         if not isinstance(logits, torch.Tensor):
             x = self._numpy_logits(logits)
@@ -908,12 +908,7 @@ class Sampler:
         if logits.dim() != 3:
             raise ValueError(f"logits must have shape (batch_size, K + 1, >= {self._vocab}), got "
                              f"{tuple(logits.shape)}")
-        method = method or ("match" if draft_probs is None else "rejection")
-        if method not in ("match", "rejection"):
-            raise ValueError(f"method must be 'match' or 'rejection', got {method!r}")
-        if method == "match" and draft_probs is not None:
-            raise ValueError("method='match' accepts drafts equal to the target's own draw and takes no draft_probs; "
-                             "use method='rejection' with draft_probs")
+        method = verify_method(method, draft_probs)
         b, k1 = logits.shape[0], logits.shape[1]
         k = k1 - 1
         if k < 0:
@@ -924,27 +919,16 @@ class Sampler:
         drafts = _draft_tensor(draft_tokens, b, k, self._vocab, dev)
         q_all = None
         if draft_probs is not None:
-            if not isinstance(draft_probs, torch.Tensor) or not draft_probs.dtype.is_floating_point:
-                raise TypeError("draft_probs must be a floating-point torch.Tensor")
             if draft_probs.dim() != 3 or draft_probs.shape[:2] != (b, k) or draft_probs.shape[2] < self._vocab:
                 raise ValueError(f"draft_probs must have shape ({b}, {k}, >= {self._vocab}), got "
                                  f"{tuple(draft_probs.shape)}")
             q_all = draft_probs.to(dev)
             if dev.type == "cpu" and q_all.numel() and not bool(q_all[..., :self._vocab].min() >= 0):  # (NaN too)
                 raise ValueError("draft_probs must be non-negative probabilities")
-        n_top = agg[1]
         i64, f32 = torch.int64, torch.float32
-        tokens = torch.full((b, k1), -1, dtype=i64, device=dev)
-        lps = torch.full((b, k1), float("nan"), dtype=f32, device=dev)
-        ranks = torch.full((b, k1), -1, dtype=i64, device=dev)
-        top_ids = torch.full((b, k1, n_top), -1, dtype=i64, device=dev)
-        top_lps = torch.full((b, k1, n_top), float("nan"), dtype=f32, device=dev)
-        n_tok = torch.zeros(b, dtype=i64, device=dev)
-        n_acc = torch.zeros(b, dtype=i64, device=dev)
-        active = torch.ones(b, dtype=torch.bool, device=dev)
+        rec = VerifyRecord(b, k1, agg[1], dev)
         mod = backends.load(name)
         rules = self._rules(rows)
-        stopped = torch.zeros(b, dtype=torch.bool, device=dev)
         if method == "rejection" and b and k:  # every position's uniforms at once (a row at position j is at step + j)
             t = self._tables
             pos = torch.arange(k, dtype=i64, device=dev)[None, :]
@@ -962,26 +946,13 @@ class Sampler:
                 out = run_backend(name, dataclasses.replace(batch, forced_tokens=tok.clamp(min=0)))
             else:
                 out = run_backend(name, batch)
-                acc = out.tokens == drafts[:, j] if j < k else torch.zeros_like(active)
-            emit = active & out.valid
-            tokens[:, j] = torch.where(emit, out.tokens, -1)
-            lps[:, j] = torch.where(emit, out.logprobs, float("nan"))
-            ranks[:, j] = torch.where(emit, out.ranks, -1)
-            top_ids[:, j] = torch.where(emit[:, None], out.top_logprob_ids, -1)
-            top_lps[:, j] = torch.where(emit[:, None], out.top_logprobs, float("nan"))
-            n_tok += emit.to(i64)
-            active = emit & acc
-            n_acc += active.to(i64)
-            ends = emit & self._ends(out.tokens, slots_t)  # a token that ends the request ends its drafts too
-            stopped |= ends
-            active &= ~ends
+                acc = out.tokens == drafts[:, j] if j < k else torch.zeros_like(rec.active)
+            emit = rec.emit(j, out, acc, self._ends(out.tokens, slots_t))
             mu = torch.where(emit, out.mirostat_mu.to(f32), batch.mirostat_mu)
             self._tables.advance(slots_t, batch.steps, dataclasses.replace(out, valid=emit, mirostat_mu=mu))
-            if dev.type == "cpu" and not bool(active.any()):
+            if dev.type == "cpu" and not bool(rec.active.any()):
                 break
-        return VerifyOutput(tokens=tokens, num_tokens=n_tok, num_accepted=n_acc, logprobs=lps, ranks=ranks,
-                            top_logprob_ids=top_ids, top_logprobs=top_lps,
-                            mirostat_mu=self._tables.mu.index_select(0, slots_t), stopped=stopped)
+        return rec.output(self._tables.mu.index_select(0, slots_t))
 
     def score(self, logits: Any, token_ids: Any, *, top_n: int = 0, extra_token_ids: Any = None) -> ScoreOutput:
         """Raw logprobs of given tokens (echo / prompt logprobs): `fastsampler.score` on this Sampler's device,
