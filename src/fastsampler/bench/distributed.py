@@ -170,13 +170,6 @@ def _case(local: torch.Tensor, counts: torch.Tensor, scenario: str, start: int, 
     kw = {"output_counts": counts} if scenario == "full" else {}
     stats = distributed.ExchangeStats()
     distributed.sample(local, params, vocab_start=start, vocab_size=v, stats=stats, **kw)
-    # the work of one step as a device runs it (no read-backs), counted once
-    saved, distributed.SYNC_FREE = distributed.SYNC_FREE, True
-    try:
-        with _OpCounter(local.numel()) as ops:
-            distributed.sample(local, params, vocab_start=start, vocab_size=v, **kw)
-    finally:
-        distributed.SYNC_FREE = saved
 
     def gather(t: torch.Tensor = local) -> torch.Tensor:
         parts = [torch.empty_like(t) for _ in range(world)]
@@ -191,8 +184,7 @@ def _case(local: torch.Tensor, counts: torch.Tensor, scenario: str, start: int, 
     t_base = _median_ms(lambda: fastsampler.sample(gather(), params, vocab_size=v, steps=steps, **full), reps, sync)
     n = local.numel() * local.element_size()
     return {"world": world, "batch": b, "scenario": scenario, "sent": stats.bytes_sent,
-            "received": stats.bytes_received, "collectives": stats.collectives, "ops": ops.ops,
-            "shard_ops": ops.big_ops, "bytes_per_id": ops.big_bytes / max(1, local.numel()), "dist_ms": t_dist,
+            "received": stats.bytes_received, "collectives": stats.collectives, "dist_ms": t_dist,
             "gather_sent": n,
             "gather_received": world * n, "gather_ms": t_gather, "base_ms": t_base}
 
@@ -207,8 +199,34 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _count_ops(world: int, b: int, vocab: int, scenario: str) -> dict[str, Any]:
+    """The work of one step on the path a device takes (no read-backs), counted in this process: rank 0's shard of
+    ``ceil(vocab / world)`` ids sampled by a group of one (a tensor-parallel rank runs the same operations on its
+    shard, plus one per rank where it merges gathered partials). Counting in the ranks themselves is avoided: a
+    dispatch mode around gloo's collectives can abort a process."""
+    import torch.distributed as dist
+
+    from fastsampler import distributed
+
+    per = -(-vocab // world)
+    g = torch.Generator().manual_seed(1000)
+    local = torch.randn(b, per, generator=g) * 3.0
+    kw = {"output_counts": torch.randint(0, 3, (b, per), generator=g, dtype=torch.int32)} if scenario == "full" else {}
+    params = _params(scenario, b)
+    saved, distributed.SYNC_FREE = distributed.SYNC_FREE, True
+    with tempfile.TemporaryDirectory() as d:
+        dist.init_process_group("gloo", init_method=f"file://{pathlib.Path(d) / 'count'}", rank=0, world_size=1)
+        try:
+            with _OpCounter(local.numel()) as ops:
+                distributed.sample(local, params, vocab_start=0, vocab_size=per, **kw)
+        finally:
+            distributed.SYNC_FREE = saved
+            dist.destroy_process_group()
+    return {"ops": ops.ops, "shard_ops": ops.big_ops, "bytes_per_id": ops.big_bytes / max(1, local.numel())}
+
+
 def run(worlds: list[int], batch: list[int], vocab: int, scenarios: list[str], reps: int) -> list[dict[str, Any]]:
-    """Every case, rank 0's figures (one dict per world size × batch × scenario)."""
+    """Every case, rank 0's figures (one dict per world size × batch × scenario), with `_count_ops`."""
     import torch.multiprocessing as mp
 
     rows: list[dict[str, Any]] = []
@@ -218,6 +236,8 @@ def run(worlds: list[int], batch: list[int], vocab: int, scenarios: list[str], r
             mp.spawn(_worker, args=(world, str(pathlib.Path(d) / "init"), args, d), nprocs=world, join=True)
             with open(pathlib.Path(d) / "rows.pkl", "rb") as fh:
                 rows += pickle.load(fh)
+    for r in rows:
+        r.update(_count_ops(r["world"], r["batch"], vocab, r["scenario"]))
     return rows
 
 
@@ -250,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{', '.join(sorted({str(r['threads']) for r in rows}))}")
     print(format_table(rows))
     print("ops: tensor operations of one distributed.sample on the path off the CPU (each at least one kernel launch "
-          "on a device); shard ops: those touching a tensor of at least half the shard; B/id: the bytes those read "
-          "and write per id of the shard")
+          "on a device), counted on rank 0's shard in one process; shard ops: those touching a tensor of at least "
+          "half the shard; B/id: the bytes those read and write per id of the shard")
     print(f"({time.perf_counter() - t0:.0f} s)")
     return 0
 
